@@ -1,0 +1,35 @@
+# `make demo` and `make test` do all set-up on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# Prefer the CPU-only wheel (served locally here); fall back to the normal torch elsewhere.
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" || $(BIN)/pip install -q "torch>=2.2"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/swarmtune demo --out ./demo-adapter
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy aggregation protocols node cli.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/swarm_bench.py
+
+clean:
+	rm -rf $(VENV) demo-adapter .pytest_cache
