@@ -1,0 +1,72 @@
+"""Pseudo-gradients, weighted means and state fingerprints over named fp32 tensors.
+
+DiLoCo (Douillard et al. 2023, arXiv 2311.08105), section 2: the pseudo-gradient of peer i is
+Delta_i = theta^{t-1} - theta_i^{t,H}; the group aggregate is the token-weighted mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+def clone_params(params: Mapping[str, torch.Tensor]) -> Params:
+    """Detached fp32 copies, in sorted key order."""
+    return {k: params[k].detach().to(torch.float32).clone() for k in sorted(params)}
+
+
+def pseudo_gradient(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor]) -> Params:
+    """Delta = theta_start - theta_end, key by key; keys must match exactly."""
+    if set(start) != set(end):
+        raise KeyError(f"parameter names differ: {sorted(set(start) ^ set(end))[:3]}")
+    return {k: (start[k].float() - end[k].float()) for k in sorted(start)}
+
+
+def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Params:
+    """sum_i w_i Delta_i / sum_i w_i; weights must be non-negative with a positive sum."""
+    if len(deltas) != len(weights) or not deltas:
+        raise ValueError("need one weight per pseudo-gradient, and at least one")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+    total = float(sum(weights))
+    keys = sorted(deltas[0])
+    return {k: sum(float(w) * d[k].double() for d, w in zip(deltas, weights)).div(total).float()
+            for k in keys}
+
+
+def projection_checksum(params: Mapping[str, torch.Tensor], seed: int) -> float:
+    """<params, R> in float64 for a seeded Gaussian R; linear, so it commutes with weighted means."""
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for k in sorted(params):
+        probe = torch.randn(params[k].shape, generator=gen, dtype=torch.float64)
+        total += float((params[k].double() * probe).sum())
+    return total
+
+
+def params_l2(params: Mapping[str, torch.Tensor]) -> float:
+    """Global L2 norm, float64."""
+    return float(sum(params[k].double().pow(2).sum() for k in params) ** 0.5)
+
+
+def state_hash(params: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over sorted names, dtypes, shapes and the raw bytes of each tensor."""
+    digest = hashlib.sha256()
+    for k in sorted(params):
+        t = params[k].detach().contiguous().cpu()
+        digest.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def round_like_codec(params: Mapping[str, torch.Tensor], codec: str) -> Params:
+    """Round to the wire precision so every member holds bit-identical values ('fp32' is a no-op)."""
+    if codec == "fp32":
+        return dict(params)
+    if codec == "fp16":
+        return {k: v.to(torch.float16).to(torch.float32) for k, v in params.items()}
+    raise ValueError(f"unknown codec {codec!r}; expected fp32 or fp16")

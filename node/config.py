@@ -1,0 +1,105 @@
+"""Run configuration: pydantic v2 models loaded from YAML; one clear line on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config file or value; the message is one line meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(_Strict):
+    """LoRA adapter shape; target_modules 'auto' is resolved by the coordinator from its base."""
+
+    rank: int = Field(8, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["auto"] = "auto"
+
+
+class InnerSettings(_Strict):
+    """Local AdamW steps between outer steps (DiLoCo H)."""
+
+    steps: int = Field(20, ge=1, le=100_000)
+    lr: float = Field(3e-3, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    batch_size: int = Field(8, ge=1, le=4096)
+    seq_len: int = Field(64, ge=8, le=8192)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class OuterSettings(_Strict):
+    """Outer optimizer applied to the averaged pseudo-gradient."""
+
+    name: Literal["nesterov", "average"] = "nesterov"
+    lr: float = Field(0.7, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+    def hyperparameters(self) -> dict[str, float]:
+        """Keyword arguments for aggregation.outer.make_outer."""
+        if self.name == "average":
+            return {"lr": self.lr}
+        return {"lr": self.lr, "momentum": self.momentum}
+
+
+class AveragingSettings(_Strict):
+    """Group all-reduce over hivemind."""
+
+    matchmaking_time: float = Field(5.0, gt=0, le=600)
+    allreduce_timeout: float = Field(60.0, gt=0, le=3600)
+    min_group_size: int = Field(2, ge=2, le=1024)
+    codec: Literal["fp32", "fp16"] = "fp32"
+    verify_rtol: float = Field(1e-3, gt=0, lt=1)
+
+
+class RunConfig(_Strict):
+    """Everything the coordinator publishes in the manifest (per-machine things are CLI flags)."""
+
+    run_id: str = Field("swarmtune-demo", pattern=r"^[a-z0-9][a-z0-9-]{2,63}$")
+    base_model: str = "embedded"
+    seed: int = Field(0, ge=0)
+    lora: LoraSettings = LoraSettings()
+    inner: InnerSettings = InnerSettings()
+    outer: OuterSettings = OuterSettings()
+    averaging: AveragingSettings = AveragingSettings()
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    return f"{where}: {err['msg']}"
+
+
+def parse_config(data: object, source: str = "config") -> RunConfig:
+    """Validate a mapping into a RunConfig, raising ConfigError with one line."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_first_error(exc)}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load and validate a YAML run config."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{line}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,44 @@
+"""Every file in configs/ loads; bad values give one clear line."""
+
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, RunConfig, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_file_loads(path: Path) -> None:
+    assert isinstance(load_config(path), RunConfig)
+
+
+def test_configs_dir_is_not_empty() -> None:
+    assert len(list(CONFIG_DIR.rglob("*.yaml"))) >= 2
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("inner:\n  steps: 0\n", "inner.steps: Input should be greater than or equal to 1"),
+        ("outer:\n  name: adamw\n", "outer.name"),
+        ("bogus: 1\n", "bogus: Extra inputs are not permitted"),
+        ("run_id: Bad Name\n", "run_id: String should match pattern"),
+        ("averaging:\n  codec: int3\n", "averaging.codec"),
+        ("- a list\n", "expected a mapping"),
+        ("inner: [unclosed\n", "not valid YAML at line"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert expected in message and "\n" not in message and str(path) in message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,42 @@
+"""Imports flow one way: cli -> node -> protocols -> aggregation (walk the ASTs)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "aggregation": {"node", "protocols", "cli", "hivemind", "asyncio", "socket", "requests",
+                    "transformers", "peft", "safetensors"},
+    "protocols": {"node", "cli"},
+    "node": {"cli"},
+}
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots: set[str] = set()
+    for item in ast.walk(ast.parse(path.read_text())):
+        if isinstance(item, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in item.names)
+        elif isinstance(item, ast.ImportFrom) and item.module and item.level == 0:
+            roots.add(item.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_layering(package: str) -> None:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"{package}/ has no modules"
+    for path in files:
+        bad = _imported_roots(path) & FORBIDDEN[package]
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_aggregation_imports_only_torch_and_stdlib() -> None:
+    import sys
+
+    allowed = {"torch", "aggregation", "__future__"} | set(sys.stdlib_module_names)
+    for path in (ROOT / "aggregation").rglob("*.py"):
+        extra = _imported_roots(path) - allowed
+        assert not extra, f"{path.name} imports {sorted(extra)}"
