@@ -1,0 +1,272 @@
+"""Training data: a bundled multi-task corpus and user files, cut into token windows.
+
+The built-in tasks are procedurally generated and deliberately different in their token
+statistics (digits, letter strings, English facts, month names, Python), so that LoRA task
+vectors trained on them differ by task and clustering has a ground truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_COUNT = 2000
+EVAL_SEED = 1_000_003  # far from any seed a peer would use for training texts
+DATA_SUFFIXES = (".jsonl", ".txt")
+
+
+class DataError(ValueError):
+    """Unusable training data; the message is one line meant for the user."""
+
+
+_WORDS = """
+apple river planet garden window silver button orange pencil rocket castle dragon
+summer winter bottle forest marble candle anchor bridge cactus desert engine falcon
+guitar harbor island jacket kettle lemon magnet needle ocean parrot quartz rabbit
+saddle tunnel violin walnut yellow zipper basket cherry dinner eagle feather ginger
+hammer insect jungle kitten ladder mirror napkin oyster pepper puzzle ribbon shadow
+ticket umbrella velvet wizard bamboo compass dolphin lantern meadow nectar orchid
+pillow shovel spider thunder tomato valley copper glacier horizon mustard saffron
+""".split()
+
+_CAPITALS = (
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"), ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"),
+    ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"),
+    ("Brazil", "Brasilia"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"), ("Chile", "Santiago"),
+    ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Poland", "Warsaw"),
+    ("Greece", "Athens"), ("Turkey", "Ankara"), ("Russia", "Moscow"), ("Austria", "Vienna"),
+    ("Ireland", "Dublin"), ("Belgium", "Brussels"), ("Hungary", "Budapest"), ("Cuba", "Havana"),
+    ("Australia", "Canberra"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Iran", "Tehran"),
+    ("Morocco", "Rabat"), ("Nigeria", "Abuja"), ("Ghana", "Accra"), ("Colombia", "Bogota"),
+)  # fmt: skip
+
+_CAPITAL_TEMPLATES = (
+    "The capital of {country} is {city}.",
+    "{city} is the capital city of {country}.",
+    "Q: What is the capital of {country}? A: {city}",
+    "If you travel to {country}, the government sits in {city}.",
+)
+
+_MONTHS = (
+    "January February March April May June July August September October November December"
+).split()
+
+_CODE_NAMES = ("total", "count", "value", "item", "score", "price", "size", "index", "left")
+_CODE_OPS = ("+", "-", "*", "//", "%")
+
+
+def _arithmetic(rng: random.Random) -> str:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    op = rng.choice("+-*")
+    result = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"{a}{op}{b}={result}"
+
+
+def _reverse(rng: random.Random) -> str:
+    word = rng.choice(_WORDS)
+    return f"reverse: {word} -> {word[::-1]}"
+
+
+def _capitals(rng: random.Random) -> str:
+    country, city = rng.choice(_CAPITALS)
+    return rng.choice(_CAPITAL_TEMPLATES).format(country=country, city=city)
+
+
+def _dates(rng: random.Random) -> str:
+    year, month, day = rng.randint(1900, 2099), rng.randint(1, 12), rng.randint(1, 28)
+    iso = f"{year:04d}-{month:02d}-{day:02d}"
+    if rng.random() < 0.5:
+        return f"date: {iso} => {_MONTHS[month - 1]} {day}, {year}"
+    return f"date: {day} {_MONTHS[month - 1]} {year} => {iso}"
+
+
+def _code(rng: random.Random) -> str:
+    x, y = rng.sample(_CODE_NAMES, 2)
+    op = rng.choice(_CODE_OPS)
+    if rng.random() < 0.5:
+        return f"def combine_{x}_{y}({x}, {y}):\n    return {x} {op} {y}"
+    n = rng.randint(2, 20)
+    return f"{x} = 0\nfor i in range({n}):\n    {x} = {x} {op} i\nprint({x})"
+
+
+_GENERATORS: dict[str, Callable[[random.Random], str]] = {
+    "arithmetic": _arithmetic,
+    "reverse": _reverse,
+    "capitals": _capitals,
+    "dates": _dates,
+    "code": _code,
+}
+BUILTIN_TASKS: tuple[str, ...] = tuple(_GENERATORS)
+
+
+def builtin_texts(task: str, n: int, seed: int) -> list[str]:
+    """n examples of a built-in task; the same (task, n, seed) always gives the same list."""
+    if task not in _GENERATORS:
+        raise DataError(f"unknown builtin task {task!r}; valid tasks: {', '.join(BUILTIN_TASKS)}")
+    rng = random.Random(f"{task}:{seed}")  # string seeds hash stably across runs and platforms
+    generate = _GENERATORS[task]
+    return [generate(rng) for _ in range(n)]
+
+
+def builtin_eval_texts(task: str, n: int = 200) -> list[str]:
+    """Held-out examples of a built-in task, drawn with a seed no training run uses."""
+    return builtin_texts(task, n, EVAL_SEED)
+
+
+def load_texts(spec: str, seed: int = 0) -> list[str]:
+    """Texts from `builtin:<task>`, a .jsonl or .txt file, or a directory of such files."""
+    if spec.startswith(BUILTIN_PREFIX):
+        return builtin_texts(spec[len(BUILTIN_PREFIX) :], BUILTIN_COUNT, seed)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data path does not exist: {spec}")
+    files = _data_files(path)
+    texts = [text for file in files for text in _read_file(file)]
+    if not texts:
+        raise DataError(f"no text found in {spec}")
+    return texts
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+        if not files:
+            raise DataError(f"no .jsonl or .txt files in directory {path}")
+        return files
+    if path.suffix not in DATA_SUFFIXES:
+        raise DataError(f"unsupported data file {path} (expected .jsonl or .txt)")
+    return [path]
+
+
+def _read_file(path: Path) -> list[str]:
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from None
+    return _parse_jsonl(path, content) if path.suffix == ".jsonl" else _split_txt(content)
+
+
+def _parse_jsonl(path: Path, content: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: bad JSON at line {number}: {err.msg}") from None
+        texts.append(_record_text(record, path, number))
+    return [text for text in texts if text.strip()]
+
+
+def _record_text(record: Any, path: Path, number: int) -> str:
+    if isinstance(record, dict):
+        if isinstance(record.get("text"), str):
+            return record["text"]
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, str) and isinstance(completion, str):
+            # Joined as is: completions carry their own leading space (OpenAI format).
+            return prompt + completion
+    raise DataError(
+        f"{path}: line {number} is not an object with a string 'text' "
+        "or string 'prompt' and 'completion'"
+    )
+
+
+def _split_txt(content: str) -> list[str]:
+    """Paragraphs if the file has blank lines, else one text per non-empty line."""
+    lines = content.splitlines()
+    if any(not line.strip() for line in lines):
+        paragraphs = "\n".join(line.rstrip() for line in lines).split("\n\n")
+        return [p.strip("\n") for p in paragraphs if p.strip()]
+    return [line for line in lines if line.strip()]
+
+
+def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    if tokenizer.eos_token_id is None:
+        raise DataError("tokenizer has no EOS token to separate texts")
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = [token for text_ids in encoded for token in (*text_ids, tokenizer.eos_token_id)]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check_length(stream: torch.Tensor, seq_len: int) -> None:
+    if stream.numel() < seq_len + 1:
+        raise DataError(f"data has {stream.numel()} tokens; need at least {seq_len + 1}")
+
+
+class TokenBatcher:
+    """Random [batch_size, seq_len] windows from one EOS-joined token stream.
+
+    Batch k's offsets come from a torch.Generator seeded with hash(seed, k), so the state is
+    just k: a resumed peer continues the exact stream it would have seen.
+    """
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        if seq_len < 1 or batch_size < 1:
+            raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+        self.stream = _token_stream(texts, tokenizer)
+        _check_length(self.stream, seq_len)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.batches_drawn = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, int]:
+        """Next [batch_size, seq_len] LongTensor of windows and the number of tokens in it."""
+        generator = torch.Generator().manual_seed(_batch_seed(self.seed, self.batches_drawn))
+        high = self.stream.numel() - self.seq_len + 1
+        offsets = torch.randint(0, high, (self.batch_size,), generator=generator)
+        batch = torch.stack([self.stream[o : o + self.seq_len] for o in offsets.tolist()])
+        self.batches_drawn += 1
+        return batch, batch.numel()
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the batch stream (JSON-serialisable)."""
+        return {"seed": self.seed, "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at a position saved by state_dict; the seed must match."""
+        if state.get("seed") != self.seed:
+            raise ValueError(f"batcher state is for seed {state.get('seed')}, not {self.seed}")
+        batches_drawn = state.get("batches_drawn")
+        if not isinstance(batches_drawn, int) or batches_drawn < 0:
+            raise ValueError(f"bad batches_drawn in batcher state: {batches_drawn!r}")
+        self.batches_drawn = batches_drawn
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # manual_seed wants a non-negative int64
+
+
+def eval_batches(
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    batch_size: int,
+    n_batches: int,
+) -> list[torch.Tensor]:
+    """n_batches fixed [batch_size, seq_len] windows at evenly spaced offsets (no randomness)."""
+    stream = _token_stream(texts, tokenizer)
+    _check_length(stream, seq_len)
+    count = batch_size * n_batches
+    offsets = torch.linspace(0, stream.numel() - seq_len, count).long().tolist()
+    windows = torch.stack([stream[o : o + seq_len] for o in offsets])
+    return list(windows.split(batch_size))

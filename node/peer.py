@@ -1,0 +1,104 @@
+"""A volunteer's life across rounds, independent of the transport: resume, sync, train, save."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from node.checkpoint import Checkpoint
+from node.config import RunConfig
+from node.round import RoundReport, run_round
+from node.state import GroupState, StateError, check_params
+from node.trainer import InnerTrainer
+from node.transport import Transport
+
+log = logging.getLogger("swarmtune.peer")
+
+
+class Peer:
+    """Drives rounds for one volunteer; the simulator and the daemon both use it."""
+
+    def __init__(self, trainer: InnerTrainer, transport: Transport, config: RunConfig,
+                 checkpoint: Checkpoint | None = None,
+                 on_report: Callable[[RoundReport], None] | None = None) -> None:
+        self.trainer = trainer
+        self.transport = transport
+        self.config = config
+        self.checkpoint = checkpoint
+        self.on_report = on_report or (lambda report: None)
+        self.shapes = {k: v.shape for k, v in trainer.get_params().items()}
+        self.stop = threading.Event()
+        self.resumed_from: int | None = None
+        self.resynced_to: list[int] = []
+
+    def initial_state(self) -> GroupState:
+        """The checkpoint if there is one, else round 0 from the seeded LoRA init."""
+        if self.checkpoint is not None:
+            loaded = self.checkpoint.load(self.shapes)
+            if loaded is not None:
+                state, local = loaded
+                if local is not None:
+                    self.trainer.load_state_dict(local)
+                self.resumed_from = state.round
+                log.info("resumed from checkpoint at round %d", state.round)
+                return state
+        return GroupState(0, self.trainer.get_params(), {})
+
+    def sync(self, state: GroupState) -> GroupState:
+        """Adopt the swarm's consensus state when it is ahead of, or differs from, ours."""
+        ref = self.transport.latest_state()
+        if ref is None or ref.round < state.round:
+            return state
+        if ref.round == state.round and ref.digest == state.digest():
+            return state
+        try:
+            fetched = self.transport.fetch_state(ref)
+            check_params(fetched.params, self.shapes)
+        except (StateError, OSError, RuntimeError, KeyError) as exc:
+            log.warning("could not fetch round %d state (%s); keeping ours", ref.round, exc)
+            return state
+        if fetched.digest() != ref.digest:
+            log.warning("fetched state does not match its announced digest; keeping ours")
+            return state
+        log.info("synced to the group's state at round %d (was at %d)", fetched.round, state.round)
+        self.resynced_to.append(fetched.round)
+        return fetched
+
+    def run(self, rounds: int, settle_s: float = 0.0) -> GroupState:
+        """Run `rounds` rounds (or until stop is set), checkpointing and announcing each."""
+        state = self.sync(self.initial_state())
+        self.trainer.set_params(state.params)
+        self.transport.announce_state(state)
+        for _ in range(rounds):
+            if self.stop.is_set():
+                break
+            state = self.sync(state)
+            state, report = run_round(state, self.trainer, self.transport, self.config)
+            checkpoint_s = self.save(state)
+            self.transport.announce_state(state)
+            self.on_report(replace(report, checkpoint_s=checkpoint_s))
+        return self.finish(state, settle_s)
+
+    def save(self, state: GroupState) -> float:
+        """Checkpoint if this peer has a work dir; returns seconds."""
+        if self.checkpoint is None:
+            return 0.0
+        return self.checkpoint.save(state, self.trainer.state_dict())
+
+    def finish(self, state: GroupState, settle_s: float) -> GroupState:
+        """Give slower members time to announce, then adopt the consensus of our final round."""
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            ref = self.transport.latest_state()
+            if ref is not None and ref.round == state.round and len(ref.providers) > 1:
+                break
+            time.sleep(0.2)
+        synced = self.sync(state)
+        if synced is not state:
+            self.save(synced)
+            self.transport.announce_state(synced)
+            self.trainer.set_params(synced.params)
+        return synced

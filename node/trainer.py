@@ -1,0 +1,119 @@
+"""Inner loop: H local AdamW steps on the LoRA parameters of a frozen base (DiLoCo inner phase)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from aggregation.params import Params, clone_params
+from node.config import InnerSettings, LoraSettings
+
+
+class Batches(Protocol):
+    """Source of training windows: ([batch, seq] token ids, token count)."""
+
+    def next_batch(self) -> tuple[torch.Tensor, int]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class InnerResult:
+    """What H inner steps produced: mean/first/last loss, tokens seen (the peer's weight), time."""
+
+    steps: int
+    loss_first: float
+    loss_last: float
+    loss_mean: float
+    tokens: int
+    seconds: float
+
+
+def lora_config(lora: LoraSettings, target_modules: list[str]) -> LoraConfig:
+    """PEFT LoraConfig for a resolved module list."""
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def attach_lora(base: PreTrainedModel, lora: LoraSettings, target_modules: list[str],
+                seed: int) -> PeftModel:
+    """Wrap base with LoRA; the seed makes the initial adapter identical on every peer."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, lora_config(lora, target_modules))
+    return model  # type: ignore[return-value]
+
+
+def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch of windows."""
+    return model(input_ids=input_ids, labels=input_ids).loss
+
+
+class InnerTrainer:
+    """Owns the LoRA model and its AdamW state; theta in and out as named fp32 tensors."""
+
+    def __init__(self, model: PeftModel, inner: InnerSettings, batches: Batches) -> None:
+        self.model = model
+        self.inner = inner
+        self.batches = batches
+        self._trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self._trainable:
+            raise ValueError("the model has no trainable LoRA parameters")
+        self.optimizer = torch.optim.AdamW(self._trainable.values(), lr=inner.lr,
+                                           weight_decay=inner.weight_decay)
+
+    def get_params(self) -> Params:
+        """Current trainable parameters (copies)."""
+        return clone_params(self._trainable)
+
+    @torch.no_grad()
+    def set_params(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Load theta into the model; names and shapes must match exactly."""
+        if set(params) != set(self._trainable):
+            raise KeyError(f"parameter names differ: {sorted(set(params) ^ set(self._trainable))[:3]}")
+        for name, p in self._trainable.items():
+            if params[name].shape != p.shape:
+                raise ValueError(f"{name}: shape {tuple(params[name].shape)} != {tuple(p.shape)}")
+            p.copy_(params[name])
+
+    def train_steps(self, steps: int, after_step: Any = None) -> InnerResult:
+        """Run `steps` AdamW steps; after_step(j) may adjust parameters (e.g. GHBM correction)."""
+        self.model.train()
+        losses: list[float] = []
+        tokens = 0
+        start = time.perf_counter()
+        for j in range(steps):
+            input_ids, n_tokens = self.batches.next_batch()
+            loss = lm_loss(self.model, input_ids)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self._trainable.values(), self.inner.max_grad_norm)
+            self.optimizer.step()
+            if after_step is not None:
+                after_step(j)
+            losses.append(float(loss.detach()))
+            tokens += n_tokens
+        self.model.eval()
+        return InnerResult(steps, losses[0], losses[-1], sum(losses) / len(losses), tokens,
+                           time.perf_counter() - start)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[torch.Tensor]) -> float:
+        """Mean loss over fixed held-out batches."""
+        self.model.eval()
+        return sum(float(lm_loss(self.model, b)) for b in batches) / max(len(batches), 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Local-only state: AdamW moments and the data stream position."""
+        return {"optimizer": self.optimizer.state_dict(), "batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore local-only state."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["batches"])

@@ -1,0 +1,145 @@
+"""The Transport interface the round loop runs against, and an in-memory implementation.
+
+The hivemind implementation lives in node/swarm.py; the in-memory one drives the simulator and
+fast multi-node tests, with faults injectable (a member that drops out, a corrupted average).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aggregation.params import Params, weighted_mean
+from node.state import GroupState
+
+
+class AveragingFailed(RuntimeError):
+    """No group formed, or the all-reduce broke; the caller falls back to its own update."""
+
+
+@dataclass(frozen=True)
+class MemberMeta:
+    """What each member tells its group along with its pseudo-gradient (all-gathered)."""
+
+    peer: str
+    round: int
+    start_digest: str
+    weight: float
+    checksum: float
+
+
+@dataclass
+class GroupResult:
+    """The averaged pseudo-gradient and what every member said; byte counts are this peer's."""
+
+    averaged: Params
+    members: list[MemberMeta]
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    matchmaking_s: float = 0.0
+    allreduce_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StateRef:
+    """A group state announced in the swarm: its round, digest and who can serve it."""
+
+    round: int
+    digest: str
+    providers: tuple[str, ...]
+
+
+class Transport(Protocol):
+    """What the round loop needs from the network."""
+
+    peer: str
+
+    def all_reduce(self, delta: Params, meta: MemberMeta) -> GroupResult: ...
+    def announce_state(self, state: GroupState) -> None: ...
+    def latest_state(self) -> StateRef | None: ...
+    def fetch_state(self, ref: StateRef) -> GroupState: ...
+
+
+def consensus(announced: dict[str, tuple[int, str]]) -> StateRef | None:
+    """Highest round wins; then the digest most peers hold; ties go to the smaller digest."""
+    if not announced:
+        return None
+    top = max(r for r, _ in announced.values())
+    votes = Counter(d for r, d in announced.values() if r == top)
+    digest = min(votes, key=lambda d: (-votes[d], d))
+    providers = tuple(sorted(p for p, (r, d) in announced.items() if (r, d) == (top, digest)))
+    return StateRef(top, digest, providers)
+
+
+@dataclass
+class InMemoryHub:
+    """Shared by the in-memory transports of one simulated group; a barrier per round."""
+
+    expected: int
+    timeout: float = 10.0
+    corrupt_rounds: set[int] = field(default_factory=set)
+    _lock: threading.Condition = field(default_factory=threading.Condition)
+    _pending: dict[int, dict[str, tuple[Params, MemberMeta]]] = field(default_factory=dict)
+    _results: dict[int, GroupResult] = field(default_factory=dict)
+    states: dict[str, GroupState] = field(default_factory=dict)
+
+    def contribute(self, delta: Params, meta: MemberMeta) -> GroupResult:
+        """Block until `expected` members of this round arrived (or timeout), then average."""
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            group = self._pending.setdefault(meta.round, {})
+            group[meta.peer] = (delta, meta)
+            while meta.round not in self._results and len(group) < self.expected:
+                if not self._lock.wait(max(deadline - time.monotonic(), 0)):
+                    break
+            if meta.round not in self._results:
+                self._results[meta.round] = self._finish(meta.round, group)
+                self._lock.notify_all()
+            result = self._results[meta.round]
+        if meta.peer not in {m.peer for m in result.members}:
+            raise AveragingFailed(f"round {meta.round}: group formed without {meta.peer}")
+        return result
+
+    def _finish(self, round_: int, group: dict[str, tuple[Params, MemberMeta]]) -> GroupResult:
+        if len(group) < 2:
+            return GroupResult({}, [])
+        members = [m for _, m in group.values()]
+        averaged = weighted_mean([d for d, _ in group.values()], [m.weight for m in members])
+        if round_ in self.corrupt_rounds:  # fault injection: a silently partial all-reduce
+            first = next(iter(averaged))
+            averaged[first] = averaged[first] * 0.5
+        return GroupResult(averaged, members)
+
+
+class InMemoryTransport:
+    """One member's view of an InMemoryHub."""
+
+    def __init__(self, hub: InMemoryHub, peer: str) -> None:
+        self.hub = hub
+        self.peer = peer
+
+    def all_reduce(self, delta: Params, meta: MemberMeta) -> GroupResult:
+        """Average with whoever reaches the same round in time."""
+        result = self.hub.contribute({k: v.clone() for k, v in delta.items()}, meta)
+        return GroupResult({k: v.clone() for k, v in result.averaged.items()}, list(result.members))
+
+    def announce_state(self, state: GroupState) -> None:
+        """Offer this state to others."""
+        with self.hub._lock:
+            self.hub.states[self.peer] = state
+
+    def latest_state(self) -> StateRef | None:
+        """Consensus over everything announced."""
+        with self.hub._lock:
+            announced = {p: (s.round, s.digest()) for p, s in self.hub.states.items()}
+        return consensus(announced)
+
+    def fetch_state(self, ref: StateRef) -> GroupState:
+        """Copy a provider's state."""
+        with self.hub._lock:
+            state = self.hub.states[ref.providers[0]]
+        return GroupState(state.round, {k: v.clone() for k, v in state.params.items()},
+                          dict(state.outer_state))
