@@ -19,7 +19,9 @@ from aggregation.params import Params
 class OuterOptimizer(Protocol):
     """theta^t = step(theta^{t-1}, pseudo_gradient); state is part of the group state."""
 
-    def step(self, params: Mapping[str, torch.Tensor], pseudo_grad: Mapping[str, torch.Tensor]) -> Params: ...
+    def step(
+        self, params: Mapping[str, torch.Tensor], pseudo_grad: Mapping[str, torch.Tensor]
+    ) -> Params: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
@@ -30,7 +32,9 @@ class AverageOuter:
     def __init__(self, lr: float = 1.0) -> None:
         self.lr = lr
 
-    def step(self, params: Mapping[str, torch.Tensor], pseudo_grad: Mapping[str, torch.Tensor]) -> Params:
+    def step(
+        self, params: Mapping[str, torch.Tensor], pseudo_grad: Mapping[str, torch.Tensor]
+    ) -> Params:
         """theta - lr * Delta."""
         return {k: params[k] - self.lr * pseudo_grad[k] for k in sorted(params)}
 
@@ -51,7 +55,9 @@ class NesterovOuter:
         self.momentum = momentum
         self.buffer: Params = {}
 
-    def step(self, params: Mapping[str, torch.Tensor], pseudo_grad: Mapping[str, torch.Tensor]) -> Params:
+    def step(
+        self, params: Mapping[str, torch.Tensor], pseudo_grad: Mapping[str, torch.Tensor]
+    ) -> Params:
         """One Nesterov step; the first step seeds the buffer with g, like torch SGD."""
         new_params: Params = {}
         new_buffer: Params = {}
@@ -66,8 +72,11 @@ class NesterovOuter:
 
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters and the momentum buffer (tensors cloned)."""
-        return {"lr": self.lr, "momentum": self.momentum,
-                "buffer": {k: v.clone() for k, v in self.buffer.items()}}
+        return {
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "buffer": {k: v.clone() for k, v in self.buffer.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore hyperparameters and buffer."""

@@ -34,8 +34,10 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
         raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
     total = float(sum(weights))
     keys = sorted(deltas[0])
-    return {k: sum(float(w) * d[k].double() for d, w in zip(deltas, weights)).div(total).float()
-            for k in keys}
+    return {
+        k: sum(float(w) * d[k].double() for d, w in zip(deltas, weights)).div(total).float()
+        for k in keys
+    }
 
 
 def projection_checksum(params: Mapping[str, torch.Tensor], seed: int) -> float:

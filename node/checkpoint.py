@@ -56,7 +56,9 @@ class Checkpoint:
         atomic_write(self.local_path, buffer)
         return time.perf_counter() - started
 
-    def load(self, expect: Mapping[str, torch.Size]) -> tuple[GroupState, dict[str, Any] | None] | None:
+    def load(
+        self, expect: Mapping[str, torch.Size]
+    ) -> tuple[GroupState, dict[str, Any] | None] | None:
         """The last checkpoint, or None; a corrupt one is set aside (renamed), never deleted."""
         if not self.state_path.exists():
             return None
@@ -75,8 +77,11 @@ class Checkpoint:
         try:
             saved = torch.load(self.local_path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - a torn local file only costs optimizer moments
-            log.warning("local optimizer state %s unreadable (%s); starting fresh moments",
-                        self.local_path, type(exc).__name__)
+            log.warning(
+                "local optimizer state %s unreadable (%s); starting fresh moments",
+                self.local_path,
+                type(exc).__name__,
+            )
             return None
         if saved.get("round") != round_:
             return None

@@ -21,9 +21,14 @@ log = logging.getLogger("swarmtune.peer")
 class Peer:
     """Drives rounds for one volunteer; the simulator and the daemon both use it."""
 
-    def __init__(self, trainer: InnerTrainer, transport: Transport, config: RunConfig,
-                 checkpoint: Checkpoint | None = None,
-                 on_report: Callable[[RoundReport], None] | None = None) -> None:
+    def __init__(
+        self,
+        trainer: InnerTrainer,
+        transport: Transport,
+        config: RunConfig,
+        checkpoint: Checkpoint | None = None,
+        on_report: Callable[[RoundReport], None] | None = None,
+    ) -> None:
         self.trainer = trainer
         self.transport = transport
         self.config = config

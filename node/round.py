@@ -63,8 +63,9 @@ def verify_group(result: GroupResult, mine: MemberMeta, rtol: float) -> str | No
     return None
 
 
-def average(transport: Transport, delta: Params, mine: MemberMeta,
-            rtol: float) -> tuple[Params, GroupResult | None]:
+def average(
+    transport: Transport, delta: Params, mine: MemberMeta, rtol: float
+) -> tuple[Params, GroupResult | None]:
     """The group's weighted mean pseudo-gradient, or this peer's own when averaging fails."""
     try:
         result = transport.all_reduce(delta, mine)
@@ -78,15 +79,22 @@ def average(transport: Transport, delta: Params, mine: MemberMeta,
     return result.averaged, result
 
 
-def run_round(state: GroupState, trainer: InnerTrainer, transport: Transport,
-              config: RunConfig) -> tuple[GroupState, RoundReport]:
+def run_round(
+    state: GroupState, trainer: InnerTrainer, transport: Transport, config: RunConfig
+) -> tuple[GroupState, RoundReport]:
     """Advance the group state by one DiLoCo round; inputs are not mutated."""
     trainer.set_params(state.params)
     inner = trainer.train_steps(config.inner.steps)
-    delta = round_like_codec(pseudo_gradient(state.params, trainer.get_params()),
-                             config.averaging.codec)
-    mine = MemberMeta(transport.peer, state.round, state.digest(), float(inner.tokens),
-                      projection_checksum(delta, seed=state.round))
+    delta = round_like_codec(
+        pseudo_gradient(state.params, trainer.get_params()), config.averaging.codec
+    )
+    mine = MemberMeta(
+        transport.peer,
+        state.round,
+        state.digest(),
+        float(inner.tokens),
+        projection_checksum(delta, seed=state.round),
+    )
     aggregate, group = average(transport, delta, mine, config.averaging.verify_rtol)
     aggregate = round_like_codec(aggregate, config.averaging.codec)
 
@@ -99,11 +107,19 @@ def run_round(state: GroupState, trainer: InnerTrainer, transport: Transport,
     trainer.set_params(new_state.params)
 
     report = RoundReport(
-        round=state.round, loss_first=inner.loss_first, loss_mean=inner.loss_mean,
-        loss_last=inner.loss_last, tokens=inner.tokens,
-        group_size=len(group.members) if group else 1, verified=group is not None,
-        digest=new_state.digest(), bytes_sent=group.bytes_sent if group else 0,
-        bytes_received=group.bytes_received if group else 0, inner_s=inner.seconds,
+        round=state.round,
+        loss_first=inner.loss_first,
+        loss_mean=inner.loss_mean,
+        loss_last=inner.loss_last,
+        tokens=inner.tokens,
+        group_size=len(group.members) if group else 1,
+        verified=group is not None,
+        digest=new_state.digest(),
+        bytes_sent=group.bytes_sent if group else 0,
+        bytes_received=group.bytes_received if group else 0,
+        inner_s=inner.seconds,
         matchmaking_s=group.matchmaking_s if group else 0.0,
-        allreduce_s=group.allreduce_s if group else 0.0, outer_s=outer_s)
+        allreduce_s=group.allreduce_s if group else 0.0,
+        outer_s=outer_s,
+    )
     return new_state, report

@@ -57,13 +57,15 @@ def _split(tree: Mapping[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor
     return tensors, scalars
 
 
-def _nest(tensors: Mapping[str, torch.Tensor], scalars: dict[str, Any], prefix: str) -> dict[str, Any]:
+def _nest(
+    tensors: Mapping[str, torch.Tensor], scalars: dict[str, Any], prefix: str
+) -> dict[str, Any]:
     tree: dict[str, Any] = json.loads(json.dumps(scalars))
     for path, tensor in tensors.items():
         if not path.startswith(prefix + "/"):
             continue
         node = tree
-        *parents, leaf = path[len(prefix) + 1:].split("/")
+        *parents, leaf = path[len(prefix) + 1 :].split("/")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = tensor
@@ -82,12 +84,12 @@ def decode_state(blob: bytes, expect: Mapping[str, torch.Size] | None = None) ->
     """bytes -> GroupState, checking names and shapes against `expect` and finiteness."""
     try:
         tensors = st_load(blob)
-        meta = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")]).get("__metadata__", {})
+        meta = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")]).get("__metadata__", {})
         round_ = int(meta["round"])
         outer_scalars = json.loads(meta["outer"])
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt blob
         raise StateError(f"corrupt state blob ({type(exc).__name__})") from None
-    params = {k[len("params/"):]: v for k, v in tensors.items() if k.startswith("params/")}
+    params = {k[len("params/") :]: v for k, v in tensors.items() if k.startswith("params/")}
     if expect is not None:
         check_params(params, expect)
     if any(not torch.isfinite(t).all() for t in tensors.values()):

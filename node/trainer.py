@@ -37,12 +37,19 @@ class InnerResult:
 
 def lora_config(lora: LoraSettings, target_modules: list[str]) -> LoraConfig:
     """PEFT LoraConfig for a resolved module list."""
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
-def attach_lora(base: PreTrainedModel, lora: LoraSettings, target_modules: list[str],
-                seed: int) -> PeftModel:
+def attach_lora(
+    base: PreTrainedModel, lora: LoraSettings, target_modules: list[str], seed: int
+) -> PeftModel:
     """Wrap base with LoRA; the seed makes the initial adapter identical on every peer."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -65,8 +72,9 @@ class InnerTrainer:
         self._trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self._trainable:
             raise ValueError("the model has no trainable LoRA parameters")
-        self.optimizer = torch.optim.AdamW(self._trainable.values(), lr=inner.lr,
-                                           weight_decay=inner.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self._trainable.values(), lr=inner.lr, weight_decay=inner.weight_decay
+        )
 
     def get_params(self) -> Params:
         """Current trainable parameters (copies)."""
@@ -76,7 +84,9 @@ class InnerTrainer:
     def set_params(self, params: Mapping[str, torch.Tensor]) -> None:
         """Load theta into the model; names and shapes must match exactly."""
         if set(params) != set(self._trainable):
-            raise KeyError(f"parameter names differ: {sorted(set(params) ^ set(self._trainable))[:3]}")
+            raise KeyError(
+                f"parameter names differ: {sorted(set(params) ^ set(self._trainable))[:3]}"
+            )
         for name, p in self._trainable.items():
             if params[name].shape != p.shape:
                 raise ValueError(f"{name}: shape {tuple(params[name].shape)} != {tuple(p.shape)}")
@@ -100,8 +110,14 @@ class InnerTrainer:
             losses.append(float(loss.detach()))
             tokens += n_tokens
         self.model.eval()
-        return InnerResult(steps, losses[0], losses[-1], sum(losses) / len(losses), tokens,
-                           time.perf_counter() - start)
+        return InnerResult(
+            steps,
+            losses[0],
+            losses[-1],
+            sum(losses) / len(losses),
+            tokens,
+            time.perf_counter() - start,
+        )
 
     @torch.no_grad()
     def eval_loss(self, batches: list[torch.Tensor]) -> float:

@@ -141,5 +141,6 @@ class InMemoryTransport:
         """Copy a provider's state."""
         with self.hub._lock:
             state = self.hub.states[ref.providers[0]]
-        return GroupState(state.round, {k: v.clone() for k, v in state.params.items()},
-                          dict(state.outer_state))
+        return GroupState(
+            state.round, {k: v.clone() for k, v in state.params.items()}, dict(state.outer_state)
+        )

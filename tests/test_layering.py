@@ -7,8 +7,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "aggregation": {"node", "protocols", "cli", "hivemind", "asyncio", "socket", "requests",
-                    "transformers", "peft", "safetensors"},
+    "aggregation": {
+        "node",
+        "protocols",
+        "cli",
+        "hivemind",
+        "asyncio",
+        "socket",
+        "requests",
+        "transformers",
+        "peft",
+        "safetensors",
+    },
     "protocols": {"node", "cli"},
     "node": {"cli"},
 }

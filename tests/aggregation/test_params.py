@@ -39,10 +39,15 @@ def test_weighted_mean_rejects_bad_weights(weights: list[float]) -> None:
 
 def test_checksum_commutes_with_weighted_mean() -> None:
     gen = torch.Generator().manual_seed(0)
-    deltas = [{"a": torch.randn(8, 4, generator=gen), "b": torch.randn(3, generator=gen)} for _ in range(3)]
+    deltas = [
+        {"a": torch.randn(8, 4, generator=gen), "b": torch.randn(3, generator=gen)}
+        for _ in range(3)
+    ]
     weights = [2.0, 5.0, 1.0]
     expected = sum(w * projection_checksum(d, 7) for d, w in zip(deltas, weights)) / sum(weights)
-    assert projection_checksum(weighted_mean(deltas, weights), 7) == pytest.approx(expected, rel=1e-6)
+    assert projection_checksum(weighted_mean(deltas, weights), 7) == pytest.approx(
+        expected, rel=1e-6
+    )
     assert projection_checksum(deltas[0], 7) != pytest.approx(projection_checksum(deltas[1], 7))
 
 
