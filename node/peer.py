@@ -13,7 +13,7 @@ from node.config import RunConfig
 from node.round import RoundReport, run_round
 from node.state import GroupState, StateError, check_params
 from node.trainer import InnerTrainer
-from node.transport import Transport
+from node.transport import Transport, consensus
 
 log = logging.getLogger("swarmtune.peer")
 
@@ -28,12 +28,14 @@ class Peer:
         config: RunConfig,
         checkpoint: Checkpoint | None = None,
         on_report: Callable[[RoundReport], None] | None = None,
+        evaluate: Callable[[], float] | None = None,
     ) -> None:
         self.trainer = trainer
         self.transport = transport
         self.config = config
         self.checkpoint = checkpoint
         self.on_report = on_report or (lambda report: None)
+        self.evaluate = evaluate
         self.shapes = {k: v.shape for k, v in trainer.get_params().items()}
         self.stop = threading.Event()
         self.resumed_from: int | None = None
@@ -54,7 +56,7 @@ class Peer:
 
     def sync(self, state: GroupState) -> GroupState:
         """Adopt the swarm's consensus state when it is ahead of, or differs from, ours."""
-        ref = self.transport.latest_state()
+        ref = consensus(self.transport.announcements())
         if ref is None or ref.round < state.round:
             return state
         if ref.round == state.round and ref.digest == state.digest():
@@ -77,6 +79,7 @@ class Peer:
         state = self.sync(self.initial_state())
         self.trainer.set_params(state.params)
         self.transport.announce_state(state)
+        members: tuple[str, ...] = ()
         for _ in range(rounds):
             if self.stop.is_set():
                 break
@@ -84,8 +87,24 @@ class Peer:
             state, report = run_round(state, self.trainer, self.transport, self.config)
             checkpoint_s = self.save(state)
             self.transport.announce_state(state)
-            self.on_report(replace(report, checkpoint_s=checkpoint_s))
-        return self.finish(state, settle_s)
+            eval_loss = self.evaluate() if self.evaluate is not None else None
+            self.on_report(replace(report, checkpoint_s=checkpoint_s, eval_loss=eval_loss))
+            members = report.members
+            if not report.verified and members:
+                # the group diverged: let every member announce before anyone picks a consensus
+                self.await_members(state.round, members, self.config.averaging.matchmaking_time)
+        if members:
+            self.await_members(state.round, members, settle_s)
+        return self.finish(state)
+
+    def await_members(self, round_: int, members: tuple[str, ...], timeout: float) -> None:
+        """Wait (bounded) until every listed member has announced a state of at least round_."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop.is_set():
+            seen = self.transport.announcements()
+            if all(seen.get(peer, (-1, ""))[0] >= round_ for peer in members):
+                return
+            time.sleep(0.1)
 
     def save(self, state: GroupState) -> float:
         """Checkpoint if this peer has a work dir; returns seconds."""
@@ -93,14 +112,8 @@ class Peer:
             return 0.0
         return self.checkpoint.save(state, self.trainer.state_dict())
 
-    def finish(self, state: GroupState, settle_s: float) -> GroupState:
-        """Give slower members time to announce, then adopt the consensus of our final round."""
-        deadline = time.monotonic() + settle_s
-        while time.monotonic() < deadline and not self.stop.is_set():
-            ref = self.transport.latest_state()
-            if ref is not None and ref.round == state.round and len(ref.providers) > 1:
-                break
-            time.sleep(0.2)
+    def finish(self, state: GroupState) -> GroupState:
+        """Adopt the consensus of our final round, so the group ends on one adapter."""
         synced = self.sync(state)
         if synced is not state:
             self.save(synced)

@@ -41,7 +41,9 @@ class RoundReport:
     matchmaking_s: float
     allreduce_s: float
     outer_s: float
+    members: tuple[str, ...] = ()
     checkpoint_s: float = 0.0
+    eval_loss: float | None = None
 
 
 def verify_group(result: GroupResult, mine: MemberMeta, rtol: float) -> str | None:
@@ -65,18 +67,18 @@ def verify_group(result: GroupResult, mine: MemberMeta, rtol: float) -> str | No
 
 def average(
     transport: Transport, delta: Params, mine: MemberMeta, rtol: float
-) -> tuple[Params, GroupResult | None]:
-    """The group's weighted mean pseudo-gradient, or this peer's own when averaging fails."""
+) -> tuple[Params, GroupResult | None, bool]:
+    """(aggregate, group, verified): the group's weighted mean, or our own Delta if it failed."""
     try:
         result = transport.all_reduce(delta, mine)
     except AveragingFailed as exc:
         log.warning("round %d: averaging failed (%s); applying the local update", mine.round, exc)
-        return delta, None
+        return delta, None, False
     problem = verify_group(result, mine, rtol)
     if problem is not None:
         log.warning("round %d: rejecting the group average: %s", mine.round, problem)
-        return delta, None
-    return result.averaged, result
+        return delta, result, False
+    return result.averaged, result, True
 
 
 def run_round(
@@ -95,7 +97,7 @@ def run_round(
         float(inner.tokens),
         projection_checksum(delta, seed=state.round),
     )
-    aggregate, group = average(transport, delta, mine, config.averaging.verify_rtol)
+    aggregate, group, verified = average(transport, delta, mine, config.averaging.verify_rtol)
     aggregate = round_like_codec(aggregate, config.averaging.codec)
 
     started = time.perf_counter()
@@ -112,8 +114,9 @@ def run_round(
         loss_mean=inner.loss_mean,
         loss_last=inner.loss_last,
         tokens=inner.tokens,
-        group_size=len(group.members) if group else 1,
-        verified=group is not None,
+        group_size=len(group.members) if verified and group else 1,
+        verified=verified,
+        members=tuple(m.peer for m in group.members) if group else (),
         digest=new_state.digest(),
         bytes_sent=group.bytes_sent if group else 0,
         bytes_received=group.bytes_received if group else 0,

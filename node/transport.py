@@ -59,7 +59,7 @@ class Transport(Protocol):
 
     def all_reduce(self, delta: Params, meta: MemberMeta) -> GroupResult: ...
     def announce_state(self, state: GroupState) -> None: ...
-    def latest_state(self) -> StateRef | None: ...
+    def announcements(self) -> dict[str, tuple[int, str]]: ...
     def fetch_state(self, ref: StateRef) -> GroupState: ...
 
 
@@ -131,11 +131,10 @@ class InMemoryTransport:
         with self.hub._lock:
             self.hub.states[self.peer] = state
 
-    def latest_state(self) -> StateRef | None:
-        """Consensus over everything announced."""
+    def announcements(self) -> dict[str, tuple[int, str]]:
+        """(round, digest) that every member announced last."""
         with self.hub._lock:
-            announced = {p: (s.round, s.digest()) for p, s in self.hub.states.items()}
-        return consensus(announced)
+            return {p: (s.round, s.digest()) for p, s in self.hub.states.items()}
 
     def fetch_state(self, ref: StateRef) -> GroupState:
         """Copy a provider's state."""

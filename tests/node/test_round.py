@@ -1,0 +1,143 @@
+"""Several peers on the in-memory transport, sharing every line of round code with the daemon."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from node.build import LocalModel, build_local_model
+from node.checkpoint import Checkpoint
+from node.config import parse_config
+from node.peer import Peer
+from node.round import RoundReport, verify_group
+from node.transport import GroupResult, InMemoryHub, InMemoryTransport, MemberMeta, consensus
+
+CONFIG = parse_config(
+    {"inner": {"steps": 4, "batch_size": 4, "seq_len": 32}, "averaging": {"codec": "fp32"}}
+)
+TASKS = ["arithmetic", "dates", "code"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _local(task: str, seed: int) -> LocalModel:
+    return build_local_model(CONFIG, f"builtin:{task}", data_seed=seed)
+
+
+def _peer(
+    hub: InMemoryHub,
+    name: str,
+    local: LocalModel,
+    workdir: Path | None = None,
+    reports: list[RoundReport] | None = None,
+) -> Peer:
+    sink = reports.append if reports is not None else None
+    return Peer(
+        local.trainer,
+        InMemoryTransport(hub, name),
+        CONFIG,
+        Checkpoint(workdir) if workdir else None,
+        on_report=sink,
+    )
+
+
+def _run_all(peers: list[Peer], rounds: list[int]) -> list:
+    results: list = [None] * len(peers)
+
+    def work(i: int) -> None:
+        results[i] = peers[i].run(rounds[i], settle_s=2.0)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(peers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r is not None for r in results), "a peer thread did not finish"
+    return results
+
+
+def test_three_peers_agree_and_loss_falls() -> None:
+    hub = InMemoryHub(expected=3)
+    locals_ = [_local(task, i) for i, task in enumerate(TASKS)]
+    before = [local.eval_loss() for local in locals_]
+    reports: list[RoundReport] = []
+    peers = [_peer(hub, f"p{i}", local, reports=reports) for i, local in enumerate(locals_)]
+    states = _run_all(peers, [3, 3, 3])
+    assert len({s.digest() for s in states}) == 1 and states[0].round == 3
+    assert all(r.group_size == 3 and r.verified for r in reports)
+    after = [local.eval_loss() for local in locals_]
+    assert sum(after) < sum(before)
+    # the adapters really are the same tensors, not just the same digest
+    p0, p1 = locals_[0].trainer.get_params(), locals_[1].trainer.get_params()
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+
+
+def test_corrupted_allreduce_is_rejected_and_peers_resync() -> None:
+    hub = InMemoryHub(expected=3, corrupt_rounds={1})
+    reports: list[RoundReport] = []
+    peers = [_peer(hub, f"p{i}", _local(t, i), reports=reports) for i, t in enumerate(TASKS)]
+    states = _run_all(peers, [3, 3, 3])
+    round1 = [r for r in reports if r.round == 1]
+    assert len(round1) == 3 and not any(r.verified for r in round1)
+    assert sum(len(p.resynced_to) for p in peers) == 2  # two adopt the third's state
+    assert len({s.digest() for s in states}) == 1
+
+
+def test_group_continues_without_a_member_that_left() -> None:
+    hub = InMemoryHub(expected=3, timeout=1.5)
+    peers = [_peer(hub, f"p{i}", _local(t, i)) for i, t in enumerate(TASKS)]
+    states = _run_all(peers, [3, 3, 1])
+    assert states[0].round == states[1].round == 3
+    assert states[0].digest() == states[1].digest()
+
+
+def test_restarted_peer_resumes_from_checkpoint_and_catches_up(tmp_path: Path) -> None:
+    hub = InMemoryHub(expected=3, timeout=1.5)
+    peers = [_peer(hub, f"p{i}", _local(t, i), tmp_path / f"p{i}") for i, t in enumerate(TASKS)]
+    _run_all(peers, [1, 1, 1])
+    hub.expected = 2
+    _run_all(peers[:2], [2, 2])  # p2 is "dead" meanwhile
+    reborn = _peer(hub, "p2", _local("code", 2), tmp_path / "p2")
+    hub.expected = 3
+    states = _run_all([peers[0], peers[1], reborn], [1, 1, 1])
+    assert reborn.resumed_from == 1 and reborn.resynced_to[0] == 3
+    assert len({s.digest() for s in states}) == 1 and states[0].round == 4
+
+
+def test_corrupt_checkpoint_is_set_aside_not_deleted(tmp_path: Path) -> None:
+    hub = InMemoryHub(expected=1)
+    (tmp_path / "state.safetensors").write_bytes(b"\x00garbage")
+    peer = _peer(hub, "p0", _local("dates", 0), tmp_path)
+    state = peer.initial_state()
+    assert state.round == 0 and peer.resumed_from is None
+    assert list(tmp_path.glob("state.corrupt-*.safetensors"))
+
+
+def _meta(peer: str, weight: float, checksum: float, digest: str = "d") -> MemberMeta:
+    return MemberMeta(peer, 0, digest, weight, checksum)
+
+
+def test_verify_group_checks_checksums_and_start_states() -> None:
+    averaged = {"w": torch.tensor([1.0, 2.0])}
+    from aggregation.params import projection_checksum
+
+    good = projection_checksum(averaged, 0)
+    members = [_meta("a", 1.0, good), _meta("b", 3.0, good)]
+    assert verify_group(GroupResult(averaged, members), members[0], 1e-3) is None
+    skewed = [_meta("a", 1.0, good), _meta("b", 3.0, good * 2)]
+    assert "checksum" in verify_group(GroupResult(averaged, skewed), skewed[0], 1e-3)
+    forked = [_meta("a", 1.0, good), _meta("b", 3.0, good, digest="other")]
+    assert "different states" in verify_group(GroupResult(averaged, forked), forked[0], 1e-3)
+
+
+def test_consensus_prefers_round_then_majority_then_smaller_digest() -> None:
+    ref = consensus({"a": (2, "x"), "b": (2, "y"), "c": (2, "y"), "d": (1, "z")})
+    assert (ref.round, ref.digest, ref.providers) == (2, "y", ("b", "c"))
+    assert consensus({"a": (3, "b"), "b": (3, "a")}).digest == "a"
+    assert consensus({}) is None
