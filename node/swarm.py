@@ -1,0 +1,275 @@
+"""A peer's presence in the swarm: DHT with persistent identity, signed records, blob serving,
+and the hivemind Transport that the round loop runs against."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.multiaddr import Multiaddr
+
+from aggregation.params import Params
+from node.checkpoint import atomic_write
+from node.state import GroupState, decode_state, encode_state
+from node.transport import AveragingFailed, GroupResult, MemberMeta
+from protocols.averaging import AveragingError, GroupAverager, finite_number
+from protocols.records import (
+    PEER_TTL,
+    ManifestRecord,
+    PeerRecord,
+    RunRecordValidator,
+    manifest_key,
+    owner_subkey,
+    parse_peer_records,
+    peers_key,
+)
+from protocols.runner import LoopThread
+from protocols.sockets import remove_stale_hivemind_sockets
+from protocols.transfer import BlobServer, TransferError, fetch_blob
+
+log = logging.getLogger("swarmtune.swarm")
+
+
+class SwarmError(RuntimeError):
+    """The swarm cannot be joined or used (unreachable peers, bad manifest); one line."""
+
+
+def load_or_create_key(path: Path) -> RSAPrivateKey:
+    """The RSA key that signs this peer's records, kept in its work dir across restarts."""
+    key = RSAPrivateKey()
+    if path.exists():
+        key.__setstate__({"_private_key": path.read_bytes()})  # hivemind's own (de)serializer
+    else:
+        atomic_write(path, key.to_bytes())
+        path.chmod(0o600)
+    return key
+
+
+def peer_id_of(maddr: str) -> PeerID:
+    """The /p2p/<id> component of a multiaddr, with a clear error."""
+    try:
+        return PeerID.from_base58(Multiaddr(maddr).value_for_protocol("p2p"))
+    except Exception:  # noqa: BLE001 - any parse failure is the same user error
+        raise SwarmError(f"{maddr!r} is not a multiaddr ending in /p2p/<peer id>") from None
+
+
+class SwarmNode:
+    """DHT + P2P + blob server for one process; owns its background loop and heartbeat."""
+
+    def __init__(
+        self,
+        *,
+        initial_peers: list[str],
+        workdir: Path | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        run_id: str | None = None,
+    ) -> None:
+        remove_stale_hivemind_sockets()
+        key = load_or_create_key(workdir / "records.key") if workdir else RSAPrivateKey()
+        self.signer = RSASignatureValidator(key)
+        validators: list[Any] = [self.signer] + ([RunRecordValidator(run_id)] if run_id else [])
+        try:
+            self.dht = DHT(
+                initial_peers=initial_peers,
+                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                identity_path=str(workdir / "p2p.key") if workdir else None,
+                record_validators=validators,
+                start=True,
+                await_ready=True,
+            )
+        except Exception as exc:  # noqa: BLE001 - hivemind reports bootstrap failures variously
+            where = ", ".join(initial_peers) or f"{host}:{port}"
+            raise SwarmError(f"cannot start a DHT peer with {where}: {str(exc)[:160]}") from None
+        self.run_id = run_id
+        self.peer_id = self.dht.peer_id.to_base58()
+        self.loop = LoopThread()
+        self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+        self.blobs = BlobServer(self.p2p)
+        self.loop.run(self.blobs.start(), timeout=30)
+        self._record: PeerRecord | None = None
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def maddrs(self) -> list[str]:
+        """Multiaddrs others can use as --initial-peers."""
+        return [str(a) for a in self.dht.get_visible_maddrs()]
+
+    def set_run(self, run_id: str) -> None:
+        """Start validating this run's records (for peers that learn the run from the manifest)."""
+        if self.run_id is None:
+            self.run_id = run_id
+            self.dht.add_validators([RunRecordValidator(run_id)])
+
+    def publish_manifest(self, manifest: ManifestRecord) -> None:
+        """Serve the manifest over p2p and store it, signed, in the DHT."""
+        self.blobs.publish("manifest", manifest.model_dump_json().encode())
+        ok = self.dht.store(
+            manifest_key(manifest.run_id),
+            manifest.model_dump(),
+            expiration_time=get_dht_time() + 3600,
+            subkey=owner_subkey(self.signer),
+        )
+        if not ok:
+            log.warning("manifest was not stored in the DHT (no peers accepted it yet)")
+
+    def fetch_manifest(self, maddr: str, timeout: float = 30.0) -> ManifestRecord:
+        """Ask the peer at `maddr` (authenticated by its peer id) for the run manifest."""
+        try:
+            blob = self.loop.run(
+                fetch_blob(
+                    self.p2p, peer_id_of(maddr), "manifest", max_size=1 << 20, timeout=timeout
+                ),
+                timeout=timeout + 5,
+            )
+            return ManifestRecord.model_validate_json(blob)
+        except (TransferError, TimeoutError) as exc:
+            raise SwarmError(f"could not get the run manifest from {maddr}: {exc}") from None
+        except ValueError as exc:
+            raise SwarmError(f"the manifest from {maddr} is malformed: {str(exc)[:120]}") from None
+
+    def set_record(self, record: PeerRecord) -> None:
+        """Replace this peer's heartbeat record and store it now."""
+        self._record = record
+        self._store_record()
+
+    def peers(self) -> dict[str, PeerRecord]:
+        """Live peer records of this run, by peer id."""
+        if self.run_id is None:
+            return {}
+        found = self.dht.get(peers_key(self.run_id), latest=True)
+        return parse_peer_records(found.value if found is not None else None)
+
+    def fetch(
+        self,
+        peer_id: str,
+        name: str,
+        *,
+        expected_sha256: str | None = None,
+        timeout: float = 120.0,
+        stats: dict[str, float] | None = None,
+    ) -> bytes:
+        """A blob from a peer (streamed, chunked, sha-checked)."""
+        return self.loop.run(
+            fetch_blob(
+                self.p2p,
+                PeerID.from_base58(peer_id),
+                name,
+                expected_sha256=expected_sha256,
+                timeout=timeout,
+                stats=stats,
+            ),
+            timeout=timeout + 5,
+        )
+
+    def _store_record(self) -> None:
+        if self._record is None or self.run_id is None:
+            return
+        self.dht.store(
+            peers_key(self.run_id),
+            self._record.model_dump(),
+            expiration_time=get_dht_time() + PEER_TTL,
+            subkey=owner_subkey(self.signer),
+            return_future=True,
+        )
+
+    def _beat(self) -> None:
+        while not self._stop.wait(PEER_TTL / 3):
+            self._store_record()
+
+    def shutdown(self) -> None:
+        """Stop serving and leave; idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            self.loop.run(self.blobs.stop(), timeout=5)
+            self.loop.run(self.p2p.shutdown(), timeout=5)
+        except Exception as exc:  # noqa: BLE001 - best effort while leaving
+            log.debug("p2p shutdown: %s", exc)
+        self.loop.shutdown()
+        self.dht.shutdown()
+
+
+class HivemindTransport:
+    """Transport over a SwarmNode: group all-reduce, state announcements and state transfer."""
+
+    def __init__(
+        self, node: SwarmNode, averager: GroupAverager, *, role_record: PeerRecord
+    ) -> None:
+        self.node = node
+        self.averager = averager
+        self.peer = node.peer_id
+        self.record = role_record
+        self.timeout = averager.matchmaking_time * 3
+
+    def all_reduce(self, delta: Params, meta: MemberMeta) -> GroupResult:
+        """Weighted all-reduce through hivemind; gathered metadata parsed defensively."""
+        gather = {
+            "round": meta.round,
+            "start": meta.start_digest,
+            "weight": meta.weight,
+            "checksum": meta.checksum,
+        }
+        try:
+            out = self.averager.all_reduce(delta, meta.weight, gather, timeout=self.timeout)
+        except AveragingError as exc:
+            raise AveragingFailed(str(exc)) from None
+        members = [m for pid, raw in out.gathered.items() if (m := _member(pid, raw)) is not None]
+        return GroupResult(
+            out.averaged,
+            members,
+            out.bytes_sent,
+            out.bytes_received,
+            out.matchmaking_s,
+            out.allreduce_s,
+        )
+
+    def announce_state(self, state: GroupState) -> None:
+        """Serve this state and say so in our heartbeat."""
+        self.node.blobs.publish("state", encode_state(state))
+        self.record = self.record.model_copy(
+            update={"round": state.round, "digest": state.digest()}
+        )
+        self.node.set_record(self.record)
+
+    def announcements(self) -> dict[str, tuple[int, str]]:
+        """(round, digest) of every volunteer's last announced state."""
+        return {
+            pid: (r.round, r.digest)
+            for pid, r in self.node.peers().items()
+            if r.role == "volunteer" and r.digest
+        }
+
+    def fetch_state(self, ref: Any) -> GroupState:
+        """Download the state from the first provider that serves it intact."""
+        errors = []
+        for provider in ref.providers:
+            if provider == self.peer:
+                continue
+            try:
+                return decode_state(self.node.fetch(provider, "state", timeout=60))
+            except Exception as exc:  # noqa: BLE001 - try the next provider
+                errors.append(f"{provider[-8:]}: {str(exc)[:80]}")
+        raise RuntimeError("no provider served the state: " + "; ".join(errors or ["none"]))
+
+
+def _member(peer_id: str, raw: Any) -> MemberMeta | None:
+    """MemberMeta from untrusted gathered data, or None when malformed."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("start"), str):
+        return None
+    fields = [raw.get("round"), raw.get("weight"), raw.get("checksum")]
+    if not all(finite_number(v) for v in fields) or raw["weight"] < 0:
+        return None
+    return MemberMeta(
+        peer_id, int(raw["round"]), raw["start"], float(raw["weight"]), float(raw["checksum"])
+    )

@@ -1,0 +1,131 @@
+"""DHT key schema and record validation for one run.
+
+Keys live under the run id: `<run>_manifest` (one record, owned by the coordinator) and
+`<run>_peers` (one record per peer, subkey = the owner's public key). Every record under these
+keys must be signed by its owner (hivemind's RSASignatureValidator checks the signature; this
+validator requires the owner marker), be at most MAX_RECORD_BYTES, and match its schema.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_RECORD_BYTES = 64 * 1024
+PEER_TTL = 90.0
+HEX64 = r"^[0-9a-f]{64}$"
+_OWNER = re.compile(rb"^\[owner:.+\]$", re.DOTALL)
+
+
+class AdapterOffer(BaseModel):
+    """An adapter bundle this peer serves: blob name, round, sha256 and size of the bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+    round: int = Field(ge=0)
+    sha256: str = Field(pattern=HEX64)
+    size: int = Field(ge=1, le=1 << 34)
+
+
+class PeerRecord(BaseModel):
+    """A peer's heartbeat: role, group state it holds, progress, and what it offers."""
+
+    model_config = ConfigDict(extra="forbid")
+    peer_id: str = Field(min_length=10, max_length=128)
+    role: Literal["coordinator", "volunteer"]
+    round: int = Field(0, ge=0)
+    digest: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+    loss: float | None = None
+    eval_loss: float | None = None
+    group_size: int = Field(0, ge=0, le=100_000)
+    tokens: int = Field(0, ge=0)
+    bytes_sent: int = Field(0, ge=0)
+    bytes_received: int = Field(0, ge=0)
+    task: str = Field("", max_length=64)
+    adapters: dict[str, AdapterOffer] = Field(default_factory=dict, max_length=16)
+
+    @field_validator("loss", "eval_loss")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+
+class ManifestRecord(BaseModel):
+    """The run manifest as stored; node/ validates `config` against its RunConfig."""
+
+    model_config = ConfigDict(extra="forbid")
+    run_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{2,63}$")
+    base_fingerprint: str = Field(pattern=HEX64)
+    target_modules: list[str] = Field(min_length=1, max_length=64)
+    config: dict[str, Any]
+    coordinator: str = Field(min_length=10, max_length=128)
+
+
+def manifest_key(run_id: str) -> str:
+    """DHT key of the run manifest."""
+    return f"{run_id}_manifest"
+
+
+def peers_key(run_id: str) -> str:
+    """DHT key under which every peer keeps its signed heartbeat."""
+    return f"{run_id}_peers"
+
+
+class RunRecordValidator(RecordValidatorBase):
+    """Rejects unsigned, oversized or schema-violating records under this run's keys."""
+
+    def __init__(self, run_id: str) -> None:
+        self._schemas: dict[bytes, type[BaseModel]] = {
+            DHTID.generate(source=manifest_key(run_id)).to_bytes(): ManifestRecord,
+            DHTID.generate(source=peers_key(run_id)).to_bytes(): PeerRecord,
+        }
+
+    def validate(self, record: DHTRecord) -> bool:
+        """True for other keys; for ours: owner-protected subkey, bounded size, valid schema."""
+        schema = self._schemas.get(record.key)
+        if schema is None:
+            return True
+        if len(record.value) > MAX_RECORD_BYTES or record.subkey is None:
+            return False
+        subkey = MSGPackSerializer.loads(record.subkey)
+        if not isinstance(subkey, bytes) or not _OWNER.match(subkey):
+            return False
+        try:
+            schema.model_validate(MSGPackSerializer.loads(record.value))
+        except (ValidationError, ValueError, TypeError):
+            return False
+        return True
+
+    @property
+    def priority(self) -> int:
+        """Run after RSASignatureValidator (priority 10) has stripped the signature."""
+        return 5
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        """Each run keeps its own validator."""
+        return False
+
+
+def parse_peer_records(raw: dict[Any, Any] | None) -> dict[str, PeerRecord]:
+    """peer_id -> PeerRecord from a DHT get() dictionary, dropping anything malformed."""
+    records: dict[str, PeerRecord] = {}
+    for entry in (raw or {}).values():
+        try:
+            record = PeerRecord.model_validate(entry.value)
+        except (ValidationError, AttributeError):
+            continue
+        records[record.peer_id] = record
+    return records
+
+
+def owner_subkey(validator: RSASignatureValidator) -> bytes:
+    """The subkey that marks a record as owned (and signed) by this peer."""
+    return validator.local_public_key
