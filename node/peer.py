@@ -12,7 +12,7 @@ from node.checkpoint import Checkpoint
 from node.config import RunConfig
 from node.round import RoundReport, run_round
 from node.state import GroupState, StateError, check_params
-from node.trainer import InnerTrainer
+from node.trainer import InnerTrainer, RoundAbandoned
 from node.transport import Transport, consensus
 
 log = logging.getLogger("swarmtune.peer")
@@ -38,6 +38,7 @@ class Peer:
         self.evaluate = evaluate
         self.shapes = {k: v.shape for k, v in trainer.get_params().items()}
         self.stop = threading.Event()
+        trainer.stop = self.stop
         self.resumed_from: int | None = None
         self.resynced_to: list[int] = []
 
@@ -84,7 +85,17 @@ class Peer:
             if self.stop.is_set():
                 break
             state = self.sync(state)
-            state, report = run_round(state, self.trainer, self.transport, self.config)
+            try:
+                state, report = run_round(state, self.trainer, self.transport, self.config)
+            except RoundAbandoned as exc:
+                log.info(
+                    "abandoned round %d (%s); last checkpoint is round %d",
+                    state.round + 1,
+                    exc,
+                    state.round,
+                )
+                self.trainer.set_params(state.params)
+                break
             checkpoint_s = self.save(state)
             self.transport.announce_state(state)
             eval_loss = self.evaluate() if self.evaluate is not None else None

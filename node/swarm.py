@@ -3,10 +3,12 @@ and the hivemind Transport that the round loop runs against."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from hivemind.dht import DHT
@@ -22,6 +24,7 @@ from node.state import GroupState, decode_state, encode_state
 from node.transport import AveragingFailed, GroupResult, MemberMeta
 from protocols.averaging import AveragingError, GroupAverager, finite_number
 from protocols.records import (
+    AdapterOffer,
     PEER_TTL,
     ManifestRecord,
     PeerRecord,
@@ -74,6 +77,8 @@ class SwarmNode:
         run_id: str | None = None,
     ) -> None:
         remove_stale_hivemind_sockets()
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
         key = load_or_create_key(workdir / "records.key") if workdir else RSAPrivateKey()
         self.signer = RSASignatureValidator(key)
         validators: list[Any] = [self.signer] + ([RunRecordValidator(run_id)] if run_id else [])
@@ -92,6 +97,7 @@ class SwarmNode:
         self.run_id = run_id
         self.peer_id = self.dht.peer_id.to_base58()
         self.loop = LoopThread()
+        self.loop.loop.set_exception_handler(_quiet_disconnects)
         self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
         self.blobs = BlobServer(self.p2p)
         self.loop.run(self.blobs.start(), timeout=30)
@@ -211,6 +217,7 @@ class HivemindTransport:
         self.peer = node.peer_id
         self.record = role_record
         self.timeout = averager.matchmaking_time * 3
+        self.on_announce: Callable[[GroupState], dict[str, AdapterOffer]] | None = None
 
     def all_reduce(self, delta: Params, meta: MemberMeta) -> GroupResult:
         """Weighted all-reduce through hivemind; gathered metadata parsed defensively."""
@@ -261,6 +268,14 @@ class HivemindTransport:
             except Exception as exc:  # noqa: BLE001 - try the next provider
                 errors.append(f"{provider[-8:]}: {str(exc)[:80]}")
         raise RuntimeError("no provider served the state: " + "; ".join(errors or ["none"]))
+
+
+def _quiet_disconnects(loop: Any, context: dict[str, Any]) -> None:
+    """A peer hanging up mid-handshake is routine on a P2P network, not an error to print."""
+    if isinstance(context.get("exception"), (asyncio.IncompleteReadError, ConnectionError)):
+        log.debug("peer disconnected: %s", context.get("exception"))
+        return
+    loop.default_exception_handler(context)
 
 
 def _member(peer_id: str, raw: Any) -> MemberMeta | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, labels=input_ids).loss
 
 
+class RoundAbandoned(Exception):
+    """The inner loop was asked to stop (Ctrl+C); the round's partial work is dropped."""
+
+
 class InnerTrainer:
     """Owns the LoRA model and its AdamW state; theta in and out as named fp32 tensors."""
 
@@ -70,6 +75,7 @@ class InnerTrainer:
         self.inner = inner
         self.batches = batches
         self._trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.stop: threading.Event | None = None
         if not self._trainable:
             raise ValueError("the model has no trainable LoRA parameters")
         self.optimizer = torch.optim.AdamW(
@@ -99,6 +105,8 @@ class InnerTrainer:
         tokens = 0
         start = time.perf_counter()
         for j in range(steps):
+            if self.stop is not None and self.stop.is_set():
+                raise RoundAbandoned(f"stopped after {j} of {steps} inner steps")
             input_ids, n_tokens = self.batches.next_batch()
             loss = lm_loss(self.model, input_ids)
             self.optimizer.zero_grad(set_to_none=True)

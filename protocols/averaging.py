@@ -3,6 +3,12 @@
 hivemind averages in place and may fail silently for part of a group; this wrapper only moves
 tensors and the all-gathered metadata and checks that what came back is well-formed (names,
 shapes, finiteness). Whether the average is *right* is checked by the caller (checksums).
+
+Bit-identical results: hivemind hands each peer `local + (avg - local)`, which differs from `avg`
+by an ulp from peer to peer. With the fp32 codec we average `x + 1` instead of `x`: while
+|x| <= 0.5 every value lies in [0.5, 2), so by Sterbenz's lemma `avg - local` is exact and every
+peer ends with the same bits (absolute resolution ~1e-7, far below a round's pseudo-gradient
+noise). Larger values are still averaged correctly, only possibly not bit-identically.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ _MATCHMAKING_STAGES = (
     AveragingStage.AWAITING_TRIGGER,
 )
 CODECS = {"fp32": (NoCompression, 4), "fp16": (Float16Compression, 2)}
+EXACT_OFFSET = {"fp32": 1.0, "fp16": 0.0}
 
 
 class AveragingError(RuntimeError):
@@ -60,6 +67,7 @@ class GroupAverager:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
         compression, self.bytes_per_value = CODECS[codec]
+        self.offset = EXACT_OFFSET[codec]
         self.names = sorted(template)
         self.shapes = {k: tuple(template[k].shape) for k in self.names}
         self.numel = sum(template[k].numel() for k in self.names)
@@ -73,7 +81,7 @@ class GroupAverager:
             min_matchmaking_time=matchmaking_time,
             request_timeout=min(1.0, matchmaking_time / 2),
             allreduce_timeout=allreduce_timeout,
-            compression=compression,
+            compression=compression(),
         )
 
     def all_reduce(
@@ -88,7 +96,7 @@ class GroupAverager:
             raise AveragingError("tensor names differ from the averager's template")
         with self.averager.get_tensors() as local:
             for slot, name in zip(local, self.names, strict=True):
-                slot.copy_(tensors[name])
+                slot.copy_(tensors[name]).add_(self.offset)
         started = time.perf_counter()
         try:
             control = self.averager.step(
@@ -118,7 +126,8 @@ class GroupAverager:
     def _read_back(self) -> dict[str, torch.Tensor]:
         with self.averager.get_tensors() as local:
             averaged = {
-                name: slot.detach().clone() for slot, name in zip(local, self.names, strict=True)
+                name: slot.detach().clone().sub_(self.offset)
+                for slot, name in zip(local, self.names, strict=True)
             }
         for name, tensor in averaged.items():
             if tuple(tensor.shape) != self.shapes[name] or not torch.isfinite(tensor).all():

@@ -1,0 +1,181 @@
+"""swarmtune command line: bootstrap, join, pull, status, demo, export-base."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+DESCRIPTION = """Peer-to-peer DiLoCo fine-tuning of LoRA adapters over a hivemind DHT.
+
+  coordinator:  swarmtune bootstrap --config configs/run.yaml
+  volunteer:    swarmtune join --initial-peers MADDR --data builtin:arithmetic
+  consumer:     swarmtune pull --initial-peers MADDR --out ./adapter
+  newcomer:     swarmtune demo --out ./demo-adapter
+"""
+
+
+def _peers_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "--initial-peers",
+        nargs="+",
+        required=required,
+        metavar="MADDR",
+        help="multiaddr(s) of a peer in the run, as printed by `bootstrap`",
+    )
+
+
+def _net_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="IPv4 address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="swarmtune",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show hivemind's logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    boot = sub.add_parser("bootstrap", help="start the coordinator peer of a run")
+    boot.add_argument(
+        "--config", type=Path, default=Path("configs/run.yaml"), help="run config YAML"
+    )
+    boot.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("swarm-coordinator"),
+        help="keeps the peer identity (same peer id after restart)",
+    )
+    boot.add_argument("--addr-file", type=Path, help="write the multiaddrs here once ready")
+    _net_args(boot)
+
+    join = sub.add_parser("join", help="train with a run as a volunteer")
+    _peers_arg(join)
+    join.add_argument(
+        "--data",
+        required=True,
+        help="builtin:<task> | file.jsonl (text or prompt/completion) | file.txt | dir",
+    )
+    join.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("swarm-volunteer"),
+        help="checkpoints, identity and metrics; restart with the same dir to resume",
+    )
+    join.add_argument("--rounds", type=int, default=1_000_000, help="exit 0 after this many rounds")
+    join.add_argument("--model", help="local Hugging Face causal LM dir (default: embedded base)")
+    join.add_argument("--quantize", choices=["4bit"], help="load the base in 4 bit (CUDA only)")
+    join.add_argument(
+        "--config", type=Path, help="refuse to join unless the run's LoRA matches this"
+    )
+    join.add_argument("--threads", type=int, help="torch CPU threads")
+    _net_args(join)
+
+    pull = sub.add_parser("pull", help="download an adapter as a PEFT directory")
+    _peers_arg(pull)
+    pull.add_argument("--out", type=Path, help="new directory for the adapter")
+    pull.add_argument("--adapter", default="global", help="adapter name (default: global)")
+    pull.add_argument("--list", action="store_true", help="only list adapters on offer")
+
+    status = sub.add_parser("status", help="peers, rounds, losses and adapters of a run")
+    _peers_arg(status)
+
+    demo = sub.add_parser("demo", help="a whole swarm on 127.0.0.1, then pull its adapter")
+    demo.add_argument("--peers", type=int, default=3, help="volunteers (default 3)")
+    demo.add_argument("--rounds", type=int, default=4, help="DiLoCo rounds (default 4)")
+    demo.add_argument("--out", type=Path, default=Path("demo-adapter"), help="adapter directory")
+    demo.add_argument("--config", type=Path, help="run config (default: the demo's built-in one)")
+    demo.add_argument("--workdir", type=Path, help="where peers keep their files (default: temp)")
+
+    export = sub.add_parser("export-base", help="write the embedded base model as a HF model dir")
+    export.add_argument("--out", type=Path, required=True, help="new directory")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    # hivemind logs every failed matchmaking attempt as a traceback; our own lines say what matters
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "INFO" if verbose else "CRITICAL")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run one subcommand."""
+    if args.command == "bootstrap":
+        from node.coordinator import BootstrapOptions, bootstrap
+
+        return bootstrap(
+            BootstrapOptions(args.config, args.workdir, args.host, args.port, args.addr_file)
+        )
+    if args.command == "join":
+        import torch
+
+        from node.volunteer import JoinOptions, join
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return join(
+            JoinOptions(
+                args.initial_peers,
+                args.data,
+                args.workdir,
+                args.rounds,
+                args.model,
+                args.quantize,
+                args.config,
+                args.host,
+                args.port,
+            )
+        )
+    if args.command == "pull":
+        from node.consumer import pull
+
+        if args.out is None and not args.list:
+            raise SystemExit("swarmtune pull: error: --out is required (or --list)")
+        return pull(args.initial_peers, args.out, args.adapter, args.list)
+    if args.command == "status":
+        from node.consumer import status
+
+        return status(args.initial_peers)
+    if args.command == "demo":
+        from node.demo import DemoOptions, run_demo
+
+        return run_demo(DemoOptions(args.peers, args.rounds, args.out, args.config, args.workdir))
+    from node.basemodel import export_base
+
+    print(f"exported the embedded base model to {export_base(args.out)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one clear line on bad input, no traceback."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from node.errors import USER_ERRORS
+
+    try:
+        return dispatch(args)
+    except USER_ERRORS as exc:
+        print(f"swarmtune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"swarmtune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

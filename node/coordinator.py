@@ -1,0 +1,153 @@
+"""`swarmtune bootstrap`: a stable peer that publishes the signed manifest and mirrors adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.basemodel import load_base
+from node.build import resolve_target_modules
+from node.checkpoint import atomic_write
+from node.config import load_config
+from node.offers import Offer, best_offers
+from node.swarm import SwarmNode
+from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
+from protocols.transfer import TransferError
+
+log = logging.getLogger("swarmtune.bootstrap")
+MIRROR_INTERVAL = 2.0
+MANIFEST_REFRESH = 600.0
+
+
+@dataclass
+class BootstrapOptions:
+    """Per-machine settings of the coordinator."""
+
+    config: Path
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    addr_file: Path | None = None
+
+
+class Coordinator:
+    """Keeps the manifest alive, watches peers join and leave, mirrors the newest adapters."""
+
+    def __init__(self, node: SwarmNode, manifest: ManifestRecord) -> None:
+        self.node = node
+        self.manifest = manifest
+        self.record = PeerRecord(peer_id=node.peer_id, role="coordinator")
+        self.known: set[str] = set()
+        self.stop = threading.Event()
+
+    def tick(self) -> None:
+        """One pass: report membership changes and mirror newer adapters."""
+        peers = {pid: r for pid, r in self.node.peers().items() if pid != self.node.peer_id}
+        for pid in sorted(set(peers) - self.known):
+            log.info("peer %s joined (%s)", pid[-8:], peers[pid].task or peers[pid].role)
+        for pid in sorted(self.known - set(peers)):
+            log.info("peer %s left", pid[-8:])
+        self.known = set(peers)
+        for offer in best_offers(peers).values():
+            mine = self.record.adapters.get(offer.name)
+            if mine is None or offer.round > mine.round:
+                self.mirror(offer)
+
+    def mirror(self, offer: Offer) -> None:
+        """Download an adapter bundle (sha-checked) and serve it too."""
+        for provider in offer.providers:
+            try:
+                bundle = self.node.fetch(
+                    provider, f"adapter:{offer.name}", expected_sha256=offer.sha256
+                )
+            except (TransferError, TimeoutError) as exc:
+                log.warning("mirroring %s from %s failed: %s", offer.name, provider[-8:], exc)
+                continue
+            self.node.blobs.publish(f"adapter:{offer.name}", bundle)
+            adapters = dict(self.record.adapters)
+            adapters[offer.name] = AdapterOffer(
+                round=offer.round, sha256=offer.sha256, size=len(bundle)
+            )
+            self.record = self.record.model_copy(update={"adapters": adapters})
+            self.node.set_record(self.record)
+            log.info(
+                "adapter %s round %d mirrored (sha256 %s…)",
+                offer.name,
+                offer.round,
+                offer.sha256[:12],
+            )
+            return
+
+    def serve(self) -> None:
+        """Run until stopped, refreshing the manifest well before it expires."""
+        self.node.set_record(self.record)
+        since_manifest = 0.0
+        while not self.stop.wait(MIRROR_INTERVAL):
+            self.tick()
+            since_manifest += MIRROR_INTERVAL
+            if since_manifest >= MANIFEST_REFRESH:
+                self.node.publish_manifest(self.manifest)
+                since_manifest = 0.0
+
+
+def make_manifest(options: BootstrapOptions, peer_id: str) -> ManifestRecord:
+    """Resolve the config against the base model into the manifest volunteers must match."""
+    config = load_config(options.config)
+    base, _, fingerprint = load_base(config.base_model)
+    targets = resolve_target_modules(config, base)
+    return ManifestRecord(
+        run_id=config.run_id,
+        base_fingerprint=fingerprint,
+        target_modules=targets,
+        config=config.model_dump(mode="json"),
+        coordinator=peer_id,
+    )
+
+
+def bootstrap(options: BootstrapOptions) -> int:
+    """Entry point of `swarmtune bootstrap`; returns the exit code."""
+    config = load_config(options.config)  # fail on a bad config before starting any process
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    node = SwarmNode(
+        initial_peers=[],
+        workdir=options.workdir,
+        host=options.host,
+        port=options.port,
+        run_id=config.run_id,
+    )
+    try:
+        manifest = make_manifest(options, node.peer_id)
+        node.publish_manifest(manifest)
+        coordinator = Coordinator(node, manifest)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: coordinator.stop.set())
+        announce(node, manifest, options.addr_file)
+        coordinator.serve()
+        log.info("shutting down")
+        return 0
+    finally:
+        node.shutdown()
+
+
+def announce(node: SwarmNode, manifest: ManifestRecord, addr_file: Path | None) -> None:
+    """Print the line to hand out, and write the multiaddrs to --addr-file."""
+    maddrs = node.maddrs()
+    digest = hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()[:12]
+    log.info(
+        "run %s: base %s…, LoRA targets %s, manifest %s",
+        manifest.run_id,
+        manifest.base_fingerprint[:12],
+        ",".join(manifest.target_modules),
+        digest,
+    )
+    if addr_file is not None:
+        atomic_write(addr_file, ("\n".join(maddrs) + "\n").encode())
+    print(
+        f"volunteers join with:\n  swarmtune join --initial-peers {maddrs[0]} "
+        "--data builtin:arithmetic --workdir ./vol1",
+        flush=True,
+    )

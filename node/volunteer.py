@@ -1,0 +1,196 @@
+"""`swarmtune join`: check the manifest, then train DiLoCo rounds with the group until done."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from node.adapter import Provenance, adapter_files
+from node.build import LocalModel, build_local_model
+from node.checkpoint import Checkpoint
+from node.config import RunConfig, load_config, parse_config
+from node.peer import Peer
+from node.round import RoundReport
+from node.state import GroupState
+from node.swarm import HivemindTransport, SwarmError, SwarmNode
+from protocols.averaging import GroupAverager
+from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
+from protocols.transfer import pack_files
+
+log = logging.getLogger("swarmtune.join")
+
+
+@dataclass
+class JoinOptions:
+    """Per-machine settings of a volunteer (everything else comes from the manifest)."""
+
+    initial_peers: list[str]
+    data: str
+    workdir: Path
+    rounds: int
+    model: str | None = None
+    quantize: str | None = None
+    config: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+def check_compatible(manifest: ManifestRecord, local: LocalModel, own: RunConfig | None) -> None:
+    """Refuse (SwarmError) when our base model or LoRA settings differ from the run's."""
+    if local.fingerprint != manifest.base_fingerprint:
+        raise SwarmError(
+            f"base model mismatch: this model's fingerprint is {local.fingerprint[:12]}…,"
+            f" the run expects {manifest.base_fingerprint[:12]}…"
+        )
+    if own is None:
+        return
+    run_lora = parse_config(manifest.config).lora
+    ours = (own.lora.rank, own.lora.alpha, own.lora.dropout)
+    theirs = (run_lora.rank, run_lora.alpha, run_lora.dropout)
+    targets_differ = own.lora.target_modules not in ("auto", sorted(manifest.target_modules))
+    if ours != theirs or targets_differ:
+        raise SwarmError(
+            f"LoRA config mismatch: yours (rank, alpha, dropout) = {ours}, "
+            f"the run's = {theirs}, run targets {manifest.target_modules}"
+        )
+
+
+def progress_line(report: RoundReport) -> str:
+    """One human line per round."""
+    eval_part = f" (eval {report.eval_loss:.3f})" if report.eval_loss is not None else ""
+    status = "" if report.verified else " [local update]"
+    return (
+        f"round {report.round + 1}: loss {report.loss_first:.3f} -> {report.loss_last:.3f}"
+        f"{eval_part} | group {report.group_size}{status} | sent {report.bytes_sent / 1e6:.2f} MB"
+        f" recv {report.bytes_received / 1e6:.2f} MB | inner {report.inner_s:.1f}s"
+        f" matchmaking {report.matchmaking_s:.1f}s all-reduce {report.allreduce_s:.2f}s"
+        f" outer {report.outer_s:.3f}s checkpoint {report.checkpoint_s:.3f}s"
+    )
+
+
+class Volunteer:
+    """Wires a LocalModel to the swarm: averaging, announcements, adapter offers, metrics."""
+
+    def __init__(
+        self, node: SwarmNode, manifest: ManifestRecord, local: LocalModel, options: JoinOptions
+    ) -> None:
+        self.node, self.manifest, self.local, self.options = node, manifest, local, options
+        self.config = parse_config(manifest.config)
+        params = local.trainer.get_params()
+        averaging = self.config.averaging
+        self.averager = GroupAverager(
+            node.dht,
+            f"{manifest.run_id}_global",
+            params,
+            codec=averaging.codec,
+            matchmaking_time=averaging.matchmaking_time,
+            allreduce_timeout=averaging.allreduce_timeout,
+            min_group_size=averaging.min_group_size,
+        )
+        record = PeerRecord(peer_id=node.peer_id, role="volunteer", task=options.data[:64])
+        self.transport = HivemindTransport(node, self.averager, role_record=record)
+        self.transport.on_announce = self.offer_adapter
+        self.last_group = 1
+        self.peer = Peer(
+            local.trainer,
+            self.transport,
+            self.config,
+            Checkpoint(options.workdir),
+            on_report=self.report,
+            evaluate=local.eval_loss,
+        )
+
+    def offer_adapter(self, state: GroupState) -> dict[str, AdapterOffer]:
+        """Serve the group's current adapter as `global`; returns the offer for our record."""
+        provenance = Provenance(
+            self.manifest.run_id,
+            state.round,
+            self.last_group,
+            self.config.outer.name,
+            self.manifest.base_fingerprint,
+            self.options.model or "embedded",
+        )
+        bundle = pack_files(adapter_files(self.local.trainer, state.params, provenance))
+        self.node.blobs.publish("adapter:global", bundle)
+        sha = hashlib.sha256(bundle).hexdigest()
+        return {"global": AdapterOffer(round=state.round, sha256=sha, size=len(bundle))}
+
+    def report(self, report: RoundReport) -> None:
+        """Progress line, metrics file, and the numbers status shows."""
+        log.info(progress_line(report))
+        self.last_group = report.group_size
+        with open(self.options.workdir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(asdict(report)) + "\n")
+        record = self.transport.record
+        self.transport.record = record.model_copy(
+            update={
+                "loss": report.loss_mean,
+                "eval_loss": report.eval_loss,
+                "group_size": report.group_size,
+                "tokens": record.tokens + report.tokens,
+                "bytes_sent": record.bytes_sent + report.bytes_sent,
+                "bytes_received": record.bytes_received + report.bytes_received,
+            }
+        )
+
+    def run(self) -> GroupState:
+        """Rounds until --rounds or a signal; returns the final group state."""
+        settle = self.config.averaging.matchmaking_time * 2
+        return self.peer.run(self.options.rounds, settle_s=settle)
+
+    def close(self) -> None:
+        """Stop the averager (the node is closed by the caller)."""
+        self.averager.shutdown()
+
+
+def join(options: JoinOptions) -> int:
+    """Entry point of `swarmtune join`; returns the exit code."""
+    own = load_config(options.config) if options.config else None
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    node = SwarmNode(
+        initial_peers=options.initial_peers,
+        workdir=options.workdir,
+        host=options.host,
+        port=options.port,
+    )
+    volunteer = None
+    try:
+        manifest = node.fetch_manifest(options.initial_peers[0])
+        node.set_run(manifest.run_id)
+        log.info("joined run %s as %s", manifest.run_id, node.peer_id)
+        config = parse_config(manifest.config)
+        seed = int(hashlib.sha256(node.peer_id.encode()).hexdigest()[:8], 16)
+        local = build_local_model(
+            config,
+            options.data,
+            model_path=options.model,
+            target_modules=manifest.target_modules,
+            data_seed=seed,
+            quantize=options.quantize,
+        )
+        check_compatible(manifest, local, own)
+        node.blobs.publish("manifest", manifest.model_dump_json().encode())
+        volunteer = Volunteer(node, manifest, local, options)
+        stop_on_signals(volunteer.peer)
+        state = volunteer.run()
+        log.info("done at round %d; adapter digest %s", state.round, state.digest()[:12])
+        return 0
+    finally:
+        if volunteer is not None:
+            volunteer.close()
+        node.shutdown()
+
+
+def stop_on_signals(peer: Peer) -> None:
+    """First SIGINT/SIGTERM abandons the round in progress and leaves cleanly."""
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("%s: leaving after abandoning the current round", signal.Signals(signum).name)
+        peer.stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
