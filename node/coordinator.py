@@ -19,7 +19,7 @@ from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
 from protocols.transfer import TransferError
 
 log = logging.getLogger("swarmtune.bootstrap")
-MIRROR_INTERVAL = 2.0
+MIRROR_INTERVAL = 1.0
 MANIFEST_REFRESH = 600.0
 
 
@@ -42,6 +42,7 @@ class Coordinator:
         self.manifest = manifest
         self.record = PeerRecord(peer_id=node.peer_id, role="coordinator")
         self.known: set[str] = set()
+        self.failed: set[tuple[str, int, str]] = set()
         self.stop = threading.Event()
 
     def tick(self) -> None:
@@ -54,7 +55,11 @@ class Coordinator:
         self.known = set(peers)
         for offer in best_offers(peers).values():
             mine = self.record.adapters.get(offer.name)
-            if mine is None or offer.round > mine.round:
+            if (mine is None or offer.round > mine.round) and (
+                offer.name,
+                offer.round,
+                offer.sha256,
+            ) not in self.failed:
                 self.mirror(offer)
 
     def mirror(self, offer: Offer) -> None:
@@ -81,6 +86,7 @@ class Coordinator:
                 offer.sha256[:12],
             )
             return
+        self.failed.add((offer.name, offer.round, offer.sha256))
 
     def serve(self) -> None:
         """Run until stopped, refreshing the manifest well before it expires."""

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hivemind.dht import DHT
@@ -24,8 +23,8 @@ from node.state import GroupState, decode_state, encode_state
 from node.transport import AveragingFailed, GroupResult, MemberMeta
 from protocols.averaging import AveragingError, GroupAverager, finite_number
 from protocols.records import (
-    AdapterOffer,
     PEER_TTL,
+    AdapterOffer,
     ManifestRecord,
     PeerRecord,
     RunRecordValidator,
@@ -244,9 +243,9 @@ class HivemindTransport:
     def announce_state(self, state: GroupState) -> None:
         """Serve this state and say so in our heartbeat."""
         self.node.blobs.publish("state", encode_state(state))
-        self.record = self.record.model_copy(
-            update={"round": state.round, "digest": state.digest()}
-        )
+        offers = self.on_announce(state) if self.on_announce is not None else self.record.adapters
+        update = {"round": state.round, "digest": state.digest(), "adapters": offers}
+        self.record = self.record.model_copy(update=update)
         self.node.set_record(self.record)
 
     def announcements(self) -> dict[str, tuple[int, str]]:

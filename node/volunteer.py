@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from node.adapter import Provenance, adapter_files
 from node.build import LocalModel, build_local_model
 from node.checkpoint import Checkpoint
 from node.config import RunConfig, load_config, parse_config
+from node.data import load_texts
 from node.peer import Peer
 from node.round import RoundReport
 from node.state import GroupState
@@ -22,6 +24,7 @@ from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
 from protocols.transfer import pack_files
 
 log = logging.getLogger("swarmtune.join")
+HANDOFF_TIMEOUT = 20.0
 
 
 @dataclass
@@ -140,7 +143,23 @@ class Volunteer:
     def run(self) -> GroupState:
         """Rounds until --rounds or a signal; returns the final group state."""
         settle = self.config.averaging.matchmaking_time * 2
-        return self.peer.run(self.options.rounds, settle_s=settle)
+        state = self.peer.run(self.options.rounds, settle_s=settle)
+        if not self.peer.stop.is_set():
+            self.hand_off(state.round, timeout=HANDOFF_TIMEOUT)
+        return state
+
+    def hand_off(self, round_: int, timeout: float) -> bool:
+        """Before leaving, wait (bounded) until the coordinator serves our final adapter."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.peer.stop.is_set():
+            for record in self.node.peers().values():
+                offer = record.adapters.get("global")
+                if record.role == "coordinator" and offer is not None and offer.round >= round_:
+                    log.info("the coordinator now serves the round %d adapter", round_)
+                    return True
+            time.sleep(0.5)
+        log.warning("no coordinator took over the round %d adapter within %.0fs", round_, timeout)
+        return False
 
     def close(self) -> None:
         """Stop the averager (the node is closed by the caller)."""
@@ -150,6 +169,7 @@ class Volunteer:
 def join(options: JoinOptions) -> int:
     """Entry point of `swarmtune join`; returns the exit code."""
     own = load_config(options.config) if options.config else None
+    load_texts(options.data)  # unusable data fails here, before any network activity
     options.workdir.mkdir(parents=True, exist_ok=True)
     node = SwarmNode(
         initial_peers=options.initial_peers,

@@ -1,0 +1,130 @@
+"""Start real swarmtune processes on 127.0.0.1 and always end them (by PID / process group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST_CONFIG = """run_id: {run_id}
+inner: {{steps: 10, batch_size: 8, seq_len: 48}}
+averaging: {{matchmaking_time: 2.0}}
+"""
+
+
+class Swarm:
+    """A coordinator and volunteers as separate processes, each in its own process group."""
+
+    def __init__(
+        self, tmp: Path, run_id: str = "itest-run", config_text: str | None = None
+    ) -> None:
+        self.tmp = tmp
+        self.config = tmp / "run.yaml"
+        self.config.write_text(config_text or FAST_CONFIG.format(run_id=run_id))
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.maddr = ""
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Run `python -m cli ARGS` with output to tmp/NAME.log."""
+        log = open(self.tmp / f"{name}.log", "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", *args],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_coordinator(self, timeout: float = 60) -> str:
+        """Start `bootstrap` and wait for its address file."""
+        addr = self.tmp / "addr.txt"
+        self.spawn(
+            "coord",
+            "bootstrap",
+            "--config",
+            str(self.config),
+            "--workdir",
+            str(self.tmp / "coord"),
+            "--addr-file",
+            str(addr),
+        )
+        deadline = time.monotonic() + timeout
+        while not (addr.exists() and addr.read_text().strip()):
+            assert time.monotonic() < deadline, self.log("coord")
+            assert self.procs["coord"].poll() is None, self.log("coord")
+            time.sleep(0.2)
+        self.maddr = addr.read_text().split()[0]
+        return self.maddr
+
+    def join(self, name: str, task: str, rounds: int, *extra: str) -> subprocess.Popen[bytes]:
+        """Start a volunteer on a built-in task."""
+        return self.spawn(
+            name,
+            "join",
+            "--initial-peers",
+            self.maddr,
+            "--data",
+            f"builtin:{task}",
+            "--workdir",
+            str(self.tmp / name),
+            "--rounds",
+            str(rounds),
+            "--threads",
+            "1",
+            *extra,
+        )
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a short CLI command to completion."""
+        return subprocess.run(
+            [sys.executable, "-m", "cli", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    def wait(self, name: str, timeout: float) -> int:
+        """Exit code of a process (fails the test with its log on timeout)."""
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} did not exit in {timeout}s:\n{self.log(name)}") from None
+
+    def log(self, name: str) -> str:
+        """What a process printed so far."""
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group of one of our processes."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=30)
+
+    def close(self) -> None:
+        """SIGTERM every process group we started, then SIGKILL what is left."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,222 @@
+"""Real hivemind peers on 127.0.0.1, each a separate process (slow: CI runs them)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from swarm_harness import Swarm  # noqa: E402
+
+from node.build import build_local_model  # noqa: E402
+from node.config import load_config  # noqa: E402
+from node.state import decode_state  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+TASKS = ("arithmetic", "dates", "code")
+
+
+def _reports(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_rounds(workdir: Path, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_reports(workdir)) < n:
+        assert time.monotonic() < deadline, f"{workdir.name} did not reach {n} rounds"
+        time.sleep(0.3)
+
+
+def _group_gone(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """A coordinator and 3 volunteers that ran 3 rounds; the coordinator stays up."""
+    swarm = Swarm(tmp_path_factory.mktemp("swarm"))
+    try:
+        swarm.start_coordinator()
+        for i, task in enumerate(TASKS):
+            swarm.join(f"v{i}", task, 3)
+        codes = [swarm.wait(f"v{i}", 240) for i in range(3)]
+        assert codes == [0, 0, 0], "\n".join(swarm.log(f"v{i}") for i in range(3))
+        yield swarm
+    finally:
+        swarm.close()
+
+
+def test_volunteers_end_on_identical_adapters(trained: Swarm) -> None:
+    states = [
+        decode_state((trained.tmp / f"v{i}" / "state.safetensors").read_bytes()) for i in range(3)
+    ]
+    assert {s.round for s in states} == {3}
+    assert len({s.digest() for s in states}) == 1
+    for i in range(3):
+        reports = _reports(trained.tmp / f"v{i}")
+        assert [r["round"] for r in reports] == [0, 1, 2]
+        assert sum(r["verified"] for r in reports) >= 2, trained.log(f"v{i}")
+        assert max(r["group_size"] for r in reports) == 3
+
+
+def test_loss_after_last_round_is_below_round_zero(trained: Swarm) -> None:
+    # one shared adapter serves three different tasks: the group objective is their mean
+    config = load_config(trained.config)
+    before, after = [], []
+    for i, task in enumerate(TASKS):
+        before.append(build_local_model(config, f"builtin:{task}").eval_loss())  # B=0: the base
+        after.append(_reports(trained.tmp / f"v{i}")[-1]["eval_loss"])
+    print("eval loss per task before/after:", list(zip(TASKS, before, after, strict=True)))
+    assert sum(after) < sum(before), f"mean eval loss {sum(after) / 3:.4f} >= {sum(before) / 3:.4f}"
+
+
+def test_pulled_adapter_loads_in_plain_peft_with_same_logits(
+    trained: Swarm, tmp_path: Path, caplog
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, base_dir = tmp_path / "adapter", tmp_path / "base"
+    pulled = trained.cli("pull", "--initial-peers", trained.maddr, "--out", str(out))
+    assert pulled.returncode == 0, pulled.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    )
+    assert "round 3" in (out / "README.md").read_text()
+    assert trained.cli("export-base", "--out", str(base_dir)).returncode == 0
+
+    with caplog.at_level(logging.WARNING):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out)
+    assert not [r for r in caplog.records if "missing" in r.getMessage().lower()]
+
+    config = load_config(trained.config)
+    swarm_model = build_local_model(config, "builtin:arithmetic")
+    state = decode_state((trained.tmp / "v0" / "state.safetensors").read_bytes())
+    swarm_model.trainer.set_params(state.params)
+    ids = torch.randint(2, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = swarm_model.model.eval()(input_ids=ids).logits
+        theirs = model.eval()(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert not torch.equal(ours, AutoModelForCausalLM.from_pretrained(base_dir)(ids).logits)
+
+    again = trained.cli("pull", "--initial-peers", trained.maddr, "--out", str(out))
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_status_lists_peers_and_adapters(trained: Swarm) -> None:
+    shown = trained.cli("status", "--initial-peers", trained.maddr)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("volunteer") == 3 and "global" in shown.stdout
+    listed = trained.cli("pull", "--initial-peers", trained.maddr, "--list")
+    assert "global" in listed.stdout and "     3" in listed.stdout
+
+
+def test_mismatched_base_model_is_refused(trained: Swarm, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base_dir, other = tmp_path / "base", tmp_path / "other"
+    assert trained.cli("export-base", "--out", str(base_dir)).returncode == 0
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0
+    model.save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (other / name).write_bytes((base_dir / name).read_bytes())
+    refused = trained.cli(
+        "join",
+        "--initial-peers",
+        trained.maddr,
+        "--data",
+        "builtin:dates",
+        "--model",
+        str(other),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--rounds",
+        "1",
+    )
+    assert refused.returncode == 2
+    assert "base model mismatch" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_bad_inputs_are_one_clear_line(trained: Swarm, tmp_path: Path) -> None:
+    dead = trained.maddr.rsplit("/tcp/", 1)[0] + "/tcp/1/p2p/" + trained.maddr.rsplit("/", 1)[1]
+    unreachable = trained.cli(
+        "join",
+        "--initial-peers",
+        dead,
+        "--data",
+        "builtin:dates",
+        "--workdir",
+        str(tmp_path / "a"),
+        "--rounds",
+        "1",
+    )
+    bad_data = trained.cli(
+        "join",
+        "--initial-peers",
+        trained.maddr,
+        "--data",
+        "builtin:poetry",
+        "--workdir",
+        str(tmp_path / "b"),
+        "--rounds",
+        "1",
+    )
+    for result, expected in (
+        (unreachable, "cannot start a DHT peer"),
+        (bad_data, "unknown builtin task"),
+    ):
+        assert result.returncode == 2 and expected in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sigkilled_volunteer_resumes_and_rejoins(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, run_id="itest-restart")
+    try:
+        swarm.start_coordinator()
+        for i, task in enumerate(TASKS):
+            swarm.join(f"v{i}", task, 7)
+        _wait_rounds(tmp_path / "v2", 1, 180)
+        swarm.kill("v2")
+        _wait_rounds(tmp_path / "v0", 3, 120)
+        swarm.join("v2", "code", 2)
+        assert swarm.wait("v2", 180) == 0, swarm.log("v2")
+        log = swarm.log("v2")
+        assert "resumed from checkpoint at round" in log
+        assert "synced to the group's state at round" in log, log
+        assert [swarm.wait(f"v{i}", 180) for i in range(2)] == [0, 0]
+    finally:
+        swarm.close()
+
+
+def test_ctrl_c_leaves_cleanly_and_coordinator_leaves_no_process(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, run_id="itest-sigint")
+    try:
+        swarm.start_coordinator()
+        swarm.join("v0", "dates", 1000)
+        swarm.join("v1", "code", 1000)
+        _wait_rounds(tmp_path / "v0", 1, 180)
+        for name in ("v0", "v1", "coord"):
+            os.killpg(swarm.procs[name].pid, signal.SIGINT)  # what a terminal's Ctrl+C does
+        for name in ("v0", "v1", "coord"):
+            assert swarm.wait(name, 60) == 0, swarm.log(name)
+            assert "Traceback" not in swarm.log(name)
+        time.sleep(1)
+        assert all(_group_gone(swarm.procs[n].pid) for n in ("v0", "v1", "coord"))
+    finally:
+        swarm.close()
