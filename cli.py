@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a whole swarm on 127.0.0.1, then pull its adapter")
     demo.add_argument("--peers", type=int, default=3, help="volunteers (default 3)")
-    demo.add_argument("--rounds", type=int, default=4, help="DiLoCo rounds (default 4)")
+    demo.add_argument("--rounds", type=int, default=6, help="DiLoCo rounds (default 6)")
     demo.add_argument("--out", type=Path, default=Path("demo-adapter"), help="adapter directory")
     demo.add_argument("--config", type=Path, help="run config (default: the demo's built-in one)")
     demo.add_argument("--workdir", type=Path, help="where peers keep their files (default: temp)")

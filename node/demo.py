@@ -1,0 +1,152 @@
+"""`swarmtune demo`: a coordinator and N volunteers on 127.0.0.1, R rounds, then a pulled adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from node.config import AveragingSettings, RunConfig
+from node.data import BUILTIN_TASKS
+from node.swarm import SwarmError
+from protocols.sockets import remove_stale_hivemind_sockets
+
+DEMO_CONFIG = RunConfig(run_id="swarmtune-demo",
+                        averaging=AveragingSettings(matchmaking_time=3.0))
+
+
+@dataclass
+class DemoOptions:
+    """What the newcomer may change."""
+
+    peers: int = 3
+    rounds: int = 6
+    out: Path = Path("demo-adapter")
+    config: Path | None = None
+    workdir: Path | None = None
+
+
+class Processes:
+    """Child processes, each in its own process group, with prefixed output; always cleaned up."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[str]:
+        """Run `python -m cli ARGS`, echoing its lines as `[name] ...`."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        threading.Thread(target=_echo, args=(name, proc.stdout), daemon=True).start()
+        self.procs[name] = proc
+        return proc
+
+    def stop_all(self, grace: float = 20.0) -> None:
+        """SIGTERM every group we started, wait, then SIGKILL whatever is left."""
+        for proc in self.procs.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)
+
+
+def _signal_group(proc: subprocess.Popen[str], signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _echo(name: str, stream: IO[str]) -> None:
+    for line in stream:
+        print(f"[{name:>6}] {line.rstrip()}", flush=True)
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SwarmError("the demo coordinator did not start (see its output above)")
+        time.sleep(0.2)
+    return path.read_text().split()[0]
+
+
+def summarize(workdirs: list[Path], out: Path, started: float) -> str:
+    """Loss per round (mean over volunteers), bytes moved, and how to load the adapter."""
+    per_round: dict[int, list[dict]] = {}
+    for workdir in workdirs:
+        metrics = workdir / "metrics.jsonl"
+        for line in metrics.read_text().splitlines() if metrics.exists() else []:
+            report = json.loads(line)
+            per_round.setdefault(report["round"], []).append(report)
+    lines = ["", "round  mean inner loss  mean eval loss  group  MB sent (all peers)"]
+    total = 0
+    for round_, reports in sorted(per_round.items()):
+        sent = sum(r["bytes_sent"] for r in reports)
+        total += sent
+        evals = [r["eval_loss"] for r in reports if r["eval_loss"] is not None]
+        lines.append(f"{round_ + 1:>5}  {sum(r['loss_mean'] for r in reports) / len(reports):>15.3f}"
+                     f"  {sum(evals) / max(len(evals), 1):>14.3f}  "
+                     f"{max(r['group_size'] for r in reports):>5}  {sent / 1e6:>19.2f}")
+    lines += [f"\n{len(workdirs)} volunteers, {total / 1e6:.2f} MB of all-reduce payload sent, "
+              f"{time.monotonic() - started:.0f}s in all.",
+              f"adapter: {out.resolve()}",
+              "load it with plain PEFT:",
+              "  swarmtune export-base --out ./base",
+              "  python -c \"from transformers import AutoModelForCausalLM; from peft import PeftModel;"
+              f" PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('./base'), '{out}')\""]
+    return "\n".join(lines)
+
+
+def run_demo(options: DemoOptions) -> int:
+    """Entry point of `swarmtune demo`."""
+    if options.peers < 2 or options.rounds < 1:
+        raise SwarmError("the demo needs --peers >= 2 and --rounds >= 1")
+    if options.out.exists() and any(options.out.iterdir()):
+        raise SwarmError(f"--out {options.out} exists and is not empty; choose a new directory")
+    workdir = options.workdir or Path(tempfile.mkdtemp(prefix="swarmtune-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = options.config or workdir / "run.yaml"
+    if options.config is None:
+        config.write_text(json.dumps(DEMO_CONFIG.model_dump(mode="json")))  # JSON is YAML
+    procs, started = Processes(), time.monotonic()
+    try:
+        coord = procs.start("coord", ["bootstrap", "--config", str(config), "--workdir",
+                                      str(workdir / "coord"), "--addr-file", str(workdir / "addr")])
+        maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
+        volunteers = [workdir / f"vol{i + 1}" for i in range(options.peers)]
+        for i, vol in enumerate(volunteers):
+            task = BUILTIN_TASKS[i % len(BUILTIN_TASKS)]
+            procs.start(vol.name, ["join", "--initial-peers", maddr, "--data", f"builtin:{task}",
+                                   "--workdir", str(vol), "--rounds", str(options.rounds),
+                                   "--threads", "1"])
+        codes = [procs.procs[v.name].wait() for v in volunteers]
+        if any(codes):
+            raise SwarmError(f"a volunteer failed (exit codes {codes}); see its output above")
+        pulled = subprocess.run([sys.executable, "-m", "cli", "pull", "--initial-peers", maddr,
+                                 "--out", str(options.out)], text=True, capture_output=True)
+        print(pulled.stdout + pulled.stderr, end="")
+        if pulled.returncode != 0:
+            raise SwarmError("pulling the adapter failed")
+        print(summarize(volunteers, options.out, started))
+        return 0
+    finally:
+        procs.stop_all()
+        remove_stale_hivemind_sockets()
+        if options.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
