@@ -33,11 +33,13 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
     total = float(sum(weights))
-    keys = sorted(deltas[0])
-    return {
-        k: sum(float(w) * d[k].double() for d, w in zip(deltas, weights)).div(total).float()
-        for k in keys
-    }
+    means: Params = {}
+    for k in sorted(deltas[0]):
+        acc = torch.zeros_like(deltas[0][k], dtype=torch.float64)
+        for delta, w in zip(deltas, weights, strict=True):
+            acc += float(w) * delta[k].double()
+        means[k] = (acc / total).float()
+    return means
 
 
 def projection_checksum(params: Mapping[str, torch.Tensor], seed: int) -> float:

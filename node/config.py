@@ -21,7 +21,7 @@ class LoraSettings(_Strict):
     """LoRA adapter shape; target_modules 'auto' is resolved by the coordinator from its base."""
 
     rank: int = Field(8, ge=1, le=256)
-    alpha: float = Field(16.0, gt=0)
+    alpha: int = Field(16, ge=1, le=4096)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["auto"] = "auto"
 

@@ -20,8 +20,7 @@ from node.data import BUILTIN_TASKS
 from node.swarm import SwarmError
 from protocols.sockets import remove_stale_hivemind_sockets
 
-DEMO_CONFIG = RunConfig(run_id="swarmtune-demo",
-                        averaging=AveragingSettings(matchmaking_time=3.0))
+DEMO_CONFIG = RunConfig(run_id="swarmtune-demo", averaging=AveragingSettings(matchmaking_time=3.0))
 
 
 @dataclass
@@ -44,9 +43,14 @@ class Processes:
     def start(self, name: str, args: list[str]) -> subprocess.Popen[str]:
         """Run `python -m cli ARGS`, echoing its lines as `[name] ...`."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         assert proc.stdout is not None
         threading.Thread(target=_echo, args=(name, proc.stdout), daemon=True).start()
         self.procs[name] = proc
@@ -100,16 +104,20 @@ def summarize(workdirs: list[Path], out: Path, started: float) -> str:
         sent = sum(r["bytes_sent"] for r in reports)
         total += sent
         evals = [r["eval_loss"] for r in reports if r["eval_loss"] is not None]
-        lines.append(f"{round_ + 1:>5}  {sum(r['loss_mean'] for r in reports) / len(reports):>15.3f}"
-                     f"  {sum(evals) / max(len(evals), 1):>14.3f}  "
-                     f"{max(r['group_size'] for r in reports):>5}  {sent / 1e6:>19.2f}")
-    lines += [f"\n{len(workdirs)} volunteers, {total / 1e6:.2f} MB of all-reduce payload sent, "
-              f"{time.monotonic() - started:.0f}s in all.",
-              f"adapter: {out.resolve()}",
-              "load it with plain PEFT:",
-              "  swarmtune export-base --out ./base",
-              "  python -c \"from transformers import AutoModelForCausalLM; from peft import PeftModel;"
-              f" PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('./base'), '{out}')\""]
+        lines.append(
+            f"{round_ + 1:>5}  {sum(r['loss_mean'] for r in reports) / len(reports):>15.3f}"
+            f"  {sum(evals) / max(len(evals), 1):>14.3f}  "
+            f"{max(r['group_size'] for r in reports):>5}  {sent / 1e6:>19.2f}"
+        )
+    lines += [
+        f"\n{len(workdirs)} volunteers, {total / 1e6:.2f} MB of all-reduce payload sent, "
+        f"{time.monotonic() - started:.0f}s in all.",
+        f"adapter: {out.resolve()}",
+        "load it with plain PEFT:",
+        "  swarmtune export-base --out ./base",
+        '  python -c "from transformers import AutoModelForCausalLM; from peft import PeftModel;'
+        f" PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('./base'), '{out}')\"",
+    ]
     return "\n".join(lines)
 
 
@@ -126,20 +134,55 @@ def run_demo(options: DemoOptions) -> int:
         config.write_text(json.dumps(DEMO_CONFIG.model_dump(mode="json")))  # JSON is YAML
     procs, started = Processes(), time.monotonic()
     try:
-        coord = procs.start("coord", ["bootstrap", "--config", str(config), "--workdir",
-                                      str(workdir / "coord"), "--addr-file", str(workdir / "addr")])
+        coord = procs.start(
+            "coord",
+            [
+                "bootstrap",
+                "--config",
+                str(config),
+                "--workdir",
+                str(workdir / "coord"),
+                "--addr-file",
+                str(workdir / "addr"),
+            ],
+        )
         maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
         volunteers = [workdir / f"vol{i + 1}" for i in range(options.peers)]
         for i, vol in enumerate(volunteers):
             task = BUILTIN_TASKS[i % len(BUILTIN_TASKS)]
-            procs.start(vol.name, ["join", "--initial-peers", maddr, "--data", f"builtin:{task}",
-                                   "--workdir", str(vol), "--rounds", str(options.rounds),
-                                   "--threads", "1"])
+            procs.start(
+                vol.name,
+                [
+                    "join",
+                    "--initial-peers",
+                    maddr,
+                    "--data",
+                    f"builtin:{task}",
+                    "--workdir",
+                    str(vol),
+                    "--rounds",
+                    str(options.rounds),
+                    "--threads",
+                    "1",
+                ],
+            )
         codes = [procs.procs[v.name].wait() for v in volunteers]
         if any(codes):
             raise SwarmError(f"a volunteer failed (exit codes {codes}); see its output above")
-        pulled = subprocess.run([sys.executable, "-m", "cli", "pull", "--initial-peers", maddr,
-                                 "--out", str(options.out)], text=True, capture_output=True)
+        pulled = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cli",
+                "pull",
+                "--initial-peers",
+                maddr,
+                "--out",
+                str(options.out),
+            ],
+            text=True,
+            capture_output=True,
+        )
         print(pulled.stdout + pulled.stderr, end="")
         if pulled.returncode != 0:
             raise SwarmError("pulling the adapter failed")

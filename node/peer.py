@@ -84,6 +84,7 @@ class Peer:
         for _ in range(rounds):
             if self.stop.is_set():
                 break
+            round_started = time.perf_counter()
             state = self.sync(state)
             try:
                 state, report = run_round(state, self.trainer, self.transport, self.config)
@@ -99,7 +100,10 @@ class Peer:
             checkpoint_s = self.save(state)
             self.transport.announce_state(state)
             eval_loss = self.evaluate() if self.evaluate is not None else None
-            self.on_report(replace(report, checkpoint_s=checkpoint_s, eval_loss=eval_loss))
+            wall_s = time.perf_counter() - round_started
+            self.on_report(
+                replace(report, checkpoint_s=checkpoint_s, eval_loss=eval_loss, wall_s=wall_s)
+            )
             members = report.members
             if not report.verified and members:
                 # the group diverged: let every member announce before anyone picks a consensus

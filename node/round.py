@@ -43,6 +43,7 @@ class RoundReport:
     outer_s: float
     members: tuple[str, ...] = ()
     checkpoint_s: float = 0.0
+    wall_s: float = 0.0
     eval_loss: float | None = None
 
 

@@ -44,7 +44,9 @@ def test_checksum_commutes_with_weighted_mean() -> None:
         for _ in range(3)
     ]
     weights = [2.0, 5.0, 1.0]
-    expected = sum(w * projection_checksum(d, 7) for d, w in zip(deltas, weights)) / sum(weights)
+    expected = sum(
+        w * projection_checksum(d, 7) for d, w in zip(deltas, weights, strict=True)
+    ) / sum(weights)
     assert projection_checksum(weighted_mean(deltas, weights), 7) == pytest.approx(
         expected, rel=1e-6
     )
