@@ -25,6 +25,7 @@ from node.config import RunConfig, parse_config  # noqa: E402
 from node.data import BUILTIN_TASKS  # noqa: E402
 from node.demo import Processes, _wait_for_file  # noqa: E402
 
+NOTES_MARKER = "<!-- notes below are written by hand and kept across runs -->"
 STAGES = ("inner_s", "matchmaking_s", "allreduce_s", "outer_s", "checkpoint_s")
 
 
@@ -152,7 +153,11 @@ def main() -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (ROOT / "bench" / "RESULTS.md").write_text(render(results))
+    results_md = ROOT / "bench" / "RESULTS.md"
+    notes = ""
+    if results_md.exists() and NOTES_MARKER in results_md.read_text():
+        notes = results_md.read_text().split(NOTES_MARKER, 1)[1]
+    results_md.write_text(render(results) + "\n" + NOTES_MARKER + notes)
     print(render(results))
 
 
