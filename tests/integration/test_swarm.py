@@ -222,3 +222,17 @@ def test_ctrl_c_leaves_cleanly_and_coordinator_leaves_no_process(tmp_path: Path)
         assert all(_group_gone(swarm.procs[n].pid) for n in ("v0", "v1", "coord"))
     finally:
         swarm.close()
+
+
+def test_coordinator_keeps_its_peer_id_across_restarts(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, run_id="itest-identity")
+    try:
+        first = swarm.start_coordinator()
+        swarm.kill("coord", signal.SIGTERM)
+        (tmp_path / "addr.txt").unlink()
+        second = swarm.start_coordinator()
+        peer_id = first.rsplit("/p2p/", 1)[1]
+        assert "/p2p/" in first and second.rsplit("/p2p/", 1)[1] == peer_id
+        assert "--initial-peers" in swarm.log("coord") and peer_id in swarm.log("coord")
+    finally:
+        swarm.close()
