@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -37,18 +37,64 @@ class InnerSettings(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
+OuterName = Literal[
+    "nesterov",
+    "average",
+    "fedavg",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "ghbm",
+    "ghbm-server",
+    "local-ghbm",
+    "fedhbm",
+]
+# Per-method defaults: DiLoCo's Nesterov (lr 0.7, mu 0.9), the GHBM paper (server lr 1, beta 0.9;
+# FedHBM beta 1 as in its reference code), Reddi et al. 2021 for the adaptive ones.
+_DEFAULT_LR = {"nesterov": 0.7, "fedadam": 0.01, "fedyogi": 0.01}
+_DEFAULT_MOMENTUM = {"fedhbm": 1.0}
+
+
 class OuterSettings(_Strict):
-    """Outer optimizer applied to the averaged pseudo-gradient."""
+    """Outer optimizer applied to the averaged pseudo-gradient (aggregation/outer.py, ghbm.py)."""
 
-    name: Literal["nesterov", "average"] = "nesterov"
-    lr: float = Field(0.7, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    name: OuterName = "nesterov"
+    lr: float | None = Field(None, gt=0, le=10)
+    momentum: float | None = Field(None, ge=0, le=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    eps: float = Field(1e-3, gt=0, le=1)
+    tau: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] = 1
+    tau_max: int = Field(20, ge=1, le=1000)
 
-    def hyperparameters(self) -> dict[str, float]:
+    @property
+    def effective_lr(self) -> float:
+        """The configured outer lr, or the method's default."""
+        return self.lr if self.lr is not None else _DEFAULT_LR.get(self.name, 1.0)
+
+    @property
+    def effective_momentum(self) -> float:
+        """The configured momentum / GHBM beta, or the method's default."""
+        if self.momentum is not None:
+            return self.momentum
+        return _DEFAULT_MOMENTUM.get(self.name, 0.9)
+
+    def hyperparameters(self) -> dict[str, float | int | str]:
         """Keyword arguments for aggregation.outer.make_outer."""
-        if self.name == "average":
-            return {"lr": self.lr}
-        return {"lr": self.lr, "momentum": self.momentum}
+        lr, mu = self.effective_lr, self.effective_momentum
+        if self.name in ("average", "fedavg", "local-ghbm", "fedhbm"):
+            return {"lr": lr}
+        if self.name in ("fedadam", "fedyogi"):
+            return {"lr": lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+        if self.name in ("ghbm", "ghbm-server"):
+            return {"lr": lr, "beta": mu, "tau": self.tau, "tau_max": self.tau_max}
+        return {"lr": lr, "momentum": mu}
+
+    @model_validator(mode="after")
+    def _momentum_below_one(self) -> OuterSettings:
+        if self.name in ("nesterov", "fedavgm") and self.effective_momentum >= 1:
+            raise ValueError(f"momentum must be < 1 for {self.name}")
+        return self
 
 
 class AveragingSettings(_Strict):
@@ -75,7 +121,8 @@ class RunConfig(_Strict):
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
+    parts = [str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier()]
+    where = ".".join(parts) or "config"
     return f"{where}: {err['msg']}"
 
 

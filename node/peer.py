@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from aggregation.ghbm import make_peer_momentum
 from node.checkpoint import Checkpoint
 from node.config import RunConfig
 from node.round import RoundReport, run_round
@@ -41,6 +42,8 @@ class Peer:
         trainer.stop = self.stop
         self.resumed_from: int | None = None
         self.resynced_to: list[int] = []
+        outer = config.outer
+        self.momentum = make_peer_momentum(outer.name, outer.effective_momentum, outer.tau)
 
     def initial_state(self) -> GroupState:
         """The checkpoint if there is one, else round 0 from the seeded LoRA init."""
@@ -50,6 +53,8 @@ class Peer:
                 state, local = loaded
                 if local is not None:
                     self.trainer.load_state_dict(local)
+                    if self.momentum is not None and "momentum" in local:
+                        self.momentum.load_state_dict(local["momentum"])
                 self.resumed_from = state.round
                 log.info("resumed from checkpoint at round %d", state.round)
                 return state
@@ -87,7 +92,10 @@ class Peer:
             round_started = time.perf_counter()
             state = self.sync(state)
             try:
-                state, report = run_round(state, self.trainer, self.transport, self.config)
+                known = max(len(self.transport.announcements()), 1)
+                state, report = run_round(
+                    state, self.trainer, self.transport, self.config, self.momentum, known
+                )
             except RoundAbandoned as exc:
                 log.info(
                     "abandoned round %d (%s); last checkpoint is round %d",
@@ -125,7 +133,10 @@ class Peer:
         """Checkpoint if this peer has a work dir; returns seconds."""
         if self.checkpoint is None:
             return 0.0
-        return self.checkpoint.save(state, self.trainer.state_dict())
+        local = self.trainer.state_dict()
+        if self.momentum is not None:
+            local["momentum"] = self.momentum.state_dict()
+        return self.checkpoint.save(state, local)
 
     def finish(self, state: GroupState) -> GroupState:
         """Adopt the consensus of our final round, so the group ends on one adapter."""

@@ -2,7 +2,8 @@
 
 1. start from the group's theta^{t-1}; 2. H inner AdamW steps; 3. Delta_i = theta^{t-1} - theta_i;
 4. token-weighted all-reduce, verified by a linear checksum and the members' start digests;
-5. outer step. A member alone, or whose all-reduce fails verification, applies its own Delta;
+5. outer step. Outer optimizers that act inside the inner loop (GHBM's local correction, the
+per-peer LocalGHBM/FedHBM momentum) get a hook after every inner step. A member alone, or whose all-reduce fails verification, applies its own Delta;
 the digest consensus at the next round start then resyncs whoever diverged.
 """
 
@@ -13,11 +14,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from aggregation.outer import make_outer
+from aggregation.ghbm import PeerMomentum
+from aggregation.outer import OuterOptimizer, RoundContext, make_outer
 from aggregation.params import Params, projection_checksum, pseudo_gradient, round_like_codec
 from node.config import RunConfig
 from node.state import GroupState
-from node.trainer import InnerTrainer
+from node.trainer import InnerResult, InnerTrainer
 from node.transport import AveragingFailed, GroupResult, MemberMeta, Transport
 
 log = logging.getLogger("swarmtune.round")
@@ -45,6 +47,7 @@ class RoundReport:
     checkpoint_s: float = 0.0
     wall_s: float = 0.0
     eval_loss: float | None = None
+    tau: int | None = None
 
 
 def verify_group(result: GroupResult, mine: MemberMeta, rtol: float) -> str | None:
@@ -82,33 +85,93 @@ def average(
     return result.averaged, result, True
 
 
-def run_round(
-    state: GroupState, trainer: InnerTrainer, transport: Transport, config: RunConfig
-) -> tuple[GroupState, RoundReport]:
-    """Advance the group state by one DiLoCo round; inputs are not mutated."""
-    trainer.set_params(state.params)
-    inner = trainer.train_steps(config.inner.steps)
-    delta = round_like_codec(
-        pseudo_gradient(state.params, trainer.get_params()), config.averaging.codec
-    )
-    mine = MemberMeta(
-        transport.peer,
-        state.round,
-        state.digest(),
-        float(inner.tokens),
-        projection_checksum(delta, seed=state.round),
-    )
-    aggregate, group, verified = average(transport, delta, mine, config.averaging.verify_rtol)
-    aggregate = round_like_codec(aggregate, config.averaging.codec)
+@dataclass
+class LocalUpdate:
+    """One member's contribution to a round: its pseudo-gradient, metadata and inner stats."""
 
-    started = time.perf_counter()
+    delta: Params
+    meta: MemberMeta
+    inner: InnerResult
+
+
+def load_outer(state: GroupState, config: RunConfig) -> OuterOptimizer:
+    """The configured outer optimizer with the group's saved state."""
     outer = make_outer(config.outer.name, **config.outer.hyperparameters())
     if state.outer_state:
         outer.load_state_dict(state.outer_state)
-    new_state = GroupState(state.round + 1, outer.step(state.params, aggregate), outer.state_dict())
+    return outer
+
+
+def inner_phase(
+    state: GroupState,
+    trainer: InnerTrainer,
+    peer: str,
+    config: RunConfig,
+    momentum: PeerMomentum | None = None,
+    known: int = 1,
+) -> LocalUpdate:
+    """Steps 1-3: H inner steps from theta^{t-1} (with any per-step momentum), then Delta_i."""
+    steps = config.inner.steps
+    shared = load_outer(state, config).inner_correction(state.params, steps)
+    if momentum is not None:
+        momentum.begin_round(state.params, state.round)
+
+    def after_step(_: int) -> None:
+        if shared is not None:
+            trainer.shift_params(shared)
+        own = momentum.correction(trainer.get_params(), steps) if momentum else None
+        if own is not None:
+            trainer.shift_params(own)
+
+    trainer.set_params(state.params)
+    hooked = shared is not None or momentum is not None
+    inner = trainer.train_steps(steps, after_step if hooked else None)
+    final = trainer.get_params()
+    if momentum is not None:
+        momentum.end_round(final, state.round)
+    delta = round_like_codec(pseudo_gradient(state.params, final), config.averaging.codec)
+    checksum = projection_checksum(delta, seed=state.round)
+    meta = MemberMeta(peer, state.round, state.digest(), float(inner.tokens), checksum, known)
+    return LocalUpdate(delta, meta, inner)
+
+
+def outer_phase(
+    state: GroupState, aggregate: Params, context: RoundContext, config: RunConfig
+) -> tuple[GroupState, int | None]:
+    """Step 5: theta^t from the agreed aggregate; returns the new state and the GHBM tau used."""
+    outer = load_outer(state, config)
+    tau = getattr(outer, "tau", None)
+    aggregate = round_like_codec(aggregate, config.averaging.codec)
+    new_params = outer.step(state.params, aggregate, context)
+    return GroupState(state.round + 1, new_params, outer.state_dict()), tau
+
+
+def group_context(group: GroupResult | None, verified: bool) -> RoundContext:
+    """Participation as the group agreed it: members, and the most peers any member knew of."""
+    if group is None or not verified:
+        return RoundContext(1, 1)
+    population = max((m.known for m in group.members), default=1)
+    return RoundContext(len(group.members), max(population, len(group.members)))
+
+
+def run_round(
+    state: GroupState,
+    trainer: InnerTrainer,
+    transport: Transport,
+    config: RunConfig,
+    momentum: PeerMomentum | None = None,
+    known: int = 1,
+) -> tuple[GroupState, RoundReport]:
+    """Advance the group state by one DiLoCo round; inputs are not mutated."""
+    update = inner_phase(state, trainer, transport.peer, config, momentum, known)
+    aggregate, group, verified = average(
+        transport, update.delta, update.meta, config.averaging.verify_rtol
+    )
+    started = time.perf_counter()
+    new_state, tau = outer_phase(state, aggregate, group_context(group, verified), config)
     outer_s = time.perf_counter() - started
     trainer.set_params(new_state.params)
-
+    inner = update.inner
     report = RoundReport(
         round=state.round,
         loss_first=inner.loss_first,
@@ -125,5 +188,6 @@ def run_round(
         matchmaking_s=group.matchmaking_s if group else 0.0,
         allreduce_s=group.allreduce_s if group else 0.0,
         outer_s=outer_s,
+        tau=tau,
     )
     return new_state, report

@@ -225,6 +225,7 @@ class HivemindTransport:
             "start": meta.start_digest,
             "weight": meta.weight,
             "checksum": meta.checksum,
+            "known": meta.known,
         }
         try:
             out = self.averager.all_reduce(delta, meta.weight, gather, timeout=self.timeout)
@@ -284,6 +285,14 @@ def _member(peer_id: str, raw: Any) -> MemberMeta | None:
     fields = [raw.get("round"), raw.get("weight"), raw.get("checksum")]
     if not all(finite_number(v) for v in fields) or raw["weight"] < 0:
         return None
+    known = raw.get("known", 1)
+    if not isinstance(known, int) or not 1 <= known <= 1_000_000:
+        known = 1
     return MemberMeta(
-        peer_id, int(raw["round"]), raw["start"], float(raw["weight"]), float(raw["checksum"])
+        peer_id,
+        int(raw["round"]),
+        raw["start"],
+        float(raw["weight"]),
+        float(raw["checksum"]),
+        known,
     )

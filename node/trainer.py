@@ -98,6 +98,12 @@ class InnerTrainer:
                 raise ValueError(f"{name}: shape {tuple(params[name].shape)} != {tuple(p.shape)}")
             p.copy_(params[name])
 
+    @torch.no_grad()
+    def shift_params(self, shift: Mapping[str, torch.Tensor]) -> None:
+        """theta <- theta - shift, in place (GHBM's per-step momentum correction)."""
+        for name, p in self._trainable.items():
+            p.sub_(shift[name].to(p.dtype))
+
     def train_steps(self, steps: int, after_step: Any = None) -> InnerResult:
         """Run `steps` AdamW steps; after_step(j) may adjust parameters (e.g. GHBM correction)."""
         self.model.train()

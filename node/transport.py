@@ -29,6 +29,7 @@ class MemberMeta:
     start_digest: str
     weight: float
     checksum: float
+    known: int = 1  # volunteers this member knows of (for GHBM tau = auto)
 
 
 @dataclass

@@ -66,12 +66,13 @@ def progress_line(report: RoundReport) -> str:
     """One human line per round."""
     eval_part = f" (eval {report.eval_loss:.3f})" if report.eval_loss is not None else ""
     status = "" if report.verified else " [local update]"
+    tau = f" | ghbm tau {report.tau}" if report.tau is not None else ""
     return (
         f"round {report.round + 1}: loss {report.loss_first:.3f} -> {report.loss_last:.3f}"
         f"{eval_part} | group {report.group_size}{status} | sent {report.bytes_sent / 1e6:.2f} MB"
         f" recv {report.bytes_received / 1e6:.2f} MB | inner {report.inner_s:.1f}s"
         f" matchmaking {report.matchmaking_s:.1f}s all-reduce {report.allreduce_s:.2f}s"
-        f" outer {report.outer_s:.3f}s checkpoint {report.checkpoint_s:.3f}s"
+        f" outer {report.outer_s:.3f}s checkpoint {report.checkpoint_s:.3f}s{tau}"
     )
 
 

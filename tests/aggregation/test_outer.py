@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from aggregation.outer import AverageOuter, NesterovOuter, make_outer
+from aggregation.outer import FedAvgOuter, MomentumOuter, RoundContext, make_outer
+
+CTX = RoundContext()
 
 
 def _random_params(seed: int) -> dict[str, torch.Tensor]:
@@ -16,24 +18,24 @@ def test_nesterov_matches_torch_sgd(lr: float, momentum: float) -> None:
     theta = _random_params(0)
     reference = {k: torch.nn.Parameter(v.clone()) for k, v in theta.items()}
     sgd = torch.optim.SGD(reference.values(), lr=lr, momentum=momentum, nesterov=momentum > 0)
-    outer = NesterovOuter(lr=lr, momentum=momentum)
+    outer = MomentumOuter(lr=lr, momentum=momentum, nesterov=True)
     for step in range(6):
         grad = _random_params(100 + step)
         for k, p in reference.items():
             p.grad = grad[k].clone()
         sgd.step()
-        theta = outer.step(theta, grad)
+        theta = outer.step(theta, grad, CTX)
         for k in theta:
             torch.testing.assert_close(theta[k], reference[k].detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_nesterov_state_round_trip_continues_identically() -> None:
-    a, b = NesterovOuter(), NesterovOuter()
+    a, b = MomentumOuter(), MomentumOuter()
     theta = _random_params(1)
-    theta_a = a.step(theta, _random_params(2))
+    theta_a = a.step(theta, _random_params(2), CTX)
     b.load_state_dict(a.state_dict())
     grad = _random_params(3)
-    out_a, out_b = a.step(theta_a, grad), b.step(theta_a, grad)
+    out_a, out_b = a.step(theta_a, grad, CTX), b.step(theta_a, grad, CTX)
     for k in out_a:
         assert torch.equal(out_a[k], out_b[k])
 
@@ -41,13 +43,13 @@ def test_nesterov_state_round_trip_continues_identically() -> None:
 def test_outer_step_does_not_mutate_inputs() -> None:
     theta, grad = _random_params(4), _random_params(5)
     before = {k: v.clone() for k, v in theta.items()}
-    NesterovOuter().step(theta, grad)
+    MomentumOuter().step(theta, grad, CTX)
     assert all(torch.equal(theta[k], before[k]) for k in theta)
 
 
 def test_average_outer_is_theta_minus_lr_delta() -> None:
     theta, delta = _random_params(6), _random_params(7)
-    out = AverageOuter(lr=1.0).step(theta, delta)
+    out = FedAvgOuter(lr=1.0).step(theta, delta, CTX)
     for k in theta:
         torch.testing.assert_close(out[k], theta[k] - delta[k])
 
@@ -55,3 +57,91 @@ def test_average_outer_is_theta_minus_lr_delta() -> None:
 def test_make_outer_unknown_name_lists_known() -> None:
     with pytest.raises(KeyError, match="nesterov"):
         make_outer("adamw")
+
+
+@pytest.mark.parametrize("lr,momentum", [(1.0, 0.9), (0.3, 0.5)])
+def test_fedavgm_matches_torch_sgd_heavy_ball(lr: float, momentum: float) -> None:
+    theta = _random_params(10)
+    reference = {k: torch.nn.Parameter(v.clone()) for k, v in theta.items()}
+    sgd = torch.optim.SGD(reference.values(), lr=lr, momentum=momentum)
+    outer = make_outer("fedavgm", lr=lr, momentum=momentum)
+    for step in range(6):
+        grad = _random_params(200 + step)
+        for k, p in reference.items():
+            p.grad = grad[k].clone()
+        sgd.step()
+        theta = outer.step(theta, grad, CTX)
+        for k in theta:
+            torch.testing.assert_close(theta[k], reference[k].detach(), rtol=1e-6, atol=1e-6)
+
+
+def _adaptive_reference(
+    theta: list[float],
+    grads: list[list[float]],
+    lr: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    yogi: bool,
+) -> list[float]:
+    """Reddi et al. 2021 Algorithm 2, one scalar at a time in float64."""
+    x = list(theta)
+    m = [0.0] * len(x)
+    v = [eps * eps] * len(x)
+    for g in grads:
+        for i, gi in enumerate(g):
+            m[i] = b1 * m[i] + (1 - b1) * gi
+            if yogi:
+                sign = (v[i] > gi * gi) - (v[i] < gi * gi)
+                v[i] = v[i] - (1 - b2) * gi * gi * sign
+            else:
+                v[i] = b2 * v[i] + (1 - b2) * gi * gi
+            x[i] = x[i] - lr * m[i] / (v[i] ** 0.5 + eps)
+    return x
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_fedadam_and_fedyogi_match_their_formulas_step_by_step(name: str) -> None:
+    hyper = {"lr": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-3}
+    theta = {"w": torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)}
+    grads = [
+        {"w": torch.tensor(g, dtype=torch.float64)}
+        for g in ([0.1, -0.2, 0.0, 1.0], [0.3, 0.1, -0.5, 1.0], [-0.2, 0.0, 0.2, 0.01])
+    ]
+    outer = make_outer(name, **hyper)
+    for count, grad in enumerate(grads, start=1):
+        theta = outer.step(theta, grad, CTX)
+        expected = _adaptive_reference(
+            [0.5, -1.0, 2.0, 0.0],
+            [g["w"].tolist() for g in grads[:count]],
+            hyper["lr"],
+            hyper["beta1"],
+            hyper["beta2"],
+            hyper["eps"],
+            yogi=name == "fedyogi",
+        )
+        torch.testing.assert_close(theta["w"], torch.tensor(expected, dtype=torch.float64))
+
+
+def test_fedyogi_differs_from_fedadam_when_second_moment_shrinks() -> None:
+    theta = {"w": torch.tensor([1.0])}
+    adam, yogi = make_outer("fedadam"), make_outer("fedyogi")
+    out = {}
+    for name, opt in (("adam", adam), ("yogi", yogi)):
+        x = theta
+        for g in (5.0, 0.01, 0.01):
+            x = opt.step(x, {"w": torch.tensor([g])}, CTX)
+        out[name] = float(x["w"])
+    assert out["adam"] != pytest.approx(out["yogi"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "ghbm", "ghbm-server"])
+def test_every_stateful_outer_round_trips_its_state(name: str) -> None:
+    a, b = make_outer(name), make_outer(name)
+    theta = _random_params(20)
+    for step in range(3):
+        theta = a.step(theta, _random_params(30 + step), CTX)
+    b.load_state_dict(a.state_dict())
+    grad = _random_params(40)
+    out_a, out_b = a.step(theta, grad, CTX), b.step(theta, grad, CTX)
+    assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)

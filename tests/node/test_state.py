@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from aggregation.outer import NesterovOuter
+from aggregation.ghbm import GHBMOuter
+from aggregation.outer import MomentumOuter, RoundContext
 from node.state import GroupState, StateError, decode_state, encode_state
 
 
@@ -13,8 +14,10 @@ def _state() -> GroupState:
         "layer.lora_A": torch.randn(4, 8, generator=gen),
         "layer.lora_B": torch.randn(8, 4, generator=gen),
     }
-    outer = NesterovOuter()
-    new = outer.step(params, {k: torch.randn(v.shape, generator=gen) for k, v in params.items()})
+    outer = MomentumOuter()
+    new = outer.step(
+        params, {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}, RoundContext()
+    )
     return GroupState(3, new, outer.state_dict())
 
 
@@ -25,7 +28,7 @@ def test_round_trip_is_exact_and_keeps_the_digest() -> None:
     assert torch.equal(
         back.outer_state["buffer"]["layer.lora_A"], state.outer_state["buffer"]["layer.lora_A"]
     )
-    restored = NesterovOuter()
+    restored = MomentumOuter()
     restored.load_state_dict(back.outer_state)
     assert restored.momentum == 0.9
 
@@ -56,3 +59,19 @@ def test_wrong_shapes_and_non_finite_are_rejected() -> None:
     state.params["layer.lora_A"][0, 0] = float("nan")
     with pytest.raises(StateError, match="NaN"):
         decode_state(encode_state(state))
+
+
+def test_ghbm_history_ring_survives_the_codec() -> None:
+    params = _state().params
+    outer = GHBMOuter(tau="auto", tau_max=3)
+    for step in range(5):
+        delta = {k: torch.full_like(v, 0.1 * (step + 1)) for k, v in params.items()}
+        params = outer.step(params, delta, RoundContext(2, 8))
+    state = GroupState(5, params, outer.state_dict())
+    back = decode_state(encode_state(state))
+    assert back.digest() == state.digest()
+    restored = GHBMOuter()
+    restored.load_state_dict(back.outer_state)
+    assert restored.auto and restored.tau == outer.tau and len(restored.history) == 4
+    for old, new in zip(outer.history, restored.history, strict=True):
+        assert all(torch.equal(old[k], new[k]) for k in old)
