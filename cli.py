@@ -1,4 +1,4 @@
-"""swarmtune command line: bootstrap, join, pull, status, demo, export-base."""
+"""swarmtune command line: bootstrap, join, pull, status, demo, simulate, export-base."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ DESCRIPTION = """Peer-to-peer DiLoCo fine-tuning of LoRA adapters over a hivemin
   volunteer:    swarmtune join --initial-peers MADDR --data builtin:arithmetic
   consumer:     swarmtune pull --initial-peers MADDR --out ./adapter
   newcomer:     swarmtune demo --out ./demo-adapter
+  researcher:   swarmtune simulate --config configs/sim/ghbm-noniid.yaml --out ./sim
 """
 
 
@@ -94,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", type=Path, help="run config (default: the demo's built-in one)")
     demo.add_argument("--workdir", type=Path, help="where peers keep their files (default: temp)")
 
+    sim = sub.add_parser(
+        "simulate",
+        help="K virtual clients with partial participation in one process (no network)",
+        description="Runs K virtual clients through the daemon's round code on the in-memory"
+        " transport; writes rounds.csv, summary.json and eval_loss.png to --out.",
+    )
+    sim.add_argument("--config", type=Path, required=True, help="simulator YAML (configs/sim/)")
+    sim.add_argument("--out", type=Path, default=Path("sim-out"), help="output directory")
+    sim.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
     export = sub.add_parser("export-base", help="write the embedded base model as a HF model dir")
     export.add_argument("--out", type=Path, required=True, help="new directory")
     return parser
@@ -155,6 +166,17 @@ def dispatch(args: argparse.Namespace) -> int:
         from node.demo import DemoOptions, run_demo
 
         return run_demo(DemoOptions(args.peers, args.rounds, args.out, args.config, args.workdir))
+    if args.command == "simulate":
+        import torch
+
+        from node.config import load_sim_config
+        from node.simulate import simulate
+
+        torch.set_num_threads(max(args.threads, 1))
+        config = load_sim_config(args.config)
+        simulate(config, args.out, args.config.stem, progress=logging.getLogger("sim").info)
+        print(f"wrote {args.out}/rounds.csv, summary.json and eval_loss.png")
+        return 0
     from node.basemodel import export_base
 
     print(f"exported the embedded base model to {export_base(args.out)}")

@@ -138,15 +138,55 @@ def parse_config(data: object, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {_first_error(exc)}") from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Load and validate a YAML run config."""
-    path = Path(path)
+def _read_yaml(path: Path) -> object:
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{line}") from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load and validate a YAML run config."""
+    path = Path(path)
+    return parse_config(_read_yaml(path), str(path))
+
+
+class HeterogeneitySettings(_Strict):
+    """How tasks are spread over simulated clients: one task each, Dirichlet(alpha) mixtures, IID."""
+
+    kind: Literal["task", "dirichlet", "iid"] = "task"
+    alpha: float = Field(0.5, gt=0, le=1000)
+
+
+class SimConfig(_Strict):
+    """`swarmtune simulate`: K virtual clients on the daemon's round code (in-memory transport)."""
+
+    run: RunConfig = RunConfig()
+    clients: int = Field(100, ge=1, le=10_000)
+    participation: float = Field(0.1, gt=0, le=1)
+    heterogeneity: HeterogeneitySettings = HeterogeneitySettings()
+    tasks: list[str] = Field(default_factory=list, max_length=64)
+    rounds: int = Field(30, ge=1, le=100_000)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
+    texts_per_client: int = Field(200, ge=10, le=100_000)
+    eval_every: int = Field(1, ge=1)
+    eval_batches: int = Field(2, ge=1, le=1000)
+    keep_inner_state: bool = False
+    target_loss: float | None = Field(None, gt=0)
+
+
+def load_sim_config(path: str | Path) -> SimConfig:
+    """Load and validate a simulator YAML (one clear line on bad input)."""
+    data = _read_yaml(Path(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return SimConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_first_error(exc)}") from None

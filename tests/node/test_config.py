@@ -4,14 +4,35 @@ from pathlib import Path
 
 import pytest
 
-from node.config import ConfigError, RunConfig, load_config
+from node.config import ConfigError, RunConfig, SimConfig, load_config, load_sim_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_file_loads(path: Path) -> None:
-    assert isinstance(load_config(path), RunConfig)
+    if path.parent.name == "sim":
+        assert isinstance(load_sim_config(path), SimConfig)
+    else:
+        assert isinstance(load_config(path), RunConfig)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("participation: 0\n", "participation: Input should be greater than 0"),
+        ("heterogeneity: {kind: zipf}\n", "heterogeneity.kind"),
+        ("run: {outer: {name: ghbm, tau: 0}}\n", "run.outer.tau"),
+        ("run: {outer: {name: ghbm, tau: sometimes}}\n", "run.outer.tau"),
+        ("run: {outer: {name: fedavgm, momentum: 1.0}}\n", "momentum must be < 1"),
+    ],
+)
+def test_bad_sim_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "sim.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_sim_config(path)
+    assert expected in str(info.value) and "\n" not in str(info.value)
 
 
 def test_configs_dir_is_not_empty() -> None:

@@ -10,9 +10,9 @@ import torch
 
 from node.build import LocalModel, build_local_model
 from node.checkpoint import Checkpoint
-from node.config import parse_config
+from node.config import RunConfig, parse_config
 from node.peer import Peer
-from node.round import RoundReport, verify_group
+from node.round import RoundReport, group_context, verify_group
 from node.transport import GroupResult, InMemoryHub, InMemoryTransport, MemberMeta, consensus
 
 CONFIG = parse_config(
@@ -36,12 +36,13 @@ def _peer(
     local: LocalModel,
     workdir: Path | None = None,
     reports: list[RoundReport] | None = None,
+    config: RunConfig = CONFIG,
 ) -> Peer:
     sink = reports.append if reports is not None else None
     return Peer(
         local.trainer,
         InMemoryTransport(hub, name),
-        CONFIG,
+        config,
         Checkpoint(workdir) if workdir else None,
         on_report=sink,
     )
@@ -141,3 +142,55 @@ def test_consensus_prefers_round_then_majority_then_smaller_digest() -> None:
     assert (ref.round, ref.digest, ref.providers) == (2, "y", ("b", "c"))
     assert consensus({"a": (3, "b"), "b": (3, "a")}).digest == "a"
     assert consensus({}) is None
+
+
+GHBM = parse_config(
+    {
+        "inner": {"steps": 4, "batch_size": 4, "seq_len": 32},
+        "outer": {"name": "ghbm", "tau": 2},
+    }
+)
+
+
+def test_ghbm_ring_travels_with_the_state_to_a_restarted_peer(tmp_path: Path) -> None:
+    hub = InMemoryHub(expected=3, timeout=1.5)
+    reports: list[RoundReport] = []
+
+    def peer(i: int, task: str) -> Peer:
+        return _peer(hub, f"p{i}", _local(task, i), tmp_path / f"p{i}", reports, GHBM)
+
+    peers = [peer(i, t) for i, t in enumerate(TASKS)]
+    _run_all(peers, [2, 2, 2])
+    hub.expected = 2
+    _run_all(peers[:2], [2, 2])  # p2 is down for two rounds; the ring moves on without it
+    reborn = peer(2, "code")
+    hub.expected = 3
+    reports.clear()
+    states = _run_all([peers[0], peers[1], reborn], [1, 1, 1])
+    assert reborn.resumed_from == 2 and reborn.resynced_to[0] == 4
+    # same start digest (which covers the ring), so all three applied the same correction
+    assert all(r.verified and r.group_size == 3 and r.tau == 2 for r in reports)
+    assert len({s.digest() for s in states}) == 1 and states[0].round == 5
+    assert len(states[0].outer_state["history"]) == 3  # tau + 1 global states
+
+
+def test_fedhbm_anchor_is_kept_in_the_local_checkpoint(tmp_path: Path) -> None:
+    config = parse_config(
+        {"inner": {"steps": 3, "batch_size": 4, "seq_len": 32}, "outer": {"name": "fedhbm"}}
+    )
+    hub = InMemoryHub(expected=1)
+    first = _peer(hub, "p0", _local("dates", 0), tmp_path, config=config)
+    first.run(2)
+    assert first.momentum is not None and first.momentum.anchor_round == 1
+    again = _peer(hub, "p0", _local("dates", 0), tmp_path, config=config)
+    again.initial_state()
+    assert again.momentum is not None and again.momentum.anchor_round == 1
+    for k, v in first.momentum.anchor.items():
+        assert torch.equal(v, again.momentum.anchor[k])
+
+
+def test_group_context_uses_the_largest_population_any_member_knew() -> None:
+    members = [MemberMeta("a", 0, "d", 1.0, 0.0, 10), MemberMeta("b", 0, "d", 1.0, 0.0, 12)]
+    context = group_context(GroupResult({}, members), verified=True)
+    assert (context.participants, context.population) == (2, 12)
+    assert group_context(GroupResult({}, members), verified=False).participants == 1
