@@ -20,12 +20,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_md import replace_section  # noqa: E402
+
 from node.build import build_local_model  # noqa: E402
 from node.config import RunConfig, parse_config  # noqa: E402
 from node.data import BUILTIN_TASKS  # noqa: E402
 from node.demo import Processes, _wait_for_file  # noqa: E402
 
-NOTES_MARKER = "<!-- notes below are written by hand and kept across runs -->"
 STAGES = ("inner_s", "matchmaking_s", "allreduce_s", "outer_s", "checkpoint_s")
 
 
@@ -153,11 +154,7 @@ def main() -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    results_md = ROOT / "bench" / "RESULTS.md"
-    notes = ""
-    if results_md.exists() and NOTES_MARKER in results_md.read_text():
-        notes = results_md.read_text().split(NOTES_MARKER, 1)[1]
-    results_md.write_text(render(results) + "\n" + NOTES_MARKER + notes)
+    replace_section("swarm", render(results))
     print(render(results))
 
 
@@ -166,14 +163,14 @@ def render(res: dict) -> str:
     a, d, s = res["args"], res["diloco"], res["every_step"]
     steps = a["rounds"] * a["inner_steps"]
     lines = [
-        "# Benchmark results",
+        "## Swarm overhead on loopback (bench/swarm_bench.py)",
         "",
         f"Measured on {res['machine']}, all peers on 127.0.0.1, 1 torch thread per process.",
         "",
         "Reproduce: `.venv/bin/python bench/swarm_bench.py --peers {peers} --rounds {rounds} "
         "--inner-steps {inner_steps} --matchmaking {matchmaking}` (or `make bench`)".format(**a),
         "",
-        f"## DiLoCo swarm: {a['peers']} volunteers, H={a['inner_steps']}, {a['rounds']} rounds",
+        f"### DiLoCo swarm: {a['peers']} volunteers, H={a['inner_steps']}, {a['rounds']} rounds",
         "",
         "Seconds per round, mean over volunteers (wall includes state sync and eval):",
         "",
@@ -191,7 +188,7 @@ def render(res: dict) -> str:
         "",
         f"Compute utilization (inner compute / wall): **{d['utilization']:.0%}**.",
         "",
-        f"## Side by side at equal inner steps ({steps} AdamW steps per volunteer)",
+        f"### Side by side at equal inner steps ({steps} AdamW steps per volunteer)",
         "",
         "| setup | wall s (per volunteer) | MB sent per peer | mean eval loss after |",
         "|---|---|---|---|",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -168,7 +167,7 @@ class Simulation:
         """All rounds; eval every `eval_every` rounds and after the last."""
         result = SimResult(self.seed)
         started = time.perf_counter()
-        result.rows.append({"round": 0, "train_loss": math.nan, **self.evaluate()})
+        result.rows.append({"round": 0, **self.evaluate()})
         for r in range(1, self.config.rounds + 1):
             row = self.step()
             if r % self.config.eval_every == 0 or r == self.config.rounds:

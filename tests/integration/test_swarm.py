@@ -236,3 +236,33 @@ def test_coordinator_keeps_its_peer_id_across_restarts(tmp_path: Path) -> None:
         assert "--initial-peers" in swarm.log("coord") and peer_id in swarm.log("coord")
     finally:
         swarm.close()
+
+
+GHBM_CONFIG = """run_id: itest-ghbm
+inner: {steps: 10, batch_size: 8, seq_len: 48}
+outer: {name: ghbm, tau: 2}
+averaging: {matchmaking_time: 2.0}
+"""
+
+
+def test_ghbm_ring_reaches_a_late_joiner_on_real_peers(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, config_text=GHBM_CONFIG)
+    try:
+        swarm.start_coordinator()
+        swarm.join("v0", "arithmetic", 40)
+        swarm.join("v1", "dates", 40)
+        _wait_rounds(tmp_path / "v0", 3, 180)
+        swarm.join("late", "code", 2)
+        assert swarm.wait("late", 180) == 0, swarm.log("late")
+        assert "synced to the group's state at round" in swarm.log("late")
+        reports = _reports(tmp_path / "late")
+        # a verified group means every member started from the same digest, ring included
+        assert any(r["verified"] and r["group_size"] == 3 for r in reports), reports
+        assert all(r["tau"] == 2 for r in reports) and "ghbm tau 2" in swarm.log("late")
+        state = decode_state((tmp_path / "late" / "state.safetensors").read_bytes())
+        assert len(state.outer_state["history"]) == 3
+        for name in ("v0", "v1"):
+            os.killpg(swarm.procs[name].pid, signal.SIGINT)
+        assert [swarm.wait(n, 60) for n in ("v0", "v1")] == [0, 0]
+    finally:
+        swarm.close()
