@@ -1,8 +1,8 @@
 """GHBM benchmark: outer optimizers under partial participation and heterogeneity (issue 3).
 
 Runs the grid in bench/ghbm_grid.yaml through `node.simulate` (the daemon's round code on the
-in-memory transport), in parallel worker processes, and writes bench/out/ghbm/results.json,
-two PNG plots and the `ghbm` section of bench/RESULTS.md.
+in-memory transport), in parallel worker processes, and writes bench/out/ghbm/results.json (every curve),
+bench/ghbm.png (curves and the tau sweep) and the `ghbm` section of bench/RESULTS.md.
 
     .venv/bin/python bench/ghbm_bench.py            # the full grid (make bench-ghbm)
     .venv/bin/python bench/ghbm_bench.py --quick    # a 1-minute smoke run of the same code
@@ -207,7 +207,7 @@ def render(table: dict, results: dict, grid: dict, meta: dict) -> str:
         values = finals(results[f"{sweep['setting']}|sweep tau={tau}"])
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(f"| {tau} | {statistics.mean(values):.4f} ± {std:.4f} |")
-    lines += ["", "![eval loss per round and tau sweep](out/ghbm/ghbm.png)", ""]
+    lines += ["", "![eval loss per round and tau sweep](ghbm.png)", ""]
     return "\n".join(lines)
 
 
@@ -225,7 +225,7 @@ def main() -> None:
     table = summarize(results, grid)
     out = OUT / "quick" if args.quick else OUT
     out.mkdir(parents=True, exist_ok=True)
-    plot(results, grid, out / "ghbm.png")
+    plot(results, grid, out / "ghbm.png" if args.quick else ROOT / "bench" / "ghbm.png")
     base = SimConfig.model_validate(jobs[0][3]).model_dump()
     base["seeds"] = sorted({job[2] for job in jobs})
     meta = {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -15,6 +15,9 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class LoraSettings(_Strict):
@@ -126,16 +129,20 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {err['msg']}"
 
 
-def parse_config(data: object, source: str = "config") -> RunConfig:
-    """Validate a mapping into a RunConfig, raising ConfigError with one line."""
+def _validate(model: type[_M], data: object, source: str) -> _M:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_first_error(exc)}") from None
+
+
+def parse_config(data: object, source: str = "config") -> RunConfig:
+    """Validate a mapping into a RunConfig, raising ConfigError with one line."""
+    return _validate(RunConfig, data, source)
 
 
 def _read_yaml(path: Path) -> object:
@@ -181,12 +188,4 @@ class SimConfig(_Strict):
 
 def load_sim_config(path: str | Path) -> SimConfig:
     """Load and validate a simulator YAML (one clear line on bad input)."""
-    data = _read_yaml(Path(path))
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    try:
-        return SimConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {_first_error(exc)}") from None
+    return _validate(SimConfig, _read_yaml(Path(path)), str(path))

@@ -18,21 +18,6 @@ def _sub(x: dict, y: dict) -> dict:
     return {k: x[k] - y[k] for k in x}
 
 
-def test_server_form_with_tau_1_is_torch_heavy_ball() -> None:
-    theta = _params(0)
-    reference = {k: torch.nn.Parameter(v.clone()) for k, v in theta.items()}
-    sgd = torch.optim.SGD(reference.values(), lr=0.5, momentum=0.9)
-    outer = make_outer("ghbm-server", lr=0.5, beta=0.9, tau=1)
-    for step in range(8):
-        grad = _params(100 + step)
-        for k, p in reference.items():
-            p.grad = grad[k].clone()
-        sgd.step()
-        theta = outer.step(theta, grad, CTX)
-        for k in theta:
-            torch.testing.assert_close(theta[k], reference[k].detach(), rtol=1e-5, atol=1e-5)
-
-
 def test_local_form_with_tau_1_and_one_inner_step_is_torch_heavy_ball() -> None:
     """H = 1 SGD inner step at lr eta: theta^t = theta^{t-1} - eta g + beta (theta^{t-1} - theta^{t-2})."""
     eta, beta = 0.1, 0.8
