@@ -1,0 +1,176 @@
+"""LoRA task vectors: dW per module, exact inner products from factors, sketches, clustering.
+
+DESIGN.md 3.3. A LoRA module's task vector is dW = s * B @ A (s = alpha / r, A [r, in],
+B [out, r]). Factors are never compared directly: (B, A) and (B Q, Q^-1 A) are one adapter.
+- <s1 B1 A1, s2 B2 A2>_F = s1 s2 tr((B1^T B2)(A2 A1^T)), computed with r x r matrices.
+- Sketch: (R1 B)(A R2^T) * s with shared-seed Gaussian R1 [k, out], R2 [k, in] (entries
+  N(0, 1/k)); E <S(X), S(Y)> = <X, Y>, so sketched cosines approach exact ones as k grows
+  (Johnson-Lindenstrauss; error ~ 1/sqrt(k)).
+- Clustering: average-linkage agglomerative clustering on cosine similarity, ties broken by
+  index, so the same signatures always give the same clusters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's adapter: A [r, in], B [out, r] and scaling s (dW = s * B @ A)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        """r."""
+        return int(self.A.shape[0])
+
+    def delta_w(self) -> torch.Tensor:
+        """The dense task vector s * B @ A in fp32."""
+        return self.scaling * (self.B.float() @ self.A.float())
+
+
+Adapter = Mapping[str, LoraFactors]
+
+
+def factor_inner(x: LoraFactors, y: LoraFactors) -> float:
+    """<dW_x, dW_y>_F without forming dW: s_x s_y sum((B_x^T B_y) * (A_x A_y^T))."""
+    left = x.B.double().T @ y.B.double()  # [r_x, r_y]
+    right = x.A.double() @ y.A.double().T  # [r_x, r_y]
+    return float(x.scaling * y.scaling * (left * right).sum())
+
+
+def adapter_inner(x: Adapter, y: Adapter) -> float:
+    """Sum over shared modules of the Frobenius inner products; module sets must match."""
+    if set(x) != set(y):
+        raise KeyError(f"adapters cover different modules: {sorted(set(x) ^ set(y))[:3]}")
+    return sum(factor_inner(x[m], y[m]) for m in sorted(x))
+
+
+def adapter_cosine(x: Adapter, y: Adapter) -> float:
+    """Exact cosine between two adapters' concatenated task vectors (0 if either is zero)."""
+    norm = math.sqrt(max(adapter_inner(x, x), 0.0) * max(adapter_inner(y, y), 0.0))
+    return adapter_inner(x, y) / norm if norm > 0 else 0.0
+
+
+def _gaussian(rows: int, cols: int, seed: int, label: str) -> torch.Tensor:
+    digest = hashlib.sha256(f"{seed}:{label}:{rows}x{cols}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float64) / math.sqrt(rows)
+
+
+def sketch(adapter: Adapter, k: int = 16, seed: int = 0) -> torch.Tensor:
+    """Signature: concatenated flattened s * (R1 B)(A R2^T) per module, shared-seed R1, R2."""
+    parts = []
+    for module in sorted(adapter):
+        f = adapter[module]
+        r1 = _gaussian(k, f.B.shape[0], seed, f"{module}/out")
+        r2 = _gaussian(k, f.A.shape[1], seed, f"{module}/in")
+        parts.append((f.scaling * (r1 @ f.B.double()) @ (f.A.double() @ r2.T)).flatten())
+    return torch.cat(parts).float()
+
+
+def cosine_matrix(signatures: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Pairwise cosine similarity of signature vectors (zero vectors get similarity 0)."""
+    stacked = torch.stack([s.double() for s in signatures])
+    norms = stacked.norm(dim=1, keepdim=True)
+    unit = torch.where(norms > 0, stacked / norms.clamp_min(1e-300), torch.zeros_like(stacked))
+    return (unit @ unit.T).clamp(-1, 1)
+
+
+def agglomerate(
+    similarity: torch.Tensor, threshold: float | None = None, k: int | None = None
+) -> list[int]:
+    """Average-linkage clustering; stop at `k` clusters or when no pair is above `threshold`.
+
+    Returns a label per item, labels numbered by first appearance (0, 1, ...).
+    """
+    n = similarity.shape[0]
+    if (threshold is None) == (k is None):
+        raise ValueError("give exactly one of threshold or k")
+    clusters: list[list[int]] = [[i] for i in range(n)]
+    while len(clusters) > max(k or 1, 1):
+        best, pair = -math.inf, (0, 1)
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                link = float(similarity[clusters[a]][:, clusters[b]].mean())
+                if link > best + 1e-12:
+                    best, pair = link, (a, b)
+        if threshold is not None and best < threshold:
+            break
+        a, b = pair
+        clusters[a] = sorted(clusters[a] + clusters[b])
+        del clusters[b]
+    return _labels(clusters, n)
+
+
+def _labels(clusters: list[list[int]], n: int) -> list[int]:
+    order = sorted(clusters, key=min)
+    labels = [0] * n
+    for label, members in enumerate(order):
+        for i in members:
+            labels[i] = label
+    return labels
+
+
+def silhouette(similarity: torch.Tensor, labels: Sequence[int]) -> float:
+    """Mean silhouette with distance 1 - cosine; 0 for a single cluster or singletons."""
+    distance = 1 - similarity.double()
+    n, groups = len(labels), sorted(set(labels))
+    if len(groups) < 2:
+        return 0.0
+    total = 0.0
+    for i in range(n):
+        own = [j for j in range(n) if labels[j] == labels[i] and j != i]
+        if not own:
+            continue
+        a = float(distance[i, own].mean())
+        b = min(
+            float(distance[i, [j for j in range(n) if labels[j] == g]].mean())
+            for g in groups
+            if g != labels[i]
+        )
+        total += (b - a) / max(a, b, 1e-12)
+    return total / n
+
+
+def auto_cluster(similarity: torch.Tensor, max_k: int | None = None) -> list[int]:
+    """Choose k in 2..max_k by the best silhouette (one cluster if nothing separates)."""
+    n = similarity.shape[0]
+    max_k = min(max_k or n - 1, n - 1)
+    best_labels, best_score = [0] * n, 0.25  # below this silhouette, no real structure
+    for k in range(2, max_k + 1):
+        labels = agglomerate(similarity, k=k)
+        score = silhouette(similarity, labels)
+        if score > best_score + 1e-9:
+            best_labels, best_score = labels, score
+    return best_labels
+
+
+def adjusted_rand_index(truth: Sequence[object], labels: Sequence[object]) -> float:
+    """ARI between two labelings (1.0 = identical partitions, ~0 = chance)."""
+    n = len(truth)
+    pairs = {(t, p) for t, p in zip(truth, labels, strict=True)}
+    count = {
+        pair: sum(1 for t, p in zip(truth, labels, strict=True) if (t, p) == pair) for pair in pairs
+    }
+
+    def comb2(x: int) -> float:
+        return x * (x - 1) / 2
+
+    index = sum(comb2(c) for c in count.values())
+    rows = sum(comb2(sum(1 for t in truth if t == v)) for v in set(truth))
+    cols = sum(comb2(sum(1 for p in labels if p == v)) for v in set(labels))
+    expected = rows * cols / comb2(n) if n > 1 else 0.0
+    maximum = (rows + cols) / 2
+    if maximum == expected:
+        return 1.0
+    return (index - expected) / (maximum - expected)
