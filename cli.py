@@ -1,4 +1,4 @@
-"""swarmtune command line: bootstrap, join, pull, status, demo, simulate, export-base."""
+"""swarmtune command line: bootstrap, join, pull, status, demo, simulate, merge, export-base."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ DESCRIPTION = """Peer-to-peer DiLoCo fine-tuning of LoRA adapters over a hivemin
   volunteer:    swarmtune join --initial-peers MADDR --data builtin:arithmetic
   consumer:     swarmtune pull --initial-peers MADDR --out ./adapter
   newcomer:     swarmtune demo --out ./demo-adapter
+  merger:       swarmtune merge ADAPTER_DIR ADAPTER_DIR --method ties --out ./merged
   researcher:   swarmtune simulate --config configs/sim/ghbm-noniid.yaml --out ./sim
 """
 
@@ -105,6 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, default=Path("sim-out"), help="output directory")
     sim.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
+    merge = sub.add_parser(
+        "merge",
+        help="merge PEFT LoRA adapters (from anywhere) into one PEFT adapter",
+        description="Merges LoRA task vectors dW = s*B@A per module. cat, linear and"
+        " task_arithmetic are exact (rank = sum of ranks unless --rank); ties, dare_linear and"
+        " dare_ties work on dense dW and are re-factorised by truncated SVD to --rank (default:"
+        " the largest input rank), reporting the energy kept.",
+    )
+    merge.add_argument("adapters", nargs="+", type=Path, metavar="ADAPTER_DIR")
+    merge.add_argument(
+        "--method", required=True, help="cat, linear, task_arithmetic, ties, dare_linear, dare_ties"
+    )
+    merge.add_argument(
+        "--weights", nargs="+", type=float, help="one weight per adapter (default 1 each)"
+    )
+    merge.add_argument("--rank", type=int, help="target rank of the merged factors")
+    merge.add_argument(
+        "--density", type=float, default=0.2, help="TIES: fraction of entries kept (0.2)"
+    )
+    merge.add_argument("--drop", type=float, default=0.5, help="DARE: drop probability (0.5)")
+    merge.add_argument(
+        "--scale", type=float, default=1.0, help="task arithmetic / TIES / DARE lambda (1.0)"
+    )
+    merge.add_argument("--seed", type=int, default=0, help="DARE seed (0)")
+    merge.add_argument(
+        "--out", type=Path, required=True, help="new directory for the merged adapter"
+    )
+
     export = sub.add_parser("export-base", help="write the embedded base model as a HF model dir")
     export.add_argument("--out", type=Path, required=True, help="new directory")
     return parser
@@ -166,6 +195,16 @@ def dispatch(args: argparse.Namespace) -> int:
         from node.demo import DemoOptions, run_demo
 
         return run_demo(DemoOptions(args.peers, args.rounds, args.out, args.config, args.workdir))
+    if args.command == "merge":
+        from aggregation.merge import MergeOptions
+        from node.merge import merge_dirs
+
+        _check_merge_args(args)
+        options = MergeOptions(args.density, args.drop, args.seed, args.scale)
+        merged = merge_dirs(args.adapters, args.method, args.out, args.weights, args.rank, options)
+        kept = f"; SVD energy kept >= {min(merged.energy.values()):.4f}" if merged.energy else ""
+        print(f"merged {len(args.adapters)} adapters with {args.method} into {args.out}{kept}")
+        return 0
     if args.command == "simulate":
         import torch
 
@@ -181,6 +220,17 @@ def dispatch(args: argparse.Namespace) -> int:
 
     print(f"exported the embedded base model to {export_base(args.out)}")
     return 0
+
+
+def _check_merge_args(args: argparse.Namespace) -> None:
+    from node.adapter import AdapterError
+
+    if not 0 < args.density <= 1 or not 0 <= args.drop < 1:
+        raise AdapterError("--density must be in (0, 1] and --drop in [0, 1)")
+    if args.rank is not None and args.rank < 1:
+        raise AdapterError("--rank must be >= 1")
+    if args.weights is not None and len(args.weights) != len(args.adapters):
+        raise AdapterError(f"--weights needs {len(args.adapters)} values, got {len(args.weights)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import pytest
 
 from cli import build_parser, main
 
-SUBCOMMANDS = ["bootstrap", "join", "pull", "status", "demo", "simulate", "export-base"]
+SUBCOMMANDS = ["bootstrap", "join", "pull", "status", "demo", "simulate", "merge", "export-base"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

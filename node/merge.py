@@ -1,0 +1,205 @@
+"""`swarmtune merge`: PEFT LoRA adapter directories in, one merged PEFT adapter directory out.
+
+Reads any PEFT LoRA adapter (not only this swarm's): scaling alpha/r (alpha/sqrt(r) with
+rslora) and rank_pattern/alpha_pattern are honoured. The output bakes the scaling into the
+factors: lora_alpha = r for every module (alpha_pattern = rank_pattern where ranks differ),
+use_rslora false, so plain PeftModel.from_pretrained gives exactly the merged dW.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+
+from aggregation.merge import MergedAdapter, MergeOptions, merge_adapters
+from aggregation.taskvec import LoraFactors
+from node.adapter import AdapterError
+from protocols.transfer import write_dir_atomically
+
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(\.[^.]+)?\.weight$")
+_FINGERPRINT = re.compile(r"base fingerprint[^`]*`([0-9a-f]{64})`")
+
+
+@dataclass
+class PeftAdapter:
+    """One adapter directory read from disk."""
+
+    path: Path
+    config: dict[str, Any]
+    modules: dict[str, LoraFactors]
+    fingerprint: str | None
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key applies when it matches the end of the module name."""
+    for key, value in pattern.items():
+        if module == key or re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def read_adapter(path: Path) -> PeftAdapter:
+    """Load adapter_config.json and adapter_model.safetensors into per-module factors."""
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+    except FileNotFoundError as exc:
+        raise AdapterError(
+            f"{path}: not a PEFT adapter directory ({Path(exc.filename).name} missing)"
+        ) from None
+    except (json.JSONDecodeError, SafetensorError, OSError) as exc:
+        raise AdapterError(f"{path}: unreadable adapter ({type(exc).__name__})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        if match:
+            parts.setdefault(match["module"], {})[match["part"]] = value.float()
+    if not parts:
+        raise AdapterError(f"{path}: no LoRA A/B tensors in adapter_model.safetensors")
+    modules = {m: _factors(path, m, p, config) for m, p in sorted(parts.items())}
+    readme = path / "README.md"
+    found = _FINGERPRINT.search(readme.read_text(errors="replace")) if readme.exists() else None
+    return PeftAdapter(path, config, modules, found.group(1) if found else None)
+
+
+def _factors(path: Path, module: str, parts: dict[str, torch.Tensor], config: dict) -> LoraFactors:
+    if set(parts) != {"A", "B"}:
+        raise AdapterError(f"{path}: {module} has lora_{''.join(parts)} but not both A and B")
+    a, b = parts["A"], parts["B"]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise AdapterError(
+            f"{path}: {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not chain"
+        )
+    rank = int(
+        _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", a.shape[0]))
+    )
+    alpha = float(
+        _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+    )
+    if rank != a.shape[0]:
+        raise AdapterError(f"{path}: {module} has rank {a.shape[0]} but the config says {rank}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterError(f"{path}: {module} is not finite")
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return LoraFactors(a, b, scaling)
+
+
+def check_same_base(adapters: list[PeftAdapter]) -> None:
+    """Refuse adapters trained on different bases (fingerprints, else recorded base names)."""
+    prints = {a.fingerprint for a in adapters if a.fingerprint}
+    if len(prints) > 1:
+        raise AdapterError(
+            f"adapters were trained on different base models (fingerprints {sorted(p[:12] for p in prints)})"
+        )
+    names = {str(a.config.get("base_model_name_or_path") or "") for a in adapters} - {""}
+    if len(names) > 1 and not prints:
+        raise AdapterError(f"adapters name different base models: {sorted(names)}")
+
+
+def output_files(
+    merged: MergedAdapter, sources: list[PeftAdapter], method: str, weights: list[float]
+) -> dict[str, bytes]:
+    """adapter_config.json, adapter_model.safetensors and README.md for the merged adapter."""
+    ranks = {m: f.rank for m, f in merged.modules.items()}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {m: r for m, r in ranks.items() if r != common}
+    tensors = {}
+    for module, f in merged.modules.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = (f.A * f.scaling).contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = f.B.contiguous()
+    first = sources[0].config
+    config = {
+        "peft_type": "LORA",
+        "task_type": first.get("task_type", "CAUSAL_LM"),
+        "base_model_name_or_path": first.get("base_model_name_or_path"),
+        "r": common,
+        "lora_alpha": common,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in merged.modules}),
+        "inference_mode": True,
+    }
+    weights_blob = st_save(tensors, metadata={"format": "pt"})
+    sha = hashlib.sha256(weights_blob).hexdigest()
+    return {
+        "adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
+        "adapter_model.safetensors": weights_blob,
+        "README.md": _card(merged, sources, method, weights, sha).encode(),
+    }
+
+
+def _card(
+    merged: MergedAdapter, sources: list[PeftAdapter], method: str, weights: list[float], sha: str
+) -> str:
+    rows = "\n".join(
+        f"| {s.path} | {w:g} | `{(s.fingerprint or '-')[:16]}` |"
+        for s, w in zip(sources, weights, strict=True)
+    )
+    energy = (
+        f"Truncated SVD kept {min(merged.energy.values()):.4f}-{max(merged.energy.values()):.4f}"
+        " of the squared singular values per module."
+        if merged.energy
+        else "Exact merge: no truncation."
+    )
+    fingerprint = next((s.fingerprint for s in sources if s.fingerprint), None)
+    base = (
+        f"base fingerprint (sha256 of weights) | `{fingerprint}`"
+        if fingerprint
+        else "base | see adapter_config.json"
+    )
+    return f"""---
+library_name: peft
+tags: [swarmtune, lora, merge]
+---
+# Merged LoRA adapter ({method})
+
+| field | value |
+|---|---|
+| method | {method} |
+| {base} |
+| adapter_model.safetensors sha256 | `{sha}` |
+
+| source | weight | base fingerprint |
+|---|---|---|
+{rows}
+
+{energy} Scaling is baked into the factors (lora_alpha = r).
+"""
+
+
+def merge_dirs(
+    paths: list[Path],
+    method: str,
+    out: Path,
+    weights: list[float] | None,
+    rank: int | None,
+    options: MergeOptions,
+) -> MergedAdapter:
+    """Read, check, merge and write atomically; returns the merge (for its energy report)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AdapterError(f"refusing to write into {out}: it exists and is not empty")
+    sources = [read_adapter(p) for p in paths]
+    check_same_base(sources)
+    weights = weights or [1.0] * len(sources)
+    try:
+        merged = merge_adapters([s.modules for s in sources], method, weights, rank, options)
+    except (ValueError, KeyError) as exc:
+        raise AdapterError(str(exc).strip("'\"")) from None
+    write_dir_atomically(output_files(merged, sources, method, weights), out)
+    return merged
