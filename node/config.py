@@ -110,6 +110,21 @@ class AveragingSettings(_Strict):
     verify_rtol: float = Field(1e-3, gt=0, lt=1)
 
 
+class ClusteringSettings(_Strict):
+    """Similarity-clustered groups (DESIGN.md 3.3): who averages with whom, and level-2 merges."""
+
+    enabled: bool = False
+    warmup_rounds: int = Field(2, ge=1, le=10_000)
+    reevaluate_every: int = Field(5, ge=1, le=100_000)
+    clusters: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] = "auto"
+    sketch_k: int = Field(6, ge=2, le=32)
+    merge_every: int = Field(2, ge=1, le=100_000)
+    merge_method: Literal[
+        "cat", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"
+    ] = "linear"
+    merge_rank: int | None = Field(None, ge=1, le=4096)
+
+
 class RunConfig(_Strict):
     """Everything the coordinator publishes in the manifest (per-machine things are CLI flags)."""
 
@@ -120,6 +135,7 @@ class RunConfig(_Strict):
     inner: InnerSettings = InnerSettings()
     outer: OuterSettings = OuterSettings()
     averaging: AveragingSettings = AveragingSettings()
+    clustering: ClusteringSettings = ClusteringSettings()
 
 
 def _first_error(exc: ValidationError) -> str:

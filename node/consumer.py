@@ -6,9 +6,10 @@ import logging
 from pathlib import Path
 
 from node.adapter import ADAPTER_FILES
+from node.clusters import read_assignment
 from node.offers import Offer, best_offers
 from node.swarm import SwarmError, SwarmNode
-from protocols.records import ManifestRecord, PeerRecord
+from protocols.records import ClusterRecord, ManifestRecord, PeerRecord, clusters_key
 from protocols.transfer import TransferError, unpack_files, write_dir_atomically
 
 log = logging.getLogger("swarmtune.pull")
@@ -89,13 +90,29 @@ def format_offers(offers: dict[str, Offer]) -> str:
 
 def format_peers(records: dict[str, PeerRecord]) -> str:
     """A table of peers, their rounds and losses."""
-    lines = [f"{'peer':<12}{'role':<13}{'round':>6}{'loss':>9}{'eval':>9}{'group':>7}  task"]
+    head = f"{'peer':<12}{'role':<13}{'round':>6}{'loss':>9}{'eval':>9}{'group':>7}{'cluster':>9}"
+    lines = [head + "  task"]
     for pid, r in sorted(records.items(), key=lambda item: (item[1].role, item[0])):
         loss = f"{r.loss:.3f}" if r.loss is not None else "-"
         ev = f"{r.eval_loss:.3f}" if r.eval_loss is not None else "-"
+        cluster = str(r.cluster) if r.cluster >= 0 else "-"
         lines.append(
-            f"…{pid[-10:]:<11}{r.role:<13}{r.round:>6}{loss:>9}{ev:>9}{r.group_size:>7}  {r.task}"
+            f"…{pid[-10:]:<11}{r.role:<13}{r.round:>6}{loss:>9}{ev:>9}{r.group_size:>7}"
+            f"{cluster:>9}  {r.task}"
         )
+    return "\n".join(lines)
+
+
+def format_clusters(record: ClusterRecord | None, peers: dict[str, PeerRecord]) -> str:
+    """One line per cluster: its id, members and their tasks."""
+    if record is None:
+        return "clusters: none assigned yet"
+    members: dict[int, list[str]] = {}
+    for peer, cluster in sorted(record.assignment.items()):
+        task = peers[peer].task if peer in peers else "gone"
+        members.setdefault(cluster, []).append(f"…{peer[-8:]} ({task})")
+    lines = [f"clusters (assignment v{record.version}, round {record.round}):"]
+    lines += [f"  cluster {c}: " + ", ".join(m) for c, m in sorted(members.items())]
     return "\n".join(lines)
 
 
@@ -113,6 +130,9 @@ def status(initial_peers: list[str]) -> int:
             f"{manifest.config['inner']['steps']}  peers {len(records)}\n"
         )
         print(format_peers(records) + "\n")
+        if manifest.config.get("clustering", {}).get("enabled"):
+            raw = node.get_owned(clusters_key(manifest.run_id))
+            print(format_clusters(read_assignment(raw, manifest.coordinator_key), records) + "\n")
         print(format_offers(best_offers(records)))
         return 0
     finally:

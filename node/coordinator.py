@@ -6,16 +6,26 @@ import hashlib
 import logging
 import signal
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.adapter import AdapterError
 from node.basemodel import load_base
 from node.build import resolve_target_modules
 from node.checkpoint import atomic_write
-from node.config import load_config
+from node.clusters import Clusterer, merge_bundles, verified_signatures
+from node.config import load_config, parse_config
 from node.offers import Offer, best_offers
 from node.swarm import SwarmNode
-from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
+from protocols.records import (
+    AdapterOffer,
+    ManifestRecord,
+    PeerRecord,
+    clusters_key,
+    peers_key,
+    signatures_key,
+)
 from protocols.transfer import TransferError
 
 log = logging.getLogger("swarmtune.bootstrap")
@@ -44,6 +54,9 @@ class Coordinator:
         self.known: set[str] = set()
         self.failed: set[tuple[str, int, str]] = set()
         self.stop = threading.Event()
+        self.settings = parse_config(manifest.config).clustering
+        self.clusterer = Clusterer(self.settings, node.peer_id) if self.settings.enabled else None
+        self.merged_round = -1
 
     def tick(self) -> None:
         """One pass: report membership changes and mirror newer adapters."""
@@ -53,6 +66,8 @@ class Coordinator:
         for pid in sorted(self.known - set(peers)):
             log.info("peer %s left", pid[-8:])
         self.known = set(peers)
+        if self.clusterer is not None:
+            self.recluster(set(peers))
         for offer in best_offers(peers).values():
             mine = self.record.adapters.get(offer.name)
             if (mine is None or offer.round > mine.round) and (
@@ -61,6 +76,68 @@ class Coordinator:
                 offer.sha256,
             ) not in self.failed:
                 self.mirror(offer)
+
+    def recluster(self, live: set[str]) -> None:
+        """Cluster the live volunteers' signatures; publish a new assignment when due."""
+        assert self.clusterer is not None
+        run = self.manifest.run_id
+        signatures = verified_signatures(
+            self.node.get_owned(peers_key(run)), self.node.get_owned(signatures_key(run))
+        )
+        live_signatures = {p: s for p, s in signatures.items() if p in live}
+        try:
+            record = self.clusterer.update(live_signatures)
+        except ValueError as exc:
+            log.warning("could not cluster the signatures: %s", exc)
+            return
+        if record is not None:
+            self.publish_clusters()
+            members: dict[int, list[str]] = {}
+            for peer, cluster in sorted(record.assignment.items()):
+                members.setdefault(cluster, []).append(peer[-8:])
+            log.info("clusters v%d at round %d: %s", record.version, record.round, members)
+        self.maybe_merge()
+
+    def publish_clusters(self) -> None:
+        """(Re)store the current assignment, signed by the coordinator."""
+        if self.clusterer is not None and self.clusterer.record is not None:
+            record = self.clusterer.record.model_dump()
+            self.node.store_owned(clusters_key(self.manifest.run_id), record, MANIFEST_REFRESH * 2)
+
+    def maybe_merge(self) -> None:
+        """Every merge_every rounds, merge the clusters' adapters into `merged`."""
+        assert self.clusterer is not None
+        record = self.clusterer.record
+        clusters = sorted(set(record.assignment.values())) if record else []
+        names = [f"cluster-{c}" for c in clusters]
+        offers = [self.record.adapters.get(n) for n in names]
+        if len(names) < 2 or any(o is None for o in offers):
+            return
+        newest = min(o.round for o in offers if o is not None)
+        if newest < self.merged_round + self.settings.merge_every:
+            return
+        bundles = {n: self.node.blobs.get(f"adapter:{n}") for n in names}
+        sizes = Counter(record.assignment.values()) if record else Counter()
+        weights = {f"cluster-{c}": float(sizes[c]) for c in clusters}
+        try:
+            merged = merge_bundles({n: b for n, b in bundles.items() if b}, weights, self.settings)
+        except (AdapterError, TransferError, ValueError) as exc:
+            log.warning("merging the cluster adapters failed: %s", exc)
+            return
+        self.node.blobs.publish("adapter:merged", merged)
+        sha = hashlib.sha256(merged).hexdigest()
+        adapters = dict(self.record.adapters)
+        adapters["merged"] = AdapterOffer(round=newest, sha256=sha, size=len(merged))
+        self.record = self.record.model_copy(update={"adapters": adapters})
+        self.node.set_record(self.record)
+        self.merged_round = newest
+        log.info(
+            "merged %d cluster adapters (%s) at round %d into `merged` (sha256 %s…)",
+            len(names),
+            self.settings.merge_method,
+            newest,
+            sha[:12],
+        )
 
     def mirror(self, offer: Offer) -> None:
         """Download an adapter bundle (sha-checked) and serve it too."""
@@ -97,10 +174,11 @@ class Coordinator:
             since_manifest += MIRROR_INTERVAL
             if since_manifest >= MANIFEST_REFRESH:
                 self.node.publish_manifest(self.manifest)
+                self.publish_clusters()
                 since_manifest = 0.0
 
 
-def make_manifest(options: BootstrapOptions, peer_id: str) -> ManifestRecord:
+def make_manifest(options: BootstrapOptions, peer_id: str, coordinator_key: str) -> ManifestRecord:
     """Resolve the config against the base model into the manifest volunteers must match."""
     config = load_config(options.config)
     base, _, fingerprint = load_base(config.base_model)
@@ -111,6 +189,7 @@ def make_manifest(options: BootstrapOptions, peer_id: str) -> ManifestRecord:
         target_modules=targets,
         config=config.model_dump(mode="json"),
         coordinator=peer_id,
+        coordinator_key=coordinator_key,
     )
 
 
@@ -126,7 +205,7 @@ def bootstrap(options: BootstrapOptions) -> int:
         run_id=config.run_id,
     )
     try:
-        manifest = make_manifest(options, node.peer_id)
+        manifest = make_manifest(options, node.peer_id, node.owner_key)
         node.publish_manifest(manifest)
         coordinator = Coordinator(node, manifest)
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from aggregation.merge import MergedAdapter, MergeOptions, merge_adapters
@@ -50,18 +50,32 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
 
 
 def read_adapter(path: Path) -> PeftAdapter:
-    """Load adapter_config.json and adapter_model.safetensors into per-module factors."""
+    """Load an adapter directory (adapter_config.json, adapter_model.safetensors, README.md)."""
+    files = {}
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        try:
+            files[name] = (path / name).read_bytes()
+        except FileNotFoundError:
+            if name != "README.md":
+                raise AdapterError(
+                    f"{path}: not a PEFT adapter directory ({name} missing)"
+                ) from None
+        except OSError as exc:
+            raise AdapterError(f"{path}: unreadable adapter ({type(exc).__name__})") from None
+    return parse_adapter(files, path)
+
+
+def parse_adapter(files: dict[str, bytes], path: Path) -> PeftAdapter:
+    """Per-module factors from the bytes of an adapter's files (`path` names it in errors)."""
     try:
-        config = json.loads((path / "adapter_config.json").read_text())
-        tensors = load_file(str(path / "adapter_model.safetensors"))
-    except FileNotFoundError as exc:
-        raise AdapterError(
-            f"{path}: not a PEFT adapter directory ({Path(exc.filename).name} missing)"
-        ) from None
-    except (json.JSONDecodeError, SafetensorError, OSError) as exc:
+        config = json.loads(files["adapter_config.json"])
+        tensors = st_load(files["adapter_model.safetensors"])
+    except KeyError as exc:
+        raise AdapterError(f"{path}: not a PEFT adapter ({exc.args[0]} missing)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{path}: unreadable adapter ({type(exc).__name__})") from None
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(f"{path}: not a LoRA adapter config")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
@@ -70,8 +84,8 @@ def read_adapter(path: Path) -> PeftAdapter:
     if not parts:
         raise AdapterError(f"{path}: no LoRA A/B tensors in adapter_model.safetensors")
     modules = {m: _factors(path, m, p, config) for m, p in sorted(parts.items())}
-    readme = path / "README.md"
-    found = _FINGERPRINT.search(readme.read_text(errors="replace")) if readme.exists() else None
+    readme = files.get("README.md", b"").decode(errors="replace")
+    found = _FINGERPRINT.search(readme)
     return PeftAdapter(path, config, modules, found.group(1) if found else None)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from aggregation.ghbm import make_peer_momentum
+from aggregation.params import Params
 from node.checkpoint import Checkpoint
 from node.config import RunConfig
 from node.round import RoundReport, run_round
@@ -44,6 +45,8 @@ class Peer:
         self.resynced_to: list[int] = []
         outer = config.outer
         self.momentum = make_peer_momentum(outer.name, outer.effective_momentum, outer.tau)
+        self.before_round: Callable[[GroupState], None] = lambda state: None
+        self.observe: Callable[[Params, Params], None] | None = None
 
     def initial_state(self) -> GroupState:
         """The checkpoint if there is one, else round 0 from the seeded LoRA init."""
@@ -90,11 +93,18 @@ class Peer:
             if self.stop.is_set():
                 break
             round_started = time.perf_counter()
+            self.before_round(state)
             state = self.sync(state)
             try:
                 known = max(len(self.transport.announcements()), 1)
                 state, report = run_round(
-                    state, self.trainer, self.transport, self.config, self.momentum, known
+                    state,
+                    self.trainer,
+                    self.transport,
+                    self.config,
+                    self.momentum,
+                    known,
+                    self.observe,
                 )
             except RoundAbandoned as exc:
                 log.info(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aggregation.ghbm import PeerMomentum
@@ -109,6 +110,7 @@ def inner_phase(
     config: RunConfig,
     momentum: PeerMomentum | None = None,
     known: int = 1,
+    observe: Callable[[Params, Params], None] | None = None,
 ) -> LocalUpdate:
     """Steps 1-3: H inner steps from theta^{t-1} (with any per-step momentum), then Delta_i."""
     steps = config.inner.steps
@@ -127,6 +129,8 @@ def inner_phase(
     hooked = shared is not None or momentum is not None
     inner = trainer.train_steps(steps, after_step if hooked else None)
     final = trainer.get_params()
+    if observe is not None:  # e.g. the task signature of clustered runs
+        observe(state.params, final)
     if momentum is not None:
         momentum.end_round(final, state.round)
     delta = round_like_codec(pseudo_gradient(state.params, final), config.averaging.codec)
@@ -161,9 +165,10 @@ def run_round(
     config: RunConfig,
     momentum: PeerMomentum | None = None,
     known: int = 1,
+    observe: Callable[[Params, Params], None] | None = None,
 ) -> tuple[GroupState, RoundReport]:
     """Advance the group state by one DiLoCo round; inputs are not mutated."""
-    update = inner_phase(state, trainer, transport.peer, config, momentum, known)
+    update = inner_phase(state, trainer, transport.peer, config, momentum, known, observe)
     aggregate, group, verified = average(
         transport, update.delta, update.meta, config.averaging.verify_rtol
     )

@@ -154,6 +154,28 @@ class SwarmNode:
         found = self.dht.get(peers_key(self.run_id), latest=True)
         return parse_peer_records(found.value if found is not None else None)
 
+    def store_owned(self, key: str, value: dict[str, Any], ttl: float) -> None:
+        """Store a record under our owner subkey (signed; nobody else can overwrite it)."""
+        self.dht.store(
+            key,
+            value,
+            expiration_time=get_dht_time() + ttl,
+            subkey=owner_subkey(self.signer),
+            return_future=True,
+        )
+
+    def get_owned(self, key: str) -> dict[bytes, Any]:
+        """Every owner's record under `key`, by owner subkey (values as stored, unvalidated)."""
+        found = self.dht.get(key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        return {k: getattr(v, "value", None) for k, v in found.value.items()}
+
+    @property
+    def owner_key(self) -> str:
+        """This peer's owner subkey, as text (published in the manifest by the coordinator)."""
+        return owner_subkey(self.signer).decode("ascii", errors="replace")
+
     def fetch(
         self,
         peer_id: str,
@@ -217,6 +239,13 @@ class HivemindTransport:
         self.record = role_record
         self.timeout = averager.matchmaking_time * 3
         self.on_announce: Callable[[GroupState], dict[str, AdapterOffer]] | None = None
+        self.cluster = -1  # clustered runs: only members of this cluster count for state sync
+
+    def set_cluster(self, cluster: int) -> None:
+        """Say in our record which cluster we average with."""
+        self.cluster = cluster
+        self.record = self.record.model_copy(update={"cluster": cluster})
+        self.node.set_record(self.record)
 
     def all_reduce(self, delta: Params, meta: MemberMeta) -> GroupResult:
         """Weighted all-reduce through hivemind; gathered metadata parsed defensively."""
@@ -250,11 +279,13 @@ class HivemindTransport:
         self.node.set_record(self.record)
 
     def announcements(self) -> dict[str, tuple[int, str]]:
-        """(round, digest) of every volunteer's last announced state."""
+        """(round, digest) of every volunteer's last announced state (in our cluster, if any)."""
         return {
             pid: (r.round, r.digest)
             for pid, r in self.node.peers().items()
-            if r.role == "volunteer" and r.digest
+            if r.role == "volunteer"
+            and r.digest
+            and (self.cluster < 0 or r.cluster == self.cluster)
         }
 
     def fetch_state(self, ref: Any) -> GroupState:

@@ -13,6 +13,7 @@ from pathlib import Path
 from node.adapter import Provenance, adapter_files
 from node.build import LocalModel, build_local_model
 from node.checkpoint import Checkpoint
+from node.cluster_member import ClusterMember, group_prefix
 from node.config import RunConfig, load_config, parse_config
 from node.data import load_texts
 from node.peer import Peer
@@ -84,19 +85,9 @@ class Volunteer:
     ) -> None:
         self.node, self.manifest, self.local, self.options = node, manifest, local, options
         self.config = parse_config(manifest.config)
-        params = local.trainer.get_params()
-        averaging = self.config.averaging
-        self.averager = GroupAverager(
-            node.dht,
-            f"{manifest.run_id}_global",
-            params,
-            codec=averaging.codec,
-            matchmaking_time=averaging.matchmaking_time,
-            allreduce_timeout=averaging.allreduce_timeout,
-            min_group_size=averaging.min_group_size,
-        )
         record = PeerRecord(peer_id=node.peer_id, role="volunteer", task=options.data[:64])
-        self.transport = HivemindTransport(node, self.averager, role_record=record)
+        averager = self.make_averager(group_prefix(manifest.run_id, -1))
+        self.transport = HivemindTransport(node, averager, role_record=record)
         self.transport.on_announce = self.offer_adapter
         self.last_group = 1
         self.peer = Peer(
@@ -107,9 +98,35 @@ class Volunteer:
             on_report=self.report,
             evaluate=local.eval_loss,
         )
+        self.member: ClusterMember | None = None
+        if self.config.clustering.enabled:
+            self.member = ClusterMember(
+                node, manifest, self.config, self.transport, self.make_averager
+            )
+            self.peer.before_round = self.member.before_round
+            self.peer.observe = self.member.signature.observe
+
+    def make_averager(self, prefix: str) -> GroupAverager:
+        """An averager for one group prefix (the run-wide group, or a cluster's)."""
+        averaging = self.config.averaging
+        return GroupAverager(
+            self.node.dht,
+            prefix,
+            self.local.trainer.get_params(),
+            codec=averaging.codec,
+            matchmaking_time=averaging.matchmaking_time,
+            allreduce_timeout=averaging.allreduce_timeout,
+            min_group_size=averaging.min_group_size,
+        )
+
+    @property
+    def adapter_name(self) -> str:
+        """What this peer's group adapter is called: `global`, or `cluster-<id>` once assigned."""
+        cluster = self.transport.cluster
+        return "global" if cluster < 0 else f"cluster-{cluster}"
 
     def offer_adapter(self, state: GroupState) -> dict[str, AdapterOffer]:
-        """Serve the group's current adapter as `global`; returns the offer for our record."""
+        """Serve the group's current adapter under its name; returns the offer for our record."""
         provenance = Provenance(
             self.manifest.run_id,
             state.round,
@@ -119,9 +136,10 @@ class Volunteer:
             self.options.model or "embedded",
         )
         bundle = pack_files(adapter_files(self.local.trainer, state.params, provenance))
-        self.node.blobs.publish("adapter:global", bundle)
+        name = self.adapter_name
+        self.node.blobs.publish(f"adapter:{name}", bundle)
         sha = hashlib.sha256(bundle).hexdigest()
-        return {"global": AdapterOffer(round=state.round, sha256=sha, size=len(bundle))}
+        return {name: AdapterOffer(round=state.round, sha256=sha, size=len(bundle))}
 
     def report(self, report: RoundReport) -> None:
         """Progress line, metrics file, and the numbers status shows."""
@@ -154,7 +172,7 @@ class Volunteer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.peer.stop.is_set():
             for record in self.node.peers().values():
-                offer = record.adapters.get("global")
+                offer = record.adapters.get(self.adapter_name)
                 if record.role == "coordinator" and offer is not None and offer.round >= round_:
                     log.info("the coordinator now serves the round %d adapter", round_)
                     return True
@@ -164,7 +182,7 @@ class Volunteer:
 
     def close(self) -> None:
         """Stop the averager (the node is closed by the caller)."""
-        self.averager.shutdown()
+        self.transport.averager.shutdown()
 
 
 def join(options: JoinOptions) -> int:

@@ -1,7 +1,8 @@
 """DHT key schema and record validation for one run.
 
-Keys live under the run id: `<run>_manifest` (one record, owned by the coordinator) and
-`<run>_peers` (one record per peer, subkey = the owner's public key). Every record under these
+Keys live under the run id: `<run>_manifest` and `<run>_clusters` (one record each, owned by
+the coordinator), `<run>_peers` and `<run>_signatures` (one record per peer, subkey = the
+owner's public key). Every record under these
 keys must be signed by its owner (hivemind's RSASignatureValidator checks the signature; this
 validator requires the owner marker), be at most MAX_RECORD_BYTES, and match its schema.
 """
@@ -48,7 +49,8 @@ class PeerRecord(BaseModel):
     bytes_sent: int = Field(0, ge=0)
     bytes_received: int = Field(0, ge=0)
     task: str = Field("", max_length=64)
-    adapters: dict[str, AdapterOffer] = Field(default_factory=dict, max_length=16)
+    cluster: int = Field(-1, ge=-1, le=100_000)
+    adapters: dict[str, AdapterOffer] = Field(default_factory=dict, max_length=64)
 
     @field_validator("loss", "eval_loss")
     @classmethod
@@ -67,6 +69,43 @@ class ManifestRecord(BaseModel):
     target_modules: list[str] = Field(min_length=1, max_length=64)
     config: dict[str, Any]
     coordinator: str = Field(min_length=10, max_length=128)
+    coordinator_key: str = Field("", max_length=2048)
+
+
+class SignatureRecord(BaseModel):
+    """A volunteer's task signature: a shared-seed sketch of its local task vector."""
+
+    model_config = ConfigDict(extra="forbid")
+    peer_id: str = Field(min_length=10, max_length=128)
+    round: int = Field(ge=0)
+    values: list[float] = Field(min_length=1, max_length=4096)
+
+    @field_validator("values")
+    @classmethod
+    def _all_finite(cls, values: list[float]) -> list[float]:
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("signature values must be finite")
+        return values
+
+
+class ClusterRecord(BaseModel):
+    """The coordinator's versioned assignment of volunteers to clusters."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+    round: int = Field(ge=0)
+    assignment: dict[str, int] = Field(max_length=10_000)
+    coordinator: str = Field(min_length=10, max_length=128)
+
+
+def signatures_key(run_id: str) -> str:
+    """DHT key under which volunteers keep their signed task signatures."""
+    return f"{run_id}_signatures"
+
+
+def clusters_key(run_id: str) -> str:
+    """DHT key of the coordinator's cluster assignment."""
+    return f"{run_id}_clusters"
 
 
 def manifest_key(run_id: str) -> str:
@@ -86,6 +125,8 @@ class RunRecordValidator(RecordValidatorBase):
         self._schemas: dict[bytes, type[BaseModel]] = {
             DHTID.generate(source=manifest_key(run_id)).to_bytes(): ManifestRecord,
             DHTID.generate(source=peers_key(run_id)).to_bytes(): PeerRecord,
+            DHTID.generate(source=signatures_key(run_id)).to_bytes(): SignatureRecord,
+            DHTID.generate(source=clusters_key(run_id)).to_bytes(): ClusterRecord,
         }
 
     def validate(self, record: DHTRecord) -> bool:

@@ -111,6 +111,12 @@ class BlobServer:
         with self._lock:
             self._blobs.pop(name, None)
 
+    def get(self, name: str) -> bytes | None:
+        """The bytes served under `name`, or None."""
+        with self._lock:
+            entry = self._blobs.get(name)
+        return entry[0] if entry is not None else None
+
     def names(self) -> list[str]:
         """Names currently published, sorted."""
         with self._lock:
