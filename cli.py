@@ -90,8 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     _peers_arg(status)
 
     demo = sub.add_parser("demo", help="a whole swarm on 127.0.0.1, then pull its adapter")
-    demo.add_argument("--peers", type=int, default=3, help="volunteers (default 3)")
-    demo.add_argument("--rounds", type=int, default=6, help="DiLoCo rounds (default 6)")
+    demo.add_argument("--peers", type=int, help="volunteers (default 3; 8 with --clustered)")
+    demo.add_argument("--rounds", type=int, help="DiLoCo rounds (default 6; 8 with --clustered)")
+    demo.add_argument(
+        "--clustered",
+        action="store_true",
+        help="4 tasks x 2 volunteers in similarity clusters; pulls the `merged` adapter",
+    )
     demo.add_argument("--out", type=Path, default=Path("demo-adapter"), help="adapter directory")
     demo.add_argument("--config", type=Path, help="run config (default: the demo's built-in one)")
     demo.add_argument("--workdir", type=Path, help="where peers keep their files (default: temp)")
@@ -194,7 +199,10 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from node.demo import DemoOptions, run_demo
 
-        return run_demo(DemoOptions(args.peers, args.rounds, args.out, args.config, args.workdir))
+        peers = args.peers or (8 if args.clustered else 3)
+        rounds = args.rounds or (8 if args.clustered else 6)
+        demo = DemoOptions(peers, rounds, args.out, args.config, args.workdir, args.clustered)
+        return run_demo(demo)
     if args.command == "merge":
         from aggregation.merge import MergeOptions
         from node.merge import merge_dirs

@@ -8,9 +8,12 @@ cluster's state from its members. Without a coordinator the last assignment simp
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
+from node.checkpoint import atomic_write
 from node.clusters import TaskSignature, read_assignment
 from node.config import RunConfig
 from node.state import GroupState
@@ -36,8 +39,10 @@ class ClusterMember:
         config: RunConfig,
         transport: HivemindTransport,
         make_averager: Callable[[str], GroupAverager],
+        workdir: Path,
     ) -> None:
         self.node, self.manifest, self.transport = node, manifest, transport
+        self.workdir = workdir
         self.settings = config.clustering
         self.signature = TaskSignature(config.lora.alpha / config.lora.rank, self.settings.sketch_k)
         self.make_averager = make_averager
@@ -75,3 +80,5 @@ class ClusterMember:
             self.version,
         )
         self.transport.set_cluster(cluster)
+        info = {"peer_id": self.node.peer_id, "cluster": cluster, "version": self.version}
+        atomic_write(self.workdir / "cluster.json", json.dumps(info).encode())

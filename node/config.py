@@ -108,6 +108,7 @@ class AveragingSettings(_Strict):
     min_group_size: int = Field(2, ge=2, le=1024)
     codec: Literal["fp32", "fp16"] = "fp32"
     verify_rtol: float = Field(1e-3, gt=0, lt=1)
+    gossip: bool = False  # average with one random partner per round instead of the group
 
 
 class ClusteringSettings(_Strict):

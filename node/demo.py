@@ -15,12 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from node.config import AveragingSettings, RunConfig
+from aggregation.taskvec import adjusted_rand_index
+from node.config import AveragingSettings, ClusteringSettings, InnerSettings, RunConfig
 from node.data import BUILTIN_TASKS
 from node.swarm import SwarmError
 from protocols.sockets import remove_stale_hivemind_sockets
 
 DEMO_CONFIG = RunConfig(run_id="swarmtune-demo", averaging=AveragingSettings(matchmaking_time=3.0))
+CLUSTERED_CONFIG = RunConfig(
+    run_id="swarmtune-clustered-demo",
+    inner=InnerSettings(steps=10, batch_size=8, seq_len=48),
+    averaging=AveragingSettings(matchmaking_time=3.0),
+    clustering=ClusteringSettings(enabled=True, warmup_rounds=2, merge_every=2),
+)
+CLUSTERED_TASKS = 4  # built-in tasks, two volunteers each
 
 
 @dataclass
@@ -32,6 +40,13 @@ class DemoOptions:
     out: Path = Path("demo-adapter")
     config: Path | None = None
     workdir: Path | None = None
+    clustered: bool = False
+
+    def task_of(self, index: int) -> str:
+        """Volunteer i's task: round robin, or two per task in clustered mode."""
+        if self.clustered:
+            return BUILTIN_TASKS[(index // 2) % CLUSTERED_TASKS]
+        return BUILTIN_TASKS[index % len(BUILTIN_TASKS)]
 
 
 class Processes:
@@ -121,6 +136,23 @@ def summarize(workdirs: list[Path], out: Path, started: float) -> str:
     return "\n".join(lines)
 
 
+def cluster_summary(workdirs: list[Path], tasks: list[str]) -> str:
+    """Which cluster each volunteer ended in, and the adjusted Rand index against the tasks."""
+    clusters = []
+    for workdir in workdirs:
+        path = workdir / "cluster.json"
+        clusters.append(json.loads(path.read_text())["cluster"] if path.exists() else -1)
+    lines = ["", "volunteer  task        cluster"]
+    lines += [
+        f"{w.name:<10} {t:<11} {c:>7}" for w, t, c in zip(workdirs, tasks, clusters, strict=True)
+    ]
+    ari = adjusted_rand_index(tasks, clusters)
+    lines.append(
+        f"clusters vs tasks: adjusted Rand index {ari:.3f} (1.0 = tasks recovered exactly)"
+    )
+    return "\n".join(lines)
+
+
 def run_demo(options: DemoOptions) -> int:
     """Entry point of `swarmtune demo`."""
     if options.peers < 2 or options.rounds < 1:
@@ -131,7 +163,8 @@ def run_demo(options: DemoOptions) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     config = options.config or workdir / "run.yaml"
     if options.config is None:
-        config.write_text(json.dumps(DEMO_CONFIG.model_dump(mode="json")))  # JSON is YAML
+        default = CLUSTERED_CONFIG if options.clustered else DEMO_CONFIG
+        config.write_text(json.dumps(default.model_dump(mode="json")))  # JSON is YAML
     procs, started = Processes(), time.monotonic()
     try:
         coord = procs.start(
@@ -149,7 +182,7 @@ def run_demo(options: DemoOptions) -> int:
         maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
         volunteers = [workdir / f"vol{i + 1}" for i in range(options.peers)]
         for i, vol in enumerate(volunteers):
-            task = BUILTIN_TASKS[i % len(BUILTIN_TASKS)]
+            task = options.task_of(i)
             procs.start(
                 vol.name,
                 [
@@ -169,6 +202,8 @@ def run_demo(options: DemoOptions) -> int:
         codes = [procs.procs[v.name].wait() for v in volunteers]
         if any(codes):
             raise SwarmError(f"a volunteer failed (exit codes {codes}); see its output above")
+        if options.clustered:
+            print(cluster_summary(volunteers, [options.task_of(i) for i in range(options.peers)]))
         pulled = subprocess.run(
             [
                 sys.executable,
@@ -179,6 +214,8 @@ def run_demo(options: DemoOptions) -> int:
                 maddr,
                 "--out",
                 str(options.out),
+                "--adapter",
+                "merged" if options.clustered else "global",
             ],
             text=True,
             capture_output=True,

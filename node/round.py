@@ -2,7 +2,9 @@
 
 1. start from the group's theta^{t-1}; 2. H inner AdamW steps; 3. Delta_i = theta^{t-1} - theta_i;
 4. token-weighted all-reduce, verified by a linear checksum and the members' start digests;
-5. outer step. Outer optimizers that act inside the inner loop (GHBM's local correction, the
+5. outer step. In gossip mode (averaging.gossip) a peer instead averages its end point with one
+random partner (group of 2) and applies the outer step to Delta = theta^{t-1} - mean end point.
+Outer optimizers that act inside the inner loop (GHBM's local correction, the
 per-peer LocalGHBM/FedHBM momentum) get a hook after every inner step. A member alone, or whose all-reduce fails verification, applies its own Delta;
 the digest consensus at the next round start then resyncs whoever diverged.
 """
@@ -13,7 +15,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aggregation.ghbm import PeerMomentum
 from aggregation.outer import OuterOptimizer, RoundContext, make_outer
@@ -51,12 +53,18 @@ class RoundReport:
     tau: int | None = None
 
 
-def verify_group(result: GroupResult, mine: MemberMeta, rtol: float) -> str | None:
-    """None if the average is what the members' checksums predict; otherwise why not."""
+def verify_group(
+    result: GroupResult, mine: MemberMeta, rtol: float, same_start: bool = True
+) -> str | None:
+    """None if the average is what the members' checksums predict; otherwise why not.
+
+    Group rounds also require every member to have started from the same state; gossip
+    partners (same_start=False) hold different states by design and only share the round.
+    """
     members = result.members
     if len(members) < 2 or mine.peer not in {m.peer for m in members}:
         return f"group of {len(members)} without this peer"
-    starts = Counter((m.round, m.start_digest) for m in members)
+    starts = Counter((m.round, m.start_digest if same_start else "") for m in members)
     if len(starts) > 1:
         return f"members started from {len(starts)} different states"
     total = sum(m.weight for m in members)
@@ -71,7 +79,7 @@ def verify_group(result: GroupResult, mine: MemberMeta, rtol: float) -> str | No
 
 
 def average(
-    transport: Transport, delta: Params, mine: MemberMeta, rtol: float
+    transport: Transport, delta: Params, mine: MemberMeta, rtol: float, same_start: bool = True
 ) -> tuple[Params, GroupResult | None, bool]:
     """(aggregate, group, verified): the group's weighted mean, or our own Delta if it failed."""
     try:
@@ -79,7 +87,7 @@ def average(
     except AveragingFailed as exc:
         log.warning("round %d: averaging failed (%s); applying the local update", mine.round, exc)
         return delta, None, False
-    problem = verify_group(result, mine, rtol)
+    problem = verify_group(result, mine, rtol, same_start)
     if problem is not None:
         log.warning("round %d: rejecting the group average: %s", mine.round, problem)
         return delta, result, False
@@ -169,9 +177,16 @@ def run_round(
 ) -> tuple[GroupState, RoundReport]:
     """Advance the group state by one DiLoCo round; inputs are not mutated."""
     update = inner_phase(state, trainer, transport.peer, config, momentum, known, observe)
+    gossip = config.averaging.gossip
+    sent, meta = update.delta, update.meta
+    if gossip:  # partners hold different states: average the end points, not the deltas
+        sent = {k: state.params[k] - update.delta[k] for k in sorted(update.delta)}
+        meta = replace(meta, checksum=projection_checksum(sent, seed=state.round))
     aggregate, group, verified = average(
-        transport, update.delta, update.meta, config.averaging.verify_rtol
+        transport, sent, meta, config.averaging.verify_rtol, same_start=not gossip
     )
+    if gossip:
+        aggregate = pseudo_gradient(state.params, aggregate)
     started = time.perf_counter()
     new_state, tau = outer_phase(state, aggregate, group_context(group, verified), config)
     outer_s = time.perf_counter() - started

@@ -101,7 +101,7 @@ class Volunteer:
         self.member: ClusterMember | None = None
         if self.config.clustering.enabled:
             self.member = ClusterMember(
-                node, manifest, self.config, self.transport, self.make_averager
+                node, manifest, self.config, self.transport, self.make_averager, options.workdir
             )
             self.peer.before_round = self.member.before_round
             self.peer.observe = self.member.signature.observe
@@ -117,6 +117,7 @@ class Volunteer:
             matchmaking_time=averaging.matchmaking_time,
             allreduce_timeout=averaging.allreduce_timeout,
             min_group_size=averaging.min_group_size,
+            target_group_size=2 if averaging.gossip else None,
         )
 
     @property

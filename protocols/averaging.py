@@ -63,6 +63,7 @@ class GroupAverager:
         matchmaking_time: float = 5.0,
         allreduce_timeout: float = 60.0,
         min_group_size: int = 2,
+        target_group_size: int | None = None,
     ) -> None:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
@@ -78,6 +79,7 @@ class GroupAverager:
             prefix=prefix,
             start=True,
             min_group_size=min_group_size,
+            target_group_size=target_group_size,
             min_matchmaking_time=matchmaking_time,
             request_timeout=min(1.0, matchmaking_time / 2),
             allreduce_timeout=allreduce_timeout,

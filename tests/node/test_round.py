@@ -194,3 +194,26 @@ def test_group_context_uses_the_largest_population_any_member_knew() -> None:
     context = group_context(GroupResult({}, members), verified=True)
     assert (context.participants, context.population) == (2, 12)
     assert group_context(GroupResult({}, members), verified=False).participants == 1
+
+
+def test_gossip_partners_with_different_states_average_their_end_points() -> None:
+    config = parse_config(
+        {
+            "inner": {"steps": 3, "batch_size": 4, "seq_len": 32},
+            "outer": {"name": "fedavg", "lr": 1.0},
+            "averaging": {"gossip": True},
+        }
+    )
+    hub = InMemoryHub(expected=2)
+    locals_ = [_local("dates", 0), _local("code", 1)]
+    shifted = {k: v + 0.01 for k, v in locals_[1].trainer.get_params().items()}
+    locals_[1].trainer.set_params(shifted)  # the partners start from different states
+    reports: list[RoundReport] = []
+    peers = [_peer(hub, f"p{i}", local, None, reports, config) for i, local in enumerate(locals_)]
+    states = _run_all(peers, [2, 2])
+    assert all(p.resynced_to == [] for p in peers)  # a gossip peer keeps its own state
+    assert all(r.verified and r.group_size == 2 for r in reports)
+    # with outer lr 1 both partners adopt the mean of their end points (up to rounding)
+    for k, v in states[0].params.items():
+        torch.testing.assert_close(v, states[1].params[k], rtol=0, atol=1e-6)
+    assert states[0].round == states[1].round == 2

@@ -1,0 +1,87 @@
+"""Clustered swarm on real hivemind peers: tasks recovered as clusters, cluster and merged adapters."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from swarm_harness import Swarm  # noqa: E402
+
+from aggregation.taskvec import adjusted_rand_index  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+CLUSTERED = """run_id: itest-clusters
+inner: {steps: 10, batch_size: 8, seq_len: 48}
+averaging: {matchmaking_time: 2.0}
+clustering: {enabled: true, warmup_rounds: 2, merge_every: 2, merge_method: ties}
+"""
+TASKS = ["arithmetic", "arithmetic", "capitals", "capitals"]
+
+
+def test_volunteers_find_their_task_clusters_and_the_merge_is_served(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, config_text=CLUSTERED)
+    try:
+        swarm.start_coordinator()
+        for i, task in enumerate(TASKS):
+            swarm.join(f"v{i}", task, 7)
+        codes = [swarm.wait(f"v{i}", 300) for i in range(len(TASKS))]
+        assert codes == [0] * len(TASKS), "\n".join(swarm.log(f"v{i}") for i in range(4))
+        clusters = [json.loads((tmp_path / f"v{i}" / "cluster.json").read_text()) for i in range(4)]
+        labels = [c["cluster"] for c in clusters]
+        assert adjusted_rand_index(TASKS, labels) == 1.0, labels
+        reports = [
+            json.loads(x) for x in (tmp_path / "v0" / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert (
+            reports[-1]["verified"] and reports[-1]["group_size"] == 2
+        )  # averaging in its cluster
+        assert "clusters v1" in swarm.log("coord") and "into `merged`" in swarm.log("coord")
+
+        listing = swarm.cli("pull", "--initial-peers", swarm.maddr, "--list")
+        names = {f"cluster-{c}" for c in labels} | {"merged"}
+        assert all(name in listing.stdout for name in names), listing.stdout
+        pulled = swarm.cli(
+            "pull",
+            "--initial-peers",
+            swarm.maddr,
+            "--adapter",
+            "merged",
+            "--out",
+            str(tmp_path / "m"),
+        )
+        assert pulled.returncode == 0, pulled.stderr
+        assert "ties" in (tmp_path / "m" / "README.md").read_text()
+        status = swarm.cli("status", "--initial-peers", swarm.maddr)
+        assert "clusters (assignment v" in status.stdout and "cluster" in status.stdout
+    finally:
+        swarm.close()
+
+
+GOSSIP = """run_id: itest-gossip
+inner: {steps: 10, batch_size: 8, seq_len: 48}
+averaging: {matchmaking_time: 2.0, gossip: true}
+"""
+
+
+def test_gossip_mode_pairs_real_peers(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, config_text=GOSSIP)
+    try:
+        swarm.start_coordinator()
+        for i, task in enumerate(["arithmetic", "dates", "code"]):
+            swarm.join(f"v{i}", task, 4)
+        codes = [swarm.wait(f"v{i}", 300) for i in range(3)]
+        assert codes == [0, 0, 0], "\n".join(swarm.log(f"v{i}") for i in range(3))
+        reports = [
+            json.loads(line)
+            for i in range(3)
+            for line in (tmp_path / f"v{i}" / "metrics.jsonl").read_text().splitlines()
+        ]
+        pairs = [r for r in reports if r["verified"]]
+        assert pairs and all(r["group_size"] == 2 for r in pairs)  # partners, never the whole group
+        assert "synced to the group's state" not in "".join(swarm.log(f"v{i}") for i in range(3))
+    finally:
+        swarm.close()
