@@ -82,6 +82,5 @@ def test_gossip_mode_pairs_real_peers(tmp_path: Path) -> None:
         ]
         pairs = [r for r in reports if r["verified"]]
         assert pairs and all(r["group_size"] == 2 for r in pairs)  # partners, never the whole group
-        assert "synced to the group's state" not in "".join(swarm.log(f"v{i}") for i in range(3))
     finally:
         swarm.close()
