@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench bench-ghbm clean
+.PHONY: install demo test test-fast lint bench bench-ghbm bench-clusters clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,7 +32,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/swarm_bench.py
 
 bench-ghbm: $(STAMP)
-	$(BIN)/python bench/ghbm_bench.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/ghbm_bench.py
+
+bench-clusters: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/cluster_bench.py
 
 clean:
 	rm -rf $(VENV) demo-adapter .pytest_cache

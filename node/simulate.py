@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregation.ghbm import PeerMomentum, make_peer_momentum
-from aggregation.params import weighted_mean
+from aggregation.params import Params, weighted_mean
 from node.basemodel import load_base
 from node.build import resolve_target_modules
 from node.config import SimConfig
@@ -118,6 +118,7 @@ class Simulation:
             for t in self.tasks
         }
         self.sampler = random.Random(f"sample:{seed}")
+        self.observers: dict[str, Callable[[Params, Params], None]] = {}  # by client name
         self.state = GroupState(0, self.trainer.get_params(), {})
 
     def evaluate(self) -> dict[str, float]:
@@ -137,6 +138,7 @@ class Simulation:
             self.config.run,
             client.momentum,
             known=len(self.clients),
+            observe=self.observers.get(client.name),
         )
         if self.config.keep_inner_state:
             client.inner_state = self.trainer.optimizer.state_dict()
@@ -144,10 +146,13 @@ class Simulation:
         return update
 
     def step(self) -> dict[str, float]:
-        """One round: sample, inner phases, verified weighted mean, outer step."""
+        """One round: sample round(C*K) clients uniformly, then a group round with them."""
         count = max(1, round(self.config.participation * len(self.clients)))
-        sampled = sorted(self.sampler.sample(range(len(self.clients)), count))
-        updates = [self.client_update(self.clients[c]) for c in sampled]
+        return self.group_round(sorted(self.sampler.sample(range(len(self.clients)), count)))
+
+    def group_round(self, members: list[int]) -> dict[str, float]:
+        """Inner phases of `members` from self.state, verified weighted mean, outer step."""
+        updates = [self.client_update(self.clients[c]) for c in members]
         metas = [u.meta for u in updates]
         group = GroupResult(
             weighted_mean([u.delta for u in updates], [m.weight for m in metas]), metas

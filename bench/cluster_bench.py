@@ -1,0 +1,250 @@
+"""Clustered training and merging, per task (issue 4): specialist vs merged vs one global adapter.
+
+Clients, each holding one built-in task (two per task), run the daemon's round code through
+the simulator: warm-up rounds in one group while each client sketches its task signature;
+clustering (the coordinator's code) on those signatures; then DiLoCo rounds inside each
+cluster. The same clients and steps without clustering give the single global DiLoCo adapter.
+Every cluster adapter is merged with each method; every adapter is evaluated per task as
+dense base + dW on the task's held-out set. Writes bench/out/clusters/results.json,
+bench/clusters.png and the `clusters` section of bench/RESULTS.md.
+
+    .venv/bin/python bench/cluster_bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from results_md import replace_section  # noqa: E402
+
+from aggregation.merge import MergeOptions, merge_adapters  # noqa: E402
+from aggregation.taskvec import LoraFactors, adjusted_rand_index  # noqa: E402
+from node.basemodel import load_base  # noqa: E402
+from node.clusters import TaskSignature, cluster_signatures, lora_modules  # noqa: E402
+from node.config import ClusteringSettings, SimConfig  # noqa: E402
+from node.simulate import Simulation  # noqa: E402
+from node.state import GroupState  # noqa: E402
+from node.trainer import lm_loss  # noqa: E402
+
+TASKS = ["arithmetic", "reverse", "capitals", "dates"]
+METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+OUT = ROOT / "bench" / "out" / "clusters"
+
+
+def sim_config(rounds: int, per_task: int, inner_steps: int) -> SimConfig:
+    """All clients take part in every round; one task each, `per_task` clients per task."""
+    return SimConfig.model_validate(
+        {
+            "run": {
+                "inner": {"steps": inner_steps, "batch_size": 4, "seq_len": 32, "lr": 0.003},
+                "outer": {"name": "nesterov"},
+            },
+            "clients": per_task * len(TASKS),
+            "participation": 1.0,
+            "heterogeneity": {"kind": "task"},
+            "tasks": TASKS,
+            "rounds": rounds,
+            "eval_batches": 4,
+        }
+    )
+
+
+class DenseEvaluator:
+    """Eval loss of base + dW per module, on each task's held-out windows."""
+
+    def __init__(self, eval_sets: dict[str, list[torch.Tensor]]) -> None:
+        self.model, _, _ = load_base(None)
+        self.model.eval()
+        self.base = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.eval_sets = eval_sets
+
+    @torch.no_grad()
+    def losses(self, modules: dict[str, LoraFactors] | None) -> dict[str, float]:
+        """Per-task loss with the task vectors applied (None: the base alone)."""
+        params = dict(self.model.named_parameters())
+        for name, value in self.base.items():
+            params[name].copy_(value)
+        for module, factors in (modules or {}).items():
+            params[module.removeprefix("base_model.model.") + ".weight"].add_(factors.delta_w())
+        return {
+            task: sum(float(lm_loss(self.model, b)) for b in batches) / len(batches)
+            for task, batches in self.eval_sets.items()
+        }
+
+
+def run_seed(seed: int, warmup: int, rounds: int, per_task: int, inner_steps: int) -> dict:
+    """One seed: warm-up + signatures, clustering, cluster rounds, global rounds, evaluation."""
+    config = sim_config(warmup + rounds, per_task, inner_steps)
+    sim = Simulation(config, seed)
+    lora = config.run.lora
+    scaling = lora.alpha / lora.rank
+    signatures = {c.name: TaskSignature(scaling, 6) for c in sim.clients}
+    sim.observers = {name: sig.observe for name, sig in signatures.items()}
+    everyone = list(range(len(sim.clients)))
+    for _ in range(warmup):
+        sim.group_round(everyone)
+    sim.observers = {}
+    records = {n: s.record(n + "-padded-id", warmup) for n, s in signatures.items()}
+    labels = cluster_signatures(
+        {n: r for n, r in records.items() if r}, ClusteringSettings(enabled=True)
+    )
+    truth = [next(iter(c.mixture)) for c in sim.clients]
+    found = [labels[c.name] for c in sim.clients]
+    warm = sim.state
+    cluster_states: dict[int, GroupState] = {}
+    for cluster in sorted(set(found)):
+        sim.state = warm
+        members = [i for i, label in enumerate(found) if label == cluster]
+        for _ in range(rounds):
+            sim.group_round(members)
+        cluster_states[cluster] = sim.state
+    sim.state = warm
+    for _ in range(rounds):
+        sim.group_round(everyone)
+    global_state = sim.state
+    evaluator = DenseEvaluator(sim.eval_sets)
+    modules = {c: lora_modules(s.params, scaling) for c, s in cluster_states.items()}
+    losses = {
+        "base": evaluator.losses(None),
+        "global": evaluator.losses(lora_modules(global_state.params, scaling)),
+    }
+    own = {}
+    for task in TASKS:
+        cluster = found[truth.index(task)]
+        own[task] = evaluator.losses(modules[cluster])[task]
+    losses["specialist"] = own
+    sizes = [found.count(c) for c in sorted(modules)]
+    energy = {}
+    for method in METHODS:
+        merged = merge_adapters(
+            [modules[c] for c in sorted(modules)], method, sizes, options=MergeOptions(seed=seed)
+        )
+        losses[f"merged {method}"] = evaluator.losses(merged.modules)
+        energy[method] = min(merged.energy.values()) if merged.energy else 1.0
+    return {
+        "seed": seed,
+        "ari": adjusted_rand_index(truth, found),
+        "clusters": found,
+        "tasks": truth,
+        "losses": losses,
+        "energy": energy,
+    }
+
+
+def render(results: list[dict], meta: dict) -> str:
+    """The RESULTS.md section from measured numbers only."""
+    rows = list(results[0]["losses"])
+    aris = ", ".join(f"{r['ari']:.2f}" for r in results)
+    lines = [
+        "## Clustered training and merging, per task (bench/cluster_bench.py)",
+        "",
+        f"Measured on {meta['machine']}; {meta['minutes']:.1f} min. Reproduce: `{meta['command']}`"
+        " (or `make bench-clusters`).",
+        "",
+        f"Setup: {meta['per_task']} clients per task x {len(TASKS)} tasks ({', '.join(TASKS)}), all"
+        f" taking part every round; {meta['warmup']} warm-up rounds in one group, then"
+        f" {meta['rounds']} DiLoCo rounds (Nesterov outer, H = {meta['inner_steps']}) inside each"
+        " cluster found from the signatures, vs the same clients and steps in one global group."
+        " Adapters evaluated as base + dW on each task's held-out windows; mean over seeds"
+        f" {[r['seed'] for r in results]}. Cluster recovery (adjusted Rand index vs tasks):"
+        f" {aris}.",
+        "",
+        "| adapter | " + " | ".join(TASKS) + " | mean | normalized (vs specialist) |",
+        "|---|" + "---|" * (len(TASKS) + 2),
+    ]
+    for row in rows:
+        per_task = [statistics.mean(r["losses"][row][t] for r in results) for t in TASKS]
+        spec = [statistics.mean(r["losses"]["specialist"][t] for r in results) for t in TASKS]
+        normalized = statistics.mean(p / s for p, s in zip(per_task, spec, strict=True))
+        lines.append(
+            f"| {row} | "
+            + " | ".join(f"{v:.4f}" for v in per_task)
+            + f" | {statistics.mean(per_task):.4f} | {normalized:.3f} |"
+        )
+    energy = {m: statistics.mean(r["energy"][m] for r in results) for m in METHODS}
+    lines += [
+        "",
+        "SVD energy kept when re-factorising to rank 8 (dense methods; 1.0 = exact): "
+        + ", ".join(f"{m} {e:.3f}" for m, e in energy.items()),
+        "",
+        "![eval loss per task](clusters.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Grouped bars: loss per task for every adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results[0]["losses"] if r != "base"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        values = [statistics.mean(r["losses"][row][t] for r in results) for t in TASKS]
+        ax.bar([x + i * width for x in range(len(TASKS))], values, width, label=row)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(TASKS))], TASKS)
+    ax.set_ylabel("held-out loss")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--per-task", type=int, default=2)
+    parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 2+3 rounds; RESULTS.md untouched"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.quick:
+        args.seeds, args.warmup, args.rounds, args.inner_steps = [0], 2, 3, 5
+    started = time.perf_counter()
+    results = []
+    for seed in args.seeds:
+        results.append(run_seed(seed, args.warmup, args.rounds, args.per_task, args.inner_steps))
+        print(
+            f"seed {seed}: ARI {results[-1]['ari']:.2f}, {time.perf_counter() - started:.0f}s",
+            flush=True,
+        )
+    out = OUT / "quick" if args.quick else OUT
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "minutes": (time.perf_counter() - started) / 60,
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/cluster_bench.py"
+        + (" --quick" if args.quick else ""),
+        **{k: v for k, v in vars(args).items() if k != "quick"},
+    }
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    plot(results, out / "clusters.png" if args.quick else ROOT / "bench" / "clusters.png")
+    text = render(results, meta)
+    if not args.quick:
+        replace_section("clusters", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
