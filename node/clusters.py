@@ -177,16 +177,23 @@ class Clusterer:
 def merge_bundles(
     bundles: Mapping[str, bytes], weights: Mapping[str, float], settings: ClusteringSettings
 ) -> bytes:
-    """One packed PEFT adapter merging the named clusters' packed adapters."""
+    """One packed PEFT adapter merging the named clusters' packed adapters.
+
+    Weights are made relative (mean 1): linear normalises them anyway, and TIES, DARE and
+    task arithmetic then keep each task vector at its own scale instead of multiplying it by
+    its cluster's size.
+    """
     names = sorted(bundles)
+    mean = sum(weights[n] for n in names) / len(names)
+    relative = {n: weights[n] / mean for n in names}
     sources = [parse_adapter(unpack_files(bundles[n]), Path(n)) for n in names]
     merged = merge_adapters(
         [s.modules for s in sources],
         settings.merge_method,
-        [weights[n] for n in names],
+        [relative[n] for n in names],
         settings.merge_rank,
         MergeOptions(),
     )
     return pack_files(
-        output_files(merged, sources, settings.merge_method, [weights[n] for n in names])
+        output_files(merged, sources, settings.merge_method, [relative[n] for n in names])
     )
