@@ -40,6 +40,7 @@ from node.trainer import lm_loss  # noqa: E402
 
 TASKS = ["arithmetic", "reverse", "capitals", "dates"]
 METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+OUTER = "fedavg"  # outer optimizer of every group (global and clusters); --outer to change
 TA_SCALE = 0.5  # task arithmetic lambda (Ilharco et al. pick it on validation data; not tuned here)
 OUT = ROOT / "bench" / "out" / "clusters"
 
@@ -50,7 +51,7 @@ def sim_config(rounds: int, per_task: int, inner_steps: int) -> SimConfig:
         {
             "run": {
                 "inner": {"steps": inner_steps, "batch_size": 4, "seq_len": 32, "lr": 0.003},
-                "outer": {"name": "nesterov"},
+                "outer": {"name": OUTER},
             },
             "clients": per_task * len(TASKS),
             "participation": 1.0,
@@ -158,7 +159,7 @@ def render(results: list[dict], meta: dict) -> str:
         "",
         f"Setup: {meta['per_task']} clients per task x {len(TASKS)} tasks ({', '.join(TASKS)}), all"
         f" taking part every round; {meta['warmup']} warm-up rounds in one group, then"
-        f" {meta['rounds']} DiLoCo rounds (Nesterov outer, H = {meta['inner_steps']}) inside each"
+        f" {meta['rounds']} DiLoCo rounds ({meta['outer']} outer, H = {meta['inner_steps']}) inside each"
         " cluster found from the signatures, vs the same clients and steps in one global group."
         " Adapters evaluated as base + dW on each task's held-out windows; mean over seeds"
         f" {[r['seed'] for r in results]}. Cluster recovery (adjusted Rand index vs tasks):"
@@ -220,11 +221,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--per-task", type=int, default=2)
     parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument("--outer", default=OUTER, help="outer optimizer of every group (fedavg)")
     parser.add_argument(
         "--quick", action="store_true", help="1 seed, 2+3 rounds; RESULTS.md untouched"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    globals()["OUTER"] = args.outer
     if args.quick:
         args.seeds, args.warmup, args.rounds, args.inner_steps = [0], 2, 3, 5
     started = time.perf_counter()
@@ -241,6 +244,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "minutes": (time.perf_counter() - started) / 60,
         "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/cluster_bench.py"
+        + (f" --outer {args.outer}" if args.outer != "fedavg" else "")
         + (" --quick" if args.quick else ""),
         **{k: v for k, v in vars(args).items() if k != "quick"},
     }

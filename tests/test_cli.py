@@ -41,3 +41,13 @@ def test_export_base_refuses_non_empty_dir(
     assert main(["export-base", "--out", str(tmp_path)]) == 2
     assert "export-base: error" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_clustered_demo_puts_two_volunteers_on_each_of_four_tasks() -> None:
+    from collections import Counter
+
+    from node.demo import DemoOptions
+
+    tasks = [DemoOptions(clustered=True).task_of(i) for i in range(8)]
+    assert sorted(Counter(tasks).values()) == [2, 2, 2, 2]
+    assert len({DemoOptions().task_of(i) for i in range(5)}) == 5
