@@ -152,6 +152,9 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
     )
+    # bitsandbytes' CPU backend warns on import that an optional kernel package is missing;
+    # the 4-bit path is CUDA-only here, so that line only confuses.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

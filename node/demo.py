@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import IO
 
 from aggregation.taskvec import adjusted_rand_index
-from node.config import AveragingSettings, ClusteringSettings, InnerSettings, RunConfig
+from node.config import (
+    AveragingSettings,
+    ClusteringSettings,
+    InnerSettings,
+    OuterSettings,
+    RunConfig,
+)
 from node.data import BUILTIN_TASKS
 from node.swarm import SwarmError
 from protocols.sockets import remove_stale_hivemind_sockets
@@ -25,6 +31,7 @@ DEMO_CONFIG = RunConfig(run_id="swarmtune-demo", averaging=AveragingSettings(mat
 CLUSTERED_CONFIG = RunConfig(
     run_id="swarmtune-clustered-demo",
     inner=InnerSettings(steps=10, batch_size=8, seq_len=48),
+    outer=OuterSettings(name="fedavg"),  # Nesterov overshoots in 2-member groups (bench/RESULTS.md)
     averaging=AveragingSettings(matchmaking_time=3.0),
     clustering=ClusteringSettings(enabled=True, warmup_rounds=2, merge_every=2),
 )
