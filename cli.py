@@ -155,6 +155,10 @@ def _setup_logging(verbose: bool) -> None:
     # bitsandbytes' CPU backend warns on import that an optional kernel package is missing;
     # the 4-bit path is CUDA-only here, so that line only confuses.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if not verbose:
+        # hivemind's DHT/averager processes (forked, so they inherit this) log a traceback
+        # through asyncio whenever a peer hangs up mid-stream, e.g. when the coordinator leaves.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -14,8 +14,11 @@ noise). Larger values are still averaged correctly, only possibly not bit-identi
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,18 +76,19 @@ class GroupAverager:
         self.shapes = {k: tuple(template[k].shape) for k in self.names}
         self.numel = sum(template[k].numel() for k in self.names)
         self.matchmaking_time = matchmaking_time
-        self.averager = DecentralizedAverager(
-            [torch.zeros_like(template[k], dtype=torch.float32) for k in self.names],
-            dht,
-            prefix=prefix,
-            start=True,
-            min_group_size=min_group_size,
-            target_group_size=target_group_size,
-            min_matchmaking_time=matchmaking_time,
-            request_timeout=min(1.0, matchmaking_time / 2),
-            allreduce_timeout=allreduce_timeout,
-            compression=compression(),
-        )
+        with _signal_handlers_kept():
+            self.averager = DecentralizedAverager(
+                [torch.zeros_like(template[k], dtype=torch.float32) for k in self.names],
+                dht,
+                prefix=prefix,
+                start=True,
+                min_group_size=min_group_size,
+                target_group_size=target_group_size,
+                min_matchmaking_time=matchmaking_time,
+                request_timeout=min(1.0, matchmaking_time / 2),
+                allreduce_timeout=allreduce_timeout,
+                compression=compression(),
+            )
 
     def all_reduce(
         self,
@@ -140,6 +144,23 @@ class GroupAverager:
         """Stop the averager process."""
         if self.averager.is_alive():
             self.averager.shutdown()
+
+
+@contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Starting a DecentralizedAverager sets SIGINT to SIG_IGN in *this* process and leaves it
+    so; a volunteer that opens a new averager mid-run (moving to a cluster) would then ignore
+    Ctrl+C. Restore the handlers we had."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def _time_until_allreduce(control: StepControl, started: float) -> float:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,5 +85,54 @@ def test_gossip_mode_pairs_real_peers(tmp_path: Path) -> None:
         ]
         pairs = [r for r in reports if r["verified"]]
         assert pairs and all(r["group_size"] == 2 for r in pairs)  # partners, never the whole group
+    finally:
+        swarm.close()
+
+
+def _cluster_of(workdir: Path) -> int | None:
+    path = workdir / "cluster.json"
+    return json.loads(path.read_text())["cluster"] if path.exists() else None
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_late_volunteer_is_placed_and_clusters_outlive_the_coordinator(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, config_text=CLUSTERED.replace("itest-clusters", "itest-late"))
+    try:
+        swarm.start_coordinator()
+        for i, task in enumerate(TASKS):
+            swarm.join(f"v{i}", task, 40)
+        _wait_for(
+            lambda: all(_cluster_of(tmp_path / f"v{i}") is not None for i in range(4)),
+            240,
+            "clusters",
+        )
+        swarm.join("late", "capitals", 40)
+        _wait_for(
+            lambda: _cluster_of(tmp_path / "late") is not None, 240, "the late volunteer's cluster"
+        )
+        assert _cluster_of(tmp_path / "late") == _cluster_of(
+            tmp_path / "v2"
+        )  # the capitals cluster
+        swarm.kill("coord", signal.SIGTERM)
+        done = len((tmp_path / "v0" / "metrics.jsonl").read_text().splitlines())
+        _wait_for(
+            lambda: len((tmp_path / "v0" / "metrics.jsonl").read_text().splitlines()) >= done + 2,
+            120,
+            "rounds after the coordinator left",
+        )
+        after = [
+            json.loads(x) for x in (tmp_path / "v0" / "metrics.jsonl").read_text().splitlines()
+        ][done:]
+        assert any(r["verified"] and r["group_size"] == 2 for r in after), after
+        for name in ("v0", "v1", "v2", "v3", "late"):
+            os.killpg(swarm.procs[name].pid, signal.SIGINT)
+        assert [swarm.wait(n, 60) for n in ("v0", "v1", "v2", "v3", "late")] == [0] * 5
+        assert not any("Traceback" in swarm.log(n) for n in ("v0", "v1", "v2", "v3", "late"))
     finally:
         swarm.close()
