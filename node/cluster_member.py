@@ -1,5 +1,11 @@
 """A volunteer's part in a clustered run: publish its task signature, follow the assignment.
 
+The signature is a probe: after the warm-up rounds, the volunteer runs H inner steps on its
+own data from the run's seeded initial adapter (not from its current state) and sketches the
+resulting dW change, then restores its state. A LoRA step's direction in dW space depends on
+the factors it starts from, so only probes from one common start are comparable; this way a
+volunteer that arrives after the others have specialised is compared on equal terms.
+
 At each round boundary: after the warm-up, (re)publish the signed signature; read the
 coordinator's assignment; when it puts this peer in a different cluster, switch the averager
 to that cluster's prefix and announce the cluster, so that the round's state sync adopts the
@@ -40,9 +46,12 @@ class ClusterMember:
         transport: HivemindTransport,
         make_averager: Callable[[str], GroupAverager],
         workdir: Path,
+        probe: Callable[[TaskSignature], None],
     ) -> None:
         self.node, self.manifest, self.transport = node, manifest, transport
         self.workdir = workdir
+        self.probe = probe
+        self.rounds_seen = 0
         self.settings = config.clustering
         self.signature = TaskSignature(config.lora.alpha / config.lora.rank, self.settings.sketch_k)
         self.make_averager = make_averager
@@ -55,8 +64,12 @@ class ClusterMember:
 
     def before_round(self, state: GroupState) -> None:
         """Publish the signature after warm-up and apply a newer assignment."""
+        if self.rounds_seen >= self.settings.warmup_rounds and self.signature.total is None:
+            self.probe(self.signature)
+            log.info("task signature ready after %d warm-up rounds", self.rounds_seen)
+        self.rounds_seen += 1
         record = self.signature.record(self.node.peer_id, state.round)
-        if record is not None and self.signature.rounds >= self.settings.warmup_rounds:
+        if record is not None:
             self.node.store_owned(
                 signatures_key(self.manifest.run_id), record.model_dump(), PEER_TTL
             )

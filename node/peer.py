@@ -94,9 +94,9 @@ class Peer:
             if self.stop.is_set():
                 break
             round_started = time.perf_counter()
-            self.before_round(state)
-            state = self.sync(state)
             try:
+                self.before_round(state)  # may train (a clustered run's signature probe)
+                state = self.sync(state)
                 known = max(len(self.transport.announcements()), 1)
                 state, report = run_round(
                     state,

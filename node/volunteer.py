@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ from node.adapter import Provenance, adapter_files
 from node.build import LocalModel, build_local_model
 from node.checkpoint import Checkpoint
 from node.cluster_member import ClusterMember, group_prefix
+from node.clusters import TaskSignature
 from node.config import RunConfig, load_config, parse_config
 from node.data import load_texts
 from node.peer import Peer
@@ -100,11 +102,30 @@ class Volunteer:
         )
         self.member: ClusterMember | None = None
         if self.config.clustering.enabled:
+            self.initial = local.trainer.get_params()  # the seeded round-0 adapter
             self.member = ClusterMember(
-                node, manifest, self.config, self.transport, self.make_averager, options.workdir
+                node,
+                manifest,
+                self.config,
+                self.transport,
+                self.make_averager,
+                options.workdir,
+                self.probe_signature,
             )
             self.peer.before_round = self.member.before_round
-            self.peer.observe = self.member.signature.observe
+
+    def probe_signature(self, signature: TaskSignature) -> None:
+        """H inner steps from the seeded initial adapter on our data; then restore our state."""
+        trainer = self.local.trainer
+        saved_params, saved_local = trainer.get_params(), copy.deepcopy(trainer.state_dict())
+        trainer.set_params(self.initial)
+        trainer.optimizer.state.clear()
+        try:
+            trainer.train_steps(self.config.inner.steps)
+            signature.observe(self.initial, trainer.get_params())
+        finally:
+            trainer.set_params(saved_params)
+            trainer.load_state_dict(saved_local)
 
     def make_averager(self, prefix: str) -> GroupAverager:
         """An averager for one group prefix (the run-wide group, or a cluster's)."""

@@ -19,6 +19,7 @@ from aggregation.taskvec import adjusted_rand_index  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 CLUSTERED = """run_id: itest-clusters
 inner: {steps: 10, batch_size: 8, seq_len: 48}
+outer: {name: fedavg}
 averaging: {matchmaking_time: 2.0}
 clustering: {enabled: true, warmup_rounds: 2, merge_every: 2, merge_method: ties}
 """
