@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -128,17 +129,28 @@ class SwarmNode:
             log.warning("manifest was not stored in the DHT (no peers accepted it yet)")
 
     def fetch_manifest(self, maddr: str, timeout: float = 30.0) -> ManifestRecord:
-        """Ask the peer at `maddr` (authenticated by its peer id) for the run manifest."""
+        """Ask the peer at `maddr` (authenticated by its peer id) for the run manifest.
+
+        A busy coordinator may drop a stream while many peers join at once: transfer errors
+        are retried (3 attempts) before giving up with one line.
+        """
+        peer = peer_id_of(maddr)
+        for attempt in range(3):
+            try:
+                blob = self.loop.run(
+                    fetch_blob(self.p2p, peer, "manifest", max_size=1 << 20, timeout=timeout),
+                    timeout=timeout + 5,
+                )
+                break
+            except (TransferError, TimeoutError) as exc:
+                if attempt == 2:
+                    raise SwarmError(
+                        f"could not get the run manifest from {maddr}: {exc}"
+                    ) from None
+                log.info("manifest fetch failed (%s); retrying", str(exc)[:80])
+                time.sleep(1.0 + attempt)
         try:
-            blob = self.loop.run(
-                fetch_blob(
-                    self.p2p, peer_id_of(maddr), "manifest", max_size=1 << 20, timeout=timeout
-                ),
-                timeout=timeout + 5,
-            )
             return ManifestRecord.model_validate_json(blob)
-        except (TransferError, TimeoutError) as exc:
-            raise SwarmError(f"could not get the run manifest from {maddr}: {exc}") from None
         except ValueError as exc:
             raise SwarmError(f"the manifest from {maddr} is malformed: {str(exc)[:120]}") from None
 
