@@ -59,6 +59,11 @@ def test_volunteers_find_their_task_clusters_and_the_merge_is_served(tmp_path: P
         )
         assert pulled.returncode == 0, pulled.stderr
         assert "ties" in (tmp_path / "m" / "README.md").read_text()
+        one = f"cluster-{labels[0]}"
+        pulled = swarm.cli(
+            "pull", "--initial-peers", swarm.maddr, "--adapter", one, "--out", str(tmp_path / "c")
+        )
+        assert pulled.returncode == 0 and (tmp_path / "c" / "adapter_model.safetensors").exists()
         status = swarm.cli("status", "--initial-peers", swarm.maddr)
         assert "clusters (assignment v" in status.stdout and "cluster" in status.stdout
     finally:
