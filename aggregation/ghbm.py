@@ -79,9 +79,8 @@ class GHBMOuter:
 
     def momentum(self, params: Tensors) -> Params:
         """m^{t-1} for a group whose current state is `params` (= theta^{t-1})."""
-        ring = self.history or [_copy(params)]
         tau = self.tau
-        oldest = ring[max(len(ring) - 1 - tau, 0)]
+        oldest = self.history[max(len(self.history) - 1 - tau, 0)] if self.history else params
         return heavy_ball_term(params, oldest, tau)
 
     def inner_correction(self, params: Tensors, inner_steps: int) -> Params | None:
@@ -157,6 +156,11 @@ class PeerMomentum:
 
     def _start(self, params: Tensors, round_: int) -> None:
         self.anchor, self.anchor_round = _copy(params), round_
+
+    @property
+    def uses_iterate(self) -> bool:
+        """FedHBM's correction depends on the current inner iterate; LocalGHBM's is fixed."""
+        return self.kind == "fedhbm"
 
     def correction(self, current: Tensors, inner_steps: int) -> Params | None:
         """Displacement to subtract after an inner step: (beta / (H tau)) (anchor - x)."""

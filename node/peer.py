@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from aggregation.ghbm import make_peer_momentum
-from aggregation.params import Params
 from node.checkpoint import Checkpoint
 from node.config import RunConfig
 from node.round import RoundReport, run_round
@@ -47,7 +46,6 @@ class Peer:
         self.momentum = make_peer_momentum(outer.name, outer.effective_momentum, outer.tau)
         self.gossip = config.averaging.gossip
         self.before_round: Callable[[GroupState], None] = lambda state: None
-        self.observe: Callable[[Params, Params], None] | None = None
 
     def initial_state(self) -> GroupState:
         """The checkpoint if there is one, else round 0 from the seeded LoRA init."""
@@ -105,7 +103,6 @@ class Peer:
                     self.config,
                     self.momentum,
                     known,
-                    self.observe,
                 )
             except RoundAbandoned as exc:
                 log.info(

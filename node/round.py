@@ -111,8 +111,30 @@ def load_outer(state: GroupState, config: RunConfig) -> OuterOptimizer:
     return outer
 
 
+@dataclass(frozen=True)
+class RoundStart:
+    """What every member of a round derives from theta^{t-1}: its digest and the outer
+    optimizer's per-inner-step correction (GHBM's local form), computed once per round."""
+
+    digest: str
+    correction: Params | None
+
+
+def round_start(state: GroupState, config: RunConfig) -> RoundStart:
+    """Digest and shared inner-step correction of the round starting from `state`."""
+    correction = load_outer(state, config).inner_correction(state.params, config.inner.steps)
+    return RoundStart(state.digest(), correction)
+
+
+def _sum(a: Params | None, b: Params | None) -> Params | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return {k: a[k] + b[k] for k in a}
+
+
 def inner_phase(
     state: GroupState,
+    start: RoundStart,
     trainer: InnerTrainer,
     peer: str,
     config: RunConfig,
@@ -122,28 +144,32 @@ def inner_phase(
 ) -> LocalUpdate:
     """Steps 1-3: H inner steps from theta^{t-1} (with any per-step momentum), then Delta_i."""
     steps = config.inner.steps
-    shared = load_outer(state, config).inner_correction(state.params, steps)
+    fixed, per_iterate = start.correction, None
     if momentum is not None:
         momentum.begin_round(state.params, state.round)
+        if momentum.uses_iterate:
+            per_iterate = momentum
+        else:
+            fixed = _sum(fixed, momentum.correction(state.params, steps))
 
     def after_step(_: int) -> None:
-        if shared is not None:
-            trainer.shift_params(shared)
-        own = momentum.correction(trainer.get_params(), steps) if momentum else None
+        if fixed is not None:
+            trainer.shift_params(fixed)
+        own = per_iterate.correction(trainer.get_params(), steps) if per_iterate else None
         if own is not None:
             trainer.shift_params(own)
 
     trainer.set_params(state.params)
-    hooked = shared is not None or momentum is not None
+    hooked = fixed is not None or per_iterate is not None
     inner = trainer.train_steps(steps, after_step if hooked else None)
     final = trainer.get_params()
-    if observe is not None:  # e.g. the task signature of clustered runs
+    if observe is not None:  # e.g. the simulator's task signatures
         observe(state.params, final)
     if momentum is not None:
         momentum.end_round(final, state.round)
     delta = round_like_codec(pseudo_gradient(state.params, final), config.averaging.codec)
     checksum = projection_checksum(delta, seed=state.round)
-    meta = MemberMeta(peer, state.round, state.digest(), float(inner.tokens), checksum, known)
+    meta = MemberMeta(peer, state.round, start.digest, float(inner.tokens), checksum, known)
     return LocalUpdate(delta, meta, inner)
 
 
@@ -173,10 +199,10 @@ def run_round(
     config: RunConfig,
     momentum: PeerMomentum | None = None,
     known: int = 1,
-    observe: Callable[[Params, Params], None] | None = None,
 ) -> tuple[GroupState, RoundReport]:
     """Advance the group state by one DiLoCo round; inputs are not mutated."""
-    update = inner_phase(state, trainer, transport.peer, config, momentum, known, observe)
+    start = round_start(state, config)
+    update = inner_phase(state, start, trainer, transport.peer, config, momentum, known)
     gossip = config.averaging.gossip
     sent, meta = update.delta, update.meta
     if gossip:  # partners hold different states: average the end points, not the deltas

@@ -25,7 +25,15 @@ from node.basemodel import load_base
 from node.build import resolve_target_modules
 from node.config import SimConfig
 from node.data import BUILTIN_TASKS, TokenBatcher, builtin_eval_texts, builtin_texts, eval_batches
-from node.round import LocalUpdate, group_context, inner_phase, outer_phase, verify_group
+from node.round import (
+    LocalUpdate,
+    RoundStart,
+    group_context,
+    inner_phase,
+    outer_phase,
+    round_start,
+    verify_group,
+)
 from node.state import GroupState
 from node.trainer import InnerTrainer, attach_lora
 from node.transport import GroupResult
@@ -127,12 +135,13 @@ class Simulation:
         losses = {f"loss_{t}": self.trainer.eval_loss(b) for t, b in self.eval_sets.items()}
         return {**losses, "eval_loss": sum(losses.values()) / len(losses)}
 
-    def client_update(self, client: Client) -> LocalUpdate:
+    def client_update(self, client: Client, start: RoundStart) -> LocalUpdate:
         """The daemon's inner phase for one client, with its own data and private state."""
         self.trainer.batches = client.batches
         self.trainer.optimizer.load_state_dict(client.inner_state or self.fresh_inner)
         update = inner_phase(
             self.state,
+            start,
             self.trainer,
             client.name,
             self.config.run,
@@ -152,7 +161,8 @@ class Simulation:
 
     def group_round(self, members: list[int]) -> dict[str, float]:
         """Inner phases of `members` from self.state, verified weighted mean, outer step."""
-        updates = [self.client_update(self.clients[c]) for c in members]
+        start = round_start(self.state, self.config.run)
+        updates = [self.client_update(self.clients[c], start) for c in members]
         metas = [u.meta for u in updates]
         group = GroupResult(
             weighted_mean([u.delta for u in updates], [m.weight for m in metas]), metas
