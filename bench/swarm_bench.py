@@ -25,7 +25,7 @@ from results_md import replace_section  # noqa: E402
 from node.build import build_local_model  # noqa: E402
 from node.config import RunConfig, parse_config  # noqa: E402
 from node.data import BUILTIN_TASKS  # noqa: E402
-from node.demo import Processes, _wait_for_file  # noqa: E402
+from node.demo import Processes, start_swarm  # noqa: E402
 
 STAGES = ("inner_s", "matchmaking_s", "allreduce_s", "outer_s", "checkpoint_s")
 
@@ -36,37 +36,8 @@ def run_swarm(config: RunConfig, peers: int, rounds: int, workdir: Path) -> list
     (workdir / "run.yaml").write_text(json.dumps(config.model_dump(mode="json")))
     procs = Processes()
     try:
-        coord = procs.start(
-            "coord",
-            [
-                "bootstrap",
-                "--config",
-                str(workdir / "run.yaml"),
-                "--workdir",
-                str(workdir / "coord"),
-                "--addr-file",
-                str(workdir / "addr"),
-            ],
-        )
-        maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
-        vols = [workdir / f"vol{i}" for i in range(peers)]
-        for i, vol in enumerate(vols):
-            procs.start(
-                vol.name,
-                [
-                    "join",
-                    "--initial-peers",
-                    maddr,
-                    "--data",
-                    f"builtin:{BUILTIN_TASKS[i]}",
-                    "--workdir",
-                    str(vol),
-                    "--rounds",
-                    str(rounds),
-                    "--threads",
-                    "1",
-                ],
-            )
+        tasks = list(BUILTIN_TASKS[:peers])
+        _, vols = start_swarm(procs, workdir / "run.yaml", workdir, tasks, rounds)
         codes = [procs.procs[v.name].wait() for v in vols]
         assert not any(codes), f"volunteers failed: {codes}"
     finally:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,22 +23,17 @@ from aggregation.merge import MergeOptions, merge_adapters
 from aggregation.params import Params
 from aggregation.taskvec import LoraFactors, agglomerate, auto_cluster, cosine_matrix, sketch
 from node.config import ClusteringSettings
-from node.merge import output_files, parse_adapter
+from node.merge import lora_parts, output_files, parse_adapter
 from protocols.records import ClusterRecord, PeerRecord, SignatureRecord
 from protocols.transfer import pack_files, unpack_files
 
 log = logging.getLogger("swarmtune.clusters")
-_LORA_NAME = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(\.[^.]+)?\.weight$")
 SIGNATURE_SEED = 20261123  # shared by every peer, so sketches are comparable
 
 
 def lora_modules(params: Mapping[str, torch.Tensor], scaling: float) -> dict[str, LoraFactors]:
     """Trainable LoRA tensors (PEFT names) grouped into per-module factors."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in params.items():
-        match = _LORA_NAME.match(name)
-        if match:
-            parts.setdefault(match["module"], {})[match["part"]] = tensor
+    parts = lora_parts(params)
     return {
         m: LoraFactors(p["A"], p["B"], scaling) for m, p in sorted(parts.items()) if len(p) == 2
     }

@@ -160,6 +160,45 @@ def cluster_summary(workdirs: list[Path], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def start_swarm(
+    procs: Processes, config: Path, workdir: Path, tasks: list[str], rounds: int
+) -> tuple[str, list[Path]]:
+    """Start a coordinator and one volunteer per task (vol1, vol2, ...) under `workdir`;
+    returns the coordinator's multiaddr and the volunteers' work dirs."""
+    coord = procs.start(
+        "coord",
+        [
+            "bootstrap",
+            "--config",
+            str(config),
+            "--workdir",
+            str(workdir / "coord"),
+            "--addr-file",
+            str(workdir / "addr"),
+        ],
+    )
+    maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
+    volunteers = [workdir / f"vol{i + 1}" for i in range(len(tasks))]
+    for task, vol in zip(tasks, volunteers, strict=True):
+        procs.start(
+            vol.name,
+            [
+                "join",
+                "--initial-peers",
+                maddr,
+                "--data",
+                f"builtin:{task}",
+                "--workdir",
+                str(vol),
+                "--rounds",
+                str(rounds),
+                "--threads",
+                "1",
+            ],
+        )
+    return maddr, volunteers
+
+
 def run_demo(options: DemoOptions) -> int:
     """Entry point of `swarmtune demo`."""
     if options.peers < 2 or options.rounds < 1:
@@ -174,43 +213,13 @@ def run_demo(options: DemoOptions) -> int:
         config.write_text(json.dumps(default.model_dump(mode="json")))  # JSON is YAML
     procs, started = Processes(), time.monotonic()
     try:
-        coord = procs.start(
-            "coord",
-            [
-                "bootstrap",
-                "--config",
-                str(config),
-                "--workdir",
-                str(workdir / "coord"),
-                "--addr-file",
-                str(workdir / "addr"),
-            ],
-        )
-        maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
-        volunteers = [workdir / f"vol{i + 1}" for i in range(options.peers)]
-        for i, vol in enumerate(volunteers):
-            task = options.task_of(i)
-            procs.start(
-                vol.name,
-                [
-                    "join",
-                    "--initial-peers",
-                    maddr,
-                    "--data",
-                    f"builtin:{task}",
-                    "--workdir",
-                    str(vol),
-                    "--rounds",
-                    str(options.rounds),
-                    "--threads",
-                    "1",
-                ],
-            )
+        tasks = [options.task_of(i) for i in range(options.peers)]
+        maddr, volunteers = start_swarm(procs, config, workdir, tasks, options.rounds)
         codes = [procs.procs[v.name].wait() for v in volunteers]
         if any(codes):
             raise SwarmError(f"a volunteer failed (exit codes {codes}); see its output above")
         if options.clustered:
-            print(cluster_summary(volunteers, [options.task_of(i) for i in range(options.peers)]))
+            print(cluster_summary(volunteers, tasks))
         pulled = subprocess.run(
             [
                 sys.executable,

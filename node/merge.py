@@ -13,6 +13,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,23 @@ from aggregation.taskvec import LoraFactors
 from node.adapter import AdapterError
 from protocols.transfer import write_dir_atomically
 
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(\.[^.]+)?\.weight$")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(\.[^.]+)?\.weight$")
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_parts(
+    tensors: Mapping[str, torch.Tensor], prefix: str = ""
+) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {"A": tensor, "B": tensor} from PEFT LoRA names (`...lora_A[.adapter].weight`);
+    names must start with `prefix`, which is removed from the module name."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match and key.startswith(prefix):
+            parts.setdefault(match["module"][len(prefix) :], {})[match["part"]] = value
+    return parts
+
+
 _FINGERPRINT = re.compile(r"base fingerprint[^`]*`([0-9a-f]{64})`")
 
 
@@ -76,11 +93,7 @@ def parse_adapter(files: dict[str, bytes], path: Path) -> PeftAdapter:
         raise AdapterError(f"{path}: unreadable adapter ({type(exc).__name__})") from None
     if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"{path}: not a LoRA adapter config")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        match = _KEY.match(key)
-        if match:
-            parts.setdefault(match["module"], {})[match["part"]] = value.float()
+    parts = lora_parts({k: v.float() for k, v in tensors.items()}, PEFT_PREFIX)
     if not parts:
         raise AdapterError(f"{path}: no LoRA A/B tensors in adapter_model.safetensors")
     modules = {m: _factors(path, m, p, config) for m, p in sorted(parts.items())}
