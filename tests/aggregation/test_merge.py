@@ -135,7 +135,6 @@ def test_dare_ties_is_deterministic_for_a_seed() -> None:
 @pytest.mark.parametrize("rank", [1, 2, 5])
 def test_refactor_is_the_best_rank_r_approximation(rank: int) -> None:
     dense = _factors(7, 6, 1.0).delta_w() + 0.1 * _factors(8, 6, 1.0).delta_w()
-    sigma = torch.linalg.svdvals(dense.double())
     for source in (dense, LoraFactors(_factors(7, 6, 1.0).A, _factors(7, 6, 1.0).B, 1.0)):
         out, energy = refactor(source, rank)
         target = source if isinstance(source, torch.Tensor) else source.delta_w()
@@ -144,7 +143,6 @@ def test_refactor_is_the_best_rank_r_approximation(rank: int) -> None:
         assert energy == pytest.approx(float((s[:rank] ** 2).sum() / (s**2).sum()), rel=1e-6)
         residual = float(((out.delta_w().double() - target.double()) ** 2).sum())
         assert residual == pytest.approx(float((s[rank:] ** 2).sum()), rel=1e-3, abs=1e-6)
-    assert sigma.numel() == 7
 
 
 def test_exact_merge_reduced_by_rank_reports_energy() -> None:
