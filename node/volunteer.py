@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -255,3 +256,14 @@ def stop_on_signals(peer: Peer) -> None:
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
+    default_hook = threading.excepthook
+
+    def quiet_after_stop(args: threading.ExceptHookArgs) -> None:
+        # A terminal's Ctrl+C also reaches hivemind's p2pd (same process group), which can die
+        # before the averager thread unregisters its handlers; that thread's failure is noise.
+        if peer.stop.is_set():
+            log.debug("thread %s ended during shutdown: %r", args.thread, args.exc_value)
+            return
+        default_hook(args)
+
+    threading.excepthook = quiet_after_stop
