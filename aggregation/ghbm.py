@@ -17,8 +17,9 @@ LocalGHBM and FedHBM keep per-peer state instead (PeerMomentum, never shared wit
   m_i = (anchor - theta^{t-1}) / tau, applied per inner step like GHBM.
 - FedHBM: anchor = this peer's own final local state of its previous participation;
   m_i = (anchor - theta_i) / tau recomputed at every inner step from the current iterate.
-tau fixed is the paper's 1/C; tau "auto" uses the rounds since this peer last took part. The
-first participation has no anchor and therefore no momentum.
+tau fixed is the paper's 1/C; tau "auto" uses the rounds since this peer last took part (at
+least 1: a round retried after it was abandoned has its anchor 0 rounds back). The first
+participation has no anchor and therefore no momentum.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ class PeerMomentum:
     ) -> None:
         if kind not in ("local-ghbm", "fedhbm"):
             raise ValueError(f"unknown peer momentum {kind!r}")
+        if tau != "auto" and int(tau) < 1:
+            raise ValueError(f"peer momentum tau must be >= 1 or 'auto', got {tau!r}")
         self.kind, self.beta, self.tau_setting = kind, beta, tau
         self.anchor: Params = {}
         self.anchor_round = -1
@@ -146,13 +149,22 @@ class PeerMomentum:
 
     def begin_round(self, global_params: Tensors, round_: int) -> None:
         """Called with theta^{t-1} before the inner loop; prepares this round's momentum."""
-        gap = round_ - self.anchor_round
+        gap = self.rounds_since_anchor(round_)
         self._tau = float(gap if self.tau_setting == "auto" else self.tau_setting)
         self._fixed = None
         if self.anchor and self.kind == "local-ghbm":
             self._fixed = heavy_ball_term(global_params, self.anchor, 1)
         if self.kind == "local-ghbm":
             self._start(global_params, round_)
+
+    def rounds_since_anchor(self, round_: int) -> int:
+        """round_ - anchor_round, at least 1 (the tau "auto" uses).
+
+        An abandoned round followed by a sync to the same round re-runs a round whose anchor was
+        already taken (gap 0), and a resync to an older state can leave the anchor ahead (gap < 0).
+        The anchor is then at most one round's displacement away, so it counts as 1 round.
+        """
+        return max(1, round_ - self.anchor_round)
 
     def _start(self, params: Tensors, round_: int) -> None:
         self.anchor, self.anchor_round = _copy(params), round_
@@ -182,11 +194,16 @@ class PeerMomentum:
         return {"kind": self.kind, "anchor_round": self.anchor_round, "anchor": _copy(self.anchor)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the anchor."""
+        """Restore the anchor; a missing or empty anchor loads as none (anchor_round -1).
+
+        Any anchor_round is accepted, including this round's (saved after an abandoned round):
+        begin_round counts such an anchor as 1 round old.
+        """
         if state.get("kind") != self.kind:
             raise ValueError(f"peer momentum state is for {state.get('kind')!r}, not {self.kind!r}")
-        self.anchor_round = int(state["anchor_round"])
-        self.anchor = _copy(state["anchor"])
+        self.anchor = _copy(state.get("anchor") or {})
+        self.anchor_round = int(state.get("anchor_round", -1)) if self.anchor else -1
+        self._tau, self._fixed = 1.0, None
 
 
 def make_peer_momentum(name: str, beta: float, tau: int | Literal["auto"]) -> PeerMomentum | None:

@@ -7,6 +7,7 @@ from aggregation.ghbm import GHBMOuter, PeerMomentum, tau_from_participation
 from aggregation.outer import RoundContext, make_outer
 
 CTX = RoundContext()
+EPS32 = torch.finfo(torch.float32).eps
 
 
 def _params(seed: int) -> dict[str, torch.Tensor]:
@@ -155,3 +156,35 @@ def test_group_step_of_peer_variants_is_plain_averaging() -> None:
     out = make_outer("fedhbm", lr=1.0).step(theta, delta, CTX)
     for k in theta:
         torch.testing.assert_close(out[k], theta[k] - delta[k])
+
+
+@pytest.mark.parametrize("kind", ["local-ghbm", "fedhbm"])
+def test_a_retried_round_counts_its_anchor_as_one_round_old_also_after_a_restart(
+    kind: str,
+) -> None:
+    """An abandoned round 3, then a sync to round 3 again: gap 0 must act as tau 1, not crash."""
+    peer = PeerMomentum(kind, beta=0.9, tau="auto")  # type: ignore[arg-type]
+    received, own, retry, iterate = _params(21), _params(22), _params(23), _params(24)
+    peer.begin_round(received, 3)
+    peer.end_round(own, 3)  # the round is abandoned after the inner loop
+    restarted = PeerMomentum(kind, beta=0.9, tau="auto")  # type: ignore[arg-type]
+    restarted.load_state_dict(peer.state_dict())  # the checkpoint written after that round
+    anchor, moved = (received, retry) if kind == "local-ghbm" else (own, iterate)
+    for p in (peer, restarted):
+        p.begin_round(retry, 3)
+        correction = p.correction(iterate, 5)
+        assert correction is not None
+        for k in iterate:
+            expected = 0.9 / 5 * (anchor[k] - moved[k])
+            scale = float((anchor[k].abs() + moved[k].abs()).max())
+            torch.testing.assert_close(correction[k], expected, rtol=0, atol=4 * EPS32 * scale)
+
+
+def test_peer_momentum_loads_a_state_without_an_anchor_as_none() -> None:
+    peer = PeerMomentum("fedhbm", beta=1.0, tau="auto")
+    peer.load_state_dict({"kind": "fedhbm", "anchor_round": 5, "anchor": {}})
+    assert peer.anchor_round == -1
+    peer.begin_round(_params(25), 5)
+    assert peer.correction(_params(26), 3) is None
+    with pytest.raises(ValueError, match="tau"):
+        PeerMomentum("fedhbm", beta=1.0, tau=0)
