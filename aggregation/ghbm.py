@@ -17,9 +17,10 @@ LocalGHBM and FedHBM keep per-peer state instead (PeerMomentum, never shared wit
   m_i = (anchor - theta^{t-1}) / tau, applied per inner step like GHBM.
 - FedHBM: anchor = this peer's own final local state of its previous participation;
   m_i = (anchor - theta_i) / tau recomputed at every inner step from the current iterate.
-tau fixed is the paper's 1/C; tau "auto" uses the rounds since this peer last took part (at
-least 1: a round retried after it was abandoned has its anchor 0 rounds back). The first
-participation has no anchor and therefore no momentum.
+tau fixed should be the paper's 1/C; tau "auto" (the default for both, node/config.py) uses the
+rounds since this peer last took part, 1/C in expectation (at least 1: a round retried after it
+was abandoned has its anchor 0 rounds back). The first participation has no anchor and
+therefore no momentum.
 """
 
 from __future__ import annotations
@@ -206,8 +207,13 @@ class PeerMomentum:
         self._tau, self._fixed = 1.0, None
 
 
-def make_peer_momentum(name: str, beta: float, tau: int | Literal["auto"]) -> PeerMomentum | None:
-    """The per-peer state an outer-optimizer name needs, or None for group-only optimizers."""
+def make_peer_momentum(
+    name: str, beta: float, tau: int | Literal["auto"] = "auto"
+) -> PeerMomentum | None:
+    """The per-peer state an outer-optimizer name needs, or None for group-only optimizers.
+
+    tau defaults to "auto" (rounds since the last participation, ~1/C); a fixed tau should be 1/C.
+    """
     if name in ("local-ghbm", "fedhbm"):
         return PeerMomentum(name, beta, tau)  # type: ignore[arg-type]
     return None

@@ -67,8 +67,18 @@ class OuterSettings(_Strict):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     eps: float = Field(1e-3, gt=0, le=1)
+    # Unset: "auto" for local-ghbm / fedhbm (see _per_peer_tau_is_auto), 1 for ghbm / ghbm-server.
     tau: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] = 1
     tau_max: int = Field(20, ge=1, le=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_peer_tau_is_auto(cls, data: object) -> object:
+        """local-ghbm / fedhbm without a tau get "auto": the rounds since the peer last took part,
+        ~1/C as in the GHBM paper (tau 1 would count all that displacement as one round's)."""
+        if isinstance(data, dict) and data.get("name") in ("local-ghbm", "fedhbm"):
+            return {"tau": "auto", **data}
+        return data
 
     @property
     def effective_lr(self) -> float:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from aggregation.ghbm import make_peer_momentum
 from node.config import ConfigError, RunConfig, SimConfig, load_config, load_sim_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -63,3 +64,22 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) 
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "outer,tau",
+    [
+        ("{name: local-ghbm}", "auto"),
+        ("{name: fedhbm}", "auto"),
+        ("{name: fedhbm, tau: 10}", 10),
+        ("{name: ghbm}", 1),
+        ("{name: ghbm-server}", 1),
+    ],
+)
+def test_per_peer_momentum_defaults_to_tau_auto(tmp_path: Path, outer: str, tau: object) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(f"outer: {outer}\n")
+    settings = load_config(path).outer
+    assert settings.tau == tau
+    momentum = make_peer_momentum(settings.name, settings.effective_momentum, settings.tau)
+    assert momentum is None or momentum.tau_setting == tau
