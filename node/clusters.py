@@ -8,6 +8,9 @@
   keeps cluster ids stable across versions, and publishes a new version when the partition
   changes, when an unassigned volunteer's signature arrives, or every `reevaluate_every` rounds.
 - Level 2: `merge_bundles` merges the clusters' adapter bundles with the configured method.
+  The weighted means (linear, dare_linear) weight each cluster by its size; cat, task
+  arithmetic, TIES and dare_ties take every cluster's task vector at its own scale (weight 1),
+  as they have their own scale lambda and TIES' disjoint mean already averages.
 """
 
 from __future__ import annotations
@@ -168,26 +171,30 @@ class Clusterer:
         return self.record
 
 
-def merge_bundles(
-    bundles: Mapping[str, bytes], weights: Mapping[str, float], settings: ClusteringSettings
-) -> bytes:
-    """One packed PEFT adapter merging the named clusters' packed adapters.
+SIZE_WEIGHTED = {"linear", "dare_linear"}  # merge methods that form a weighted mean
 
-    Weights are made relative (mean 1): linear normalises them anyway, and TIES, DARE and
-    task arithmetic then keep each task vector at its own scale instead of multiplying it by
-    its cluster's size.
+
+def merge_weights(names: list[str], sizes: Mapping[str, float], method: str) -> list[float]:
+    """Per-cluster merge weights: sizes for the weighted means, 1 each for every other method."""
+    return [float(sizes[n]) if method in SIZE_WEIGHTED else 1.0 for n in names]
+
+
+def merge_bundles(
+    bundles: Mapping[str, bytes], sizes: Mapping[str, float], settings: ClusteringSettings
+) -> bytes:
+    """One packed PEFT adapter merging the named clusters' packed adapters (see merge_weights).
+
+    Scaling a task vector before TIES or DARE changes the result (sizes 3 and 1 would merge
+    1.5 dW and 0.5 dW), so only linear and dare_linear, which normalise them, see the sizes.
     """
     names = sorted(bundles)
-    mean = sum(weights[n] for n in names) / len(names)
-    relative = {n: weights[n] / mean for n in names}
+    weights = merge_weights(names, sizes, settings.merge_method)
     sources = [parse_adapter(unpack_files(bundles[n]), Path(n)) for n in names]
     merged = merge_adapters(
         [s.modules for s in sources],
         settings.merge_method,
-        [relative[n] for n in names],
+        weights,
         settings.merge_rank,
         MergeOptions(),
     )
-    return pack_files(
-        output_files(merged, sources, settings.merge_method, [relative[n] for n in names])
-    )
+    return pack_files(output_files(merged, sources, settings.merge_method, weights))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from aggregation.merge import MergeOptions, merge_adapters
 from aggregation.taskvec import adjusted_rand_index
 from node.clusters import (
     Clusterer,
@@ -160,3 +162,26 @@ def test_merge_bundles_gives_the_weighted_mean_of_cluster_adapters() -> None:
             + 0.75 * sources[1].modules[module].delta_w()
         )
         torch.testing.assert_close(merged.modules[module].delta_w(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "method,weights",
+    [
+        ("ties", [1.0, 1.0]),
+        ("dare_ties", [1.0, 1.0]),
+        ("task_arithmetic", [1.0, 1.0]),
+        ("cat", [1.0, 1.0]),
+        ("dare_linear", [3.0, 1.0]),
+    ],
+)
+def test_only_the_weighted_means_see_the_cluster_sizes(method: str, weights: list[float]) -> None:
+    """Sizes 3 and 1: TIES, DARE-TIES, task arithmetic and cat merge the unscaled task vectors."""
+    bundles = {"cluster-0": _bundle(0), "cluster-1": _bundle(1)}
+    settings = ClusteringSettings(enabled=True, merge_method=method)  # type: ignore[arg-type]
+    packed = merge_bundles(bundles, {"cluster-0": 3.0, "cluster-1": 1.0}, settings)
+    merged = parse_adapter(unpack_files(packed), "m")
+    sources = [parse_adapter(unpack_files(bundles[n]), n).modules for n in sorted(bundles)]
+    direct = merge_adapters(sources, method, weights, None, MergeOptions())
+    assert sorted(merged.modules) == sorted(direct.modules)
+    for module, factors in direct.modules.items():  # the same computation: bit for bit
+        assert torch.equal(merged.modules[module].delta_w(), factors.delta_w())
