@@ -42,16 +42,6 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     return means
 
 
-def projection_checksum(params: Mapping[str, torch.Tensor], seed: int) -> float:
-    """<params, R> in float64 for a seeded Gaussian R; linear, so it commutes with weighted means."""
-    gen = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for k in sorted(params):
-        probe = torch.randn(params[k].shape, generator=gen, dtype=torch.float64)
-        total += float((params[k].double() * probe).sum())
-    return total
-
-
 def params_l2(params: Mapping[str, torch.Tensor]) -> float:
     """Global L2 norm, float64."""
     return float(sum(params[k].double().pow(2).sum() for k in params) ** 0.5)
@@ -65,12 +55,3 @@ def state_hash(params: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
-
-
-def round_like_codec(params: Mapping[str, torch.Tensor], codec: str) -> Params:
-    """Round to the wire precision so every member holds bit-identical values ('fp32' is a no-op)."""
-    if codec == "fp32":
-        return dict(params)
-    if codec == "fp16":
-        return {k: v.to(torch.float16).to(torch.float32) for k, v in params.items()}
-    raise ValueError(f"unknown codec {codec!r}; expected fp32 or fp16")

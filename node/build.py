@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +61,10 @@ def build_local_model(
     target_modules: list[str] | None = None,
     data_seed: int = 0,
     quantize: str | None = None,
+    stop: threading.Event | None = None,
 ) -> LocalModel:
-    """Load the base, attach the manifest's LoRA (seeded), and wrap the peer's data."""
+    """Load the base, attach the manifest's LoRA (seeded), and wrap the peer's data; `stop`
+    abandons the inner loop at its next step once set."""
     base, tokenizer, fingerprint = load_base(model_path, quantize=quantize)
     targets = target_modules or resolve_target_modules(config, base)
     model = attach_lora(base, config.lora, targets, seed=config.seed)
@@ -69,5 +72,5 @@ def build_local_model(
     inner = config.inner
     batches = TokenBatcher(train_texts, tokenizer, inner.seq_len, inner.batch_size, data_seed)
     held_out = eval_batches(eval_texts, tokenizer, inner.seq_len, inner.batch_size, EVAL_BATCHES)
-    trainer = InnerTrainer(model, inner, batches)
+    trainer = InnerTrainer(model, inner, batches, stop=stop)
     return LocalModel(trainer, model, tokenizer, fingerprint, targets, held_out)

@@ -1,15 +1,18 @@
 """A volunteer's part in a clustered run: publish its task signature, follow the assignment.
 
-The signature is a probe: after the warm-up rounds, the volunteer runs H inner steps on its
-own data from the run's seeded initial adapter (not from its current state) and sketches the
+The signature is a probe: before its first round, the volunteer runs H inner steps on its own
+data from the run's seeded initial adapter (not from its current state) and sketches the
 resulting dW change, then restores its state. A LoRA step's direction in dW space depends on
 the factors it starts from, so only probes from one common start are comparable; this way a
-volunteer that arrives after the others have specialised is compared on equal terms.
+volunteer that arrives after the others have specialised is compared on equal terms. Probing
+before the first round keeps it from delaying this peer in a round its group is waiting on.
 
 At each round boundary: after the warm-up, (re)publish the signed signature; read the
-coordinator's assignment; when it puts this peer in a different cluster, switch the averager
-to that cluster's prefix and announce the cluster, so that the round's state sync adopts the
-cluster's state from its members. Without a coordinator the last assignment simply stays.
+coordinator's assignment; once the group reaches the assignment's `effective_round` and it puts
+this peer in a different cluster, switch the averager to that cluster's prefix and announce the
+cluster. Every member of the old group switches at the same round, so nobody is left waiting
+in a group the others have left; the mover then adopts its destination's state (Peer.sync with
+adopt). Without a coordinator the last assignment simply stays.
 """
 
 from __future__ import annotations
@@ -23,9 +26,15 @@ from node.checkpoint import atomic_write
 from node.clusters import TaskSignature, read_assignment
 from node.config import RunConfig
 from node.state import GroupState
-from node.swarm import HivemindTransport, SwarmNode
-from protocols.averaging import GroupAverager
-from protocols.records import PEER_TTL, ManifestRecord, clusters_key, signatures_key
+from node.swarm_transport import HivemindTransport
+from protocols.records import (
+    PEER_TTL,
+    ClusterRecord,
+    ManifestRecord,
+    clusters_key,
+    signatures_key,
+)
+from protocols.swarm import SwarmNode
 
 log = logging.getLogger("swarmtune.cluster")
 
@@ -36,7 +45,7 @@ def group_prefix(run_id: str, cluster: int) -> str:
 
 
 class ClusterMember:
-    """Signature publishing and cluster moves for one volunteer."""
+    """Signature publishing and cluster moves for one volunteer (RoundHooks for its Peer)."""
 
     def __init__(
         self,
@@ -44,7 +53,6 @@ class ClusterMember:
         manifest: ManifestRecord,
         config: RunConfig,
         transport: HivemindTransport,
-        make_averager: Callable[[str], GroupAverager],
         workdir: Path,
         probe: Callable[[TaskSignature], None],
     ) -> None:
@@ -54,44 +62,52 @@ class ClusterMember:
         self.rounds_seen = 0
         self.settings = config.clustering
         self.signature = TaskSignature(config.lora.alpha / config.lora.rank, self.settings.sketch_k)
-        self.make_averager = make_averager
         self.version = 0
+        self.pending: ClusterRecord | None = None
 
     @property
     def cluster(self) -> int:
         """This peer's current cluster (-1 before the first assignment)."""
         return self.transport.cluster
 
-    def before_round(self, state: GroupState) -> None:
-        """Publish the signature after warm-up and apply a newer assignment."""
-        if self.rounds_seen >= self.settings.warmup_rounds and self.signature.total is None:
+    def prepare(self) -> None:
+        """Compute the task signature (before the first round)."""
+        if self.signature.total is None:
             self.probe(self.signature)
-            log.info("task signature ready after %d warm-up rounds", self.rounds_seen)
+            log.info("task signature ready")
+
+    def before_round(self, state: GroupState) -> bool:
+        """Publish the signature after warm-up and apply an assignment that is due; True when
+        this peer moved to another cluster."""
+        self.prepare()
         self.rounds_seen += 1
-        record = self.signature.record(self.node.peer_id, state.round)
-        if record is not None:
-            self.node.store_owned(
-                signatures_key(self.manifest.run_id), record.model_dump(), PEER_TTL
-            )
+        if self.rounds_seen > self.settings.warmup_rounds:
+            record = self.signature.record(self.node.peer_id, state.round)
+            if record is not None:
+                self.node.store_owned(
+                    signatures_key(self.manifest.run_id), record.model_dump(), PEER_TTL
+                )
         raw = self.node.get_owned(clusters_key(self.manifest.run_id))
         assignment = read_assignment(raw, self.manifest.coordinator_key)
-        if assignment is None or assignment.version <= self.version:
-            return
-        self.version = assignment.version
-        target = assignment.assignment.get(self.node.peer_id)
-        if target is not None and target != self.cluster:
-            self.move_to(target)
+        if assignment is not None and assignment.version > self.version:
+            self.pending = assignment
+        if self.pending is None or state.round < self.pending.effective_round:
+            return False
+        due, self.pending = self.pending, None
+        self.version = due.version
+        target = due.assignment.get(self.node.peer_id)
+        if target is None or target == self.cluster:
+            return False
+        self.move_to(target)
+        return True
 
     def move_to(self, cluster: int) -> None:
-        """Average with `cluster` from the next round on."""
-        previous = self.transport.averager
-        self.transport.averager = self.make_averager(group_prefix(self.manifest.run_id, cluster))
-        previous.shutdown()
+        """Average with `cluster` from this round on."""
+        self.transport.switch_group(group_prefix(self.manifest.run_id, cluster), cluster)
         log.info(
             "moved to cluster %d (assignment v%d); taking its state from its members",
             cluster,
             self.version,
         )
-        self.transport.set_cluster(cluster)
         info = {"peer_id": self.node.peer_id, "cluster": cluster, "version": self.version}
         atomic_write(self.workdir / "cluster.json", json.dumps(info).encode())

@@ -32,6 +32,9 @@ from protocols.transfer import pack_files, unpack_files
 
 log = logging.getLogger("swarmtune.clusters")
 SIGNATURE_SEED = 20261123  # shared by every peer, so sketches are comparable
+# Rounds between the newest signature an assignment saw and the round at which members switch:
+# every member must have read the assignment by then (it is read at each round boundary).
+SWITCH_LEAD = 2
 
 
 def lora_modules(params: Mapping[str, torch.Tensor], scaling: float) -> dict[str, LoraFactors]:
@@ -166,7 +169,11 @@ class Clusterer:
             return None
         version = self.record.version + 1 if self.record else 1
         self.record = ClusterRecord(
-            version=version, round=newest, assignment=labels, coordinator=self.coordinator
+            version=version,
+            round=newest,
+            effective_round=newest + SWITCH_LEAD,
+            assignment=labels,
+            coordinator=self.coordinator,
         )
         return self.record
 

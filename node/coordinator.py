@@ -6,7 +6,9 @@ import hashlib
 import logging
 import signal
 import threading
+import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,6 @@ from node.checkpoint import atomic_write
 from node.clusters import Clusterer, merge_bundles, verified_signatures
 from node.config import load_config, parse_config
 from node.offers import Offer, best_offers
-from node.swarm import SwarmNode
 from protocols.records import (
     AdapterOffer,
     ManifestRecord,
@@ -26,11 +27,13 @@ from protocols.records import (
     peers_key,
     signatures_key,
 )
+from protocols.swarm import SwarmNode
 from protocols.transfer import TransferError
 
 log = logging.getLogger("swarmtune.bootstrap")
 MIRROR_INTERVAL = 1.0
 MANIFEST_REFRESH = 600.0
+SIGNATURE_WAIT_S = 30.0
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Coordinator:
         self.settings = parse_config(manifest.config).clustering
         self.clusterer = Clusterer(self.settings, node.peer_id) if self.settings.enabled else None
         self.merged_round = -1
+        self.first_signature_at: float | None = None
 
     def tick(self) -> None:
         """One pass: report membership changes and mirror newer adapters."""
@@ -67,7 +71,7 @@ class Coordinator:
             log.info("peer %s left", pid[-8:])
         self.known = set(peers)
         if self.clusterer is not None:
-            self.recluster(set(peers))
+            self.recluster({pid for pid, r in peers.items() if r.role == "volunteer"})
         for offer in best_offers(peers).values():
             mine = self.record.adapters.get(offer.name)
             if (mine is None or offer.round > mine.round) and (
@@ -85,6 +89,8 @@ class Coordinator:
             self.node.get_owned(peers_key(run)), self.node.get_owned(signatures_key(run))
         )
         live_signatures = {p: s for p, s in signatures.items() if p in live}
+        if self.first_partition_waits(live, live_signatures):
+            return
         try:
             record = self.clusterer.update(live_signatures)
         except ValueError as exc:
@@ -97,6 +103,18 @@ class Coordinator:
                 members.setdefault(cluster, []).append(peer[-8:])
             log.info("clusters v%d at round %d: %s", record.version, record.round, members)
         self.maybe_merge()
+
+    def first_partition_waits(self, live: set[str], signed: Mapping[str, object]) -> bool:
+        """Before the first assignment, wait (at most SIGNATURE_WAIT_S after the first signature)
+        until every live volunteer has published its signature, so that a group does not split
+        in two steps (which would leave members waiting in a group the others just left)."""
+        if self.clusterer is None or self.clusterer.record is not None or not signed:
+            return False
+        if self.first_signature_at is None:
+            self.first_signature_at = time.monotonic()
+        missing = live - set(signed)
+        waited = time.monotonic() - self.first_signature_at
+        return bool(missing) and waited < SIGNATURE_WAIT_S
 
     def publish_clusters(self) -> None:
         """(Re)store the current assignment, signed by the coordinator."""

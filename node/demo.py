@@ -24,8 +24,8 @@ from node.config import (
     RunConfig,
 )
 from node.data import BUILTIN_TASKS
-from node.swarm import SwarmError
 from protocols.sockets import remove_stale_hivemind_sockets
+from protocols.swarm import SwarmError
 
 DEMO_CONFIG = RunConfig(run_id="swarmtune-demo", averaging=AveragingSettings(matchmaking_time=3.0))
 CLUSTERED_CONFIG = RunConfig(

@@ -5,7 +5,7 @@ from node.basemodel import BaseModelError
 from node.config import ConfigError
 from node.data import DataError
 from node.state import StateError
-from node.swarm import SwarmError
+from protocols.swarm import SwarmError
 from protocols.transfer import TransferError
 
 USER_ERRORS: tuple[type[Exception], ...] = (

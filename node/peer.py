@@ -1,4 +1,9 @@
-"""A volunteer's life across rounds, independent of the transport: resume, sync, train, save."""
+"""A volunteer's life across rounds, independent of the transport: resume, sync, train, save.
+
+Every round that did not apply a verified group average is counted (no group, rejected
+result), and so is every state adopted from others (resync); the counts travel in each
+RoundReport, so a broken averager cannot hide behind the next round's resync.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 from aggregation.ghbm import make_peer_momentum
 from node.checkpoint import Checkpoint
@@ -14,13 +20,30 @@ from node.config import RunConfig
 from node.round import RoundReport, run_round
 from node.state import GroupState, StateError, check_params
 from node.trainer import InnerTrainer, RoundAbandoned
-from node.transport import Transport, consensus
+from node.transport import StateUnavailable, Transport, consensus
 
 log = logging.getLogger("swarmtune.peer")
 
 
+class RoundHooks(Protocol):
+    """Wiring that runs at every round boundary (a clustered run's group moves)."""
+
+    def before_round(self, state: GroupState) -> bool:
+        """Called before each round's sync; True when this peer just changed group."""
+        ...
+
+
+@dataclass
+class RoundCounts:
+    """Running totals of rounds that did not go as planned, for reports and status."""
+
+    fallbacks: int = 0  # no group formed, or the all-reduce broke: local update applied
+    rejections: int = 0  # a group result failed verification: local update applied
+    resyncs: int = 0  # adopted another member's state
+
+
 class Peer:
-    """Drives rounds for one volunteer; the simulator and the daemon both use it."""
+    """Drives rounds for one volunteer; the simulator's tests and the daemon both use it."""
 
     def __init__(
         self,
@@ -30,6 +53,8 @@ class Peer:
         checkpoint: Checkpoint | None = None,
         on_report: Callable[[RoundReport], None] | None = None,
         evaluate: Callable[[], float] | None = None,
+        hooks: RoundHooks | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.trainer = trainer
         self.transport = transport
@@ -37,15 +62,14 @@ class Peer:
         self.checkpoint = checkpoint
         self.on_report = on_report or (lambda report: None)
         self.evaluate = evaluate
+        self.hooks = hooks
+        self.stop = stop if stop is not None else threading.Event()
         self.shapes = {k: v.shape for k, v in trainer.get_params().items()}
-        self.stop = threading.Event()
-        trainer.stop = self.stop
         self.resumed_from: int | None = None
         self.resynced_to: list[int] = []
+        self.counts = RoundCounts()
         outer = config.outer
         self.momentum = make_peer_momentum(outer.name, outer.effective_momentum, outer.tau)
-        self.gossip = config.averaging.gossip
-        self.before_round: Callable[[GroupState], None] = lambda state: None
 
     def initial_state(self) -> GroupState:
         """The checkpoint if there is one, else round 0 from the seeded LoRA init."""
@@ -62,17 +86,22 @@ class Peer:
                 return state
         return GroupState(0, self.trainer.get_params(), {})
 
-    def sync(self, state: GroupState) -> GroupState:
-        """Adopt the swarm's consensus state when it is ahead of, or differs from, ours."""
-        ref = consensus(self.transport.announcements())
-        if ref is None or ref.round < state.round:
+    def sync(self, state: GroupState, adopt: bool = False) -> GroupState:
+        """Adopt the swarm's consensus state when it is ahead of, or differs from, ours.
+
+        With `adopt` (we just joined another group) our own announcement does not vote: the
+        group's state wins whatever its round, unless nobody else has announced one."""
+        ref = consensus(
+            self.transport.announcements(), exclude=self.transport.peer if adopt else None
+        )
+        if ref is None or (ref.round < state.round and not adopt):
             return state
-        if ref.round == state.round and (self.gossip or ref.digest == state.digest()):
-            return state  # gossip partners differ by design; only catch up on rounds
+        if ref.round == state.round and ref.digest == state.digest():
+            return state
         try:
             fetched = self.transport.fetch_state(ref)
             check_params(fetched.params, self.shapes)
-        except (StateError, OSError, RuntimeError, KeyError) as exc:
+        except (StateError, StateUnavailable) as exc:
             log.warning("could not fetch round %d state (%s); keeping ours", ref.round, exc)
             return state
         if fetched.digest() != ref.digest:
@@ -80,6 +109,7 @@ class Peer:
             return state
         log.info("synced to the group's state at round %d (was at %d)", fetched.round, state.round)
         self.resynced_to.append(fetched.round)
+        self.counts.resyncs += 1
         return fetched
 
     def run(self, rounds: int, settle_s: float = 0.0) -> GroupState:
@@ -91,19 +121,8 @@ class Peer:
         for _ in range(rounds):
             if self.stop.is_set():
                 break
-            round_started = time.perf_counter()
             try:
-                self.before_round(state)  # may train (a clustered run's signature probe)
-                state = self.sync(state)
-                known = max(len(self.transport.announcements()), 1)
-                state, report = run_round(
-                    state,
-                    self.trainer,
-                    self.transport,
-                    self.config,
-                    self.momentum,
-                    known,
-                )
+                state, report = self.one_round(state)
             except RoundAbandoned as exc:
                 log.info(
                     "abandoned round %d (%s); last checkpoint is round %d",
@@ -113,20 +132,42 @@ class Peer:
                 )
                 self.trainer.set_params(state.params)
                 break
-            checkpoint_s = self.save(state)
-            self.transport.announce_state(state)
-            eval_loss = self.evaluate() if self.evaluate is not None else None
-            wall_s = time.perf_counter() - round_started
-            self.on_report(
-                replace(report, checkpoint_s=checkpoint_s, eval_loss=eval_loss, wall_s=wall_s)
-            )
             members = report.members
-            if not report.verified and members and not self.gossip:
+            if report.outcome == "rejected":
                 # the group diverged: let every member announce before anyone picks a consensus
                 self.await_members(state.round, members, self.config.averaging.matchmaking_time)
         if members:
             self.await_members(state.round, members, settle_s)
         return self.finish(state)
+
+    def one_round(self, state: GroupState) -> tuple[GroupState, RoundReport]:
+        """Sync, train, aggregate, then save, report and announce (in that order, so that what
+        others read about this peer is never a round behind its state)."""
+        started = time.perf_counter()
+        resyncs = self.counts.resyncs
+        moved = self.hooks.before_round(state) if self.hooks is not None else False
+        state = self.sync(state, adopt=moved)
+        known = max(len(self.transport.announcements()), 1)
+        state, report = run_round(
+            state, self.trainer, self.transport, self.config, self.momentum, known
+        )
+        self.counts.fallbacks += report.outcome == "no-group"
+        self.counts.rejections += report.outcome == "rejected"
+        checkpoint_s = self.save(state)
+        eval_loss = self.evaluate() if self.evaluate is not None else None
+        report = replace(
+            report,
+            checkpoint_s=checkpoint_s,
+            eval_loss=eval_loss,
+            wall_s=time.perf_counter() - started,
+            resynced=self.counts.resyncs > resyncs,
+            fallbacks=self.counts.fallbacks,
+            rejections=self.counts.rejections,
+            resyncs=self.counts.resyncs,
+        )
+        self.on_report(report)
+        self.transport.announce_state(state)
+        return state, report
 
     def await_members(self, round_: int, members: tuple[str, ...], timeout: float) -> None:
         """Wait (bounded) until every listed member has announced a state of at least round_."""

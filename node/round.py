@@ -1,31 +1,36 @@
-"""One DiLoCo round (DESIGN.md 3.1), the same code for the simulator and the daemon.
+"""One DiLoCo round (docs/design.md, "The round"), the same code for the simulator and the daemon.
 
 1. start from the group's theta^{t-1}; 2. H inner AdamW steps; 3. Delta_i = theta^{t-1} - theta_i;
-4. token-weighted all-reduce, verified by a linear checksum and the members' start digests;
-5. outer step. In gossip mode (averaging.gossip) a peer instead averages its end point with one
-random partner (group of 2) and applies the outer step to Delta = theta^{t-1} - mean end point.
-Outer optimizers that act inside the inner loop (GHBM's local correction, the
-per-peer LocalGHBM/FedHBM momentum) get a hook after every inner step. A member alone, or whose all-reduce fails verification, applies its own Delta;
-the digest consensus at the next round start then resyncs whoever diverged.
+4. token-weighted aggregate of the members' Delta_i, verified against their claims;
+5. outer step. Outer optimizers that act inside the inner loop (GHBM's local correction, the
+per-peer LocalGHBM/FedHBM momentum) get a hook after every inner step.
+
+`conclude_round` is steps 4-5 once the transport has answered: the daemon's transport is a
+hivemind all-reduce, the simulator's is an in-process weighted mean; everything after that is
+this one function. A member whose averaging failed ("no-group") or whose group's result did not
+verify ("rejected") applies its own Delta; the report says which, and the digest consensus at
+the next round start resyncs whoever diverged.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Literal
 
 from aggregation.ghbm import PeerMomentum
 from aggregation.outer import OuterOptimizer, RoundContext, make_outer
-from aggregation.params import Params, projection_checksum, pseudo_gradient, round_like_codec
+from aggregation.params import Params, pseudo_gradient
+from aggregation.verify import checksum_problem, projection_checksum
 from node.config import RunConfig
 from node.state import GroupState
 from node.trainer import InnerResult, InnerTrainer
 from node.transport import AveragingFailed, GroupResult, MemberMeta, Transport
 
 log = logging.getLogger("swarmtune.round")
+Outcome = Literal["averaged", "no-group", "rejected"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class RoundReport:
     loss_last: float
     tokens: int
     group_size: int
-    verified: bool
+    outcome: Outcome
     digest: str
     bytes_sent: int
     bytes_received: int
@@ -46,52 +51,40 @@ class RoundReport:
     matchmaking_s: float
     allreduce_s: float
     outer_s: float
+    problem: str = ""  # why the round was not averaged
     members: tuple[str, ...] = ()
     checkpoint_s: float = 0.0
     wall_s: float = 0.0
     eval_loss: float | None = None
     tau: int | None = None
+    resynced: bool = False  # this peer adopted another state before the round
+    fallbacks: int = 0  # running totals of this peer: no-group rounds,
+    rejections: int = 0  # rejected group results,
+    resyncs: int = 0  # and states adopted from others
+
+    @property
+    def verified(self) -> bool:
+        """True when the group's verified average was applied."""
+        return self.outcome == "averaged"
 
 
-def verify_group(
-    result: GroupResult, mine: MemberMeta, rtol: float, same_start: bool = True
-) -> str | None:
-    """None if the average is what the members' checksums predict; otherwise why not.
-
-    Group rounds also require every member to have started from the same state; gossip
-    partners (same_start=False) hold different states by design and only share the round.
-    """
+def verify_group(result: GroupResult, mine: MemberMeta) -> str | None:
+    """None if `result` is the weighted mean of what its members claimed; otherwise why not."""
     members = result.members
+    if result.malformed:
+        return f"{len(result.malformed)} member(s) sent malformed metadata"
     if len(members) < 2 or mine.peer not in {m.peer for m in members}:
         return f"group of {len(members)} without this peer"
-    starts = Counter((m.round, m.start_digest if same_start else "") for m in members)
+    starts = {(m.round, m.start_digest) for m in members}
     if len(starts) > 1:
         return f"members started from {len(starts)} different states"
-    total = sum(m.weight for m in members)
-    if total <= 0:
-        return "non-positive total weight"
-    expected = sum(m.weight * m.checksum for m in members) / total
-    actual = projection_checksum(result.averaged, seed=mine.round)
-    scale = sum(m.weight * abs(m.checksum) for m in members) / total + 1e-12
-    if abs(actual - expected) > rtol * scale:
-        return f"checksum mismatch ({actual:.6g} != {expected:.6g})"
-    return None
-
-
-def average(
-    transport: Transport, delta: Params, mine: MemberMeta, rtol: float, same_start: bool = True
-) -> tuple[Params, GroupResult | None, bool]:
-    """(aggregate, group, verified): the group's weighted mean, or our own Delta if it failed."""
-    try:
-        result = transport.all_reduce(delta, mine)
-    except AveragingFailed as exc:
-        log.warning("round %d: averaging failed (%s); applying the local update", mine.round, exc)
-        return delta, None, False
-    problem = verify_group(result, mine, rtol, same_start)
-    if problem is not None:
-        log.warning("round %d: rejecting the group average: %s", mine.round, problem)
-        return delta, result, False
-    return result.averaged, result, True
+    return checksum_problem(
+        result.averaged,
+        [m.weight for m in members],
+        [m.checksum for m in members],
+        seed=mine.round,
+        offset=result.wire_offset,
+    )
 
 
 @dataclass
@@ -163,11 +156,11 @@ def inner_phase(
     hooked = fixed is not None or per_iterate is not None
     inner = trainer.train_steps(steps, after_step if hooked else None)
     final = trainer.get_params()
-    if observe is not None:  # e.g. the simulator's task signatures
+    if observe is not None:  # e.g. the cluster bench's task signatures
         observe(state.params, final)
     if momentum is not None:
         momentum.end_round(final, state.round)
-    delta = round_like_codec(pseudo_gradient(state.params, final), config.averaging.codec)
+    delta = pseudo_gradient(state.params, final)
     checksum = projection_checksum(delta, seed=state.round)
     meta = MemberMeta(peer, state.round, start.digest, float(inner.tokens), checksum, known)
     return LocalUpdate(delta, meta, inner)
@@ -179,7 +172,6 @@ def outer_phase(
     """Step 5: theta^t from the agreed aggregate; returns the new state and the GHBM tau used."""
     outer = load_outer(state, config)
     tau = getattr(outer, "tau", None)
-    aggregate = round_like_codec(aggregate, config.averaging.codec)
     new_params = outer.step(state.params, aggregate, context)
     return GroupState(state.round + 1, new_params, outer.state_dict()), tau
 
@@ -190,6 +182,51 @@ def group_context(group: GroupResult | None, verified: bool) -> RoundContext:
         return RoundContext(1, 1)
     population = max((m.known for m in group.members), default=1)
     return RoundContext(len(group.members), max(population, len(group.members)))
+
+
+def conclude_round(
+    state: GroupState,
+    update: LocalUpdate,
+    answer: GroupResult | AveragingFailed,
+    config: RunConfig,
+) -> tuple[GroupState, RoundReport]:
+    """Steps 4-5 after the transport answered: verify, pick the aggregate, outer step, report."""
+    mine = update.meta
+    group = answer if isinstance(answer, GroupResult) else None
+    if group is None:
+        outcome: Outcome = "no-group"
+        problem = str(answer)
+        log.warning("round %d: no group (%s); applying the local update", mine.round, problem)
+    else:
+        found = verify_group(group, mine)
+        outcome, problem = ("averaged", "") if found is None else ("rejected", found)
+        if found is not None:
+            log.warning("round %d: rejecting the group average: %s", mine.round, found)
+    averaged = outcome == "averaged" and group is not None
+    aggregate = group.averaged if averaged and group is not None else update.delta
+    started = time.perf_counter()
+    new_state, tau = outer_phase(state, aggregate, group_context(group, averaged), config)
+    inner = update.inner
+    report = RoundReport(
+        round=state.round,
+        loss_first=inner.loss_first,
+        loss_mean=inner.loss_mean,
+        loss_last=inner.loss_last,
+        tokens=inner.tokens,
+        group_size=len(group.members) if averaged and group is not None else 1,
+        outcome=outcome,
+        problem=problem,
+        members=tuple(m.peer for m in group.members) if group is not None else (),
+        digest=new_state.digest(),
+        bytes_sent=group.bytes_sent if group else 0,
+        bytes_received=group.bytes_received if group else 0,
+        inner_s=inner.seconds,
+        matchmaking_s=group.matchmaking_s if group else 0.0,
+        allreduce_s=group.allreduce_s if group else 0.0,
+        outer_s=time.perf_counter() - started,
+        tau=tau,
+    )
+    return new_state, report
 
 
 def run_round(
@@ -203,37 +240,11 @@ def run_round(
     """Advance the group state by one DiLoCo round; inputs are not mutated."""
     start = round_start(state, config)
     update = inner_phase(state, start, trainer, transport.peer, config, momentum, known)
-    gossip = config.averaging.gossip
-    sent, meta = update.delta, update.meta
-    if gossip:  # partners hold different states: average the end points, not the deltas
-        sent = {k: state.params[k] - update.delta[k] for k in sorted(update.delta)}
-        meta = replace(meta, checksum=projection_checksum(sent, seed=state.round))
-    aggregate, group, verified = average(
-        transport, sent, meta, config.averaging.verify_rtol, same_start=not gossip
-    )
-    if gossip:
-        aggregate = pseudo_gradient(state.params, aggregate)
-    started = time.perf_counter()
-    new_state, tau = outer_phase(state, aggregate, group_context(group, verified), config)
-    outer_s = time.perf_counter() - started
+    answer: GroupResult | AveragingFailed
+    try:
+        answer = transport.all_reduce(update.delta, update.meta)
+    except AveragingFailed as exc:
+        answer = exc
+    new_state, report = conclude_round(state, update, answer, config)
     trainer.set_params(new_state.params)
-    inner = update.inner
-    report = RoundReport(
-        round=state.round,
-        loss_first=inner.loss_first,
-        loss_mean=inner.loss_mean,
-        loss_last=inner.loss_last,
-        tokens=inner.tokens,
-        group_size=len(group.members) if verified and group else 1,
-        verified=verified,
-        members=tuple(m.peer for m in group.members) if group else (),
-        digest=new_state.digest(),
-        bytes_sent=group.bytes_sent if group else 0,
-        bytes_received=group.bytes_received if group else 0,
-        inner_s=inner.seconds,
-        matchmaking_s=group.matchmaking_s if group else 0.0,
-        allreduce_s=group.allreduce_s if group else 0.0,
-        outer_s=outer_s,
-        tau=tau,
-    )
     return new_state, report

@@ -2,9 +2,10 @@
 
 Each round samples round(C*K) clients uniformly without replacement. Every sampled client runs
 node.round.inner_phase (the daemon's inner loop, GHBM hooks and per-peer momentum included) on
-its own data; the group average, its verification and the outer step are node.round's and
-aggregation's, exactly as on real peers. One shared LoRA model is reused: a client is its data
-stream, its per-peer momentum and (optionally) its AdamW moments, swapped in when sampled.
+its own data. The transport is an in-process weighted mean; from there on the round is
+node.round.conclude_round, the function the daemon uses after its all-reduce (verification,
+fallback, outer step, report). One shared LoRA model is reused: a client is its data stream,
+its per-peer momentum and (optionally) its AdamW moments, swapped in when sampled.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,18 +27,10 @@ from node.basemodel import load_base
 from node.build import resolve_target_modules
 from node.config import SimConfig
 from node.data import BUILTIN_TASKS, TokenBatcher, builtin_eval_texts, builtin_texts, eval_batches
-from node.round import (
-    LocalUpdate,
-    RoundStart,
-    group_context,
-    inner_phase,
-    outer_phase,
-    round_start,
-    verify_group,
-)
+from node.round import LocalUpdate, RoundStart, conclude_round, inner_phase, round_start
 from node.state import GroupState
 from node.trainer import InnerTrainer, attach_lora
-from node.transport import GroupResult
+from node.transport import AveragingFailed, GroupResult
 
 log = logging.getLogger("swarmtune.simulate")
 
@@ -60,6 +54,7 @@ class SimResult:
     seed: int
     rows: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    outcomes: dict[str, int] = field(default_factory=dict)  # averaged / no-group / rejected
 
     def rounds_to(self, target: float) -> int | None:
         """First round whose mean eval loss is at or below target, if any."""
@@ -120,7 +115,6 @@ class Simulation:
             for c, mixture in enumerate(task_mixtures(config, self.tasks, seed))
         ]
         self.trainer = InnerTrainer(model, inner, self.clients[0].batches)
-        self.fresh_inner = self.trainer.optimizer.state_dict()
         self.eval_sets = {
             t: eval_batches(builtin_eval_texts(t), tokenizer, inner.seq_len, 8, config.eval_batches)
             for t in self.tasks
@@ -128,6 +122,7 @@ class Simulation:
         self.sampler = random.Random(f"sample:{seed}")
         self.observers: dict[str, Callable[[Params, Params], None]] = {}  # by client name
         self.state = GroupState(0, self.trainer.get_params(), {})
+        self.outcomes: Counter[str] = Counter()  # round outcomes, as the daemon reports them
 
     def evaluate(self) -> dict[str, float]:
         """Eval loss of the current global adapter on every task, and their mean."""
@@ -137,8 +132,7 @@ class Simulation:
 
     def client_update(self, client: Client, start: RoundStart) -> LocalUpdate:
         """The daemon's inner phase for one client, with its own data and private state."""
-        self.trainer.batches = client.batches
-        self.trainer.optimizer.load_state_dict(client.inner_state or self.fresh_inner)
+        self.trainer.switch_data(client.batches, client.inner_state)
         update = inner_phase(
             self.state,
             start,
@@ -160,22 +154,22 @@ class Simulation:
         return self.group_round(sorted(self.sampler.sample(range(len(self.clients)), count)))
 
     def group_round(self, members: list[int]) -> dict[str, float]:
-        """Inner phases of `members` from self.state, verified weighted mean, outer step."""
+        """Inner phases of `members` from self.state, their weighted mean, then the daemon's
+        conclude_round (seen from the first member; every member holds the same aggregate)."""
         start = round_start(self.state, self.config.run)
         updates = [self.client_update(self.clients[c], start) for c in members]
         metas = [u.meta for u in updates]
-        group = GroupResult(
-            weighted_mean([u.delta for u in updates], [m.weight for m in metas]), metas
+        answer: GroupResult | AveragingFailed = (
+            GroupResult(weighted_mean([u.delta for u in updates], [m.weight for m in metas]), metas)
+            if len(updates) > 1
+            else AveragingFailed("a single client was sampled")
         )
-        problem = verify_group(group, metas[0], self.config.run.averaging.verify_rtol)
-        if problem is not None and len(metas) > 1:
-            raise RuntimeError(f"simulated group failed its own verification: {problem}")
-        context = group_context(group, verified=len(metas) > 1)
-        self.state, tau = outer_phase(self.state, group.averaged, context, self.config.run)
+        self.state, report = conclude_round(self.state, updates[0], answer, self.config.run)
+        self.outcomes[report.outcome] += 1
         train_loss = sum(u.inner.loss_mean for u in updates) / len(updates)
         row: dict[str, float] = {"round": self.state.round, "train_loss": train_loss}
-        if tau is not None:
-            row["tau"] = tau
+        if report.tau is not None:
+            row["tau"] = report.tau
         return row
 
     def run(self, progress: Callable[[str], None] | None = None) -> SimResult:
@@ -197,6 +191,7 @@ class Simulation:
                         f" ({elapsed:.0f}s, ~{eta:.0f}s left)"
                     )
         result.seconds = time.perf_counter() - started
+        result.outcomes = dict(self.outcomes)
         return result
 
 
@@ -215,6 +210,7 @@ def write_outputs(results: list[SimResult], out: Path, title: str) -> list[Path]
         "seeds": [r.seed for r in results],
         "final_eval_loss": [r.rows[-1]["eval_loss"] for r in results],
         "seconds": [round(r.seconds, 1) for r in results],
+        "outcomes": {str(r.seed): r.outcomes for r in results},
         "rows": {str(r.seed): r.rows for r in results},
     }
     json_path = out / "summary.json"

@@ -70,17 +70,35 @@ class RoundAbandoned(Exception):
 class InnerTrainer:
     """Owns the LoRA model and its AdamW state; theta in and out as named fp32 tensors."""
 
-    def __init__(self, model: PeftModel, inner: InnerSettings, batches: Batches) -> None:
+    def __init__(
+        self,
+        model: PeftModel,
+        inner: InnerSettings,
+        batches: Batches,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.model = model
         self.inner = inner
         self.batches = batches
         self._trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.stop: threading.Event | None = None
+        self.stop = stop  # set: the inner loop abandons the round at its next step
         if not self._trainable:
             raise ValueError("the model has no trainable LoRA parameters")
         self.optimizer = torch.optim.AdamW(
             self._trainable.values(), lr=inner.lr, weight_decay=inner.weight_decay
         )
+
+    def switch_data(self, batches: Batches, optimizer_state: dict[str, Any] | None) -> None:
+        """Train on `batches` from now on, with these AdamW moments (None: fresh moments)."""
+        self.batches = batches
+        if optimizer_state is None:
+            self.optimizer.state.clear()
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def reset_optimizer(self) -> None:
+        """Forget the AdamW moments (a probe from another starting point must not reuse them)."""
+        self.optimizer.state.clear()
 
     def get_params(self) -> Params:
         """Current trainable parameters (copies)."""

@@ -1,6 +1,6 @@
 """The Transport interface the round loop runs against, and an in-memory implementation.
 
-The hivemind implementation lives in node/swarm.py; the in-memory one drives the simulator and
+The hivemind implementation lives in node/swarm_transport.py; the in-memory one drives the simulator and
 fast multi-node tests, with faults injectable (a member that drops out, a corrupted average).
 """
 
@@ -14,27 +14,34 @@ from typing import Protocol
 
 from aggregation.params import Params, weighted_mean
 from node.state import GroupState
+from protocols.averaging import MemberMeta
+
+__all__ = [
+    "AveragingFailed",
+    "GroupResult",
+    "MemberMeta",
+    "StateRef",
+    "StateUnavailable",
+    "Transport",
+    "consensus",
+]
 
 
 class AveragingFailed(RuntimeError):
     """No group formed, or the all-reduce broke; the caller falls back to its own update."""
 
 
-@dataclass(frozen=True)
-class MemberMeta:
-    """What each member tells its group along with its pseudo-gradient (all-gathered)."""
-
-    peer: str
-    round: int
-    start_digest: str
-    weight: float
-    checksum: float
-    known: int = 1  # volunteers this member knows of (for GHBM tau = auto)
+class StateUnavailable(RuntimeError):
+    """No provider served an intact copy of an announced state."""
 
 
 @dataclass
 class GroupResult:
-    """The averaged pseudo-gradient and what every member said; byte counts are this peer's."""
+    """The averaged pseudo-gradient and what every member said; byte counts are this peer's.
+
+    `malformed` names members whose tensors are in the average but whose metadata could not be
+    parsed; `wire_offset` is the constant the transport added on the wire (for the checksum's
+    rounding tolerance, aggregation/verify.py)."""
 
     averaged: Params
     members: list[MemberMeta]
@@ -42,6 +49,8 @@ class GroupResult:
     bytes_received: int = 0
     matchmaking_s: float = 0.0
     allreduce_s: float = 0.0
+    malformed: tuple[str, ...] = ()
+    wire_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,12 @@ class Transport(Protocol):
     def fetch_state(self, ref: StateRef) -> GroupState: ...
 
 
-def consensus(announced: dict[str, tuple[int, str]]) -> StateRef | None:
-    """Highest round wins; then the digest most peers hold; ties go to the smaller digest."""
+def consensus(announced: dict[str, tuple[int, str]], exclude: str | None = None) -> StateRef | None:
+    """Highest round wins; then the digest most peers hold; ties go to the smaller digest.
+
+    `exclude` leaves one peer's own announcement out (a peer that just moved to another group
+    adopts that group's state instead of voting for its own)."""
+    announced = {p: v for p, v in announced.items() if p != exclude}
     if not announced:
         return None
     top = max(r for r, _ in announced.values())
@@ -83,23 +96,27 @@ class InMemoryHub:
     timeout: float = 10.0
     corrupt_rounds: set[int] = field(default_factory=set)
     _lock: threading.Condition = field(default_factory=threading.Condition)
-    _pending: dict[int, dict[str, tuple[Params, MemberMeta]]] = field(default_factory=dict)
-    _results: dict[int, GroupResult] = field(default_factory=dict)
+    _pending: dict[tuple[int, str], dict[str, tuple[Params, MemberMeta]]] = field(
+        default_factory=dict
+    )
+    _results: dict[tuple[int, str], GroupResult] = field(default_factory=dict)
     states: dict[str, GroupState] = field(default_factory=dict)
 
     def contribute(self, delta: Params, meta: MemberMeta) -> GroupResult:
-        """Block until `expected` members of this round arrived (or timeout), then average."""
+        """Block until `expected` members of this round and start state arrived (or timeout),
+        then average; like the hivemind transport, other rounds or states never meet."""
         deadline = time.monotonic() + self.timeout
+        key = (meta.round, meta.start_digest)
         with self._lock:
-            group = self._pending.setdefault(meta.round, {})
+            group = self._pending.setdefault(key, {})
             group[meta.peer] = (delta, meta)
-            while meta.round not in self._results and len(group) < self.expected:
+            while key not in self._results and len(group) < self.expected:
                 if not self._lock.wait(max(deadline - time.monotonic(), 0)):
                     break
-            if meta.round not in self._results:
-                self._results[meta.round] = self._finish(meta.round, group)
+            if key not in self._results:
+                self._results[key] = self._finish(meta.round, group)
                 self._lock.notify_all()
-            result = self._results[meta.round]
+            result = self._results[key]
         if meta.peer not in {m.peer for m in result.members}:
             raise AveragingFailed(f"round {meta.round}: group formed without {meta.peer}")
         return result
@@ -140,7 +157,9 @@ class InMemoryTransport:
     def fetch_state(self, ref: StateRef) -> GroupState:
         """Copy a provider's state."""
         with self.hub._lock:
-            state = self.hub.states[ref.providers[0]]
+            state = self.hub.states.get(ref.providers[0]) if ref.providers else None
+        if state is None:
+            raise StateUnavailable(f"no provider serves round {ref.round}")
         return GroupState(
             state.round, {k: v.clone() for k, v in state.params.items()}, dict(state.outer_state)
         )

@@ -22,9 +22,10 @@ from node.data import load_texts
 from node.peer import Peer
 from node.round import RoundReport
 from node.state import GroupState
-from node.swarm import HivemindTransport, SwarmError, SwarmNode
+from node.swarm_transport import HivemindTransport
 from protocols.averaging import GroupAverager
 from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
+from protocols.swarm import SwarmError, SwarmNode
 from protocols.transfer import pack_files
 
 log = logging.getLogger("swarmtune.join")
@@ -67,16 +68,20 @@ def check_compatible(manifest: ManifestRecord, local: LocalModel, own: RunConfig
 
 
 def progress_line(report: RoundReport) -> str:
-    """One human line per round."""
+    """One human line per round; a round that did not apply a verified group average says so,
+    and the running totals of fallbacks, rejections and resyncs are always shown."""
     eval_part = f" (eval {report.eval_loss:.3f})" if report.eval_loss is not None else ""
-    status = "" if report.verified else " [local update]"
+    status = "" if report.verified else f" [{report.outcome}: local update]"
+    resynced = " [resynced]" if report.resynced else ""
     tau = f" | ghbm tau {report.tau}" if report.tau is not None else ""
     return (
         f"round {report.round + 1}: loss {report.loss_first:.3f} -> {report.loss_last:.3f}"
-        f"{eval_part} | group {report.group_size}{status} | sent {report.bytes_sent / 1e6:.2f} MB"
-        f" recv {report.bytes_received / 1e6:.2f} MB | inner {report.inner_s:.1f}s"
-        f" matchmaking {report.matchmaking_s:.1f}s all-reduce {report.allreduce_s:.2f}s"
-        f" outer {report.outer_s:.3f}s checkpoint {report.checkpoint_s:.3f}s{tau}"
+        f"{eval_part} | group {report.group_size}{status}{resynced}"
+        f" | sent {report.bytes_sent / 1e6:.2f} MB recv {report.bytes_received / 1e6:.2f} MB"
+        f" | inner {report.inner_s:.1f}s matchmaking {report.matchmaking_s:.1f}s"
+        f" all-reduce {report.allreduce_s:.2f}s outer {report.outer_s:.3f}s"
+        f" checkpoint {report.checkpoint_s:.3f}s{tau}"
+        f" | fallbacks {report.fallbacks} rejected {report.rejections} resyncs {report.resyncs}"
     )
 
 
@@ -84,15 +89,30 @@ class Volunteer:
     """Wires a LocalModel to the swarm: averaging, announcements, adapter offers, metrics."""
 
     def __init__(
-        self, node: SwarmNode, manifest: ManifestRecord, local: LocalModel, options: JoinOptions
+        self,
+        node: SwarmNode,
+        manifest: ManifestRecord,
+        local: LocalModel,
+        options: JoinOptions,
+        stop: threading.Event,
     ) -> None:
         self.node, self.manifest, self.local, self.options = node, manifest, local, options
         self.config = parse_config(manifest.config)
         record = PeerRecord(peer_id=node.peer_id, role="volunteer", task=options.data[:64])
-        averager = self.make_averager(group_prefix(manifest.run_id, -1))
-        self.transport = HivemindTransport(node, averager, role_record=record)
-        self.transport.on_announce = self.offer_adapter
+        self.transport = HivemindTransport(
+            node,
+            self.make_averager,
+            group_prefix(manifest.run_id, -1),
+            role_record=record,
+            offers=self.offer_adapter,
+        )
         self.last_group = 1
+        self.initial = local.trainer.get_params()  # the seeded round-0 adapter
+        self.member: ClusterMember | None = None
+        if self.config.clustering.enabled:
+            self.member = ClusterMember(
+                node, manifest, self.config, self.transport, options.workdir, self.probe_signature
+            )
         self.peer = Peer(
             local.trainer,
             self.transport,
@@ -100,27 +120,16 @@ class Volunteer:
             Checkpoint(options.workdir),
             on_report=self.report,
             evaluate=local.eval_loss,
+            hooks=self.member,
+            stop=stop,
         )
-        self.member: ClusterMember | None = None
-        if self.config.clustering.enabled:
-            self.initial = local.trainer.get_params()  # the seeded round-0 adapter
-            self.member = ClusterMember(
-                node,
-                manifest,
-                self.config,
-                self.transport,
-                self.make_averager,
-                options.workdir,
-                self.probe_signature,
-            )
-            self.peer.before_round = self.member.before_round
 
     def probe_signature(self, signature: TaskSignature) -> None:
         """H inner steps from the seeded initial adapter on our data; then restore our state."""
         trainer = self.local.trainer
         saved_params, saved_local = trainer.get_params(), copy.deepcopy(trainer.state_dict())
         trainer.set_params(self.initial)
-        trainer.optimizer.state.clear()
+        trainer.reset_optimizer()
         try:
             trainer.train_steps(self.config.inner.steps)
             signature.observe(self.initial, trainer.get_params())
@@ -135,11 +144,9 @@ class Volunteer:
             self.node.dht,
             prefix,
             self.local.trainer.get_params(),
-            codec=averaging.codec,
             matchmaking_time=averaging.matchmaking_time,
             allreduce_timeout=averaging.allreduce_timeout,
             min_group_size=averaging.min_group_size,
-            target_group_size=2 if averaging.gossip else None,
         )
 
     @property
@@ -171,20 +178,23 @@ class Volunteer:
         with open(self.options.workdir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(asdict(report)) + "\n")
         record = self.transport.record
-        self.transport.record = record.model_copy(
-            update={
-                "loss": report.loss_mean,
-                "eval_loss": report.eval_loss,
-                "group_size": report.group_size,
-                "tokens": record.tokens + report.tokens,
-                "bytes_sent": record.bytes_sent + report.bytes_sent,
-                "bytes_received": record.bytes_received + report.bytes_received,
-            }
+        self.transport.update_record(
+            loss=report.loss_mean,
+            eval_loss=report.eval_loss,
+            group_size=report.group_size,
+            tokens=record.tokens + report.tokens,
+            bytes_sent=record.bytes_sent + report.bytes_sent,
+            bytes_received=record.bytes_received + report.bytes_received,
+            fallbacks=report.fallbacks,
+            rejections=report.rejections,
+            resyncs=report.resyncs,
         )
 
     def run(self) -> GroupState:
         """Rounds until --rounds or a signal; returns the final group state."""
         settle = self.config.averaging.matchmaking_time * 2
+        if self.member is not None:
+            self.member.prepare()
         state = self.peer.run(self.options.rounds, settle_s=settle)
         if not self.peer.stop.is_set():
             self.hand_off(state.round, timeout=HANDOFF_TIMEOUT)
@@ -220,6 +230,7 @@ def join(options: JoinOptions) -> int:
         port=options.port,
     )
     volunteer = None
+    stop = threading.Event()
     try:
         manifest = node.fetch_manifest(options.initial_peers[0])
         node.set_run(manifest.run_id)
@@ -233,10 +244,11 @@ def join(options: JoinOptions) -> int:
             target_modules=manifest.target_modules,
             data_seed=seed,
             quantize=options.quantize,
+            stop=stop,
         )
         check_compatible(manifest, local, own)
         node.blobs.publish("manifest", manifest.model_dump_json().encode())
-        volunteer = Volunteer(node, manifest, local, options)
+        volunteer = Volunteer(node, manifest, local, options, stop)
         stop_on_signals(volunteer.peer)
         state = volunteer.run()
         log.info("done at round %d; adapter digest %s", state.round, state.digest()[:12])

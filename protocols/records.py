@@ -48,6 +48,9 @@ class PeerRecord(BaseModel):
     tokens: int = Field(0, ge=0)
     bytes_sent: int = Field(0, ge=0)
     bytes_received: int = Field(0, ge=0)
+    fallbacks: int = Field(0, ge=0)  # rounds with no group (local update applied)
+    rejections: int = Field(0, ge=0)  # group results that failed verification
+    resyncs: int = Field(0, ge=0)  # states adopted from other members
     task: str = Field("", max_length=64)
     cluster: int = Field(-1, ge=-1, le=100_000)
     adapters: dict[str, AdapterOffer] = Field(default_factory=dict, max_length=64)
@@ -94,6 +97,7 @@ class ClusterRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(ge=1)
     round: int = Field(ge=0)
+    effective_round: int = Field(0, ge=0)  # members switch groups when they reach this round
     assignment: dict[str, int] = Field(max_length=10_000)
     coordinator: str = Field(min_length=10, max_length=128)
 

@@ -20,7 +20,7 @@ FORBIDDEN = {
         "safetensors",
     },
     "protocols": {"node", "cli"},
-    "node": {"cli"},
+    "node": {"cli", "hivemind"},  # the wire, hivemind included, lives in protocols/ only
 }
 
 

@@ -70,31 +70,6 @@ def test_volunteers_find_their_task_clusters_and_the_merge_is_served(tmp_path: P
         swarm.close()
 
 
-GOSSIP = """run_id: itest-gossip
-inner: {steps: 10, batch_size: 8, seq_len: 48}
-averaging: {matchmaking_time: 2.0, gossip: true}
-"""
-
-
-def test_gossip_mode_pairs_real_peers(tmp_path: Path) -> None:
-    swarm = Swarm(tmp_path, config_text=GOSSIP)
-    try:
-        swarm.start_coordinator()
-        for i, task in enumerate(["arithmetic", "dates", "code"]):
-            swarm.join(f"v{i}", task, 4)
-        codes = [swarm.wait(f"v{i}", 300) for i in range(3)]
-        assert codes == [0, 0, 0], "\n".join(swarm.log(f"v{i}") for i in range(3))
-        reports = [
-            json.loads(line)
-            for i in range(3)
-            for line in (tmp_path / f"v{i}" / "metrics.jsonl").read_text().splitlines()
-        ]
-        pairs = [r for r in reports if r["verified"]]
-        assert pairs and all(r["group_size"] == 2 for r in pairs)  # partners, never the whole group
-    finally:
-        swarm.close()
-
-
 def _cluster_of(workdir: Path) -> int | None:
     path = workdir / "cluster.json"
     return json.loads(path.read_text())["cluster"] if path.exists() else None

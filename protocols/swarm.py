@@ -1,13 +1,12 @@
-"""A peer's presence in the swarm: DHT with persistent identity, signed records, blob serving,
-and the hivemind Transport that the round loop runs against."""
+"""A peer's presence in the swarm: DHT with persistent identity, signed records, blob serving."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,8 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
-from aggregation.params import Params
-from node.checkpoint import atomic_write
-from node.state import GroupState, decode_state, encode_state
-from node.transport import AveragingFailed, GroupResult, MemberMeta
-from protocols.averaging import AveragingError, GroupAverager, finite_number
 from protocols.records import (
     PEER_TTL,
-    AdapterOffer,
     ManifestRecord,
     PeerRecord,
     RunRecordValidator,
@@ -51,9 +44,20 @@ def load_or_create_key(path: Path) -> RSAPrivateKey:
     if path.exists():
         key.__setstate__({"_private_key": path.read_bytes()})  # hivemind's own (de)serializer
     else:
-        atomic_write(path, key.to_bytes())
-        path.chmod(0o600)
+        _create_private(path, key.to_bytes())
     return key
+
+
+def _create_private(path: Path, data: bytes) -> None:
+    """Write a new owner-only file, durably, via a temporary name (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def peer_id_of(maddr: str) -> PeerID:
@@ -239,103 +243,9 @@ class SwarmNode:
         self.dht.shutdown()
 
 
-class HivemindTransport:
-    """Transport over a SwarmNode: group all-reduce, state announcements and state transfer."""
-
-    def __init__(
-        self, node: SwarmNode, averager: GroupAverager, *, role_record: PeerRecord
-    ) -> None:
-        self.node = node
-        self.averager = averager
-        self.peer = node.peer_id
-        self.record = role_record
-        self.timeout = averager.matchmaking_time * 3
-        self.on_announce: Callable[[GroupState], dict[str, AdapterOffer]] | None = None
-        self.cluster = -1  # clustered runs: only members of this cluster count for state sync
-
-    def set_cluster(self, cluster: int) -> None:
-        """Say in our record which cluster we average with."""
-        self.cluster = cluster
-        self.record = self.record.model_copy(update={"cluster": cluster})
-        self.node.set_record(self.record)
-
-    def all_reduce(self, delta: Params, meta: MemberMeta) -> GroupResult:
-        """Weighted all-reduce through hivemind; gathered metadata parsed defensively."""
-        gather = {
-            "round": meta.round,
-            "start": meta.start_digest,
-            "weight": meta.weight,
-            "checksum": meta.checksum,
-            "known": meta.known,
-        }
-        try:
-            out = self.averager.all_reduce(delta, meta.weight, gather, timeout=self.timeout)
-        except AveragingError as exc:
-            raise AveragingFailed(str(exc)) from None
-        members = [m for pid, raw in out.gathered.items() if (m := _member(pid, raw)) is not None]
-        return GroupResult(
-            out.averaged,
-            members,
-            out.bytes_sent,
-            out.bytes_received,
-            out.matchmaking_s,
-            out.allreduce_s,
-        )
-
-    def announce_state(self, state: GroupState) -> None:
-        """Serve this state and say so in our heartbeat."""
-        self.node.blobs.publish("state", encode_state(state))
-        offers = self.on_announce(state) if self.on_announce is not None else self.record.adapters
-        update = {"round": state.round, "digest": state.digest(), "adapters": offers}
-        self.record = self.record.model_copy(update=update)
-        self.node.set_record(self.record)
-
-    def announcements(self) -> dict[str, tuple[int, str]]:
-        """(round, digest) of every volunteer's last announced state (in our cluster, if any)."""
-        return {
-            pid: (r.round, r.digest)
-            for pid, r in self.node.peers().items()
-            if r.role == "volunteer"
-            and r.digest
-            and (self.cluster < 0 or r.cluster == self.cluster)
-        }
-
-    def fetch_state(self, ref: Any) -> GroupState:
-        """Download the state from the first provider that serves it intact."""
-        errors = []
-        for provider in ref.providers:
-            if provider == self.peer:
-                continue
-            try:
-                return decode_state(self.node.fetch(provider, "state", timeout=60))
-            except Exception as exc:  # noqa: BLE001 - try the next provider
-                errors.append(f"{provider[-8:]}: {str(exc)[:80]}")
-        raise RuntimeError("no provider served the state: " + "; ".join(errors or ["none"]))
-
-
 def _quiet_disconnects(loop: Any, context: dict[str, Any]) -> None:
     """A peer hanging up mid-handshake is routine on a P2P network, not an error to print."""
     if isinstance(context.get("exception"), (asyncio.IncompleteReadError, ConnectionError)):
         log.debug("peer disconnected: %s", context.get("exception"))
         return
     loop.default_exception_handler(context)
-
-
-def _member(peer_id: str, raw: Any) -> MemberMeta | None:
-    """MemberMeta from untrusted gathered data, or None when malformed."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("start"), str):
-        return None
-    fields = [raw.get("round"), raw.get("weight"), raw.get("checksum")]
-    if not all(finite_number(v) for v in fields) or raw["weight"] < 0:
-        return None
-    known = raw.get("known", 1)
-    if not isinstance(known, int) or not 1 <= known <= 1_000_000:
-        known = 1
-    return MemberMeta(
-        peer_id,
-        int(raw["round"]),
-        raw["start"],
-        float(raw["weight"]),
-        float(raw["checksum"]),
-        known,
-    )
