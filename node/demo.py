@@ -114,26 +114,30 @@ def _wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float) -> s
 
 def summarize(workdirs: list[Path], out: Path, started: float) -> str:
     """Loss per round (mean over volunteers), bytes moved, and how to load the adapter."""
+    per_peer = _by_peer(workdirs)
     per_round: dict[int, list[dict]] = {}
-    for workdir in workdirs:
-        metrics = workdir / "metrics.jsonl"
-        for line in metrics.read_text().splitlines() if metrics.exists() else []:
-            report = json.loads(line)
-            per_round.setdefault(report["round"], []).append(report)
-    lines = ["", "round  mean inner loss  mean eval loss  group  MB sent (all peers)"]
+    for report in (r for reports in per_peer for r in reports):
+        per_round.setdefault(report["round"], []).append(report)
+    lines = ["", "round  mean inner loss  mean eval loss  group  MB sent (all peers)  not averaged"]
     total = 0
     for round_, reports in sorted(per_round.items()):
         sent = sum(r["bytes_sent"] for r in reports)
         total += sent
         evals = [r["eval_loss"] for r in reports if r["eval_loss"] is not None]
+        missed = sum(r.get("outcome", "averaged") != "averaged" for r in reports)
         lines.append(
             f"{round_ + 1:>5}  {sum(r['loss_mean'] for r in reports) / len(reports):>15.3f}"
             f"  {sum(evals) / max(len(evals), 1):>14.3f}  "
-            f"{max(r['group_size'] for r in reports):>5}  {sent / 1e6:>19.2f}"
+            f"{max(r['group_size'] for r in reports):>5}  {sent / 1e6:>19.2f}  {missed:>12}"
         )
+    last = [reports[-1] for reports in per_peer]
     lines += [
         f"\n{len(workdirs)} volunteers, {total / 1e6:.2f} MB of all-reduce payload sent, "
         f"{time.monotonic() - started:.0f}s in all.",
+        "rounds without a verified group average, all volunteers: "
+        f"{sum(r.get('fallbacks', 0) for r in last)} no group, "
+        f"{sum(r.get('rejections', 0) for r in last)} rejected; "
+        f"{sum(r.get('resyncs', 0) for r in last)} resyncs.",
         f"adapter: {out.resolve()}",
         "load it with plain PEFT:",
         "  swarmtune export-base --out ./base",
@@ -141,6 +145,17 @@ def summarize(workdirs: list[Path], out: Path, started: float) -> str:
         f" PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('./base'), '{out}')\"",
     ]
     return "\n".join(lines)
+
+
+def _by_peer(workdirs: list[Path]) -> list[list[dict]]:
+    """Each volunteer's reports from its metrics.jsonl (volunteers with none are left out)."""
+    found = []
+    for workdir in workdirs:
+        metrics = workdir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if lines:
+            found.append([json.loads(line) for line in lines])
+    return found
 
 
 def cluster_summary(workdirs: list[Path], tasks: list[str]) -> str:

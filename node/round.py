@@ -196,12 +196,12 @@ def conclude_round(
     if group is None:
         outcome: Outcome = "no-group"
         problem = str(answer)
-        log.warning("round %d: no group (%s); applying the local update", mine.round, problem)
+        log.warning("round %d: no group (%s); applying the local update", mine.round + 1, problem)
     else:
         found = verify_group(group, mine)
         outcome, problem = ("averaged", "") if found is None else ("rejected", found)
         if found is not None:
-            log.warning("round %d: rejecting the group average: %s", mine.round, found)
+            log.warning("round %d: rejecting the group average: %s", mine.round + 1, found)
     averaged = outcome == "averaged" and group is not None
     aggregate = group.averaged if averaged and group is not None else update.delta
     started = time.perf_counter()
