@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST_CONFIG = """run_id: {run_id}
@@ -128,3 +130,32 @@ class Swarm:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def load_with_plain_peft(base_dir: Path, adapter_dir: Path) -> Any:
+    """PeftModel.from_pretrained(base, adapter_dir), failing on PEFT's missing-keys warning.
+
+    PEFT reports missing adapter keys with warnings.warn, not logging, so caplog cannot see it.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    missing = [str(w.message) for w in caught if "missing" in str(w.message).lower()]
+    assert not missing, missing
+    return model
+
+
+def assert_lora_weights_are_the_files(model: Any, adapter_dir: Path) -> None:
+    """The loaded adapter's tensors (PEFT's saved names) equal adapter_model.safetensors'."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    files = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(model)
+    assert sorted(loaded) == sorted(files)
+    for name, tensor in files.items():
+        assert loaded[name].dtype == tensor.dtype and bool((loaded[name] == tensor).all()), name

@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from swarm_harness import Swarm  # noqa: E402
+from swarm_harness import (  # noqa: E402
+    Swarm,
+    assert_lora_weights_are_the_files,
+    load_with_plain_peft,
+)
 
 from aggregation.taskvec import adjusted_rand_index  # noqa: E402
 
@@ -64,6 +68,10 @@ def test_volunteers_find_their_task_clusters_and_the_merge_is_served(tmp_path: P
             "pull", "--initial-peers", swarm.maddr, "--adapter", one, "--out", str(tmp_path / "c")
         )
         assert pulled.returncode == 0 and (tmp_path / "c" / "adapter_model.safetensors").exists()
+        assert swarm.cli("export-base", "--out", str(tmp_path / "base")).returncode == 0
+        for adapter in (tmp_path / "m", tmp_path / "c"):  # plain PEFT takes both, every key
+            model = load_with_plain_peft(tmp_path / "base", adapter)
+            assert_lora_weights_are_the_files(model, adapter)
         status = swarm.cli("status", "--initial-peers", swarm.maddr)
         assert "clusters (assignment v" in status.stdout and "cluster" in status.stdout
     finally:

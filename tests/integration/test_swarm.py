@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -14,7 +13,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from swarm_harness import Swarm  # noqa: E402
+from swarm_harness import (  # noqa: E402
+    Swarm,
+    assert_lora_weights_are_the_files,
+    load_with_plain_peft,
+)
 
 from node.build import build_local_model  # noqa: E402
 from node.config import load_config  # noqa: E402
@@ -84,9 +87,8 @@ def test_loss_after_last_round_is_below_round_zero(trained: Swarm) -> None:
 
 
 def test_pulled_adapter_loads_in_plain_peft_with_same_logits(
-    trained: Swarm, tmp_path: Path, caplog
+    trained: Swarm, tmp_path: Path
 ) -> None:
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out, base_dir = tmp_path / "adapter", tmp_path / "base"
@@ -98,9 +100,8 @@ def test_pulled_adapter_loads_in_plain_peft_with_same_logits(
     assert "round 3" in (out / "README.md").read_text()
     assert trained.cli("export-base", "--out", str(base_dir)).returncode == 0
 
-    with caplog.at_level(logging.WARNING):
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out)
-    assert not [r for r in caplog.records if "missing" in r.getMessage().lower()]
+    model = load_with_plain_peft(base_dir, out)  # fails on PEFT's missing-keys warning
+    assert_lora_weights_are_the_files(model, out)
 
     config = load_config(trained.config)
     swarm_model = build_local_model(config, "builtin:arithmetic")
@@ -110,7 +111,9 @@ def test_pulled_adapter_loads_in_plain_peft_with_same_logits(
     with torch.no_grad():
         ours = swarm_model.model.eval()(input_ids=ids).logits
         theirs = model.eval()(input_ids=ids).logits
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    # the same weights through the same PEFT forward: a few fp32 ulps of the largest logit at most
+    atol = 16 * torch.finfo(torch.float32).eps * float(ours.abs().max())
+    torch.testing.assert_close(theirs, ours, atol=atol, rtol=0)
     assert not torch.equal(ours, AutoModelForCausalLM.from_pretrained(base_dir)(ids).logits)
 
     again = trained.cli("pull", "--initial-peers", trained.maddr, "--out", str(out))
