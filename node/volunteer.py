@@ -23,6 +23,7 @@ from node.peer import Peer
 from node.round import RoundReport
 from node.state import GroupState
 from node.swarm_transport import HivemindTransport
+from protocols import lifeline
 from protocols.averaging import GroupAverager
 from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
 from protocols.swarm import SwarmError, SwarmNode
@@ -223,6 +224,7 @@ def join(options: JoinOptions) -> int:
     own = load_config(options.config) if options.config else None
     load_texts(options.data)  # unusable data fails here, before any network activity
     options.workdir.mkdir(parents=True, exist_ok=True)
+    lifeline.install()  # hivemind's processes (forked next) end with us, even on SIGKILL
     node = SwarmNode(
         initial_peers=options.initial_peers,
         workdir=options.workdir,

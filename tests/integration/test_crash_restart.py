@@ -1,0 +1,153 @@
+"""SIGKILL of a peer's main process: its helper processes die with it, a restart resumes at once.
+
+hivemind forks a DHT process (which starts p2pd) and an averager process; torch starts
+torch_shm_manager. Left running, they keep the peer identity and the restart is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil  # installed with peft
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from swarm_harness import ROOT, Swarm  # noqa: E402
+
+from node.state import decode_state  # noqa: E402
+
+INNER_STEPS = 10  # swarm_harness.FAST_CONFIG
+GONE_WITHIN_S = 15.0  # torch_shm_manager exits 2 s after its last client hung up
+
+
+def _rounds_done(workdir: Path) -> int:
+    path = workdir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _wait_rounds(swarm: Swarm, name: str, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _rounds_done(swarm.tmp / name) < n:
+        assert swarm.procs[name].poll() is None, swarm.log(name)
+        assert time.monotonic() < deadline, f"{name} did not reach {n} rounds:\n{swarm.log(name)}"
+        time.sleep(0.3)
+
+
+def _helpers(pid: int) -> list[psutil.Process]:
+    """Every process below `pid`, with what they are (names checked below)."""
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:  # is_running compares the start time too, so a recycled pid does not count
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _sigkill_main_only(swarm: Swarm, name: str) -> list[psutil.Process]:
+    """SIGKILL one peer's main process (not its group); its helpers that outlive GONE_WITHIN_S."""
+    proc = swarm.procs[name]
+    helpers = _helpers(proc.pid)
+    names = sorted(p.name() for p in helpers)
+    assert "p2pd" in names and len(names) >= 3, names  # DHT + p2pd + averager (+ shm manager)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while any(_alive(p) for p in helpers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in helpers if _alive(p)]
+
+
+FORKING_PARENT = """
+import os, subprocess, time
+from protocols import lifeline
+lifeline.install()
+if os.fork() == 0:  # like hivemind's DHT process, which then starts p2pd
+    sleeper = subprocess.Popen(["sleep", "120"])
+    print(os.getpid(), sleeper.pid, flush=True)
+    time.sleep(120)
+    os._exit(0)
+time.sleep(120)
+"""
+
+
+def test_forked_child_and_its_subprocess_die_with_a_sigkilled_parent() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORKING_PARENT],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        child, sleeper = (psutil.Process(int(pid)) for pid in parent.stdout.readline().split())
+        time.sleep(1.0)  # longer than the watcher's poll: it must not fire while the parent lives
+        assert _alive(child) and _alive(sleeper)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (_alive(child) or _alive(sleeper)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child) and not _alive(sleeper)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)  # its own session: only what this test started
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigkilled_peers_leave_no_process_and_a_volunteer_resumes_at_once(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, run_id="itest-crash")
+    survivors: list[psutil.Process] = []
+    try:
+        swarm.start_coordinator()
+        swarm.join("v0", "arithmetic", 1000)
+        _wait_rounds(swarm, "v0", 1, 120)
+        survivors = _sigkill_main_only(swarm, "v0")
+        assert not survivors, [(p.pid, p.name()) for p in survivors]
+
+        # what the killed process had saved at its last completed round
+        workdir = tmp_path / "v0"
+        state = decode_state((workdir / "state.safetensors").read_bytes())
+        local = torch.load(workdir / "local.pt", weights_only=True)
+        assert local["round"] == state.round >= 1
+
+        log_before = len(swarm.log("v0"))
+        swarm.join("v0", "arithmetic", 1)  # same work dir, same identity, right away
+        assert swarm.wait("v0", 120) == 0, swarm.log("v0")
+        log = swarm.log("v0")[log_before:]
+        assert f"resumed from checkpoint at round {state.round}" in log, log
+        assert "already taken" not in log
+        after = torch.load(workdir / "local.pt", weights_only=True)
+        assert after["round"] == state.round + 1
+        # AdamW moments and the data stream went on from the checkpoint, not from scratch
+        saved_steps = {i: int(s["step"]) for i, s in local["local"]["optimizer"]["state"].items()}
+        steps = {i: int(s["step"]) for i, s in after["local"]["optimizer"]["state"].items()}
+        assert steps == {i: n + INNER_STEPS for i, n in saved_steps.items()}
+        drawn = local["local"]["batches"]["batches_drawn"]
+        assert after["local"]["batches"]["batches_drawn"] == drawn + INNER_STEPS
+        report = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert report["round"] == state.round
+
+        survivors = _sigkill_main_only(swarm, "coord")
+        assert not survivors, [(p.pid, p.name()) for p in survivors]
+    finally:
+        _kill(survivors)
+        swarm.close()
