@@ -40,6 +40,13 @@ ASSET_FILES = (
 )
 EMBEDDED_FINGERPRINT: str = "5f1b545f1f983a9e39ced58c55919a69f08a17bc71b0e3567c09976cdfe89d2e"
 QUANTIZE_CHOICES = ("4bit",)
+# what transformers' from_pretrained reads: single-file or sharded (with an index) checkpoints
+WEIGHT_FILES = (
+    WEIGHTS_FILE,
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # transformers renamed `torch_dtype` to `dtype` in v5; the project supports both majors.
 _DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
@@ -101,6 +108,23 @@ def load_base(
         gc.collect()
         model = _load_model(model_dir, config, quantize_4bit=True)
     return model.eval(), tokenizer, fingerprint
+
+
+def check_local_base(path: str | None, quantize: str | None = None) -> None:
+    """Cheap checks of a --model dir and --quantize (no weights loaded); BaseModelError if bad."""
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise BaseModelError(f"unknown quantization {quantize!r}; choose from {QUANTIZE_CHOICES}")
+    if quantize == "4bit":
+        _require_4bit_support()
+    if path is None or path == EMBEDDED:
+        return
+    model_dir = _check_model_dir(path)
+    _load_config(model_dir)
+    load_tokenizer(model_dir)
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        raise BaseModelError(
+            f"no model weights in {path} (expected one of {', '.join(WEIGHT_FILES)})"
+        )
 
 
 def _check_model_dir(path: str) -> Path:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from node.adapter import Provenance, adapter_files
+from node.basemodel import check_local_base
 from node.build import LocalModel, build_local_model
 from node.checkpoint import Checkpoint
 from node.cluster_member import ClusterMember, group_prefix
@@ -223,6 +224,7 @@ def join(options: JoinOptions) -> int:
     """Entry point of `swarmtune join`; returns the exit code."""
     own = load_config(options.config) if options.config else None
     load_texts(options.data)  # unusable data fails here, before any network activity
+    check_local_base(options.model, options.quantize)  # and so does a wrong --model dir
     options.workdir.mkdir(parents=True, exist_ok=True)
     lifeline.install()  # hivemind's processes (forked next) end with us, even on SIGKILL
     node = SwarmNode(

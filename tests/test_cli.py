@@ -51,3 +51,58 @@ def test_clustered_demo_puts_two_volunteers_on_each_of_four_tasks() -> None:
     tasks = [DemoOptions(clustered=True).task_of(i) for i in range(8)]
     assert sorted(Counter(tasks).values()) == [2, 2, 2, 2]
     assert len({DemoOptions().task_of(i) for i in range(5)}) == 5
+
+
+JOIN = ["join", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmSomething"]
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Make starting a DHT peer in `join` raise `error` instead of touching the network."""
+    import node.volunteer
+
+    def refuse(**_: object) -> None:
+        raise error
+
+    monkeypatch.setattr(node.volunteer, "SwarmNode", refuse)
+    monkeypatch.setattr(node.volunteer.lifeline, "install", lambda: None)  # keep pytest's forks
+
+
+@pytest.mark.parametrize("broken", ["missing", "no-weights", "bad-config", "no-tokenizer"])
+def test_join_refuses_a_model_dir_that_is_not_a_model_before_any_network(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    broken: str,
+) -> None:
+    from node.basemodel import export_base
+
+    _no_network(monkeypatch, AssertionError("join started a DHT peer before checking --model"))
+    model = tmp_path / "not-a-model"
+    if broken != "missing":
+        export_base(model)
+    if broken == "no-weights":
+        (model / "model.safetensors").unlink()
+    elif broken == "bad-config":
+        (model / "config.json").write_text("{not json")
+    elif broken == "no-tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (model / name).unlink()
+    args = ["--data", "builtin:arithmetic", "--model", str(model), "--workdir", str(tmp_path / "w")]
+    code = main([*JOIN, *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert err.startswith("swarmtune join: error:") and str(model) in err and "DHT" not in err
+    assert not (tmp_path / "w").exists()  # nothing started, nothing written
+
+
+def test_join_accepts_a_real_model_dir_up_to_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.basemodel import export_base
+    from protocols.swarm import SwarmError
+
+    _no_network(monkeypatch, SwarmError("network reached"))
+    model = export_base(tmp_path / "model")
+    args = ["--data", "builtin:arithmetic", "--model", str(model), "--workdir", str(tmp_path / "w")]
+    assert main([*JOIN, *args]) == 2
+    assert capsys.readouterr().err.strip() == "swarmtune join: error: network reached"
