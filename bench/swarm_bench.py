@@ -27,7 +27,7 @@ from node.config import RunConfig, parse_config  # noqa: E402
 from node.data import BUILTIN_TASKS  # noqa: E402
 from node.demo import Processes, start_swarm  # noqa: E402
 
-STAGES = ("inner_s", "matchmaking_s", "allreduce_s", "outer_s", "checkpoint_s")
+STAGES = ("inner_s", "matchmaking_s", "transfer_s", "outer_s", "checkpoint_s")
 
 
 def run_swarm(config: RunConfig, peers: int, rounds: int, workdir: Path) -> list[list[dict]]:
@@ -152,7 +152,7 @@ def render(res: dict) -> str:
     for r in d["rounds"]:
         lines.append(
             f"| {r['round']} | {r['group']} | {r['inner_s']:.2f} | {r['matchmaking_s']:.2f}"
-            f" | {r['allreduce_s']:.2f} | {r['outer_s']:.3f} | {r['checkpoint_s']:.3f} | "
+            f" | {r['transfer_s']:.2f} | {r['outer_s']:.3f} | {r['checkpoint_s']:.3f} | "
             f"{r['wall_s']:.2f} | {r['sent_per_peer'] / 1e6:.2f} | {r['eval_loss']:.4f} |"
         )
     lines += [

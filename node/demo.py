@@ -136,7 +136,8 @@ def summarize(workdirs: list[Path], out: Path, started: float) -> str:
         f"{time.monotonic() - started:.0f}s in all.",
         "rounds without a verified group average, all volunteers: "
         f"{sum(r.get('fallbacks', 0) for r in last)} no group, "
-        f"{sum(r.get('rejections', 0) for r in last)} rejected; "
+        f"{sum(r.get('rejections', 0) for r in last)} rejected, "
+        f"{sum(r.get('exclusions', 0) for r in last)} contributions excluded; "
         f"{sum(r.get('resyncs', 0) for r in last)} resyncs.",
         f"adapter: {out.resolve()}",
         "load it with plain PEFT:",

@@ -38,7 +38,8 @@ class RoundCounts:
     """Running totals of rounds that did not go as planned, for reports and status."""
 
     fallbacks: int = 0  # no group formed, or the all-reduce broke: local update applied
-    rejections: int = 0  # a group result failed verification: local update applied
+    rejections: int = 0  # a group left nothing usable to aggregate: local update applied
+    exclusions: int = 0  # group members' contributions left out (stale, lost, malformed)
     resyncs: int = 0  # adopted another member's state
 
 
@@ -132,9 +133,10 @@ class Peer:
                 )
                 self.trainer.set_params(state.params)
                 break
-            members = report.members
-            if report.outcome == "rejected":
-                # the group diverged: let every member announce before anyone picks a consensus
+            members = report.members + report.excluded
+            if members:
+                # let the group announce before the next sync picks a consensus, so a member
+                # that diverged this round is resynced before the next one, not after it
                 self.await_members(state.round, members, self.config.averaging.matchmaking_time)
         if members:
             self.await_members(state.round, members, settle_s)
@@ -153,6 +155,7 @@ class Peer:
         )
         self.counts.fallbacks += report.outcome == "no-group"
         self.counts.rejections += report.outcome == "rejected"
+        self.counts.exclusions += len(report.excluded)
         checkpoint_s = self.save(state)
         eval_loss = self.evaluate() if self.evaluate is not None else None
         report = replace(
@@ -163,6 +166,7 @@ class Peer:
             resynced=self.counts.resyncs > resyncs,
             fallbacks=self.counts.fallbacks,
             rejections=self.counts.rejections,
+            exclusions=self.counts.exclusions,
             resyncs=self.counts.resyncs,
         )
         self.on_report(report)

@@ -1,15 +1,17 @@
 """One DiLoCo round (docs/design.md, "The round"), the same code for the simulator and the daemon.
 
 1. start from the group's theta^{t-1}; 2. H inner AdamW steps; 3. Delta_i = theta^{t-1} - theta_i;
-4. token-weighted aggregate of the members' Delta_i, verified against their claims;
+4. the transport all-gathers the group's Delta_i; every member takes the token-weighted mean of
+the same contributions in the same order (float64 accumulation), so all end bit-identical;
 5. outer step. Outer optimizers that act inside the inner loop (GHBM's local correction, the
 per-peer LocalGHBM/FedHBM momentum) get a hook after every inner step.
 
-`conclude_round` is steps 4-5 once the transport has answered: the daemon's transport is a
-hivemind all-reduce, the simulator's is an in-process weighted mean; everything after that is
-this one function. A member whose averaging failed ("no-group") or whose group's result did not
-verify ("rejected") applies its own Delta; the report says which, and the digest consensus at
-the next round start resyncs whoever diverged.
+`conclude_round` is steps 4-5 once the transport has answered: the daemon's transport is
+hivemind matchmaking plus a blob all-gather, the simulator's is in-process; everything after
+that is this one function. A contribution from another round or start state, or one that did
+not arrive intact, is excluded and named in the report ("excluded"). A member that found no
+group ("no-group"), or whose group left it no usable contribution but its own ("rejected"),
+applies its own Delta; the next round's digest consensus resyncs whoever diverged.
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ from typing import Literal
 
 from aggregation.ghbm import PeerMomentum
 from aggregation.outer import OuterOptimizer, RoundContext, make_outer
-from aggregation.params import Params, pseudo_gradient
-from aggregation.verify import checksum_problem, projection_checksum
+from aggregation.params import Params, pseudo_gradient, weighted_mean
 from node.config import RunConfig
 from node.state import GroupState
 from node.trainer import InnerResult, InnerTrainer
@@ -49,17 +50,19 @@ class RoundReport:
     bytes_received: int
     inner_s: float
     matchmaking_s: float
-    allreduce_s: float
+    transfer_s: float  # fetching the other members' contributions
     outer_s: float
     problem: str = ""  # why the round was not averaged
-    members: tuple[str, ...] = ()
+    members: tuple[str, ...] = ()  # whose contributions were aggregated
+    excluded: tuple[str, ...] = ()  # group members whose contributions were left out
     checkpoint_s: float = 0.0
     wall_s: float = 0.0
     eval_loss: float | None = None
     tau: int | None = None
     resynced: bool = False  # this peer adopted another state before the round
     fallbacks: int = 0  # running totals of this peer: no-group rounds,
-    rejections: int = 0  # rejected group results,
+    rejections: int = 0  # groups that left it nothing to aggregate,
+    exclusions: int = 0  # contributions left out,
     resyncs: int = 0  # and states adopted from others
 
     @property
@@ -68,23 +71,25 @@ class RoundReport:
         return self.outcome == "averaged"
 
 
-def verify_group(result: GroupResult, mine: MemberMeta) -> str | None:
-    """None if `result` is the weighted mean of what its members claimed; otherwise why not."""
-    members = result.members
-    if result.malformed:
-        return f"{len(result.malformed)} member(s) sent malformed metadata"
-    if len(members) < 2 or mine.peer not in {m.peer for m in members}:
-        return f"group of {len(members)} without this peer"
-    starts = {(m.round, m.start_digest) for m in members}
-    if len(starts) > 1:
-        return f"members started from {len(starts)} different states"
-    return checksum_problem(
-        result.averaged,
-        [m.weight for m in members],
-        [m.checksum for m in members],
-        seed=mine.round,
-        offset=result.wire_offset,
-    )
+def select_contributions(
+    group: GroupResult, mine: MemberMeta
+) -> tuple[list[MemberMeta], dict[str, str]]:
+    """The members whose contributions enter the aggregate (sorted by peer id; this peer
+    included), and every other member with the reason it was left out."""
+    excluded = dict(group.missing)
+    chosen = []
+    for member in sorted(group.members, key=lambda m: m.peer):
+        if member.peer in excluded:
+            continue
+        if (member.round, member.start_digest) != (mine.round, mine.start_digest):
+            excluded[member.peer] = f"round {member.round} / another start state"
+        elif member.peer not in group.contributions:
+            excluded[member.peer] = "no contribution"
+        elif not member.weight > 0:
+            excluded[member.peer] = "zero weight"
+        else:
+            chosen.append(member)
+    return chosen, excluded
 
 
 @dataclass
@@ -161,8 +166,7 @@ def inner_phase(
     if momentum is not None:
         momentum.end_round(final, state.round)
     delta = pseudo_gradient(state.params, final)
-    checksum = projection_checksum(delta, seed=state.round)
-    meta = MemberMeta(peer, state.round, start.digest, float(inner.tokens), checksum, known)
+    meta = MemberMeta(peer, state.round, start.digest, float(inner.tokens), known=known)
     return LocalUpdate(delta, meta, inner)
 
 
@@ -176,12 +180,12 @@ def outer_phase(
     return GroupState(state.round + 1, new_params, outer.state_dict()), tau
 
 
-def group_context(group: GroupResult | None, verified: bool) -> RoundContext:
+def group_context(members: list[MemberMeta]) -> RoundContext:
     """Participation as the group agreed it: members, and the most peers any member knew of."""
-    if group is None or not verified:
+    if len(members) < 2:
         return RoundContext(1, 1)
-    population = max((m.known for m in group.members), default=1)
-    return RoundContext(len(group.members), max(population, len(group.members)))
+    population = max(m.known for m in members)
+    return RoundContext(len(members), max(population, len(members)))
 
 
 def conclude_round(
@@ -190,22 +194,31 @@ def conclude_round(
     answer: GroupResult | AveragingFailed,
     config: RunConfig,
 ) -> tuple[GroupState, RoundReport]:
-    """Steps 4-5 after the transport answered: verify, pick the aggregate, outer step, report."""
+    """Steps 4-5 after the transport answered: choose contributions, aggregate, outer step."""
     mine = update.meta
     group = answer if isinstance(answer, GroupResult) else None
+    chosen: list[MemberMeta] = []
+    excluded: dict[str, str] = {}
     if group is None:
         outcome: Outcome = "no-group"
         problem = str(answer)
         log.warning("round %d: no group (%s); applying the local update", mine.round + 1, problem)
     else:
-        found = verify_group(group, mine)
-        outcome, problem = ("averaged", "") if found is None else ("rejected", found)
-        if found is not None:
-            log.warning("round %d: rejecting the group average: %s", mine.round + 1, found)
-    averaged = outcome == "averaged" and group is not None
-    aggregate = group.averaged if averaged and group is not None else update.delta
+        chosen, excluded = select_contributions(group, mine)
+        outcome, problem = "averaged", ""
+        if len(chosen) < 2 or mine.peer not in {m.peer for m in chosen}:
+            outcome, problem = "rejected", "no usable contribution from another member"
+            log.warning("round %d: %s; applying the local update", mine.round + 1, problem)
+        for peer, why in sorted(excluded.items()):
+            log.warning("round %d: excluded %s: %s", mine.round + 1, peer[-8:], why)
+    if outcome == "averaged" and group is not None:
+        aggregate = weighted_mean(
+            [group.contributions[m.peer] for m in chosen], [m.weight for m in chosen]
+        )
+    else:
+        chosen, aggregate = [], update.delta
     started = time.perf_counter()
-    new_state, tau = outer_phase(state, aggregate, group_context(group, averaged), config)
+    new_state, tau = outer_phase(state, aggregate, group_context(chosen), config)
     inner = update.inner
     report = RoundReport(
         round=state.round,
@@ -213,16 +226,17 @@ def conclude_round(
         loss_mean=inner.loss_mean,
         loss_last=inner.loss_last,
         tokens=inner.tokens,
-        group_size=len(group.members) if averaged and group is not None else 1,
+        group_size=max(len(chosen), 1),
         outcome=outcome,
         problem=problem,
-        members=tuple(m.peer for m in group.members) if group is not None else (),
+        members=tuple(m.peer for m in chosen),
+        excluded=tuple(sorted(excluded)),
         digest=new_state.digest(),
         bytes_sent=group.bytes_sent if group else 0,
         bytes_received=group.bytes_received if group else 0,
         inner_s=inner.seconds,
         matchmaking_s=group.matchmaking_s if group else 0.0,
-        allreduce_s=group.allreduce_s if group else 0.0,
+        transfer_s=group.transfer_s if group else 0.0,
         outer_s=time.perf_counter() - started,
         tau=tau,
     )
@@ -242,7 +256,7 @@ def run_round(
     update = inner_phase(state, start, trainer, transport.peer, config, momentum, known)
     answer: GroupResult | AveragingFailed
     try:
-        answer = transport.all_reduce(update.delta, update.meta)
+        answer = transport.exchange(update.delta, update.meta)
     except AveragingFailed as exc:
         answer = exc
     new_state, report = conclude_round(state, update, answer, config)

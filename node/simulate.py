@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregation.ghbm import PeerMomentum, make_peer_momentum
-from aggregation.params import Params, weighted_mean
+from aggregation.params import Params
 from node.basemodel import load_base
 from node.build import resolve_target_modules
 from node.config import SimConfig
@@ -154,13 +154,13 @@ class Simulation:
         return self.group_round(sorted(self.sampler.sample(range(len(self.clients)), count)))
 
     def group_round(self, members: list[int]) -> dict[str, float]:
-        """Inner phases of `members` from self.state, their weighted mean, then the daemon's
-        conclude_round (seen from the first member; every member holds the same aggregate)."""
+        """Inner phases of `members` from self.state, all-gathered in process, then the daemon's
+        conclude_round (seen from the first member; every member computes the same aggregate)."""
         start = round_start(self.state, self.config.run)
         updates = [self.client_update(self.clients[c], start) for c in members]
         metas = [u.meta for u in updates]
         answer: GroupResult | AveragingFailed = (
-            GroupResult(weighted_mean([u.delta for u in updates], [m.weight for m in metas]), metas)
+            GroupResult(metas, {u.meta.peer: u.delta for u in updates})
             if len(updates) > 1
             else AveragingFailed("a single client was sampled")
         )

@@ -8,7 +8,7 @@ from typing import Any
 from aggregation.params import Params
 from node.state import GroupState, StateError, decode_state, encode_state
 from node.transport import AveragingFailed, GroupResult, MemberMeta, StateRef, StateUnavailable
-from protocols.averaging import WIRE_OFFSET, AveragingError, GroupAverager
+from protocols.averaging import AveragingError, GroupAverager
 from protocols.records import AdapterOffer, PeerRecord
 from protocols.swarm import SwarmNode
 from protocols.transfer import TransferError
@@ -47,21 +47,20 @@ class HivemindTransport:
         """Change fields of our heartbeat record (stored with the next announcement)."""
         self.record = self.record.model_copy(update=fields)
 
-    def all_reduce(self, delta: Params, meta: MemberMeta) -> GroupResult:
-        """Weighted all-reduce through hivemind with the members of meta's round and state."""
+    def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult:
+        """Form a group of meta's round and state through hivemind, all-gather contributions."""
         try:
-            out = self.averager.all_reduce(delta, meta, timeout=self.timeout)
+            out = self.averager.exchange(delta, meta, timeout=self.timeout)
         except AveragingError as exc:
             raise AveragingFailed(str(exc)) from None
         return GroupResult(
-            out.averaged,
             [m for m in out.members.values() if m is not None],
+            out.contributions,
+            out.missing,
             out.bytes_sent,
             out.bytes_received,
             out.matchmaking_s,
-            out.allreduce_s,
-            malformed=tuple(sorted(p for p, m in out.members.items() if m is None)),
-            wire_offset=WIRE_OFFSET,
+            out.transfer_s,
         )
 
     def announce_state(self, state: GroupState) -> None:

@@ -1,7 +1,9 @@
 """The Transport interface the round loop runs against, and an in-memory implementation.
 
-The hivemind implementation lives in node/swarm_transport.py; the in-memory one drives the simulator and
-fast multi-node tests, with faults injectable (a member that drops out, a corrupted average).
+A transport forms a group of members of the same round and start state and hands every member
+the others' pseudo-gradients (an all-gather); aggregating them is the round's job. The hivemind
+implementation lives in node/swarm_transport.py; the in-memory one drives fast multi-node
+tests, with faults injectable (a member that drops out, a contribution that does not arrive).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from aggregation.params import Params, weighted_mean
+from aggregation.params import Params
 from node.state import GroupState
 from protocols.averaging import MemberMeta
 
@@ -28,7 +30,7 @@ __all__ = [
 
 
 class AveragingFailed(RuntimeError):
-    """No group formed, or the all-reduce broke; the caller falls back to its own update."""
+    """No group formed in time; the caller falls back to its own update."""
 
 
 class StateUnavailable(RuntimeError):
@@ -37,20 +39,16 @@ class StateUnavailable(RuntimeError):
 
 @dataclass
 class GroupResult:
-    """The averaged pseudo-gradient and what every member said; byte counts are this peer's.
+    """A formed group: every member's metadata, the contributions that arrived intact (this
+    peer's own included), why the others did not, and this peer's costs."""
 
-    `malformed` names members whose tensors are in the average but whose metadata could not be
-    parsed; `wire_offset` is the constant the transport added on the wire (for the checksum's
-    rounding tolerance, aggregation/verify.py)."""
-
-    averaged: Params
     members: list[MemberMeta]
+    contributions: dict[str, Params]
+    missing: dict[str, str] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
     matchmaking_s: float = 0.0
-    allreduce_s: float = 0.0
-    malformed: tuple[str, ...] = ()
-    wire_offset: float = 0.0
+    transfer_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ class Transport(Protocol):
 
     peer: str
 
-    def all_reduce(self, delta: Params, meta: MemberMeta) -> GroupResult: ...
+    def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult: ...
     def announce_state(self, state: GroupState) -> None: ...
     def announcements(self) -> dict[str, tuple[int, str]]: ...
     def fetch_state(self, ref: StateRef) -> GroupState: ...
@@ -90,46 +88,53 @@ def consensus(announced: dict[str, tuple[int, str]], exclude: str | None = None)
 
 @dataclass
 class InMemoryHub:
-    """Shared by the in-memory transports of one simulated group; a barrier per round."""
+    """Shared by the in-memory transports of one simulated group; a barrier per round and state.
+
+    Fault injection: `lost[round]` names members whose contribution reaches nobody that round;
+    `hidden[round]` is a (receiver, sender) pair: that one receiver misses that one sender."""
 
     expected: int
     timeout: float = 10.0
-    corrupt_rounds: set[int] = field(default_factory=set)
+    lost: dict[int, set[str]] = field(default_factory=dict)
+    hidden: dict[int, tuple[str, str]] = field(default_factory=dict)
     _lock: threading.Condition = field(default_factory=threading.Condition)
     _pending: dict[tuple[int, str], dict[str, tuple[Params, MemberMeta]]] = field(
         default_factory=dict
     )
-    _results: dict[tuple[int, str], GroupResult] = field(default_factory=dict)
+    _closed: set[tuple[int, str]] = field(default_factory=set)
     states: dict[str, GroupState] = field(default_factory=dict)
 
     def contribute(self, delta: Params, meta: MemberMeta) -> GroupResult:
-        """Block until `expected` members of this round and start state arrived (or timeout),
-        then average; like the hivemind transport, other rounds or states never meet."""
+        """Block until `expected` members of this round and start state arrived (or timeout);
+        like the hivemind transport, other rounds or states never meet."""
         deadline = time.monotonic() + self.timeout
         key = (meta.round, meta.start_digest)
         with self._lock:
+            if key in self._closed:
+                raise AveragingFailed(f"round {meta.round}: the group already formed")
             group = self._pending.setdefault(key, {})
             group[meta.peer] = (delta, meta)
-            while key not in self._results and len(group) < self.expected:
+            while key not in self._closed and len(group) < self.expected:
                 if not self._lock.wait(max(deadline - time.monotonic(), 0)):
                     break
-            if key not in self._results:
-                self._results[key] = self._finish(meta.round, group)
-                self._lock.notify_all()
-            result = self._results[key]
-        if meta.peer not in {m.peer for m in result.members}:
-            raise AveragingFailed(f"round {meta.round}: group formed without {meta.peer}")
-        return result
+            self._closed.add(key)
+            self._lock.notify_all()
+            members = dict(group)
+        if len(members) < 2:
+            raise AveragingFailed(f"round {meta.round}: nobody else came")
+        return self._view(members, meta)
 
-    def _finish(self, round_: int, group: dict[str, tuple[Params, MemberMeta]]) -> GroupResult:
-        if len(group) < 2:
-            return GroupResult({}, [])
-        members = [m for _, m in group.values()]
-        averaged = weighted_mean([d for d, _ in group.values()], [m.weight for m in members])
-        if round_ in self.corrupt_rounds:  # fault injection: a silently partial all-reduce
-            first = next(iter(averaged))
-            averaged[first] = averaged[first] * 0.5
-        return GroupResult(averaged, members)
+    def _view(self, group: dict[str, tuple[Params, MemberMeta]], mine: MemberMeta) -> GroupResult:
+        lost = set(self.lost.get(mine.round, set()))
+        receiver, sender = self.hidden.get(mine.round, ("", ""))
+        if receiver == mine.peer:
+            lost.add(sender)
+        lost.discard(mine.peer)
+        contributions = {
+            p: {k: v.clone() for k, v in d.items()} for p, (d, _) in group.items() if p not in lost
+        }
+        missing = {p: "lost in transit (injected)" for p in group if p in lost}
+        return GroupResult([m for _, m in group.values()], contributions, missing)
 
 
 class InMemoryTransport:
@@ -139,10 +144,9 @@ class InMemoryTransport:
         self.hub = hub
         self.peer = peer
 
-    def all_reduce(self, delta: Params, meta: MemberMeta) -> GroupResult:
-        """Average with whoever reaches the same round in time."""
-        result = self.hub.contribute({k: v.clone() for k, v in delta.items()}, meta)
-        return GroupResult({k: v.clone() for k, v in result.averaged.items()}, list(result.members))
+    def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult:
+        """All-gather with whoever reaches the same round and state in time."""
+        return self.hub.contribute({k: v.clone() for k, v in delta.items()}, meta)
 
     def announce_state(self, state: GroupState) -> None:
         """Offer this state to others."""

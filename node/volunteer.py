@@ -81,9 +81,10 @@ def progress_line(report: RoundReport) -> str:
         f"{eval_part} | group {report.group_size}{status}{resynced}"
         f" | sent {report.bytes_sent / 1e6:.2f} MB recv {report.bytes_received / 1e6:.2f} MB"
         f" | inner {report.inner_s:.1f}s matchmaking {report.matchmaking_s:.1f}s"
-        f" all-reduce {report.allreduce_s:.2f}s outer {report.outer_s:.3f}s"
+        f" exchange {report.transfer_s:.2f}s outer {report.outer_s:.3f}s"
         f" checkpoint {report.checkpoint_s:.3f}s{tau}"
-        f" | fallbacks {report.fallbacks} rejected {report.rejections} resyncs {report.resyncs}"
+        f" | fallbacks {report.fallbacks} rejected {report.rejections}"
+        f" excluded {report.exclusions} resyncs {report.resyncs}"
     )
 
 
@@ -143,7 +144,7 @@ class Volunteer:
         """An averager for one group prefix (the run-wide group, or a cluster's)."""
         averaging = self.config.averaging
         return GroupAverager(
-            self.node.dht,
+            self.node,
             prefix,
             self.local.trainer.get_params(),
             matchmaking_time=averaging.matchmaking_time,
@@ -189,6 +190,7 @@ class Volunteer:
             bytes_received=record.bytes_received + report.bytes_received,
             fallbacks=report.fallbacks,
             rejections=report.rejections,
+            exclusions=report.exclusions,
             resyncs=report.resyncs,
         )
 

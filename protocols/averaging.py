@@ -1,27 +1,26 @@
-"""Group all-reduce of named tensors over hivemind's DecentralizedAverager (one prefix per group).
+"""Group exchange: hivemind's matchmaking forms the group, then every member's contribution is
+all-gathered over swarmtune's blob protocol, so each member aggregates the same bytes itself.
 
-hivemind averages in place and may fail silently for part of a group; this wrapper only moves
-tensors and the all-gathered metadata and checks that what came back is well-formed (names,
-shapes, finiteness). Whether the average is *right* is checked by the caller (checksums).
-
-Bit-identical results: hivemind hands each peer `local + (avg - local)`, which differs from `avg`
-by an ulp from peer to peer. We average `x + 1` instead of `x`: while |x| <= 0.5 every value
-lies in [0.5, 2), so by Sterbenz's lemma `avg - local` is exact and every peer ends with the
-same bits (absolute resolution 2^-23 ~ 1.2e-7, below a round's pseudo-gradient noise). Larger
-values are still averaged correctly, only possibly not bit-identically. Only fp32 goes on the
-wire: hivemind returns `avg - local` in fp16 under Float16Compression while a reducer's own part
-skips compression, so fp16 results differ between members and no offset can repair that.
+Why not hivemind's butterfly all-reduce: when a reducer's stream to one member breaks, hivemind
+fills that member's share with the member's own values (`register_failed_reducer`) and reports
+success. That member silently ends with another average than the rest of its group, which is
+how honest demo rounds were rejected. It also returns fp16 results that differ between members
+(a reducer's own part skips compression), and every reducer sees and controls its part of the
+result. Here a contribution is a safetensors blob whose sha256 and size every member announces
+in the group's all-gathered metadata; whoever fetches it gets exactly those bytes or an error,
+and aggregation is plain deterministic arithmetic in the caller (aggregation/).
 
 Only members of the same round and start state meet: the round and a prefix of the start digest
-are encoded in the group key bits before every step, so a stalled or stale peer forms its own
-group instead of voiding everyone else's round. hivemind's own retries are off: a failed
-all-reduce may have half-updated the tensors in place, so each attempt rewrites them first.
+are encoded in the group key bits before every attempt, so a stalled or stale peer forms its
+own group instead of joining everyone else's. The averager's own tensor is a single number:
+hivemind's all-reduce on it only completes the group formation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import math
 import signal
 import threading
@@ -34,19 +33,14 @@ from typing import Any
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException
-from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.matchmaking import MatchmakingException
-from hivemind.compression import NoCompression
-from hivemind.dht import DHT
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
-_MATCHMAKING_STAGES = (
-    AveragingStage.IDLE,
-    AveragingStage.LOOKING_FOR_GROUP,
-    AveragingStage.AWAITING_TRIGGER,
-)
-BYTES_PER_VALUE = 4
-WIRE_OFFSET = 1.0  # added before and removed after averaging (module docstring)
+from protocols.swarm import SwarmNode
+from protocols.transfer import TransferError
+
 ROUND_BITS, DIGEST_BITS = 20, 12
 # What a step's future raises when there was no group or the group broke (the averager process
 # sets these; AssertionError is how hivemind reports a group that disagrees on its own layout).
@@ -64,18 +58,20 @@ _STEP_FAILURES = (
 
 
 class AveragingError(RuntimeError):
-    """No group, a broken all-reduce, or a malformed result; one line."""
+    """No group formed in time; one line."""
 
 
 @dataclass(frozen=True)
 class MemberMeta:
-    """What each member tells its group along with its pseudo-gradient (all-gathered)."""
+    """What each member tells its group (all-gathered): who, which round and start state, its
+    weight, the sha256 and size of its contribution blob, and how many peers it knows of."""
 
     peer: str
     round: int
     start_digest: str
     weight: float
-    checksum: float
+    sha256: str = ""
+    size: int = 0
     known: int = 1  # volunteers this member knows of (for GHBM tau = auto)
 
     def gather(self) -> dict[str, Any]:
@@ -84,41 +80,42 @@ class MemberMeta:
             "round": self.round,
             "start": self.start_digest,
             "weight": self.weight,
-            "checksum": self.checksum,
+            "sha256": self.sha256,
+            "size": self.size,
             "known": self.known,
         }
 
 
 def parse_member(peer_id: str, raw: Any) -> MemberMeta | None:
     """MemberMeta from untrusted gathered data, or None when malformed."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("start"), str):
+    if not isinstance(raw, dict):
         return None
-    fields = [raw.get("round"), raw.get("weight"), raw.get("checksum")]
-    if not all(finite_number(v) for v in fields) or raw["weight"] < 0:
+    start, sha, size, known = raw.get("start"), raw.get("sha256"), raw.get("size"), raw.get("known")
+    if not (
+        isinstance(start, str) and len(start) <= 64 and isinstance(sha, str) and len(sha) == 64
+    ):
         return None
-    known = raw.get("known", 1)
-    if not isinstance(known, int) or not 1 <= known <= 1_000_000:
+    if not all(finite_number(raw.get(k)) for k in ("round", "weight")) or raw["weight"] < 0:
+        return None
+    if not (isinstance(size, int) and 0 < size <= 1 << 34):
+        return None
+    if not (isinstance(known, int) and 1 <= known <= 1_000_000):
         known = 1
-    return MemberMeta(
-        peer_id,
-        int(raw["round"]),
-        raw["start"][:64],
-        float(raw["weight"]),
-        float(raw["checksum"]),
-        known,
-    )
+    return MemberMeta(peer_id, int(raw["round"]), start, float(raw["weight"]), sha, size, known)
 
 
 @dataclass
-class AllReduceOutcome:
-    """Averaged tensors, every member's gathered metadata (parsed; None if malformed), costs."""
+class GatherOutcome:
+    """Every member's parsed metadata (None if malformed), the contributions that arrived intact
+    (this peer's own included), why the others are missing, and this peer's costs."""
 
-    averaged: dict[str, torch.Tensor]
     members: dict[str, MemberMeta | None]
+    contributions: dict[str, dict[str, torch.Tensor]]
+    missing: dict[str, str]
     bytes_sent: int
     bytes_received: int
     matchmaking_s: float
-    allreduce_s: float
+    transfer_s: float
     attempts: int = 1
 
 
@@ -134,12 +131,36 @@ def group_bits(round_: int, start_digest: str) -> str:
     )
 
 
+def encode_contribution(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Named fp32 tensors -> safetensors bytes (no pickle: peers are untrusted)."""
+    return st_save({k: tensors[k].detach().to(torch.float32).contiguous() for k in sorted(tensors)})
+
+
+def decode_contribution(
+    blob: bytes, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Bytes -> named fp32 tensors with exactly the expected names and shapes, all finite;
+    ValueError (one line) otherwise."""
+    try:
+        tensors = st_load(blob)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the same malformed blob
+        raise ValueError(f"not a safetensors blob ({type(exc).__name__})") from None
+    if set(tensors) != set(shapes):
+        raise ValueError("tensor names differ from the run's adapter")
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32 or tuple(tensor.shape) != tuple(shapes[name]):
+            raise ValueError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} is not the run's")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} is not finite")
+    return tensors
+
+
 class GroupAverager:
-    """Weighted all-reduce of a fixed set of named tensors with whoever joins the same prefix."""
+    """Forms groups under one prefix and all-gathers the members' contributions."""
 
     def __init__(
         self,
-        dht: DHT,
+        node: SwarmNode,
         prefix: str,
         template: Mapping[str, torch.Tensor],
         *,
@@ -148,15 +169,18 @@ class GroupAverager:
         min_group_size: int = 2,
         target_group_size: int | None = None,
     ) -> None:
-        self.names = sorted(template)
-        self.shapes = {k: tuple(template[k].shape) for k in self.names}
-        self.numel = sum(template[k].numel() for k in self.names)
-        self.matchmaking_time = matchmaking_time
+        self.node = node
         self.prefix = prefix
+        self.shapes = {k: tuple(template[k].shape) for k in sorted(template)}
+        # fp32 values plus a safetensors header (names, shapes): a bound on any honest blob
+        self.max_blob = 4 * sum(template[k].numel() for k in template) + (1 << 16)
+        self.matchmaking_time = matchmaking_time
+        self.transfer_timeout = allreduce_timeout
+        self._published: str | None = None
         with _signal_handlers_kept():
             self.averager = DecentralizedAverager(
-                [torch.zeros_like(template[k], dtype=torch.float32) for k in self.names],
-                dht,
+                [torch.zeros(1)],
+                node.dht,
                 prefix=prefix,
                 start=True,
                 initial_group_bits="0" * (ROUND_BITS + DIGEST_BITS),
@@ -165,75 +189,121 @@ class GroupAverager:
                 min_matchmaking_time=matchmaking_time,
                 request_timeout=min(1.0, matchmaking_time / 2),
                 allreduce_timeout=allreduce_timeout,
-                compression=NoCompression(),
             )
 
-    def all_reduce(
+    def exchange(
         self, tensors: Mapping[str, torch.Tensor], meta: MemberMeta, timeout: float
-    ) -> AllReduceOutcome:
-        """Average `tensors` with the members of meta's round and start state that show up
-        within `timeout` seconds; a failed attempt is retried (tensors rewritten) until then."""
-        if set(tensors) != set(self.names):
+    ) -> GatherOutcome:
+        """Publish `tensors`, join a group of meta's round and start state within `timeout`
+        seconds (failed attempts are retried), then fetch every other member's contribution."""
+        if set(tensors) != set(self.shapes):
             raise AveragingError("tensor names differ from the averager's template")
+        blob = encode_contribution(tensors)
+        meta = MemberMeta(
+            meta.peer,
+            meta.round,
+            meta.start_digest,
+            meta.weight,
+            hashlib.sha256(blob).hexdigest(),
+            len(blob),
+            meta.known,
+        )
+        self._publish(f"contribution:{self.prefix}:{meta.round}", blob)
+        started = time.perf_counter()
+        gathered, matchmaking_s, attempts = self._form_group(meta, timeout)
+        members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
+        contributions, missing, received = self._fetch_all(members, meta)
+        contributions[meta.peer] = decode_contribution(blob, self.shapes)
+        return GatherOutcome(
+            members,
+            contributions,
+            missing,
+            len(blob) * (len(members) - 1),
+            received,
+            matchmaking_s,
+            time.perf_counter() - started - matchmaking_s,
+            attempts,
+        )
+
+    def _publish(self, name: str, blob: bytes) -> None:
+        # the previous round's blob stays up until now: slow members may still be fetching it
+        if self._published is not None and self._published != name:
+            self.node.blobs.unpublish(self._published)
+        self.node.blobs.publish(name, blob)
+        self._published = name
+
+    def _form_group(self, meta: MemberMeta, timeout: float) -> tuple[dict[Any, Any], float, int]:
+        """hivemind matchmaking with our key bits; returns (gathered, seconds, attempts)."""
         started = time.perf_counter()
         deadline = time.monotonic() + timeout
         attempts, last_error = 0, "no attempt"
         while attempts == 0 or time.monotonic() + self.matchmaking_time < deadline:
             attempts += 1
-            self._write(tensors)
             self.averager.set_group_bits(group_bits(meta.round, meta.start_digest))
             try:
                 control = self.averager.step(
-                    weight=meta.weight,
+                    weight=1.0,
                     gather=meta.gather(),
                     timeout=max(deadline - time.monotonic(), self.matchmaking_time + 0.5),
                     allow_retries=False,
                     wait=False,
                 )
-                matchmaking_s = _time_until_allreduce(control, started)
                 gathered = control.result()
             except _STEP_FAILURES as exc:
                 last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
                 continue
             if gathered:
-                return self._outcome(gathered, started, matchmaking_s, attempts)
+                return gathered, time.perf_counter() - started, attempts
             last_error = "averager returned no group"
         raise AveragingError(f"{last_error} (after {attempts} attempts)")
 
-    def _write(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        with self.averager.get_tensors() as local:
-            for slot, name in zip(local, self.names, strict=True):
-                slot.copy_(tensors[name]).add_(WIRE_OFFSET)
-
-    def _outcome(
-        self, gathered: Mapping[Any, Any], started: float, matchmaking_s: float, attempts: int
-    ) -> AllReduceOutcome:
-        averaged = self._read_back()
-        size = len(gathered)
-        # hivemind's butterfly all-reduce: each peer ships (g-1)/g of its tensor out, and the
-        # same share of averaged parts back; this is the payload, not counting framing.
-        payload = int(2 * (size - 1) / size * self.numel * BYTES_PER_VALUE)
-        members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
-        elapsed = time.perf_counter() - started
-        return AllReduceOutcome(
-            averaged, members, payload, payload, matchmaking_s, elapsed - matchmaking_s, attempts
-        )
-
-    def _read_back(self) -> dict[str, torch.Tensor]:
-        with self.averager.get_tensors() as local:
-            averaged = {
-                name: slot.detach().clone().sub_(WIRE_OFFSET)
-                for slot, name in zip(local, self.names, strict=True)
+    def _fetch_all(
+        self, members: Mapping[str, MemberMeta | None], mine: MemberMeta
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], int]:
+        """Every other member's contribution, fetched in parallel and checked; (found, missing
+        with reasons, bytes received)."""
+        wanted = {
+            p: m for p, m in members.items() if p != mine.peer and m is not None and _same(m, mine)
+        }
+        missing = {p: "malformed metadata" for p, m in members.items() if m is None}
+        for peer, member in list(wanted.items()):
+            if member.size > self.max_blob:
+                missing[peer] = f"declares {member.size} bytes, more than the adapter's"
+                del wanted[peer]
+        missing.update(
+            {
+                p: f"round {m.round} / another start state"
+                for p, m in members.items()
+                if m is not None and p != mine.peer and not _same(m, mine)
             }
-        for name, tensor in averaged.items():
-            if tuple(tensor.shape) != self.shapes[name] or not torch.isfinite(tensor).all():
-                raise AveragingError(f"averaged tensor {name} is malformed or not finite")
-        return averaged
+        )
+        name = f"contribution:{self.prefix}:{mine.round}"
+        blobs = self.node.fetch_many(
+            {p: (name, m.sha256, m.size) for p, m in wanted.items()}, self.transfer_timeout
+        )
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        received = 0
+        for peer, blob in blobs.items():
+            if isinstance(blob, TransferError):
+                missing[peer] = str(blob)[:160]
+                continue
+            received += len(blob)
+            try:
+                found[peer] = decode_contribution(blob, self.shapes)
+            except ValueError as exc:
+                missing[peer] = str(exc)
+        return found, missing, received
 
     def shutdown(self) -> None:
-        """Stop the averager process."""
+        """Stop the averager process and stop serving our contribution."""
+        if self._published is not None:
+            self.node.blobs.unpublish(self._published)
         if self.averager.is_alive():
             self.averager.shutdown()
+
+
+def _same(member: MemberMeta, mine: MemberMeta) -> bool:
+    return member.round == mine.round and member.start_digest == mine.start_digest
 
 
 @contextmanager
@@ -251,13 +321,6 @@ def _signal_handlers_kept() -> Iterator[None]:
         for signum, handler in saved.items():
             if handler is not None:
                 signal.signal(signum, handler)
-
-
-def _time_until_allreduce(control: StepControl, started: float) -> float:
-    """Seconds from `started` until the step left matchmaking (polled; 10 ms resolution)."""
-    while not control.done() and control.stage in _MATCHMAKING_STAGES:
-        time.sleep(0.01)
-    return time.perf_counter() - started
 
 
 def finite_number(value: Any) -> bool:

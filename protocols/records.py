@@ -49,7 +49,8 @@ class PeerRecord(BaseModel):
     bytes_sent: int = Field(0, ge=0)
     bytes_received: int = Field(0, ge=0)
     fallbacks: int = Field(0, ge=0)  # rounds with no group (local update applied)
-    rejections: int = Field(0, ge=0)  # group results that failed verification
+    rejections: int = Field(0, ge=0)  # groups that left nothing usable to aggregate
+    exclusions: int = Field(0, ge=0)  # group members' contributions left out
     resyncs: int = Field(0, ge=0)  # states adopted from other members
     task: str = Field("", max_length=64)
     cluster: int = Field(-1, ge=-1, le=100_000)

@@ -214,6 +214,33 @@ class SwarmNode:
             timeout=timeout + 5,
         )
 
+    def fetch_many(
+        self, wanted: dict[str, tuple[str, str, int]], timeout: float
+    ) -> dict[str, bytes | TransferError]:
+        """Blobs from several peers at once: peer -> (name, sha256, size) in; peer -> the
+        verified bytes or the TransferError that says why not, out."""
+
+        async def one(peer: str, name: str, sha: str, size: int) -> bytes | TransferError:
+            try:
+                return await fetch_blob(
+                    self.p2p,
+                    PeerID.from_base58(peer),
+                    name,
+                    expected_sha256=sha,
+                    max_size=size,
+                    timeout=timeout,
+                )
+            except TransferError as exc:
+                return exc
+
+        async def every() -> list[bytes | TransferError]:
+            return await asyncio.gather(*(one(p, *w) for p, w in wanted.items()))
+
+        if not wanted:
+            return {}
+        results = self.loop.run(every(), timeout=timeout + 5)
+        return dict(zip(wanted, results, strict=True))
+
     def _store_record(self) -> None:
         if self._record is None or self.run_id is None:
             return

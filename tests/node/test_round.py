@@ -12,9 +12,7 @@ from node.build import LocalModel, build_local_model
 from node.checkpoint import Checkpoint
 from node.config import RunConfig, parse_config
 from node.peer import Peer
-from aggregation.verify import projection_checksum
-from node.round import RoundReport, group_context, run_round, verify_group
-from node.state import GroupState
+from node.round import RoundReport, group_context, select_contributions
 from node.transport import GroupResult, InMemoryHub, InMemoryTransport, MemberMeta, consensus
 
 CONFIG = parse_config(
@@ -81,48 +79,36 @@ def test_three_peers_agree_and_loss_falls() -> None:
     assert all(torch.equal(p0[k], p1[k]) for k in p0)
 
 
-def test_corrupted_allreduce_is_rejected_and_peers_resync() -> None:
-    hub = InMemoryHub(expected=3, corrupt_rounds={1})
+def test_a_contribution_lost_for_everyone_is_excluded_and_the_rest_agree() -> None:
+    hub = InMemoryHub(expected=3, lost={1: {"p2"}})
     reports: list[RoundReport] = []
     peers = [_peer(hub, f"p{i}", _local(t, i), reports=reports) for i, t in enumerate(TASKS)]
     states = _run_all(peers, [3, 3, 3])
+    assert len([r for r in reports if r.round == 1]) == 3
+    # p0 and p1 average without p2; p2 still has its own and diverges, then resyncs
     round1 = [r for r in reports if r.round == 1]
-    assert len(round1) == 3 and all(r.outcome == "rejected" for r in round1)
-    assert all("checksum mismatch" in r.problem for r in round1)
-    assert sum(len(p.resynced_to) for p in peers) == 2  # two adopt the third's state
-    assert len({s.digest() for s in states}) == 1
-    # the failure stays visible in every later report of each peer, not hidden by the resync
-    last = [r for r in reports if r.round == 2]
-    assert len(last) == 3 and all(r.rejections == 1 and r.fallbacks == 0 for r in last)
-    assert sum(r.resyncs for r in last) == 2 and sum(r.resynced for r in last) == 2
+    without = [r for r in round1 if r.members == ("p0", "p1")]
+    assert len(without) == 2 and all(r.excluded == ("p2",) for r in without)
+    assert [r.members for r in round1 if r not in without] == [("p0", "p1", "p2")]
+    assert len({s.digest() for s in states}) == 1  # p2 resynced to the others afterwards
+    assert [len(p.resynced_to) for p in peers] == [0, 0, 1]
+    # the failure stays visible in every later report, not hidden by the resync
+    last = sorted((r for r in reports if r.round == 2), key=lambda r: r.resyncs)
+    assert [(r.exclusions, r.resyncs) for r in last] == [(1, 0), (1, 0), (0, 1)]
+    assert all(r.outcome == "averaged" and r.group_size == 3 for r in last)
 
 
-def test_a_stale_member_is_kept_out_and_does_not_void_the_round() -> None:
-    # p2 is a round behind (like a peer that was SIGSTOPped): it must form its own group, not
-    # void the round of the two healthy members.
-    hub = InMemoryHub(expected=2, timeout=1.5)
+def test_a_contribution_one_member_misses_makes_it_diverge_visibly_then_resync() -> None:
+    hub = InMemoryHub(expected=3, hidden={1: ("p0", "p1")})
     reports: list[RoundReport] = []
     peers = [_peer(hub, f"p{i}", _local(t, i), reports=reports) for i, t in enumerate(TASKS)]
-    _run_all(peers[:2], [1, 1])
-    hub.expected = 3
-    fresh = peers[2].initial_state()
-    stale = GroupState(0, {k: v + 0.01 for k, v in fresh.params.items()})  # an old, other state
-    results: list = [None, None, None]
-
-    def healthy(i: int) -> None:
-        results[i] = peers[i].run(1, settle_s=0.0)
-
-    threads = [threading.Thread(target=healthy, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    _, stale_report = run_round(stale, peers[2].trainer, peers[2].transport, CONFIG)
-    for t in threads:
-        t.join(timeout=120)
-    healthy_round = [r for r in reports if r.round == 1]
-    assert len(healthy_round) == 2 and all(r.outcome == "averaged" for r in healthy_round)
-    assert all(set(r.members) == {"p0", "p1"} for r in healthy_round)
-    assert all(r.group_size == 2 for r in healthy_round)
-    assert stale_report.outcome == "no-group" and stale_report.group_size == 1
+    states = _run_all(peers, [3, 3, 3])
+    p0_round1 = [r for r in reports if r.round == 1 and r.members == ("p0", "p2")]
+    assert len(p0_round1) == 1 and p0_round1[0].excluded == ("p1",)
+    assert len({s.digest() for s in states}) == 1
+    assert sum(len(p.resynced_to) for p in peers) == 1  # p0 adopts the majority's state
+    final = [r for r in reports if r.round == 2]
+    assert sum(r.resyncs for r in final) == 1 and sum(r.exclusions for r in final) == 1
 
 
 def test_group_continues_without_a_member_that_left() -> None:
@@ -155,22 +141,26 @@ def test_corrupt_checkpoint_is_set_aside_not_deleted(tmp_path: Path) -> None:
     assert list(tmp_path.glob("state.corrupt-*.safetensors"))
 
 
-def _meta(peer: str, weight: float, checksum: float, digest: str = "d") -> MemberMeta:
-    return MemberMeta(peer, 0, digest, weight, checksum)
+def _meta(peer: str, weight: float, round_: int = 0, digest: str = "d") -> MemberMeta:
+    return MemberMeta(peer, round_, digest, weight)
 
 
-def test_verify_group_checks_checksums_start_states_and_metadata() -> None:
-    averaged = {"w": torch.tensor([1.0, 2.0])}
-    good = projection_checksum(averaged, 0)
-    members = [_meta("a", 1.0, good), _meta("b", 3.0, good)]
-    assert verify_group(GroupResult(averaged, members), members[0]) is None
-    skewed = [_meta("a", 1.0, good), _meta("b", 3.0, good * 2)]
-    assert "checksum" in (verify_group(GroupResult(averaged, skewed), skewed[0]) or "")
-    forked = [_meta("a", 1.0, good), _meta("b", 3.0, good, digest="other")]
-    assert "different states" in (verify_group(GroupResult(averaged, forked), forked[0]) or "")
-    # a member whose tensor is in the average but whose metadata could not be read
-    hidden = GroupResult(averaged, members, malformed=("c",))
-    assert "malformed" in (verify_group(hidden, members[0]) or "")
+def test_contributions_are_chosen_by_round_state_arrival_and_weight() -> None:
+    members = [
+        _meta("a", 1.0),
+        _meta("b", 3.0),
+        _meta("c", 1.0, round_=1),
+        _meta("d", 1.0, digest="other"),
+        _meta("e", 0.0),
+        _meta("f", 1.0),
+        _meta("g", 1.0),
+    ]
+    contributions = {p: {"w": torch.zeros(1)} for p in "abcdeg"}
+    group = GroupResult(members, contributions, {"g": "stream ended early"})
+    chosen, excluded = select_contributions(group, members[0])
+    assert [m.peer for m in chosen] == ["a", "b"]
+    assert set(excluded) == {"c", "d", "e", "f", "g"}
+    assert excluded["g"] == "stream ended early" and "no contribution" in excluded["f"]
 
 
 def test_consensus_prefers_round_then_majority_then_smaller_digest() -> None:
@@ -226,7 +216,7 @@ def test_fedhbm_anchor_is_kept_in_the_local_checkpoint(tmp_path: Path) -> None:
 
 
 def test_group_context_uses_the_largest_population_any_member_knew() -> None:
-    members = [MemberMeta("a", 0, "d", 1.0, 0.0, 10), MemberMeta("b", 0, "d", 1.0, 0.0, 12)]
-    context = group_context(GroupResult({}, members), verified=True)
+    members = [MemberMeta("a", 0, "d", 1.0, known=10), MemberMeta("b", 0, "d", 1.0, known=12)]
+    context = group_context(members)
     assert (context.participants, context.population) == (2, 12)
-    assert group_context(GroupResult({}, members), verified=False).participants == 1
+    assert group_context(members[:1]).participants == 1

@@ -2,10 +2,18 @@
 
 import signal
 
+import pytest
 import torch
-from hivemind.dht import DHT
 
-from protocols.averaging import GroupAverager
+from protocols.averaging import (
+    GroupAverager,
+    MemberMeta,
+    decode_contribution,
+    encode_contribution,
+    group_bits,
+    parse_member,
+)
+from protocols.swarm import SwarmNode
 
 
 def test_opening_an_averager_keeps_our_signal_handlers() -> None:
@@ -15,13 +23,66 @@ def test_opening_an_averager_keeps_our_signal_handlers() -> None:
         return None
 
     previous = signal.signal(signal.SIGINT, handler)
-    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    node = SwarmNode(initial_peers=[])
     try:
-        averager = GroupAverager(dht, "sigtest_global", {"w": torch.zeros(3)})
-        again = GroupAverager(dht, "sigtest_cluster0", {"w": torch.zeros(3)})
+        averager = GroupAverager(node, "sigtest_global", {"w": torch.zeros(3)})
+        again = GroupAverager(node, "sigtest_cluster0", {"w": torch.zeros(3)})
         assert signal.getsignal(signal.SIGINT) is handler
         averager.shutdown()
         again.shutdown()
     finally:
-        dht.shutdown()
+        node.shutdown()
         signal.signal(signal.SIGINT, previous)
+
+
+SHAPES = {"a.lora_A": (2, 3), "a.lora_B": (3, 2)}
+
+
+def test_contribution_round_trip_is_exact() -> None:
+    tensors = {k: torch.randn(s) for k, s in SHAPES.items()}
+    back = decode_contribution(encode_contribution(tensors), SHAPES)
+    assert all(torch.equal(back[k], tensors[k]) for k in SHAPES)
+
+
+@pytest.mark.parametrize(
+    "blob, why",
+    [
+        (b"\x00garbage", "safetensors"),
+        (encode_contribution({"a.lora_A": torch.zeros(2, 3)}), "names"),
+        (
+            encode_contribution({"a.lora_A": torch.zeros(3, 2), "a.lora_B": torch.zeros(3, 2)}),
+            "(3, 2)",
+        ),
+        (
+            encode_contribution({k: torch.full(s, float("nan")) for k, s in SHAPES.items()}),
+            "finite",
+        ),
+    ],
+)
+def test_bad_contributions_are_refused_in_one_line(blob: bytes, why: str) -> None:
+    with pytest.raises(ValueError, match=None) as info:
+        decode_contribution(blob, SHAPES)
+    assert why in str(info.value) and "\n" not in str(info.value)
+
+
+def test_gathered_metadata_is_parsed_defensively() -> None:
+    good = MemberMeta("p", 3, "ab" * 32, 10.0, "0" * 64, 100, 4)
+    assert parse_member("p", good.gather()) == good
+    for bad in [
+        None,
+        {**good.gather(), "weight": -1.0},
+        {**good.gather(), "weight": float("nan")},
+        {**good.gather(), "sha256": "short"},
+        {**good.gather(), "size": 0},
+        {**good.gather(), "round": "3"},
+        {**good.gather(), "start": "x" * 65},
+    ]:
+        assert parse_member("p", bad) is None
+    assert parse_member("p", {**good.gather(), "known": 10**9}).known == 1
+
+
+def test_group_bits_separate_rounds_and_start_states() -> None:
+    assert group_bits(5, "abc123") == group_bits(5, "abc999")
+    assert group_bits(5, "abc123") != group_bits(6, "abc123")
+    assert group_bits(5, "abc123") != group_bits(5, "abd123")
+    assert len(group_bits(2**40, "zzz")) == 32
