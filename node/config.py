@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -116,18 +116,7 @@ class AveragingSettings(_Strict):
     matchmaking_time: float = Field(5.0, gt=0, le=600)
     allreduce_timeout: float = Field(60.0, gt=0, le=3600)
     min_group_size: int = Field(2, ge=2, le=1024)
-    codec: Literal["fp32"] = "fp32"
-
-    @field_validator("codec", mode="before")
-    @classmethod
-    def _exact_codecs_only(cls, value: object) -> object:
-        if value == "fp16":
-            raise ValueError(
-                "fp16 is refused: hivemind returns fp16 results that differ between members"
-                " (a reducer's own part skips compression), so members would not end with"
-                " identical states; use fp32"
-            )
-        return value
+    codec: Literal["fp32", "fp16"] = "fp32"  # dtype of the contributions on the wire
 
 
 class ClusteringSettings(_Strict):

@@ -19,7 +19,6 @@ from node.checkpoint import atomic_write
 from node.clusters import Clusterer, merge_bundles, verified_signatures
 from node.config import load_config, parse_config
 from node.offers import Offer, best_offers
-from protocols import lifeline
 from protocols.records import (
     AdapterOffer,
     ManifestRecord,
@@ -216,7 +215,6 @@ def bootstrap(options: BootstrapOptions) -> int:
     """Entry point of `swarmtune bootstrap`; returns the exit code."""
     config = load_config(options.config)  # fail on a bad config before starting any process
     options.workdir.mkdir(parents=True, exist_ok=True)
-    lifeline.install()  # hivemind's processes (forked next) end with us, even on SIGKILL
     node = SwarmNode(
         initial_peers=[],
         workdir=options.workdir,

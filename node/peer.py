@@ -79,13 +79,23 @@ class Peer:
             if loaded is not None:
                 state, local = loaded
                 if local is not None:
-                    self.trainer.load_state_dict(local)
-                    if self.momentum is not None and "momentum" in local:
-                        self.momentum.load_state_dict(local["momentum"])
+                    self.load_local(local)
                 self.resumed_from = state.round
                 log.info("resumed from checkpoint at round %d", state.round)
                 return state
         return GroupState(0, self.trainer.get_params(), {})
+
+    def load_local(self, local: dict) -> None:
+        """This peer's own state (AdamW moments, data position, momentum anchors); one that
+        does not fit (e.g. another data set behind the same work dir) is dropped with a
+        warning, keeping fresh moments, instead of crashing on every restart."""
+        try:
+            self.trainer.load_state_dict(local)
+            if self.momentum is not None and "momentum" in local:
+                self.momentum.load_state_dict(local["momentum"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.warning("local.pt does not fit this peer (%s); starting with fresh moments", exc)
+            self.trainer.reset_optimizer()
 
     def sync(self, state: GroupState, adopt: bool = False) -> GroupState:
         """Adopt the swarm's consensus state when it is ahead of, or differs from, ours.

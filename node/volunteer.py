@@ -24,7 +24,6 @@ from node.peer import Peer
 from node.round import RoundReport
 from node.state import GroupState
 from node.swarm_transport import HivemindTransport
-from protocols import lifeline
 from protocols.averaging import GroupAverager
 from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
 from protocols.swarm import SwarmError, SwarmNode
@@ -147,6 +146,7 @@ class Volunteer:
             self.node,
             prefix,
             self.local.trainer.get_params(),
+            codec=averaging.codec,
             matchmaking_time=averaging.matchmaking_time,
             allreduce_timeout=averaging.allreduce_timeout,
             min_group_size=averaging.min_group_size,
@@ -228,7 +228,6 @@ def join(options: JoinOptions) -> int:
     load_texts(options.data)  # unusable data fails here, before any network activity
     check_local_base(options.model, options.quantize)  # and so does a wrong --model dir
     options.workdir.mkdir(parents=True, exist_ok=True)
-    lifeline.install()  # hivemind's processes (forked next) end with us, even on SIGKILL
     node = SwarmNode(
         initial_peers=options.initial_peers,
         workdir=options.workdir,

@@ -42,6 +42,9 @@ from protocols.swarm import SwarmNode
 from protocols.transfer import TransferError
 
 ROUND_BITS, DIGEST_BITS = 20, 12
+# Wire dtypes of a contribution. Every member decodes the same bytes, its own blob included, so
+# fp16 halves the bytes and still leaves all members bit-identical.
+CODECS = {"fp32": torch.float32, "fp16": torch.float16}
 # What a step's future raises when there was no group or the group broke (the averager process
 # sets these; AssertionError is how hivemind reports a group that disagrees on its own layout).
 _STEP_FAILURES = (
@@ -131,16 +134,17 @@ def group_bits(round_: int, start_digest: str) -> str:
     )
 
 
-def encode_contribution(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Named fp32 tensors -> safetensors bytes (no pickle: peers are untrusted)."""
-    return st_save({k: tensors[k].detach().to(torch.float32).contiguous() for k in sorted(tensors)})
+def encode_contribution(tensors: Mapping[str, torch.Tensor], codec: str = "fp32") -> bytes:
+    """Named tensors -> safetensors bytes in the codec's dtype (no pickle: peers are untrusted)."""
+    dtype = CODECS[codec]
+    return st_save({k: tensors[k].detach().to(dtype).contiguous() for k in sorted(tensors)})
 
 
 def decode_contribution(
-    blob: bytes, shapes: Mapping[str, tuple[int, ...]]
+    blob: bytes, shapes: Mapping[str, tuple[int, ...]], codec: str = "fp32"
 ) -> dict[str, torch.Tensor]:
-    """Bytes -> named fp32 tensors with exactly the expected names and shapes, all finite;
-    ValueError (one line) otherwise."""
+    """Bytes -> named fp32 tensors with exactly the expected names, shapes and codec dtype, all
+    finite; ValueError (one line) otherwise."""
     try:
         tensors = st_load(blob)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the same malformed blob
@@ -148,11 +152,11 @@ def decode_contribution(
     if set(tensors) != set(shapes):
         raise ValueError("tensor names differ from the run's adapter")
     for name, tensor in tensors.items():
-        if tensor.dtype != torch.float32 or tuple(tensor.shape) != tuple(shapes[name]):
+        if tensor.dtype != CODECS[codec] or tuple(tensor.shape) != tuple(shapes[name]):
             raise ValueError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} is not the run's")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{name} is not finite")
-    return tensors
+    return {k: v.to(torch.float32) for k, v in tensors.items()}
 
 
 class GroupAverager:
@@ -164,15 +168,19 @@ class GroupAverager:
         prefix: str,
         template: Mapping[str, torch.Tensor],
         *,
+        codec: str = "fp32",
         matchmaking_time: float = 5.0,
         allreduce_timeout: float = 60.0,
         min_group_size: int = 2,
         target_group_size: int | None = None,
     ) -> None:
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
+        self.codec = codec
         self.node = node
         self.prefix = prefix
         self.shapes = {k: tuple(template[k].shape) for k in sorted(template)}
-        # fp32 values plus a safetensors header (names, shapes): a bound on any honest blob
+        # the values plus a safetensors header (names, shapes): a bound on any honest blob
         self.max_blob = 4 * sum(template[k].numel() for k in template) + (1 << 16)
         self.matchmaking_time = matchmaking_time
         self.transfer_timeout = allreduce_timeout
@@ -198,7 +206,7 @@ class GroupAverager:
         seconds (failed attempts are retried), then fetch every other member's contribution."""
         if set(tensors) != set(self.shapes):
             raise AveragingError("tensor names differ from the averager's template")
-        blob = encode_contribution(tensors)
+        blob = encode_contribution(tensors, self.codec)
         meta = MemberMeta(
             meta.peer,
             meta.round,
@@ -213,7 +221,7 @@ class GroupAverager:
         gathered, matchmaking_s, attempts = self._form_group(meta, timeout)
         members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
         contributions, missing, received = self._fetch_all(members, meta)
-        contributions[meta.peer] = decode_contribution(blob, self.shapes)
+        contributions[meta.peer] = decode_contribution(blob, self.shapes, self.codec)
         return GatherOutcome(
             members,
             contributions,
@@ -289,7 +297,7 @@ class GroupAverager:
                 continue
             received += len(blob)
             try:
-                found[peer] = decode_contribution(blob, self.shapes)
+                found[peer] = decode_contribution(blob, self.shapes, self.codec)
             except ValueError as exc:
                 missing[peer] = str(exc)
         return found, missing, received

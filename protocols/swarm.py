@@ -17,6 +17,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
+from protocols import lifeline
 from protocols.records import (
     PEER_TTL,
     ManifestRecord,
@@ -81,6 +82,7 @@ class SwarmNode:
         run_id: str | None = None,
     ) -> None:
         remove_stale_hivemind_sockets()
+        lifeline.install()  # the DHT, p2pd and averagers forked from here end with this process
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
         key = load_or_create_key(workdir / "records.key") if workdir else RSAPrivateKey()

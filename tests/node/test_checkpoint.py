@@ -167,3 +167,22 @@ def test_temp_files_of_a_killed_writer_are_removed_live_ones_kept(tmp_path: Path
         path.write_bytes(b"x")
     assert remove_dead_temps(tmp_path) == [dead]
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_local_state_of_other_data_gives_fresh_moments_not_a_crash_loop(
+    trained, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the work dir's local.pt was written by a peer with a longer data set (e.g. its p2p.key
+    # was deleted, so its data seed and data position changed): it cannot be loaded as is
+    workdir, _, final = trained
+    _copy_workdir(workdir, tmp_path)
+    saved = torch.load(tmp_path / "local.pt", weights_only=True)
+    saved["local"]["batches"] = {"seed": -1, "batches_drawn": 3}
+    torch.save(saved, tmp_path / "local.pt")
+    local = _local()
+    peer = _peer(local, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="swarmtune.peer"):
+        state = peer.initial_state()
+    assert state.digest() == final.digest() and peer.resumed_from == ROUNDS
+    assert not local.trainer.state_dict()["optimizer"]["state"]
+    assert any("fresh moments" in r.getMessage() for r in caplog.records)
