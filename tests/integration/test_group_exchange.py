@@ -30,11 +30,11 @@ def _nodes(count: int) -> list[SwarmNode]:
     return [first, *rest]
 
 
-def _transport(node: SwarmNode, prefix: str) -> HivemindTransport:
+def _transport(node: SwarmNode, prefix: str, codec: str = "fp32") -> HivemindTransport:
     template = {k: torch.zeros(s) for k, s in SHAPES.items()}
 
     def make(group_prefix: str) -> GroupAverager:
-        return GroupAverager(node, group_prefix, template, matchmaking_time=2.0)
+        return GroupAverager(node, group_prefix, template, codec=codec, matchmaking_time=2.0)
 
     record = PeerRecord(peer_id=node.peer_id, role="volunteer")
     return HivemindTransport(node, make, prefix, role_record=record)
@@ -73,9 +73,13 @@ def _aggregate(group: GroupResult, mine: MemberMeta) -> dict[str, torch.Tensor]:
     return weighted_mean([group.contributions[m.peer] for m in chosen], [m.weight for m in chosen])
 
 
-def test_unequal_weights_give_identical_results_equal_to_the_weighted_mean() -> None:
+@pytest.mark.parametrize("codec", ["fp32", "fp16"])
+def test_unequal_weights_give_identical_results_equal_to_the_weighted_mean(codec: str) -> None:
+    # fp16 used to differ between members under hivemind's all-reduce (a reducer's own part
+    # skipped compression); with the all-gather every member decodes the same fp16 bytes
+    wire = {"fp32": torch.float32, "fp16": torch.float16}[codec]
     nodes = _nodes(3)
-    transports = [_transport(n, "wtest_global") for n in nodes]
+    transports = [_transport(n, f"wtest{codec}_global", codec) for n in nodes]
     try:
         weights = [384.0, 1024.0, 2560.0]  # e.g. batch sizes 3, 8 and 20 of 128 tokens
         for round_ in range(2):
@@ -93,7 +97,7 @@ def test_unequal_weights_give_identical_results_equal_to_the_weighted_mean() -> 
                 first = aggregates[0][name]
                 assert all(torch.equal(first, a[name]) for a in aggregates[1:])
                 reference = sum(
-                    w * d[name].double() for w, d in zip(weights, deltas, strict=True)
+                    w * d[name].to(wire).double() for w, d in zip(weights, deltas, strict=True)
                 ) / sum(weights)
                 # float64 accumulation of exact fp32 inputs, one rounding to fp32 at the end
                 atol = 2.0**-24 * reference.abs().max().item() * 2
