@@ -1,4 +1,4 @@
-"""Generalized heavy-ball momentum (GHBM) and its stateful-peer variants, DESIGN.md 3.2.
+"""Generalized heavy-ball momentum (GHBM) and its stateful-peer variants (docs/design.md, 5).
 
 Zaccone, Karimireddy, Masone, Ciccone, "Communication-Efficient Heterogeneous Federated Learning
 with Generalized Heavy-Ball Momentum", TMLR 2025 (arXiv 2311.18578).

@@ -1,4 +1,4 @@
-"""Merging LoRA task vectors across adapters (DESIGN.md 3.4): a registry of pure functions.
+"""Merging LoRA task vectors across adapters (docs/design.md, 6. Clusters): a registry of pure functions.
 
 Factors are never averaged directly: mean(B) @ mean(A) != mean(B @ A). Every method works on
 each module's task vector dW_i = s_i B_i A_i, with weights w_i:

@@ -1,6 +1,6 @@
 """LoRA task vectors: dW per module, exact inner products from factors, sketches, clustering.
 
-DESIGN.md 3.3. A LoRA module's task vector is dW = s * B @ A (s = alpha / r, A [r, in],
+docs/design.md, 6. Clusters. A LoRA module's task vector is dW = s * B @ A (s = alpha / r, A [r, in],
 B [out, r]). Factors are never compared directly: (B, A) and (B Q, Q^-1 A) are one adapter.
 - <s1 B1 A1, s2 B2 A2>_F = s1 s2 tr((B1^T B2)(A2 A1^T)), computed with r x r matrices.
 - Sketch: (R1 B)(A R2^T) * s with shared-seed Gaussian R1 [k, out], R2 [k, in] (entries

@@ -1,4 +1,4 @@
-"""The files a consumer gets: a PEFT adapter directory with a model card (DESIGN.md section 6)."""
+"""The files a consumer gets: a PEFT adapter directory with a model card."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Similarity-clustered groups in the swarm (DESIGN.md 3.3): the wiring around aggregation/.
+"""Similarity-clustered groups in the swarm (docs/design.md, 6. Clusters): the wiring around aggregation/.
 
 - Volunteer: `TaskSignature` sketches the task vector of each round's local update (what the
   inner steps changed, in dW space, before averaging) and is published, signed, after the

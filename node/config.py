@@ -120,7 +120,7 @@ class AveragingSettings(_Strict):
 
 
 class ClusteringSettings(_Strict):
-    """Similarity-clustered groups (DESIGN.md 3.3): who averages with whom, and level-2 merges."""
+    """Similarity-clustered groups (docs/design.md, 6. Clusters): who averages with whom, and level-2 merges."""
 
     enabled: bool = False
     warmup_rounds: int = Field(2, ge=1, le=10_000)
