@@ -66,27 +66,30 @@ def adapter_config(model: PeftModel, base_model: str) -> dict[str, object]:
     return config
 
 
-def model_card(provenance: Provenance, weights_sha256: str, config: Mapping[str, object]) -> str:
-    """README.md saying where the adapter came from and how to load it."""
-    p = provenance
-    return f"""---
-library_name: peft
-tags: [swarmtune, lora, diloco]
----
-# swarmtune adapter `{p.run_id}` (round {p.round})
+@dataclass(frozen=True)
+class ModelCard:
+    """The README.md of an adapter dir: a title, a table of where it came from, free text."""
 
-Trained collaboratively by {p.peers} peer(s) with DiLoCo rounds (outer optimizer: {p.method}).
+    title: str
+    tags: tuple[str, ...]
+    fields: tuple[tuple[str, str], ...]
+    notes: str = ""
+
+    def render(self, weights_sha256: str) -> str:
+        """Markdown with the weights' sha256 and how to load the adapter with plain PEFT."""
+        rows = [*self.fields, ("adapter_model.safetensors sha256", f"`{weights_sha256}`")]
+        table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+        return f"""---
+library_name: peft
+tags: [{", ".join(self.tags)}]
+---
+# {self.title}
 
 | field | value |
 |---|---|
-| run | {p.run_id} |
-| round | {p.round} |
-| peers | {p.peers} |
-| method | {p.method} |
-| LoRA | r={config.get("r")}, alpha={config.get("lora_alpha")}, targets={config.get("target_modules")} |
-| base model | {p.base_model} |
-| base fingerprint (sha256 of weights) | `{p.base_fingerprint}` |
-| adapter_model.safetensors sha256 | `{weights_sha256}` |
+{table}
+
+{self.notes}
 
 ```python
 from peft import PeftModel
@@ -97,17 +100,45 @@ model = PeftModel.from_pretrained(base, "THIS_DIR")
 """
 
 
+def peft_dir_files(
+    tensors: Mapping[str, torch.Tensor], config: Mapping[str, object], card: ModelCard
+) -> dict[str, bytes]:
+    """The three files of a PEFT adapter dir: config, weights (safetensors) and model card."""
+    weights = st_save(dict(tensors), metadata={"format": "pt"})
+    sha = hashlib.sha256(weights).hexdigest()
+    return {
+        "adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
+        "adapter_model.safetensors": weights,
+        "README.md": card.render(sha).encode(),
+    }
+
+
+def swarm_card(provenance: Provenance, config: Mapping[str, object]) -> ModelCard:
+    """The card of a group adapter trained by the swarm."""
+    p = provenance
+    lora = f"r={config.get('r')}, alpha={config.get('lora_alpha')}, targets={config.get('target_modules')}"
+    return ModelCard(
+        f"swarmtune adapter `{p.run_id}` (round {p.round})",
+        ("swarmtune", "lora", "diloco"),
+        (
+            ("run", p.run_id),
+            ("round", str(p.round)),
+            ("peers", str(p.peers)),
+            ("method", p.method),
+            ("LoRA", lora),
+            ("base model", p.base_model),
+            ("base fingerprint (sha256 of weights)", f"`{p.base_fingerprint}`"),
+        ),
+        f"Trained collaboratively by {p.peers} peer(s) with DiLoCo rounds"
+        f" (outer optimizer: {p.method}).",
+    )
+
+
 def adapter_files(
     trainer: InnerTrainer, params: Mapping[str, torch.Tensor], provenance: Provenance
 ) -> dict[str, bytes]:
     """The three files of a PEFT adapter dir for the LoRA parameters `params`."""
     trainer.set_params(params)
     model = trainer.model
-    weights = st_save(adapter_tensors(model), metadata={"format": "pt"})
     config = adapter_config(model, provenance.base_model)
-    sha = hashlib.sha256(weights).hexdigest()
-    return {
-        "adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
-        "adapter_model.safetensors": weights,
-        "README.md": model_card(provenance, sha, config).encode(),
-    }
+    return peft_dir_files(adapter_tensors(model), config, swarm_card(provenance, config))

@@ -8,7 +8,6 @@ use_rslora false, so plain PeftModel.from_pretrained gives exactly the merged dW
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -21,11 +20,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from aggregation.merge import MergedAdapter, MergeOptions, merge_adapters
 from aggregation.taskvec import LoraFactors
-from node.adapter import AdapterError
+from node.adapter import AdapterError, ModelCard, peft_dir_files
 from protocols.transfer import write_dir_atomically
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(\.[^.]+)?\.weight$")
@@ -162,18 +160,12 @@ def output_files(
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in merged.modules}),
         "inference_mode": True,
     }
-    weights_blob = st_save(tensors, metadata={"format": "pt"})
-    sha = hashlib.sha256(weights_blob).hexdigest()
-    return {
-        "adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
-        "adapter_model.safetensors": weights_blob,
-        "README.md": _card(merged, sources, method, weights, sha).encode(),
-    }
+    return peft_dir_files(tensors, config, _card(merged, sources, method, weights))
 
 
 def _card(
-    merged: MergedAdapter, sources: list[PeftAdapter], method: str, weights: list[float], sha: str
-) -> str:
+    merged: MergedAdapter, sources: list[PeftAdapter], method: str, weights: list[float]
+) -> ModelCard:
     rows = "\n".join(
         f"| {s.path} | {w:g} | `{(s.fingerprint or '-')[:16]}` |"
         for s, w in zip(sources, weights, strict=True)
@@ -186,28 +178,20 @@ def _card(
     )
     fingerprint = next((s.fingerprint for s in sources if s.fingerprint), None)
     base = (
-        f"base fingerprint (sha256 of weights) | `{fingerprint}`"
+        ("base fingerprint (sha256 of weights)", f"`{fingerprint}`")
         if fingerprint
-        else "base | see adapter_config.json"
+        else ("base", "see adapter_config.json")
     )
-    return f"""---
-library_name: peft
-tags: [swarmtune, lora, merge]
----
-# Merged LoRA adapter ({method})
-
-| field | value |
-|---|---|
-| method | {method} |
-| {base} |
-| adapter_model.safetensors sha256 | `{sha}` |
-
-| source | weight | base fingerprint |
-|---|---|---|
-{rows}
-
-{energy} Scaling is baked into the factors (lora_alpha = r).
-"""
+    notes = (
+        "| source | weight | base fingerprint |\n|---|---|---|\n"
+        f"{rows}\n\n{energy} Scaling is baked into the factors (lora_alpha = r)."
+    )
+    return ModelCard(
+        f"Merged LoRA adapter ({method})",
+        ("swarmtune", "lora", "merge"),
+        (("method", method), base),
+        notes,
+    )
 
 
 def merge_dirs(
