@@ -16,25 +16,14 @@ from pathlib import Path
 from typing import IO
 
 from aggregation.taskvec import adjusted_rand_index
-from node.config import (
-    AveragingSettings,
-    ClusteringSettings,
-    InnerSettings,
-    OuterSettings,
-    RunConfig,
-)
+from node.config import load_config
 from node.data import BUILTIN_TASKS
 from protocols.sockets import remove_stale_hivemind_sockets
 from protocols.swarm import SwarmError
 
-DEMO_CONFIG = RunConfig(run_id="swarmtune-demo", averaging=AveragingSettings(matchmaking_time=3.0))
-CLUSTERED_CONFIG = RunConfig(
-    run_id="swarmtune-clustered-demo",
-    inner=InnerSettings(steps=10, batch_size=8, seq_len=48),
-    outer=OuterSettings(name="fedavg"),  # Nesterov overshoots in 2-member groups (bench/RESULTS.md)
-    averaging=AveragingSettings(matchmaking_time=3.0),
-    clustering=ClusteringSettings(enabled=True, warmup_rounds=2, merge_every=2),
-)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEMO_CONFIG = CONFIGS / "demo.yaml"
+CLUSTERED_CONFIG = CONFIGS / "clustered.yaml"
 CLUSTERED_TASKS = 4  # built-in tasks, two volunteers each
 
 
@@ -223,10 +212,8 @@ def run_demo(options: DemoOptions) -> int:
         raise SwarmError(f"--out {options.out} exists and is not empty; choose a new directory")
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="swarmtune-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    config = options.config or workdir / "run.yaml"
-    if options.config is None:
-        default = CLUSTERED_CONFIG if options.clustered else DEMO_CONFIG
-        config.write_text(json.dumps(default.model_dump(mode="json")))  # JSON is YAML
+    config = options.config or (CLUSTERED_CONFIG if options.clustered else DEMO_CONFIG)
+    load_config(config)  # a missing or bad config is one line, before any process starts
     procs, started = Processes(), time.monotonic()
     try:
         tasks = [options.task_of(i) for i in range(options.peers)]
