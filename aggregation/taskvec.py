@@ -174,3 +174,35 @@ def adjusted_rand_index(truth: Sequence[object], labels: Sequence[object]) -> fl
     if maximum == expected:
         return 1.0
     return (index - expected) / (maximum - expected)
+
+
+def sketch_change(
+    before: Mapping[str, LoraFactors], after: Mapping[str, LoraFactors], k: int, seed: int
+) -> torch.Tensor:
+    """sketch(dW after) - sketch(dW before), float64: the sketch of the change in dW (the
+    sketch is linear in dW, so this is exactly the sketch of dW_after - dW_before)."""
+    return (sketch(after, k, seed) - sketch(before, k, seed)).double()
+
+
+def stable_ids(labels: Mapping[str, int], previous: Mapping[str, int]) -> dict[str, int]:
+    """Rename clusters to the previous id they share most members with (greedy, deterministic)."""
+    groups: dict[int, list[str]] = {}
+    for peer, label in sorted(labels.items()):
+        groups.setdefault(label, []).append(peer)
+    taken: set[int] = set()
+    rename: dict[int, int] = {}
+    by_size = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))
+    for label, members in by_size:
+        votes: dict[int, int] = {}
+        for peer in members:
+            old = previous.get(peer)
+            if old is not None and old not in taken:
+                votes[old] = votes.get(old, 0) + 1
+        if votes:
+            rename[label] = min(votes, key=lambda c: (-votes[c], c))
+            taken.add(rename[label])
+    fresh = (c for c in range(10_000) if c not in taken and c not in previous.values())
+    for label, _ in by_size:
+        if label not in rename:
+            rename[label] = next(fresh)
+    return {peer: rename[label] for peer, label in labels.items()}

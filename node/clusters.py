@@ -24,7 +24,14 @@ from pydantic import ValidationError
 
 from aggregation.merge import MergeOptions, merge_adapters
 from aggregation.params import Params
-from aggregation.taskvec import LoraFactors, agglomerate, auto_cluster, cosine_matrix, sketch
+from aggregation.taskvec import (
+    LoraFactors,
+    agglomerate,
+    auto_cluster,
+    cosine_matrix,
+    sketch_change,
+    stable_ids,
+)
 from node.config import ClusteringSettings
 from node.merge import lora_parts, output_files, parse_adapter
 from protocols.records import ClusterRecord, PeerRecord, SignatureRecord
@@ -55,9 +62,12 @@ class TaskSignature:
 
     def observe(self, start: Params, end: Params) -> None:
         """Add one round's local task direction (sketches are linear in dW)."""
-        before = sketch(lora_modules(start, self.scaling), self.k, SIGNATURE_SEED)
-        after = sketch(lora_modules(end, self.scaling), self.k, SIGNATURE_SEED)
-        step = (after - before).double()
+        step = sketch_change(
+            lora_modules(start, self.scaling),
+            lora_modules(end, self.scaling),
+            self.k,
+            SIGNATURE_SEED,
+        )
         self.total = step if self.total is None else self.total + step
         self.rounds += 1
 
@@ -99,30 +109,6 @@ def read_assignment(raw: Mapping[bytes, object], coordinator_key: str) -> Cluste
             except ValidationError:
                 return None
     return None
-
-
-def stable_ids(labels: Mapping[str, int], previous: Mapping[str, int]) -> dict[str, int]:
-    """Rename clusters to the previous id they share most members with (greedy, deterministic)."""
-    groups: dict[int, list[str]] = {}
-    for peer, label in sorted(labels.items()):
-        groups.setdefault(label, []).append(peer)
-    taken: set[int] = set()
-    rename: dict[int, int] = {}
-    by_size = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))
-    for label, members in by_size:
-        votes: dict[int, int] = {}
-        for peer in members:
-            old = previous.get(peer)
-            if old is not None and old not in taken:
-                votes[old] = votes.get(old, 0) + 1
-        if votes:
-            rename[label] = min(votes, key=lambda c: (-votes[c], c))
-            taken.add(rename[label])
-    fresh = (c for c in range(10_000) if c not in taken and c not in previous.values())
-    for label, _ in by_size:
-        if label not in rename:
-            rename[label] = next(fresh)
-    return {peer: rename[label] for peer, label in labels.items()}
 
 
 def cluster_signatures(

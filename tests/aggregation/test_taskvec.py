@@ -15,6 +15,8 @@ from aggregation.taskvec import (
     cosine_matrix,
     factor_inner,
     sketch,
+    sketch_change,
+    stable_ids,
 )
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -182,3 +184,30 @@ def test_adjusted_rand_index_reference_values() -> None:
     tol = 64 * EPS64  # a few float64 operations on pair counts of at most C(4, 2) = 6
     assert adjusted_rand_index([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(4 / 7, abs=tol)
     assert adjusted_rand_index([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(-0.5, abs=tol)
+
+
+def test_sketch_change_is_the_sketch_of_the_dense_difference() -> None:
+    # independent path: the exact adapter for dW_after - dW_before stacks the factors
+    # [B_after, -B_before] [A_after; A_before] (rank r_after + r_before)
+    before, after = _adapter(1), _adapter(2)
+    stacked = {
+        m: LoraFactors(
+            torch.cat([after[m].A * after[m].scaling, before[m].A * before[m].scaling]),
+            torch.cat([after[m].B, -before[m].B], dim=1),
+            1.0,
+        )
+        for m in before
+    }
+    change = sketch_change(before, after, k=6, seed=3)
+    reference = sketch(stacked, k=6, seed=3).double()
+    # fp32 sketches of O(1) entries: a few hundred eps32 of the largest entry
+    atol = 512 * EPS32 * float(reference.abs().max())
+    torch.testing.assert_close(change, reference, rtol=0, atol=atol)
+    assert change.dtype == torch.float64
+
+
+def test_stable_ids_keep_cluster_numbers_across_versions() -> None:
+    previous = {"a": 5, "b": 5, "c": 9, "d": 9}
+    relabeled = stable_ids({"a": 0, "b": 0, "c": 1, "d": 1, "e": 2}, previous)
+    assert relabeled == {"a": 5, "b": 5, "c": 9, "d": 9, "e": 0}
+    assert stable_ids({"a": 1, "b": 0}, {}) == {"a": 0, "b": 1}  # fresh ids by first member

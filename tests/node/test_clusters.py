@@ -13,7 +13,6 @@ from node.clusters import (
     lora_modules,
     merge_bundles,
     read_assignment,
-    stable_ids,
     verified_signatures,
 )
 from node.config import ClusteringSettings
@@ -86,13 +85,6 @@ def test_assignment_is_only_taken_from_the_coordinator_key() -> None:
     found = read_assignment({b"[owner:coord]": record}, "[owner:coord]")
     assert found is not None and found.version == 2
     assert read_assignment({b"[owner:coord]": {"version": 0}}, "[owner:coord]") is None
-
-
-def test_stable_ids_keep_cluster_numbers_across_versions() -> None:
-    previous = {"a": 5, "b": 5, "c": 9, "d": 9}
-    relabeled = stable_ids({"a": 0, "b": 0, "c": 1, "d": 1, "e": 2}, previous)
-    assert relabeled == {"a": 5, "b": 5, "c": 9, "d": 9, "e": 0}
-    assert stable_ids({"a": 1, "b": 0}, {}) == {"a": 0, "b": 1}  # fresh ids by first member
 
 
 def _planted_signatures(per_task: int, tasks: int, seed: int = 0) -> tuple[dict, list[int]]:
