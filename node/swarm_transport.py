@@ -36,11 +36,13 @@ class HivemindTransport:
         self.cluster = -1  # clustered runs: only members of this cluster count for state sync
 
     def switch_group(self, prefix: str, cluster: int) -> None:
-        """Average under `prefix` from the next round on, and say so in our record."""
+        """Average under `prefix` from the next round on, and say so in our record. The state
+        we announced belongs to the group we left: it is withdrawn (empty digest) until we
+        announce one of the new group, so that our old round cannot outvote its members."""
         previous, self.averager = self.averager, self.make_averager(prefix)
         previous.shutdown()
         self.cluster = cluster
-        self.record = self.record.model_copy(update={"cluster": cluster})
+        self.update_record(cluster=cluster, digest="")
         self.node.set_record(self.record)
 
     def update_record(self, **fields: Any) -> None:

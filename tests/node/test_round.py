@@ -12,7 +12,8 @@ from node.build import LocalModel, build_local_model
 from node.checkpoint import Checkpoint
 from node.config import RunConfig, parse_config
 from node.peer import Peer
-from node.round import RoundReport, group_context, select_contributions
+from node.round import RoundReport, group_context, run_round, select_contributions
+from node.state import GroupState
 from node.transport import GroupResult, InMemoryHub, InMemoryTransport, MemberMeta, consensus
 
 CONFIG = parse_config(
@@ -109,6 +110,28 @@ def test_a_contribution_one_member_misses_makes_it_diverge_visibly_then_resync()
     assert sum(len(p.resynced_to) for p in peers) == 1  # p0 adopts the majority's state
     final = [r for r in reports if r.round == 2]
     assert sum(r.resyncs for r in final) == 1 and sum(r.exclusions for r in final) == 1
+
+
+def test_a_stale_member_is_kept_out_and_does_not_void_the_round() -> None:
+    # p2 holds an old state of another round (like a peer that was SIGSTOPped): it must form
+    # its own group, not join (and void) the round of the two healthy members.
+    hub = InMemoryHub(expected=2, timeout=1.5)
+    reports: list[RoundReport] = []
+    peers = [_peer(hub, f"p{i}", _local(t, i), reports=reports) for i, t in enumerate(TASKS)]
+    _run_all(peers[:2], [1, 1])
+    hub.expected = 3
+    fresh = peers[2].initial_state()
+    stale = GroupState(0, {k: v + 0.01 for k, v in fresh.params.items()})
+    threads = [threading.Thread(target=peers[i].run, args=(1, 0.0)) for i in range(2)]
+    for t in threads:
+        t.start()
+    _, stale_report = run_round(stale, peers[2].trainer, peers[2].transport, CONFIG)
+    for t in threads:
+        t.join(timeout=120)
+    healthy = [r for r in reports if r.round == 1]
+    assert len(healthy) == 2 and all(r.outcome == "averaged" for r in healthy)
+    assert all(r.members == ("p0", "p1") and r.excluded == () for r in healthy)
+    assert stale_report.outcome == "no-group" and stale_report.group_size == 1
 
 
 def test_group_continues_without_a_member_that_left() -> None:
@@ -220,3 +243,38 @@ def test_group_context_uses_the_largest_population_any_member_knew() -> None:
     context = group_context(members)
     assert (context.participants, context.population) == (2, 12)
     assert group_context(members[:1]).participants == 1
+
+
+class _MovesOnce:
+    """RoundHooks of a peer that joins another group before its first round."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def before_round(self, state: GroupState) -> bool:
+        self.calls += 1
+        return self.calls == 1
+
+
+def test_a_mover_adopts_its_destination_state_even_from_a_lower_round() -> None:
+    hub = InMemoryHub(expected=2, timeout=1.5)
+    residents = [_peer(hub, f"p{i}", _local(t, i)) for i, t in enumerate(TASKS[:2])]
+    _run_all(residents, [2, 2])  # the destination group is at round 2
+    mover_local = _local("code", 2)
+    # the mover comes from a group that is further along (round 5, other parameters)
+    ahead = GroupState(5, {k: v + 0.05 for k, v in mover_local.trainer.get_params().items()})
+    mover = Peer(mover_local.trainer, InMemoryTransport(hub, "p2"), CONFIG, hooks=_MovesOnce())
+    hub.expected = 3
+    results: list = [None, None, None]
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, residents[i].run(1, 2.0)))
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    state, report = mover.one_round(ahead)
+    for t in threads:
+        t.join(timeout=120)
+    assert mover.resynced_to == [2] and report.resynced and report.outcome == "averaged"
+    assert report.members == ("p0", "p1", "p2")
+    assert state.round == 3 and state.digest() == results[0].digest() == results[1].digest()
