@@ -45,7 +45,7 @@ def test_volunteers_find_their_task_clusters_and_the_merge_is_served(tmp_path: P
             json.loads(x) for x in (tmp_path / "v0" / "metrics.jsonl").read_text().splitlines()
         ]
         assert (
-            reports[-1]["verified"] and reports[-1]["group_size"] == 2
+            reports[-1]["outcome"] == "averaged" and reports[-1]["group_size"] == 2
         )  # averaging in its cluster
         assert "clusters v1" in swarm.log("coord") and "into `merged`" in swarm.log("coord")
 
@@ -118,7 +118,7 @@ def test_late_volunteer_is_placed_and_clusters_outlive_the_coordinator(tmp_path:
         after = [
             json.loads(x) for x in (tmp_path / "v0" / "metrics.jsonl").read_text().splitlines()
         ][done:]
-        assert any(r["verified"] and r["group_size"] == 2 for r in after), after
+        assert any(r["outcome"] == "averaged" and r["group_size"] == 2 for r in after), after
         for name in ("v0", "v1", "v2", "v3", "late"):
             os.killpg(swarm.procs[name].pid, signal.SIGINT)
         assert [swarm.wait(n, 60) for n in ("v0", "v1", "v2", "v3", "late")] == [0] * 5
