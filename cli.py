@@ -224,11 +224,14 @@ def dispatch(args: argparse.Namespace) -> int:
         import torch
 
         from node.config import load_sim_config
-        from node.simulate import simulate
+        from node.simulate import simulate, summary_lines
 
         torch.set_num_threads(max(args.threads, 1))
         config = load_sim_config(args.config)
-        simulate(config, args.out, args.config.stem, progress=logging.getLogger("sim").info)
+        curves = simulate(
+            config, args.out, args.config.stem, progress=logging.getLogger("sim").info
+        )
+        print("\n".join(summary_lines(curves)))
         print(f"wrote {args.out}/rounds.csv, summary.json and eval_loss.png")
         return 0
     from node.basemodel import export_base

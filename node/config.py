@@ -92,6 +92,11 @@ class OuterSettings(_Strict):
             return self.momentum
         return _DEFAULT_MOMENTUM.get(self.name, 0.9)
 
+    def label(self) -> str:
+        """A short name for plots and tables, e.g. `nesterov lr 0.7` or `ghbm lr 1 tau 3`."""
+        text = f"{self.name} lr {self.effective_lr:g}"
+        return text + (f" tau {self.tau}" if self.name.startswith("ghbm") else "")
+
     def hyperparameters(self) -> dict[str, float | int | str]:
         """Keyword arguments for aggregation.outer.make_outer."""
         lr, mu = self.effective_lr, self.effective_momentum
@@ -209,6 +214,19 @@ class SimConfig(_Strict):
     eval_batches: int = Field(2, ge=1, le=1000)
     keep_inner_state: bool = False
     target_loss: float | None = Field(None, gt=0)
+    # outer optimizers to run side by side on the same clients and seeds (default: run.outer)
+    compare: list[OuterSettings] = Field(default_factory=list, max_length=16)
+
+    def variants(self) -> dict[str, SimConfig]:
+        """label -> this config with one outer optimizer (just itself when compare is empty)."""
+        if not self.compare:
+            return {self.run.outer.label(): self}
+        return {
+            outer.label(): self.model_copy(
+                update={"run": self.run.model_copy(update={"outer": outer}), "compare": []}
+            )
+            for outer in self.compare
+        }
 
 
 def load_sim_config(path: str | Path) -> SimConfig:

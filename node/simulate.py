@@ -195,11 +195,21 @@ class Simulation:
         return result
 
 
-def write_outputs(results: list[SimResult], out: Path, title: str) -> list[Path]:
-    """rounds.csv (every seed's rows), summary.json, and eval_loss.png; returns the paths."""
+def write_outputs(curves: dict[str, list[SimResult]], out: Path, title: str) -> list[Path]:
+    """rounds.csv (every method's and seed's rows), summary.json, and eval_loss.png (one curve
+    per method); returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = [{"seed": r.seed, **row} for r in results for row in r.rows]
-    columns = sorted({k for row in rows for k in row}, key=lambda k: (k != "seed", k != "round", k))
+    rows = [
+        {"method": label, "seed": r.seed, **row}
+        for label, results in curves.items()
+        for r in results
+        for row in r.rows
+    ]
+    first = ("method", "seed", "round")
+    columns = sorted(
+        {k for row in rows for k in row},
+        key=lambda k: (k not in first, first.index(k) if k in first else 0, k),
+    )
     csv_path = out / "rounds.csv"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -207,16 +217,21 @@ def write_outputs(results: list[SimResult], out: Path, title: str) -> list[Path]
         writer.writerows(rows)
     summary = {
         "title": title,
-        "seeds": [r.seed for r in results],
-        "final_eval_loss": [r.rows[-1]["eval_loss"] for r in results],
-        "seconds": [round(r.seconds, 1) for r in results],
-        "outcomes": {str(r.seed): r.outcomes for r in results},
-        "rows": {str(r.seed): r.rows for r in results},
+        "methods": {
+            label: {
+                "seeds": [r.seed for r in results],
+                "final_eval_loss": [r.rows[-1]["eval_loss"] for r in results],
+                "seconds": [round(r.seconds, 1) for r in results],
+                "outcomes": {str(r.seed): r.outcomes for r in results},
+                "rows": {str(r.seed): r.rows for r in results},
+            }
+            for label, results in curves.items()
+        },
     }
     json_path = out / "summary.json"
     json_path.write_text(json.dumps(summary, indent=1, allow_nan=True))
     png_path = out / "eval_loss.png"
-    plot_curves({title: results}, png_path)
+    plot_curves(curves, png_path)
     return [csv_path, json_path, png_path]
 
 
@@ -246,10 +261,25 @@ def plot_curves(curves: dict[str, list[SimResult]], path: Path, ylabel: str = "e
     plt.close(fig)
 
 
+def summary_lines(curves: dict[str, list[SimResult]]) -> list[str]:
+    """One line per method: eval loss at the start and at the end (mean over seeds)."""
+    lines = []
+    for label, results in curves.items():
+        start = sum(r.rows[0]["eval_loss"] for r in results) / len(results)
+        end = sum(r.rows[-1]["eval_loss"] for r in results) / len(results)
+        rounds = int(results[0].rows[-1]["round"])
+        lines.append(f"{label:<28} eval loss {start:.4f} -> {end:.4f} after {rounds} rounds")
+    return lines
+
+
 def simulate(
     config: SimConfig, out: Path, title: str, progress: Callable[[str], None] | None = None
-) -> list[SimResult]:
-    """Run every seed, write outputs, return the results."""
-    results = [Simulation(config, seed).run(progress) for seed in config.seeds]
-    write_outputs(results, out, title)
-    return results
+) -> dict[str, list[SimResult]]:
+    """Run every method (config.compare, or run.outer) on every seed, write outputs, return
+    the results by method label."""
+    curves: dict[str, list[SimResult]] = {}
+    for label, variant in config.variants().items():
+        tell = (lambda line, label=label: progress(f"{label}: {line}")) if progress else None
+        curves[label] = [Simulation(variant, seed).run(tell) for seed in variant.seeds]
+    write_outputs(curves, out, title)
+    return curves

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -84,11 +86,18 @@ def test_simulator_uses_per_client_momentum_for_fedhbm() -> None:
 
 
 def test_outputs_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    results = simulate(_config(rounds=2, seeds=[0, 1]), tmp_path / "api", "test")
-    assert [r.seed for r in results] == [0, 1]
+    compared = _config(
+        rounds=2, seeds=[0, 1], compare=[{"name": "fedavg"}, {"name": "nesterov", "lr": 0.5}]
+    )
+    curves = simulate(compared, tmp_path / "api", "test")
+    assert list(curves) == ["fedavg lr 1", "nesterov lr 0.5"]
+    assert all([r.seed for r in results] == [0, 1] for results in curves.values())
+    # same clients and seeds: both methods start from the same round-0 evaluation
+    starts = {label: results[0].rows[0]["eval_loss"] for label, results in curves.items()}
+    assert len(set(starts.values())) == 1
     csv_lines = (tmp_path / "api" / "rounds.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("seed,round,") and "loss_dates" in csv_lines[0]
-    assert len(csv_lines) == 1 + 2 * 3
+    assert csv_lines[0].startswith("method,seed,round,") and "loss_dates" in csv_lines[0]
+    assert len(csv_lines) == 1 + 2 * 2 * 3
     assert (tmp_path / "api" / "eval_loss.png").read_bytes()[:4] == b"\x89PNG"
 
     config = tmp_path / "sim.yaml"
@@ -97,8 +106,43 @@ def test_outputs_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         "clients: 4\nparticipation: 0.5\nrounds: 2\ntexts_per_client: 20\neval_batches: 1\n"
     )
     assert main(["simulate", "--config", str(config), "--out", str(tmp_path / "cli")]) == 0
-    assert "rounds.csv" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rounds.csv" in out and "fedavgm lr 1: " not in out and "eval loss" in out
     assert (tmp_path / "cli" / "summary.json").exists()
     config.write_text("clients: 0\n")
     assert main(["simulate", "--config", str(config), "--out", str(tmp_path / "bad")]) == 2
     assert "clients" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+GOLDEN = Path(__file__).parent / "golden" / "sim_short.json"
+GOLDEN_CONFIG = {
+    "run": {
+        "inner": {"steps": 3, "batch_size": 2, "seq_len": 16},
+        "outer": {"name": "ghbm", "tau": 2},
+    },
+    "clients": 4,
+    "participation": 0.5,
+    "rounds": 4,
+    "texts_per_client": 20,
+    "eval_batches": 1,
+}
+
+
+def test_a_short_seeded_run_matches_its_stored_losses() -> None:
+    """Any numerical change to the inner loop, aggregation or outer step shows up here.
+
+    Regenerate after an intended change with SWARMTUNE_REGEN_GOLDEN=1 (and say why in the
+    commit). Tolerance: the run is deterministic on one machine; on another CPU, fp32 matmul
+    kernels may sum in another order (~1e-7 relative per op), which 12 AdamW steps amplify to
+    well under 1e-5 on losses of order 1; a real change moves them by far more than 1e-4.
+    """
+    rows = Simulation(SimConfig.model_validate(GOLDEN_CONFIG), 0).run().rows
+    losses = [[row["round"], row["eval_loss"], row.get("train_loss")] for row in rows]
+    if os.environ.get("SWARMTUNE_REGEN_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"config": GOLDEN_CONFIG, "rows": losses}, indent=1))
+    stored = json.loads(GOLDEN.read_text())
+    assert stored["config"] == GOLDEN_CONFIG
+    assert [r[0] for r in stored["rows"]] == [r[0] for r in losses]
+    for (_, ev, tr), (_, ev_ref, tr_ref) in zip(losses, stored["rows"], strict=True):
+        assert abs(ev - ev_ref) <= 1e-4
+        assert (tr is None) == (tr_ref is None) and (tr is None or abs(tr - tr_ref) <= 1e-4)
