@@ -168,7 +168,7 @@ def _setup_logging(verbose: bool) -> None:
 def dispatch(args: argparse.Namespace) -> int:
     """Run one subcommand."""
     if args.command == "bootstrap":
-        from node.coordinator import BootstrapOptions, bootstrap
+        from node.roles.coordinator import BootstrapOptions, bootstrap
 
         return bootstrap(
             BootstrapOptions(args.config, args.workdir, args.host, args.port, args.addr_file)
@@ -176,7 +176,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "join":
         import torch
 
-        from node.volunteer import JoinOptions, join
+        from node.roles.volunteer import JoinOptions, join
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -194,17 +194,17 @@ def dispatch(args: argparse.Namespace) -> int:
             )
         )
     if args.command == "pull":
-        from node.consumer import pull
+        from node.roles.consumer import pull
 
         if args.out is None and not args.list:
             raise SystemExit("swarmtune pull: error: --out is required (or --list)")
         return pull(args.initial_peers, args.out, args.adapter, args.list)
     if args.command == "status":
-        from node.consumer import status
+        from node.roles.consumer import status
 
         return status(args.initial_peers)
     if args.command == "demo":
-        from node.demo import DemoOptions, run_demo
+        from node.roles.demo import DemoOptions, run_demo
 
         peers = args.peers or (8 if args.clustered else 3)
         rounds = args.rounds or (8 if args.clustered else 6)
@@ -212,7 +212,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return run_demo(demo)
     if args.command == "merge":
         from aggregation.merge import MergeOptions
-        from node.merge import merge_dirs
+        from node.adapters.merge import merge_dirs
 
         _check_merge_args(args)
         options = MergeOptions(args.density, args.drop, args.seed, args.scale)
@@ -224,7 +224,7 @@ def dispatch(args: argparse.Namespace) -> int:
         import torch
 
         from node.config import load_sim_config
-        from node.simulate import simulate, summary_lines
+        from node.roles.simulate import simulate, summary_lines
 
         torch.set_num_threads(max(args.threads, 1))
         config = load_sim_config(args.config)
@@ -234,14 +234,14 @@ def dispatch(args: argparse.Namespace) -> int:
         print("\n".join(summary_lines(curves)))
         print(f"wrote {args.out}/rounds.csv, summary.json and eval_loss.png")
         return 0
-    from node.basemodel import export_base
+    from node.local.basemodel import export_base
 
     print(f"exported the embedded base model to {export_base(args.out)}")
     return 0
 
 
 def _check_merge_args(args: argparse.Namespace) -> None:
-    from node.adapter import AdapterError
+    from node.adapters.adapter import AdapterError
 
     if not 0 < args.density <= 1 or not 0 <= args.drop < 1:
         raise AdapterError("--density must be in (0, 1] and --drop in [0, 1)")

@@ -1,6 +1,6 @@
 """GHBM benchmark: outer optimizers under partial participation and heterogeneity (issue 3).
 
-Runs the grid in bench/ghbm_grid.yaml through `node.simulate` (the daemon's round code on the
+Runs the grid in bench/ghbm_grid.yaml through `node.roles.simulate` (the daemon's round code on the
 in-memory transport), in parallel worker processes, and writes bench/out/ghbm/results.json (every curve),
 bench/ghbm.png (curves and the tau sweep) and the `ghbm` section of bench/RESULTS.md.
 
@@ -57,7 +57,7 @@ def run_job(config: dict) -> tuple[list[dict], float]:
     """One seed of one config in a worker process (1 torch thread)."""
     import torch
 
-    from node.simulate import Simulation
+    from node.roles.simulate import Simulation
 
     torch.set_num_threads(1)
     sim_config = SimConfig.model_validate(config)

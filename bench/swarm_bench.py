@@ -22,10 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
 
-from node.build import build_local_model  # noqa: E402
 from node.config import RunConfig, parse_config  # noqa: E402
-from node.data import BUILTIN_TASKS  # noqa: E402
-from node.demo import Processes, start_swarm  # noqa: E402
+from node.local.build import build_local_model  # noqa: E402
+from node.local.data import BUILTIN_TASKS  # noqa: E402
+from node.roles.demo import Processes, start_swarm  # noqa: E402
 
 STAGES = ("inner_s", "matchmaking_s", "transfer_s", "outer_s", "checkpoint_s")
 

@@ -1,10 +1,10 @@
 """Errors that mean bad input, not a bug: the CLI prints them as one line."""
 
-from node.adapter import AdapterError
-from node.basemodel import BaseModelError
+from node.adapters.adapter import AdapterError
 from node.config import ConfigError
-from node.data import DataError
-from node.state import StateError
+from node.engine.state import StateError
+from node.local.basemodel import BaseModelError
+from node.local.data import DataError
 from protocols.swarm import SwarmError
 from protocols.transfer import TransferError
 

@@ -46,7 +46,7 @@ def test_export_base_refuses_non_empty_dir(
 def test_clustered_demo_puts_two_volunteers_on_each_of_four_tasks() -> None:
     from collections import Counter
 
-    from node.demo import DemoOptions
+    from node.roles.demo import DemoOptions
 
     tasks = [DemoOptions(clustered=True).task_of(i) for i in range(8)]
     assert sorted(Counter(tasks).values()) == [2, 2, 2, 2]
@@ -58,13 +58,12 @@ JOIN = ["join", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmSomething"]
 
 def _no_network(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
     """Make starting a DHT peer in `join` raise `error` instead of touching the network."""
-    import node.volunteer
+    import node.roles.volunteer
 
     def refuse(**_: object) -> None:
         raise error
 
-    monkeypatch.setattr(node.volunteer, "SwarmNode", refuse)
-    monkeypatch.setattr(node.volunteer.lifeline, "install", lambda: None)  # keep pytest's forks
+    monkeypatch.setattr(node.roles.volunteer, "SwarmNode", refuse)
 
 
 @pytest.mark.parametrize("broken", ["missing", "no-weights", "bad-config", "no-tokenizer"])
@@ -74,7 +73,7 @@ def test_join_refuses_a_model_dir_that_is_not_a_model_before_any_network(
     capsys: pytest.CaptureFixture[str],
     broken: str,
 ) -> None:
-    from node.basemodel import export_base
+    from node.local.basemodel import export_base
 
     _no_network(monkeypatch, AssertionError("join started a DHT peer before checking --model"))
     model = tmp_path / "not-a-model"
@@ -98,7 +97,7 @@ def test_join_refuses_a_model_dir_that_is_not_a_model_before_any_network(
 def test_join_accepts_a_real_model_dir_up_to_the_network(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from node.basemodel import export_base
+    from node.local.basemodel import export_base
     from protocols.swarm import SwarmError
 
     _no_network(monkeypatch, SwarmError("network reached"))

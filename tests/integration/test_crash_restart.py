@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from swarm_harness import ROOT, Swarm  # noqa: E402
 
-from node.state import decode_state  # noqa: E402
+from node.engine.state import decode_state  # noqa: E402
 
 INNER_STEPS = 10  # swarm_harness.FAST_CONFIG
 GONE_WITHIN_S = 15.0  # torch_shm_manager exits 2 s after its last client hung up

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from aggregation.params import weighted_mean
-from node.round import select_contributions
-from node.swarm_transport import HivemindTransport
-from node.transport import AveragingFailed, GroupResult, MemberMeta
+from node.engine.round import select_contributions
+from node.engine.swarm_transport import HivemindTransport
+from node.engine.transport import AveragingFailed, GroupResult, MemberMeta
 from protocols.averaging import GroupAverager
 from protocols.records import PeerRecord
 from protocols.swarm import SwarmNode

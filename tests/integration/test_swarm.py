@@ -19,9 +19,9 @@ from swarm_harness import (  # noqa: E402
     load_with_plain_peft,
 )
 
-from node.build import build_local_model  # noqa: E402
 from node.config import load_config  # noqa: E402
-from node.state import decode_state  # noqa: E402
+from node.engine.state import decode_state  # noqa: E402
+from node.local.build import build_local_model  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 TASKS = ("arithmetic", "dates", "code")

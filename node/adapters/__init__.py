@@ -1,0 +1,1 @@
+"""PEFT adapter directories: writing them, reading and merging them, choosing offers."""

@@ -1,0 +1,1 @@
+"""The round engine: one round, a peer across rounds, group state, transports, checkpoints."""

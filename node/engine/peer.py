@@ -1,0 +1,211 @@
+"""A volunteer's life across rounds, independent of the transport: resume, sync, train, save.
+
+Every round that did not apply a verified group average is counted (no group, rejected
+result), and so is every state adopted from others (resync); the counts travel in each
+RoundReport, so a broken averager cannot hide behind the next round's resync.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from aggregation.ghbm import make_peer_momentum
+from node.config import RunConfig
+from node.engine.checkpoint import Checkpoint
+from node.engine.round import RoundReport, run_round
+from node.engine.state import GroupState, StateError, check_params
+from node.engine.transport import StateUnavailable, Transport, consensus
+from node.local.trainer import InnerTrainer, RoundAbandoned
+
+log = logging.getLogger("swarmtune.peer")
+
+
+class RoundHooks(Protocol):
+    """Wiring that runs at every round boundary (a clustered run's group moves)."""
+
+    def before_round(self, state: GroupState) -> bool:
+        """Called before each round's sync; True when this peer just changed group."""
+        ...
+
+
+@dataclass
+class RoundCounts:
+    """Running totals of rounds that did not go as planned, for reports and status."""
+
+    fallbacks: int = 0  # no group formed, or the all-reduce broke: local update applied
+    rejections: int = 0  # a group left nothing usable to aggregate: local update applied
+    exclusions: int = 0  # group members' contributions left out (stale, lost, malformed)
+    resyncs: int = 0  # adopted another member's state
+
+
+class Peer:
+    """Drives rounds for one volunteer; the simulator's tests and the daemon both use it."""
+
+    def __init__(
+        self,
+        trainer: InnerTrainer,
+        transport: Transport,
+        config: RunConfig,
+        checkpoint: Checkpoint | None = None,
+        on_report: Callable[[RoundReport], None] | None = None,
+        evaluate: Callable[[], float] | None = None,
+        hooks: RoundHooks | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.trainer = trainer
+        self.transport = transport
+        self.config = config
+        self.checkpoint = checkpoint
+        self.on_report = on_report or (lambda report: None)
+        self.evaluate = evaluate
+        self.hooks = hooks
+        self.stop = stop if stop is not None else threading.Event()
+        self.shapes = {k: v.shape for k, v in trainer.get_params().items()}
+        self.resumed_from: int | None = None
+        self.resynced_to: list[int] = []
+        self.counts = RoundCounts()
+        outer = config.outer
+        self.momentum = make_peer_momentum(outer.name, outer.effective_momentum, outer.tau)
+
+    def initial_state(self) -> GroupState:
+        """The checkpoint if there is one, else round 0 from the seeded LoRA init."""
+        if self.checkpoint is not None:
+            loaded = self.checkpoint.load(self.shapes)
+            if loaded is not None:
+                state, local = loaded
+                if local is not None:
+                    self.load_local(local)
+                self.resumed_from = state.round
+                log.info("resumed from checkpoint at round %d", state.round)
+                return state
+        return GroupState(0, self.trainer.get_params(), {})
+
+    def load_local(self, local: dict) -> None:
+        """This peer's own state (AdamW moments, data position, momentum anchors); one that
+        does not fit (e.g. another data set behind the same work dir) is dropped with a
+        warning, keeping fresh moments, instead of crashing on every restart."""
+        try:
+            self.trainer.load_state_dict(local)
+            if self.momentum is not None and "momentum" in local:
+                self.momentum.load_state_dict(local["momentum"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.warning("local.pt does not fit this peer (%s); starting with fresh moments", exc)
+            self.trainer.reset_optimizer()
+
+    def sync(self, state: GroupState, adopt: bool = False) -> GroupState:
+        """Adopt the swarm's consensus state when it is ahead of, or differs from, ours.
+
+        With `adopt` (we just joined another group) our own announcement does not vote: the
+        group's state wins whatever its round, unless nobody else has announced one."""
+        ref = consensus(
+            self.transport.announcements(), exclude=self.transport.peer if adopt else None
+        )
+        if ref is None or (ref.round < state.round and not adopt):
+            return state
+        if ref.round == state.round and ref.digest == state.digest():
+            return state
+        try:
+            fetched = self.transport.fetch_state(ref)
+            check_params(fetched.params, self.shapes)
+        except (StateError, StateUnavailable) as exc:
+            log.warning("could not fetch round %d state (%s); keeping ours", ref.round, exc)
+            return state
+        if fetched.digest() != ref.digest:
+            log.warning("fetched state does not match its announced digest; keeping ours")
+            return state
+        log.info("synced to the group's state at round %d (was at %d)", fetched.round, state.round)
+        self.resynced_to.append(fetched.round)
+        self.counts.resyncs += 1
+        return fetched
+
+    def run(self, rounds: int, settle_s: float = 0.0) -> GroupState:
+        """Run `rounds` rounds (or until stop is set), checkpointing and announcing each."""
+        state = self.sync(self.initial_state())
+        self.trainer.set_params(state.params)
+        self.transport.announce_state(state)
+        members: tuple[str, ...] = ()
+        for _ in range(rounds):
+            if self.stop.is_set():
+                break
+            try:
+                state, report = self.one_round(state)
+            except RoundAbandoned as exc:
+                log.info(
+                    "abandoned round %d (%s); last checkpoint is round %d",
+                    state.round + 1,
+                    exc,
+                    state.round,
+                )
+                self.trainer.set_params(state.params)
+                break
+            members = report.members + report.excluded
+            if members:
+                # let the group announce before the next sync picks a consensus, so a member
+                # that diverged this round is resynced before the next one, not after it
+                self.await_members(state.round, members, self.config.averaging.matchmaking_time)
+        if members:
+            self.await_members(state.round, members, settle_s)
+        return self.finish(state)
+
+    def one_round(self, state: GroupState) -> tuple[GroupState, RoundReport]:
+        """Sync, train, aggregate, then save, report and announce (in that order, so that what
+        others read about this peer is never a round behind its state)."""
+        started = time.perf_counter()
+        resyncs = self.counts.resyncs
+        moved = self.hooks.before_round(state) if self.hooks is not None else False
+        state = self.sync(state, adopt=moved)
+        known = max(len(self.transport.announcements()), 1)
+        state, report = run_round(
+            state, self.trainer, self.transport, self.config, self.momentum, known
+        )
+        self.counts.fallbacks += report.outcome == "no-group"
+        self.counts.rejections += report.outcome == "rejected"
+        self.counts.exclusions += len(report.excluded)
+        checkpoint_s = self.save(state)
+        eval_loss = self.evaluate() if self.evaluate is not None else None
+        report = replace(
+            report,
+            checkpoint_s=checkpoint_s,
+            eval_loss=eval_loss,
+            wall_s=time.perf_counter() - started,
+            resynced=self.counts.resyncs > resyncs,
+            fallbacks=self.counts.fallbacks,
+            rejections=self.counts.rejections,
+            exclusions=self.counts.exclusions,
+            resyncs=self.counts.resyncs,
+        )
+        self.on_report(report)
+        self.transport.announce_state(state)
+        return state, report
+
+    def await_members(self, round_: int, members: tuple[str, ...], timeout: float) -> None:
+        """Wait (bounded) until every listed member has announced a state of at least round_."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop.is_set():
+            seen = self.transport.announcements()
+            if all(seen.get(peer, (-1, ""))[0] >= round_ for peer in members):
+                return
+            time.sleep(0.1)
+
+    def save(self, state: GroupState) -> float:
+        """Checkpoint if this peer has a work dir; returns seconds."""
+        if self.checkpoint is None:
+            return 0.0
+        local = self.trainer.state_dict()
+        if self.momentum is not None:
+            local["momentum"] = self.momentum.state_dict()
+        return self.checkpoint.save(state, local)
+
+    def finish(self, state: GroupState) -> GroupState:
+        """Adopt the consensus of our final round, so the group ends on one adapter."""
+        synced = self.sync(state)
+        if synced is not state:
+            self.save(synced)
+            self.transport.announce_state(synced)
+            self.trainer.set_params(synced.params)
+        return synced

@@ -1,0 +1,264 @@
+"""One DiLoCo round (docs/design.md, "The round"), the same code for the simulator and the daemon.
+
+1. start from the group's theta^{t-1}; 2. H inner AdamW steps; 3. Delta_i = theta^{t-1} - theta_i;
+4. the transport all-gathers the group's Delta_i; every member takes the token-weighted mean of
+the same contributions in the same order (float64 accumulation), so all end bit-identical;
+5. outer step. Outer optimizers that act inside the inner loop (GHBM's local correction, the
+per-peer LocalGHBM/FedHBM momentum) get a hook after every inner step.
+
+`conclude_round` is steps 4-5 once the transport has answered: the daemon's transport is
+hivemind matchmaking plus a blob all-gather, the simulator's is in-process; everything after
+that is this one function. A contribution from another round or start state, or one that did
+not arrive intact, is excluded and named in the report ("excluded"). A member that found no
+group ("no-group"), or whose group left it no usable contribution but its own ("rejected"),
+applies its own Delta; the next round's digest consensus resyncs whoever diverged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from aggregation.ghbm import PeerMomentum
+from aggregation.outer import OuterOptimizer, RoundContext, make_outer
+from aggregation.params import Params, pseudo_gradient, weighted_mean
+from node.config import RunConfig
+from node.engine.state import GroupState
+from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, Transport
+from node.local.trainer import InnerResult, InnerTrainer
+
+log = logging.getLogger("swarmtune.round")
+Outcome = Literal["averaged", "no-group", "rejected"]
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one round did, for progress output, metrics and tests."""
+
+    round: int
+    loss_first: float
+    loss_mean: float
+    loss_last: float
+    tokens: int
+    group_size: int
+    outcome: Outcome
+    digest: str
+    bytes_sent: int
+    bytes_received: int
+    inner_s: float
+    matchmaking_s: float
+    transfer_s: float  # fetching the other members' contributions
+    outer_s: float
+    problem: str = ""  # why the round was not averaged
+    members: tuple[str, ...] = ()  # whose contributions were aggregated
+    excluded: tuple[str, ...] = ()  # group members whose contributions were left out
+    checkpoint_s: float = 0.0
+    wall_s: float = 0.0
+    eval_loss: float | None = None
+    tau: int | None = None
+    resynced: bool = False  # this peer adopted another state before the round
+    fallbacks: int = 0  # running totals of this peer: no-group rounds,
+    rejections: int = 0  # groups that left it nothing to aggregate,
+    exclusions: int = 0  # contributions left out,
+    resyncs: int = 0  # and states adopted from others
+
+    @property
+    def verified(self) -> bool:
+        """True when the group's verified average was applied."""
+        return self.outcome == "averaged"
+
+
+def select_contributions(
+    group: GroupResult, mine: MemberMeta
+) -> tuple[list[MemberMeta], dict[str, str]]:
+    """The members whose contributions enter the aggregate (sorted by peer id; this peer
+    included), and every other member with the reason it was left out."""
+    excluded = dict(group.missing)
+    chosen = []
+    for member in sorted(group.members, key=lambda m: m.peer):
+        if member.peer in excluded:
+            continue
+        if (member.round, member.start_digest) != (mine.round, mine.start_digest):
+            excluded[member.peer] = f"round {member.round} / another start state"
+        elif member.peer not in group.contributions:
+            excluded[member.peer] = "no contribution"
+        elif not member.weight > 0:
+            excluded[member.peer] = "zero weight"
+        else:
+            chosen.append(member)
+    return chosen, excluded
+
+
+@dataclass
+class LocalUpdate:
+    """One member's contribution to a round: its pseudo-gradient, metadata and inner stats."""
+
+    delta: Params
+    meta: MemberMeta
+    inner: InnerResult
+
+
+def load_outer(state: GroupState, config: RunConfig) -> OuterOptimizer:
+    """The configured outer optimizer with the group's saved state."""
+    outer = make_outer(config.outer.name, **config.outer.hyperparameters())
+    if state.outer_state:
+        outer.load_state_dict(state.outer_state)
+    return outer
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """What every member of a round derives from theta^{t-1}: its digest and the outer
+    optimizer's per-inner-step correction (GHBM's local form), computed once per round."""
+
+    digest: str
+    correction: Params | None
+
+
+def round_start(state: GroupState, config: RunConfig) -> RoundStart:
+    """Digest and shared inner-step correction of the round starting from `state`."""
+    correction = load_outer(state, config).inner_correction(state.params, config.inner.steps)
+    return RoundStart(state.digest(), correction)
+
+
+def _sum(a: Params | None, b: Params | None) -> Params | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return {k: a[k] + b[k] for k in a}
+
+
+def inner_phase(
+    state: GroupState,
+    start: RoundStart,
+    trainer: InnerTrainer,
+    peer: str,
+    config: RunConfig,
+    momentum: PeerMomentum | None = None,
+    known: int = 1,
+    observe: Callable[[Params, Params], None] | None = None,
+) -> LocalUpdate:
+    """Steps 1-3: H inner steps from theta^{t-1} (with any per-step momentum), then Delta_i."""
+    steps = config.inner.steps
+    fixed, per_iterate = start.correction, None
+    if momentum is not None:
+        momentum.begin_round(state.params, state.round)
+        if momentum.uses_iterate:
+            per_iterate = momentum
+        else:
+            fixed = _sum(fixed, momentum.correction(state.params, steps))
+
+    def after_step(_: int) -> None:
+        if fixed is not None:
+            trainer.shift_params(fixed)
+        own = per_iterate.correction(trainer.get_params(), steps) if per_iterate else None
+        if own is not None:
+            trainer.shift_params(own)
+
+    trainer.set_params(state.params)
+    hooked = fixed is not None or per_iterate is not None
+    inner = trainer.train_steps(steps, after_step if hooked else None)
+    final = trainer.get_params()
+    if observe is not None:  # e.g. the cluster bench's task signatures
+        observe(state.params, final)
+    if momentum is not None:
+        momentum.end_round(final, state.round)
+    delta = pseudo_gradient(state.params, final)
+    meta = MemberMeta(peer, state.round, start.digest, float(inner.tokens), known=known)
+    return LocalUpdate(delta, meta, inner)
+
+
+def outer_phase(
+    state: GroupState, aggregate: Params, context: RoundContext, config: RunConfig
+) -> tuple[GroupState, int | None]:
+    """Step 5: theta^t from the agreed aggregate; returns the new state and the GHBM tau used."""
+    outer = load_outer(state, config)
+    tau = getattr(outer, "tau", None)
+    new_params = outer.step(state.params, aggregate, context)
+    return GroupState(state.round + 1, new_params, outer.state_dict()), tau
+
+
+def group_context(members: list[MemberMeta]) -> RoundContext:
+    """Participation as the group agreed it: members, and the most peers any member knew of."""
+    if len(members) < 2:
+        return RoundContext(1, 1)
+    population = max(m.known for m in members)
+    return RoundContext(len(members), max(population, len(members)))
+
+
+def conclude_round(
+    state: GroupState,
+    update: LocalUpdate,
+    answer: GroupResult | AveragingFailed,
+    config: RunConfig,
+) -> tuple[GroupState, RoundReport]:
+    """Steps 4-5 after the transport answered: choose contributions, aggregate, outer step."""
+    mine = update.meta
+    group = answer if isinstance(answer, GroupResult) else None
+    chosen: list[MemberMeta] = []
+    excluded: dict[str, str] = {}
+    if group is None:
+        outcome: Outcome = "no-group"
+        problem = str(answer)
+        log.warning("round %d: no group (%s); applying the local update", mine.round + 1, problem)
+    else:
+        chosen, excluded = select_contributions(group, mine)
+        outcome, problem = "averaged", ""
+        if len(chosen) < 2 or mine.peer not in {m.peer for m in chosen}:
+            outcome, problem = "rejected", "no usable contribution from another member"
+            log.warning("round %d: %s; applying the local update", mine.round + 1, problem)
+        for peer, why in sorted(excluded.items()):
+            log.warning("round %d: excluded %s: %s", mine.round + 1, peer[-8:], why)
+    if outcome == "averaged" and group is not None:
+        aggregate = weighted_mean(
+            [group.contributions[m.peer] for m in chosen], [m.weight for m in chosen]
+        )
+    else:
+        chosen, aggregate = [], update.delta
+    started = time.perf_counter()
+    new_state, tau = outer_phase(state, aggregate, group_context(chosen), config)
+    inner = update.inner
+    report = RoundReport(
+        round=state.round,
+        loss_first=inner.loss_first,
+        loss_mean=inner.loss_mean,
+        loss_last=inner.loss_last,
+        tokens=inner.tokens,
+        group_size=max(len(chosen), 1),
+        outcome=outcome,
+        problem=problem,
+        members=tuple(m.peer for m in chosen),
+        excluded=tuple(sorted(excluded)),
+        digest=new_state.digest(),
+        bytes_sent=group.bytes_sent if group else 0,
+        bytes_received=group.bytes_received if group else 0,
+        inner_s=inner.seconds,
+        matchmaking_s=group.matchmaking_s if group else 0.0,
+        transfer_s=group.transfer_s if group else 0.0,
+        outer_s=time.perf_counter() - started,
+        tau=tau,
+    )
+    return new_state, report
+
+
+def run_round(
+    state: GroupState,
+    trainer: InnerTrainer,
+    transport: Transport,
+    config: RunConfig,
+    momentum: PeerMomentum | None = None,
+    known: int = 1,
+) -> tuple[GroupState, RoundReport]:
+    """Advance the group state by one DiLoCo round; inputs are not mutated."""
+    start = round_start(state, config)
+    update = inner_phase(state, start, trainer, transport.peer, config, momentum, known)
+    answer: GroupResult | AveragingFailed
+    try:
+        answer = transport.exchange(update.delta, update.meta)
+    except AveragingFailed as exc:
+        answer = exc
+    new_state, report = conclude_round(state, update, answer, config)
+    trainer.set_params(new_state.params)
+    return new_state, report

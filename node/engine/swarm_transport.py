@@ -1,0 +1,101 @@
+"""The hivemind Transport the round loop runs against: a SwarmNode plus a group averager."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aggregation.params import Params
+from node.engine.state import GroupState, StateError, decode_state, encode_state
+from node.engine.transport import (
+    AveragingFailed,
+    GroupResult,
+    MemberMeta,
+    StateRef,
+    StateUnavailable,
+)
+from protocols.averaging import AveragingError, GroupAverager
+from protocols.records import AdapterOffer, PeerRecord
+from protocols.swarm import SwarmNode
+from protocols.transfer import TransferError
+
+
+class HivemindTransport:
+    """Transport over a SwarmNode: group all-reduce, state announcements and state transfer."""
+
+    def __init__(
+        self,
+        node: SwarmNode,
+        make_averager: Callable[[str], GroupAverager],
+        prefix: str,
+        *,
+        role_record: PeerRecord,
+        offers: Callable[[GroupState], dict[str, AdapterOffer]] | None = None,
+    ) -> None:
+        self.node = node
+        self.make_averager = make_averager
+        self.averager = make_averager(prefix)
+        self.peer = node.peer_id
+        self.record = role_record
+        self.offers = offers
+        self.timeout = self.averager.matchmaking_time * 3
+        self.cluster = -1  # clustered runs: only members of this cluster count for state sync
+
+    def switch_group(self, prefix: str, cluster: int) -> None:
+        """Average under `prefix` from the next round on, and say so in our record. The state
+        we announced belongs to the group we left: it is withdrawn (empty digest) until we
+        announce one of the new group, so that our old round cannot outvote its members."""
+        previous, self.averager = self.averager, self.make_averager(prefix)
+        previous.shutdown()
+        self.cluster = cluster
+        self.update_record(cluster=cluster, digest="")
+        self.node.set_record(self.record)
+
+    def update_record(self, **fields: Any) -> None:
+        """Change fields of our heartbeat record (stored with the next announcement)."""
+        self.record = self.record.model_copy(update=fields)
+
+    def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult:
+        """Form a group of meta's round and state through hivemind, all-gather contributions."""
+        try:
+            out = self.averager.exchange(delta, meta, timeout=self.timeout)
+        except AveragingError as exc:
+            raise AveragingFailed(str(exc)) from None
+        return GroupResult(
+            [m for m in out.members.values() if m is not None],
+            out.contributions,
+            out.missing,
+            out.bytes_sent,
+            out.bytes_received,
+            out.matchmaking_s,
+            out.transfer_s,
+        )
+
+    def announce_state(self, state: GroupState) -> None:
+        """Serve this state and say so in our heartbeat."""
+        self.node.blobs.publish("state", encode_state(state))
+        offers = self.offers(state) if self.offers is not None else self.record.adapters
+        self.update_record(round=state.round, digest=state.digest(), adapters=offers)
+        self.node.set_record(self.record)
+
+    def announcements(self) -> dict[str, tuple[int, str]]:
+        """(round, digest) of every volunteer's last announced state (in our cluster, if any)."""
+        return {
+            pid: (r.round, r.digest)
+            for pid, r in self.node.peers().items()
+            if r.role == "volunteer"
+            and r.digest
+            and (self.cluster < 0 or r.cluster == self.cluster)
+        }
+
+    def fetch_state(self, ref: StateRef) -> GroupState:
+        """Download the state from the first provider that serves it intact."""
+        errors = []
+        for provider in ref.providers:
+            if provider == self.peer:
+                continue
+            try:
+                return decode_state(self.node.fetch(provider, "state", timeout=60))
+            except (TransferError, StateError, TimeoutError) as exc:  # try the next provider
+                errors.append(f"{provider[-8:]}: {str(exc)[:80]}")
+        raise StateUnavailable("no provider served the state: " + "; ".join(errors or ["none"]))

@@ -1,0 +1,217 @@
+"""Base model loading: the embedded tiny Llama shipped in node/assets/, or any local HF causal LM.
+
+Peers prove they share a base model by a weights fingerprint (sha256 of the fp32 weights),
+which the run manifest carries. `--quantize 4bit` loads the base with bitsandbytes NF4 for
+QLoRA (Dettmers et al. 2023, arXiv 2305.14314).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.pytorch_utils import Conv1D
+
+ASSET_DIR: Path = Path(__file__).resolve().parents[1] / "assets"
+EMBEDDED = "embedded"
+WEIGHTS_FILE = "model.safetensors"
+ASSET_FILES = (
+    "config.json",
+    WEIGHTS_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+EMBEDDED_FINGERPRINT: str = "5f1b545f1f983a9e39ced58c55919a69f08a17bc71b0e3567c09976cdfe89d2e"
+QUANTIZE_CHOICES = ("4bit",)
+# what transformers' from_pretrained reads: single-file or sharded (with an index) checkpoints
+WEIGHT_FILES = (
+    WEIGHTS_FILE,
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# transformers renamed `torch_dtype` to `dtype` in v5; the project supports both majors.
+_DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+class BaseModelError(ValueError):
+    """The base model cannot be used; the message is one line meant for the user."""
+
+
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 hex of the weights, defined exactly as follows.
+
+    For each key in sorted(keys) (Python string order): floating tensors are cast to float32
+    (other dtypes are kept), moved to CPU and made contiguous; then the hash is fed the UTF-8
+    bytes of json.dumps([key, dtype, shape]) + "\\n" (dtype like "float32", shape a list of
+    ints), followed by the tensor's raw little-endian bytes in row-major order.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach()
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32)
+        tensor = tensor.cpu().contiguous()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        digest.update((json.dumps([name, dtype, list(tensor.shape)]) + "\n").encode("utf-8"))
+        digest.update(_little_endian_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _little_endian_bytes(tensor: torch.Tensor) -> bytes:
+    array = tensor.numpy()
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def load_base(
+    path: str | None = None, quantize: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """(eval fp32 model, tokenizer with pad token, fingerprint) of the embedded or a local base.
+
+    The fingerprint is taken from the fp32 weights before any quantization, so a 4-bit peer
+    and an fp32 peer of the same checkpoint agree.
+    """
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise BaseModelError(f"unknown quantization {quantize!r}; choose from {QUANTIZE_CHOICES}")
+    model_dir = ASSET_DIR if path is None or path == EMBEDDED else _check_model_dir(path)
+    embedded = model_dir == ASSET_DIR
+    if quantize == "4bit":
+        _require_4bit_support()
+    config = _load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model = _load_model(model_dir, config)
+    fingerprint = weights_fingerprint(model.state_dict())
+    if embedded and fingerprint != EMBEDDED_FINGERPRINT:
+        raise BaseModelError(
+            f"embedded base model in {ASSET_DIR} does not match EMBEDDED_FINGERPRINT; "
+            "reinstall swarmtune (or regenerate with python -m node.local.make_assets)"
+        )
+    if quantize == "4bit":
+        del model  # free the fp32 copy before the quantized load
+        gc.collect()
+        model = _load_model(model_dir, config, quantize_4bit=True)
+    return model.eval(), tokenizer, fingerprint
+
+
+def check_local_base(path: str | None, quantize: str | None = None) -> None:
+    """Cheap checks of a --model dir and --quantize (no weights loaded); BaseModelError if bad."""
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise BaseModelError(f"unknown quantization {quantize!r}; choose from {QUANTIZE_CHOICES}")
+    if quantize == "4bit":
+        _require_4bit_support()
+    if path is None or path == EMBEDDED:
+        return
+    model_dir = _check_model_dir(path)
+    _load_config(model_dir)
+    load_tokenizer(model_dir)
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        raise BaseModelError(
+            f"no model weights in {path} (expected one of {', '.join(WEIGHT_FILES)})"
+        )
+
+
+def _check_model_dir(path: str) -> Path:
+    model_dir = Path(path).expanduser()
+    if not model_dir.exists():
+        raise BaseModelError(f"base model path does not exist: {path}")
+    if not model_dir.is_dir():
+        raise BaseModelError(f"base model path is not a directory: {path}")
+    if not (model_dir / "config.json").is_file():
+        raise BaseModelError(f"no config.json in {path}: not a Hugging Face model directory")
+    return model_dir
+
+
+def _require_4bit_support() -> None:
+    if not torch.cuda.is_available():
+        raise BaseModelError("--quantize 4bit needs a CUDA GPU (bitsandbytes NF4); none found")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise BaseModelError(f"--quantize 4bit needs bitsandbytes: {_one_line(err)}") from None
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer in model_dir, loaded offline, with pad set to EOS where it has none."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as err:  # broken tokenizer files raise many types
+        raise BaseModelError(f"cannot load tokenizer from {model_dir}: {_one_line(err)}") from None
+    if tokenizer.eos_token is None:
+        raise BaseModelError(f"tokenizer in {model_dir} has no EOS token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_config(model_dir: Path) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as err:  # bad JSON and unknown model types raise different types
+        raise BaseModelError(f"cannot read model config in {model_dir}: {_one_line(err)}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise BaseModelError(
+            f"{model_dir} is not a causal language model (model_type={config.model_type!r})"
+        )
+    return config
+
+
+def _load_model(
+    model_dir: Path, config: PretrainedConfig, quantize_4bit: bool = False
+) -> PreTrainedModel:
+    kwargs: dict = {"local_files_only": True, _DTYPE_KWARG: torch.float32}
+    if quantize_4bit:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, **kwargs)
+    except Exception as err:  # corrupt files raise library-specific types
+        raise BaseModelError(f"cannot load weights from {model_dir}: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def export_base(out_dir: str | Path) -> Path:
+    """Copy the embedded model into out_dir as a plain HF model dir (bit-identical weights)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BaseModelError(f"refusing to export into non-empty path: {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ASSET_FILES:
+        shutil.copyfile(ASSET_DIR / name, out / name)
+    return out
+
+
+def detect_target_modules(model: nn.Module) -> list[str]:
+    """Sorted name suffixes of the Linear (or GPT-2 Conv1D) layers for LoRA, minus the head."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    suffixes = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name and module is not head and isinstance(module, nn.Linear | Conv1D)
+    }
+    suffixes.discard("lm_head")
+    return sorted(suffixes)

@@ -1,0 +1,1 @@
+"""The commands: bootstrap (coordinator), join (volunteer), pull/status (consumer), demo, simulate."""

@@ -1,0 +1,143 @@
+"""`swarmtune pull` and `swarmtune status`: read-only views of a run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from node.adapters.adapter import ADAPTER_FILES
+from node.adapters.offers import Offer, best_offers
+from node.clusters.clusterer import read_assignment
+from protocols.records import ClusterRecord, ManifestRecord, PeerRecord, clusters_key
+from protocols.swarm import SwarmError, SwarmNode
+from protocols.transfer import TransferError, unpack_files, write_dir_atomically
+
+log = logging.getLogger("swarmtune.pull")
+
+
+def connect(initial_peers: list[str]) -> tuple[SwarmNode, ManifestRecord]:
+    """An ephemeral DHT client that knows the run's manifest."""
+    node = SwarmNode(initial_peers=initial_peers)
+    try:
+        manifest = node.fetch_manifest(initial_peers[0])
+        node.set_run(manifest.run_id)
+    except BaseException:
+        node.shutdown()
+        raise
+    return node, manifest
+
+
+def download(node: SwarmNode, offer: Offer, out: Path) -> dict[str, float]:
+    """Fetch the bundle from the first provider that serves it intact, then write it atomically."""
+    errors: list[str] = []
+    for provider in offer.providers:
+        stats: dict[str, float] = {}
+        try:
+            bundle = node.fetch(
+                provider, f"adapter:{offer.name}", expected_sha256=offer.sha256, stats=stats
+            )
+            files = unpack_files(bundle)
+        except (TransferError, TimeoutError) as exc:
+            errors.append(f"{provider[-8:]}: {exc}")
+            continue
+        missing = [name for name in ADAPTER_FILES if name not in files]
+        if missing:
+            errors.append(f"{provider[-8:]}: bundle lacks {missing}")
+            continue
+        write_dir_atomically(files, out)
+        return stats
+    raise SwarmError(f"no provider served adapter {offer.name!r} intact: " + "; ".join(errors))
+
+
+def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool) -> int:
+    """Entry point of `swarmtune pull`."""
+    if not list_only and out is not None and out.exists() and any(out.iterdir()):
+        raise SwarmError(f"--out {out} exists and is not empty; choose a new directory")
+    node, manifest = connect(initial_peers)
+    try:
+        offers = best_offers(node.peers())
+        if list_only:
+            print(format_offers(offers))
+            return 0
+        if name not in offers:
+            known = ", ".join(sorted(offers)) or "none yet"
+            raise SwarmError(
+                f"no adapter named {name!r} on offer in run {manifest.run_id} (on offer: {known})"
+            )
+        offer = offers[name]
+        assert out is not None
+        stats = download(node, offer, out)
+        print(
+            f"pulled adapter {name!r} (run {manifest.run_id}, round {offer.round}, sha256 "
+            f"{offer.sha256[:12]}…, {offer.size / 1e6:.2f} MB in {stats.get('seconds', 0):.2f}s)"
+            f" into {out}"
+        )
+        return 0
+    finally:
+        node.shutdown()
+
+
+def format_offers(offers: dict[str, Offer]) -> str:
+    """A table of adapters on offer."""
+    lines = [f"{'adapter':<16}{'round':>6}  {'sha256':<14}{'size':>10}  providers"]
+    for offer in sorted(offers.values(), key=lambda o: o.name):
+        lines.append(
+            f"{offer.name:<16}{offer.round:>6}  {offer.sha256[:12]:<14}"
+            f"{offer.size / 1e6:>8.2f}MB  {len(offer.providers)}"
+        )
+    return "\n".join(lines) if offers else "no adapters on offer yet"
+
+
+def format_peers(records: dict[str, PeerRecord]) -> str:
+    """A table of peers, their rounds and losses, and the rounds that did not go as planned
+    (fallback: no group; rejected: a group left nothing usable; excluded: members'
+    contributions left out; resync: adopted another member's state)."""
+    head = f"{'peer':<12}{'role':<13}{'round':>6}{'loss':>9}{'eval':>9}{'group':>7}{'cluster':>9}"
+    head += f"{'fallback':>10}{'rejected':>10}{'excluded':>10}{'resync':>8}"
+    lines = [head + "  task"]
+    for pid, r in sorted(records.items(), key=lambda item: (item[1].role, item[0])):
+        loss = f"{r.loss:.3f}" if r.loss is not None else "-"
+        ev = f"{r.eval_loss:.3f}" if r.eval_loss is not None else "-"
+        cluster = str(r.cluster) if r.cluster >= 0 else "-"
+        lines.append(
+            f"…{pid[-10:]:<11}{r.role:<13}{r.round:>6}{loss:>9}{ev:>9}{r.group_size:>7}"
+            f"{cluster:>9}{r.fallbacks:>10}{r.rejections:>10}{r.exclusions:>10}{r.resyncs:>8}"
+            f"  {r.task}"
+        )
+    return "\n".join(lines)
+
+
+def format_clusters(record: ClusterRecord | None, peers: dict[str, PeerRecord]) -> str:
+    """One line per cluster: its id, members and their tasks."""
+    if record is None:
+        return "clusters: none assigned yet"
+    members: dict[int, list[str]] = {}
+    for peer, cluster in sorted(record.assignment.items()):
+        task = peers[peer].task if peer in peers else "gone"
+        members.setdefault(cluster, []).append(f"…{peer[-8:]} ({task})")
+    lines = [f"clusters (assignment v{record.version}, round {record.round}):"]
+    lines += [f"  cluster {c}: " + ", ".join(m) for c, m in sorted(members.items())]
+    return "\n".join(lines)
+
+
+def status(initial_peers: list[str]) -> int:
+    """Entry point of `swarmtune status`."""
+    node, manifest = connect(initial_peers)
+    try:
+        records = node.peers()
+        print(
+            f"run {manifest.run_id}  base {manifest.base_fingerprint[:12]}…  "
+            f"LoRA r={manifest.config['lora']['rank']} targets {','.join(manifest.target_modules)}"
+        )
+        print(
+            f"outer {manifest.config['outer']['name']}  inner steps "
+            f"{manifest.config['inner']['steps']}  peers {len(records)}\n"
+        )
+        print(format_peers(records) + "\n")
+        if manifest.config.get("clustering", {}).get("enabled"):
+            raw = node.get_owned(clusters_key(manifest.run_id))
+            print(format_clusters(read_assignment(raw, manifest.coordinator_key), records) + "\n")
+        print(format_offers(best_offers(records)))
+        return 0
+    finally:
+        node.shutdown()

@@ -1,0 +1,256 @@
+"""`swarmtune bootstrap`: a stable peer that publishes the signed manifest and mirrors adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.adapters.adapter import AdapterError
+from node.adapters.offers import Offer, best_offers
+from node.clusters.clusterer import Clusterer, merge_bundles, verified_signatures
+from node.config import load_config, parse_config
+from node.engine.checkpoint import atomic_write
+from node.local.basemodel import load_base
+from node.local.build import resolve_target_modules
+from protocols.records import (
+    AdapterOffer,
+    ManifestRecord,
+    PeerRecord,
+    clusters_key,
+    peers_key,
+    signatures_key,
+)
+from protocols.swarm import SwarmNode
+from protocols.transfer import TransferError
+
+log = logging.getLogger("swarmtune.bootstrap")
+MIRROR_INTERVAL = 1.0
+MANIFEST_REFRESH = 600.0
+SIGNATURE_WAIT_S = 30.0
+
+
+@dataclass
+class BootstrapOptions:
+    """Per-machine settings of the coordinator."""
+
+    config: Path
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    addr_file: Path | None = None
+
+
+class Coordinator:
+    """Keeps the manifest alive, watches peers join and leave, mirrors the newest adapters."""
+
+    def __init__(self, node: SwarmNode, manifest: ManifestRecord) -> None:
+        self.node = node
+        self.manifest = manifest
+        self.record = PeerRecord(peer_id=node.peer_id, role="coordinator")
+        self.known: set[str] = set()
+        self.failed: set[tuple[str, int, str]] = set()
+        self.stop = threading.Event()
+        self.settings = parse_config(manifest.config).clustering
+        self.clusterer = Clusterer(self.settings, node.peer_id) if self.settings.enabled else None
+        self.merged_round = -1
+        self.first_signature_at: float | None = None
+
+    def tick(self) -> None:
+        """One pass: report membership changes and mirror newer adapters."""
+        peers = {pid: r for pid, r in self.node.peers().items() if pid != self.node.peer_id}
+        for pid in sorted(set(peers) - self.known):
+            log.info("peer %s joined (%s)", pid[-8:], peers[pid].task or peers[pid].role)
+        for pid in sorted(self.known - set(peers)):
+            log.info("peer %s left", pid[-8:])
+        self.known = set(peers)
+        if self.clusterer is not None:
+            self.recluster({pid for pid, r in peers.items() if r.role == "volunteer"})
+        for offer in best_offers(peers).values():
+            mine = self.record.adapters.get(offer.name)
+            if (mine is None or offer.round > mine.round) and (
+                offer.name,
+                offer.round,
+                offer.sha256,
+            ) not in self.failed:
+                self.mirror(offer)
+
+    def recluster(self, live: set[str]) -> None:
+        """Cluster the live volunteers' signatures; publish a new assignment when due."""
+        assert self.clusterer is not None
+        run = self.manifest.run_id
+        signatures = verified_signatures(
+            self.node.get_owned(peers_key(run)), self.node.get_owned(signatures_key(run))
+        )
+        live_signatures = {p: s for p, s in signatures.items() if p in live}
+        if self.first_partition_waits(live, live_signatures):
+            return
+        try:
+            record = self.clusterer.update(live_signatures)
+        except ValueError as exc:
+            log.warning("could not cluster the signatures: %s", exc)
+            return
+        if record is not None:
+            self.publish_clusters()
+            members: dict[int, list[str]] = {}
+            for peer, cluster in sorted(record.assignment.items()):
+                members.setdefault(cluster, []).append(peer[-8:])
+            log.info("clusters v%d at round %d: %s", record.version, record.round, members)
+        self.maybe_merge()
+
+    def first_partition_waits(self, live: set[str], signed: Mapping[str, object]) -> bool:
+        """Before the first assignment, wait (at most SIGNATURE_WAIT_S after the first signature)
+        until every live volunteer has published its signature, so that a group does not split
+        in two steps (which would leave members waiting in a group the others just left)."""
+        if self.clusterer is None or self.clusterer.record is not None or not signed:
+            return False
+        if self.first_signature_at is None:
+            self.first_signature_at = time.monotonic()
+        missing = live - set(signed)
+        waited = time.monotonic() - self.first_signature_at
+        return bool(missing) and waited < SIGNATURE_WAIT_S
+
+    def publish_clusters(self) -> None:
+        """(Re)store the current assignment, signed by the coordinator."""
+        if self.clusterer is not None and self.clusterer.record is not None:
+            record = self.clusterer.record.model_dump()
+            self.node.store_owned(clusters_key(self.manifest.run_id), record, MANIFEST_REFRESH * 2)
+
+    def maybe_merge(self) -> None:
+        """Every merge_every rounds, merge the clusters' adapters into `merged`."""
+        assert self.clusterer is not None
+        record = self.clusterer.record
+        clusters = sorted(set(record.assignment.values())) if record else []
+        names = [f"cluster-{c}" for c in clusters]
+        offers = [self.record.adapters.get(n) for n in names]
+        if len(names) < 2 or any(o is None for o in offers):
+            return
+        newest = min(o.round for o in offers if o is not None)
+        if newest < self.merged_round + self.settings.merge_every:
+            return
+        bundles = {n: self.node.blobs.get(f"adapter:{n}") for n in names}
+        sizes = Counter(record.assignment.values()) if record else Counter()
+        weights = {f"cluster-{c}": float(sizes[c]) for c in clusters}
+        try:
+            merged = merge_bundles({n: b for n, b in bundles.items() if b}, weights, self.settings)
+        except (AdapterError, TransferError, ValueError) as exc:
+            log.warning("merging the cluster adapters failed: %s", exc)
+            return
+        self.node.blobs.publish("adapter:merged", merged)
+        sha = hashlib.sha256(merged).hexdigest()
+        adapters = dict(self.record.adapters)
+        adapters["merged"] = AdapterOffer(round=newest, sha256=sha, size=len(merged))
+        self.record = self.record.model_copy(update={"adapters": adapters})
+        self.node.set_record(self.record)
+        self.merged_round = newest
+        log.info(
+            "merged %d cluster adapters (%s) at round %d into `merged` (sha256 %s…)",
+            len(names),
+            self.settings.merge_method,
+            newest,
+            sha[:12],
+        )
+
+    def mirror(self, offer: Offer) -> None:
+        """Download an adapter bundle (sha-checked) and serve it too."""
+        for provider in offer.providers:
+            try:
+                bundle = self.node.fetch(
+                    provider, f"adapter:{offer.name}", expected_sha256=offer.sha256
+                )
+            except (TransferError, TimeoutError) as exc:
+                log.warning("mirroring %s from %s failed: %s", offer.name, provider[-8:], exc)
+                continue
+            self.node.blobs.publish(f"adapter:{offer.name}", bundle)
+            adapters = dict(self.record.adapters)
+            adapters[offer.name] = AdapterOffer(
+                round=offer.round, sha256=offer.sha256, size=len(bundle)
+            )
+            self.record = self.record.model_copy(update={"adapters": adapters})
+            self.node.set_record(self.record)
+            log.info(
+                "adapter %s round %d mirrored (sha256 %s…)",
+                offer.name,
+                offer.round,
+                offer.sha256[:12],
+            )
+            return
+        self.failed.add((offer.name, offer.round, offer.sha256))
+
+    def serve(self) -> None:
+        """Run until stopped, refreshing the manifest well before it expires."""
+        self.node.set_record(self.record)
+        since_manifest = 0.0
+        while not self.stop.wait(MIRROR_INTERVAL):
+            self.tick()
+            since_manifest += MIRROR_INTERVAL
+            if since_manifest >= MANIFEST_REFRESH:
+                self.node.publish_manifest(self.manifest)
+                self.publish_clusters()
+                since_manifest = 0.0
+
+
+def make_manifest(options: BootstrapOptions, peer_id: str, coordinator_key: str) -> ManifestRecord:
+    """Resolve the config against the base model into the manifest volunteers must match."""
+    config = load_config(options.config)
+    base, _, fingerprint = load_base(config.base_model)
+    targets = resolve_target_modules(config, base)
+    return ManifestRecord(
+        run_id=config.run_id,
+        base_fingerprint=fingerprint,
+        target_modules=targets,
+        config=config.model_dump(mode="json"),
+        coordinator=peer_id,
+        coordinator_key=coordinator_key,
+    )
+
+
+def bootstrap(options: BootstrapOptions) -> int:
+    """Entry point of `swarmtune bootstrap`; returns the exit code."""
+    config = load_config(options.config)  # fail on a bad config before starting any process
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    node = SwarmNode(
+        initial_peers=[],
+        workdir=options.workdir,
+        host=options.host,
+        port=options.port,
+        run_id=config.run_id,
+    )
+    try:
+        manifest = make_manifest(options, node.peer_id, node.owner_key)
+        node.publish_manifest(manifest)
+        coordinator = Coordinator(node, manifest)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: coordinator.stop.set())
+        announce(node, manifest, options.addr_file)
+        coordinator.serve()
+        log.info("shutting down")
+        return 0
+    finally:
+        node.shutdown()
+
+
+def announce(node: SwarmNode, manifest: ManifestRecord, addr_file: Path | None) -> None:
+    """Print the line to hand out, and write the multiaddrs to --addr-file."""
+    maddrs = node.maddrs()
+    digest = hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()[:12]
+    log.info(
+        "run %s: base %s…, LoRA targets %s, manifest %s",
+        manifest.run_id,
+        manifest.base_fingerprint[:12],
+        ",".join(manifest.target_modules),
+        digest,
+    )
+    if addr_file is not None:
+        atomic_write(addr_file, ("\n".join(maddrs) + "\n").encode())
+    print(
+        f"volunteers join with:\n  swarmtune join --initial-peers {maddrs[0]} "
+        "--data builtin:arithmetic --workdir ./vol1",
+        flush=True,
+    )

@@ -1,0 +1,291 @@
+"""`swarmtune simulate`: K virtual clients with partial participation, on the daemon's round code.
+
+Each round samples round(C*K) clients uniformly without replacement. Every sampled client runs
+node.engine.round.inner_phase (the daemon's inner loop, GHBM hooks and per-peer momentum included) on
+its own data. The transport is an in-process weighted mean; from there on the round is
+node.engine.round.conclude_round, the function the daemon uses after its all-reduce (verification,
+fallback, outer step, report). One shared LoRA model is reused: a client is its data stream,
+its per-peer momentum and (optionally) its AdamW moments, swapped in when sampled.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aggregation.ghbm import PeerMomentum, make_peer_momentum
+from aggregation.params import Params
+from node.config import SimConfig
+from node.engine.round import LocalUpdate, RoundStart, conclude_round, inner_phase, round_start
+from node.engine.state import GroupState
+from node.engine.transport import AveragingFailed, GroupResult
+from node.local.basemodel import load_base
+from node.local.build import resolve_target_modules
+from node.local.data import (
+    BUILTIN_TASKS,
+    TokenBatcher,
+    builtin_eval_texts,
+    builtin_texts,
+    eval_batches,
+)
+from node.local.trainer import InnerTrainer, attach_lora
+
+log = logging.getLogger("swarmtune.simulate")
+
+
+@dataclass
+class Client:
+    """One virtual volunteer: its task mixture, data stream and private state."""
+
+    name: str
+    mixture: dict[str, float]
+    batches: TokenBatcher
+    momentum: PeerMomentum | None
+    inner_state: dict[str, Any] | None = None
+    rounds_joined: int = 0
+
+
+@dataclass
+class SimResult:
+    """Per-round rows (round, eval losses per task and their mean) for one seed."""
+
+    seed: int
+    rows: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    outcomes: dict[str, int] = field(default_factory=dict)  # averaged / no-group / rejected
+
+    def rounds_to(self, target: float) -> int | None:
+        """First round whose mean eval loss is at or below target, if any."""
+        return next((int(r["round"]) for r in self.rows if r["eval_loss"] <= target), None)
+
+
+def task_mixtures(config: SimConfig, tasks: list[str], seed: int) -> list[dict[str, float]]:
+    """Each client's task proportions: one task (round robin), Dirichlet(alpha), or uniform."""
+    het = config.heterogeneity
+    if het.kind == "task":
+        return [{tasks[c % len(tasks)]: 1.0} for c in range(config.clients)]
+    if het.kind == "iid":
+        return [{t: 1.0 / len(tasks) for t in tasks} for _ in range(config.clients)]
+    rng = random.Random(f"dirichlet:{seed}")
+    mixtures = []
+    for _ in range(config.clients):
+        draws = [rng.gammavariate(het.alpha, 1.0) for _ in tasks]  # normalised: Dirichlet(alpha)
+        total = sum(draws) or 1.0
+        mixtures.append(
+            {t: d / total for t, d in zip(tasks, draws, strict=True) if d / total > 1e-3}
+        )
+    return mixtures
+
+
+def client_texts(mixture: dict[str, float], n: int, client_seed: int) -> list[str]:
+    """n built-in texts split across tasks by the mixture (at least one text per listed task)."""
+    texts: list[str] = []
+    for task, weight in sorted(mixture.items()):
+        texts += builtin_texts(task, max(1, round(weight * n)), seed=client_seed)
+    random.Random(client_seed).shuffle(texts)
+    return texts
+
+
+class Simulation:
+    """One seed of one simulator config: clients, shared model, eval sets, the round loop."""
+
+    def __init__(self, config: SimConfig, seed: int) -> None:
+        self.config, self.seed = config, seed
+        run = config.run
+        self.tasks = list(config.tasks or BUILTIN_TASKS)
+        base, tokenizer, _ = load_base(None if run.base_model == "embedded" else run.base_model)
+        targets = resolve_target_modules(run, base)
+        model = attach_lora(base, run.lora, targets, seed=run.seed)
+        inner = run.inner
+        self.clients = [
+            Client(
+                f"c{c}",
+                mixture,
+                TokenBatcher(
+                    client_texts(mixture, config.texts_per_client, seed * 100_003 + c),
+                    tokenizer,
+                    inner.seq_len,
+                    inner.batch_size,
+                    seed * 100_003 + c,
+                ),
+                make_peer_momentum(run.outer.name, run.outer.effective_momentum, run.outer.tau),
+            )
+            for c, mixture in enumerate(task_mixtures(config, self.tasks, seed))
+        ]
+        self.trainer = InnerTrainer(model, inner, self.clients[0].batches)
+        self.eval_sets = {
+            t: eval_batches(builtin_eval_texts(t), tokenizer, inner.seq_len, 8, config.eval_batches)
+            for t in self.tasks
+        }
+        self.sampler = random.Random(f"sample:{seed}")
+        self.observers: dict[str, Callable[[Params, Params], None]] = {}  # by client name
+        self.state = GroupState(0, self.trainer.get_params(), {})
+        self.outcomes: Counter[str] = Counter()  # round outcomes, as the daemon reports them
+
+    def evaluate(self) -> dict[str, float]:
+        """Eval loss of the current global adapter on every task, and their mean."""
+        self.trainer.set_params(self.state.params)
+        losses = {f"loss_{t}": self.trainer.eval_loss(b) for t, b in self.eval_sets.items()}
+        return {**losses, "eval_loss": sum(losses.values()) / len(losses)}
+
+    def client_update(self, client: Client, start: RoundStart) -> LocalUpdate:
+        """The daemon's inner phase for one client, with its own data and private state."""
+        self.trainer.switch_data(client.batches, client.inner_state)
+        update = inner_phase(
+            self.state,
+            start,
+            self.trainer,
+            client.name,
+            self.config.run,
+            client.momentum,
+            known=len(self.clients),
+            observe=self.observers.get(client.name),
+        )
+        if self.config.keep_inner_state:
+            client.inner_state = self.trainer.optimizer.state_dict()
+        client.rounds_joined += 1
+        return update
+
+    def step(self) -> dict[str, float]:
+        """One round: sample round(C*K) clients uniformly, then a group round with them."""
+        count = max(1, round(self.config.participation * len(self.clients)))
+        return self.group_round(sorted(self.sampler.sample(range(len(self.clients)), count)))
+
+    def group_round(self, members: list[int]) -> dict[str, float]:
+        """Inner phases of `members` from self.state, all-gathered in process, then the daemon's
+        conclude_round (seen from the first member; every member computes the same aggregate)."""
+        start = round_start(self.state, self.config.run)
+        updates = [self.client_update(self.clients[c], start) for c in members]
+        metas = [u.meta for u in updates]
+        answer: GroupResult | AveragingFailed = (
+            GroupResult(metas, {u.meta.peer: u.delta for u in updates})
+            if len(updates) > 1
+            else AveragingFailed("a single client was sampled")
+        )
+        self.state, report = conclude_round(self.state, updates[0], answer, self.config.run)
+        self.outcomes[report.outcome] += 1
+        train_loss = sum(u.inner.loss_mean for u in updates) / len(updates)
+        row: dict[str, float] = {"round": self.state.round, "train_loss": train_loss}
+        if report.tau is not None:
+            row["tau"] = report.tau
+        return row
+
+    def run(self, progress: Callable[[str], None] | None = None) -> SimResult:
+        """All rounds; eval every `eval_every` rounds and after the last."""
+        result = SimResult(self.seed)
+        started = time.perf_counter()
+        result.rows.append({"round": 0, **self.evaluate()})
+        for r in range(1, self.config.rounds + 1):
+            row = self.step()
+            if r % self.config.eval_every == 0 or r == self.config.rounds:
+                row.update(self.evaluate())
+                result.rows.append(row)
+                if progress is not None:
+                    elapsed = time.perf_counter() - started
+                    eta = elapsed / r * (self.config.rounds - r)
+                    progress(
+                        f"seed {self.seed} round {r}/{self.config.rounds}: eval"
+                        f" {row['eval_loss']:.4f} train {row['train_loss']:.4f}"
+                        f" ({elapsed:.0f}s, ~{eta:.0f}s left)"
+                    )
+        result.seconds = time.perf_counter() - started
+        result.outcomes = dict(self.outcomes)
+        return result
+
+
+def write_outputs(curves: dict[str, list[SimResult]], out: Path, title: str) -> list[Path]:
+    """rounds.csv (every method's and seed's rows), summary.json, and eval_loss.png (one curve
+    per method); returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"method": label, "seed": r.seed, **row}
+        for label, results in curves.items()
+        for r in results
+        for row in r.rows
+    ]
+    first = ("method", "seed", "round")
+    columns = sorted(
+        {k for row in rows for k in row},
+        key=lambda k: (k not in first, first.index(k) if k in first else 0, k),
+    )
+    csv_path = out / "rounds.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {
+        "title": title,
+        "methods": {
+            label: {
+                "seeds": [r.seed for r in results],
+                "final_eval_loss": [r.rows[-1]["eval_loss"] for r in results],
+                "seconds": [round(r.seconds, 1) for r in results],
+                "outcomes": {str(r.seed): r.outcomes for r in results},
+                "rows": {str(r.seed): r.rows for r in results},
+            }
+            for label, results in curves.items()
+        },
+    }
+    json_path = out / "summary.json"
+    json_path.write_text(json.dumps(summary, indent=1, allow_nan=True))
+    png_path = out / "eval_loss.png"
+    plot_curves(curves, png_path)
+    return [csv_path, json_path, png_path]
+
+
+def plot_curves(curves: dict[str, list[SimResult]], path: Path, ylabel: str = "eval loss") -> None:
+    """Mean (line) and min-max over seeds (band) of eval loss per round, one line per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, results in curves.items():
+        rounds = [row["round"] for row in results[0].rows]
+        series = [[row["eval_loss"] for row in r.rows] for r in results]
+        mean = [sum(v) / len(v) for v in zip(*series, strict=True)]
+        ax.plot(rounds, mean, label=label)
+        if len(series) > 1:
+            lows = [min(v) for v in zip(*series, strict=True)]
+            highs = [max(v) for v in zip(*series, strict=True)]
+            ax.fill_between(rounds, lows, highs, alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_lines(curves: dict[str, list[SimResult]]) -> list[str]:
+    """One line per method: eval loss at the start and at the end (mean over seeds)."""
+    lines = []
+    for label, results in curves.items():
+        start = sum(r.rows[0]["eval_loss"] for r in results) / len(results)
+        end = sum(r.rows[-1]["eval_loss"] for r in results) / len(results)
+        rounds = int(results[0].rows[-1]["round"])
+        lines.append(f"{label:<28} eval loss {start:.4f} -> {end:.4f} after {rounds} rounds")
+    return lines
+
+
+def simulate(
+    config: SimConfig, out: Path, title: str, progress: Callable[[str], None] | None = None
+) -> dict[str, list[SimResult]]:
+    """Run every method (config.compare, or run.outer) on every seed, write outputs, return
+    the results by method label."""
+    curves: dict[str, list[SimResult]] = {}
+    for label, variant in config.variants().items():
+        tell = (lambda line, label=label: progress(f"{label}: {line}")) if progress else None
+        curves[label] = [Simulation(variant, seed).run(tell) for seed in variant.seeds]
+    write_outputs(curves, out, title)
+    return curves

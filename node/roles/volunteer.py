@@ -1,0 +1,286 @@
+"""`swarmtune join`: check the manifest, then train DiLoCo rounds with the group until done."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from node.adapters.adapter import Provenance, adapter_files
+from node.clusters.clusterer import TaskSignature
+from node.clusters.member import ClusterMember, group_prefix
+from node.config import RunConfig, load_config, parse_config
+from node.engine.checkpoint import Checkpoint
+from node.engine.peer import Peer
+from node.engine.round import RoundReport
+from node.engine.state import GroupState
+from node.engine.swarm_transport import HivemindTransport
+from node.local.basemodel import check_local_base
+from node.local.build import LocalModel, build_local_model
+from node.local.data import load_texts
+from protocols.averaging import GroupAverager
+from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
+from protocols.swarm import SwarmError, SwarmNode
+from protocols.transfer import pack_files
+
+log = logging.getLogger("swarmtune.join")
+HANDOFF_TIMEOUT = 20.0
+
+
+@dataclass
+class JoinOptions:
+    """Per-machine settings of a volunteer (everything else comes from the manifest)."""
+
+    initial_peers: list[str]
+    data: str
+    workdir: Path
+    rounds: int
+    model: str | None = None
+    quantize: str | None = None
+    config: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+def check_compatible(manifest: ManifestRecord, local: LocalModel, own: RunConfig | None) -> None:
+    """Refuse (SwarmError) when our base model or LoRA settings differ from the run's."""
+    if local.fingerprint != manifest.base_fingerprint:
+        raise SwarmError(
+            f"base model mismatch: this model's fingerprint is {local.fingerprint[:12]}…,"
+            f" the run expects {manifest.base_fingerprint[:12]}…"
+        )
+    if own is None:
+        return
+    run_lora = parse_config(manifest.config).lora
+    ours = (own.lora.rank, own.lora.alpha, own.lora.dropout)
+    theirs = (run_lora.rank, run_lora.alpha, run_lora.dropout)
+    targets_differ = own.lora.target_modules not in ("auto", sorted(manifest.target_modules))
+    if ours != theirs or targets_differ:
+        raise SwarmError(
+            f"LoRA config mismatch: yours (rank, alpha, dropout) = {ours}, "
+            f"the run's = {theirs}, run targets {manifest.target_modules}"
+        )
+
+
+def progress_line(report: RoundReport) -> str:
+    """One human line per round; a round that did not apply a verified group average says so,
+    and the running totals of fallbacks, rejections and resyncs are always shown."""
+    eval_part = f" (eval {report.eval_loss:.3f})" if report.eval_loss is not None else ""
+    status = "" if report.verified else f" [{report.outcome}: local update]"
+    resynced = " [resynced]" if report.resynced else ""
+    tau = f" | ghbm tau {report.tau}" if report.tau is not None else ""
+    return (
+        f"round {report.round + 1}: loss {report.loss_first:.3f} -> {report.loss_last:.3f}"
+        f"{eval_part} | group {report.group_size}{status}{resynced}"
+        f" | sent {report.bytes_sent / 1e6:.2f} MB recv {report.bytes_received / 1e6:.2f} MB"
+        f" | inner {report.inner_s:.1f}s matchmaking {report.matchmaking_s:.1f}s"
+        f" exchange {report.transfer_s:.2f}s outer {report.outer_s:.3f}s"
+        f" checkpoint {report.checkpoint_s:.3f}s{tau}"
+        f" | fallbacks {report.fallbacks} rejected {report.rejections}"
+        f" excluded {report.exclusions} resyncs {report.resyncs}"
+    )
+
+
+class Volunteer:
+    """Wires a LocalModel to the swarm: averaging, announcements, adapter offers, metrics."""
+
+    def __init__(
+        self,
+        node: SwarmNode,
+        manifest: ManifestRecord,
+        local: LocalModel,
+        options: JoinOptions,
+        stop: threading.Event,
+    ) -> None:
+        self.node, self.manifest, self.local, self.options = node, manifest, local, options
+        self.config = parse_config(manifest.config)
+        record = PeerRecord(peer_id=node.peer_id, role="volunteer", task=options.data[:64])
+        self.transport = HivemindTransport(
+            node,
+            self.make_averager,
+            group_prefix(manifest.run_id, -1),
+            role_record=record,
+            offers=self.offer_adapter,
+        )
+        self.last_group = 1
+        self.initial = local.trainer.get_params()  # the seeded round-0 adapter
+        self.member: ClusterMember | None = None
+        if self.config.clustering.enabled:
+            self.member = ClusterMember(
+                node, manifest, self.config, self.transport, options.workdir, self.probe_signature
+            )
+        self.peer = Peer(
+            local.trainer,
+            self.transport,
+            self.config,
+            Checkpoint(options.workdir),
+            on_report=self.report,
+            evaluate=local.eval_loss,
+            hooks=self.member,
+            stop=stop,
+        )
+
+    def probe_signature(self, signature: TaskSignature) -> None:
+        """H inner steps from the seeded initial adapter on our data; then restore our state."""
+        trainer = self.local.trainer
+        saved_params, saved_local = trainer.get_params(), copy.deepcopy(trainer.state_dict())
+        trainer.set_params(self.initial)
+        trainer.reset_optimizer()
+        try:
+            trainer.train_steps(self.config.inner.steps)
+            signature.observe(self.initial, trainer.get_params())
+        finally:
+            trainer.set_params(saved_params)
+            trainer.load_state_dict(saved_local)
+
+    def make_averager(self, prefix: str) -> GroupAverager:
+        """An averager for one group prefix (the run-wide group, or a cluster's)."""
+        averaging = self.config.averaging
+        return GroupAverager(
+            self.node,
+            prefix,
+            self.local.trainer.get_params(),
+            codec=averaging.codec,
+            matchmaking_time=averaging.matchmaking_time,
+            allreduce_timeout=averaging.allreduce_timeout,
+            min_group_size=averaging.min_group_size,
+        )
+
+    @property
+    def adapter_name(self) -> str:
+        """What this peer's group adapter is called: `global`, or `cluster-<id>` once assigned."""
+        cluster = self.transport.cluster
+        return "global" if cluster < 0 else f"cluster-{cluster}"
+
+    def offer_adapter(self, state: GroupState) -> dict[str, AdapterOffer]:
+        """Serve the group's current adapter under its name; returns the offer for our record."""
+        provenance = Provenance(
+            self.manifest.run_id,
+            state.round,
+            self.last_group,
+            self.config.outer.name,
+            self.manifest.base_fingerprint,
+            self.options.model or "embedded",
+        )
+        bundle = pack_files(adapter_files(self.local.trainer, state.params, provenance))
+        name = self.adapter_name
+        self.node.blobs.publish(f"adapter:{name}", bundle)
+        sha = hashlib.sha256(bundle).hexdigest()
+        return {name: AdapterOffer(round=state.round, sha256=sha, size=len(bundle))}
+
+    def report(self, report: RoundReport) -> None:
+        """Progress line, metrics file, and the numbers status shows."""
+        log.info(progress_line(report))
+        self.last_group = report.group_size
+        with open(self.options.workdir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(asdict(report)) + "\n")
+        record = self.transport.record
+        self.transport.update_record(
+            loss=report.loss_mean,
+            eval_loss=report.eval_loss,
+            group_size=report.group_size,
+            tokens=record.tokens + report.tokens,
+            bytes_sent=record.bytes_sent + report.bytes_sent,
+            bytes_received=record.bytes_received + report.bytes_received,
+            fallbacks=report.fallbacks,
+            rejections=report.rejections,
+            exclusions=report.exclusions,
+            resyncs=report.resyncs,
+        )
+
+    def run(self) -> GroupState:
+        """Rounds until --rounds or a signal; returns the final group state."""
+        settle = self.config.averaging.matchmaking_time * 2
+        if self.member is not None:
+            self.member.prepare()
+        state = self.peer.run(self.options.rounds, settle_s=settle)
+        if not self.peer.stop.is_set():
+            self.hand_off(state.round, timeout=HANDOFF_TIMEOUT)
+        return state
+
+    def hand_off(self, round_: int, timeout: float) -> bool:
+        """Before leaving, wait (bounded) until the coordinator serves our final adapter."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.peer.stop.is_set():
+            for record in self.node.peers().values():
+                offer = record.adapters.get(self.adapter_name)
+                if record.role == "coordinator" and offer is not None and offer.round >= round_:
+                    log.info("the coordinator now serves the round %d adapter", round_)
+                    return True
+            time.sleep(0.5)
+        log.warning("no coordinator took over the round %d adapter within %.0fs", round_, timeout)
+        return False
+
+    def close(self) -> None:
+        """Stop the averager (the node is closed by the caller)."""
+        self.transport.averager.shutdown()
+
+
+def join(options: JoinOptions) -> int:
+    """Entry point of `swarmtune join`; returns the exit code."""
+    own = load_config(options.config) if options.config else None
+    load_texts(options.data)  # unusable data fails here, before any network activity
+    check_local_base(options.model, options.quantize)  # and so does a wrong --model dir
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    node = SwarmNode(
+        initial_peers=options.initial_peers,
+        workdir=options.workdir,
+        host=options.host,
+        port=options.port,
+    )
+    volunteer = None
+    stop = threading.Event()
+    try:
+        manifest = node.fetch_manifest(options.initial_peers[0])
+        node.set_run(manifest.run_id)
+        log.info("joined run %s as %s", manifest.run_id, node.peer_id)
+        config = parse_config(manifest.config)
+        seed = int(hashlib.sha256(node.peer_id.encode()).hexdigest()[:8], 16)
+        local = build_local_model(
+            config,
+            options.data,
+            model_path=options.model,
+            target_modules=manifest.target_modules,
+            data_seed=seed,
+            quantize=options.quantize,
+            stop=stop,
+        )
+        check_compatible(manifest, local, own)
+        node.blobs.publish("manifest", manifest.model_dump_json().encode())
+        volunteer = Volunteer(node, manifest, local, options, stop)
+        stop_on_signals(volunteer.peer)
+        state = volunteer.run()
+        log.info("done at round %d; adapter digest %s", state.round, state.digest()[:12])
+        return 0
+    finally:
+        if volunteer is not None:
+            volunteer.close()
+        node.shutdown()
+
+
+def stop_on_signals(peer: Peer) -> None:
+    """First SIGINT/SIGTERM abandons the round in progress and leaves cleanly."""
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("%s: leaving after abandoning the current round", signal.Signals(signum).name)
+        peer.stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    default_hook = threading.excepthook
+
+    def quiet_after_stop(args: threading.ExceptHookArgs) -> None:
+        # A terminal's Ctrl+C also reaches hivemind's p2pd (same process group), which can die
+        # before the averager thread unregisters its handlers; that thread's failure is noise.
+        if peer.stop.is_set():
+            log.debug("thread %s ended during shutdown: %r", args.thread, args.exc_value)
+            return
+        default_hook(args)
+
+    threading.excepthook = quiet_after_stop

@@ -1,0 +1,280 @@
+"""Several peers on the in-memory transport, sharing every line of round code with the daemon."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from node.config import RunConfig, parse_config
+from node.engine.checkpoint import Checkpoint
+from node.engine.peer import Peer
+from node.engine.round import RoundReport, group_context, run_round, select_contributions
+from node.engine.state import GroupState
+from node.engine.transport import GroupResult, InMemoryHub, InMemoryTransport, MemberMeta, consensus
+from node.local.build import LocalModel, build_local_model
+
+CONFIG = parse_config(
+    {"inner": {"steps": 4, "batch_size": 4, "seq_len": 32}, "averaging": {"codec": "fp32"}}
+)
+TASKS = ["arithmetic", "dates", "code"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _local(task: str, seed: int) -> LocalModel:
+    return build_local_model(CONFIG, f"builtin:{task}", data_seed=seed)
+
+
+def _peer(
+    hub: InMemoryHub,
+    name: str,
+    local: LocalModel,
+    workdir: Path | None = None,
+    reports: list[RoundReport] | None = None,
+    config: RunConfig = CONFIG,
+) -> Peer:
+    sink = reports.append if reports is not None else None
+    return Peer(
+        local.trainer,
+        InMemoryTransport(hub, name),
+        config,
+        Checkpoint(workdir) if workdir else None,
+        on_report=sink,
+    )
+
+
+def _run_all(peers: list[Peer], rounds: list[int]) -> list:
+    results: list = [None] * len(peers)
+
+    def work(i: int) -> None:
+        results[i] = peers[i].run(rounds[i], settle_s=2.0)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(peers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r is not None for r in results), "a peer thread did not finish"
+    return results
+
+
+def test_three_peers_agree_and_loss_falls() -> None:
+    hub = InMemoryHub(expected=3)
+    locals_ = [_local(task, i) for i, task in enumerate(TASKS)]
+    before = [local.eval_loss() for local in locals_]
+    reports: list[RoundReport] = []
+    peers = [_peer(hub, f"p{i}", local, reports=reports) for i, local in enumerate(locals_)]
+    states = _run_all(peers, [3, 3, 3])
+    assert len({s.digest() for s in states}) == 1 and states[0].round == 3
+    assert all(r.group_size == 3 and r.verified for r in reports)
+    after = [local.eval_loss() for local in locals_]
+    assert sum(after) < sum(before)
+    # the adapters really are the same tensors, not just the same digest
+    p0, p1 = locals_[0].trainer.get_params(), locals_[1].trainer.get_params()
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+
+
+def test_a_contribution_lost_for_everyone_is_excluded_and_the_rest_agree() -> None:
+    hub = InMemoryHub(expected=3, lost={1: {"p2"}})
+    reports: list[RoundReport] = []
+    peers = [_peer(hub, f"p{i}", _local(t, i), reports=reports) for i, t in enumerate(TASKS)]
+    states = _run_all(peers, [3, 3, 3])
+    assert len([r for r in reports if r.round == 1]) == 3
+    # p0 and p1 average without p2; p2 still has its own and diverges, then resyncs
+    round1 = [r for r in reports if r.round == 1]
+    without = [r for r in round1 if r.members == ("p0", "p1")]
+    assert len(without) == 2 and all(r.excluded == ("p2",) for r in without)
+    assert [r.members for r in round1 if r not in without] == [("p0", "p1", "p2")]
+    assert len({s.digest() for s in states}) == 1  # p2 resynced to the others afterwards
+    assert [len(p.resynced_to) for p in peers] == [0, 0, 1]
+    # the failure stays visible in every later report, not hidden by the resync
+    last = sorted((r for r in reports if r.round == 2), key=lambda r: r.resyncs)
+    assert [(r.exclusions, r.resyncs) for r in last] == [(1, 0), (1, 0), (0, 1)]
+    assert all(r.outcome == "averaged" and r.group_size == 3 for r in last)
+
+
+def test_a_contribution_one_member_misses_makes_it_diverge_visibly_then_resync() -> None:
+    hub = InMemoryHub(expected=3, hidden={1: ("p0", "p1")})
+    reports: list[RoundReport] = []
+    peers = [_peer(hub, f"p{i}", _local(t, i), reports=reports) for i, t in enumerate(TASKS)]
+    states = _run_all(peers, [3, 3, 3])
+    p0_round1 = [r for r in reports if r.round == 1 and r.members == ("p0", "p2")]
+    assert len(p0_round1) == 1 and p0_round1[0].excluded == ("p1",)
+    assert len({s.digest() for s in states}) == 1
+    assert sum(len(p.resynced_to) for p in peers) == 1  # p0 adopts the majority's state
+    final = [r for r in reports if r.round == 2]
+    assert sum(r.resyncs for r in final) == 1 and sum(r.exclusions for r in final) == 1
+
+
+def test_a_stale_member_is_kept_out_and_does_not_void_the_round() -> None:
+    # p2 holds an old state of another round (like a peer that was SIGSTOPped): it must form
+    # its own group, not join (and void) the round of the two healthy members.
+    hub = InMemoryHub(expected=2, timeout=1.5)
+    reports: list[RoundReport] = []
+    peers = [_peer(hub, f"p{i}", _local(t, i), reports=reports) for i, t in enumerate(TASKS)]
+    _run_all(peers[:2], [1, 1])
+    hub.expected = 3
+    fresh = peers[2].initial_state()
+    stale = GroupState(0, {k: v + 0.01 for k, v in fresh.params.items()})
+    threads = [threading.Thread(target=peers[i].run, args=(1, 0.0)) for i in range(2)]
+    for t in threads:
+        t.start()
+    _, stale_report = run_round(stale, peers[2].trainer, peers[2].transport, CONFIG)
+    for t in threads:
+        t.join(timeout=120)
+    healthy = [r for r in reports if r.round == 1]
+    assert len(healthy) == 2 and all(r.outcome == "averaged" for r in healthy)
+    assert all(r.members == ("p0", "p1") and r.excluded == () for r in healthy)
+    assert stale_report.outcome == "no-group" and stale_report.group_size == 1
+
+
+def test_group_continues_without_a_member_that_left() -> None:
+    hub = InMemoryHub(expected=3, timeout=1.5)
+    peers = [_peer(hub, f"p{i}", _local(t, i)) for i, t in enumerate(TASKS)]
+    states = _run_all(peers, [3, 3, 1])
+    assert states[0].round == states[1].round == 3
+    assert states[0].digest() == states[1].digest()
+
+
+def test_restarted_peer_resumes_from_checkpoint_and_catches_up(tmp_path: Path) -> None:
+    hub = InMemoryHub(expected=3, timeout=1.5)
+    peers = [_peer(hub, f"p{i}", _local(t, i), tmp_path / f"p{i}") for i, t in enumerate(TASKS)]
+    _run_all(peers, [1, 1, 1])
+    hub.expected = 2
+    _run_all(peers[:2], [2, 2])  # p2 is "dead" meanwhile
+    reborn = _peer(hub, "p2", _local("code", 2), tmp_path / "p2")
+    hub.expected = 3
+    states = _run_all([peers[0], peers[1], reborn], [1, 1, 1])
+    assert reborn.resumed_from == 1 and reborn.resynced_to[0] == 3
+    assert len({s.digest() for s in states}) == 1 and states[0].round == 4
+
+
+def test_corrupt_checkpoint_is_set_aside_not_deleted(tmp_path: Path) -> None:
+    hub = InMemoryHub(expected=1)
+    (tmp_path / "state.safetensors").write_bytes(b"\x00garbage")
+    peer = _peer(hub, "p0", _local("dates", 0), tmp_path)
+    state = peer.initial_state()
+    assert state.round == 0 and peer.resumed_from is None
+    assert list(tmp_path.glob("state.corrupt-*.safetensors"))
+
+
+def _meta(peer: str, weight: float, round_: int = 0, digest: str = "d") -> MemberMeta:
+    return MemberMeta(peer, round_, digest, weight)
+
+
+def test_contributions_are_chosen_by_round_state_arrival_and_weight() -> None:
+    members = [
+        _meta("a", 1.0),
+        _meta("b", 3.0),
+        _meta("c", 1.0, round_=1),
+        _meta("d", 1.0, digest="other"),
+        _meta("e", 0.0),
+        _meta("f", 1.0),
+        _meta("g", 1.0),
+    ]
+    contributions = {p: {"w": torch.zeros(1)} for p in "abcdeg"}
+    group = GroupResult(members, contributions, {"g": "stream ended early"})
+    chosen, excluded = select_contributions(group, members[0])
+    assert [m.peer for m in chosen] == ["a", "b"]
+    assert set(excluded) == {"c", "d", "e", "f", "g"}
+    assert excluded["g"] == "stream ended early" and "no contribution" in excluded["f"]
+
+
+def test_consensus_prefers_round_then_majority_then_smaller_digest() -> None:
+    ref = consensus({"a": (2, "x"), "b": (2, "y"), "c": (2, "y"), "d": (1, "z")})
+    assert (ref.round, ref.digest, ref.providers) == (2, "y", ("b", "c"))
+    assert consensus({"a": (3, "b"), "b": (3, "a")}).digest == "a"
+    assert consensus({}) is None
+
+
+GHBM = parse_config(
+    {
+        "inner": {"steps": 4, "batch_size": 4, "seq_len": 32},
+        "outer": {"name": "ghbm", "tau": 2},
+    }
+)
+
+
+def test_ghbm_ring_travels_with_the_state_to_a_restarted_peer(tmp_path: Path) -> None:
+    hub = InMemoryHub(expected=3, timeout=1.5)
+    reports: list[RoundReport] = []
+
+    def peer(i: int, task: str) -> Peer:
+        return _peer(hub, f"p{i}", _local(task, i), tmp_path / f"p{i}", reports, GHBM)
+
+    peers = [peer(i, t) for i, t in enumerate(TASKS)]
+    _run_all(peers, [2, 2, 2])
+    hub.expected = 2
+    _run_all(peers[:2], [2, 2])  # p2 is down for two rounds; the ring moves on without it
+    reborn = peer(2, "code")
+    hub.expected = 3
+    reports.clear()
+    states = _run_all([peers[0], peers[1], reborn], [1, 1, 1])
+    assert reborn.resumed_from == 2 and reborn.resynced_to[0] == 4
+    # same start digest (which covers the ring), so all three applied the same correction
+    assert all(r.outcome == "averaged" and r.group_size == 3 and r.tau == 2 for r in reports)
+    assert len({s.digest() for s in states}) == 1 and states[0].round == 5
+    assert len(states[0].outer_state["history"]) == 3  # tau + 1 global states
+
+
+def test_fedhbm_anchor_is_kept_in_the_local_checkpoint(tmp_path: Path) -> None:
+    config = parse_config(
+        {"inner": {"steps": 3, "batch_size": 4, "seq_len": 32}, "outer": {"name": "fedhbm"}}
+    )
+    hub = InMemoryHub(expected=1)
+    first = _peer(hub, "p0", _local("dates", 0), tmp_path, config=config)
+    first.run(2)
+    assert first.momentum is not None and first.momentum.anchor_round == 1
+    again = _peer(hub, "p0", _local("dates", 0), tmp_path, config=config)
+    again.initial_state()
+    assert again.momentum is not None and again.momentum.anchor_round == 1
+    for k, v in first.momentum.anchor.items():
+        assert torch.equal(v, again.momentum.anchor[k])
+
+
+def test_group_context_uses_the_largest_population_any_member_knew() -> None:
+    members = [MemberMeta("a", 0, "d", 1.0, known=10), MemberMeta("b", 0, "d", 1.0, known=12)]
+    context = group_context(members)
+    assert (context.participants, context.population) == (2, 12)
+    assert group_context(members[:1]).participants == 1
+
+
+class _MovesOnce:
+    """RoundHooks of a peer that joins another group before its first round."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def before_round(self, state: GroupState) -> bool:
+        self.calls += 1
+        return self.calls == 1
+
+
+def test_a_mover_adopts_its_destination_state_even_from_a_lower_round() -> None:
+    hub = InMemoryHub(expected=2, timeout=1.5)
+    residents = [_peer(hub, f"p{i}", _local(t, i)) for i, t in enumerate(TASKS[:2])]
+    _run_all(residents, [2, 2])  # the destination group is at round 2
+    mover_local = _local("code", 2)
+    # the mover comes from a group that is further along (round 5, other parameters)
+    ahead = GroupState(5, {k: v + 0.05 for k, v in mover_local.trainer.get_params().items()})
+    mover = Peer(mover_local.trainer, InMemoryTransport(hub, "p2"), CONFIG, hooks=_MovesOnce())
+    hub.expected = 3
+    results: list = [None, None, None]
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, residents[i].run(1, 2.0)))
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    state, report = mover.one_round(ahead)
+    for t in threads:
+        t.join(timeout=120)
+    assert mover.resynced_to == [2] and report.resynced and report.outcome == "averaged"
+    assert report.members == ("p0", "p1", "p2")
+    assert state.round == 3 and state.digest() == results[0].digest() == results[1].digest()

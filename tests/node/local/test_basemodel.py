@@ -1,0 +1,176 @@
+"""Embedded base model: fingerprint, loading, export round trip, errors, LoRA targets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from node.local import basemodel
+from node.local.basemodel import (
+    ASSET_DIR,
+    EMBEDDED,
+    EMBEDDED_FINGERPRINT,
+    BaseModelError,
+    detect_target_modules,
+    export_base,
+    load_base,
+    weights_fingerprint,
+)
+from node.local.data import TokenBatcher, builtin_eval_texts, eval_batches, load_texts
+
+LLAMA_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_base()
+
+
+def test_shipped_fingerprint_matches_asset_file():
+    state = load_file(str(ASSET_DIR / "model.safetensors"))
+    assert weights_fingerprint(state) == EMBEDDED_FINGERPRINT
+
+
+def test_assets_stay_small():
+    total = sum(p.stat().st_size for p in ASSET_DIR.iterdir() if p.is_file())
+    assert total < 5 * 2**20
+
+
+def test_fingerprint_follows_its_documented_definition():
+    state = {"b": torch.arange(6, dtype=torch.int64).reshape(2, 3), "a": torch.tensor([1.5, -2.0])}
+    oracle = hashlib.sha256()
+    oracle.update(b'["a", "float32", [2]]\n' + struct.pack("<2f", 1.5, -2.0))
+    oracle.update(b'["b", "int64", [2, 3]]\n' + struct.pack("<6q", *range(6)))
+    assert weights_fingerprint(state) == oracle.hexdigest()
+
+
+def test_fingerprint_is_order_free_dtype_canonical_and_value_sensitive():
+    weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    reference = weights_fingerprint({"w": weight, "v": weight[0]})
+    assert weights_fingerprint({"v": weight[0].clone(), "w": weight.t().contiguous().t()}) == (
+        reference
+    )
+    as_bf16 = weight.to(torch.bfloat16)
+    assert weights_fingerprint({"w": as_bf16}) == weights_fingerprint({"w": as_bf16.float()})
+    nudged = weight.clone()
+    nudged[2, 1] = torch.nextafter(nudged[2, 1], torch.tensor(1.0))
+    assert weights_fingerprint({"w": nudged, "v": weight[0]}) != reference
+
+
+def test_load_base_embedded(embedded):
+    model, tokenizer, fingerprint = embedded
+    assert fingerprint == EMBEDDED_FINGERPRINT
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert tokenizer.pad_token is not None and tokenizer.eos_token is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert load_base(EMBEDDED)[2] == EMBEDDED_FINGERPRINT
+
+
+def test_embedded_base_is_pretrained(embedded):
+    model, tokenizer, _ = embedded
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    generated = model.generate(prompt, max_new_tokens=3, do_sample=False)
+    assert tokenizer.decode(generated[0, prompt.shape[1] :]).startswith(" Paris")
+
+
+def test_export_round_trip_with_plain_transformers(embedded, tmp_path):
+    model, tokenizer, _ = embedded
+    out = export_base(tmp_path / "base")
+    plain_model = AutoModelForCausalLM.from_pretrained(out)
+    plain_tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "reverse: planet -> tenalp"
+    assert plain_tokenizer(text).input_ids == tokenizer(text).input_ids
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(plain_model(ids).logits, model(ids).logits)
+    assert weights_fingerprint(plain_model.state_dict()) == EMBEDDED_FINGERPRINT
+    assert load_base(str(out))[2] == EMBEDDED_FINGERPRINT
+
+
+def test_export_refuses_non_empty_dir(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(BaseModelError, match="non-empty"):
+        export_base(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def _one_line_error(path: str) -> str:
+    with pytest.raises(BaseModelError) as caught:
+        load_base(path)
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_load_base_bad_paths(tmp_path):
+    assert "does not exist" in _one_line_error(str(tmp_path / "missing"))
+    (tmp_path / "file.bin").write_bytes(b"x")
+    assert "not a directory" in _one_line_error(str(tmp_path / "file.bin"))
+    assert "no config.json" in _one_line_error(str(tmp_path))
+
+
+def test_load_base_rejects_non_causal_lm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    assert "not a causal language model" in _one_line_error(str(tmp_path))
+
+
+def test_load_base_rejects_corrupt_weights(tmp_path):
+    out = export_base(tmp_path / "base")
+    (out / "model.safetensors").write_bytes(b"not safetensors")
+    assert "cannot load weights" in _one_line_error(str(out))
+
+
+def test_4bit_without_cuda_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(basemodel.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BaseModelError, match="CUDA"):
+        load_base(quantize="4bit")
+    with pytest.raises(BaseModelError, match="unknown quantization"):
+        load_base(quantize="3bit")
+
+
+def test_detect_target_modules_llama_and_gpt2(embedded):
+    assert detect_target_modules(embedded[0]) == LLAMA_TARGETS
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
+    assert detect_target_modules(gpt2) == ["c_attn", "c_fc", "c_proj"]
+
+
+def test_lora_steps_reduce_loss_on_a_builtin_task():
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_base()
+    targets = detect_target_modules(model)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    batcher = TokenBatcher(load_texts("builtin:arithmetic"), tokenizer, 64, 8, seed=0)
+    held_out = eval_batches(builtin_eval_texts("arithmetic"), tokenizer, 64, 8, 2)
+    before = _mean_loss(peft_model, held_out)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=3e-3)
+    peft_model.train()
+    for _ in range(30):
+        batch, _ = batcher.next_batch()
+        peft_model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = _mean_loss(peft_model, held_out)
+    assert after < before - 0.1, (before, after)  # measured: 2.21 -> 1.98
+
+
+def _mean_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+    model.eval()
+    with torch.no_grad():
+        return sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
+
+
+def test_asset_files_are_what_export_copies():
+    shipped = {p.name for p in Path(ASSET_DIR).iterdir() if p.suffix in {".json", ".safetensors"}}
+    assert shipped == set(basemodel.ASSET_FILES)
