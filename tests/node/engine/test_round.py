@@ -278,3 +278,25 @@ def test_a_mover_adopts_its_destination_state_even_from_a_lower_round() -> None:
     assert mover.resynced_to == [2] and report.resynced and report.outcome == "averaged"
     assert report.members == ("p0", "p1", "p2")
     assert state.round == 3 and state.digest() == results[0].digest() == results[1].digest()
+
+
+def test_what_others_read_about_a_round_is_never_a_round_behind() -> None:
+    # status and the model card read the record that announce_state stores: the report of a
+    # round (loss, eval, group size) must be in before that round's state is announced
+    hub = InMemoryHub(expected=1)
+    events: list[str] = []
+
+    class Recording(InMemoryTransport):
+        def announce_state(self, state: GroupState) -> None:
+            events.append(f"announce {state.round}")
+            super().announce_state(state)
+
+    local = _local("dates", 0)
+    peer = Peer(
+        local.trainer,
+        Recording(hub, "p0"),
+        CONFIG,
+        on_report=lambda r: events.append(f"report {r.round + 1}"),
+    )
+    peer.run(2)
+    assert events[:5] == ["announce 0", "report 1", "announce 1", "report 2", "announce 2"]
