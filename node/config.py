@@ -116,12 +116,16 @@ class OuterSettings(_Strict):
 
 
 class AveragingSettings(_Strict):
-    """Group all-reduce over hivemind."""
+    """How a group forms and how its contributions are combined (docs/design.md, 3-4)."""
 
     matchmaking_time: float = Field(5.0, gt=0, le=600)
-    allreduce_timeout: float = Field(60.0, gt=0, le=3600)
+    allreduce_timeout: float = Field(60.0, gt=0, le=3600)  # fetching the contributions
     min_group_size: int = Field(2, ge=2, le=1024)
     codec: Literal["fp32", "fp16"] = "fp32"  # dtype of the contributions on the wire
+    # mean: the token-weighted mean; centered-clip: bounded influence (aggregation/robust.py)
+    aggregator: Literal["mean", "centered-clip"] = "mean"
+    clip_scale: float = Field(2.0, gt=0, le=1000)  # tau = clip_scale x median distance
+    clip_iterations: int = Field(3, ge=1, le=100)
 
 
 class ClusteringSettings(_Strict):
@@ -137,6 +141,12 @@ class ClusteringSettings(_Strict):
         "cat", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"
     ] = "linear"
     merge_rank: int | None = Field(None, ge=1, le=4096)
+
+
+def max_round_weight(config: RunConfig) -> float:
+    """The most tokens one member can have seen in one round: H steps of full batches."""
+    inner = config.inner
+    return float(inner.steps * inner.batch_size * inner.seq_len)
 
 
 class RunConfig(_Strict):

@@ -25,7 +25,8 @@ from typing import Literal
 from aggregation.ghbm import PeerMomentum
 from aggregation.outer import OuterOptimizer, RoundContext, make_outer
 from aggregation.params import Params, pseudo_gradient, weighted_mean
-from node.config import RunConfig
+from aggregation.robust import centered_clip
+from node.config import RunConfig, max_round_weight
 from node.engine.state import GroupState
 from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, Transport
 from node.local.trainer import InnerResult, InnerTrainer
@@ -72,10 +73,11 @@ class RoundReport:
 
 
 def select_contributions(
-    group: GroupResult, mine: MemberMeta
+    group: GroupResult, mine: MemberMeta, max_weight: float = float("inf")
 ) -> tuple[list[MemberMeta], dict[str, str]]:
     """The members whose contributions enter the aggregate (sorted by peer id; this peer
-    included), and every other member with the reason it was left out."""
+    included), and every other member with the reason it was left out. A weight above what one
+    round can produce (`max_weight` tokens) is a rejected contribution, never a bigger vote."""
     excluded = dict(group.missing)
     chosen = []
     for member in sorted(group.members, key=lambda m: m.peer):
@@ -87,6 +89,8 @@ def select_contributions(
             excluded[member.peer] = "no contribution"
         elif not member.weight > 0:
             excluded[member.peer] = "zero weight"
+        elif member.weight > max_weight:
+            excluded[member.peer] = f"weight {member.weight:g} > {max_weight:g} (H full batches)"
         else:
             chosen.append(member)
     return chosen, excluded
@@ -180,6 +184,17 @@ def outer_phase(
     return GroupState(state.round + 1, new_params, outer.state_dict()), tau
 
 
+def combine(contributions: list[Params], weights: list[float], config: RunConfig) -> Params:
+    """The group update from the chosen contributions, by the configured aggregator."""
+    settings = config.averaging
+    if settings.aggregator == "centered-clip":
+        robust, _ = centered_clip(
+            contributions, weights, settings.clip_scale, settings.clip_iterations
+        )
+        return robust
+    return weighted_mean(contributions, weights)
+
+
 def group_context(members: list[MemberMeta]) -> RoundContext:
     """Participation as the group agreed it: members, and the most peers any member knew of."""
     if len(members) < 2:
@@ -204,7 +219,7 @@ def conclude_round(
         problem = str(answer)
         log.warning("round %d: no group (%s); applying the local update", mine.round + 1, problem)
     else:
-        chosen, excluded = select_contributions(group, mine)
+        chosen, excluded = select_contributions(group, mine, max_round_weight(config))
         outcome, problem = "averaged", ""
         if len(chosen) < 2 or mine.peer not in {m.peer for m in chosen}:
             outcome, problem = "rejected", "no usable contribution from another member"
@@ -212,8 +227,8 @@ def conclude_round(
         for peer, why in sorted(excluded.items()):
             log.warning("round %d: excluded %s: %s", mine.round + 1, peer[-8:], why)
     if outcome == "averaged" and group is not None:
-        aggregate = weighted_mean(
-            [group.contributions[m.peer] for m in chosen], [m.weight for m in chosen]
+        aggregate = combine(
+            [group.contributions[m.peer] for m in chosen], [m.weight for m in chosen], config
         )
     else:
         chosen, aggregate = [], update.delta

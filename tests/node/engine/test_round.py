@@ -186,6 +186,13 @@ def test_contributions_are_chosen_by_round_state_arrival_and_weight() -> None:
     assert excluded["g"] == "stream ended early" and "no contribution" in excluded["f"]
 
 
+def test_a_weight_above_one_rounds_tokens_is_excluded_not_a_bigger_vote() -> None:
+    members = [_meta("a", 100.0), _meta("b", 1e9)]
+    group = GroupResult(members, {p: {"w": torch.zeros(1)} for p in "ab"})
+    chosen, excluded = select_contributions(group, members[0], max_weight=4 * 4 * 32)
+    assert [m.peer for m in chosen] == ["a"] and "weight" in excluded["b"]
+
+
 def test_consensus_prefers_round_then_majority_then_smaller_digest() -> None:
     ref = consensus({"a": (2, "x"), "b": (2, "y"), "c": (2, "y"), "d": (1, "z")})
     assert (ref.round, ref.digest, ref.providers) == (2, "y", ("b", "c"))

@@ -1,0 +1,92 @@
+"""Aggregation rules that bound any single member's pull on a group update.
+
+CenteredClip (Karimireddy, He, Jaggi, ICML 2021; used by BTARD, Gorbunov et al. 2022,
+arXiv 2106.11257): starting from v_0, iterate
+
+    v <- v + sum_i w_i * clip_tau(x_i - v) / sum_i w_i,   clip_tau(d) = d * min(1, tau / |d|)
+
+Each step moves v by at most tau * (the member's share of the weight) per member, so a member
+with weight share p can move the result by at most p * tau per iteration, whatever it sends.
+With tau = infinity one iteration from any start gives the weighted mean.
+
+The start v_0 is the coordinate-wise weighted median of the contributions: it is itself
+robust (fewer than half of the weight cannot move it outside the honest values' range), so
+the clipping radius is measured around an honest point, not around a poisoned mean.
+
+tau is chosen from the data: a multiple of the median distance of the contributions to v_0
+(`clip_scale`). Honest pseudo-gradients of one round scatter around their mean at a common
+scale, so the median distance tracks that scale and needs no tuning per learning rate.
+
+Determinism: every member must compute bit-identical results. Elementwise float64 arithmetic
+is; reductions (norms) may not be across thread counts or CPUs, so norms are rounded to 30
+significant bits before they steer anything. Two members then disagree only if a norm falls
+within 2^-30 (relative) of a rounding boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from aggregation.params import Params
+
+Tensors = Mapping[str, torch.Tensor]
+NORM_BITS = 30
+
+
+def stable_norm(value: float) -> float:
+    """`value` rounded to NORM_BITS significant bits (see the module docstring)."""
+    if value == 0.0 or not math.isfinite(value):
+        return value
+    mantissa, exponent = math.frexp(value)
+    return math.ldexp(round(mantissa * (1 << NORM_BITS)) / (1 << NORM_BITS), exponent)
+
+
+def _distance(a: Tensors, b: Tensors) -> float:
+    total = 0.0
+    for k in sorted(a):
+        total += float((a[k].double() - b[k].double()).pow(2).sum())
+    return stable_norm(math.sqrt(total))
+
+
+def weighted_median(contributions: Sequence[Tensors], weights: Sequence[float]) -> Params:
+    """Coordinate-wise weighted median (lower median at exact half-weight ties), float64."""
+    total = sum(weights)
+    out: Params = {}
+    w = torch.tensor(list(weights), dtype=torch.float64)
+    for k in sorted(contributions[0]):
+        stacked = torch.stack([c[k].double().flatten() for c in contributions])
+        values, order = stacked.sort(dim=0, stable=True)
+        cumulative = w[order].cumsum(dim=0)
+        index = (cumulative < total / 2).sum(dim=0, keepdim=True)
+        out[k] = values.gather(0, index).reshape(contributions[0][k].shape)
+    return out
+
+
+def centered_clip(
+    contributions: Sequence[Tensors],
+    weights: Sequence[float],
+    clip_scale: float = 2.0,
+    iterations: int = 3,
+) -> tuple[Params, float]:
+    """CenteredClip from the weighted median with tau = clip_scale * median distance to it;
+    returns the aggregate (float32) and tau."""
+    if len(contributions) != len(weights) or not contributions:
+        raise ValueError("need one weight per contribution, and at least one")
+    if any(not w > 0 for w in weights):
+        raise ValueError(f"weights must be positive, got {list(weights)}")
+    total = float(sum(weights))
+    center = weighted_median(contributions, weights)
+    distances = sorted(_distance(c, center) for c in contributions)
+    tau = stable_norm(clip_scale * distances[(len(distances) - 1) // 2])
+    for _ in range(iterations):
+        step = {k: torch.zeros_like(v) for k, v in center.items()}
+        for contribution, w in zip(contributions, weights, strict=True):
+            distance = _distance(contribution, center)
+            factor = 1.0 if distance <= tau else tau / distance
+            for k in step:
+                step[k] += (w / total * factor) * (contribution[k].double() - center[k])
+        center = {k: center[k] + step[k] for k in center}
+    return {k: v.float() for k, v in center.items()}, tau

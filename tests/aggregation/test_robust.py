@@ -1,0 +1,94 @@
+"""Robust aggregation against independent references and under attack."""
+
+import math
+
+import pytest
+import torch
+
+from aggregation.params import weighted_mean
+from aggregation.robust import centered_clip, stable_norm, weighted_median
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _honest(n: int, seed: int = 0, scale: float = 1e-3) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    mean = {"a": torch.randn(16, 8, generator=gen), "b": torch.randn(40, generator=gen)}
+    return [
+        {k: (v + 0.3 * torch.randn(v.shape, generator=gen)) * scale for k, v in mean.items()}
+        for _ in range(n)
+    ]
+
+
+def _norm(x: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in x.values()))
+
+
+def _minus(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: x[k].double() - y[k].double() for k in x}
+
+
+def test_weighted_median_matches_a_per_coordinate_reference() -> None:
+    xs = _honest(5, seed=1)
+    weights = [1.0, 3.0, 1.0, 2.0, 1.0]
+    median = weighted_median(xs, weights)
+    for k in xs[0]:
+        for j in range(xs[0][k].numel()):
+            pairs = sorted((float(x[k].flatten()[j]), w) for x, w in zip(xs, weights, strict=True))
+            running, reference = 0.0, None
+            for value, w in pairs:  # first value whose cumulative weight reaches half
+                running += w
+                if running >= sum(weights) / 2:
+                    reference = value
+                    break
+            assert float(median[k].flatten()[j]) == reference
+
+
+def test_without_clipping_one_step_is_the_weighted_mean() -> None:
+    xs = _honest(4, seed=2)
+    weights = [512.0, 1024.0, 768.0, 256.0]
+    result, _ = centered_clip(xs, weights, clip_scale=1e12, iterations=1)
+    reference = weighted_mean(xs, weights)
+    for k in xs[0]:
+        # float64 arithmetic from fp32 inputs, one rounding to fp32: ~eps32 of the entries
+        atol = 4 * EPS32 * float(reference[k].abs().max())
+        torch.testing.assert_close(result[k], reference[k], rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("attack", [1e3, -10.0, 1e6])
+def test_one_attacker_in_four_moves_the_result_by_a_bounded_amount(attack: float) -> None:
+    honest = _honest(3, seed=3)
+    honest_mean = weighted_mean(honest, [1.0] * 3)
+    attacker = {k: v * attack for k, v in honest_mean.items()}
+    robust, tau = centered_clip([*honest, attacker], [1.0] * 4)
+    plain = weighted_mean([*honest, attacker], [1.0] * 4)
+    spread = max(_norm(_minus(h, honest_mean)) for h in honest)
+    pull = _norm(_minus(robust, honest_mean))
+    # the documented bound: 3 iterations x weight share 1/4 x tau, plus the honest spread
+    assert pull <= 3 * 0.25 * tau + spread
+    assert tau <= 4 * spread  # tau is set by honest distances, not by the attacker
+    assert _norm(_minus(plain, honest_mean)) > 2 * pull  # the plain mean is dragged away
+
+
+def test_same_inputs_same_bits() -> None:
+    xs = _honest(4, seed=4)
+    first, tau1 = centered_clip(xs, [1.0, 2.0, 1.0, 1.0])
+    again, tau2 = centered_clip(
+        [{k: v.clone() for k, v in x.items()} for x in xs], [1.0, 2.0, 1.0, 1.0]
+    )
+    assert tau1 == tau2 and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_stable_norm_keeps_30_bits_and_is_idempotent() -> None:
+    for value in [1.0, 3.14159265358979, 1e-9, 123456.789]:
+        rounded = stable_norm(value)
+        assert abs(rounded - value) <= value * 2.0**-30
+        assert stable_norm(rounded) == rounded
+    assert stable_norm(0.0) == 0.0
+
+
+def test_bad_weights_are_refused() -> None:
+    with pytest.raises(ValueError):
+        centered_clip(_honest(2), [1.0, 0.0])
+    with pytest.raises(ValueError):
+        centered_clip([], [])
