@@ -25,7 +25,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from safetensors.torch import load as st_load
@@ -42,6 +43,8 @@ from protocols.swarm import SwarmNode
 from protocols.transfer import TransferError
 
 ROUND_BITS, DIGEST_BITS = 20, 12
+POLL_S = 0.5
+_MATCHMAKING_STAGES = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)
 # Wire dtypes of a contribution. Every member decodes the same bytes, its own blob included, so
 # fp16 halves the bytes and still leaves all members bit-identical.
 CODECS = {"fp32": torch.float32, "fp16": torch.float16}
@@ -195,15 +198,23 @@ class GroupAverager:
                 min_group_size=min_group_size,
                 target_group_size=target_group_size,
                 min_matchmaking_time=matchmaking_time,
-                request_timeout=min(1.0, matchmaking_time / 2),
-                allreduce_timeout=allreduce_timeout,
+                request_timeout=min(3.0, matchmaking_time / 2),
+                # the all-reduce only closes group formation (one number): when a member that
+                # the leader counted in never got the group, the others must not wait long
+                allreduce_timeout=max(5.0, matchmaking_time),
             )
 
     def exchange(
-        self, tensors: Mapping[str, torch.Tensor], meta: MemberMeta, timeout: float
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        meta: MemberMeta,
+        timeout: float,
+        moved_on: Callable[[], bool] = lambda: False,
     ) -> GatherOutcome:
         """Publish `tensors`, join a group of meta's round and start state within `timeout`
-        seconds (failed attempts are retried), then fetch every other member's contribution."""
+        seconds (failed attempts are retried), then fetch every other member's contribution.
+        While still looking for a group, `moved_on()` (polled) says the group already finished
+        this round: waiting longer is pointless, so the attempt ends at once."""
         if set(tensors) != set(self.shapes):
             raise AveragingError("tensor names differ from the averager's template")
         blob = encode_contribution(tensors, self.codec)
@@ -218,7 +229,7 @@ class GroupAverager:
         )
         self._publish(f"contribution:{self.prefix}:{meta.round}", blob)
         started = time.perf_counter()
-        gathered, matchmaking_s, attempts = self._form_group(meta, timeout)
+        gathered, matchmaking_s, attempts = self._form_group(meta, timeout, moved_on)
         members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
         contributions, missing, received = self._fetch_all(members, meta)
         contributions[meta.peer] = decode_contribution(blob, self.shapes, self.codec)
@@ -240,7 +251,9 @@ class GroupAverager:
         self.node.blobs.publish(name, blob)
         self._published = name
 
-    def _form_group(self, meta: MemberMeta, timeout: float) -> tuple[dict[Any, Any], float, int]:
+    def _form_group(
+        self, meta: MemberMeta, timeout: float, moved_on: Callable[[], bool]
+    ) -> tuple[dict[Any, Any], float, int]:
         """hivemind matchmaking with our key bits; returns (gathered, seconds, attempts)."""
         started = time.perf_counter()
         deadline = time.monotonic() + timeout
@@ -256,7 +269,7 @@ class GroupAverager:
                     allow_retries=False,
                     wait=False,
                 )
-                gathered = control.result()
+                gathered = _result_unless(control, moved_on)
             except _STEP_FAILURES as exc:
                 last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
                 continue
@@ -308,6 +321,20 @@ class GroupAverager:
             self.node.blobs.unpublish(self._published)
         if self.averager.is_alive():
             self.averager.shutdown()
+
+
+def _result_unless(control: StepControl, moved_on: Callable[[], bool]) -> Any:
+    """The step's gathered data; polls `moved_on` while matchmaking and cancels the step (and
+    raises AveragingError) when it says the group is gone."""
+    while True:
+        try:
+            return control.result(timeout=POLL_S)
+        except TimeoutError:
+            if control.done():  # the step itself failed with a timeout
+                raise
+            if control.stage in _MATCHMAKING_STAGES and moved_on():
+                control.cancel()
+                raise AveragingError("the group already finished this round") from None
 
 
 def _same(member: MemberMeta, mine: MemberMeta) -> bool:

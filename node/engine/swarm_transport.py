@@ -58,7 +58,9 @@ class HivemindTransport:
     def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult:
         """Form a group of meta's round and state through hivemind, all-gather contributions."""
         try:
-            out = self.averager.exchange(delta, meta, timeout=self.timeout)
+            out = self.averager.exchange(
+                delta, meta, timeout=self.timeout, moved_on=lambda: self._moved_on(meta.round)
+            )
         except AveragingError as exc:
             raise AveragingFailed(str(exc)) from None
         return GroupResult(
@@ -70,6 +72,11 @@ class HivemindTransport:
             out.matchmaking_s,
             out.transfer_s,
         )
+
+    def _moved_on(self, round_: int) -> bool:
+        """True once a member of our group announced a state past `round_` (that round's group
+        has formed and finished without us)."""
+        return any(r > round_ for r, _ in self.announcements().values())
 
     def announce_state(self, state: GroupState) -> None:
         """Serve this state and say so in our heartbeat."""

@@ -34,6 +34,7 @@ log = logging.getLogger("swarmtune.bootstrap")
 MIRROR_INTERVAL = 1.0
 MANIFEST_REFRESH = 600.0
 SIGNATURE_WAIT_S = 30.0
+MIRROR_TIMEOUT = 20.0  # a busy volunteer's adapter can wait for the next tick; Ctrl+C cannot
 
 
 @dataclass
@@ -160,9 +161,14 @@ class Coordinator:
     def mirror(self, offer: Offer) -> None:
         """Download an adapter bundle (sha-checked) and serve it too."""
         for provider in offer.providers:
+            if self.stop.is_set():
+                return
             try:
                 bundle = self.node.fetch(
-                    provider, f"adapter:{offer.name}", expected_sha256=offer.sha256
+                    provider,
+                    f"adapter:{offer.name}",
+                    expected_sha256=offer.sha256,
+                    timeout=MIRROR_TIMEOUT,
                 )
             except (TransferError, TimeoutError) as exc:
                 log.warning("mirroring %s from %s failed: %s", offer.name, provider[-8:], exc)

@@ -192,27 +192,6 @@ def test_bad_inputs_are_one_clear_line(trained: Swarm, tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_sigkilled_volunteer_resumes_and_rejoins(tmp_path: Path) -> None:
-    swarm = Swarm(tmp_path, run_id="itest-restart")
-    try:
-        swarm.start_coordinator()
-        for i, task in enumerate(TASKS):
-            swarm.join(f"v{i}", task, 40)  # the group keeps going until we stop it
-        _wait_rounds(tmp_path / "v2", 1, 180)
-        swarm.kill("v2")
-        _wait_rounds(tmp_path / "v0", 3, 120)
-        swarm.join("v2", "code", 2)
-        assert swarm.wait("v2", 180) == 0, swarm.log("v2")
-        log = swarm.log("v2")
-        assert "resumed from checkpoint at round 1" in log
-        assert "synced to the group's state at round" in log, log
-        for name in ("v0", "v1"):
-            os.killpg(swarm.procs[name].pid, signal.SIGINT)
-        assert [swarm.wait(f"v{i}", 60) for i in range(2)] == [0, 0]
-    finally:
-        swarm.close()
-
-
 def test_ctrl_c_leaves_cleanly_and_coordinator_leaves_no_process(tmp_path: Path) -> None:
     swarm = Swarm(tmp_path, run_id="itest-sigint")
     try:
