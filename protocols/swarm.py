@@ -33,6 +33,7 @@ from protocols.sockets import remove_stale_hivemind_sockets
 from protocols.transfer import BlobServer, TransferError, fetch_blob
 
 log = logging.getLogger("swarmtune.swarm")
+DHT_GET_TIMEOUT = 10.0
 
 
 class SwarmError(RuntimeError):
@@ -169,8 +170,19 @@ class SwarmNode:
         """Live peer records of this run, by peer id."""
         if self.run_id is None:
             return {}
-        found = self.dht.get(peers_key(self.run_id), latest=True)
+        found = self._get(peers_key(self.run_id))
         return parse_peer_records(found.value if found is not None else None)
+
+    def _get(self, key: str) -> Any:
+        """The newest value under `key`, or None when the DHT does not answer within
+        DHT_GET_TIMEOUT (a busy swarm must not freeze a round loop or a Ctrl+C)."""
+        future = self.dht.get(key, latest=True, return_future=True)
+        try:
+            return future.result(timeout=DHT_GET_TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            log.debug("DHT get of %s timed out", key)
+            return None
 
     def store_owned(self, key: str, value: dict[str, Any], ttl: float) -> None:
         """Store a record under our owner subkey (signed; nobody else can overwrite it)."""
@@ -184,7 +196,7 @@ class SwarmNode:
 
     def get_owned(self, key: str) -> dict[bytes, Any]:
         """Every owner's record under `key`, by owner subkey (values as stored, unvalidated)."""
-        found = self.dht.get(key, latest=True)
+        found = self._get(key)
         if found is None or not isinstance(found.value, dict):
             return {}
         return {k: getattr(v, "value", None) for k, v in found.value.items()}

@@ -74,6 +74,8 @@ class Coordinator:
         if self.clusterer is not None:
             self.recluster({pid for pid, r in peers.items() if r.role == "volunteer"})
         for offer in best_offers(peers).values():
+            if self.stop.is_set():
+                return
             mine = self.record.adapters.get(offer.name)
             if (mine is None or offer.round > mine.round) and (
                 offer.name,
@@ -235,11 +237,33 @@ def bootstrap(options: BootstrapOptions) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: coordinator.stop.set())
         announce(node, manifest, options.addr_file)
-        coordinator.serve()
+        serve_until_stopped(coordinator)
         log.info("shutting down")
         return 0
     finally:
         node.shutdown()
+
+
+def serve_until_stopped(coordinator: Coordinator, grace: float = 5.0) -> None:
+    """Serve in a worker thread, so that a signal ends the coordinator within `grace` seconds
+    even while a tick waits on a slow peer (the node's shutdown then cuts that wait short)."""
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            coordinator.serve()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised there
+            failed.append(exc)
+
+    worker = threading.Thread(target=serve, name="coordinator", daemon=True)
+    worker.start()
+    while worker.is_alive() and not coordinator.stop.wait(0.5):
+        pass
+    worker.join(grace)
+    if failed:
+        raise failed[0]
+    if worker.is_alive():
+        log.info("a transfer was still running; leaving without it")
 
 
 def announce(node: SwarmNode, manifest: ManifestRecord, addr_file: Path | None) -> None:

@@ -1,0 +1,41 @@
+"""The coordinator's serve loop: a signal ends it promptly; a crash is not turned into exit 0."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from node.roles.coordinator import serve_until_stopped
+
+
+class _Blocked:
+    """A coordinator whose tick hangs on a slow peer."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+
+    def serve(self) -> None:
+        time.sleep(60)
+
+
+class _Crashing:
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+
+    def serve(self) -> None:
+        raise KeyError("a bug in a tick")
+
+
+def test_a_stop_ends_serving_within_the_grace_even_if_a_tick_hangs() -> None:
+    coordinator = _Blocked()
+    threading.Timer(0.2, coordinator.stop.set).start()
+    started = time.monotonic()
+    serve_until_stopped(coordinator, grace=0.5)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 5
+
+
+def test_a_crash_in_the_serve_loop_reaches_the_caller() -> None:
+    with pytest.raises(KeyError, match="a bug in a tick"):
+        serve_until_stopped(_Crashing(), grace=0.5)  # type: ignore[arg-type]
