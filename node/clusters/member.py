@@ -77,21 +77,22 @@ class ClusterMember:
             log.info("task signature ready")
 
     def before_round(self, state: GroupState) -> bool:
-        """Publish the signature after warm-up and apply an assignment that is due; True when
-        this peer moved to another cluster."""
+        """Publish the signature and apply an assignment that is due; True when this peer moved
+        to another cluster. The signature waits for the warm-up only while the run has no
+        clusters yet; a volunteer arriving later publishes it at once."""
         self.prepare()
         self.rounds_seen += 1
-        if self.rounds_seen > self.settings.warmup_rounds:
+        raw = self.node.get_owned(clusters_key(self.manifest.run_id))
+        assignment = read_assignment(raw, self.manifest.coordinator_key)
+        if self.rounds_seen > self.settings.warmup_rounds or assignment is not None:
             record = self.signature.record(self.node.peer_id, state.round)
             if record is not None:
                 self.node.store_owned(
                     signatures_key(self.manifest.run_id), record.model_dump(), PEER_TTL
                 )
-        raw = self.node.get_owned(clusters_key(self.manifest.run_id))
-        assignment = read_assignment(raw, self.manifest.coordinator_key)
         if assignment is not None and assignment.version > self.version:
             self.pending = assignment
-        if self.pending is None or state.round < self.pending.effective_round:
+        if self.pending is None or not self.due(self.pending, state):
             return False
         due, self.pending = self.pending, None
         self.version = due.version
@@ -100,6 +101,13 @@ class ClusterMember:
             return False
         self.move_to(target)
         return True
+
+    def due(self, assignment: ClusterRecord, state: GroupState) -> bool:
+        """Members of the group being split switch together at the effective round; a peer
+        still in the run-wide group after the first assignment (a newcomer) has nobody to
+        switch with and goes at once."""
+        newcomer = self.cluster < 0 and assignment.version > 1
+        return newcomer or state.round >= assignment.effective_round
 
     def move_to(self, cluster: int) -> None:
         """Average with `cluster` from this round on."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -16,8 +19,10 @@ from node.clusters.clusterer import (
     read_assignment,
     verified_signatures,
 )
-from node.config import ClusteringSettings
-from protocols.records import PeerRecord, SignatureRecord
+from node.clusters.member import ClusterMember
+from node.config import ClusteringSettings, parse_config
+from node.engine.state import GroupState
+from protocols.records import ClusterRecord, PeerRecord, SignatureRecord
 from protocols.transfer import pack_files, unpack_files
 
 MODULES = ["base_model.model.layers.0.q_proj", "base_model.model.layers.0.v_proj"]
@@ -182,3 +187,35 @@ def test_only_the_weighted_means_see_the_cluster_sizes(method: str, weights: lis
     assert sorted(merged.modules) == sorted(direct.modules)
     for module, factors in direct.modules.items():  # the same computation: bit for bit
         assert torch.equal(merged.modules[module].delta_w(), factors.delta_w())
+
+
+class _Transport:
+    def __init__(self, cluster: int) -> None:
+        self.cluster = cluster
+
+
+def _member(cluster: int, tmp_path: Path) -> ClusterMember:
+    config = parse_config({"clustering": {"enabled": True}})
+    node = SimpleNamespace(peer_id="QmPeer")
+    manifest = SimpleNamespace(run_id="run", coordinator_key="[owner:c]")
+    return ClusterMember(node, manifest, config, _Transport(cluster), tmp_path, lambda s: None)  # type: ignore[arg-type]
+
+
+def _assignment(version: int, effective: int) -> ClusterRecord:
+    return ClusterRecord(
+        version=version,
+        round=effective - 2,
+        effective_round=effective,
+        assignment={"QmPeer": 1},
+        coordinator="QmCoordinator",
+    )
+
+
+def test_group_members_switch_at_the_effective_round_newcomers_at_once(tmp_path: Path) -> None:
+    at_round = GroupState(5, {})
+    # the first split of the run-wide group: everyone waits for the same round
+    assert not _member(-1, tmp_path).due(_assignment(1, 7), at_round)
+    assert _member(-1, tmp_path).due(_assignment(1, 5), at_round)
+    # a later version: a peer already in a cluster still waits; a newcomer does not
+    assert not _member(0, tmp_path).due(_assignment(3, 7), at_round)
+    assert _member(-1, tmp_path).due(_assignment(3, 7), at_round)
