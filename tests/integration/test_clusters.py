@@ -49,55 +49,54 @@ def _reports(workdir: Path) -> list[dict]:
 def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
     tmp_path: Path,
 ) -> None:
-    # one swarm for the whole story (a swarm costs about a minute on 2 cores)
+    # one swarm for the whole story (starting a swarm costs most of a minute on 2 cores)
     swarm = Swarm(tmp_path, config_text=CLUSTERED)
     try:
         swarm.start_coordinator()
         for i, task in enumerate(TASKS):
-            swarm.join(f"v{i}", task, 60)
-        _wait_for(
-            lambda: all(_cluster_of(tmp_path / f"v{i}") is not None for i in range(4)),
-            240,
-            "clusters",
-        )
+            swarm.join(f"v{i}", task, 9)
+        codes = [swarm.wait(f"v{i}", 300) for i in range(len(TASKS))]
+        assert codes == [0] * len(TASKS), "\n".join(swarm.log(f"v{i}") for i in range(4))
         labels = [_cluster_of(tmp_path / f"v{i}") for i in range(4)]
         assert adjusted_rand_index(TASKS, labels) == 1.0, labels
-        _wait_for(lambda: "into `merged`" in swarm.log("coord"), 180, "the first merge")
-        # the switch from the run-wide group to the clusters cost no round
-        _wait_for(lambda: len(_reports(tmp_path / "v0")) >= 6, 120, "rounds in the clusters")
-        for i in range(4):
+        assert "into `merged`" in swarm.log("coord")
+        for i in range(4):  # the switch from the run-wide group to the clusters cost no round
             reports = _reports(tmp_path / f"v{i}")
             assert all(r["outcome"] != "rejected" and not r["excluded"] for r in reports), reports
             assert reports[-1]["outcome"] == "averaged" and reports[-1]["group_size"] == 2
 
-        listing = swarm.cli("pull", "--initial-peers", swarm.maddr, "--list")
+        # with the volunteers gone the coordinator serves the adapters on a quiet machine
+        pull = ["pull", "--initial-peers", swarm.maddr]
+        listing = swarm.cli(*pull, "--list")
         names = {f"cluster-{c}" for c in labels} | {"merged"}
         assert all(name in listing.stdout for name in names), listing.stdout
-        pull = ["pull", "--initial-peers", swarm.maddr, "--adapter"]
-        pulled = swarm.cli(*pull, "merged", "--out", str(tmp_path / "m"))
+        pulled = swarm.cli(*pull, "--adapter", "merged", "--out", str(tmp_path / "m"))
         assert pulled.returncode == 0, pulled.stderr
         assert "ties" in (tmp_path / "m" / "README.md").read_text()
-        pulled = swarm.cli(*pull, f"cluster-{labels[0]}", "--out", str(tmp_path / "c"))
+        pulled = swarm.cli(*pull, "--adapter", f"cluster-{labels[0]}", "--out", str(tmp_path / "c"))
         assert pulled.returncode == 0 and (tmp_path / "c" / "adapter_model.safetensors").exists()
         assert swarm.cli("export-base", "--out", str(tmp_path / "base")).returncode == 0
         for adapter in (tmp_path / "m", tmp_path / "c"):  # plain PEFT takes both, every key
             model = load_with_plain_peft(tmp_path / "base", adapter)
             assert_lora_weights_are_the_files(model, adapter)
         status = swarm.cli("status", "--initial-peers", swarm.maddr)
-        assert "clusters (assignment v" in status.stdout and "cluster" in status.stdout
+        assert "clusters (assignment v" in status.stdout
 
+        # the capitals cluster comes back (restarted from its work dirs) and a newcomer joins it
+        for i in (2, 3):
+            swarm.join(f"v{i}", TASKS[i], 60)
         swarm.join("late", "capitals", 60)
         _wait_for(lambda: _cluster_of(tmp_path / "late") is not None, 240, "the late cluster")
-        assert _cluster_of(tmp_path / "late") == labels[2]  # the capitals cluster
+        assert _cluster_of(tmp_path / "late") == labels[2]
         swarm.kill("coord", signal.SIGTERM)
-        done = len(_reports(tmp_path / "v0"))
-        _wait_for(lambda: len(_reports(tmp_path / "v0")) >= done + 3, 120, "rounds after")
-        after = _reports(tmp_path / "v0")[done:]
-        assert any(r["outcome"] == "averaged" and r["group_size"] == 2 for r in after), after
-        names = ("v0", "v1", "v2", "v3", "late")
+        before = len(_reports(tmp_path / "v2"))
+        _wait_for(lambda: len(_reports(tmp_path / "v2")) >= before + 3, 120, "rounds after")
+        after = _reports(tmp_path / "v2")[before:]
+        assert any(r["outcome"] == "averaged" and r["group_size"] >= 2 for r in after), after
+        names = ("v2", "v3", "late")
         for name in names:
             os.killpg(swarm.procs[name].pid, signal.SIGINT)
-        assert [swarm.wait(n, 60) for n in names] == [0] * 5
-        assert not any("Traceback" in swarm.log(n) for n in names)
+        assert [swarm.wait(n, 60) for n in names] == [0] * 3
+        assert not any("Traceback" in swarm.log(n) for n in ("v0", "v1", "v2", "v3", "late"))
     finally:
         swarm.close()
