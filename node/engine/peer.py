@@ -1,6 +1,6 @@
 """A volunteer's life across rounds, independent of the transport: resume, sync, train, save.
 
-Every round that did not apply a verified group average is counted (no group, rejected
+Every round that did not apply its group's aggregate is counted (no group, rejected
 result), and so is every state adopted from others (resync); the counts travel in each
 RoundReport, so a broken averager cannot hide behind the next round's resync.
 """
@@ -37,7 +37,7 @@ class RoundHooks(Protocol):
 class RoundCounts:
     """Running totals of rounds that did not go as planned, for reports and status."""
 
-    fallbacks: int = 0  # no group formed, or the all-reduce broke: local update applied
+    fallbacks: int = 0  # no group formed in time: local update applied
     rejections: int = 0  # a group left nothing usable to aggregate: local update applied
     exclusions: int = 0  # group members' contributions left out (stale, lost, malformed)
     resyncs: int = 0  # adopted another member's state

@@ -68,7 +68,7 @@ class RoundReport:
 
     @property
     def verified(self) -> bool:
-        """True when the group's verified average was applied."""
+        """True when the group's aggregate (not only our own update) was applied."""
         return self.outcome == "averaged"
 
 

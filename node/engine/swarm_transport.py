@@ -21,7 +21,7 @@ from protocols.transfer import TransferError
 
 
 class HivemindTransport:
-    """Transport over a SwarmNode: group all-reduce, state announcements and state transfer."""
+    """Transport over a SwarmNode: group exchange, state announcements and state transfer."""
 
     def __init__(
         self,

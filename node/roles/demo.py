@@ -121,9 +121,9 @@ def summarize(workdirs: list[Path], out: Path, started: float) -> str:
         )
     last = [reports[-1] for reports in per_peer]
     lines += [
-        f"\n{len(workdirs)} volunteers, {total / 1e6:.2f} MB of all-reduce payload sent, "
+        f"\n{len(workdirs)} volunteers, {total / 1e6:.2f} MB of contributions sent, "
         f"{time.monotonic() - started:.0f}s in all.",
-        "rounds without a verified group average, all volunteers: "
+        "rounds without the group aggregate, all volunteers: "
         f"{sum(r.get('fallbacks', 0) for r in last)} no group, "
         f"{sum(r.get('rejections', 0) for r in last)} rejected, "
         f"{sum(r.get('exclusions', 0) for r in last)} contributions excluded; "

@@ -2,8 +2,8 @@
 
 Each round samples round(C*K) clients uniformly without replacement. Every sampled client runs
 node.engine.round.inner_phase (the daemon's inner loop, GHBM hooks and per-peer momentum included) on
-its own data. The transport is an in-process weighted mean; from there on the round is
-node.engine.round.conclude_round, the function the daemon uses after its all-reduce (verification,
+its own data. The transport is an in-process all-gather; from there on the round is
+node.engine.round.conclude_round, the function the daemon uses after its exchange (selection,
 fallback, outer step, report). One shared LoRA model is reused: a client is its data stream,
 its per-peer momentum and (optionally) its AdamW moments, swapped in when sampled.
 """

@@ -69,7 +69,7 @@ def check_compatible(manifest: ManifestRecord, local: LocalModel, own: RunConfig
 
 
 def progress_line(report: RoundReport) -> str:
-    """One human line per round; a round that did not apply a verified group average says so,
+    """One human line per round; a round that did not apply its group's aggregate says so,
     and the running totals of fallbacks, rejections and resyncs are always shown."""
     eval_part = f" (eval {report.eval_loss:.3f})" if report.eval_loss is not None else ""
     status = "" if report.verified else f" [{report.outcome}: local update]"
