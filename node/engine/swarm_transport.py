@@ -38,7 +38,11 @@ class HivemindTransport:
         self.peer = node.peer_id
         self.record = role_record
         self.offers = offers
-        self.timeout = self.averager.matchmaking_time * 3
+        # three matchmaking windows, plus room for one retry after hivemind's known race (a
+        # follower gives up on its leader while the leader counts it in; the leader's one-number
+        # all-reduce then times out, protocols/averaging.py)
+        window = self.averager.matchmaking_time
+        self.timeout = 3 * window + max(5.0, window)
         self.cluster = -1  # clustered runs: only members of this cluster count for state sync
 
     def switch_group(self, prefix: str, cluster: int) -> None:

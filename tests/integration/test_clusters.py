@@ -63,7 +63,10 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
         for i in range(4):  # the switch from the run-wide group to the clusters cost no round
             reports = _reports(tmp_path / f"v{i}")
             assert all(r["outcome"] != "rejected" and not r["excluded"] for r in reports), reports
-            assert reports[-1]["outcome"] == "averaged" and reports[-1]["group_size"] == 2
+            # averaging in its cluster (a partner that started a round later may have finished
+            # its fixed number of rounds before this one's last round)
+            in_cluster = [r for r in reports[-3:] if r["outcome"] == "averaged"]
+            assert in_cluster and all(r["group_size"] == 2 for r in in_cluster), reports[-3:]
 
         # with the volunteers gone the coordinator serves the adapters on a quiet machine
         pull = ["pull", "--initial-peers", swarm.maddr]
