@@ -36,6 +36,7 @@ from hivemind.averaging.allreduce import AllreduceException
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from hivemind.utils import get_dht_time
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -210,11 +211,13 @@ class GroupAverager:
         meta: MemberMeta,
         timeout: float,
         moved_on: Callable[[], bool] = lambda: False,
+        window: float | None = None,
     ) -> GatherOutcome:
         """Publish `tensors`, join a group of meta's round and start state within `timeout`
         seconds (failed attempts are retried), then fetch every other member's contribution.
         While still looking for a group, `moved_on()` (polled) says the group already finished
-        this round: waiting longer is pointless, so the attempt ends at once."""
+        this round: waiting longer is pointless, so the attempt ends at once. `window` widens
+        the first attempt's matchmaking window (default: the averager's)."""
         if set(tensors) != set(self.shapes):
             raise AveragingError("tensor names differ from the averager's template")
         blob = encode_contribution(tensors, self.codec)
@@ -229,7 +232,7 @@ class GroupAverager:
         )
         self._publish(f"contribution:{self.prefix}:{meta.round}", blob)
         started = time.perf_counter()
-        gathered, matchmaking_s, attempts = self._form_group(meta, timeout, moved_on)
+        gathered, matchmaking_s, attempts = self._form_group(meta, timeout, moved_on, window)
         members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
         contributions, missing, received = self._fetch_all(members, meta)
         contributions[meta.peer] = decode_contribution(blob, self.shapes, self.codec)
@@ -252,7 +255,11 @@ class GroupAverager:
         self._published = name
 
     def _form_group(
-        self, meta: MemberMeta, timeout: float, moved_on: Callable[[], bool]
+        self,
+        meta: MemberMeta,
+        timeout: float,
+        moved_on: Callable[[], bool],
+        window: float | None,
     ) -> tuple[dict[Any, Any], float, int]:
         """hivemind matchmaking with our key bits; returns (gathered, seconds, attempts)."""
         started = time.perf_counter()
@@ -261,8 +268,10 @@ class GroupAverager:
         while attempts == 0 or time.monotonic() + self.matchmaking_time < deadline:
             attempts += 1
             self.averager.set_group_bits(group_bits(meta.round, meta.start_digest))
+            first_window = window if attempts == 1 and window else self.matchmaking_time
             try:
                 control = self.averager.step(
+                    scheduled_time=get_dht_time() + first_window,
                     weight=1.0,
                     gather=meta.gather(),
                     timeout=max(deadline - time.monotonic(), self.matchmaking_time + 0.5),

@@ -43,6 +43,9 @@ class HivemindTransport:
         # all-reduce then times out, protocols/averaging.py)
         window = self.averager.matchmaking_time
         self.timeout = 3 * window + max(5.0, window)
+        # the first round after (re)joining waits longer for its group: peers that start
+        # together still finish loading and their first inner phase seconds apart
+        self.first_window: float | None = 2 * window
         self.cluster = -1  # clustered runs: only members of this cluster count for state sync
 
     def switch_group(self, prefix: str, cluster: int) -> None:
@@ -63,8 +66,13 @@ class HivemindTransport:
         """Form a group of meta's round and state through hivemind, all-gather contributions."""
         try:
             out = self.averager.exchange(
-                delta, meta, timeout=self.timeout, moved_on=lambda: self._moved_on(meta.round)
+                delta,
+                meta,
+                timeout=self.timeout,
+                moved_on=lambda: self._moved_on(meta.round),
+                window=self.first_window,
             )
+            self.first_window = None
         except AveragingError as exc:
             raise AveragingFailed(str(exc)) from None
         return GroupResult(
