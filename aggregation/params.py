@@ -42,11 +42,6 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     return means
 
 
-def params_l2(params: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm, float64."""
-    return float(sum(params[k].double().pow(2).sum() for k in params) ** 0.5)
-
-
 def state_hash(params: Mapping[str, torch.Tensor]) -> str:
     """sha256 over sorted names, dtypes, shapes and the raw bytes of each tensor."""
     digest = hashlib.sha256()

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -216,16 +217,26 @@ class SwarmNode:
         stats: dict[str, float] | None = None,
     ) -> bytes:
         """A blob from a peer (streamed, chunked, sha-checked)."""
-        return self.loop.run(
-            fetch_blob(
-                self.p2p,
-                PeerID.from_base58(peer_id),
-                name,
-                expected_sha256=expected_sha256,
-                timeout=timeout,
-                stats=stats,
-            ),
-            timeout=timeout + 5,
+        fetch = self._fetch(peer_id, name, expected_sha256, timeout, stats=stats)
+        return self.loop.run(fetch, timeout=timeout + 5)
+
+    def _fetch(
+        self,
+        peer_id: str,
+        name: str,
+        sha256: str | None,
+        timeout: float,
+        max_size: int = 1 << 30,
+        stats: dict[str, float] | None = None,
+    ) -> Coroutine[Any, Any, bytes]:
+        return fetch_blob(
+            self.p2p,
+            PeerID.from_base58(peer_id),
+            name,
+            expected_sha256=sha256,
+            max_size=max_size,
+            timeout=timeout,
+            stats=stats,
         )
 
     def fetch_many(
@@ -236,14 +247,7 @@ class SwarmNode:
 
         async def one(peer: str, name: str, sha: str, size: int) -> bytes | TransferError:
             try:
-                return await fetch_blob(
-                    self.p2p,
-                    PeerID.from_base58(peer),
-                    name,
-                    expected_sha256=sha,
-                    max_size=size,
-                    timeout=timeout,
-                )
+                return await self._fetch(peer, name, sha, timeout, max_size=size)
             except TransferError as exc:
                 return exc
 
