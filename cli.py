@@ -1,4 +1,5 @@
-"""swarmtune command line: bootstrap, join, pull, status, demo, simulate, merge, export-base."""
+"""swarmtune command line: bootstrap, join, admit, revoke, id, pull, status, demo, simulate,
+merge, export-base."""
 
 from __future__ import annotations
 
@@ -78,7 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="refuse to join unless the run's LoRA matches this"
     )
     join.add_argument("--threads", type=int, help="torch CPU threads")
+    join.add_argument(
+        "--ticket", default="", help="admission ticket for token runs (or @FILE holding it)"
+    )
     _net_args(join)
+
+    admit = sub.add_parser(
+        "admit", help="token runs: print a ticket admitting a volunteer's peer id"
+    )
+    admit.add_argument("peer_id", metavar="PEER_ID", help="as printed by `swarmtune id`")
+    admit.add_argument(
+        "--workdir", type=Path, default=Path("swarm-coordinator"), help="the coordinator's"
+    )
+    admit.add_argument("--hours", type=float, help="ticket lifetime (default: the run's)")
+
+    revoke = sub.add_parser(
+        "revoke", help="token runs: withdraw a volunteer's ticket (members drop it next round)"
+    )
+    revoke.add_argument("peer_id", metavar="PEER_ID")
+    revoke.add_argument(
+        "--workdir", type=Path, default=Path("swarm-coordinator"), help="the coordinator's"
+    )
+
+    ident = sub.add_parser("id", help="print the peer id a work dir's identity has")
+    ident.add_argument("--workdir", type=Path, default=Path("swarm-volunteer"))
 
     pull = sub.add_parser("pull", help="download an adapter as a PEFT directory")
     _peers_arg(pull)
@@ -176,6 +200,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "join":
         import torch
 
+        from node.roles.admit import load_ticket
         from node.roles.volunteer import JoinOptions, join
 
         if args.threads:
@@ -191,8 +216,11 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.config,
                 args.host,
                 args.port,
+                load_ticket(args.ticket) if args.ticket else "",
             )
         )
+    if args.command in ("admit", "revoke", "id"):
+        return _admission(args)
     if args.command == "pull":
         from node.roles.consumer import pull
 
@@ -237,6 +265,21 @@ def dispatch(args: argparse.Namespace) -> int:
     from node.local.basemodel import export_base
 
     print(f"exported the embedded base model to {export_base(args.out)}")
+    return 0
+
+
+def _admission(args: argparse.Namespace) -> int:
+    from node.roles import admit
+
+    if args.command == "id":
+        print(admit.peer_id(args.workdir))
+    elif args.command == "admit":
+        if args.hours is not None and not args.hours > 0:
+            raise admit.SwarmError("--hours must be positive")
+        print(admit.admit(args.workdir, args.peer_id, args.hours))
+    else:
+        revoked = admit.revoke(args.workdir, args.peer_id)
+        print(f"revoked {args.peer_id}; {len(revoked)} revoked in all", file=sys.stderr)
     return 0
 
 

@@ -128,6 +128,17 @@ class AveragingSettings(_Strict):
     clip_iterations: int = Field(3, ge=1, le=100)
 
 
+class AdmissionSettings(_Strict):
+    """Who may average (docs/design.md, 7. Trust): `open` admits any peer, `token` only holders
+    of a coordinator-signed ticket (`swarmtune admit`). In both, a member that served bad
+    contributions in `ban_after` of `ban_rounds` rounds is kept out for `ban_rounds` rounds."""
+
+    policy: Literal["open", "token"] = "open"
+    ticket_hours: float = Field(168.0, gt=0, le=24 * 366)  # default lifetime of a new ticket
+    ban_after: int = Field(3, ge=1, le=64)
+    ban_rounds: int = Field(10, ge=1, le=100_000)
+
+
 class ClusteringSettings(_Strict):
     """Similarity-clustered groups (docs/design.md, 6. Clusters): who averages with whom, and level-2 merges."""
 
@@ -159,6 +170,7 @@ class RunConfig(_Strict):
     inner: InnerSettings = InnerSettings()
     outer: OuterSettings = OuterSettings()
     averaging: AveragingSettings = AveragingSettings()
+    admission: AdmissionSettings = AdmissionSettings()
     clustering: ClusteringSettings = ClusteringSettings()
 
 

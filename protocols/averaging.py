@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hashlib
+import json
 import math
 import signal
 import threading
@@ -31,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.matchmaking import MatchmakingException
@@ -40,6 +41,7 @@ from hivemind.utils import get_dht_time
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from protocols.admission import TICKET_MAX, Gate, GatedAverager, RefusedSet
 from protocols.swarm import SwarmNode
 from protocols.transfer import TransferError
 
@@ -80,6 +82,7 @@ class MemberMeta:
     sha256: str = ""
     size: int = 0
     known: int = 1  # volunteers this member knows of (for GHBM tau = auto)
+    ticket: str = ""  # admission ticket (token runs), protocols/admission.py
 
     def gather(self) -> dict[str, Any]:
         """The wire form sent through hivemind's all-gather."""
@@ -90,6 +93,7 @@ class MemberMeta:
             "sha256": self.sha256,
             "size": self.size,
             "known": self.known,
+            "ticket": self.ticket,
         }
 
 
@@ -108,17 +112,23 @@ def parse_member(peer_id: str, raw: Any) -> MemberMeta | None:
         return None
     if not (isinstance(known, int) and 1 <= known <= 1_000_000):
         known = 1
-    return MemberMeta(peer_id, int(raw["round"]), start, float(raw["weight"]), sha, size, known)
+    ticket = raw.get("ticket", "")
+    if not (isinstance(ticket, str) and len(ticket) <= TICKET_MAX):
+        return None
+    weight = float(raw["weight"])
+    return MemberMeta(peer_id, int(raw["round"]), start, weight, sha, size, known, ticket)
 
 
 @dataclass
 class GatherOutcome:
-    """Every member's parsed metadata (None if malformed), the contributions that arrived intact
-    (this peer's own included), why the others are missing, and this peer's costs."""
+    """Every member's parsed metadata (None if malformed; the weight is the one its own blob
+    claims), the contributions that arrived intact (this peer's own included), why the others
+    are missing, which of those served something provably bad, and this peer's costs."""
 
     members: dict[str, MemberMeta | None]
     contributions: dict[str, dict[str, torch.Tensor]]
     missing: dict[str, str]
+    offences: set[str]  # missing because of what the member itself served (not the network)
     bytes_sent: int
     bytes_received: int
     matchmaking_s: float
@@ -138,21 +148,35 @@ def group_bits(round_: int, start_digest: str) -> str:
     )
 
 
-def encode_contribution(tensors: Mapping[str, torch.Tensor], codec: str = "fp32") -> bytes:
-    """Named tensors -> safetensors bytes in the codec's dtype (no pickle: peers are untrusted)."""
+def encode_contribution(
+    tensors: Mapping[str, torch.Tensor], meta: MemberMeta, codec: str = "fp32"
+) -> bytes:
+    """Named tensors -> safetensors bytes in the codec's dtype (no pickle: peers are untrusted).
+    The header carries who made it, for which round and start state, and its weight: fetched
+    from the member itself over an authenticated stream, these are the member's own claims
+    (the group's gathered metadata is relayed by its leader and could be altered on the way)."""
     dtype = CODECS[codec]
-    return st_save({k: tensors[k].detach().to(dtype).contiguous() for k in sorted(tensors)})
+    header = {"peer": meta.peer, "round": meta.round, "start": meta.start_digest}
+    header["weight"] = meta.weight
+    return st_save(
+        {k: tensors[k].detach().to(dtype).contiguous() for k in sorted(tensors)},
+        metadata={"swarmtune": json.dumps(header, sort_keys=True)},
+    )
 
 
 def decode_contribution(
     blob: bytes, shapes: Mapping[str, tuple[int, ...]], codec: str = "fp32"
-) -> dict[str, torch.Tensor]:
-    """Bytes -> named fp32 tensors with exactly the expected names, shapes and codec dtype, all
-    finite; ValueError (one line) otherwise."""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Bytes -> (named fp32 tensors with exactly the expected names, shapes and codec dtype, all
+    finite; the header's claims); ValueError (one line) otherwise."""
     try:
         tensors = st_load(blob)
+        size = int.from_bytes(blob[:8], "little")
+        header = json.loads(json.loads(blob[8 : 8 + size])["__metadata__"]["swarmtune"])
     except Exception as exc:  # noqa: BLE001 - any parse failure is the same malformed blob
-        raise ValueError(f"not a safetensors blob ({type(exc).__name__})") from None
+        raise ValueError(f"not a contribution blob ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ValueError("contribution header is not a mapping")
     if set(tensors) != set(shapes):
         raise ValueError("tensor names differ from the run's adapter")
     for name, tensor in tensors.items():
@@ -160,7 +184,20 @@ def decode_contribution(
             raise ValueError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} is not the run's")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{name} is not finite")
-    return {k: v.to(torch.float32) for k, v in tensors.items()}
+    return {k: v.to(torch.float32) for k, v in tensors.items()}, header
+
+
+def check_header(header: Mapping[str, Any], member: MemberMeta) -> str | None:
+    """Why a fetched contribution's own header disagrees with the member and round it was
+    fetched for (None when it agrees and its weight is a finite positive number)."""
+    if header.get("peer") != member.peer:
+        return "contribution header names another peer"
+    if header.get("round") != member.round or header.get("start") != member.start_digest:
+        return "contribution header is for another round or start state"
+    weight = header.get("weight")
+    if not finite_number(weight) or not weight > 0:
+        return f"contribution header weight {weight!r} is not a positive number"
+    return None
 
 
 class GroupAverager:
@@ -177,6 +214,7 @@ class GroupAverager:
         allreduce_timeout: float = 60.0,
         min_group_size: int = 2,
         target_group_size: int | None = None,
+        gate: Gate | None = None,
     ) -> None:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
@@ -189,8 +227,11 @@ class GroupAverager:
         self.matchmaking_time = matchmaking_time
         self.transfer_timeout = allreduce_timeout
         self._published: str | None = None
+        self.gate = gate  # token runs: members without a valid ticket are refused
+        self.refused: dict[str, str] = {}  # revoked or banned peers, with the reason
+        self._refused_shared = RefusedSet()
         with _signal_handlers_kept():
-            self.averager = DecentralizedAverager(
+            self.averager = GatedAverager(
                 [torch.zeros(1)],
                 node.dht,
                 prefix=prefix,
@@ -203,7 +244,21 @@ class GroupAverager:
                 # the all-reduce only closes group formation (one number): when a member that
                 # the leader counted in never got the group, the others must not wait long
                 allreduce_timeout=max(5.0, matchmaking_time),
+                gate=gate,
+                refused=self._refused_shared,
             )
+
+    def set_refused(self, refused: Mapping[str, str]) -> None:
+        """Peers to keep out of groups from now on (peer -> reason): refused in matchmaking when
+        we lead, and their contributions excluded when someone else let them in."""
+        if dict(refused) != self.refused:
+            self.refused = dict(refused)
+            self._refused_shared.update(set(refused))
+
+    @property
+    def refused_joins(self) -> int:
+        """Join requests this peer turned away as a leader (unadmitted, revoked or banned)."""
+        return int(self._refused_shared.refused_joins.value)
 
     def exchange(
         self,
@@ -220,26 +275,20 @@ class GroupAverager:
         the first attempt's matchmaking window (default: the averager's)."""
         if set(tensors) != set(self.shapes):
             raise AveragingError("tensor names differ from the averager's template")
-        blob = encode_contribution(tensors, self.codec)
-        meta = MemberMeta(
-            meta.peer,
-            meta.round,
-            meta.start_digest,
-            meta.weight,
-            hashlib.sha256(blob).hexdigest(),
-            len(blob),
-            meta.known,
-        )
+        meta = dataclasses.replace(meta, sha256="", size=0)
+        blob = encode_contribution(tensors, meta, self.codec)
+        meta = dataclasses.replace(meta, sha256=hashlib.sha256(blob).hexdigest(), size=len(blob))
         self._publish(f"contribution:{self.prefix}:{meta.round}", blob)
         started = time.perf_counter()
         gathered, matchmaking_s, attempts = self._form_group(meta, timeout, moved_on, window)
         members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
-        contributions, missing, received = self._fetch_all(members, meta)
-        contributions[meta.peer] = decode_contribution(blob, self.shapes, self.codec)
+        contributions, missing, offences, received = self._fetch_all(members, meta)
+        contributions[meta.peer] = decode_contribution(blob, self.shapes, self.codec)[0]
         return GatherOutcome(
             members,
             contributions,
             missing,
+            offences,
             len(blob) * (len(members) - 1),
             received,
             matchmaking_s,
@@ -288,17 +337,24 @@ class GroupAverager:
         raise AveragingError(f"{last_error} (after {attempts} attempts)")
 
     def _fetch_all(
-        self, members: Mapping[str, MemberMeta | None], mine: MemberMeta
-    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], int]:
+        self, members: dict[str, MemberMeta | None], mine: MemberMeta
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], set[str], int]:
         """Every other member's contribution, fetched in parallel and checked; (found, missing
-        with reasons, bytes received)."""
+        with reasons, offenders, bytes received). A member's weight is replaced by the one its
+        own blob claims."""
         wanted = {
             p: m for p, m in members.items() if p != mine.peer and m is not None and _same(m, mine)
         }
         missing = {p: "malformed metadata" for p, m in members.items() if m is None}
         for peer, member in list(wanted.items()):
-            if member.size > self.max_blob:
-                missing[peer] = f"declares {member.size} bytes, more than the adapter's"
+            why = self.refused.get(peer)
+            if why is None and self.gate is not None:
+                ticket_problem = self.gate.check(peer, member.ticket)
+                why = f"not admitted: {ticket_problem}" if ticket_problem else None
+            if why is None and member.size > self.max_blob:
+                why = f"declares {member.size} bytes, more than the adapter's"
+            if why is not None:
+                missing[peer] = why
                 del wanted[peer]
         missing.update(
             {
@@ -312,17 +368,24 @@ class GroupAverager:
             {p: (name, m.sha256, m.size) for p, m in wanted.items()}, self.transfer_timeout
         )
         found: dict[str, dict[str, torch.Tensor]] = {}
+        offences: set[str] = set()
         received = 0
         for peer, blob in blobs.items():
-            if isinstance(blob, TransferError):
+            if isinstance(blob, TransferError):  # the network, or a leader that altered the sha
                 missing[peer] = str(blob)[:160]
                 continue
             received += len(blob)
-            try:
-                found[peer] = decode_contribution(blob, self.shapes, self.codec)
+            try:  # these bytes came from `peer` itself and match the group's commitment
+                tensors, header = decode_contribution(blob, self.shapes, self.codec)
+                why = check_header(header, wanted[peer])
             except ValueError as exc:
-                missing[peer] = str(exc)
-        return found, missing, received
+                tensors, why = {}, str(exc)
+            if why is not None:
+                missing[peer], offences = why, offences | {peer}
+                continue
+            found[peer] = tensors
+            members[peer] = dataclasses.replace(wanted[peer], weight=float(header["weight"]))
+        return found, missing, offences, received
 
     def shutdown(self) -> None:
         """Stop the averager process and stop serving our contribution."""

@@ -1,7 +1,7 @@
 """DHT key schema and record validation for one run.
 
-Keys live under the run id: `<run>_manifest` and `<run>_clusters` (one record each, owned by
-the coordinator), `<run>_peers` and `<run>_signatures` (one record per peer, subkey = the
+Keys live under the run id: `<run>_manifest`, `<run>_clusters` and `<run>_revoked` (one
+record each, owned by the coordinator), `<run>_peers` and `<run>_signatures` (one record per peer, subkey = the
 owner's public key). Every record under these
 keys must be signed by its owner (hivemind's RSASignatureValidator checks the signature; this
 validator requires the owner marker), be at most MAX_RECORD_BYTES, and match its schema.
@@ -52,6 +52,8 @@ class PeerRecord(BaseModel):
     rejections: int = Field(0, ge=0)  # groups that left nothing usable to aggregate
     exclusions: int = Field(0, ge=0)  # group members' contributions left out
     resyncs: int = Field(0, ge=0)  # states adopted from other members
+    banned: int = Field(0, ge=0)  # repeat offenders its group keeps out now
+    refused: int = Field(0, ge=0)  # join requests it refused (unadmitted, revoked, banned)
     task: str = Field("", max_length=64)
     cluster: int = Field(-1, ge=-1, le=100_000)
     adapters: dict[str, AdapterOffer] = Field(default_factory=dict, max_length=64)
@@ -103,6 +105,19 @@ class ClusterRecord(BaseModel):
     coordinator: str = Field(min_length=10, max_length=128)
 
 
+class RevocationRecord(BaseModel):
+    """Peer ids whose admission tickets the coordinator revoked (token runs)."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=0)
+    revoked: list[str] = Field(default_factory=list, max_length=1000)
+
+
+def revoked_key(run_id: str) -> str:
+    """DHT key of the coordinator's revocation list."""
+    return f"{run_id}_revoked"
+
+
 def signatures_key(run_id: str) -> str:
     """DHT key under which volunteers keep their signed task signatures."""
     return f"{run_id}_signatures"
@@ -132,6 +147,7 @@ class RunRecordValidator(RecordValidatorBase):
             DHTID.generate(source=peers_key(run_id)).to_bytes(): PeerRecord,
             DHTID.generate(source=signatures_key(run_id)).to_bytes(): SignatureRecord,
             DHTID.generate(source=clusters_key(run_id)).to_bytes(): ClusterRecord,
+            DHTID.generate(source=revoked_key(run_id)).to_bytes(): RevocationRecord,
         }
 
     def validate(self, record: DHTRecord) -> bool:

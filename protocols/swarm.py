@@ -13,7 +13,7 @@ from typing import Any
 
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
@@ -61,6 +61,18 @@ def _create_private(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def identity_peer_id(workdir: Path) -> str:
+    """The peer id a node started in `workdir` has (its libp2p identity, created if missing)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "p2p.key"
+    if not path.exists():
+        P2P.generate_identity(str(path))
+    try:
+        return PeerID.from_identity(path.read_bytes()).to_base58()
+    except Exception:  # noqa: BLE001 - any parse failure: the file is not a key
+        raise SwarmError(f"{path} is not a libp2p identity key") from None
 
 
 def peer_id_of(maddr: str) -> PeerID:

@@ -20,6 +20,7 @@ from node.engine.checkpoint import Checkpoint
 from node.engine.round import RoundReport, run_round
 from node.engine.state import GroupState, StateError, check_params
 from node.engine.transport import StateUnavailable, Transport, consensus
+from node.engine.trust import banned
 from node.local.trainer import InnerTrainer, RoundAbandoned
 
 log = logging.getLogger("swarmtune.peer")
@@ -69,6 +70,7 @@ class Peer:
         self.resumed_from: int | None = None
         self.resynced_to: list[int] = []
         self.counts = RoundCounts()
+        self.banned: dict[str, str] = {}  # peers the group keeps out this round, with why
         outer = config.outer
         self.momentum = make_peer_momentum(outer.name, outer.effective_momentum, outer.tau)
 
@@ -159,6 +161,7 @@ class Peer:
         resyncs = self.counts.resyncs
         moved = self.hooks.before_round(state) if self.hooks is not None else False
         state = self.sync(state, adopt=moved)
+        self.keep_out(state)
         known = max(len(self.transport.announcements()), 1)
         state, report = run_round(
             state, self.trainer, self.transport, self.config, self.momentum, known
@@ -178,10 +181,19 @@ class Peer:
             rejections=self.counts.rejections,
             exclusions=self.counts.exclusions,
             resyncs=self.counts.resyncs,
+            banned=len(self.banned),
         )
         self.on_report(report)
         self.transport.announce_state(state)
         return state, report
+
+    def keep_out(self, state: GroupState) -> None:
+        """Tell the transport whom the group bans for this round, logging each new ban."""
+        kept_out = banned(state.offences, state.round, self.config.admission)
+        for peer in sorted(set(kept_out) - set(self.banned)):
+            log.warning("keeping %s out of the group: %s", peer[-8:], kept_out[peer])
+        self.banned = kept_out
+        self.transport.keep_out(kept_out)
 
     def await_members(self, round_: int, members: tuple[str, ...], timeout: float) -> None:
         """Wait (bounded) until every listed member has announced a state of at least round_."""

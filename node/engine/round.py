@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +29,7 @@ from aggregation.robust import centered_clip
 from node.config import RunConfig, max_round_weight
 from node.engine.state import GroupState
 from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, Transport
+from node.engine.trust import banned, record_offences
 from node.local.trainer import InnerResult, InnerTrainer
 
 log = logging.getLogger("swarmtune.round")
@@ -56,6 +57,7 @@ class RoundReport:
     problem: str = ""  # why the round was not averaged
     members: tuple[str, ...] = ()  # whose contributions were aggregated
     excluded: tuple[str, ...] = ()  # group members whose contributions were left out
+    offenders: tuple[str, ...] = ()  # of those, the ones that served provably bad data
     checkpoint_s: float = 0.0
     wall_s: float = 0.0
     eval_loss: float | None = None
@@ -65,6 +67,7 @@ class RoundReport:
     rejections: int = 0  # groups that left it nothing to aggregate,
     exclusions: int = 0  # contributions left out,
     resyncs: int = 0  # and states adopted from others
+    banned: int = 0  # peers the group kept out of this round (repeat offenders)
 
     @property
     def verified(self) -> bool:
@@ -73,12 +76,17 @@ class RoundReport:
 
 
 def select_contributions(
-    group: GroupResult, mine: MemberMeta, max_weight: float = float("inf")
+    group: GroupResult,
+    mine: MemberMeta,
+    max_weight: float = float("inf"),
+    banned: Mapping[str, str] | None = None,
 ) -> tuple[list[MemberMeta], dict[str, str]]:
     """The members whose contributions enter the aggregate (sorted by peer id; this peer
     included), and every other member with the reason it was left out. A weight above what one
-    round can produce (`max_weight` tokens) is a rejected contribution, never a bigger vote."""
-    excluded = dict(group.missing)
+    round can produce (`max_weight` tokens) is a rejected contribution, never a bigger vote;
+    `banned` members (node/engine/trust.py) are left out whatever they sent."""
+    present = {m.peer for m in group.members}
+    excluded = {**group.missing, **{p: w for p, w in (banned or {}).items() if p in present}}
     chosen = []
     for member in sorted(group.members, key=lambda m: m.peer):
         if member.peer in excluded:
@@ -214,12 +222,20 @@ def conclude_round(
     group = answer if isinstance(answer, GroupResult) else None
     chosen: list[MemberMeta] = []
     excluded: dict[str, str] = {}
+    offenders: set[str] = set()
     if group is None:
         outcome: Outcome = "no-group"
         problem = str(answer)
         log.warning("round %d: no group (%s); applying the local update", mine.round + 1, problem)
     else:
-        chosen, excluded = select_contributions(group, mine, max_round_weight(config))
+        max_weight = max_round_weight(config)
+        kept_out = banned(state.offences, state.round, config.admission)
+        chosen, excluded = select_contributions(group, mine, max_weight, kept_out)
+        # only weights the member's own blob claimed count (the rest were relayed by a leader)
+        over = {
+            m.peer for m in group.members if m.peer in group.contributions and m.weight > max_weight
+        }
+        offenders = (group.offences | over) - set(kept_out) - {mine.peer}
         outcome, problem = "averaged", ""
         if len(chosen) < 2 or mine.peer not in {m.peer for m in chosen}:
             outcome, problem = "rejected", "no usable contribution from another member"
@@ -234,6 +250,7 @@ def conclude_round(
         chosen, aggregate = [], update.delta
     started = time.perf_counter()
     new_state, tau = outer_phase(state, aggregate, group_context(chosen), config)
+    new_state.offences = record_offences(state.offences, offenders, state.round, config.admission)
     inner = update.inner
     report = RoundReport(
         round=state.round,
@@ -246,6 +263,7 @@ def conclude_round(
         problem=problem,
         members=tuple(m.peer for m in chosen),
         excluded=tuple(sorted(excluded)),
+        offenders=tuple(sorted(offenders)),
         digest=new_state.digest(),
         bytes_sent=group.bytes_sent if group else 0,
         bytes_received=group.bytes_received if group else 0,

@@ -17,6 +17,8 @@ from safetensors.torch import save as st_save
 
 from aggregation.params import Params, state_hash
 
+MAX_OFFENDERS = 10_000
+
 
 class StateError(ValueError):
     """A state blob that cannot be used (corrupt, wrong shapes, not finite); one clear line."""
@@ -24,17 +26,23 @@ class StateError(ValueError):
 
 @dataclass
 class GroupState:
-    """theta^round and the outer optimizer's state after `round` outer steps."""
+    """theta^round, the outer optimizer's state after `round` outer steps, and the rounds in
+    which members served provably bad contributions (node/engine/trust.py)."""
 
     round: int
     params: Params
     outer_state: dict[str, Any] = field(default_factory=dict)
+    offences: dict[str, list[int]] = field(default_factory=dict)
 
     def digest(self) -> str:
-        """sha256 of round, params and outer state: equal digests mean identical group state."""
+        """sha256 of round, params, outer state and offences: equal digests mean identical
+        group state."""
         tensors, scalars = _split(self.outer_state, "outer")
         body = state_hash({**{f"params/{k}": v for k, v in self.params.items()}, **tensors})
-        header = json.dumps({"round": self.round, "outer": scalars}, sort_keys=True)
+        fields: dict[str, Any] = {"round": self.round, "outer": scalars}
+        if self.offences:  # absent when empty: digests of runs without offences are unchanged
+            fields["offences"] = self.offences
+        header = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(f"{header}|{body}".encode()).hexdigest()
 
 
@@ -77,6 +85,8 @@ def encode_state(state: GroupState) -> bytes:
     outer_tensors, outer_scalars = _split(state.outer_state, "outer")
     tensors = {f"params/{k}": v.detach().contiguous().float() for k, v in state.params.items()}
     meta = {"round": str(state.round), "outer": json.dumps(outer_scalars, sort_keys=True)}
+    if state.offences:
+        meta["offences"] = json.dumps(state.offences, sort_keys=True)
     return st_save({**tensors, **outer_tensors}, metadata=meta)
 
 
@@ -87,6 +97,7 @@ def decode_state(blob: bytes, expect: Mapping[str, torch.Size] | None = None) ->
         meta = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")]).get("__metadata__", {})
         round_ = int(meta["round"])
         outer_scalars = json.loads(meta["outer"])
+        offences = _offences(json.loads(meta.get("offences", "{}")))
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt blob
         raise StateError(f"corrupt state blob ({type(exc).__name__})") from None
     params = {k[len("params/") :]: v for k, v in tensors.items() if k.startswith("params/")}
@@ -96,7 +107,19 @@ def decode_state(blob: bytes, expect: Mapping[str, torch.Size] | None = None) ->
         raise StateError("state contains NaN or Inf")
     if round_ < 0:
         raise StateError(f"negative round {round_}")
-    return GroupState(round_, params, _nest(tensors, outer_scalars, "outer"))
+    return GroupState(round_, params, _nest(tensors, outer_scalars, "outer"), offences)
+
+
+def _offences(raw: Any) -> dict[str, list[int]]:
+    """peer -> offence rounds from untrusted JSON; ValueError when it is anything else."""
+    if not isinstance(raw, dict) or len(raw) > MAX_OFFENDERS:
+        raise ValueError("offences")
+    for peer, rounds in raw.items():
+        if not (isinstance(peer, str) and len(peer) <= 128 and isinstance(rounds, list)):
+            raise ValueError("offences")
+        if len(rounds) > 64 or not all(type(r) is int and r >= 0 for r in rounds):
+            raise ValueError("offences")
+    return raw
 
 
 def check_params(params: Mapping[str, torch.Tensor], expect: Mapping[str, torch.Size]) -> None:

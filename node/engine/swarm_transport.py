@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,8 @@ class HivemindTransport:
         *,
         role_record: PeerRecord,
         offers: Callable[[GroupState], dict[str, AdapterOffer]] | None = None,
+        ticket: str = "",
+        revoked: Callable[[], set[str]] | None = None,
     ) -> None:
         self.node = node
         self.make_averager = make_averager
@@ -47,12 +50,17 @@ class HivemindTransport:
         # together still finish loading and their first inner phase seconds apart
         self.first_window: float | None = 2 * window
         self.cluster = -1  # clustered runs: only members of this cluster count for state sync
+        self.ticket = ticket  # our admission ticket (token runs), sent with our metadata
+        self.revoked = revoked or set  # the coordinator's revocations, reread every round
+        self.banned: dict[str, str] = {}
+        self.refused_before = 0  # join requests refused by averagers we closed
 
     def switch_group(self, prefix: str, cluster: int) -> None:
         """Average under `prefix` from the next round on, and say so in our record. The state
         we announced belongs to the group we left: it is withdrawn (empty digest) until we
         announce one of the new group, so that our old round cannot outvote its members."""
         previous, self.averager = self.averager, self.make_averager(prefix)
+        self.refused_before += previous.refused_joins
         previous.shutdown()
         self.cluster = cluster
         self.update_record(cluster=cluster, digest="")
@@ -62,12 +70,23 @@ class HivemindTransport:
         """Change fields of our heartbeat record (stored with the next announcement)."""
         self.record = self.record.model_copy(update=fields)
 
+    def keep_out(self, peers: dict[str, str]) -> None:
+        """Peers the group bans this round (refused in matchmaking, excluded if let in)."""
+        self.banned = dict(peers)
+
+    @property
+    def refused_joins(self) -> int:
+        """Join requests our averagers turned away (unadmitted, revoked or banned peers)."""
+        return self.refused_before + self.averager.refused_joins
+
     def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult:
         """Form a group of meta's round and state through hivemind, all-gather contributions."""
+        revoked = {p: "ticket revoked by the coordinator" for p in self.revoked()}
+        self.averager.set_refused({**revoked, **self.banned})
         try:
             out = self.averager.exchange(
                 delta,
-                meta,
+                dataclasses.replace(meta, ticket=self.ticket),
                 timeout=self.timeout,
                 moved_on=lambda: self._moved_on(meta.round),
                 window=self.first_window,
@@ -79,6 +98,7 @@ class HivemindTransport:
             [m for m in out.members.values() if m is not None],
             out.contributions,
             out.missing,
+            out.offences,
             out.bytes_sent,
             out.bytes_received,
             out.matchmaking_s,

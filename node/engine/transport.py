@@ -45,6 +45,7 @@ class GroupResult:
     members: list[MemberMeta]
     contributions: dict[str, Params]
     missing: dict[str, str] = field(default_factory=dict)
+    offences: set[str] = field(default_factory=set)  # missing for what they themselves served
     bytes_sent: int = 0
     bytes_received: int = 0
     matchmaking_s: float = 0.0
@@ -66,6 +67,7 @@ class Transport(Protocol):
     peer: str
 
     def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult: ...
+    def keep_out(self, peers: dict[str, str]) -> None: ...
     def announce_state(self, state: GroupState) -> None: ...
     def announcements(self) -> dict[str, tuple[int, str]]: ...
     def fetch_state(self, ref: StateRef) -> GroupState: ...
@@ -144,6 +146,9 @@ class InMemoryTransport:
         self.hub = hub
         self.peer = peer
 
+    def keep_out(self, peers: dict[str, str]) -> None:
+        """Nothing to do in process: the round excludes banned members itself."""
+
     def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult:
         """All-gather with whoever reaches the same round and state in time."""
         return self.hub.contribute({k: v.clone() for k, v in delta.items()}, meta)
@@ -165,5 +170,8 @@ class InMemoryTransport:
         if state is None:
             raise StateUnavailable(f"no provider serves round {ref.round}")
         return GroupState(
-            state.round, {k: v.clone() for k, v in state.params.items()}, dict(state.outer_state)
+            state.round,
+            {k: v.clone() for k, v in state.params.items()},
+            dict(state.outer_state),
+            {p: list(r) for p, r in state.offences.items()},
         )

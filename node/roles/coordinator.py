@@ -19,12 +19,15 @@ from node.config import load_config, parse_config
 from node.engine.checkpoint import atomic_write
 from node.local.basemodel import load_base
 from node.local.build import resolve_target_modules
+from node.roles.admit import read_revoked, save_manifest
 from protocols.records import (
     AdapterOffer,
     ManifestRecord,
     PeerRecord,
+    RevocationRecord,
     clusters_key,
     peers_key,
+    revoked_key,
     signatures_key,
 )
 from protocols.swarm import SwarmNode
@@ -51,9 +54,13 @@ class BootstrapOptions:
 class Coordinator:
     """Keeps the manifest alive, watches peers join and leave, mirrors the newest adapters."""
 
-    def __init__(self, node: SwarmNode, manifest: ManifestRecord) -> None:
+    def __init__(
+        self, node: SwarmNode, manifest: ManifestRecord, workdir: Path | None = None
+    ) -> None:
         self.node = node
         self.manifest = manifest
+        self.workdir = workdir
+        self.revoked: list[str] | None = None  # as last published
         self.record = PeerRecord(peer_id=node.peer_id, role="coordinator")
         self.known: set[str] = set()
         self.failed: set[tuple[str, int, str]] = set()
@@ -71,6 +78,7 @@ class Coordinator:
         for pid in sorted(self.known - set(peers)):
             log.info("peer %s left", pid[-8:])
         self.known = set(peers)
+        self.publish_revocations()
         if self.clusterer is not None:
             self.recluster({pid for pid, r in peers.items() if r.role == "volunteer"})
         for offer in best_offers(peers).values():
@@ -83,6 +91,22 @@ class Coordinator:
                 offer.sha256,
             ) not in self.failed:
                 self.mirror(offer)
+
+    def publish_revocations(self, force: bool = False) -> None:
+        """Publish `swarmtune revoke`'s list when it changed (members reread it every round)."""
+        if self.workdir is None:
+            return
+        revoked = read_revoked(self.workdir)
+        if revoked == self.revoked and not force:
+            return
+        if revoked != self.revoked:
+            for peer in sorted(set(revoked) - set(self.revoked or [])):
+                log.info("ticket of %s revoked", peer[-8:])
+        self.revoked = revoked
+        record = RevocationRecord(version=len(revoked), revoked=revoked[-1000:])
+        self.node.store_owned(
+            revoked_key(self.manifest.run_id), record.model_dump(), 2 * MANIFEST_REFRESH
+        )
 
     def recluster(self, live: set[str]) -> None:
         """Cluster the live volunteers' signatures; publish a new assignment when due."""
@@ -201,6 +225,7 @@ class Coordinator:
             if since_manifest >= MANIFEST_REFRESH:
                 self.node.publish_manifest(self.manifest)
                 self.publish_clusters()
+                self.publish_revocations(force=True)
                 since_manifest = 0.0
 
 
@@ -233,10 +258,11 @@ def bootstrap(options: BootstrapOptions) -> int:
     try:
         manifest = make_manifest(options, node.peer_id, node.owner_key)
         node.publish_manifest(manifest)
-        coordinator = Coordinator(node, manifest)
+        save_manifest(options.workdir, manifest.model_dump_json())
+        coordinator = Coordinator(node, manifest, options.workdir)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: coordinator.stop.set())
-        announce(node, manifest, options.addr_file)
+        announce(node, manifest, options.addr_file, options.workdir)
         serve_until_stopped(coordinator)
         log.info("shutting down")
         return 0
@@ -266,7 +292,9 @@ def serve_until_stopped(coordinator: Coordinator, grace: float = 5.0) -> None:
         log.info("a transfer was still running; leaving without it")
 
 
-def announce(node: SwarmNode, manifest: ManifestRecord, addr_file: Path | None) -> None:
+def announce(
+    node: SwarmNode, manifest: ManifestRecord, addr_file: Path | None, workdir: Path | None = None
+) -> None:
     """Print the line to hand out, and write the multiaddrs to --addr-file."""
     maddrs = node.maddrs()
     digest = hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()[:12]
@@ -279,8 +307,16 @@ def announce(node: SwarmNode, manifest: ManifestRecord, addr_file: Path | None) 
     )
     if addr_file is not None:
         atomic_write(addr_file, ("\n".join(maddrs) + "\n").encode())
+    token = parse_config(manifest.config).admission.policy == "token"
     print(
         f"volunteers join with:\n  swarmtune join --initial-peers {maddrs[0]} "
-        "--data builtin:arithmetic --workdir ./vol1",
+        "--data builtin:arithmetic --workdir ./vol1" + (" --ticket TICKET" if token else ""),
         flush=True,
     )
+    if token:
+        print(
+            "this run admits ticket holders only: a volunteer runs `swarmtune id --workdir"
+            " ./vol1` and sends you its peer id; you run `swarmtune admit PEER_ID --workdir"
+            f" {workdir or 'COORDINATOR_WORKDIR'}` and send back the ticket",
+            flush=True,
+        )

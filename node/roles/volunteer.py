@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from node.adapters.adapter import Provenance, adapter_files
 from node.clusters.clusterer import TaskSignature
 from node.clusters.member import ClusterMember, group_prefix
@@ -24,8 +26,15 @@ from node.engine.swarm_transport import HivemindTransport
 from node.local.basemodel import check_local_base
 from node.local.build import LocalModel, build_local_model
 from node.local.data import load_texts
+from protocols.admission import Gate, TicketError, read_ticket
 from protocols.averaging import GroupAverager
-from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
+from protocols.records import (
+    AdapterOffer,
+    ManifestRecord,
+    PeerRecord,
+    RevocationRecord,
+    revoked_key,
+)
 from protocols.swarm import SwarmError, SwarmNode
 from protocols.transfer import pack_files
 
@@ -46,6 +55,30 @@ class JoinOptions:
     config: Path | None = None
     host: str = "127.0.0.1"
     port: int = 0
+    ticket: str = ""  # admission ticket for token runs (`swarmtune admit`)
+
+
+def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
+    """The run's ticket gate (None for open runs), after checking our own ticket: a volunteer
+    without a valid one is refused here, with one line saying how to get one."""
+    config = parse_config(manifest.config)
+    if config.admission.policy == "open":
+        return None
+    try:
+        gate = Gate(manifest.coordinator_key, manifest.run_id)
+    except TicketError as exc:
+        raise SwarmError(f"token run without a usable coordinator key: {exc}") from None
+    why = gate.check(peer_id, ticket)
+    if why is not None:
+        raise SwarmError(
+            f"run {manifest.run_id} admits ticket holders only ({why}): ask its coordinator"
+            f" to run `swarmtune admit {peer_id}` and pass the ticket with --ticket"
+        )
+    expires = read_ticket(ticket).expires
+    log.info(
+        "admitted by ticket until %s", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires))
+    )
+    return gate
 
 
 def check_compatible(manifest: ManifestRecord, local: LocalModel, own: RunConfig | None) -> None:
@@ -83,7 +116,7 @@ def progress_line(report: RoundReport) -> str:
         f" exchange {report.transfer_s:.2f}s outer {report.outer_s:.3f}s"
         f" checkpoint {report.checkpoint_s:.3f}s{tau}"
         f" | fallbacks {report.fallbacks} rejected {report.rejections}"
-        f" excluded {report.exclusions} resyncs {report.resyncs}"
+        f" excluded {report.exclusions} resyncs {report.resyncs} banned {report.banned}"
     )
 
 
@@ -97,9 +130,11 @@ class Volunteer:
         local: LocalModel,
         options: JoinOptions,
         stop: threading.Event,
+        gate: Gate | None = None,
     ) -> None:
         self.node, self.manifest, self.local, self.options = node, manifest, local, options
         self.config = parse_config(manifest.config)
+        self.gate = gate
         record = PeerRecord(peer_id=node.peer_id, role="volunteer", task=options.data[:64])
         self.transport = HivemindTransport(
             node,
@@ -107,6 +142,8 @@ class Volunteer:
             group_prefix(manifest.run_id, -1),
             role_record=record,
             offers=self.offer_adapter,
+            ticket=options.ticket,
+            revoked=self.revoked,
         )
         self.last_group = 1
         self.initial = local.trainer.get_params()  # the seeded round-0 adapter
@@ -150,7 +187,21 @@ class Volunteer:
             matchmaking_time=averaging.matchmaking_time,
             allreduce_timeout=averaging.allreduce_timeout,
             min_group_size=averaging.min_group_size,
+            gate=self.gate,
         )
+
+    def revoked(self) -> set[str]:
+        """Peers whose tickets the coordinator revoked (read from its DHT record)."""
+        if self.gate is None:
+            return set()
+        raw = self.node.get_owned(revoked_key(self.manifest.run_id))
+        try:
+            record = RevocationRecord.model_validate(
+                raw.get(self.manifest.coordinator_key.encode())
+            )
+        except ValidationError:
+            return set()
+        return set(record.revoked)
 
     @property
     def adapter_name(self) -> str:
@@ -192,6 +243,8 @@ class Volunteer:
             rejections=report.rejections,
             exclusions=report.exclusions,
             resyncs=report.resyncs,
+            banned=report.banned,
+            refused=self.transport.refused_joins,
         )
 
     def run(self) -> GroupState:
@@ -239,6 +292,7 @@ def join(options: JoinOptions) -> int:
     try:
         manifest = node.fetch_manifest(options.initial_peers[0])
         node.set_run(manifest.run_id)
+        gate = admission_gate(manifest, node.peer_id, options.ticket)
         log.info("joined run %s as %s", manifest.run_id, node.peer_id)
         config = parse_config(manifest.config)
         seed = int(hashlib.sha256(node.peer_id.encode()).hexdigest()[:8], 16)
@@ -253,7 +307,7 @@ def join(options: JoinOptions) -> int:
         )
         check_compatible(manifest, local, own)
         node.blobs.publish("manifest", manifest.model_dump_json().encode())
-        volunteer = Volunteer(node, manifest, local, options, stop)
+        volunteer = Volunteer(node, manifest, local, options, stop, gate)
         stop_on_signals(volunteer.peer)
         state = volunteer.run()
         log.info("done at round %d; adapter digest %s", state.round, state.digest()[:12])

@@ -4,10 +4,12 @@ import signal
 
 import pytest
 import torch
+from safetensors.torch import save as st_save
 
 from protocols.averaging import (
     GroupAverager,
     MemberMeta,
+    check_header,
     decode_contribution,
     encode_contribution,
     group_bits,
@@ -36,25 +38,48 @@ def test_opening_an_averager_keeps_our_signal_handlers() -> None:
 
 
 SHAPES = {"a.lora_A": (2, 3), "a.lora_B": (3, 2)}
+META = MemberMeta("QmPeerA", 4, "ab" * 32, 640.0)
 
 
-def test_contribution_round_trip_is_exact() -> None:
+def test_contribution_round_trip_is_exact_and_carries_its_claims() -> None:
     tensors = {k: torch.randn(s) for k, s in SHAPES.items()}
-    back = decode_contribution(encode_contribution(tensors), SHAPES)
+    back, header = decode_contribution(encode_contribution(tensors, META), SHAPES)
     assert all(torch.equal(back[k], tensors[k]) for k in SHAPES)
+    assert header == {"peer": "QmPeerA", "round": 4, "start": "ab" * 32, "weight": 640.0}
+    assert check_header(header, META) is None
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"peer": "QmPeerB"}, "another peer"),
+        ({"round": 5}, "another round"),
+        ({"start": "cd" * 32}, "another round"),
+        ({"weight": 0.0}, "positive"),
+        ({"weight": "1e9"}, "positive"),
+        ({"weight": float("inf")}, "positive"),
+    ],
+)
+def test_a_header_that_disagrees_with_its_member_is_named(change: dict, why: str) -> None:
+    header = {"peer": "QmPeerA", "round": 4, "start": "ab" * 32, "weight": 640.0, **change}
+    problem = check_header(header, META)
+    assert problem is not None and why in problem
 
 
 @pytest.mark.parametrize(
     "blob, why",
     [
-        (b"\x00garbage", "safetensors"),
-        (encode_contribution({"a.lora_A": torch.zeros(2, 3)}), "names"),
+        (b"\x00garbage", "contribution blob"),
+        (st_save({k: torch.zeros(s) for k, s in SHAPES.items()}), "contribution blob"),
+        (encode_contribution({"a.lora_A": torch.zeros(2, 3)}, META), "names"),
         (
-            encode_contribution({"a.lora_A": torch.zeros(3, 2), "a.lora_B": torch.zeros(3, 2)}),
+            encode_contribution(
+                {"a.lora_A": torch.zeros(3, 2), "a.lora_B": torch.zeros(3, 2)}, META
+            ),
             "(3, 2)",
         ),
         (
-            encode_contribution({k: torch.full(s, float("nan")) for k, s in SHAPES.items()}),
+            encode_contribution({k: torch.full(s, float("nan")) for k, s in SHAPES.items()}, META),
             "finite",
         ),
     ],
@@ -76,6 +101,8 @@ def test_gathered_metadata_is_parsed_defensively() -> None:
         {**good.gather(), "size": 0},
         {**good.gather(), "round": "3"},
         {**good.gather(), "start": "x" * 65},
+        {**good.gather(), "ticket": 7},
+        {**good.gather(), "ticket": "t" * 5000},
     ]:
         assert parse_member("p", bad) is None
     assert parse_member("p", {**good.gather(), "known": 10**9}).known == 1

@@ -11,6 +11,7 @@ PEER = "QmTestPeer0000000000"
 class _Averager:
     def __init__(self, prefix: str) -> None:
         self.prefix, self.closed, self.matchmaking_time = prefix, False, 1.0
+        self.refused_joins = 2
 
     def shutdown(self) -> None:
         self.closed = True
@@ -37,3 +38,5 @@ def test_switching_group_withdraws_the_old_groups_state() -> None:
     # our round-7 state is the old group's: announcing it in cluster 3 would outvote its members
     assert stored.cluster == 3 and stored.digest == ""
     assert transport.cluster == 3
+    # join requests the closed averager refused still count
+    assert transport.refused_joins == 4
