@@ -18,8 +18,8 @@ import json
 import logging
 import multiprocessing as mp
 import time
-from dataclasses import dataclass
 import typing
+from dataclasses import dataclass
 from typing import Any
 
 from hivemind.averaging import DecentralizedAverager
