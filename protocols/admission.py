@@ -147,14 +147,16 @@ class RefusedSet:
     averager in a forked process: its join-request handler cannot see the parent's objects)."""
 
     def __init__(self, capacity: int = 1 << 20) -> None:
-        self._data = mp.Array("c", capacity)
+        self._data: Any = mp.Array("c", capacity)  # a ctypes char array: has .value
         self._version = mp.Value("q", 0)
         self.refused_joins = mp.Value("q", 0)  # join requests turned away, for logs and status
         self._cache: tuple[int, frozenset[str]] = (-1, frozenset())
 
     def update(self, peers: set[str]) -> None:
         """Replace the refused set (called by the parent; peers beyond capacity are dropped)."""
-        data = "\n".join(sorted(peers)).encode()[: len(self._data) - 1]
+        data = "\n".join(sorted(peers)).encode()
+        if len(data) >= len(self._data):  # keep whole ids only
+            data = data[: data.rfind(b"\n", 0, len(self._data) - 1)]
         with self._data.get_lock():
             self._data.value = data
             self._version.value += 1

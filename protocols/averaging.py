@@ -194,8 +194,8 @@ def check_header(header: Mapping[str, Any], member: MemberMeta) -> str | None:
         return "contribution header names another peer"
     if header.get("round") != member.round or header.get("start") != member.start_digest:
         return "contribution header is for another round or start state"
-    weight = header.get("weight")
-    if not finite_number(weight) or not weight > 0:
+    weight: Any = header.get("weight")
+    if not (finite_number(weight) and weight > 0):
         return f"contribution header weight {weight!r} is not a positive number"
     return None
 
