@@ -201,8 +201,8 @@ class GatedAverager(DecentralizedAverager):
             return "revoked or banned"
         if self.gate is None:
             return None
-        try:
-            ticket = MSGPackSerializer.loads(gather).get("ticket")
+        try:  # hivemind wraps the caller's serialized data: [bandwidth, mode, bytes]
+            ticket = MSGPackSerializer.loads(MSGPackSerializer.loads(gather)[2]).get("ticket")
         except Exception:  # noqa: BLE001 - untrusted bytes: any failure is a malformed request
             return "malformed metadata"
         return self.gate.check(peer, ticket)

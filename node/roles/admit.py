@@ -13,10 +13,13 @@ import json
 import re
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from node.config import parse_config
 from node.engine.checkpoint import atomic_write
 from protocols.admission import issue_ticket, read_ticket
-from protocols.swarm import SwarmError, identity_peer_id, load_or_create_key
+from protocols.records import RevocationRecord, revoked_key
+from protocols.swarm import SwarmError, SwarmNode, identity_peer_id, load_or_create_key
 
 MANIFEST_FILE = "manifest.json"
 REVOKED_FILE = "revoked.txt"
@@ -81,6 +84,16 @@ def load_ticket(value: str) -> str:
     except ValueError as exc:
         raise SwarmError(f"--ticket: {exc}") from None
     return value
+
+
+def read_revocations(node: SwarmNode, run_id: str, coordinator_key: str) -> set[str]:
+    """Peers whose tickets the run's coordinator revoked, from its DHT record (nobody else
+    can write under the coordinator's owner subkey)."""
+    raw = node.get_owned(revoked_key(run_id)).get(coordinator_key.encode())
+    try:
+        return set(RevocationRecord.model_validate(raw).revoked)
+    except ValidationError:
+        return set()
 
 
 def peer_id(workdir: Path) -> str:

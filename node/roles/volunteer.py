@@ -12,8 +12,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from node.adapters.adapter import Provenance, adapter_files
 from node.clusters.clusterer import TaskSignature
 from node.clusters.member import ClusterMember, group_prefix
@@ -26,15 +24,10 @@ from node.engine.swarm_transport import HivemindTransport
 from node.local.basemodel import check_local_base
 from node.local.build import LocalModel, build_local_model
 from node.local.data import load_texts
+from node.roles.admit import read_revocations
 from protocols.admission import Gate, TicketError, read_ticket
 from protocols.averaging import GroupAverager
-from protocols.records import (
-    AdapterOffer,
-    ManifestRecord,
-    PeerRecord,
-    RevocationRecord,
-    revoked_key,
-)
+from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
 from protocols.swarm import SwarmError, SwarmNode
 from protocols.transfer import pack_files
 
@@ -191,17 +184,10 @@ class Volunteer:
         )
 
     def revoked(self) -> set[str]:
-        """Peers whose tickets the coordinator revoked (read from its DHT record)."""
+        """Peers whose tickets the coordinator revoked (token runs; reread every round)."""
         if self.gate is None:
             return set()
-        raw = self.node.get_owned(revoked_key(self.manifest.run_id))
-        try:
-            record = RevocationRecord.model_validate(
-                raw.get(self.manifest.coordinator_key.encode())
-            )
-        except ValidationError:
-            return set()
-        return set(record.revoked)
+        return read_revocations(self.node, self.manifest.run_id, self.manifest.coordinator_key)
 
     @property
     def adapter_name(self) -> str:
