@@ -8,7 +8,11 @@ how honest demo rounds were rejected. It also returns fp16 results that differ b
 (a reducer's own part skips compression), and every reducer sees and controls its part of the
 result. Here a contribution is a safetensors blob whose sha256 and size every member announces
 in the group's all-gathered metadata; whoever fetches it gets exactly those bytes or an error,
-and aggregation is plain deterministic arithmetic in the caller (aggregation/).
+and aggregation is plain deterministic arithmetic in the caller (aggregation/). The blob is
+served only once the group has formed (commit, then reveal): the sha256 is committed before
+any member can see another's contribution of the round. The blob's own header carries the
+member's claims (peer, round, start state, weight); fetched from the member itself, they are
+what the member said, not what the group's leader relayed.
 
 Only members of the same round and start state meet: the round and a prefix of the start digest
 are encoded in the group key bits before every attempt, so a stalled or stale peer forms its
@@ -278,9 +282,11 @@ class GroupAverager:
         meta = dataclasses.replace(meta, sha256="", size=0)
         blob = encode_contribution(tensors, meta, self.codec)
         meta = dataclasses.replace(meta, sha256=hashlib.sha256(blob).hexdigest(), size=len(blob))
-        self._publish(f"contribution:{self.prefix}:{meta.round}", blob)
         started = time.perf_counter()
         gathered, matchmaking_s, attempts = self._form_group(meta, timeout, moved_on, window)
+        # commit, then reveal: the group gathered every member's sha256 before anyone's blob
+        # can be fetched, so nobody can choose its contribution knowing this round's others
+        self._publish(f"contribution:{self.prefix}:{meta.round}", blob)
         members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
         contributions, missing, offences, received = self._fetch_all(members, meta)
         contributions[meta.peer] = decode_contribution(blob, self.shapes, self.codec)[0]

@@ -35,6 +35,8 @@ from protocols.transfer import BlobServer, TransferError, fetch_blob
 
 log = logging.getLogger("swarmtune.swarm")
 DHT_GET_TIMEOUT = 10.0
+UNKNOWN_RETRY_S = 0.2
+REVEAL_WAIT_S = 5.0  # how long a member may take to serve its blob once its group formed
 
 
 class SwarmError(RuntimeError):
@@ -255,13 +257,23 @@ class SwarmNode:
         self, wanted: dict[str, tuple[str, str, int]], timeout: float
     ) -> dict[str, bytes | TransferError]:
         """Blobs from several peers at once: peer -> (name, sha256, size) in; peer -> the
-        verified bytes or the TransferError that says why not, out."""
+        verified bytes or the TransferError that says why not, out. A blob its peer does not
+        serve yet is asked for again for REVEAL_WAIT_S (a member that withholds its blob costs
+        the others that much, once per round)."""
+
+        reveal_by = time.monotonic() + min(timeout, REVEAL_WAIT_S)
 
         async def one(peer: str, name: str, sha: str, size: int) -> bytes | TransferError:
-            try:
-                return await self._fetch(peer, name, sha, timeout, max_size=size)
-            except TransferError as exc:
-                return exc
+            while True:
+                try:
+                    return await self._fetch(peer, name, sha, timeout, max_size=size)
+                except TransferError as exc:
+                    # a member publishes its blob the moment its group formed: asked a moment
+                    # earlier, it does not know the name yet
+                    late = "unknown blob" in str(exc) and time.monotonic() < reveal_by
+                    if not late:
+                        return exc
+                await asyncio.sleep(UNKNOWN_RETRY_S)
 
         async def every() -> list[bytes | TransferError]:
             return await asyncio.gather(*(one(p, *w) for p, w in wanted.items()))
