@@ -17,6 +17,18 @@ tau is chosen from the data: a multiple of the median distance of the contributi
 (`clip_scale`). Honest pseudo-gradients of one round scatter around their mean at a common
 scale, so the median distance tracks that scale and needs no tuning per learning rate.
 
+How far an attacker can pull (`influence_bound`): let m be the honest members' weighted mean,
+R their largest distance to it, q their weight share and p = 1 - q the attacker's. One step
+gives v' - m = (1 - q')(v - m) + sum_h (w_h l_h / W)(x_h - m) + p * clip(x_a - v), where
+l_h in (0, 1] are the honest clip factors and q' = sum_h w_h l_h / W <= q. Hence
+|v' - m| <= |v - m| + q R + p tau, and after T iterations
+
+    |v_T - m| <= |v_0 - m| + T (q R + p tau).
+
+The attacker's own term is at most p tau per step, and it cannot inflate tau: tau comes from
+the median distance, which honest members decide while they hold more than half the count.
+It can shift v_0 only within the honest values' range per coordinate.
+
 Determinism: every member must compute bit-identical results. Elementwise float64 arithmetic
 is; reductions (norms) may not be across thread counts or CPUs, so norms are rounded to 30
 significant bits before they steer anything. Two members then disagree only if a norm falls
@@ -90,3 +102,19 @@ def centered_clip(
                 step[k] += (w / total * factor) * (contribution[k].double() - center[k])
         center = {k: center[k] + step[k] for k in center}
     return {k: v.float() for k, v in center.items()}, tau
+
+
+def influence_bound(
+    contributions: Sequence[Tensors],
+    weights: Sequence[float],
+    reference: Tensors,
+    radius: float,
+    share: float,
+    tau: float,
+    iterations: int,
+) -> float:
+    """|v_0 - m| + T (q R + p tau) (module docstring): how far `centered_clip` of these
+    contributions can end from the honest mean `reference`, given the honest radius R, the
+    attackers' weight share p = `share` and the round's tau."""
+    start = _distance(weighted_median(contributions, weights), reference)
+    return start + iterations * ((1 - share) * radius + share * tau)

@@ -279,14 +279,12 @@ class GroupAverager:
         the first attempt's matchmaking window (default: the averager's)."""
         if set(tensors) != set(self.shapes):
             raise AveragingError("tensor names differ from the averager's template")
-        meta = dataclasses.replace(meta, sha256="", size=0)
-        blob = encode_contribution(tensors, meta, self.codec)
-        meta = dataclasses.replace(meta, sha256=hashlib.sha256(blob).hexdigest(), size=len(blob))
+        blob, meta = self._commit(tensors, meta)
         started = time.perf_counter()
         gathered, matchmaking_s, attempts = self._form_group(meta, timeout, moved_on, window)
         # commit, then reveal: the group gathered every member's sha256 before anyone's blob
         # can be fetched, so nobody can choose its contribution knowing this round's others
-        self._publish(f"contribution:{self.prefix}:{meta.round}", blob)
+        self._publish(f"contribution:{self.prefix}:{meta.round}", self._revealed(blob))
         members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
         contributions, missing, offences, received = self._fetch_all(members, meta)
         contributions[meta.peer] = decode_contribution(blob, self.shapes, self.codec)[0]
@@ -301,6 +299,26 @@ class GroupAverager:
             time.perf_counter() - started - matchmaking_s,
             attempts,
         )
+
+    def _commit(
+        self, tensors: Mapping[str, torch.Tensor], meta: MemberMeta
+    ) -> tuple[bytes, MemberMeta]:
+        """Our blob, and our metadata with its sha256 and size (the commitment)."""
+        blob = encode_contribution(
+            tensors, dataclasses.replace(meta, sha256="", size=0), self.codec
+        )
+        return blob, dataclasses.replace(
+            meta, sha256=hashlib.sha256(blob).hexdigest(), size=len(blob)
+        )
+
+    def _revealed(self, blob: bytes) -> bytes:
+        """What we serve once the group formed: the committed blob (protocols/hostile.py
+        overrides this to test what members do with a liar)."""
+        return blob
+
+    def _gathered(self, meta: MemberMeta) -> dict[str, Any]:
+        """What we tell the group in matchmaking (overridden in protocols/hostile.py)."""
+        return meta.gather()
 
     def _publish(self, name: str, blob: bytes) -> None:
         # the previous round's blob stays up until now: slow members may still be fetching it
@@ -328,7 +346,7 @@ class GroupAverager:
                 control = self.averager.step(
                     scheduled_time=get_dht_time() + first_window,
                     weight=1.0,
-                    gather=meta.gather(),
+                    gather=self._gathered(meta),
                     timeout=max(deadline - time.monotonic(), self.matchmaking_time + 0.5),
                     allow_retries=False,
                     wait=False,
