@@ -1,4 +1,4 @@
-"""Hostile contributions, for tests and bench/attacks.py (docs/design.md, 7. Trust).
+"""Hostile contributions, for tests and bench/attacks.py (docs/design.md, 8. Trust).
 
 Each adversary turns what a hostile member knows (its own honest pseudo-gradient, and for the
 omniscient attacks the honest members' ones) into what it sends: a delta, a claimed weight,
@@ -98,13 +98,14 @@ class GaussianNoise(Adversary):
 
 
 class ALIE(Adversary):
-    """z = 1.5: Baruch et al.'s z_max for n = 4, f = 1 is 0 (s = n/2 + 1 - f = 2 of 4 must be
-    "closer", Phi^-1(2/4) = 0), which would send the honest mean; we use a stronger z."""
+    """z = 1: the paper's z_max for our groups is 0 (n = 4, f = 1: s = n/2 + 1 - f = 2,
+    Phi^-1((n - s)/n) = 0, which sends the honest mean) and 0.32 (n = 8, f = 2); z = 1, as
+    in later evaluations, is the stronger attack."""
 
     name = "alie"
     omniscient = True
 
-    def __init__(self, z: float = 1.5) -> None:
+    def __init__(self, z: float = 1.0) -> None:
         self.z = z
 
     def forge(

@@ -1,5 +1,13 @@
 """Aggregation rules that bound any single member's pull on a group update.
 
+Norm bound (`bound_norms`, applied first): every contribution longer than `factor` times the
+weighted median of the contributions' L2 norms (nu) is scaled down to that length. A member
+with weight share p then moves the weighted mean by at most p * factor * nu, and replacing it
+by any other member moves the mean by at most 2 p factor nu. The median is decided by the
+members holding more than half the weight, so attackers below half cannot inflate nu.
+Honest pseudo-gradients of one round have similar norms (AdamW normalises the inner steps), so
+on a clean round the bound scales at most the longer half of them by a few percent.
+
 CenteredClip (Karimireddy, He, Jaggi, ICML 2021; used by BTARD, Gorbunov et al. 2022,
 arXiv 2106.11257): starting from v_0, iterate
 
@@ -75,6 +83,32 @@ def weighted_median(contributions: Sequence[Tensors], weights: Sequence[float]) 
         index = (cumulative < total / 2).sum(dim=0, keepdim=True)
         out[k] = values.gather(0, index).reshape(contributions[0][k].shape)
     return out
+
+
+def norm_of(x: Tensors) -> float:
+    """L2 norm over all tensors, float64, rounded to NORM_BITS."""
+    return stable_norm(math.sqrt(sum(float(x[k].double().pow(2).sum()) for k in sorted(x))))
+
+
+def bound_norms(
+    contributions: Sequence[Tensors], weights: Sequence[float], factor: float = 1.0
+) -> tuple[list[Params], float]:
+    """Each contribution scaled down to at most `factor` x the weighted median norm; returns
+    the bounded contributions (float64) and that limit."""
+    norms = [norm_of(c) for c in contributions]
+    order = sorted(range(len(norms)), key=lambda i: norms[i])
+    total, running, median = sum(weights), 0.0, norms[order[-1]]
+    for i in order:  # lower weighted median of the norms
+        running += weights[i]
+        if running >= total / 2:
+            median = norms[i]
+            break
+    limit = stable_norm(factor * median)
+    bounded = []
+    for contribution, norm in zip(contributions, norms, strict=True):
+        scale = 1.0 if norm <= limit or norm == 0.0 else limit / norm
+        bounded.append({k: contribution[k].double() * scale for k in sorted(contribution)})
+    return bounded, limit
 
 
 def centered_clip(

@@ -122,14 +122,16 @@ class AveragingSettings(_Strict):
     allreduce_timeout: float = Field(60.0, gt=0, le=3600)  # fetching the contributions
     min_group_size: int = Field(2, ge=2, le=1024)
     codec: Literal["fp32", "fp16"] = "fp32"  # dtype of the contributions on the wire
-    # mean: the token-weighted mean; centered-clip: bounded influence (aggregation/robust.py)
-    aggregator: Literal["mean", "centered-clip"] = "mean"
+    # centered-clip: bounded influence (aggregation/robust.py); mean: the token-weighted mean
+    aggregator: Literal["mean", "centered-clip"] = "centered-clip"
     clip_scale: float = Field(2.0, gt=0, le=1000)  # tau = clip_scale x median distance
     clip_iterations: int = Field(3, ge=1, le=100)
+    # contributions longer than norm_bound x the median norm are scaled down first; null: off
+    norm_bound: float | None = Field(1.0, gt=0, le=1000)
 
 
 class AdmissionSettings(_Strict):
-    """Who may average (docs/design.md, 7. Trust): `open` admits any peer, `token` only holders
+    """Who may average (docs/design.md, 8. Trust): `open` admits any peer, `token` only holders
     of a coordinator-signed ticket (`swarmtune admit`). In both, a member that served bad
     contributions in `ban_after` of `ban_rounds` rounds is kept out for `ban_rounds` rounds."""
 

@@ -1,4 +1,4 @@
-"""Admission tickets (docs/design.md, 7. Trust): the coordinator's signed, expiring permission
+"""Admission tickets (docs/design.md, 8. Trust): the coordinator's signed, expiring permission
 for one peer id to average in one run, and the gate that checks them.
 
 A ticket is `st1.<payload>.<signature>`, both parts base64url: the payload is canonical JSON

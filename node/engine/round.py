@@ -25,7 +25,7 @@ from typing import Literal
 from aggregation.ghbm import PeerMomentum
 from aggregation.outer import OuterOptimizer, RoundContext, make_outer
 from aggregation.params import Params, pseudo_gradient, weighted_mean
-from aggregation.robust import centered_clip
+from aggregation.robust import bound_norms, centered_clip
 from node.config import RunConfig, max_round_weight
 from node.engine.state import GroupState
 from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, Transport
@@ -193,8 +193,11 @@ def outer_phase(
 
 
 def combine(contributions: list[Params], weights: list[float], config: RunConfig) -> Params:
-    """The group update from the chosen contributions, by the configured aggregator."""
+    """The group update from the chosen contributions: norms bounded (unless norm_bound is
+    null), then the configured aggregator."""
     settings = config.averaging
+    if settings.norm_bound is not None:
+        contributions, _ = bound_norms(contributions, weights, settings.norm_bound)
     if settings.aggregator == "centered-clip":
         robust, _ = centered_clip(
             contributions, weights, settings.clip_scale, settings.clip_iterations

@@ -1,4 +1,4 @@
-"""Repeat offenders (docs/design.md, 7. Trust): a member that served provably bad contributions
+"""Repeat offenders (docs/design.md, 8. Trust): a member that served provably bad contributions
 in `ban_after` of the last `ban_rounds` rounds is kept out of the group for `ban_rounds` rounds
 after its last offence.
 

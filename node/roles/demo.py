@@ -51,11 +51,14 @@ class Processes:
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[str]:
-        """Run `python -m cli ARGS`, echoing its lines as `[name] ...`."""
+    def start(
+        self, name: str, args: list[str], program: list[str] | None = None
+    ) -> subprocess.Popen[str]:
+        """Run `python -m cli ARGS` (or `python PROGRAM ARGS`), echoing its lines as
+        `[name] ...`."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", *args],
+            [sys.executable, *(program or ["-m", "cli"]), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

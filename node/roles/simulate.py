@@ -24,7 +24,14 @@ from typing import Any
 from aggregation.ghbm import PeerMomentum, make_peer_momentum
 from aggregation.params import Params
 from node.config import SimConfig
-from node.engine.round import LocalUpdate, RoundStart, conclude_round, inner_phase, round_start
+from node.engine.round import (
+    LocalUpdate,
+    RoundReport,
+    RoundStart,
+    conclude_round,
+    inner_phase,
+    round_start,
+)
 from node.engine.state import GroupState
 from node.engine.transport import AveragingFailed, GroupResult
 from node.local.basemodel import load_base
@@ -129,6 +136,7 @@ class Simulation:
         self.observers: dict[str, Callable[[Params, Params], None]] = {}  # by client name
         self.state = GroupState(0, self.trainer.get_params(), {})
         self.outcomes: Counter[str] = Counter()  # round outcomes, as the daemon reports them
+        self.reports: list[RoundReport] = []  # seen from each round's first member
 
     def evaluate(self) -> dict[str, float]:
         """Eval loss of the current global adapter on every task, and their mean."""
@@ -164,19 +172,22 @@ class Simulation:
         conclude_round (seen from the first member; every member computes the same aggregate)."""
         start = round_start(self.state, self.config.run)
         updates = [self.client_update(self.clients[c], start) for c in members]
-        metas = [u.meta for u in updates]
-        answer: GroupResult | AveragingFailed = (
-            GroupResult(metas, {u.meta.peer: u.delta for u in updates})
-            if len(updates) > 1
-            else AveragingFailed("a single client was sampled")
-        )
+        answer = self.gather(updates)
         self.state, report = conclude_round(self.state, updates[0], answer, self.config.run)
+        self.reports.append(report)
         self.outcomes[report.outcome] += 1
         train_loss = sum(u.inner.loss_mean for u in updates) / len(updates)
         row: dict[str, float] = {"round": self.state.round, "train_loss": train_loss}
         if report.tau is not None:
             row["tau"] = report.tau
         return row
+
+    def gather(self, updates: list[LocalUpdate]) -> GroupResult | AveragingFailed:
+        """The in-process all-gather of the members' updates (bench/attacks.py overrides it
+        to put hostile members in the group)."""
+        if len(updates) < 2:
+            return AveragingFailed("a single client was sampled")
+        return GroupResult([u.meta for u in updates], {u.meta.peer: u.delta for u in updates})
 
     def run(self, progress: Callable[[str], None] | None = None) -> SimResult:
         """All rounds; eval every `eval_every` rounds and after the last."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aggregation.params import weighted_mean
-from aggregation.robust import centered_clip, stable_norm, weighted_median
+from aggregation.robust import bound_norms, centered_clip, stable_norm, weighted_median
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -92,3 +92,34 @@ def test_bad_weights_are_refused() -> None:
         centered_clip(_honest(2), [1.0, 0.0])
     with pytest.raises(ValueError):
         centered_clip([], [])
+
+
+def test_norm_bound_scales_only_the_long_ones_to_the_median_norm() -> None:
+    xs = _honest(5, seed=5)
+    weights = [1.0, 1.0, 1.0, 1.0, 1.0]
+    norms = [_norm(x) for x in xs]
+    median = sorted(norms)[2]
+    bounded, limit = bound_norms(xs, weights, factor=1.0)
+    assert limit == pytest.approx(median, rel=2.0**-29)  # 30 significant bits
+    for x, b, n in zip(xs, bounded, norms, strict=True):
+        if n <= limit:
+            assert all(torch.equal(b[k], x[k].double()) for k in x)
+        else:  # same direction, length the limit (norms steer at 30 significant bits)
+            assert _norm(b) == pytest.approx(limit, rel=2.0**-28)
+            assert torch.allclose(b["a"] * (n / limit), x["a"].double(), rtol=2.0**-28, atol=0)
+
+
+@pytest.mark.parametrize("attack", [-10.0, 50.0, 1e6])
+def test_norm_bound_limits_a_members_pull_to_its_share_of_the_limit(attack: float) -> None:
+    honest = _honest(3, seed=6)
+    weights = [256.0, 256.0, 256.0, 256.0]
+    liar = {k: v * attack for k, v in honest[0].items()}
+    stand_in = honest[1]  # what an honest member could have sent instead
+    with_liar, limit = bound_norms([*honest, liar], weights)
+    with_honest, _ = bound_norms([*honest, stand_in], weights)
+    moved = _norm(_minus(weighted_mean(with_liar, weights), weighted_mean(with_honest, weights)))
+    share = weights[-1] / sum(weights)
+    # replacing one member moves the mean by at most 2 x its share x the limit; the
+    # limit itself is an honest norm (the attacker holds less than half the weight)
+    assert moved <= 2 * share * limit * (1 + 1e-6)
+    assert min(_norm(h) for h in honest) <= limit <= max(_norm(h) for h in honest)
