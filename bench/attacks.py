@@ -222,6 +222,7 @@ def run_real(attack: str | None, aggregator: str, rounds: int, workdir: Path) ->
         "not_averaged": sum(1 for m in metrics for r in m if r["outcome"] != "averaged"),
         "excluded": sum(len(r["excluded"]) for m in metrics for r in m),
         "resyncs": max(f["resyncs"] for f in finals) if finals else 0,
+        "refused": sum(f.get("refused", 0) for f in finals),
         "round_s": sum(r["wall_s"] for m in metrics for r in m) / max(sum(map(len, metrics)), 1),
     }
 
@@ -231,12 +232,13 @@ def main() -> None:
     parser.add_argument("--sim-rounds", type=int, default=8)
     parser.add_argument("--real-rounds", type=int, default=6)
     parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--skip-sim", action="store_true")
     parser.add_argument("--only", nargs="+", choices=ATTACKS, help="a subset of the attacks")
     args = parser.parse_args()
     torch.set_num_threads(1)
     attacks = args.only or ATTACKS
     results: dict[str, Any] = {"sim": {}, "real": {}}
-    for clients, hostile in ((4, 1), (8, 2)):
+    for clients, hostile in () if args.skip_sim else ((4, 1), (8, 2)):
         key = f"{clients}/{hostile}"
         results["sim"][key] = {}
         for attack in [None, *attacks]:
@@ -312,8 +314,9 @@ def render(res: dict) -> str:
             " honest volunteers.",
             "",
             "| attack | mean | centered-clip | rounds averaged / not (mean, clip) | excluded"
-            " (mean, clip) | resyncs (mean, clip) | round s (mean, clip) |",
-            "|---|---|---|---|---|---|---|",
+            " (mean, clip) | joins refused (mean, clip) | resyncs (mean, clip)"
+            " | round s (mean, clip) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for attack, row in res["real"].items():
             m, c = row["mean"], row["centered-clip"]
@@ -321,7 +324,8 @@ def render(res: dict) -> str:
                 f"| {attack} | {m['eval_loss']:.4f} ({_verdict(m['eval_loss'], clean['mean']['eval_loss'])})"
                 f" | {c['eval_loss']:.4f} ({_verdict(c['eval_loss'], clean['centered-clip']['eval_loss'])})"
                 f" | {m['averaged']}/{m['not_averaged']}, {c['averaged']}/{c['not_averaged']}"
-                f" | {m['excluded']}, {c['excluded']} | {m['resyncs']}, {c['resyncs']}"
+                f" | {m['excluded']}, {c['excluded']} | {m['refused']}, {c['refused']}"
+                f" | {m['resyncs']}, {c['resyncs']}"
                 f" | {m['round_s']:.1f}, {c['round_s']:.1f} |"
             )
     return "\n".join(lines)

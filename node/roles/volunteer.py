@@ -216,7 +216,8 @@ class Volunteer:
         log.info(progress_line(report))
         self.last_group = report.group_size
         with open(self.options.workdir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(asdict(report)) + "\n")
+            refused = self.transport.refused_joins  # join requests our averagers turned away
+            handle.write(json.dumps({**asdict(report), "refused": refused}) + "\n")
         record = self.transport.record
         self.transport.update_record(
             loss=report.loss_mean,
