@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench bench-ghbm bench-clusters clean
+.PHONY: install demo test test-fast lint bench bench-ghbm bench-clusters bench-attacks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-ghbm: $(STAMP)
 
 bench-clusters: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/cluster_bench.py
+
+bench-attacks: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/attacks.py
 
 clean:
 	rm -rf $(VENV) demo-adapter .pytest_cache

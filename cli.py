@@ -14,6 +14,7 @@ DESCRIPTION = """Peer-to-peer DiLoCo fine-tuning of LoRA adapters over a hivemin
 
   coordinator:  swarmtune bootstrap --config configs/run.yaml
   volunteer:    swarmtune join --initial-peers MADDR --data builtin:arithmetic
+  admission:    swarmtune id (volunteer) | admit PEER_ID | revoke PEER_ID (coordinator)
   consumer:     swarmtune pull --initial-peers MADDR --out ./adapter
   newcomer:     swarmtune demo --out ./demo-adapter
   merger:       swarmtune merge ADAPTER_DIR ADAPTER_DIR --method ties --out ./merged

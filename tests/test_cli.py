@@ -6,7 +6,19 @@ import pytest
 
 from cli import build_parser, main
 
-SUBCOMMANDS = ["bootstrap", "join", "pull", "status", "demo", "simulate", "merge", "export-base"]
+SUBCOMMANDS = [
+    "bootstrap",
+    "join",
+    "admit",
+    "revoke",
+    "id",
+    "pull",
+    "status",
+    "demo",
+    "simulate",
+    "merge",
+    "export-base",
+]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

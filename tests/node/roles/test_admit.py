@@ -1,0 +1,91 @@
+"""Token admission on the coordinator's machine (admit, revoke, id) and at `join`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+
+from cli import main
+from node.config import RunConfig
+from node.roles.admit import admit, load_ticket, read_revoked, revoke, save_manifest
+from node.roles.volunteer import admission_gate
+from protocols.admission import Gate
+from protocols.records import ManifestRecord
+from protocols.swarm import SwarmError, identity_peer_id, load_or_create_key, owner_subkey
+
+PEER = "QmVxunteerAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+
+
+def _coordinator(workdir: Path, policy: str = "token") -> ManifestRecord:
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = load_or_create_key(workdir / "records.key")
+    config = RunConfig.model_validate({"run_id": "token-run", "admission": {"policy": policy}})
+    manifest = ManifestRecord(
+        run_id="token-run",
+        base_fingerprint="0" * 64,
+        target_modules=["q_proj"],
+        config=config.model_dump(mode="json"),
+        coordinator="QmCoordinatorBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB",
+        coordinator_key=owner_subkey(RSASignatureValidator(key)).decode(),
+    )
+    save_manifest(workdir, manifest.model_dump_json())
+    return manifest
+
+
+def test_a_ticket_from_admit_passes_the_runs_gate(tmp_path: Path) -> None:
+    manifest = _coordinator(tmp_path / "coord")
+    ticket = admit(tmp_path / "coord", PEER, hours=2)
+    assert Gate(manifest.coordinator_key, "token-run").check(PEER, ticket) is None
+    assert admission_gate(manifest, PEER, ticket) is not None
+
+
+def test_join_without_a_ticket_says_how_to_get_one(tmp_path: Path) -> None:
+    manifest = _coordinator(tmp_path / "coord")
+    with pytest.raises(SwarmError, match=f"swarmtune admit {PEER}") as info:
+        admission_gate(manifest, PEER, "")
+    assert "\n" not in str(info.value)
+    someone_elses = admit(tmp_path / "coord", "QmZtherCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCC")
+    with pytest.raises(SwarmError, match="belongs to peer"):
+        admission_gate(manifest, PEER, someone_elses)
+    assert admission_gate(_coordinator(tmp_path / "open", "open"), PEER, "") is None
+
+
+def test_revoke_keeps_a_sorted_list_of_peer_ids(tmp_path: Path) -> None:
+    _coordinator(tmp_path / "coord")
+    revoke(tmp_path / "coord", PEER)
+    revoke(tmp_path / "coord", "QmAnotherDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDD")
+    revoke(tmp_path / "coord", PEER)
+    assert read_revoked(tmp_path / "coord") == sorted(
+        [PEER, "QmAnotherDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDD"]
+    )
+    with pytest.raises(SwarmError, match="not a peer id"):
+        revoke(tmp_path / "coord", "not/a peer")
+
+
+def test_admit_outside_a_coordinators_work_dir_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["admit", PEER, "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a coordinator's work dir" in err and "\n" not in err
+
+
+def test_id_prints_the_peer_id_the_work_dir_will_have(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["id", "--workdir", str(tmp_path / "vol")]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == identity_peer_id(tmp_path / "vol")
+
+
+def test_a_ticket_argument_can_be_a_file_and_garbage_is_refused(tmp_path: Path) -> None:
+    _coordinator(tmp_path / "coord")
+    ticket = admit(tmp_path / "coord", PEER)
+    (tmp_path / "t").write_text(ticket + "\n")
+    assert load_ticket(f"@{tmp_path / 't'}") == ticket
+    with pytest.raises(SwarmError, match="--ticket"):
+        load_ticket("garbage")
+    with pytest.raises(SwarmError, match="cannot read"):
+        load_ticket(f"@{tmp_path / 'missing'}")
