@@ -39,3 +39,31 @@ def test_a_stop_ends_serving_within_the_grace_even_if_a_tick_hangs() -> None:
 def test_a_crash_in_the_serve_loop_reaches_the_caller() -> None:
     with pytest.raises(KeyError, match="a bug in a tick"):
         serve_until_stopped(_Crashing(), grace=0.5)  # type: ignore[arg-type]
+
+
+class _Node:
+    peer_id = "QmCoordinatorBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"
+
+    def __init__(self) -> None:
+        self.stored: list[tuple[str, dict]] = []
+
+    def store_owned(self, key: str, value: dict, ttl: float) -> None:
+        self.stored.append((key, value))
+
+
+def test_revocations_are_published_when_the_list_changes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from node.roles.admit import revoke
+    from node.roles.coordinator import Coordinator
+    from protocols.records import RevocationRecord
+    from tests.node.roles.test_admit import PEER, _coordinator
+
+    manifest = _coordinator(tmp_path)
+    node = _Node()
+    coordinator = Coordinator(node, manifest, tmp_path)  # type: ignore[arg-type]
+    coordinator.publish_revocations()
+    coordinator.publish_revocations()  # unchanged: not stored again
+    assert [RevocationRecord.model_validate(v).revoked for _, v in node.stored] == [[]]
+    revoke(tmp_path, PEER)
+    coordinator.publish_revocations()
+    key, value = node.stored[-1]
+    assert key == "token-run_revoked" and RevocationRecord.model_validate(value).revoked == [PEER]
