@@ -59,7 +59,8 @@ RUN = {
     "inner": {"steps": 10, "batch_size": 8, "seq_len": 48},
     "outer": {"name": "nesterov", "lr": 0.7, "momentum": 0.9},
 }
-ROBUST = {"aggregator": "centered-clip"}
+ROBUST = {"aggregator": "centered-clip", "norm_bound": 1.0}  # the defaults, spelled out
+PLAIN = {"aggregator": "mean", "norm_bound": None}
 
 
 class AttackedSimulation(Simulation):
@@ -138,7 +139,7 @@ def timed_aggregation(times: list[float]) -> Iterator[None]:
 
 
 def sim_config(clients: int, rounds: int, robust: bool) -> SimConfig:
-    run = {**RUN, "averaging": ROBUST if robust else {}}
+    run = {**RUN, "averaging": ROBUST if robust else PLAIN}
     return SimConfig.model_validate(
         {
             "run": run,
@@ -181,7 +182,7 @@ def run_real(attack: str | None, aggregator: str, rounds: int, workdir: Path) ->
     config = {
         "run_id": "attack-bench",
         **RUN,
-        "averaging": {"matchmaking_time": 2.0, "aggregator": aggregator},
+        "averaging": {"matchmaking_time": 2.0, **(ROBUST if aggregator != "mean" else PLAIN)},
         "admission": {"policy": "token"},
     }
     parse_config(config)
@@ -290,7 +291,7 @@ def render(res: dict) -> str:
             f"### Simulator, group {key} (attackers), {res['sim_rounds']} rounds,"
             " the daemon's round code",
             "",
-            "| attack | trusting mean | defended (centered-clip) | defended rounds averaged"
+            "| attack | trusting mean | defended (norm bound + CenteredClip) | defended rounds averaged"
             " / not | contributions excluded | aggregation ms (trusting / defended) |",
             "|---|---|---|---|---|---|",
         ]
@@ -313,9 +314,10 @@ def render(res: dict) -> str:
             " the exchange's checks are on for both aggregators. Eval loss = mean of the 3"
             " honest volunteers.",
             "",
-            "| attack | mean | centered-clip | rounds averaged / not (mean, clip) | excluded"
-            " (mean, clip) | joins refused (mean, clip) | resyncs (mean, clip)"
-            " | round s (mean, clip) |",
+            "| attack | plain mean | default (norm bound + CenteredClip) | rounds averaged / not"
+            " (mean, default) | excluded"
+            " (mean, default) | joins refused (mean, default) | resyncs (mean, default)"
+            " | round s (mean, default) |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for attack, row in res["real"].items():
