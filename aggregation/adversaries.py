@@ -78,12 +78,16 @@ class WeightInflation(Adversary):
 
 
 class SignFlip(Adversary):
+    """-10x its honest delta at its honest weight; the protocol-level attacks below send the
+    same delta and differ only in how they lie about it."""
+
     name = "sign-flip"
+    lie: dict[str, bool] = {}
 
     def forge(
         self, own: Params, honest: Sequence[Params], weight: float, gen: torch.Generator
     ) -> Forgery:
-        return Forgery(_scale(own, -10.0), weight)
+        return Forgery(_scale(own, -10.0), weight, **self.lie)
 
 
 class GaussianNoise(Adversary):
@@ -132,36 +136,24 @@ class IPM(Adversary):
         return Forgery(_scale(mean, -self.eps), weight)
 
 
-class Equivocation(Adversary):
-    """Commits to its honest blob, serves -10x its delta: fetchers see bytes that do not match
+class Equivocation(SignFlip):
+    """Commits to its honest blob, serves the flipped one: fetchers see bytes that do not match
     the commitment."""
 
     name = "equivocation"
-
-    def forge(
-        self, own: Params, honest: Sequence[Params], weight: float, gen: torch.Generator
-    ) -> Forgery:
-        return Forgery(_scale(own, -10.0), weight, equivocate=True)
+    lie = {"equivocate": True}
 
 
-class MalformedMetadata(Adversary):
+class MalformedMetadata(SignFlip):
     name = "malformed-metadata"
-
-    def forge(
-        self, own: Params, honest: Sequence[Params], weight: float, gen: torch.Generator
-    ) -> Forgery:
-        return Forgery(_scale(own, -10.0), weight, malformed=True)
+    lie = {"malformed": True}
 
 
-class Unadmitted(Adversary):
-    """No ticket, and a scaled sign flip: harmful wherever it is let in."""
+class Unadmitted(SignFlip):
+    """No ticket: harmful wherever it is let in."""
 
     name = "unadmitted"
-
-    def forge(
-        self, own: Params, honest: Sequence[Params], weight: float, gen: torch.Generator
-    ) -> Forgery:
-        return Forgery(_scale(own, -10.0), weight, ticket=False)
+    lie = {"ticket": False}
 
 
 ADVERSARIES: dict[str, type[Adversary]] = {

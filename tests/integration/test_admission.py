@@ -4,7 +4,6 @@ member out from the next round on."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -13,12 +12,13 @@ import torch
 
 from node.engine.round import select_contributions
 from node.engine.swarm_transport import HivemindTransport
-from node.engine.transport import AveragingFailed, GroupResult, MemberMeta
+from node.engine.transport import GroupResult, MemberMeta
 from node.roles.admit import read_revocations
 from protocols.admission import Gate, issue_ticket
 from protocols.averaging import GroupAverager
 from protocols.records import PeerRecord, RevocationRecord, revoked_key
 from protocols.swarm import SwarmNode, load_or_create_key
+from tests.integration.parallel import run_members
 
 pytestmark = pytest.mark.slow
 RUN = "admit-test"
@@ -38,24 +38,14 @@ def _transport(node: SwarmNode, gate: Gate, ticket: str, revoked) -> HivemindTra
 
 
 def _exchange_all(transports: list[HivemindTransport], round_: int) -> list:
-    results: list = [None] * len(transports)
     gen = torch.Generator().manual_seed(round_)
     deltas = [{k: torch.randn(s, generator=gen) for k, s in SHAPES.items()} for _ in transports]
 
-    def work(i: int) -> None:
+    def work(i: int) -> GroupResult:
         meta = MemberMeta(transports[i].peer, round_, "ab" * 32, 64.0)
-        try:
-            results[i] = transports[i].exchange(deltas[i], meta)
-        except AveragingFailed as exc:
-            results[i] = exc
+        return transports[i].exchange(deltas[i], meta)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(transports))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=90)
-    assert all(r is not None for r in results), "an exchange did not return"
-    return results
+    return run_members(work, len(transports))
 
 
 def test_unadmitted_and_revoked_peers_never_average(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ robust aggregate stays within the documented bound of the honest mean (aggregati
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -21,9 +20,10 @@ from node.config import parse_config
 from node.engine.round import combine, select_contributions
 from node.engine.transport import GroupResult
 from protocols.admission import Gate, issue_ticket
-from protocols.averaging import AveragingError, GatherOutcome, GroupAverager, MemberMeta
+from protocols.averaging import GatherOutcome, GroupAverager, MemberMeta
 from protocols.hostile import HostileAverager
 from protocols.swarm import SwarmNode
+from tests.integration.parallel import run_members
 
 pytestmark = pytest.mark.slow
 RUN = "attack-test"
@@ -92,19 +92,9 @@ def test_an_attacker_moves_the_honest_result_at_most_the_documented_bound(
         MemberMeta(n.peer_id, round_, "ab" * 32, WEIGHT, ticket=t)
         for n, t in zip(group.nodes, group.tickets, strict=True)
     ]
-    outcomes: list[GatherOutcome | AveragingError | None] = [None] * 4
-
-    def work(i: int) -> None:
-        try:
-            outcomes[i] = group.averagers[i].exchange(deltas[i], metas[i], timeout=15.0)
-        except AveragingError as exc:
-            outcomes[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    outcomes = run_members(
+        lambda i: group.averagers[i].exchange(deltas[i], metas[i], timeout=15.0), 4
+    )
 
     honest_mean = weighted_mean(deltas[:3], [WEIGHT] * 3)
     aggregates = []

@@ -7,8 +7,6 @@ and the round's own contribution selection and weighted mean, as the daemon runs
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -19,6 +17,7 @@ from node.engine.transport import AveragingFailed, GroupResult, MemberMeta
 from protocols.averaging import GroupAverager
 from protocols.records import PeerRecord
 from protocols.swarm import SwarmNode
+from tests.integration.parallel import run_members
 
 pytestmark = pytest.mark.slow
 SHAPES = {"layer.lora_A": (8, 64), "layer.lora_B": (64, 8), "other.lora_A": (4, 300)}
@@ -43,21 +42,7 @@ def _transport(node: SwarmNode, prefix: str, codec: str = "fp32") -> HivemindTra
 def _reduce_all(
     transports: list[HivemindTransport], deltas: list[dict], metas: list[MemberMeta]
 ) -> list[GroupResult | AveragingFailed]:
-    results: list[GroupResult | AveragingFailed | None] = [None] * len(transports)
-
-    def work(i: int) -> None:
-        try:
-            results[i] = transports[i].exchange(deltas[i], metas[i])
-        except AveragingFailed as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(transports))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert all(r is not None for r in results), "an all-reduce did not return"
-    return [r for r in results if r is not None]
+    return run_members(lambda i: transports[i].exchange(deltas[i], metas[i]), len(transports))
 
 
 def _deltas(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
