@@ -138,14 +138,14 @@ def timed_aggregation(times: list[float]) -> Iterator[None]:
         round_code.combine = combine  # type: ignore[assignment]
 
 
-def sim_config(clients: int, rounds: int, robust: bool) -> SimConfig:
+def sim_config(clients: int, rounds: int, robust: bool, tasks: list[str] = TASKS) -> SimConfig:
     run = {**RUN, "averaging": ROBUST if robust else PLAIN}
     return SimConfig.model_validate(
         {
             "run": run,
             "clients": clients,
             "participation": 1.0,
-            "tasks": TASKS,
+            "tasks": tasks,
             "rounds": rounds,
             "seeds": [0],
             "texts_per_client": 200,
@@ -155,13 +155,21 @@ def sim_config(clients: int, rounds: int, robust: bool) -> SimConfig:
     )
 
 
-def run_sim(clients: int, hostile: int, attack: str | None, robust: bool, rounds: int) -> dict:
+def run_sim(
+    clients: int,
+    hostile: int,
+    attack: str | None,
+    robust: bool,
+    rounds: int,
+    tasks: list[str] = TASKS,
+) -> dict:
     """One simulated run; final eval loss, round outcomes, exclusions, aggregation and wall s."""
     times: list[float] = []
     adversary = ADVERSARIES[attack]() if attack else None
     started = time.perf_counter()
     with trusting(not robust), timed_aggregation(times):
-        sim = AttackedSimulation(sim_config(clients, rounds, robust), 0, adversary, hostile, robust)
+        config = sim_config(clients, rounds, robust, tasks)
+        sim = AttackedSimulation(config, 0, adversary, hostile, robust)
         result = sim.run()
     wall = time.perf_counter() - started
     outcomes = Counter(r.outcome for r in sim.reports)
@@ -234,10 +242,18 @@ def main() -> None:
     parser.add_argument("--real-rounds", type=int, default=6)
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--skip-sim", action="store_true")
+    parser.add_argument(
+        "--same-task",
+        action="store_true",
+        help="only the simulator's 8/2 group with one task for all (a cluster's case)",
+    )
     parser.add_argument("--only", nargs="+", choices=ATTACKS, help="a subset of the attacks")
     args = parser.parse_args()
     torch.set_num_threads(1)
     attacks = args.only or ATTACKS
+    if args.same_task:
+        same_task(attacks, args.sim_rounds)
+        return
     results: dict[str, Any] = {"sim": {}, "real": {}}
     for clients, hostile in () if args.skip_sim else ((4, 1), (8, 2)):
         key = f"{clients}/{hostile}"
@@ -267,6 +283,38 @@ def main() -> None:
     (out / "attacks.json").write_text(json.dumps(results, indent=1))
     replace_section("attacks", render(results))
     print(render(results))
+
+
+def same_task(attacks: list[str], rounds: int) -> None:
+    """8 clients on one task, 2 of them hostile: the group a similarity cluster makes."""
+    rows = {}
+    for attack in [None, *attacks]:
+        rows[attack or "clean"] = {
+            ("defended" if robust else "trusting"): run_sim(8, 2, attack, robust, rounds, TASKS[:1])
+            for robust in (False, True)
+        }
+        print(f"same-task {attack or 'clean'}: {json.dumps(rows[attack or 'clean'])}", flush=True)
+    clean_t, clean_d = (
+        rows["clean"]["trusting"]["eval_loss"],
+        rows["clean"]["defended"]["eval_loss"],
+    )
+    lines = [
+        f"### Simulator, group 8/2, one task ({TASKS[0]}) for every member, {rounds} rounds",
+        "",
+        "What a similarity cluster's group looks like. Reproduce: `.venv/bin/python "
+        + " ".join(["bench/attacks.py", *sys.argv[1:]])
+        + "`",
+        "",
+        "| attack | trusting mean | defended (norm bound + CenteredClip) |",
+        "|---|---|---|",
+    ]
+    for attack, row in rows.items():
+        t, d = row["trusting"]["eval_loss"], row["defended"]["eval_loss"]
+        lines.append(
+            f"| {attack} | {t:.4f} ({_verdict(t, clean_t)}) | {d:.4f} ({_verdict(d, clean_d)}) |"
+        )
+    replace_section("attacks-same-task", "\n".join(lines))
+    print("\n".join(lines))
 
 
 def _verdict(loss: float, clean: float) -> str:

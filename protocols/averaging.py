@@ -45,7 +45,8 @@ from hivemind.utils import get_dht_time
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from protocols.admission import TICKET_MAX, Gate, GatedAverager, RefusedSet
+from protocols.admission import TICKET_MAX, Gate
+from protocols.matchmaking import GatedAverager, RefusedSet
 from protocols.swarm import SwarmNode
 from protocols.transfer import TransferError
 
@@ -271,15 +272,19 @@ class GroupAverager:
         timeout: float,
         moved_on: Callable[[], bool] = lambda: False,
         window: float | None = None,
+        expected: int = 0,
     ) -> GatherOutcome:
         """Publish `tensors`, join a group of meta's round and start state within `timeout`
         seconds (failed attempts are retried), then fetch every other member's contribution.
         While still looking for a group, `moved_on()` (polled) says the group already finished
         this round: waiting longer is pointless, so the attempt ends at once. `window` widens
-        the first attempt's matchmaking window (default: the averager's)."""
+        the first attempt's matchmaking window (default: the averager's). `expected` (members
+        known to hold this round's start state, ourselves included) lets a leader close the
+        group as soon as they are in; 0 waits out the window."""
         if set(tensors) != set(self.shapes):
             raise AveragingError("tensor names differ from the averager's template")
         blob, meta = self._commit(tensors, meta)
+        self.averager.expect(expected)
         started = time.perf_counter()
         gathered, matchmaking_s, attempts = self._form_group(meta, timeout, moved_on, window)
         # commit, then reveal: the group gathered every member's sha256 before anyone's blob

@@ -82,7 +82,8 @@ class HivemindTransport:
     def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult:
         """Form a group of meta's round and state through hivemind, all-gather contributions."""
         revoked = {p: "ticket revoked by the coordinator" for p in self.revoked()}
-        self.averager.set_refused({**revoked, **self.banned})
+        refused = {**revoked, **self.banned}
+        self.averager.set_refused(refused)
         try:
             out = self.averager.exchange(
                 delta,
@@ -90,6 +91,7 @@ class HivemindTransport:
                 timeout=self.timeout,
                 moved_on=lambda: self._moved_on(meta.round),
                 window=self.first_window,
+                expected=self.expected_members(meta, set(refused)),
             )
             self.first_window = None
         except AveragingError as exc:
@@ -104,6 +106,17 @@ class HivemindTransport:
             out.matchmaking_s,
             out.transfer_s,
         )
+
+    def expected_members(self, meta: MemberMeta, refused: set[str]) -> int:
+        """How many volunteers (ourselves included) announced exactly this round's start state:
+        the members this round's group can have. A member that died still counts until its
+        record expires; the matchmaking window then closes the group without it."""
+        same = {
+            p
+            for p, (r, d) in self.announcements().items()
+            if (r, d) == (meta.round, meta.start_digest) and p not in refused
+        }
+        return len(same | {self.peer})
 
     def _moved_on(self, round_: int) -> bool:
         """True once a member of our group announced a state past `round_` (that round's group

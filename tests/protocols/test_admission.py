@@ -11,12 +11,12 @@ from hivemind.utils.crypto import RSAPrivateKey
 from protocols.admission import (
     CLOCK_SKEW_S,
     Gate,
-    RefusedSet,
     TicketError,
     issue_ticket,
     public_key_of,
     read_ticket,
 )
+from protocols.matchmaking import RefusedSet
 
 KEY = RSAPrivateKey()
 COORDINATOR = RSASignatureValidator(KEY).local_public_key.decode()

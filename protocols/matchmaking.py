@@ -1,0 +1,96 @@
+"""swarmtune's changes to hivemind's matchmaking, made in the averager's own process.
+
+hivemind runs each averager in a forked process: its join-request handler cannot see the
+parent's objects, so what it needs from the parent lives in shared memory, updated there:
+
+- the refused set (revoked or banned peers) and the admission gate: a leader turns such peers
+  away before they enter its group (docs/design.md, 8. Trust);
+- the expected group size: the members known to hold this round's start state. A leader
+  closes its group the moment that many have joined, instead of waiting out the matchmaking
+  window; the window stays the fallback for a member that does not come.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import typing
+from typing import Any
+
+from hivemind.averaging import DecentralizedAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MSGPackSerializer
+
+from protocols.admission import Gate
+
+log = logging.getLogger("swarmtune.matchmaking")
+
+
+class RefusedSet:
+    """Peer ids refused at matchmaking, shared with the averager's process."""
+
+    def __init__(self, capacity: int = 1 << 20) -> None:
+        self._data: Any = mp.Array("c", capacity)  # a ctypes char array: has .value
+        self._version = mp.Value("q", 0)
+        self.refused_joins = mp.Value("q", 0)  # join requests turned away, for logs and status
+        self._cache: tuple[int, frozenset[str]] = (-1, frozenset())
+
+    def update(self, peers: set[str]) -> None:
+        """Replace the refused set (called by the parent; peers beyond capacity are dropped)."""
+        data = "\n".join(sorted(peers)).encode()
+        if len(data) >= len(self._data):  # keep whole ids only
+            data = data[: data.rfind(b"\n", 0, len(self._data) - 1)]
+        with self._data.get_lock():
+            self._data.value = data
+            self._version.value += 1
+
+    def current(self) -> frozenset[str]:
+        """The refused set as last updated (read in either process)."""
+        version = self._version.value
+        if version != self._cache[0]:
+            with self._data.get_lock():
+                raw = self._data.value.decode()
+            self._cache = (version, frozenset(p for p in raw.split("\n") if p))
+        return self._cache[1]
+
+
+class GatedAverager(DecentralizedAverager):
+    """A DecentralizedAverager whose leader turns away join requests from peers in the refused
+    set, or without a valid ticket when the run has a gate, before they enter its group, and
+    closes its group once the expected members are in. The follower's ticket
+    travels in its gathered metadata (JoinRequest.gather)."""
+
+    def __init__(self, *args: Any, gate: Gate | None, refused: RefusedSet, **kwargs: Any) -> None:
+        self.gate, self.refused = gate, refused
+        super().__init__(*args, **kwargs)
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:  # noqa: UP006
+        # (hivemind's servicer recognises streamed responses by typing.AsyncIterator only)
+        """Refuse unadmitted or refused peers; hand everyone else to hivemind's matchmaking."""
+        peer = context.remote_id.to_base58()
+        why = self._refusal(peer, request.gather)
+        if why is not None:
+            with self.refused.refused_joins.get_lock():
+                self.refused.refused_joins.value += 1
+            log.warning("refused a join request from %s: %s", peer[-8:], why)
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        expected = self.expected.value
+        # hivemind's leader assembles its group as soon as target_group_size members are in
+        self._matchmaking.target_group_size = expected if expected >= 2 else None
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    def _refusal(self, peer: str, gather: bytes) -> str | None:
+        if peer in self.refused.current():
+            return "revoked or banned"
+        if self.gate is None:
+            return None
+        try:  # hivemind wraps the caller's serialized data: [bandwidth, mode, bytes]
+            ticket = MSGPackSerializer.loads(MSGPackSerializer.loads(gather)[2]).get("ticket")
+        except Exception:  # noqa: BLE001 - untrusted bytes: any failure is a malformed request
+            return "malformed metadata"
+        return self.gate.check(peer, ticket)
