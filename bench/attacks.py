@@ -243,6 +243,12 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--skip-sim", action="store_true")
     parser.add_argument(
+        "--clean-repeats",
+        type=int,
+        default=0,
+        help="only clean real-peer runs, this many per aggregator (the clean-run cost)",
+    )
+    parser.add_argument(
         "--same-task",
         action="store_true",
         help="only the simulator's 8/2 group with one task for all (a cluster's case)",
@@ -253,6 +259,9 @@ def main() -> None:
     attacks = args.only or ATTACKS
     if args.same_task:
         same_task(attacks, args.sim_rounds)
+        return
+    if args.clean_repeats:
+        clean_repeats(args.clean_repeats, args.real_rounds)
         return
     results: dict[str, Any] = {"sim": {}, "real": {}}
     for clients, hostile in () if args.skip_sim else ((4, 1), (8, 2)):
@@ -283,6 +292,27 @@ def main() -> None:
     (out / "attacks.json").write_text(json.dumps(results, indent=1))
     replace_section("attacks", render(results))
     print(render(results))
+
+
+def clean_repeats(count: int, rounds: int) -> None:
+    """Clean real-peer runs, `count` per aggregator: eval loss and round wall time."""
+    runs: dict[str, list[dict]] = {"mean": [], "centered-clip": []}
+    with tempfile.TemporaryDirectory(prefix="swarmtune-clean-") as tmp:
+        for rep in range(count):
+            for aggregator in runs:
+                result = run_real(None, aggregator, rounds, Path(tmp) / f"{aggregator}-{rep}")
+                runs[aggregator].append({k: result[k] for k in ("eval_loss", "round_s")})
+                print(f"clean {aggregator} {rep}: {runs[aggregator][-1]}", flush=True)
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "clean_repeats.json").write_text(json.dumps(runs, indent=1))
+    for aggregator, rows in runs.items():
+        losses = [r["eval_loss"] for r in rows]
+        walls = [r["round_s"] for r in rows]
+        print(
+            f"{aggregator}: eval {sum(losses) / count:.4f} ({min(losses):.4f}-{max(losses):.4f}),"
+            f" round {sum(walls) / count:.2f} s"
+        )
 
 
 def same_task(attacks: list[str], rounds: int) -> None:
