@@ -63,7 +63,12 @@ class GatedAverager(DecentralizedAverager):
 
     def __init__(self, *args: Any, gate: Gate | None, refused: RefusedSet, **kwargs: Any) -> None:
         self.gate, self.refused = gate, refused
+        self.expected = mp.Value("q", 0)  # members expected this round (0: unknown)
         super().__init__(*args, **kwargs)
+
+    def expect(self, members: int) -> None:
+        """Close groups when `members` (ourselves included) have gathered; 0 or 1: unknown."""
+        self.expected.value = members
 
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext
