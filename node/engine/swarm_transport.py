@@ -91,7 +91,7 @@ class HivemindTransport:
                 timeout=self.timeout,
                 moved_on=lambda: self._moved_on(meta.round),
                 window=self.first_window,
-                expected=self.expected_members(meta, set(refused)),
+                expected=self.expected_members(set(refused)),
             )
             self.first_window = None
         except AveragingError as exc:
@@ -107,16 +107,14 @@ class HivemindTransport:
             out.transfer_s,
         )
 
-    def expected_members(self, meta: MemberMeta, refused: set[str]) -> int:
-        """How many volunteers (ourselves included) announced exactly this round's start state:
-        the members this round's group can have. A member that died still counts until its
-        record expires; the matchmaking window then closes the group without it."""
-        same = {
-            p
-            for p, (r, d) in self.announcements().items()
-            if (r, d) == (meta.round, meta.start_digest) and p not in refused
-        }
-        return len(same | {self.peer})
+    def expected_members(self, refused: set[str]) -> int:
+        """How many volunteers (ourselves included) may join this round's group: every live
+        volunteer that announced a state in our group, whatever its round. One that is behind
+        is counted too, since it may catch up within the window; counting only those already
+        at our state would close every group before a late joiner's announcement arrives, and
+        it would never catch up. A member that died still counts until its record expires;
+        the window then closes the group without it."""
+        return len((set(self.announcements()) - refused) | {self.peer})
 
     def _moved_on(self, round_: int) -> bool:
         """True once a member of our group announced a state past `round_` (that round's group

@@ -42,23 +42,21 @@ def test_switching_group_withdraws_the_old_groups_state() -> None:
     assert transport.refused_joins == 4
 
 
-def test_expected_members_are_the_announcers_of_our_start_state() -> None:
-    from node.engine.transport import MemberMeta
-
+def test_expected_members_are_every_live_volunteer_of_our_group() -> None:
     digest, other = "ab" * 32, "cd" * 32
     records = {
         "QmA": PeerRecord(peer_id="QmA0000000000", role="volunteer", round=4, digest=digest),
-        "QmB": PeerRecord(peer_id="QmB0000000000", role="volunteer", round=4, digest=digest),
-        "QmC": PeerRecord(peer_id="QmC0000000000", role="volunteer", round=4, digest=other),
-        "QmD": PeerRecord(peer_id="QmD0000000000", role="volunteer", round=3, digest=digest),
-        "QmE": PeerRecord(peer_id="QmE0000000000", role="coordinator", round=4, digest=digest),
-        "QmF": PeerRecord(peer_id="QmF0000000000", role="volunteer", round=4, digest=digest),
+        "QmB": PeerRecord(peer_id="QmB0000000000", role="volunteer", round=4, digest=other),
+        "QmC": PeerRecord(peer_id="QmC0000000000", role="volunteer", round=2, digest=digest),
+        "QmD": PeerRecord(peer_id="QmD0000000000", role="coordinator", round=4, digest=digest),
+        "QmE": PeerRecord(peer_id="QmE0000000000", role="volunteer", round=4, digest=digest),
+        "QmF": PeerRecord(peer_id="QmF0000000000", role="volunteer", round=4, digest=""),
     }
     node = _Node()
     node.peers = lambda: records  # type: ignore[attr-defined]
     record = PeerRecord(peer_id=PEER, role="volunteer")
     transport = HivemindTransport(node, _Averager, "run_global", role_record=record)  # type: ignore[arg-type]
-    meta = MemberMeta(PEER, 4, digest, 1.0)
-    # A, B and F hold our state, we have not announced it yet; F is banned
-    assert transport.expected_members(meta, {"QmF"}) == 3
-    assert transport.expected_members(meta, set()) == 4
+    # A, B, C (behind: it may catch up) and E, plus ourselves; not the coordinator, not F
+    # (no state announced: it is moving between groups); E is banned in the second call
+    assert transport.expected_members(set()) == 5
+    assert transport.expected_members({"QmE"}) == 4
