@@ -145,7 +145,7 @@ def render(res: dict) -> str:
         "",
         "Seconds per round, mean over volunteers (wall includes state sync and eval):",
         "",
-        "| round | group | inner | matchmaking | all-reduce | outer | checkpoint | wall "
+        "| round | group | inner | matchmaking | exchange | outer | checkpoint | wall "
         "| MB sent/peer | eval loss |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -177,9 +177,9 @@ def render(res: dict) -> str:
         "Eval loss is each volunteer's held-out loss on its own task, averaged over tasks. "
         "The swarm trains one shared adapter for all tasks, while local PEFT trains one "
         "adapter per task, so local training is expected to fit its own task better; the "
-        "swarm's value is one adapter that serves every member. Bytes are the all-reduce "
-        "payload computed from hivemind's butterfly scheme (2(g-1)/g of the LoRA tensors "
-        "each way), not socket counters.",
+        "swarm's value is one adapter that serves every member. Bytes are the contribution "
+        "payloads each volunteer sent (its blob times the g-1 members that fetched it, "
+        "framing not counted), not socket counters.",
         "",
         "Local PEFT per task: "
         + ", ".join(
