@@ -74,6 +74,15 @@ def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate 
     return gate
 
 
+def ticket_warning(expires: float, now: float) -> str | None:
+    """What to tell a volunteer about its own ticket: None while it has over an hour left."""
+    if expires <= now:
+        return "your admission ticket has expired: members refuse you; ask for a new one"
+    if expires - now < 3600:
+        return f"your admission ticket expires in {(expires - now) / 60:.0f} min"
+    return None
+
+
 def check_compatible(manifest: ManifestRecord, local: LocalModel, own: RunConfig | None) -> None:
     """Refuse (SwarmError) when our base model or LoRA settings differ from the run's."""
     if local.fingerprint != manifest.base_fingerprint:
@@ -128,6 +137,7 @@ class Volunteer:
         self.node, self.manifest, self.local, self.options = node, manifest, local, options
         self.config = parse_config(manifest.config)
         self.gate = gate
+        self.warned_expiry = False
         record = PeerRecord(peer_id=node.peer_id, role="volunteer", task=options.data[:64])
         self.transport = HivemindTransport(
             node,
@@ -214,6 +224,12 @@ class Volunteer:
     def report(self, report: RoundReport) -> None:
         """Progress line, metrics file, and the numbers status shows."""
         log.info(progress_line(report))
+        if self.gate is not None:
+            expires = read_ticket(self.options.ticket).expires
+            warning = ticket_warning(expires, time.time())
+            if warning is not None and (time.time() >= expires or not self.warned_expiry):
+                log.warning(warning)  # once before it expires, every round after
+                self.warned_expiry = True
         self.last_group = report.group_size
         with open(self.options.workdir / "metrics.jsonl", "a") as handle:
             refused = self.transport.refused_joins  # join requests our averagers turned away

@@ -10,7 +10,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from cli import main
 from node.config import RunConfig
 from node.roles.admit import admit, load_ticket, read_revoked, revoke, save_manifest
-from node.roles.volunteer import admission_gate
+from node.roles.volunteer import admission_gate, ticket_warning
 from protocols.admission import Gate
 from protocols.records import ManifestRecord
 from protocols.swarm import SwarmError, identity_peer_id, load_or_create_key, owner_subkey
@@ -89,3 +89,9 @@ def test_a_ticket_argument_can_be_a_file_and_garbage_is_refused(tmp_path: Path) 
         load_ticket("garbage")
     with pytest.raises(SwarmError, match="cannot read"):
         load_ticket(f"@{tmp_path / 'missing'}")
+
+
+def test_a_volunteer_is_told_before_and_after_its_ticket_expires() -> None:
+    assert ticket_warning(10_000.0, 5_000.0) is None
+    assert "expires in 30 min" in (ticket_warning(10_000.0, 10_000.0 - 1800) or "")
+    assert "expired" in (ticket_warning(10_000.0, 10_000.0) or "")
