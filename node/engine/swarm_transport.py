@@ -91,7 +91,9 @@ class HivemindTransport:
                 timeout=self.timeout,
                 moved_on=lambda: self._moved_on(meta.round),
                 window=self.first_window,
-                expected=self.expected_members(set(refused)),
+                # peers that start together reach their first exchange seconds apart: the
+                # first round after (re)joining waits its window instead of closing early
+                expected=0 if self.first_window else self.expected_members(set(refused)),
             )
             self.first_window = None
         except AveragingError as exc:
