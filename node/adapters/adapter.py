@@ -6,12 +6,15 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save as st_save
 
-from node.local.trainer import InnerTrainer
+if TYPE_CHECKING:  # peft costs seconds to import; `pull` and `status` never need it
+    from peft import PeftModel
+
+    from node.local.trainer import InnerTrainer
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
@@ -34,6 +37,8 @@ class Provenance:
 
 def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
     """PEFT-format LoRA tensors (base_model.model.<module>.lora_A/B.weight), checked for coverage."""
+    from peft import get_peft_model_state_dict
+
     tensors = {
         k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(model).items()
     }

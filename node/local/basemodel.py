@@ -13,6 +13,7 @@ import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -27,6 +28,9 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
+
+if TYPE_CHECKING:
+    from node.config import RunConfig
 
 ASSET_DIR: Path = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED = "embedded"
@@ -215,3 +219,14 @@ def detect_target_modules(model: nn.Module) -> list[str]:
     }
     suffixes.discard("lm_head")
     return sorted(suffixes)
+
+
+def resolve_target_modules(config: RunConfig, base: torch.nn.Module) -> list[str]:
+    """The configured LoRA targets, or the detected linear projections for 'auto'."""
+    if config.lora.target_modules == "auto":
+        return detect_target_modules(base)
+    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    missing = sorted(set(config.lora.target_modules) - names)
+    if missing:
+        raise BaseModelError(f"LoRA target modules {missing} do not exist in this base model")
+    return sorted(config.lora.target_modules)

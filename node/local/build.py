@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from node.config import RunConfig
-from node.local.basemodel import BaseModelError, detect_target_modules, load_base
+from node.local.basemodel import load_base, resolve_target_modules
 from node.local.data import (
     BUILTIN_PREFIX,
     TokenBatcher,
@@ -37,17 +37,6 @@ class LocalModel:
     def eval_loss(self) -> float:
         """Mean loss of the current adapter on the held-out windows."""
         return self.trainer.eval_loss(self.eval_set)
-
-
-def resolve_target_modules(config: RunConfig, base: torch.nn.Module) -> list[str]:
-    """The configured LoRA targets, or the detected linear projections for 'auto'."""
-    if config.lora.target_modules == "auto":
-        return detect_target_modules(base)
-    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-    missing = sorted(set(config.lora.target_modules) - names)
-    if missing:
-        raise BaseModelError(f"LoRA target modules {missing} do not exist in this base model")
-    return sorted(config.lora.target_modules)
 
 
 def split_eval(spec: str, texts: list[str]) -> tuple[list[str], list[str]]:

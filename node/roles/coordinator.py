@@ -17,8 +17,7 @@ from node.adapters.offers import Offer, best_offers
 from node.clusters.clusterer import Clusterer, merge_bundles, verified_signatures
 from node.config import load_config, parse_config
 from node.engine.checkpoint import atomic_write
-from node.local.basemodel import load_base
-from node.local.build import resolve_target_modules
+from node.local.basemodel import load_base, resolve_target_modules
 from node.roles.admit import read_revoked, save_manifest
 from protocols.records import (
     AdapterOffer,

@@ -34,8 +34,7 @@ from node.engine.round import (
 )
 from node.engine.state import GroupState
 from node.engine.transport import AveragingFailed, GroupResult
-from node.local.basemodel import load_base
-from node.local.build import resolve_target_modules
+from node.local.basemodel import load_base, resolve_target_modules
 from node.local.data import (
     BUILTIN_TASKS,
     TokenBatcher,

@@ -19,6 +19,7 @@ from swarm_harness import (  # noqa: E402
 )
 
 from aggregation.taskvec import adjusted_rand_index  # noqa: E402
+from node.local.basemodel import export_base  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 CLUSTERED = """run_id: itest-clusters
@@ -69,21 +70,20 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
             assert in_cluster and all(r["group_size"] == 2 for r in in_cluster), reports[-3:]
 
         # with the volunteers gone the coordinator serves the adapters on a quiet machine
-        pull = ["pull", "--initial-peers", swarm.maddr]
-        listing = swarm.cli(*pull, "--list")
+        status = swarm.cli("status", "--initial-peers", swarm.maddr)
+        assert "clusters (assignment v" in status.stdout
         names = {f"cluster-{c}" for c in labels} | {"merged"}
-        assert all(name in listing.stdout for name in names), listing.stdout
+        assert all(name in status.stdout for name in names), status.stdout  # its offers table
+        pull = ["pull", "--initial-peers", swarm.maddr]
         pulled = swarm.cli(*pull, "--adapter", "merged", "--out", str(tmp_path / "m"))
         assert pulled.returncode == 0, pulled.stderr
         assert "ties" in (tmp_path / "m" / "README.md").read_text()
         pulled = swarm.cli(*pull, "--adapter", f"cluster-{labels[0]}", "--out", str(tmp_path / "c"))
         assert pulled.returncode == 0 and (tmp_path / "c" / "adapter_model.safetensors").exists()
-        assert swarm.cli("export-base", "--out", str(tmp_path / "base")).returncode == 0
+        base = export_base(tmp_path / "base")
         for adapter in (tmp_path / "m", tmp_path / "c"):  # plain PEFT takes both, every key
-            model = load_with_plain_peft(tmp_path / "base", adapter)
+            model = load_with_plain_peft(base, adapter)
             assert_lora_weights_are_the_files(model, adapter)
-        status = swarm.cli("status", "--initial-peers", swarm.maddr)
-        assert "clusters (assignment v" in status.stdout
 
         # the capitals cluster comes back (restarted from its work dirs) and a newcomer joins it
         for i in (2, 3):
