@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/swarmtune demo --out ./demo-adapter
 
 test: $(STAMP)
+	.ci/ensure-browser
 	$(BIN)/python -m pytest -q -rs
 
 test-fast: $(STAMP)

@@ -37,6 +37,14 @@ def _net_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any)")
 
 
+def _report_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--report-to",
+        choices=["tensorboard"],
+        help="also log per-round scalars as TensorBoard event files in WORKDIR/tensorboard",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -59,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     boot.add_argument("--addr-file", type=Path, help="write the multiaddrs here once ready")
     _net_args(boot)
+    boot.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="serve a live status page (and its JSON at /api/status) on this port; 0: any",
+    )
+    boot.add_argument(
+        "--http-host",
+        default="127.0.0.1",
+        help="address of the status page (default loopback; 0.0.0.0 exposes it)",
+    )
+    _report_arg(boot)
 
     join = sub.add_parser("join", help="train with a run as a volunteer")
     _peers_arg(join)
@@ -84,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ticket", default="", help="admission ticket for token runs (or @FILE holding it)"
     )
     _net_args(join)
+    _report_arg(join)
 
     admit = sub.add_parser(
         "admit", help="token runs: print a ticket admitting a volunteer's peer id"
@@ -113,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="peers, rounds, losses and adapters of a run")
     _peers_arg(status)
+    status.add_argument(
+        "--json", action="store_true", help="print the status page's JSON instead of tables"
+    )
 
     demo = sub.add_parser("demo", help="a whole swarm on 127.0.0.1, then pull its adapter")
     demo.add_argument("--peers", type=int, help="volunteers (default 3; 8 with --clustered)")
@@ -195,8 +219,19 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "bootstrap":
         from node.roles.coordinator import BootstrapOptions, bootstrap
 
+        if args.http_port is not None and not 0 <= args.http_port <= 65535:
+            raise SystemExit("swarmtune bootstrap: error: --http-port must be in 0..65535")
         return bootstrap(
-            BootstrapOptions(args.config, args.workdir, args.host, args.port, args.addr_file)
+            BootstrapOptions(
+                args.config,
+                args.workdir,
+                args.host,
+                args.port,
+                args.addr_file,
+                args.http_host,
+                args.http_port,
+                args.report_to,
+            )
         )
     if args.command == "join":
         import torch
@@ -218,6 +253,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.host,
                 args.port,
                 load_ticket(args.ticket) if args.ticket else "",
+                args.report_to,
             )
         )
     if args.command in ("admit", "revoke", "id"):
@@ -231,7 +267,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         from node.roles.consumer import status
 
-        return status(args.initial_peers)
+        return status(args.initial_peers, args.json)
     if args.command == "demo":
         from node.roles.demo import DemoOptions, run_demo
 

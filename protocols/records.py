@@ -56,9 +56,17 @@ class PeerRecord(BaseModel):
     refused: int = Field(0, ge=0)  # join requests it refused (unadmitted, revoked, banned)
     task: str = Field("", max_length=64)
     cluster: int = Field(-1, ge=-1, le=100_000)
+    # the last round's time split (seconds) and outcome, for the status page and its plots
+    inner_s: float = Field(0.0, ge=0)
+    matchmaking_s: float = Field(0.0, ge=0)
+    transfer_s: float = Field(0.0, ge=0)
+    wall_s: float = Field(0.0, ge=0)
+    outcome: str = Field("", max_length=32)
+    tau: int = Field(0, ge=0)  # GHBM's momentum window where it applies, else 0
+    stored_at: float = Field(0.0, ge=0)  # the owner's wall clock when it stored this record
     adapters: dict[str, AdapterOffer] = Field(default_factory=dict, max_length=64)
 
-    @field_validator("loss", "eval_loss")
+    @field_validator("loss", "eval_loss", "inner_s", "matchmaking_s", "transfer_s", "wall_s")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):

@@ -286,6 +286,7 @@ class SwarmNode:
     def _store_record(self) -> None:
         if self._record is None or self.run_id is None:
             return
+        self._record = self._record.model_copy(update={"stored_at": time.time()})
         self.dht.store(
             peers_key(self.run_id),
             self._record.model_dump(),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 
 from node.adapters.adapter import ADAPTER_FILES
 from node.adapters.offers import Offer, best_offers
 from node.clusters.clusterer import read_assignment
+from node.watch.snapshot import snapshot
 from protocols.records import ClusterRecord, ManifestRecord, PeerRecord, clusters_key
 from protocols.swarm import SwarmError, SwarmNode
 from protocols.transfer import TransferError, unpack_files, write_dir_atomically
@@ -122,11 +125,19 @@ def format_clusters(record: ClusterRecord | None, peers: dict[str, PeerRecord]) 
     return "\n".join(lines)
 
 
-def status(initial_peers: list[str]) -> int:
-    """Entry point of `swarmtune status`."""
+def status(initial_peers: list[str], as_json: bool = False) -> int:
+    """Entry point of `swarmtune status`: tables, or the status page's JSON (no history)."""
     node, manifest = connect(initial_peers)
     try:
         records = node.peers()
+        if as_json:
+            clusters = None
+            if manifest.config.get("clustering", {}).get("enabled"):
+                raw = node.get_owned(clusters_key(manifest.run_id))
+                clusters = read_assignment(raw, manifest.coordinator_key)
+            view = snapshot(manifest, records, clusters, best_offers(records), time.time())
+            print(json.dumps(view, indent=1))
+            return 0
         print(
             f"run {manifest.run_id}  base {manifest.base_fingerprint[:12]}…  "
             f"LoRA r={manifest.config['lora']['rank']} targets {','.join(manifest.target_modules)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import signal
 import threading
@@ -19,6 +20,9 @@ from node.config import load_config, parse_config
 from node.engine.checkpoint import atomic_write
 from node.local.basemodel import load_base, resolve_target_modules
 from node.roles.admit import read_revoked, save_manifest
+from node.watch.history import FILE_NAME, History
+from node.watch.snapshot import PAGE_FILE, snapshot
+from node.watch.tensorboard import SwarmLog
 from protocols.records import (
     AdapterOffer,
     ManifestRecord,
@@ -29,8 +33,9 @@ from protocols.records import (
     revoked_key,
     signatures_key,
 )
-from protocols.swarm import SwarmNode
+from protocols.swarm import SwarmError, SwarmNode
 from protocols.transfer import TransferError
+from protocols.web import StatusServer
 
 log = logging.getLogger("swarmtune.bootstrap")
 MIRROR_INTERVAL = 1.0
@@ -48,6 +53,9 @@ class BootstrapOptions:
     host: str = "127.0.0.1"
     port: int = 0
     addr_file: Path | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None  # the status page; None: not served
+    report_to: str | None = None  # "tensorboard": swarm-wide event files in the work dir
 
 
 class Coordinator:
@@ -68,10 +76,41 @@ class Coordinator:
         self.clusterer = Clusterer(self.settings, node.peer_id) if self.settings.enabled else None
         self.merged_round = -1
         self.first_signature_at: float | None = None
+        self.history = History(workdir / FILE_NAME if workdir is not None else None)
+        self.swarm_log: SwarmLog | None = None  # set by --report-to tensorboard
+        self.view_lock = threading.Lock()
+        # what the status page shows, rebuilt every tick
+        self.view = snapshot(manifest, {}, None, {}, time.time())
+
+    def page_data(self, query: Mapping[str, str]) -> dict:
+        """The status page's JSON: the last tick's snapshot, and the history points after the
+        query's `since` (a time the page got earlier points at), or all of them."""
+        try:
+            since = float(query["since"]) if "since" in query else None
+        except ValueError:
+            since = None
+        with self.view_lock:
+            view = dict(self.view)
+            points = [p for p in self.history.points if since is None or p["t"] > since]
+        view["history"] = points
+        return view
+
+    def watch(self, records: dict[str, PeerRecord]) -> None:
+        """Record new round points, log them, and rebuild the status page's snapshot."""
+        now = time.time()
+        clusters = self.clusterer.record if self.clusterer is not None else None
+        with self.view_lock:
+            new = self.history.observe(records, now)
+            view = snapshot(self.manifest, records, clusters, best_offers(records), now)
+            self.view = view
+        if self.swarm_log is not None and new:
+            self.swarm_log.add(new, self.history.points)
 
     def tick(self) -> None:
-        """One pass: report membership changes and mirror newer adapters."""
-        peers = {pid: r for pid, r in self.node.peers().items() if pid != self.node.peer_id}
+        """One pass: report membership changes, update the status view, mirror newer adapters."""
+        records = self.node.peers()
+        records.setdefault(self.node.peer_id, self.record)
+        peers = {pid: r for pid, r in records.items() if pid != self.node.peer_id}
         for pid in sorted(set(peers) - self.known):
             log.info("peer %s joined (%s)", pid[-8:], peers[pid].task or peers[pid].role)
         for pid in sorted(self.known - set(peers)):
@@ -80,6 +119,7 @@ class Coordinator:
         self.publish_revocations()
         if self.clusterer is not None:
             self.recluster({pid for pid, r in peers.items() if r.role == "volunteer"})
+        self.watch(records)
         for offer in best_offers(peers).values():
             if self.stop.is_set():
                 return
@@ -254,19 +294,42 @@ def bootstrap(options: BootstrapOptions) -> int:
         port=options.port,
         run_id=config.run_id,
     )
+    server: StatusServer | None = None
+    coordinator: Coordinator | None = None
     try:
         manifest = make_manifest(options, node.peer_id, node.owner_key)
         node.publish_manifest(manifest)
         save_manifest(options.workdir, manifest.model_dump_json())
         coordinator = Coordinator(node, manifest, options.workdir)
+        if options.report_to == "tensorboard":
+            coordinator.swarm_log = SwarmLog(options.workdir)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: coordinator.stop.set())
         announce(node, manifest, options.addr_file, options.workdir)
+        if options.http_port is not None:
+            server = serve_status_page(coordinator, options.http_host, options.http_port)
         serve_until_stopped(coordinator)
         log.info("shutting down")
         return 0
     finally:
+        if server is not None:
+            server.close()
+        if coordinator is not None and coordinator.swarm_log is not None:
+            coordinator.swarm_log.close(coordinator.history.points)
         node.shutdown()
+
+
+def serve_status_page(coordinator: Coordinator, host: str, port: int) -> StatusServer:
+    """Start the status page (docs/design.md, 9. Watching a run) and say where it is."""
+    page = PAGE_FILE.read_bytes()
+    try:
+        server = StatusServer(host, port, page, coordinator.page_data)
+    except OSError as exc:
+        raise SwarmError(str(exc)) from None
+    log.info("status page: %s (JSON: %sapi/status)", server.url, server.url)
+    if not ipaddress.ip_address(host).is_loopback:
+        log.warning("the status page is open to anyone who can reach %s:%d", host, port)
+    return server
 
 
 def serve_until_stopped(coordinator: Coordinator, grace: float = 5.0) -> None:

@@ -25,6 +25,7 @@ from node.local.basemodel import check_local_base
 from node.local.build import LocalModel, build_local_model
 from node.local.data import load_texts
 from node.roles.admit import read_revocations
+from node.watch.tensorboard import ScalarLog, round_scalars
 from protocols.admission import Gate, TicketError, read_ticket
 from protocols.averaging import GroupAverager
 from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
@@ -49,6 +50,7 @@ class JoinOptions:
     host: str = "127.0.0.1"
     port: int = 0
     ticket: str = ""  # admission ticket for token runs (`swarmtune admit`)
+    report_to: str | None = None  # "tensorboard": event files in WORKDIR/tensorboard
 
 
 def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
@@ -138,6 +140,7 @@ class Volunteer:
         self.config = parse_config(manifest.config)
         self.gate = gate
         self.warned_expiry = False
+        self.scalars = ScalarLog(options.workdir) if options.report_to == "tensorboard" else None
         record = PeerRecord(peer_id=node.peer_id, role="volunteer", task=options.data[:64])
         self.transport = HivemindTransport(
             node,
@@ -234,6 +237,8 @@ class Volunteer:
         with open(self.options.workdir / "metrics.jsonl", "a") as handle:
             refused = self.transport.refused_joins  # join requests our averagers turned away
             handle.write(json.dumps({**asdict(report), "refused": refused}) + "\n")
+        if self.scalars is not None:  # step = the round the group state reached
+            self.scalars.write(report.round + 1, round_scalars(report))
         record = self.transport.record
         self.transport.update_record(
             loss=report.loss_mean,
@@ -248,6 +253,12 @@ class Volunteer:
             resyncs=report.resyncs,
             banned=report.banned,
             refused=self.transport.refused_joins,
+            inner_s=report.inner_s,
+            matchmaking_s=report.matchmaking_s,
+            transfer_s=report.transfer_s,
+            wall_s=report.wall_s,
+            outcome=report.outcome,
+            tau=report.tau or 0,
         )
 
     def run(self) -> GroupState:
@@ -274,8 +285,10 @@ class Volunteer:
         return False
 
     def close(self) -> None:
-        """Stop the averager (the node is closed by the caller)."""
+        """Stop the averager and the event log (the node is closed by the caller)."""
         self.transport.averager.shutdown()
+        if self.scalars is not None:
+            self.scalars.close()
 
 
 def join(options: JoinOptions) -> int:

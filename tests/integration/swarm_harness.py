@@ -45,8 +45,8 @@ class Swarm:
         self.procs[name] = proc
         return proc
 
-    def start_coordinator(self, timeout: float = 60) -> str:
-        """Start `bootstrap` and wait for its address file."""
+    def start_coordinator(self, *extra: str, timeout: float = 60) -> str:
+        """Start `bootstrap` (with extra flags) and wait for its address file."""
         addr = self.tmp / "addr.txt"
         self.spawn(
             "coord",
@@ -57,6 +57,7 @@ class Swarm:
             str(self.tmp / "coord"),
             "--addr-file",
             str(addr),
+            *extra,
         )
         deadline = time.monotonic() + timeout
         while not (addr.exists() and addr.read_text().strip()):

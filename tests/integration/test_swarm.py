@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import subprocess
 import sys
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from swarm_harness import (  # noqa: E402
@@ -21,6 +27,7 @@ from swarm_harness import (  # noqa: E402
 
 from node.config import load_config  # noqa: E402
 from node.engine.state import decode_state  # noqa: E402
+from node.local.basemodel import export_base  # noqa: E402
 from node.local.build import build_local_model  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -52,9 +59,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     """A coordinator and 3 volunteers that ran 3 rounds; the coordinator stays up."""
     swarm = Swarm(tmp_path_factory.mktemp("swarm"))
     try:
-        swarm.start_coordinator()
+        swarm.start_coordinator("--http-port", "0", "--report-to", "tensorboard")
         for i, task in enumerate(TASKS):
-            swarm.join(f"v{i}", task, 3)
+            swarm.join(f"v{i}", task, 3, *(["--report-to", "tensorboard"] if i == 0 else []))
         codes = [swarm.wait(f"v{i}", 240) for i in range(3)]
         assert codes == [0, 0, 0], "\n".join(swarm.log(f"v{i}") for i in range(3))
         yield swarm
@@ -102,7 +109,7 @@ def test_pulled_adapter_loads_in_plain_peft_with_same_logits(
         ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     )
     assert "round 3" in (out / "README.md").read_text()
-    assert trained.cli("export-base", "--out", str(base_dir)).returncode == 0
+    export_base(base_dir)
 
     model = load_with_plain_peft(base_dir, out)  # fails on PEFT's missing-keys warning
     assert_lora_weights_are_the_files(model, out)
@@ -130,6 +137,101 @@ def test_status_lists_peers_and_adapters(trained: Swarm) -> None:
     assert shown.stdout.count("volunteer") == 3 and "global" in shown.stdout
     listed = trained.cli("pull", "--initial-peers", trained.maddr, "--list")
     assert "global" in listed.stdout and "     3" in listed.stdout
+
+
+def _page_url(swarm: Swarm) -> str:
+    found = re.search(r"status page: (http://127\.0\.0\.1:\d+/)", swarm.log("coord"))
+    assert found, swarm.log("coord")
+    return found.group(1)
+
+
+def _peer_rows(view: dict) -> dict[str, tuple]:
+    keys = ("role", "round", "task", "loss", "eval_loss", "group_size", "cluster", "resyncs")
+    return {p["peer_id"]: tuple(p[k] for k in keys) for p in view["peers"]}
+
+
+def test_status_page_json_is_what_status_json_shows(trained: Swarm) -> None:
+    with urllib.request.urlopen(_page_url(trained) + "api/status", timeout=10) as response:
+        page = json.loads(response.read())
+    shown = trained.cli("status", "--initial-peers", trained.maddr, "--json")
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert page["run"] == status["run"] and page["run"]["run_id"] == "itest-run"
+    assert _peer_rows(page) == _peer_rows(status)
+    assert sorted(r[0] for r in _peer_rows(page).values()) == ["coordinator"] + ["volunteer"] * 3
+    assert page["adapters"] == status["adapters"] and page["adapters"][0]["name"] == "global"
+    # the history has every volunteer's rounds, with the numbers their metrics files hold
+    for i in range(3):
+        reports = _reports(trained.tmp / f"v{i}")
+        mine = [p for p in page["history"] if p["task"] == f"builtin:{TASKS[i]}"]
+        assert [p["round"] for p in mine] == [1, 2, 3]
+        assert mine[-1]["eval_loss"] == pytest.approx(reports[-1]["eval_loss"], rel=1e-6)
+        assert 0 < mine[-1]["inner_s"] <= mine[-1]["wall_s"]
+    with urllib.request.urlopen(_page_url(trained) + "api/status?since=1e12", timeout=10) as r:
+        assert json.loads(r.read())["history"] == []  # the page asks only for newer points
+
+
+def test_status_page_renders_its_plots_and_peers_in_a_browser(
+    trained: Swarm, tmp_path: Path
+) -> None:
+    browser = next(
+        (
+            shutil.which(b)
+            for b in ("chromium", "chromium-browser", "google-chrome")
+            if shutil.which(b)
+        ),
+        None,
+    )
+    if browser is None:
+        pytest.skip("no Chromium here: `make test` installs Debian's chromium where it can")
+    url = _page_url(trained)
+    headless = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=8000",
+    ]
+    shot = tmp_path / "page.png"
+    run = subprocess.run(
+        [*headless, f"--screenshot={shot}", "--window-size=1300,1900", url],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.exists(), run.stderr.decode()[-2000:]
+    dom = subprocess.run(
+        [*headless, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert re.search(r'<body[^>]* data-rendered="[1-9]', dom), dom[:2000]
+    with urllib.request.urlopen(url + "api/status", timeout=10) as response:
+        live = [p["peer_id"] for p in json.loads(response.read())["peers"]]
+    assert sorted(re.findall(r'<tr data-peer="(\w+)"', dom)) == sorted(live)
+    series = dict(re.findall(r'<svg id="plot-(\w+)"[^>]* data-series="(\d+)"', dom))
+    assert series["eval"] == series["loss"] == "3", series  # one curve per volunteer
+    assert all(int(series[p]) >= 1 for p in ("cluster", "util", "time", "bytes")), series
+    # and the curves reached the pixels: the first two series colours are on the screenshot
+    pixels = Image.open(shot).convert("RGB").getdata()
+    counts = Counter(pixels)
+    assert counts[(0x1F, 0x77, 0xB4)] > 200 and counts[(0xD6, 0x27, 0x28)] > 200
+
+
+def test_tensorboard_logs_of_a_volunteer_and_of_the_coordinator(trained: Swarm) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(workdir: Path) -> dict[str, list[tuple[int, float]]]:
+        events = EventAccumulator(str(workdir / "tensorboard"))
+        events.Reload()
+        return {t: [(s.step, s.value) for s in events.Scalars(t)] for t in events.Tags()["scalars"]}
+
+    mine = scalars(trained.tmp / "v0")
+    reports = _reports(trained.tmp / "v0")
+    assert [step for step, _ in mine["loss/eval"]] == [1, 2, 3]
+    assert mine["loss/eval"][-1][1] == pytest.approx(reports[-1]["eval_loss"], rel=1e-6)
+    assert {"time/utilization", "bytes/sent", "group/size"} <= set(mine)
+    swarm = scalars(trained.tmp / "coord")
+    assert len([t for t in swarm if t.startswith("peer_eval/")]) == 3
+    assert [step for step, _ in swarm["cluster_eval/run-wide"]] == [1]  # rounds 2-3 pending
 
 
 def test_mismatched_base_model_is_refused(trained: Swarm, tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Watching a run: history, status page data, TensorBoard logs."""
