@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join.add_argument("--rounds", type=int, default=1_000_000, help="exit 0 after this many rounds")
     join.add_argument("--model", help="local Hugging Face causal LM dir (default: embedded base)")
-    join.add_argument("--quantize", choices=["4bit"], help="load the base in 4 bit (CUDA only)")
+    join.add_argument(
+        "--quantize",
+        choices=["4bit", "4bit-dq"],
+        help="QLoRA: load the base in NF4 (4bit-dq: also quantize the block scales); CPU or CUDA",
+    )
     join.add_argument(
         "--config", type=Path, help="refuse to join unless the run's LoRA matches this"
     )

@@ -40,7 +40,8 @@ def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     tensors = {
-        k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(model).items()
+        k: v.detach().float().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(model).items()
     }
     modules = [
         name

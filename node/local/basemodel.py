@@ -43,7 +43,8 @@ ASSET_FILES = (
     "special_tokens_map.json",
 )
 EMBEDDED_FINGERPRINT: str = "5f1b545f1f983a9e39ced58c55919a69f08a17bc71b0e3567c09976cdfe89d2e"
-QUANTIZE_CHOICES = ("4bit",)
+# NF4 (QLoRA), optionally with double quantization of the block scales; CPU or CUDA
+QUANTIZE_CHOICES = ("4bit", "4bit-dq")
 # what transformers' from_pretrained reads: single-file or sharded (with an index) checkpoints
 WEIGHT_FILES = (
     WEIGHTS_FILE,
@@ -96,7 +97,7 @@ def load_base(
         raise BaseModelError(f"unknown quantization {quantize!r}; choose from {QUANTIZE_CHOICES}")
     model_dir = ASSET_DIR if path is None or path == EMBEDDED else _check_model_dir(path)
     embedded = model_dir == ASSET_DIR
-    if quantize == "4bit":
+    if quantize is not None:
         _require_4bit_support()
     config = _load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -107,10 +108,10 @@ def load_base(
             f"embedded base model in {ASSET_DIR} does not match EMBEDDED_FINGERPRINT; "
             "reinstall swarmtune (or regenerate with python -m node.local.make_assets)"
         )
-    if quantize == "4bit":
+    if quantize is not None:
         del model  # free the fp32 copy before the quantized load
         gc.collect()
-        model = _load_model(model_dir, config, quantize_4bit=True)
+        model = _load_model(model_dir, config, quantize=quantize)
     return model.eval(), tokenizer, fingerprint
 
 
@@ -118,7 +119,7 @@ def check_local_base(path: str | None, quantize: str | None = None) -> None:
     """Cheap checks of a --model dir and --quantize (no weights loaded); BaseModelError if bad."""
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise BaseModelError(f"unknown quantization {quantize!r}; choose from {QUANTIZE_CHOICES}")
-    if quantize == "4bit":
+    if quantize is not None:
         _require_4bit_support()
     if path is None or path == EMBEDDED:
         return
@@ -143,12 +144,16 @@ def _check_model_dir(path: str) -> Path:
 
 
 def _require_4bit_support() -> None:
-    if not torch.cuda.is_available():
-        raise BaseModelError("--quantize 4bit needs a CUDA GPU (bitsandbytes NF4); none found")
+    """bitsandbytes >= 0.49 runs NF4 on CPU as well as on CUDA."""
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError as err:
         raise BaseModelError(f"--quantize 4bit needs bitsandbytes: {_one_line(err)}") from None
+    version = tuple(int(x) for x in bitsandbytes.__version__.split(".")[:2] if x.isdigit())
+    if not torch.cuda.is_available() and version < (0, 49):
+        raise BaseModelError(
+            f"--quantize 4bit on CPU needs bitsandbytes >= 0.49 (found {bitsandbytes.__version__})"
+        )
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
@@ -177,14 +182,18 @@ def _load_config(model_dir: Path) -> PretrainedConfig:
 
 
 def _load_model(
-    model_dir: Path, config: PretrainedConfig, quantize_4bit: bool = False
+    model_dir: Path, config: PretrainedConfig, quantize: str | None = None
 ) -> PreTrainedModel:
     kwargs: dict = {"local_files_only": True, _DTYPE_KWARG: torch.float32}
-    if quantize_4bit:
+    if quantize is not None:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_use_double_quant=quantize == "4bit-dq",
         )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        cuda = torch.cuda.is_available()
+        kwargs["device_map"] = {"": torch.cuda.current_device() if cuda else "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, **kwargs)
     except Exception as err:  # corrupt files raise library-specific types

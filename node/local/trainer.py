@@ -84,6 +84,9 @@ class InnerTrainer:
         self.stop = stop  # set: the inner loop abandons the round at its next step
         if not self._trainable:
             raise ValueError("the model has no trainable LoRA parameters")
+        # batches follow the model (a 4-bit base sits on CUDA where there is one); parameters
+        # leave it as CPU fp32 copies (get_params), so states and checksums never see a device
+        self.device = next(iter(self._trainable.values())).device
         self.optimizer = torch.optim.AdamW(
             self._trainable.values(), lr=inner.lr, weight_decay=inner.weight_decay
         )
@@ -101,8 +104,8 @@ class InnerTrainer:
         self.optimizer.state.clear()
 
     def get_params(self) -> Params:
-        """Current trainable parameters (copies)."""
-        return clone_params(self._trainable)
+        """Current trainable parameters (fp32 CPU copies)."""
+        return {k: v.cpu() for k, v in clone_params(self._trainable).items()}
 
     @torch.no_grad()
     def set_params(self, params: Mapping[str, torch.Tensor]) -> None:
@@ -120,7 +123,7 @@ class InnerTrainer:
     def shift_params(self, shift: Mapping[str, torch.Tensor]) -> None:
         """theta <- theta - shift, in place (GHBM's per-step momentum correction)."""
         for name, p in self._trainable.items():
-            p.sub_(shift[name].to(p.dtype))
+            p.sub_(shift[name].to(p.device, p.dtype))
 
     def train_steps(self, steps: int, after_step: Any = None) -> InnerResult:
         """Run `steps` AdamW steps; after_step(j) may adjust parameters (e.g. GHBM correction)."""
@@ -132,7 +135,7 @@ class InnerTrainer:
             if self.stop is not None and self.stop.is_set():
                 raise RoundAbandoned(f"stopped after {j} of {steps} inner steps")
             input_ids, n_tokens = self.batches.next_batch()
-            loss = lm_loss(self.model, input_ids)
+            loss = lm_loss(self.model, input_ids.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self._trainable.values(), self.inner.max_grad_norm)
@@ -155,7 +158,8 @@ class InnerTrainer:
     def eval_loss(self, batches: list[torch.Tensor]) -> float:
         """Mean loss over fixed held-out batches."""
         self.model.eval()
-        return sum(float(lm_loss(self.model, b)) for b in batches) / max(len(batches), 1)
+        losses = [float(lm_loss(self.model, b.to(self.device))) for b in batches]
+        return sum(losses) / max(len(losses), 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Local-only state: AdamW moments and the data stream position."""

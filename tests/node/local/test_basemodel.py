@@ -131,12 +131,40 @@ def test_load_base_rejects_corrupt_weights(tmp_path):
     assert "cannot load weights" in _one_line_error(str(out))
 
 
-def test_4bit_without_cuda_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(basemodel.torch.cuda, "is_available", lambda: False)
-    with pytest.raises(BaseModelError, match="CUDA"):
-        load_base(quantize="4bit")
+def test_bad_quantization_and_an_old_bitsandbytes_on_cpu_are_one_clear_error(monkeypatch):
+    import bitsandbytes
+
     with pytest.raises(BaseModelError, match="unknown quantization"):
         load_base(quantize="3bit")
+    monkeypatch.setattr(basemodel.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bitsandbytes, "__version__", "0.48.2")
+    with pytest.raises(BaseModelError, match="needs bitsandbytes >= 0.49"):
+        load_base(quantize="4bit")
+
+
+@pytest.mark.parametrize("quantize", ["4bit", "4bit-dq"])
+def test_a_4bit_base_on_cpu_keeps_the_fp32_fingerprint_and_trains_lora(quantize):
+    import bitsandbytes as bnb
+
+    from node.config import parse_config
+    from node.local.build import build_local_model
+
+    config = parse_config({"run_id": "qlora-cpu", "inner": {"batch_size": 4, "seq_len": 32}})
+    full = build_local_model(config, "builtin:arithmetic")
+    local = build_local_model(config, "builtin:arithmetic", quantize=quantize)
+    assert local.fingerprint == full.fingerprint == EMBEDDED_FINGERPRINT  # same run, either way
+    layers = [m for m in local.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 4 * len(LLAMA_TARGETS)  # every projection of the 4 layers
+    assert {m.weight.quant_state.nested for m in layers} == {quantize == "4bit-dq"}
+    # NF4 keeps the function: a broken quantization is far off (a uniform guess is ln 512 = 6.2)
+    before, reference = local.eval_loss(), full.eval_loss()
+    assert abs(before - reference) < 0.05 * reference
+    params = local.trainer.get_params()
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params.values())
+    local.trainer.train_steps(20)
+    assert local.eval_loss() < before - 0.05
+    local.trainer.set_params(params)  # states travel as CPU fp32 tensors, and come back exactly
+    assert all(torch.equal(local.trainer.get_params()[k], v) for k, v in params.items())
 
 
 def test_detect_target_modules_llama_and_gpt2(embedded):
