@@ -101,18 +101,15 @@ def public_key_of(coordinator_key: str) -> RSAPublicKey:
 
 
 class Gate:
-    """Checks tickets against one run's coordinator key, its clock and a refused set
-    (revoked or banned peers, with reasons)."""
+    """Checks tickets against one run's coordinator key and its clock (revoked and banned peers
+    are refused before, by protocols.matchmaking.RefusedSet)."""
 
     def __init__(self, coordinator_key: str, run: str) -> None:
         self.key = public_key_of(coordinator_key)
         self.run = run
-        self.refused: dict[str, str] = {}
 
     def check(self, peer: str, ticket: Any, now: float | None = None) -> str | None:
         """None when `ticket` admits `peer` now; otherwise why not (one line)."""
-        if peer in self.refused:
-            return self.refused[peer]
         if not isinstance(ticket, str) or not ticket:
             return "no admission ticket"
         try:

@@ -136,7 +136,12 @@ class Peer:
                 break
             try:
                 state, report = self.one_round(state)
-            except RoundAbandoned as exc:
+            except Exception as exc:
+                # a terminal's Ctrl+C also reaches hivemind's helper processes, which may die
+                # mid-exchange before our handler's stop is seen: while stopping, that is the
+                # same abandoned round, not a crash
+                if not isinstance(exc, RoundAbandoned) and not self.stop.is_set():
+                    raise
                 log.info(
                     "abandoned round %d (%s); last checkpoint is round %d",
                     state.round + 1,

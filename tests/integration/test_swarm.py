@@ -210,9 +210,11 @@ def test_status_page_renders_its_plots_and_peers_in_a_browser(
     with urllib.request.urlopen(url + "api/status", timeout=10) as response:
         live = [p["peer_id"] for p in json.loads(response.read())["peers"]]
     assert sorted(re.findall(r'<tr data-peer="(\w+)"', dom)) == sorted(live)
-    series = dict(re.findall(r'<svg id="plot-(\w+)"[^>]* data-series="(\d+)"', dom))
+    series = dict(re.findall(r'<svg id="plot-([\w-]+)"[^>]* data-series="(\d+)"', dom))
     assert series["eval"] == series["loss"] == "3", series  # one curve per volunteer
-    assert all(int(series[p]) >= 1 for p in ("cluster", "util", "time", "bytes")), series
+    assert series["time"] == "4", series  # inner, matchmaking, transfer, other
+    others = ("cluster", "cluster-loss", "util", "bytes")
+    assert all(int(series[p]) >= 1 for p in others), series
     # and the curves reached the pixels: the first two series colours are on the screenshot
     pixels = Image.open(shot).convert("RGB").getdata()
     counts = Counter(pixels)

@@ -63,14 +63,6 @@ def test_garbage_tickets_are_refused_in_one_line(ticket: object) -> None:
     assert why is not None and "\n" not in why
 
 
-def test_refused_peers_are_refused_whatever_their_ticket() -> None:
-    gate = Gate(COORDINATOR, "run-a")
-    gate.refused[PEER] = "ticket revoked by the coordinator"
-    assert gate.check(PEER, issue_ticket(KEY, "run-a", PEER, 3600, now=NOW), now=NOW) == (
-        "ticket revoked by the coordinator"
-    )
-
-
 def test_a_manifest_without_a_coordinator_key_has_no_gate() -> None:
     with pytest.raises(TicketError):
         public_key_of("")

@@ -307,3 +307,38 @@ def test_what_others_read_about_a_round_is_never_a_round_behind() -> None:
     )
     peer.run(2)
     assert events[:5] == ["announce 0", "report 1", "announce 1", "report 2", "announce 2"]
+
+
+class _HelperDiesOnStop(InMemoryTransport):
+    """Like a Ctrl+C that reached hivemind's helper processes first: the stop is set and the
+    exchange fails with whatever the dead daemon's socket raised."""
+
+    def __init__(self, hub: InMemoryHub, name: str, stop: threading.Event) -> None:
+        super().__init__(hub, name)
+        self.stop = stop
+
+    def exchange(self, delta, meta):  # noqa: ANN001, ANN201
+        self.stop.set()
+        raise FileNotFoundError(2, "No such file or directory")
+
+
+def test_a_failure_while_stopping_abandons_the_round_and_a_failure_otherwise_raises(
+    tmp_path: Path,
+) -> None:
+    local = _local("arithmetic", 0)
+    stop = threading.Event()
+    hub = InMemoryHub(expected=1, timeout=1.0)
+    peer = Peer(
+        local.trainer, _HelperDiesOnStop(hub, "p0", stop), CONFIG, Checkpoint(tmp_path), stop=stop
+    )
+    state = peer.run(5)
+    assert state.round == 0  # abandoned at once, nothing half-applied
+    torch.testing.assert_close(local.trainer.get_params(), state.params, rtol=0, atol=0)
+
+    class _Broken(InMemoryTransport):
+        def exchange(self, delta, meta):  # noqa: ANN001, ANN201
+            raise FileNotFoundError(2, "No such file or directory")
+
+    broken = Peer(_local("arithmetic", 0).trainer, _Broken(hub, "p1"), CONFIG, None)
+    with pytest.raises(FileNotFoundError):
+        broken.run(1)
