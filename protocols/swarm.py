@@ -37,6 +37,7 @@ log = logging.getLogger("swarmtune.swarm")
 DHT_GET_TIMEOUT = 10.0
 UNKNOWN_RETRY_S = 0.2
 REVEAL_WAIT_S = 5.0  # how long a member may take to serve its blob once its group formed
+TRUNCATED_RETRIES = 2  # fresh streams after one ended early (the sha256 checks every attempt)
 
 
 class SwarmError(RuntimeError):
@@ -259,19 +260,26 @@ class SwarmNode:
         """Blobs from several peers at once: peer -> (name, sha256, size) in; peer -> the
         verified bytes or the TransferError that says why not, out. A blob its peer does not
         serve yet is asked for again for REVEAL_WAIT_S (a member that withholds its blob costs
-        the others that much, once per round)."""
+        the others that much, once per round); a stream that ended early, up to
+        TRUNCATED_RETRIES more times within that window."""
 
         reveal_by = time.monotonic() + min(timeout, REVEAL_WAIT_S)
 
         async def one(peer: str, name: str, sha: str, size: int) -> bytes | TransferError:
+            cut_short = 0
             while True:
                 try:
                     return await self._fetch(peer, name, sha, timeout, max_size=size)
                 except TransferError as exc:
                     # a member publishes its blob the moment its group formed: asked a moment
-                    # earlier, it does not know the name yet
-                    late = "unknown blob" in str(exc) and time.monotonic() < reveal_by
-                    if not late:
+                    # earlier, it does not know the name yet; and a stream that a busy p2pd
+                    # reset (seen on loopback under load) is worth another try or two
+                    truncated = "stream ended early" in str(exc)
+                    cut_short += truncated
+                    retry = "unknown blob" in str(exc) or (
+                        truncated and cut_short <= TRUNCATED_RETRIES
+                    )
+                    if not retry or time.monotonic() >= reveal_by:
                         return exc
                 await asyncio.sleep(UNKNOWN_RETRY_S)
 

@@ -118,3 +118,36 @@ def test_a_member_of_another_round_is_kept_out_of_the_group() -> None:
             t.averager.shutdown()
         for n in nodes:
             n.shutdown()
+
+
+def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times() -> None:
+    import hashlib
+    import json
+
+    from protocols import swarm
+    from protocols.transfer import TransferError, _write_frame
+
+    server, client = _nodes(2)
+    data = b"contribution bytes" * 1000
+    server.blobs.publish("blob", data)
+    wanted = {server.peer_id: ("blob", hashlib.sha256(data).hexdigest(), len(data))}
+    send, cuts = server.blobs._send, {"left": 1}
+
+    async def cut_short(name, writer):  # noqa: ANN001, ANN202 - like a stream p2pd reset
+        if cuts["left"] > 0:
+            cuts["left"] -= 1
+            header = {"ok": True, "size": len(data), "sha256": wanted[server.peer_id][1]}
+            await _write_frame(writer, json.dumps(header).encode())
+            return  # the handler closes the stream before the payload
+        await send(name, writer)
+
+    server.blobs._send = cut_short
+    try:
+        assert client.fetch_many(wanted, timeout=10)[server.peer_id] == data
+        cuts["left"] = swarm.TRUNCATED_RETRIES + 1  # a peer that always cuts: given up on
+        failed = client.fetch_many(wanted, timeout=10)[server.peer_id]
+        assert isinstance(failed, TransferError) and "ended early" in str(failed)
+        assert cuts["left"] == 0
+    finally:
+        client.shutdown()
+        server.shutdown()
