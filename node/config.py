@@ -121,7 +121,8 @@ class AveragingSettings(_Strict):
     matchmaking_time: float = Field(5.0, gt=0, le=600)
     allreduce_timeout: float = Field(60.0, gt=0, le=3600)  # fetching the contributions
     min_group_size: int = Field(2, ge=2, le=1024)
-    codec: Literal["fp32", "fp16"] = "fp32"  # dtype of the contributions on the wire
+    # contributions on the wire: fp32, fp16, or int8 with an fp32 absmax per 64 values
+    codec: Literal["fp32", "fp16", "int8"] = "fp32"
     # centered-clip: bounded influence (aggregation/robust.py); mean: the token-weighted mean
     aggregator: Literal["mean", "centered-clip"] = "centered-clip"
     clip_scale: float = Field(2.0, gt=0, le=1000)  # tau = clip_scale x median distance

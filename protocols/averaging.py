@@ -45,6 +45,7 @@ from hivemind.utils import get_dht_time
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from aggregation.codec import from_int8_blocks, int8_blocks, n_blocks
 from protocols.admission import TICKET_MAX, Gate
 from protocols.matchmaking import GatedAverager, RefusedSet
 from protocols.swarm import SwarmNode
@@ -55,7 +56,8 @@ POLL_S = 0.5
 _MATCHMAKING_STAGES = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)
 # Wire dtypes of a contribution. Every member decodes the same bytes, its own blob included, so
 # fp16 halves the bytes and still leaves all members bit-identical.
-CODECS = {"fp32": torch.float32, "fp16": torch.float16}
+CODECS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}  # wire dtypes
+SCALES = ".absmax"  # int8: each tensor's block scales travel beside it under this suffix
 # What a step's future raises when there was no group or the group broke (the averager process
 # sets these; AssertionError is how hivemind reports a group that disagrees on its own layout).
 _STEP_FAILURES = (
@@ -160,13 +162,15 @@ def encode_contribution(
     The header carries who made it, for which round and start state, and its weight: fetched
     from the member itself over an authenticated stream, these are the member's own claims
     (the group's gathered metadata is relayed by its leader and could be altered on the way)."""
-    dtype = CODECS[codec]
     header = {"peer": meta.peer, "round": meta.round, "start": meta.start_digest}
     header["weight"] = meta.weight
-    return st_save(
-        {k: tensors[k].detach().to(dtype).contiguous() for k in sorted(tensors)},
-        metadata={"swarmtune": json.dumps(header, sort_keys=True)},
-    )
+    payload: dict[str, torch.Tensor] = {}
+    for name in sorted(tensors):
+        if codec == "int8":
+            payload[name], payload[name + SCALES] = int8_blocks(tensors[name])
+        else:
+            payload[name] = tensors[name].detach().to(CODECS[codec]).contiguous()
+    return st_save(payload, metadata={"swarmtune": json.dumps(header, sort_keys=True)})
 
 
 def decode_contribution(
@@ -182,14 +186,33 @@ def decode_contribution(
         raise ValueError(f"not a contribution blob ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise ValueError("contribution header is not a mapping")
-    if set(tensors) != set(shapes):
+    scales = {n + SCALES for n in shapes} if codec == "int8" else set()
+    if set(tensors) != set(shapes) | scales:
         raise ValueError("tensor names differ from the run's adapter")
-    for name, tensor in tensors.items():
+    decoded = {}
+    for name in sorted(shapes):
+        tensor = tensors[name]
         if tensor.dtype != CODECS[codec] or tuple(tensor.shape) != tuple(shapes[name]):
             raise ValueError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} is not the run's")
-        if not torch.isfinite(tensor).all():
+        if codec == "int8":
+            decoded[name] = _from_int8(name, tensor, tensors[name + SCALES])
+        elif not torch.isfinite(tensor).all():
             raise ValueError(f"{name} is not finite")
-    return {k: v.to(torch.float32) for k, v in tensors.items()}, header
+        else:
+            decoded[name] = tensor.to(torch.float32)
+    return decoded, header
+
+
+def _from_int8(name: str, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """An int8 tensor's fp32 values; ValueError unless its scales are as the encoder makes them
+    (fp32, one per block, finite and >= 0) and its codes within +-127."""
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (n_blocks(codes.numel()),):
+        raise ValueError(f"{name}: block scales {scales.dtype} {tuple(scales.shape)} do not fit")
+    if not (torch.isfinite(scales).all() and (scales >= 0).all()):
+        raise ValueError(f"{name}: block scales are not finite and non-negative")
+    if codes.numel() and int(codes.min()) < -127:
+        raise ValueError(f"{name}: int8 code -128 is not used by the codec")
+    return from_int8_blocks(codes, scales)
 
 
 def check_header(header: Mapping[str, Any], member: MemberMeta) -> str | None:

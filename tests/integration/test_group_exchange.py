@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aggregation.codec import from_int8_blocks, int8_blocks
 from aggregation.params import weighted_mean
 from node.engine.round import select_contributions
 from node.engine.swarm_transport import HivemindTransport
@@ -58,11 +59,15 @@ def _aggregate(group: GroupResult, mine: MemberMeta) -> dict[str, torch.Tensor]:
     return weighted_mean([group.contributions[m.peer] for m in chosen], [m.weight for m in chosen])
 
 
-@pytest.mark.parametrize("codec", ["fp32", "fp16"])
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
 def test_unequal_weights_give_identical_results_equal_to_the_weighted_mean(codec: str) -> None:
     # fp16 used to differ between members under hivemind's all-reduce (a reducer's own part
     # skipped compression); with the all-gather every member decodes the same fp16 bytes
-    wire = {"fp32": torch.float32, "fp16": torch.float16}[codec]
+    def wire(value: torch.Tensor) -> torch.Tensor:  # what its member's blob decodes to
+        if codec == "int8":
+            return from_int8_blocks(*int8_blocks(value))
+        return value.to({"fp32": torch.float32, "fp16": torch.float16}[codec])
+
     nodes = _nodes(3)
     transports = [_transport(n, f"wtest{codec}_global", codec) for n in nodes]
     try:
@@ -82,7 +87,7 @@ def test_unequal_weights_give_identical_results_equal_to_the_weighted_mean(codec
                 first = aggregates[0][name]
                 assert all(torch.equal(first, a[name]) for a in aggregates[1:])
                 reference = sum(
-                    w * d[name].to(wire).double() for w, d in zip(weights, deltas, strict=True)
+                    w * wire(d[name]).double() for w, d in zip(weights, deltas, strict=True)
                 ) / sum(weights)
                 # float64 accumulation of exact fp32 inputs, one rounding to fp32 at the end
                 atol = 2.0**-24 * reference.abs().max().item() * 2

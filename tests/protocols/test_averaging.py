@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from aggregation.codec import from_int8_blocks, int8_blocks
 from protocols.averaging import (
     GroupAverager,
     MemberMeta,
@@ -87,6 +88,49 @@ def test_a_header_that_disagrees_with_its_member_is_named(change: dict, why: str
 def test_bad_contributions_are_refused_in_one_line(blob: bytes, why: str) -> None:
     with pytest.raises(ValueError, match=None) as info:
         decode_contribution(blob, SHAPES)
+    assert why in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_int8_contribution_decodes_to_its_blockwise_values_at_a_quarter_of_the_bytes() -> None:
+    shapes = {"a.lora_A": (16, 512), "a.lora_B": (512, 16)}
+    tensors = {k: torch.randn(s) * 1e-3 for k, s in shapes.items()}
+    blob = encode_contribution(tensors, META, "int8")
+    back, header = decode_contribution(blob, shapes, "int8")
+    assert header["weight"] == 640.0
+    for name, value in tensors.items():
+        assert torch.equal(back[name], from_int8_blocks(*int8_blocks(value)))
+        step = value.abs().max() / 254  # no block's error exceeds its absmax / 254
+        assert (back[name] - value).abs().max() <= step * (1 + 1e-5)
+    fp32 = len(encode_contribution(tensors, META))
+    assert len(blob) < 0.3 * fp32  # codes 1/4, scales 1/64 of fp32, plus the header
+
+
+def _int8_blob(**replace: torch.Tensor) -> bytes:
+    payload = {}
+    for name, shape in SHAPES.items():
+        codes, scales = int8_blocks(torch.randn(shape))
+        payload[name], payload[name + ".absmax"] = codes, scales
+    payload.update(replace)
+    header = '{"peer": "QmPeerA", "round": 4, "start": "x", "weight": 1.0}'
+    return st_save(payload, metadata={"swarmtune": header})
+
+
+@pytest.mark.parametrize(
+    "replace, why",
+    [
+        ({"a.lora_A.absmax": torch.ones(2)}, "block scales"),
+        ({"a.lora_A.absmax": torch.ones(1, dtype=torch.float16)}, "block scales"),
+        ({"a.lora_A.absmax": torch.tensor([float("inf")])}, "finite"),
+        ({"a.lora_A.absmax": torch.tensor([-1.0])}, "non-negative"),
+        ({"a.lora_A": torch.full((2, 3), -128, dtype=torch.int8)}, "-128"),
+        ({"a.lora_A": torch.zeros(2, 3)}, "float32"),
+        ({"extra.absmax": torch.ones(1)}, "names"),
+    ],
+)
+def test_bad_int8_contributions_are_refused_in_one_line(replace: dict, why: str) -> None:
+    decode_contribution(_int8_blob(), SHAPES, "int8")  # the unaltered blob is fine
+    with pytest.raises(ValueError) as info:
+        decode_contribution(_int8_blob(**replace), SHAPES, "int8")
     assert why in str(info.value) and "\n" not in str(info.value)
 
 
