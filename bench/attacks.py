@@ -254,7 +254,18 @@ def main() -> None:
         help="only the simulator's 8/2 group with one task for all (a cluster's case)",
     )
     parser.add_argument("--only", nargs="+", choices=ATTACKS, help="a subset of the attacks")
+    parser.add_argument("--clip-scale", type=float, help="tuning: CenteredClip's tau factor")
+    parser.add_argument("--clip-iterations", type=int, help="tuning: CenteredClip's iterations")
     args = parser.parse_args()
+    tuning = {
+        key: value
+        for key, value in (
+            ("clip_scale", args.clip_scale),
+            ("clip_iterations", args.clip_iterations),
+        )
+        if value is not None
+    }
+    ROBUST.update(tuning)  # a tuning run prints its rows and leaves RESULTS.md alone
     torch.set_num_threads(1)
     attacks = args.only or ATTACKS
     if args.same_task:
@@ -289,6 +300,9 @@ def main() -> None:
     results["sim_rounds"], results["real_rounds"] = args.sim_rounds, args.real_rounds
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
+    if tuning:
+        print(f"tuning run with {tuning}: bench/RESULTS.md left as it is")
+        return
     (out / "attacks.json").write_text(json.dumps(results, indent=1))
     replace_section("attacks", render(results))
     print(render(results))

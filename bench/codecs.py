@@ -47,6 +47,8 @@ def measure(codec: str, args: argparse.Namespace, workdir: Path) -> dict:
         "identical": len(digests) == 1,
         "averaged": averaged,
         "rounds": sum(len(r) for r in reports),
+        "excluded": sum(len(row["excluded"]) for r in reports for row in r),
+        "problems": sorted({row["problem"][:160] for r in reports for row in r if row["problem"]}),
     }
 
 
@@ -56,22 +58,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--inner-steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--codecs", nargs="+", choices=CODECS, default=list(CODECS))
     args = parser.parse_args()
     rows = [
         "| codec | final eval (mean of volunteers), per repeat | bytes sent per peer and round"
-        " | transfer s (averaged rounds) | all volunteers end bit-identical | rounds averaged |",
-        "|---|---|---|---|---|---|",
+        " | transfer s (averaged rounds) | all volunteers end bit-identical | rounds averaged"
+        " | contributions excluded |",
+        "|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        for codec in CODECS:
+        for codec in args.codecs:
             runs = [measure(codec, args, Path(tmp) / f"{codec}-{i}") for i in range(args.repeats)]
             evals = ", ".join(f"{r['final_eval']:.4f}" for r in runs)
             transfer = ", ".join(f"{r['transfer_s']:.3f}" for r in runs)
             identical = ", ".join("yes" if r["identical"] else "NO" for r in runs)
             averaged = ", ".join(f"{r['averaged']}/{r['rounds']}" for r in runs)
+            excluded = ", ".join(str(r["excluded"]) for r in runs)
+            for problem in sorted({p for r in runs for p in r["problems"]}):
+                print(f"{codec}: {problem}", flush=True)
             megabytes = runs[0]["bytes_per_peer_round"] / 1e6
             rows.append(
-                f"| {codec} | {evals} | {megabytes:.3f} MB | {transfer} | {identical} | {averaged} |"
+                f"| {codec} | {evals} | {megabytes:.3f} MB | {transfer} | {identical}"
+                f" | {averaged} | {excluded} |"
             )
             print(rows[-1], flush=True)
     text = "\n".join(

@@ -7,7 +7,8 @@ Wire format (every frame is a 4-byte big-endian length, then that many bytes):
     client -> server: request frame, JSON {"name": str}                (<= MAX_CONTROL_FRAME)
     server -> client: header frame, JSON {"ok": true, "size": N, "sha256": hex}
                                       or {"ok": false, "error": str}   (<= MAX_CONTROL_FRAME)
-                      then data frames of 1..CHUNK_SIZE bytes, then one zero-length frame.
+                      then data frames of 1..CHUNK_SIZE bytes, then one zero-length frame;
+    the client closes the stream first (the server waits for that, bounded, then closes).
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ class BlobServer:
                 logger.debug("malformed blob request from %s; closing stream", info.peer_id)
                 return
             await self._send(name, writer)
+            # p2pd can drop what it still buffers when our end of the stream closes first
+            # (seen as clients' truncated reads on loopback): the client closes once it has it all
+            await asyncio.wait_for(reader.read(1), self._request_timeout)
         except Exception as e:  # a misbehaving or vanished peer must never take the server down
             logger.debug("blob stream from %s failed: %s", info.peer_id, _one_line(repr(e)))
         finally:
