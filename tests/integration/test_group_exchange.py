@@ -143,7 +143,8 @@ def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times() -
             cuts["left"] -= 1
             header = {"ok": True, "size": len(data), "sha256": wanted[server.peer_id][1]}
             await _write_frame(writer, json.dumps(header).encode())
-            return  # the handler closes the stream before the payload
+            writer.close()  # the stream ends before the payload
+            return
         await send(name, writer)
 
     server.blobs._send = cut_short
