@@ -33,8 +33,17 @@ def _peers_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _net_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="IPv4 address to listen on")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="IPv4 address to listen on (0.0.0.0: every interface)"
+    )
     parser.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any)")
+    parser.add_argument(
+        "--announce",
+        nargs="+",
+        metavar="IP",
+        help="the address(es) other machines dial, e.g. a public or port-forwarded IP (needs"
+        " --port)",
+    )
 
 
 def _report_arg(parser: argparse.ArgumentParser) -> None:
@@ -232,6 +241,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.host,
                 args.port,
                 args.addr_file,
+                args.announce,
                 args.http_host,
                 args.http_port,
                 args.report_to,
@@ -258,6 +268,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.port,
                 load_ticket(args.ticket) if args.ticket else "",
                 args.report_to,
+                args.announce,
             )
         )
     if args.command in ("admit", "revoke", "id"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import threading
@@ -42,6 +43,46 @@ TRUNCATED_RETRIES = 2  # fresh streams after one ended early (the sha256 checks 
 
 class SwarmError(RuntimeError):
     """The swarm cannot be joined or used (unreachable peers, bad manifest); one line."""
+
+
+def announce_multiaddrs(addresses: list[str], port: int) -> list[str]:
+    """`--announce` IPv4 addresses as multiaddrs on our port; SwarmError (one line) if unusable."""
+    if addresses and port == 0:
+        raise SwarmError("--announce needs a fixed --port: the port other machines dial")
+    maddrs = []
+    for address in addresses:
+        try:
+            ipaddress.IPv4Address(address)
+        except ValueError:
+            raise SwarmError(f"--announce {address!r} is not an IPv4 address") from None
+        maddrs.append(f"/ip4/{address}/tcp/{port}")
+    return maddrs
+
+
+def address_kind(maddr: str) -> str:
+    """Who can dial a multiaddr: `public`, `private network` (RFC 1918, CGNAT, link-local and
+    the documentation ranges), `loopback` (this machine only), or `other` (not /ip4)."""
+    parts = maddr.split("/")
+    if len(parts) < 3 or parts[1] != "ip4":
+        return "other"
+    try:
+        ip = ipaddress.IPv4Address(parts[2])
+    except ValueError:
+        return "other"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_private or ip in _CGNAT or ip.is_link_local or ip.is_reserved:
+        return "private network"
+    return "public"
+
+
+_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+_REACH = {"public": 0, "private network": 1, "other": 2, "loopback": 3}
+
+
+def rank_maddrs(maddrs: list[str]) -> list[str]:
+    """Public addresses first, then private-network ones, loopback last (stable otherwise)."""
+    return sorted(maddrs, key=lambda m: _REACH[address_kind(m)])
 
 
 def load_or_create_key(path: Path) -> RSAPrivateKey:
@@ -97,7 +138,9 @@ class SwarmNode:
         host: str = "127.0.0.1",
         port: int = 0,
         run_id: str | None = None,
+        announce: list[str] | None = None,
     ) -> None:
+        announce_maddrs = announce_multiaddrs(announce or [], port)
         remove_stale_hivemind_sockets()
         lifeline.install()  # the DHT, p2pd and averagers forked from here end with this process
         if workdir is not None:
@@ -109,6 +152,7 @@ class SwarmNode:
             self.dht = DHT(
                 initial_peers=initial_peers,
                 host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                announce_maddrs=announce_maddrs or None,
                 identity_path=str(workdir / "p2p.key") if workdir else None,
                 record_validators=validators,
                 start=True,
@@ -130,8 +174,8 @@ class SwarmNode:
         self._heartbeat.start()
 
     def maddrs(self) -> list[str]:
-        """Multiaddrs others can use as --initial-peers."""
-        return [str(a) for a in self.dht.get_visible_maddrs()]
+        """Multiaddrs others can use as --initial-peers, the most widely dialable first."""
+        return rank_maddrs([str(a) for a in self.dht.get_visible_maddrs()])
 
     def set_run(self, run_id: str) -> None:
         """Start validating this run's records (for peers that learn the run from the manifest)."""

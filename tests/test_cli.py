@@ -117,3 +117,14 @@ def test_join_accepts_a_real_model_dir_up_to_the_network(
     args = ["--data", "builtin:arithmetic", "--model", str(model), "--workdir", str(tmp_path / "w")]
     assert main([*JOIN, *args]) == 2
     assert capsys.readouterr().err.strip() == "swarmtune join: error: network reached"
+
+
+def test_announce_without_a_fixed_port_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["join", "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/QmX", "--data"]
+    args += ["builtin:arithmetic", "--workdir", str(tmp_path), "--announce", "81.2.69.160"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("swarmtune join: error: --announce needs a fixed --port")
+    assert "\n" not in err

@@ -33,7 +33,7 @@ from protocols.records import (
     revoked_key,
     signatures_key,
 )
-from protocols.swarm import SwarmError, SwarmNode
+from protocols.swarm import SwarmError, SwarmNode, address_kind
 from protocols.transfer import TransferError
 from protocols.web import StatusServer
 
@@ -53,6 +53,7 @@ class BootstrapOptions:
     host: str = "127.0.0.1"
     port: int = 0
     addr_file: Path | None = None
+    announce: list[str] | None = None  # addresses other machines dial (with a fixed port)
     http_host: str = "127.0.0.1"
     http_port: int | None = None  # the status page; None: not served
     report_to: str | None = None  # "tensorboard": swarm-wide event files in the work dir
@@ -293,6 +294,7 @@ def bootstrap(options: BootstrapOptions) -> int:
         host=options.host,
         port=options.port,
         run_id=config.run_id,
+        announce=options.announce,
     )
     server: StatusServer | None = None
     coordinator: Coordinator | None = None
@@ -354,6 +356,24 @@ def serve_until_stopped(coordinator: Coordinator, grace: float = 5.0) -> None:
         log.info("a transfer was still running; leaving without it")
 
 
+def address_lines(maddrs: list[str]) -> str:
+    """Every address the coordinator is reachable at, best first, with who can dial it."""
+    reach = {
+        "public": "public: what other machines should use",
+        "private network": "private network: machines on the same network (or VPN) only",
+        "loopback": "loopback: this machine only; listen with --host 0.0.0.0 for others",
+        "other": "other",
+    }
+    width = max(len(m) for m in maddrs)
+    lines = [f"  {m:<{width}}  {reach[address_kind(m)]}" for m in maddrs]
+    if not any(address_kind(m) == "public" for m in maddrs):
+        lines.append(
+            "  (no public address: behind NAT, forward a fixed --port and pass --announce"
+            " PUBLIC_IP)"
+        )
+    return "reachable at:\n" + "\n".join(lines)
+
+
 def announce(
     node: SwarmNode, manifest: ManifestRecord, addr_file: Path | None, workdir: Path | None = None
 ) -> None:
@@ -369,6 +389,7 @@ def announce(
     )
     if addr_file is not None:
         atomic_write(addr_file, ("\n".join(maddrs) + "\n").encode())
+    print(address_lines(maddrs), flush=True)
     token = parse_config(manifest.config).admission.policy == "token"
     print(
         f"volunteers join with:\n  swarmtune join --initial-peers {maddrs[0]} "

@@ -51,6 +51,7 @@ class JoinOptions:
     port: int = 0
     ticket: str = ""  # admission ticket for token runs (`swarmtune admit`)
     report_to: str | None = None  # "tensorboard": event files in WORKDIR/tensorboard
+    announce: list[str] | None = None  # addresses other machines dial (with a fixed port)
 
 
 def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
@@ -302,6 +303,7 @@ def join(options: JoinOptions) -> int:
         workdir=options.workdir,
         host=options.host,
         port=options.port,
+        announce=options.announce,
     )
     volunteer = None
     stop = threading.Event()

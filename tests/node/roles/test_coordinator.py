@@ -67,3 +67,16 @@ def test_revocations_are_published_when_the_list_changes(tmp_path) -> None:  # t
     coordinator.publish_revocations()
     key, value = node.stored[-1]
     assert key == "token-run_revoked" and RevocationRecord.model_validate(value).revoked == [PEER]
+
+
+def test_the_coordinator_says_who_can_dial_each_address() -> None:
+    from node.roles.coordinator import address_lines
+
+    peer = "/p2p/12D3KooWCe2jZ4NuUHKqfCDaD21NQqJAuCSs7KgW5aNqJkPhwt4t"
+    local = address_lines([f"/ip4/127.0.0.1/tcp/31337{peer}"])
+    assert "this machine only" in local and "--announce PUBLIC_IP" in local
+    both = address_lines([f"/ip4/81.2.69.160/tcp/31337{peer}", f"/ip4/10.0.0.5/tcp/31337{peer}"])
+    lines = both.splitlines()
+    assert "81.2.69.160" in lines[1] and "public" in lines[1]
+    assert "10.0.0.5" in lines[2] and "same network" in lines[2]
+    assert "--announce" not in both
