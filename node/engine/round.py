@@ -183,13 +183,19 @@ def inner_phase(
 
 
 def outer_phase(
-    state: GroupState, aggregate: Params, context: RoundContext, config: RunConfig
+    state: GroupState,
+    aggregate: Params,
+    context: RoundContext,
+    config: RunConfig,
+    offenders: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[GroupState, int | None]:
-    """Step 5: theta^t from the agreed aggregate; returns the new state and the GHBM tau used."""
+    """Step 5: theta^t from the agreed aggregate, and the offence record with this round's
+    offenders added; returns the whole new state and the GHBM tau used."""
     outer = load_outer(state, config)
     tau = getattr(outer, "tau", None)
     new_params = outer.step(state.params, aggregate, context)
-    return GroupState(state.round + 1, new_params, outer.state_dict()), tau
+    offences = record_offences(state.offences, offenders, state.round, config.admission)
+    return GroupState(state.round + 1, new_params, outer.state_dict(), offences), tau
 
 
 def combine(contributions: list[Params], weights: list[float], config: RunConfig) -> Params:
@@ -252,8 +258,7 @@ def conclude_round(
     else:
         chosen, aggregate = [], update.delta
     started = time.perf_counter()
-    new_state, tau = outer_phase(state, aggregate, group_context(chosen), config)
-    new_state.offences = record_offences(state.offences, offenders, state.round, config.admission)
+    new_state, tau = outer_phase(state, aggregate, group_context(chosen), config, offenders)
     inner = update.inner
     report = RoundReport(
         round=state.round,
