@@ -41,6 +41,29 @@ class LoraFactors:
 Adapter = Mapping[str, LoraFactors]
 
 
+def factor_average_error(
+    members: Sequence[LoraFactors], weights: Sequence[float], start: LoraFactors | None = None
+) -> float:
+    """How far averaging the factors is from averaging the updates, for one module:
+    ||s mean(B) mean(A) - mean(s B A)||_F / ||mean(s B A) - s B0 A0||_F with weighted means in
+    float64; B0, A0 are the round's start (none: zero), so the error is relative to the exact
+    mean change. Zero when every member has the same A (FFA-LoRA), and when the change is 0."""
+    total = float(sum(weights))
+    w = [float(x) / total for x in weights]
+    mean_a = sum(wi * m.A.double() for wi, m in zip(w, members, strict=True))
+    mean_b = sum(wi * m.B.double() for wi, m in zip(w, members, strict=True))
+    exact = sum(
+        wi * m.scaling * (m.B.double() @ m.A.double()) for wi, m in zip(w, members, strict=True)
+    )
+    assert isinstance(mean_a, torch.Tensor) and isinstance(mean_b, torch.Tensor)
+    assert isinstance(exact, torch.Tensor)
+    gap = members[0].scaling * (mean_b @ mean_a) - exact
+    if start is not None:
+        exact = exact - start.scaling * (start.B.double() @ start.A.double())
+    norm = float(torch.linalg.matrix_norm(exact))
+    return float(torch.linalg.matrix_norm(gap)) / norm if norm > 0 else 0.0
+
+
 def factor_inner(x: LoraFactors, y: LoraFactors) -> float:
     """<dW_x, dW_y>_F without forming dW: s_x s_y sum((B_x^T B_y) * (A_x A_y^T))."""
     left = x.B.double().T @ y.B.double()  # [r_x, r_y]

@@ -27,6 +27,9 @@ class LoraSettings(_Strict):
     alpha: int = Field(16, ge=1, le=4096)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["auto"] = "auto"
+    # FFA-LoRA (arXiv 2403.12313): A stays at its seeded initial value on every peer and only B
+    # trains, so averaging B averages the updates exactly (mean(B) A = mean(B A)), at half the bytes
+    freeze_a: bool = False
 
 
 class InnerSettings(_Strict):
@@ -175,6 +178,12 @@ class RunConfig(_Strict):
     averaging: AveragingSettings = AveragingSettings()
     admission: AdmissionSettings = AdmissionSettings()
     clustering: ClusteringSettings = ClusteringSettings()
+
+    @model_validator(mode="after")
+    def _clusters_need_both_factors(self) -> RunConfig:
+        if self.clustering.enabled and self.lora.freeze_a:
+            raise ValueError("lora.freeze_a cannot be combined with clustering yet")
+        return self
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -55,6 +55,10 @@ def attach_lora(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, lora_config(lora, target_modules))
+    if lora.freeze_a:  # FFA-LoRA: only B is trained, averaged and sent
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     return model  # type: ignore[return-value]
 
 

@@ -211,3 +211,22 @@ def test_stable_ids_keep_cluster_numbers_across_versions() -> None:
     relabeled = stable_ids({"a": 0, "b": 0, "c": 1, "d": 1, "e": 2}, previous)
     assert relabeled == {"a": 5, "b": 5, "c": 9, "d": 9, "e": 0}
     assert stable_ids({"a": 1, "b": 0}, {}) == {"a": 0, "b": 1}  # fresh ids by first member
+
+
+def test_factor_average_error_matches_its_two_member_closed_form_and_vanishes_for_a_shared_a() -> (
+    None
+):
+    from aggregation.taskvec import LoraFactors, factor_average_error
+
+    gen = torch.Generator().manual_seed(3)
+    a1, a2 = torch.randn(4, 12, generator=gen), torch.randn(4, 12, generator=gen)
+    b1, b2 = torch.randn(10, 4, generator=gen), torch.randn(10, 4, generator=gen)
+    members = [LoraFactors(a1, b1, 2.0), LoraFactors(a2, b2, 2.0)]
+    # equal weights: mean(B) mean(A) - mean(BA) = -(B1 - B2)(A1 - A2) / 4
+    gap = (b1.double() - b2.double()) @ (a1.double() - a2.double()) / 4
+    exact = (b1.double() @ a1.double() + b2.double() @ a2.double()) / 2
+    expected = float(torch.linalg.matrix_norm(gap) / torch.linalg.matrix_norm(exact))
+    assert factor_average_error(members, [1.0, 1.0]) == pytest.approx(expected, rel=1e-9)
+    assert expected > 0.1  # independent factors: far from exact
+    shared = [LoraFactors(a1, b1, 2.0), LoraFactors(a1, b2, 2.0)]  # FFA-LoRA: one A for all
+    assert factor_average_error(shared, [3.0, 1.0]) < 1e-12

@@ -202,3 +202,31 @@ def _mean_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
 def test_asset_files_are_what_export_copies():
     shipped = {p.name for p in Path(ASSET_DIR).iterdir() if p.suffix in {".json", ".safetensors"}}
     assert shipped == set(basemodel.ASSET_FILES)
+
+
+def test_ffa_lora_trains_and_sends_only_b_while_a_stays_the_shared_seeded_one():
+    from node.adapters.adapter import adapter_tensors
+    from node.config import ConfigError, parse_config
+    from node.local.build import build_local_model
+
+    config = parse_config(
+        {
+            "run_id": "ffa-test",
+            "lora": {"freeze_a": True},
+            "inner": {"batch_size": 4, "seq_len": 32},
+        }
+    )
+    one = build_local_model(config, "builtin:arithmetic", data_seed=1)
+    two = build_local_model(config, "builtin:capitals", data_seed=2)
+    params = one.trainer.get_params()
+    assert params and all(".lora_B." in name for name in params)  # half of the LoRA tensors
+    a_before = {k: v for k, v in adapter_tensors(one.model).items() if ".lora_A." in k}
+    before = one.eval_loss()
+    one.trainer.train_steps(20)
+    two.trainer.train_steps(5)
+    assert one.eval_loss() < before - 0.05  # B alone learns
+    for model in (one.model, two.model):  # A is the seeded init on every peer, untouched
+        tensors = adapter_tensors(model)
+        assert all(torch.equal(tensors[k], a_before[k]) for k in a_before)
+    with pytest.raises(ConfigError, match="freeze_a cannot be combined with clustering"):
+        parse_config({"lora": {"freeze_a": True}, "clustering": {"enabled": True}})
