@@ -366,7 +366,8 @@ def address_lines(maddrs: list[str]) -> str:
     }
     width = max(len(m) for m in maddrs)
     lines = [f"  {m:<{width}}  {reach[address_kind(m)]}" for m in maddrs]
-    if not any(address_kind(m) == "public" for m in maddrs):
+    kinds = {address_kind(m) for m in maddrs}
+    if "private network" in kinds and "public" not in kinds:
         lines.append(
             "  (no public address: behind NAT, forward a fixed --port and pass --announce"
             " PUBLIC_IP)"

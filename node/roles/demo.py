@@ -183,6 +183,8 @@ def start_swarm(
             str(workdir / "coord"),
             "--addr-file",
             str(workdir / "addr"),
+            "--http-port",  # the status page, to watch the run live (its URL is logged)
+            "0",
         ],
     )
     maddr = _wait_for_file(workdir / "addr", coord, timeout=120)

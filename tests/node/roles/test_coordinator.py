@@ -74,7 +74,9 @@ def test_the_coordinator_says_who_can_dial_each_address() -> None:
 
     peer = "/p2p/12D3KooWCe2jZ4NuUHKqfCDaD21NQqJAuCSs7KgW5aNqJkPhwt4t"
     local = address_lines([f"/ip4/127.0.0.1/tcp/31337{peer}"])
-    assert "this machine only" in local and "--announce PUBLIC_IP" in local
+    assert "this machine only" in local and "--announce" not in local
+    home = address_lines([f"/ip4/192.168.1.7/tcp/31337{peer}", f"/ip4/127.0.0.1/tcp/31337{peer}"])
+    assert "same network" in home and "--announce PUBLIC_IP" in home  # behind NAT: say how
     both = address_lines([f"/ip4/81.2.69.160/tcp/31337{peer}", f"/ip4/10.0.0.5/tcp/31337{peer}"])
     lines = both.splitlines()
     assert "81.2.69.160" in lines[1] and "public" in lines[1]
