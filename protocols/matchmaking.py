@@ -40,7 +40,8 @@ class RefusedSet:
         """Replace the refused set (called by the parent; peers beyond capacity are dropped)."""
         data = "\n".join(sorted(peers)).encode()
         if len(data) >= len(self._data):  # keep whole ids only
-            data = data[: data.rfind(b"\n", 0, len(self._data) - 1)]
+            cut = data.rfind(b"\n", 0, len(self._data) - 1)
+            data = data[:cut] if cut > 0 else b""
         with self._data.get_lock():
             self._data.value = data
             self._version.value += 1

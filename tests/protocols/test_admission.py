@@ -94,3 +94,64 @@ def test_the_refused_set_reaches_a_forked_process_after_it_started() -> None:
     many = {f"Qm{i:040d}" for i in range(10)}
     refused.update(many)
     assert refused.current() and refused.current() <= many
+
+
+def _join_request(ticket: object) -> object:
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils import MSGPackSerializer
+
+    # what hivemind's follower sends: its gathered data wrapped as [bandwidth, mode, bytes]
+    data = MSGPackSerializer.dumps({"ticket": ticket})
+    return averaging_pb2.JoinRequest(gather=MSGPackSerializer.dumps([1.0, 0, data]))
+
+
+def _leader(refused: RefusedSet):  # type: ignore[no-untyped-def]
+    from protocols.matchmaking import GatedAverager
+
+    leader = GatedAverager.__new__(GatedAverager)  # the refusal path needs no running averager
+    leader.gate, leader.refused = Gate(COORDINATOR, "run-a"), refused
+    leader._parent_pid = -1  # never started: nothing for its __del__ to shut down
+    return leader
+
+
+def _answer(leader, peer_id, request) -> list:  # type: ignore[no-untyped-def]
+    import asyncio
+    from types import SimpleNamespace
+
+    context = SimpleNamespace(remote_id=peer_id)
+
+    async def collect() -> list:
+        return [m async for m in leader.rpc_join_group(request, context)]
+
+    return asyncio.run(collect())
+
+
+def test_a_leader_refuses_and_counts_every_unadmitted_revoked_or_malformed_join() -> None:
+    from hivemind.p2p import PeerID
+    from hivemind.proto import averaging_pb2
+
+    from protocols.admission import issue_ticket as issue
+
+    peer_id = PeerID.from_base58("QmX4e7geuVFGHwzj6d3h963dW33VgsSQtHYR1n8DzKdkUK")
+    peer = peer_id.to_base58()
+    tiny = RefusedSet(capacity=10)
+    tiny.update({"QmLongerThanTheCapacity"})  # beyond capacity: dropped whole, never cut
+    assert tiny.current() == frozenset()
+    refused = RefusedSet(capacity=200)
+    leader = _leader(refused)
+    valid = issue(KEY, "run-a", peer, 3600)
+    assert leader._refusal(peer, _join_request(valid).gather) is None  # admitted: let through
+    requests = [
+        _join_request(None),  # no ticket
+        _join_request(issue(KEY, "run-a", "QmSomeoneElse", 3600)),  # someone else's ticket
+        averaging_pb2.JoinRequest(gather=b"\x00not msgpack"),
+    ]
+    for count, request in enumerate(requests, start=1):
+        answer = _answer(leader, peer_id, request)
+        assert [m.code for m in answer] == [averaging_pb2.PROTOCOL_VIOLATION]
+        assert refused.refused_joins.value == count
+    refused.update({peer})  # revoked or banned: refused whatever its ticket
+    assert [m.code for m in _answer(leader, peer_id, _join_request(valid))] == [
+        averaging_pb2.PROTOCOL_VIOLATION
+    ]
+    assert refused.refused_joins.value == 4
