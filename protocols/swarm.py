@@ -32,7 +32,7 @@ from protocols.records import (
 )
 from protocols.runner import LoopThread
 from protocols.sockets import remove_stale_hivemind_sockets
-from protocols.transfer import BlobServer, TransferError, fetch_blob
+from protocols.transfer import BlobServer, StreamEndedEarly, TransferError, fetch_blob
 
 log = logging.getLogger("swarmtune.swarm")
 DHT_GET_TIMEOUT = 10.0
@@ -318,7 +318,7 @@ class SwarmNode:
                     # a member publishes its blob the moment its group formed: asked a moment
                     # earlier, it does not know the name yet; and a stream that a busy p2pd
                     # reset (seen on loopback under load) is worth another try or two
-                    truncated = "stream ended early" in str(exc)
+                    truncated = isinstance(exc, StreamEndedEarly)
                     cut_short += truncated
                     retry = "unknown blob" in str(exc) or (
                         truncated and cut_short <= TRUNCATED_RETRIES

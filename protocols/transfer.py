@@ -49,6 +49,10 @@ class TransferError(RuntimeError):
     """A blob could not be fetched, unpacked or written; the message is one clear line."""
 
 
+class StreamEndedEarly(TransferError):
+    """The stream closed before the whole blob arrived (a reset: worth a fresh stream)."""
+
+
 def _one_line(text: object, limit: int = 200) -> str:
     # Peer-supplied text ends up in our logs and errors: keep it short and on one line.
     return " ".join(str(text).split())[:limit]
@@ -195,7 +199,7 @@ async def fetch_blob(
     except asyncio.TimeoutError:
         raise TransferError(f"{where}: timed out after {timeout:g} s") from None
     except TransferError as e:
-        raise TransferError(f"{where}: {e}") from None
+        raise type(e)(f"{where}: {e}") from None  # the kind survives the added context
     finally:
         if stats is not None:
             stats["bytes_received"] = counter["bytes"]
@@ -226,7 +230,7 @@ async def _fetch(
             raise TransferError(f"peer offers sha256 {sha256}, expected {expected_sha256}")
         return await _read_payload(reader, size, sha256, counter)
     except (asyncio.IncompleteReadError, ConnectionError) as e:
-        raise TransferError(f"stream ended early (truncated): {_one_line(repr(e))}") from None
+        raise StreamEndedEarly(f"stream ended early (truncated): {_one_line(repr(e))}") from None
     finally:
         writer.close()
 

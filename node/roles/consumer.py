@@ -130,13 +130,14 @@ def status(initial_peers: list[str], as_json: bool = False) -> int:
     node, manifest = connect(initial_peers)
     try:
         records = node.peers()
+        clustered = bool(manifest.config.get("clustering", {}).get("enabled"))
+        clusters = None
+        if clustered:
+            raw = node.get_owned(clusters_key(manifest.run_id))
+            clusters = read_assignment(raw, manifest.coordinator_key)
+        offers = best_offers(records)
         if as_json:
-            clusters = None
-            if manifest.config.get("clustering", {}).get("enabled"):
-                raw = node.get_owned(clusters_key(manifest.run_id))
-                clusters = read_assignment(raw, manifest.coordinator_key)
-            view = snapshot(manifest, records, clusters, best_offers(records), time.time())
-            print(json.dumps(view, indent=1))
+            print(json.dumps(snapshot(manifest, records, clusters, offers, time.time()), indent=1))
             return 0
         print(
             f"run {manifest.run_id}  base {manifest.base_fingerprint[:12]}…  "
@@ -147,10 +148,9 @@ def status(initial_peers: list[str], as_json: bool = False) -> int:
             f"{manifest.config['inner']['steps']}  peers {len(records)}\n"
         )
         print(format_peers(records) + "\n")
-        if manifest.config.get("clustering", {}).get("enabled"):
-            raw = node.get_owned(clusters_key(manifest.run_id))
-            print(format_clusters(read_assignment(raw, manifest.coordinator_key), records) + "\n")
-        print(format_offers(best_offers(records)))
+        if clustered:
+            print(format_clusters(clusters, records) + "\n")
+        print(format_offers(offers))
         return 0
     finally:
         node.shutdown()

@@ -329,7 +329,11 @@ def serve_status_page(coordinator: Coordinator, host: str, port: int) -> StatusS
     except OSError as exc:
         raise SwarmError(str(exc)) from None
     log.info("status page: %s (JSON: %sapi/status)", server.url, server.url)
-    if not ipaddress.ip_address(host).is_loopback:
+    try:
+        exposed = not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name such as `localhost`
+        exposed = host != "localhost"
+    if exposed:
         log.warning("the status page is open to anyone who can reach %s:%d", host, port)
     return server
 
