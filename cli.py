@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join.add_argument("--threads", type=int, help="torch CPU threads")
     join.add_argument(
+        "--overlap",
+        choices=["on", "off"],
+        help="compute the next round while this one's exchange is in flight"
+        " (default: the run's averaging.overlap)",
+    )
+    join.add_argument(
         "--ticket", default="", help="admission ticket for token runs (or @FILE holding it)"
     )
     _net_args(join)
@@ -269,6 +275,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 load_ticket(args.ticket) if args.ticket else "",
                 args.report_to,
                 args.announce,
+                None if args.overlap is None else args.overlap == "on",
             )
         )
     if args.command in ("admit", "revoke", "id"):

@@ -132,6 +132,9 @@ class AveragingSettings(_Strict):
     clip_iterations: int = Field(3, ge=1, le=100)
     # contributions longer than norm_bound x the median norm are scaled down first; null: off
     norm_bound: float | None = Field(1.0, gt=0, le=1000)
+    # compute the next round while this one's exchange is in flight (docs/design.md,
+    # "Overlapped rounds"); a volunteer may override it with `join --overlap on|off`
+    overlap: bool = False
 
 
 class AdmissionSettings(_Strict):

@@ -15,9 +15,11 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from aggregation.ghbm import make_peer_momentum
+from aggregation.params import Params
 from node.config import RunConfig
 from node.engine.checkpoint import Checkpoint
-from node.engine.round import RoundReport, run_round
+from node.engine.overlap import run_overlapped
+from node.engine.round import LocalUpdate, RoundReport, inner_phase, round_start, run_round
 from node.engine.state import GroupState, StateError, check_params
 from node.engine.transport import StateUnavailable, Transport, consensus
 from node.engine.trust import banned
@@ -57,6 +59,7 @@ class Peer:
         evaluate: Callable[[], float] | None = None,
         hooks: RoundHooks | None = None,
         stop: threading.Event | None = None,
+        overlap: bool | None = None,
     ) -> None:
         self.trainer = trainer
         self.transport = transport
@@ -70,6 +73,9 @@ class Peer:
         self.resumed_from: int | None = None
         self.resynced_to: list[int] = []
         self.counts = RoundCounts()
+        self.reported_resyncs = 0  # resyncs already in a report (the next says if it resynced)
+        # each exchange in flight during the next compute (node/engine/overlap.py)
+        self.overlap = config.averaging.overlap if overlap is None else overlap
         self.banned: dict[str, str] = {}  # peers the group keeps out this round, with why
         outer = config.outer
         self.momentum = make_peer_momentum(outer.name, outer.effective_momentum, outer.tau)
@@ -127,6 +133,8 @@ class Peer:
 
     def run(self, rounds: int, settle_s: float = 0.0) -> GroupState:
         """Run `rounds` rounds (or until stop is set), checkpointing and announcing each."""
+        if self.overlap:
+            return run_overlapped(self, rounds, settle_s)
         state = self.sync(self.initial_state())
         self.trainer.set_params(state.params)
         self.transport.announce_state(state)
@@ -163,14 +171,46 @@ class Peer:
         """Sync, train, aggregate, then save, report and announce (in that order, so that what
         others read about this peer is never a round behind its state)."""
         started = time.perf_counter()
-        resyncs = self.counts.resyncs
-        moved = self.hooks.before_round(state) if self.hooks is not None else False
-        state = self.sync(state, adopt=moved)
-        self.keep_out(state)
+        state, _ = self.boundary(state)
         known = max(len(self.transport.announcements()), 1)
         state, report = run_round(
             state, self.trainer, self.transport, self.config, self.momentum, known
         )
+        return state, self.finish_round(state, report, started)
+
+    def boundary(self, state: GroupState) -> tuple[GroupState, bool]:
+        """What happens between two rounds: a clustered peer's move, the resync check, this
+        round's bans. Returns the state to go on from, and True when it is not `state` (moved
+        or resynced: an overlapped peer's eager compute no longer applies)."""
+        moved = self.hooks.before_round(state) if self.hooks is not None else False
+        synced = self.sync(state, adopt=moved)
+        self.keep_out(synced)
+        return synced, moved or synced is not state
+
+    def compute(self, state: GroupState, origin: Params | None = None) -> LocalUpdate:
+        """The inner phase of the round that starts from `state` (from `origin` if given)."""
+        known = max(len(self.transport.announcements()), 1)
+        start = round_start(state, self.config)
+        return inner_phase(
+            state,
+            start,
+            self.trainer,
+            self.transport.peer,
+            self.config,
+            self.momentum,
+            known,
+            origin=origin,
+        )
+
+    def finish_round(
+        self,
+        state: GroupState,
+        report: RoundReport,
+        started: float,
+        overlapped: bool = False,
+        inner_s: float | None = None,
+    ) -> RoundReport:
+        """Count what went wrong, save, evaluate, report and announce a concluded round."""
         self.counts.fallbacks += report.outcome == "no-group"
         self.counts.rejections += report.outcome == "rejected"
         self.counts.exclusions += len(report.excluded)
@@ -178,19 +218,22 @@ class Peer:
         eval_loss = self.evaluate() if self.evaluate is not None else None
         report = replace(
             report,
+            inner_s=report.inner_s if inner_s is None else inner_s,
             checkpoint_s=checkpoint_s,
             eval_loss=eval_loss,
             wall_s=time.perf_counter() - started,
-            resynced=self.counts.resyncs > resyncs,
+            resynced=self.counts.resyncs > self.reported_resyncs,
             fallbacks=self.counts.fallbacks,
             rejections=self.counts.rejections,
             exclusions=self.counts.exclusions,
             resyncs=self.counts.resyncs,
             banned=len(self.banned),
+            overlapped=overlapped,
         )
+        self.reported_resyncs = self.counts.resyncs
         self.on_report(report)
         self.transport.announce_state(state)
-        return state, report
+        return report
 
     def keep_out(self, state: GroupState) -> None:
         """Tell the transport whom the group bans for this round, logging each new ban."""

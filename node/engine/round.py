@@ -16,6 +16,7 @@ applies its own Delta; the next round's digest consensus resyncs whoever diverge
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -68,6 +69,9 @@ class RoundReport:
     exclusions: int = 0  # contributions left out,
     resyncs: int = 0  # and states adopted from others
     banned: int = 0  # peers the group kept out of this round (repeat offenders)
+    # computed while its exchange was in flight; inner_s is then the compute that overlapped
+    # this round's wall time (the next round's), and the losses are this round's own
+    overlapped: bool = False
 
     @property
     def verified(self) -> bool:
@@ -151,16 +155,20 @@ def inner_phase(
     momentum: PeerMomentum | None = None,
     known: int = 1,
     observe: Callable[[Params, Params], None] | None = None,
+    origin: Params | None = None,
 ) -> LocalUpdate:
-    """Steps 1-3: H inner steps from theta^{t-1} (with any per-step momentum), then Delta_i."""
+    """Steps 1-3: H inner steps from theta^{t-1} (with any per-step momentum), then Delta_i.
+    `origin` starts the steps elsewhere (an overlapped round's eager point, `eager_origin`):
+    Delta_i is then measured from it, and the metadata still names `state`."""
     steps = config.inner.steps
+    origin = state.params if origin is None else origin
     fixed, per_iterate = start.correction, None
     if momentum is not None:
-        momentum.begin_round(state.params, state.round)
+        momentum.begin_round(origin, state.round)
         if momentum.uses_iterate:
             per_iterate = momentum
         else:
-            fixed = _sum(fixed, momentum.correction(state.params, steps))
+            fixed = _sum(fixed, momentum.correction(origin, steps))
 
     def after_step(_: int) -> None:
         if fixed is not None:
@@ -169,17 +177,32 @@ def inner_phase(
         if own is not None:
             trainer.shift_params(own)
 
-    trainer.set_params(state.params)
+    trainer.set_params(origin)
     hooked = fixed is not None or per_iterate is not None
     inner = trainer.train_steps(steps, after_step if hooked else None)
     final = trainer.get_params()
     if observe is not None:  # e.g. the cluster bench's task signatures
-        observe(state.params, final)
+        observe(origin, final)
     if momentum is not None:
         momentum.end_round(final, state.round)
-    delta = pseudo_gradient(state.params, final)
+    delta = pseudo_gradient(origin, final)
     meta = MemberMeta(peer, state.round, start.digest, float(inner.tokens), known=known)
     return LocalUpdate(delta, meta, inner)
+
+
+def eager_origin(state: GroupState, delta: Params, config: RunConfig) -> Params:
+    """Where a member expects its group to land while the aggregate is in flight: the outer
+    step of theta^{t-1} with its own Delta standing in for the aggregate (the eager update of
+    Kale et al. 2025, arXiv 2502.12996). Only the parameters; the group's outer state moves
+    when the real aggregate arrives."""
+    return load_outer(state, config).step(state.params, delta, RoundContext(1, 1))
+
+
+def restamp(update: LocalUpdate, state: GroupState) -> LocalUpdate:
+    """An overlapped update offered to the round that starts from `state` (the concluded group
+    state it will be applied to), instead of the one its compute started from."""
+    meta = dataclasses.replace(update.meta, round=state.round, start_digest=state.digest())
+    return LocalUpdate(update.delta, meta, update.inner)
 
 
 def outer_phase(

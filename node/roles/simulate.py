@@ -6,6 +6,11 @@ its own data. The transport is an in-process all-gather; from there on the round
 node.engine.round.conclude_round, the function the daemon uses after its exchange (selection,
 fallback, outer step, report). One shared LoRA model is reused: a client is its data stream,
 its per-peer momentum and (optionally) its AdamW moments, swapped in when sampled.
+
+With `averaging.overlap`, a client that took part in the previous round computes as an
+overlapped daemon peer does: from the eager point of the state before the previous round and
+its own previous Delta, with that state's GHBM correction (node/engine/overlap.py). A client
+that sat the previous round out starts from the current state, like a peer that (re)joins.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from node.engine.round import (
     RoundReport,
     RoundStart,
     conclude_round,
+    eager_origin,
     inner_phase,
+    restamp,
     round_start,
 )
 from node.engine.state import GroupState
@@ -57,6 +64,7 @@ class Client:
     momentum: PeerMomentum | None
     inner_state: dict[str, Any] | None = None
     rounds_joined: int = 0
+    last: tuple[int, Params] | None = None  # (round of its start state, Delta) it last sent
 
 
 @dataclass
@@ -136,6 +144,8 @@ class Simulation:
         self.state = GroupState(0, self.trainer.get_params(), {})
         self.outcomes: Counter[str] = Counter()  # round outcomes, as the daemon reports them
         self.reports: list[RoundReport] = []  # seen from each round's first member
+        self.previous: GroupState | None = None  # the state the last round started from
+        self.previous_start: RoundStart | None = None
 
     def evaluate(self) -> dict[str, float]:
         """Eval loss of the current global adapter on every task, and their mean."""
@@ -143,11 +153,18 @@ class Simulation:
         losses = {f"loss_{t}": self.trainer.eval_loss(b) for t, b in self.eval_sets.items()}
         return {**losses, "eval_loss": sum(losses.values()) / len(losses)}
 
-    def client_update(self, client: Client, start: RoundStart) -> LocalUpdate:
-        """The daemon's inner phase for one client, with its own data and private state."""
+    def client_update(
+        self,
+        client: Client,
+        start: RoundStart,
+        state: GroupState | None = None,
+        origin: Params | None = None,
+    ) -> LocalUpdate:
+        """The daemon's inner phase for one client, with its own data and private state (from
+        `state`, default the current one, and from `origin` if given)."""
         self.trainer.switch_data(client.batches, client.inner_state)
         update = inner_phase(
-            self.state,
+            self.state if state is None else state,
             start,
             self.trainer,
             client.name,
@@ -155,11 +172,22 @@ class Simulation:
             client.momentum,
             known=len(self.clients),
             observe=self.observers.get(client.name),
+            origin=origin,
         )
         if self.config.keep_inner_state:
             client.inner_state = self.trainer.optimizer.state_dict()
         client.rounds_joined += 1
         return update
+
+    def overlapped_update(self, client: Client, previous: GroupState) -> LocalUpdate:
+        """What an overlapped peer sends this round: computed during the previous round's
+        exchange, from the eager point of `previous` and its own last Delta."""
+        assert client.last is not None
+        origin = eager_origin(previous, client.last[1], self.config.run)
+        if self.previous_start is None:
+            self.previous_start = round_start(previous, self.config.run)
+        update = self.client_update(client, self.previous_start, previous, origin)
+        return restamp(update, self.state)
 
     def step(self) -> dict[str, float]:
         """One round: sample round(C*K) clients uniformly, then a group round with them."""
@@ -170,7 +198,18 @@ class Simulation:
         """Inner phases of `members` from self.state, all-gathered in process, then the daemon's
         conclude_round (seen from the first member; every member computes the same aggregate)."""
         start = round_start(self.state, self.config.run)
-        updates = [self.client_update(self.clients[c], start) for c in members]
+        previous, overlap = self.previous, self.config.run.averaging.overlap
+        self.previous_start = None
+        updates = []
+        for c in members:
+            client = self.clients[c]
+            last = client.last
+            if overlap and previous is not None and last is not None and last[0] == previous.round:
+                updates.append(self.overlapped_update(client, previous))
+            else:
+                updates.append(self.client_update(client, start))
+            client.last = (self.state.round, updates[-1].delta)
+        self.previous = self.state
         answer = self.gather(updates)
         self.state, report = conclude_round(self.state, updates[0], answer, self.config.run)
         self.reports.append(report)

@@ -52,6 +52,7 @@ class JoinOptions:
     ticket: str = ""  # admission ticket for token runs (`swarmtune admit`)
     report_to: str | None = None  # "tensorboard": event files in WORKDIR/tensorboard
     announce: list[str] | None = None  # addresses other machines dial (with a fixed port)
+    overlap: bool | None = None  # None: the run's averaging.overlap
 
 
 def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
@@ -118,7 +119,7 @@ def progress_line(report: RoundReport) -> str:
         f"{eval_part} | group {report.group_size}{status}{resynced}"
         f" | sent {report.bytes_sent / 1e6:.2f} MB recv {report.bytes_received / 1e6:.2f} MB"
         f" | inner {report.inner_s:.1f}s matchmaking {report.matchmaking_s:.1f}s"
-        f" exchange {report.transfer_s:.2f}s outer {report.outer_s:.3f}s"
+        f" exchange {report.transfer_s:.2f}s{' (overlapped)' if report.overlapped else ''} outer {report.outer_s:.3f}s"
         f" checkpoint {report.checkpoint_s:.3f}s{tau}"
         f" | fallbacks {report.fallbacks} rejected {report.rejections}"
         f" excluded {report.exclusions} resyncs {report.resyncs} banned {report.banned}"
@@ -168,6 +169,7 @@ class Volunteer:
             evaluate=local.eval_loss,
             hooks=self.member,
             stop=stop,
+            overlap=options.overlap,
         )
 
     def probe_signature(self, signature: TaskSignature) -> None:
