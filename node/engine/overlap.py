@@ -4,8 +4,12 @@ A member hands round k's Delta_k to the exchange on its own thread and at once c
 next pseudo-gradient from the eager point outer_step(theta^{k-1}, Delta_k) (round.eager_origin).
 When that compute ends it waits for the answer, concludes round k exactly as a synchronous
 member would (so the group stays bit-identical), and sends the new Delta tagged with theta^k.
-A resync, a move to another group, or a (re)start drops the eager compute: the pipeline starts
-again from the adopted state.
+
+After a resync the eager compute is still offered, tagged with the adopted state: a member
+that dropped it would reach the next exchange a whole compute after the others, miss it, and
+resync again, round after round (a late joiner never caught up that way). A move to another
+group drops it; a (re)start has none: the pipeline starts with one compute that is not
+overlapped.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ if TYPE_CHECKING:
     from node.engine.peer import Peer
 
 log = logging.getLogger("swarmtune.peer")
+# an overlapped member joins matchmaking a whole compute before a synchronous member (or a
+# slower overlapped one) does: its first window is longer by this many of its own last
+# compute times, so that the group is not closed without them
+AHEAD = 1.5
 
 
 class InFlight:
@@ -32,8 +40,8 @@ class InFlight:
     The thread is a daemon: a peer that stops does not wait for an exchange it no longer
     needs (the averager's own timeouts end it)."""
 
-    def __init__(self, transport: Transport, update: LocalUpdate) -> None:
-        self.update = update
+    def __init__(self, transport: Transport, update: LocalUpdate, ahead: float) -> None:
+        self.update, self.ahead = update, ahead
         self._transport = transport
         self._answer: GroupResult | AveragingFailed | None = None
         self._error: BaseException | None = None
@@ -43,7 +51,8 @@ class InFlight:
 
     def _run(self) -> None:
         try:
-            self._answer = self._transport.exchange(self.update.delta, self.update.meta)
+            update = self.update
+            self._answer = self._transport.exchange(update.delta, update.meta, self.ahead)
         except AveragingFailed as exc:
             self._answer = exc
         except BaseException as exc:  # re-raised in the round loop's thread by wait()
@@ -78,7 +87,7 @@ def run_overlapped(peer: Peer, rounds: int, settle_s: float) -> GroupState:
                 state, _ = peer.boundary(state)
                 first = peer.compute(state)
                 compute_s += first.inner.seconds
-                pending = InFlight(peer.transport, first)
+                pending = InFlight(peer.transport, first, AHEAD * first.inner.seconds)
             following: LocalUpdate | None = None
             if done + 1 < rounds:
                 origin = eager_origin(state, pending.update.delta, peer.config)
@@ -101,13 +110,21 @@ def run_overlapped(peer: Peer, rounds: int, settle_s: float) -> GroupState:
         report = peer.finish_round(concluded, report, started, overlapped=True, inner_s=compute_s)
         done += 1
         members = report.members + report.excluded
-        state, restarted = peer.boundary(concluded)
-        if restarted and following is not None:
-            log.info("round %d: dropping the eager compute after a resync or move", state.round + 1)
+        if not report.verified:  # alone or left with our own update: probably diverged
+            members = tuple(p for p in peer.transport.announcements() if p != peer.transport.peer)
+        # as in synchronous rounds, let the group announce this round before the resync check
+        # (members conclude the same exchange together, so this is usually milliseconds):
+        # otherwise a diverged member's state could win a tie against a healthy one's
+        peer.await_members(concluded.round, members, peer.config.averaging.matchmaking_time)
+        state, moved = peer.boundary(concluded)
+        if moved and following is not None:
+            log.info("round %d: dropping the eager compute of the group we left", state.round + 1)
             following = None
-        pending = (
-            InFlight(peer.transport, restamp(following, state)) if following is not None else None
-        )
+        if following is not None:
+            ahead = AHEAD * following.inner.seconds
+            pending = InFlight(peer.transport, restamp(following, state), ahead)
+        else:
+            pending = None
     if members:
         peer.await_members(state.round, members, settle_s)
     return peer.finish(state)

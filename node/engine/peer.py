@@ -18,8 +18,8 @@ from aggregation.ghbm import make_peer_momentum
 from aggregation.params import Params
 from node.config import RunConfig
 from node.engine.checkpoint import Checkpoint
-from node.engine.overlap import run_overlapped
-from node.engine.round import LocalUpdate, RoundReport, inner_phase, round_start, run_round
+from node.engine.overlap import InFlight, run_overlapped
+from node.engine.round import LocalUpdate, RoundReport, conclude_round, inner_phase, round_start
 from node.engine.state import GroupState, StateError, check_params
 from node.engine.transport import StateUnavailable, Transport, consensus
 from node.engine.trust import banned
@@ -172,20 +172,21 @@ class Peer:
         others read about this peer is never a round behind its state)."""
         started = time.perf_counter()
         state, _ = self.boundary(state)
-        known = max(len(self.transport.announcements()), 1)
-        state, report = run_round(
-            state, self.trainer, self.transport, self.config, self.momentum, known
-        )
-        return state, self.finish_round(state, report, started)
+        update = self.compute(state)
+        # on its own thread only so that a stop does not wait for the exchange to time out
+        answer = InFlight(self.transport, update, 0.0).wait(self.stop)
+        concluded, report = conclude_round(state, update, answer, self.config)
+        self.trainer.set_params(concluded.params)
+        return concluded, self.finish_round(concluded, report, started)
 
     def boundary(self, state: GroupState) -> tuple[GroupState, bool]:
         """What happens between two rounds: a clustered peer's move, the resync check, this
-        round's bans. Returns the state to go on from, and True when it is not `state` (moved
-        or resynced: an overlapped peer's eager compute no longer applies)."""
+        round's bans. Returns the state to go on from, and True when this peer moved to
+        another group (an overlapped peer's eager compute then belongs to the old one)."""
         moved = self.hooks.before_round(state) if self.hooks is not None else False
         synced = self.sync(state, adopt=moved)
         self.keep_out(synced)
-        return synced, moved or synced is not state
+        return synced, moved
 
     def compute(self, state: GroupState, origin: Params | None = None) -> LocalUpdate:
         """The inner phase of the round that starts from `state` (from `origin` if given)."""

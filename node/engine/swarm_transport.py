@@ -79,18 +79,24 @@ class HivemindTransport:
         """Join requests our averagers turned away (unadmitted, revoked or banned peers)."""
         return self.refused_before + self.averager.refused_joins
 
-    def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult:
-        """Form a group of meta's round and state through hivemind, all-gather contributions."""
+    def exchange(self, delta: Params, meta: MemberMeta, ahead: float = 0.0) -> GroupResult:
+        """Form a group of meta's round and state through hivemind, all-gather contributions.
+        With `ahead` (an overlapped member, which starts a compute before the others come),
+        the first matchmaking window is that much longer; the group still closes as soon as
+        every expected member is in."""
         revoked = {p: "ticket revoked by the coordinator" for p in self.revoked()}
         refused = {**revoked, **self.banned}
         self.averager.set_refused(refused)
+        window = self.first_window
+        if ahead > 0:
+            window = max(window or 0.0, self.averager.matchmaking_time + ahead)
         try:
             out = self.averager.exchange(
                 delta,
                 dataclasses.replace(meta, ticket=self.ticket),
-                timeout=self.timeout,
+                timeout=self.timeout + ahead,
                 moved_on=lambda: self._moved_on(meta.round),
-                window=self.first_window,
+                window=window,
                 # peers that start together reach their first exchange seconds apart: the
                 # first round after (re)joining waits its window instead of closing early
                 expected=0 if self.first_window else self.expected_members(set(refused)),

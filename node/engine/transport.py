@@ -66,7 +66,12 @@ class Transport(Protocol):
 
     peer: str
 
-    def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult: ...
+    def exchange(self, delta: Params, meta: MemberMeta, ahead: float = 0.0) -> GroupResult:
+        """All-gather with the group of meta's round and state. `ahead`: seconds the others
+        may still need before they come (an overlapped member starts its exchange a compute
+        early), added to how long the group waits for them."""
+        ...
+
     def keep_out(self, peers: dict[str, str]) -> None: ...
     def announce_state(self, state: GroupState) -> None: ...
     def announcements(self) -> dict[str, tuple[int, str]]: ...
@@ -106,10 +111,10 @@ class InMemoryHub:
     _closed: set[tuple[int, str]] = field(default_factory=set)
     states: dict[str, GroupState] = field(default_factory=dict)
 
-    def contribute(self, delta: Params, meta: MemberMeta) -> GroupResult:
-        """Block until `expected` members of this round and start state arrived (or timeout);
-        like the hivemind transport, other rounds or states never meet."""
-        deadline = time.monotonic() + self.timeout
+    def contribute(self, delta: Params, meta: MemberMeta, ahead: float = 0.0) -> GroupResult:
+        """Block until `expected` members of this round and start state arrived (or timeout,
+        plus `ahead`); like the hivemind transport, other rounds or states never meet."""
+        deadline = time.monotonic() + self.timeout + ahead
         key = (meta.round, meta.start_digest)
         with self._lock:
             if key in self._closed:
@@ -149,9 +154,9 @@ class InMemoryTransport:
     def keep_out(self, peers: dict[str, str]) -> None:
         """Nothing to do in process: the round excludes banned members itself."""
 
-    def exchange(self, delta: Params, meta: MemberMeta) -> GroupResult:
+    def exchange(self, delta: Params, meta: MemberMeta, ahead: float = 0.0) -> GroupResult:
         """All-gather with whoever reaches the same round and state in time."""
-        return self.hub.contribute({k: v.clone() for k, v in delta.items()}, meta)
+        return self.hub.contribute({k: v.clone() for k, v in delta.items()}, meta, ahead)
 
     def announce_state(self, state: GroupState) -> None:
         """Offer this state to others."""

@@ -325,14 +325,17 @@ averaging: {matchmaking_time: 2.0}
 """
 
 
-def test_ghbm_ring_reaches_a_late_joiner_on_real_peers(tmp_path: Path) -> None:
+def test_ghbm_ring_reaches_a_late_joiner_and_overlapped_members_agree_on_real_peers(
+    tmp_path: Path,
+) -> None:
+    # v0 and the late joiner overlap communication with compute, v1 runs synchronous rounds
     swarm = Swarm(tmp_path, config_text=GHBM_CONFIG)
     try:
         swarm.start_coordinator()
-        swarm.join("v0", "arithmetic", 40)
+        swarm.join("v0", "arithmetic", 40, "--overlap", "on")
         swarm.join("v1", "dates", 40)
         _wait_rounds(tmp_path / "v0", 3, 180)
-        swarm.join("late", "code", 4)
+        swarm.join("late", "code", 4, "--overlap", "on")
         assert swarm.wait("late", 180) == 0, swarm.log("late")
         assert "synced to the group's state at round" in swarm.log("late")
         reports = _reports(tmp_path / "late")
@@ -344,5 +347,19 @@ def test_ghbm_ring_reaches_a_late_joiner_on_real_peers(tmp_path: Path) -> None:
         for name in ("v0", "v1"):
             os.killpg(swarm.procs[name].pid, signal.SIGINT)
         assert [swarm.wait(n, 60) for n in ("v0", "v1")] == [0, 0]
+        overlapped = {r["round"]: r for r in _reports(tmp_path / "v0")}
+        synchronous = {r["round"]: r for r in _reports(tmp_path / "v1")}
+        assert all(r["overlapped"] for r in overlapped.values())
+        assert not any(r["overlapped"] for r in synchronous.values())
+        # rounds both averaged in the same group end on the same digest
+        shared = [
+            n
+            for n, r in overlapped.items()
+            if n in synchronous
+            and r["outcome"] == synchronous[n]["outcome"] == "averaged"
+            and r["members"] == synchronous[n]["members"]
+        ]
+        assert len(shared) >= 3, (overlapped, synchronous)
+        assert all(overlapped[n]["digest"] == synchronous[n]["digest"] for n in shared)
     finally:
         swarm.close()

@@ -77,9 +77,9 @@ class _Recording(InMemoryTransport):
         super().__init__(hub, peer)
         self.sent: list[tuple[MemberMeta, dict[str, torch.Tensor]]] = []
 
-    def exchange(self, delta, meta):  # noqa: ANN001, ANN201 - the Transport signature
+    def exchange(self, delta, meta, ahead=0.0):  # noqa: ANN001, ANN201 - Transport's signature
         self.sent.append((meta, {k: v.clone() for k, v in delta.items()}))
-        return super().exchange(delta, meta)
+        return super().exchange(delta, meta, ahead)
 
 
 def test_the_overlapped_compute_starts_from_the_eager_point_and_joins_the_next_round() -> None:

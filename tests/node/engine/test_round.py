@@ -317,7 +317,7 @@ class _HelperDiesOnStop(InMemoryTransport):
         super().__init__(hub, name)
         self.stop = stop
 
-    def exchange(self, delta, meta):  # noqa: ANN001, ANN201
+    def exchange(self, delta, meta, ahead=0.0):  # noqa: ANN001, ANN201
         self.stop.set()
         raise FileNotFoundError(2, "No such file or directory")
 
@@ -336,7 +336,7 @@ def test_a_failure_while_stopping_abandons_the_round_and_a_failure_otherwise_rai
     torch.testing.assert_close(local.trainer.get_params(), state.params, rtol=0, atol=0)
 
     class _Broken(InMemoryTransport):
-        def exchange(self, delta, meta):  # noqa: ANN001, ANN201
+        def exchange(self, delta, meta, ahead=0.0):  # noqa: ANN001, ANN201
             raise FileNotFoundError(2, "No such file or directory")
 
     broken = Peer(_local("arithmetic", 0).trainer, _Broken(hub, "p1"), CONFIG, None)
