@@ -253,6 +253,11 @@ def main() -> None:
         action="store_true",
         help="only the simulator's 8/2 group with one task for all (a cluster's case)",
     )
+    parser.add_argument(
+        "--task-majority",
+        action="store_true",
+        help="only the simulator's 12/3 group, each attacked task with two honest members",
+    )
     parser.add_argument("--only", nargs="+", choices=ATTACKS, help="a subset of the attacks")
     parser.add_argument("--clip-scale", type=float, help="tuning: CenteredClip's tau factor")
     parser.add_argument("--clip-iterations", type=int, help="tuning: CenteredClip's iterations")
@@ -270,6 +275,9 @@ def main() -> None:
     attacks = args.only or ATTACKS
     if args.same_task:
         same_task(attacks, args.sim_rounds)
+        return
+    if args.task_majority:
+        task_majority(attacks, args.sim_rounds)
         return
     if args.clean_repeats:
         clean_repeats(args.clean_repeats, args.real_rounds)
@@ -331,21 +339,60 @@ def clean_repeats(count: int, rounds: int) -> None:
 
 def same_task(attacks: list[str], rounds: int) -> None:
     """8 clients on one task, 2 of them hostile: the group a similarity cluster makes."""
+    setting(
+        "attacks-same-task",
+        attacks,
+        rounds,
+        (8, 2, TASKS[:1]),
+        f"### Simulator, group 8/2, one task ({TASKS[0]}) for every member, {rounds} rounds",
+        "What a similarity cluster's group looks like.",
+    )
+
+
+def task_majority(attacks: list[str], rounds: int) -> None:
+    """12 clients on four tasks, 3 hostile: a quarter of the group, each attacker on a task
+    that two honest members train (clients take tasks round robin; the last ones forge)."""
+    setting(
+        "attacks-task-majority",
+        attacks,
+        rounds,
+        (12, 3, TASKS),
+        f"### Simulator, group 12/3, four tasks, each attacker on a task two honest members"
+        f" train, {rounds} rounds",
+        "A quarter of the group is hostile, as in the 8/2 row above, but no attacked task has"
+        " as many attackers as honest members.",
+    )
+
+
+def setting(
+    section: str,
+    attacks: list[str],
+    rounds: int,
+    group: tuple[int, int, list[str]],
+    title: str,
+    note: str,
+) -> None:
+    """One extra simulated group (clients, hostile, tasks) under every attack, both
+    aggregators; writes its own RESULTS.md section."""
+    clients, hostile, tasks = group
     rows = {}
     for attack in [None, *attacks]:
         rows[attack or "clean"] = {
-            ("defended" if robust else "trusting"): run_sim(8, 2, attack, robust, rounds, TASKS[:1])
+            ("defended" if robust else "trusting"): run_sim(
+                clients, hostile, attack, robust, rounds, tasks
+            )
             for robust in (False, True)
         }
-        print(f"same-task {attack or 'clean'}: {json.dumps(rows[attack or 'clean'])}", flush=True)
+        print(f"{section} {attack or 'clean'}: {json.dumps(rows[attack or 'clean'])}", flush=True)
     clean_t, clean_d = (
         rows["clean"]["trusting"]["eval_loss"],
         rows["clean"]["defended"]["eval_loss"],
     )
     lines = [
-        f"### Simulator, group 8/2, one task ({TASKS[0]}) for every member, {rounds} rounds",
+        title,
         "",
-        "What a similarity cluster's group looks like. Reproduce: `.venv/bin/python "
+        note
+        + " Reproduce: `.venv/bin/python "
         + " ".join(["bench/attacks.py", *sys.argv[1:]])
         + "`",
         "",
@@ -357,7 +404,7 @@ def same_task(attacks: list[str], rounds: int) -> None:
         lines.append(
             f"| {attack} | {t:.4f} ({_verdict(t, clean_t)}) | {d:.4f} ({_verdict(d, clean_d)}) |"
         )
-    replace_section("attacks-same-task", "\n".join(lines))
+    replace_section(section, "\n".join(lines))
     print("\n".join(lines))
 
 

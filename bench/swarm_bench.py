@@ -30,14 +30,17 @@ from node.roles.demo import Processes, start_swarm  # noqa: E402
 STAGES = ("inner_s", "matchmaking_s", "transfer_s", "outer_s", "checkpoint_s")
 
 
-def run_swarm(config: RunConfig, peers: int, rounds: int, workdir: Path) -> list[list[dict]]:
-    """Coordinator + volunteers as processes; returns each volunteer's round reports."""
+def run_swarm(
+    config: RunConfig, peers: int, rounds: int, workdir: Path, extra: tuple[str, ...] = ()
+) -> list[list[dict]]:
+    """Coordinator + volunteers as processes (`extra`: more join arguments); returns each
+    volunteer's round reports."""
     workdir.mkdir(parents=True)
     (workdir / "run.yaml").write_text(json.dumps(config.model_dump(mode="json")))
     procs = Processes()
     try:
         tasks = list(BUILTIN_TASKS[:peers])
-        _, vols = start_swarm(procs, workdir / "run.yaml", workdir, tasks, rounds)
+        _, vols = start_swarm(procs, workdir / "run.yaml", workdir, tasks, rounds, extra)
         codes = [procs.procs[v.name].wait() for v in vols]
         assert not any(codes), f"volunteers failed: {codes}"
     finally:

@@ -87,7 +87,8 @@ def run_overlapped(peer: Peer, rounds: int, settle_s: float) -> GroupState:
                 state, _ = peer.boundary(state)
                 first = peer.compute(state)
                 compute_s += first.inner.seconds
-                pending = InFlight(peer.transport, first, AHEAD * first.inner.seconds)
+                # everyone's first exchange follows a plain compute: nobody is a compute ahead
+                pending = InFlight(peer.transport, first, 0.0)
             following: LocalUpdate | None = None
             if done + 1 < rounds:
                 origin = eager_origin(state, pending.update.delta, peer.config)

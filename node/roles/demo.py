@@ -169,10 +169,16 @@ def cluster_summary(workdirs: list[Path], tasks: list[str]) -> str:
 
 
 def start_swarm(
-    procs: Processes, config: Path, workdir: Path, tasks: list[str], rounds: int
+    procs: Processes,
+    config: Path,
+    workdir: Path,
+    tasks: list[str],
+    rounds: int,
+    extra: tuple[str, ...] = (),
 ) -> tuple[str, list[Path]]:
-    """Start a coordinator and one volunteer per task (vol1, vol2, ...) under `workdir`;
-    returns the coordinator's multiaddr and the volunteers' work dirs."""
+    """Start a coordinator and one volunteer per task (vol1, vol2, ...) under `workdir`, each
+    volunteer with `extra` join arguments; returns the coordinator's multiaddr and the
+    volunteers' work dirs."""
     coord = procs.start(
         "coord",
         [
@@ -204,6 +210,7 @@ def start_swarm(
                 str(rounds),
                 "--threads",
                 "1",
+                *extra,
             ],
         )
     return maddr, volunteers
