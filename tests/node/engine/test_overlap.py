@@ -121,7 +121,7 @@ def test_the_overlapped_compute_starts_from_the_eager_point_and_joins_the_next_r
 
 
 def test_an_overlapped_member_that_diverged_resyncs_and_the_group_agrees_again() -> None:
-    hub = InMemoryHub(expected=3, timeout=3.0, hidden={1: ("p0", "p1")})
+    hub = InMemoryHub(expected=3, timeout=1.5, hidden={1: ("p0", "p1")})
     reports: list[RoundReport] = []
     peers = [
         _peer(hub, f"p{i}", _local(t, i), reports=reports, config=OVERLAP)
