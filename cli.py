@@ -22,6 +22,17 @@ DESCRIPTION = """Peer-to-peer DiLoCo fine-tuning of LoRA adapters over a hivemin
 """
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad one is argparse's one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _peers_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
         "--initial-peers",
@@ -113,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="refuse to join unless the run's LoRA matches this"
     )
     join.add_argument("--threads", type=int, help="torch CPU threads")
+    join.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="held-out eval loss every N rounds (default 1; on a real model it takes seconds)",
+    )
     join.add_argument(
         "--overlap",
         choices=["on", "off"],
@@ -276,6 +294,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.report_to,
                 args.announce,
                 None if args.overlap is None else args.overlap == "on",
+                args.eval_every,
             )
         )
     if args.command in ("admit", "revoke", "id"):

@@ -128,3 +128,18 @@ def test_announce_without_a_fixed_port_is_one_line_exit_2(
     err = capsys.readouterr().err.strip()
     assert err.startswith("swarmtune join: error: --announce needs a fixed --port")
     assert "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "problem"),
+    [("--eval-every", "0", "must be at least 1"), ("--overlap", "maybe", "invalid choice")],
+)
+def test_bad_join_scheduling_flags_are_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, problem: str
+) -> None:
+    args = ["join", "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/QmX", "--data"]
+    args += ["builtin:arithmetic", "--workdir", str(tmp_path), flag, value]
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and err.startswith("swarmtune join: error:") and problem in err

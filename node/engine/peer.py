@@ -60,6 +60,7 @@ class Peer:
         hooks: RoundHooks | None = None,
         stop: threading.Event | None = None,
         overlap: bool | None = None,
+        eval_every: int = 1,
     ) -> None:
         self.trainer = trainer
         self.transport = transport
@@ -67,6 +68,9 @@ class Peer:
         self.checkpoint = checkpoint
         self.on_report = on_report or (lambda report: None)
         self.evaluate = evaluate
+        if eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+        self.eval_every = eval_every  # held-out eval after rounds whose number it divides
         self.hooks = hooks
         self.stop = stop if stop is not None else threading.Event()
         self.shapes = {k: v.shape for k, v in trainer.get_params().items()}
@@ -216,7 +220,8 @@ class Peer:
         self.counts.rejections += report.outcome == "rejected"
         self.counts.exclusions += len(report.excluded)
         checkpoint_s = self.save(state)
-        eval_loss = self.evaluate() if self.evaluate is not None else None
+        due = self.evaluate is not None and state.round % self.eval_every == 0
+        eval_loss = self.evaluate() if self.evaluate is not None and due else None
         report = replace(
             report,
             inner_s=report.inner_s if inner_s is None else inner_s,

@@ -53,6 +53,7 @@ class JoinOptions:
     report_to: str | None = None  # "tensorboard": event files in WORKDIR/tensorboard
     announce: list[str] | None = None  # addresses other machines dial (with a fixed port)
     overlap: bool | None = None  # None: the run's averaging.overlap
+    eval_every: int = 1  # held-out eval every N rounds (it costs seconds on a real model)
 
 
 def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
@@ -170,6 +171,7 @@ class Volunteer:
             hooks=self.member,
             stop=stop,
             overlap=options.overlap,
+            eval_every=options.eval_every,
         )
 
     def probe_signature(self, signature: TaskSignature) -> None:

@@ -342,3 +342,26 @@ def test_a_failure_while_stopping_abandons_the_round_and_a_failure_otherwise_rai
     broken = Peer(_local("arithmetic", 0).trainer, _Broken(hub, "p1"), CONFIG, None)
     with pytest.raises(FileNotFoundError):
         broken.run(1)
+
+
+def test_eval_every_n_rounds_evaluates_only_those_rounds() -> None:
+    hub = InMemoryHub(expected=2, timeout=5.0)
+    reports: list[RoundReport] = []
+    calls: list[int] = []
+    locals_ = [_local(t, i) for i, t in enumerate(TASKS[:2])]
+    peers = [
+        Peer(
+            lo.trainer,
+            InMemoryTransport(hub, f"p{i}"),
+            CONFIG,
+            on_report=reports.append if i == 0 else None,
+            evaluate=(lambda: calls.append(1) or 1.0) if i == 0 else None,
+            eval_every=2,
+        )
+        for i, lo in enumerate(locals_)
+    ]
+    _run_all(peers, [3, 3])
+    # rounds reach states 1, 2, 3: only state 2 is due
+    assert [r.eval_loss for r in reports] == [None, 1.0, None] and len(calls) == 1
+    with pytest.raises(ValueError, match="eval_every"):
+        Peer(locals_[0].trainer, InMemoryTransport(hub, "p9"), CONFIG, eval_every=0)
