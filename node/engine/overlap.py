@@ -96,15 +96,7 @@ def run_overlapped(peer: Peer, rounds: int, settle_s: float) -> GroupState:
                 compute_s += following.inner.seconds
             answer = pending.wait(peer.stop)
         except Exception as exc:
-            if not isinstance(exc, RoundAbandoned) and not peer.stop.is_set():
-                raise
-            log.info(
-                "abandoned round %d (%s); last checkpoint is round %d",
-                state.round + 1,
-                exc,
-                state.round,
-            )
-            peer.trainer.set_params(state.params)
+            peer.abandon(exc, state)
             break
         concluded, report = conclude_round(state, pending.update, answer, peer.config)
         peer.trainer.set_params(concluded.params)

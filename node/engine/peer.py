@@ -149,18 +149,7 @@ class Peer:
             try:
                 state, report = self.one_round(state)
             except Exception as exc:
-                # a terminal's Ctrl+C also reaches hivemind's helper processes, which may die
-                # mid-exchange before our handler's stop is seen: while stopping, that is the
-                # same abandoned round, not a crash
-                if not isinstance(exc, RoundAbandoned) and not self.stop.is_set():
-                    raise
-                log.info(
-                    "abandoned round %d (%s); last checkpoint is round %d",
-                    state.round + 1,
-                    exc,
-                    state.round,
-                )
-                self.trainer.set_params(state.params)
+                self.abandon(exc, state)
                 break
             members = report.members + report.excluded
             if members:
@@ -182,6 +171,21 @@ class Peer:
         concluded, report = conclude_round(state, update, answer, self.config)
         self.trainer.set_params(concluded.params)
         return concluded, self.finish_round(concluded, report, started)
+
+    def abandon(self, exc: Exception, state: GroupState) -> None:
+        """End the round in progress after `exc`, keeping `state` (the last checkpoint), when
+        it is a stop; re-raise anything else. A terminal's Ctrl+C also reaches hivemind's helper
+        processes, which may die mid-exchange before our handler's stop is seen: while
+        stopping, that is the same abandoned round, not a crash."""
+        if not isinstance(exc, RoundAbandoned) and not self.stop.is_set():
+            raise exc
+        log.info(
+            "abandoned round %d (%s); last checkpoint is round %d",
+            state.round + 1,
+            exc,
+            state.round,
+        )
+        self.trainer.set_params(state.params)
 
     def boundary(self, state: GroupState) -> tuple[GroupState, bool]:
         """What happens between two rounds: a clustered peer's move, the resync check, this
