@@ -274,10 +274,10 @@ def main() -> None:
     torch.set_num_threads(1)
     attacks = args.only or ATTACKS
     if args.same_task:
-        same_task(attacks, args.sim_rounds)
+        same_task(attacks, args.sim_rounds, write=not tuning)
         return
     if args.task_majority:
-        task_majority(attacks, args.sim_rounds)
+        task_majority(attacks, args.sim_rounds, write=not tuning)
         return
     if args.clean_repeats:
         clean_repeats(args.clean_repeats, args.real_rounds)
@@ -337,7 +337,7 @@ def clean_repeats(count: int, rounds: int) -> None:
         )
 
 
-def same_task(attacks: list[str], rounds: int) -> None:
+def same_task(attacks: list[str], rounds: int, write: bool = True) -> None:
     """8 clients on one task, 2 of them hostile: the group a similarity cluster makes."""
     setting(
         "attacks-same-task",
@@ -346,10 +346,11 @@ def same_task(attacks: list[str], rounds: int) -> None:
         (8, 2, TASKS[:1]),
         f"### Simulator, group 8/2, one task ({TASKS[0]}) for every member, {rounds} rounds",
         "What a similarity cluster's group looks like.",
+        write,
     )
 
 
-def task_majority(attacks: list[str], rounds: int) -> None:
+def task_majority(attacks: list[str], rounds: int, write: bool = True) -> None:
     """12 clients on four tasks, 3 hostile: a quarter of the group, each attacker on a task
     that two honest members train (clients take tasks round robin; the last ones forge)."""
     setting(
@@ -361,6 +362,7 @@ def task_majority(attacks: list[str], rounds: int) -> None:
         f" train, {rounds} rounds",
         "A quarter of the group is hostile, as in the 8/2 row above, but no attacked task has"
         " as many attackers as honest members.",
+        write,
     )
 
 
@@ -371,9 +373,10 @@ def setting(
     group: tuple[int, int, list[str]],
     title: str,
     note: str,
+    write: bool = True,
 ) -> None:
     """One extra simulated group (clients, hostile, tasks) under every attack, both
-    aggregators; writes its own RESULTS.md section."""
+    aggregators; writes its own RESULTS.md section unless `write` is off (a tuning run)."""
     clients, hostile, tasks = group
     rows = {}
     for attack in [None, *attacks]:
@@ -404,7 +407,8 @@ def setting(
         lines.append(
             f"| {attack} | {t:.4f} ({_verdict(t, clean_t)}) | {d:.4f} ({_verdict(d, clean_d)}) |"
         )
-    replace_section(section, "\n".join(lines))
+    if write:
+        replace_section(section, "\n".join(lines))
     print("\n".join(lines))
 
 
