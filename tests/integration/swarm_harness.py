@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -95,6 +96,13 @@ class Swarm:
             timeout=timeout,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
+
+    def cli_many(
+        self, *commands: tuple[str, ...], timeout: float = 120
+    ) -> list[subprocess.CompletedProcess[str]]:
+        """Several short CLI commands at once (their start-up, mostly imports, overlaps)."""
+        with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+            return list(pool.map(lambda args: self.cli(*args, timeout=timeout), commands))
 
     def wait(self, name: str, timeout: float) -> int:
         """Exit code of a process (fails the test with its log on timeout)."""

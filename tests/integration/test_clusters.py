@@ -70,25 +70,28 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
             assert in_cluster and all(r["group_size"] == 2 for r in in_cluster), reports[-3:]
 
         # with the volunteers gone the coordinator serves the adapters on a quiet machine
-        status = swarm.cli("status", "--initial-peers", swarm.maddr)
+        pull = ("pull", "--initial-peers", swarm.maddr)
+        status, merged, cluster = swarm.cli_many(
+            ("status", "--initial-peers", swarm.maddr),
+            (*pull, "--adapter", "merged", "--out", str(tmp_path / "m")),
+            (*pull, "--adapter", f"cluster-{labels[0]}", "--out", str(tmp_path / "c")),
+        )
         assert "clusters (assignment v" in status.stdout
         names = {f"cluster-{c}" for c in labels} | {"merged"}
         assert all(name in status.stdout for name in names), status.stdout  # its offers table
-        pull = ["pull", "--initial-peers", swarm.maddr]
-        pulled = swarm.cli(*pull, "--adapter", "merged", "--out", str(tmp_path / "m"))
-        assert pulled.returncode == 0, pulled.stderr
+        assert merged.returncode == 0, merged.stderr
         assert "ties" in (tmp_path / "m" / "README.md").read_text()
-        pulled = swarm.cli(*pull, "--adapter", f"cluster-{labels[0]}", "--out", str(tmp_path / "c"))
-        assert pulled.returncode == 0 and (tmp_path / "c" / "adapter_model.safetensors").exists()
+        assert cluster.returncode == 0 and (tmp_path / "c" / "adapter_model.safetensors").exists()
+
+        # the capitals cluster comes back (restarted from its work dirs) and a newcomer joins it;
+        # they start up while the pulled adapters are checked
+        for i in (2, 3):
+            swarm.join(f"v{i}", TASKS[i], 60)
+        swarm.join("late", "capitals", 60)
         base = export_base(tmp_path / "base")
         for adapter in (tmp_path / "m", tmp_path / "c"):  # plain PEFT takes both, every key
             model = load_with_plain_peft(base, adapter)
             assert_lora_weights_are_the_files(model, adapter)
-
-        # the capitals cluster comes back (restarted from its work dirs) and a newcomer joins it
-        for i in (2, 3):
-            swarm.join(f"v{i}", TASKS[i], 60)
-        swarm.join("late", "capitals", 60)
         _wait_for(lambda: _cluster_of(tmp_path / "late") is not None, 240, "the late cluster")
         assert _cluster_of(tmp_path / "late") == labels[2]
         swarm.kill("coord", signal.SIGTERM)
