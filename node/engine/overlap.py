@@ -76,6 +76,7 @@ def run_overlapped(peer: Peer, rounds: int, settle_s: float) -> GroupState:
     state = peer.sync(peer.initial_state())
     peer.trainer.set_params(state.params)
     peer.transport.announce_state(state)
+    state, _ = peer.boundary(state)  # later boundaries close each iteration
     pending: InFlight | None = None
     members: tuple[str, ...] = ()
     done = 0
@@ -84,7 +85,6 @@ def run_overlapped(peer: Peer, rounds: int, settle_s: float) -> GroupState:
         compute_s = 0.0
         try:
             if pending is None:  # (re)start the pipeline: this compute is not overlapped
-                state, _ = peer.boundary(state)
                 first = peer.compute(state)
                 compute_s += first.inner.seconds
                 # everyone's first exchange follows a plain compute: nobody is a compute ahead

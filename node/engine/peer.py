@@ -19,7 +19,7 @@ from aggregation.params import Params
 from node.config import RunConfig
 from node.engine.checkpoint import Checkpoint
 from node.engine.overlap import InFlight, run_overlapped
-from node.engine.round import LocalUpdate, RoundReport, conclude_round, inner_phase, round_start
+from node.engine.round import LocalUpdate, RoundReport, inner_phase, round_start, run_round
 from node.engine.state import GroupState, StateError, check_params
 from node.engine.transport import StateUnavailable, Transport, consensus
 from node.engine.trust import banned
@@ -165,11 +165,17 @@ class Peer:
         others read about this peer is never a round behind its state)."""
         started = time.perf_counter()
         state, _ = self.boundary(state)
-        update = self.compute(state)
-        # on its own thread only so that a stop does not wait for the exchange to time out
-        answer = InFlight(self.transport, update, 0.0).wait(self.stop)
-        concluded, report = conclude_round(state, update, answer, self.config)
-        self.trainer.set_params(concluded.params)
+        known = max(len(self.transport.announcements()), 1)
+        concluded, report = run_round(
+            state,
+            self.trainer,
+            self.transport,
+            self.config,
+            self.momentum,
+            known,
+            # on its own thread only so that a stop does not wait for the exchange to time out
+            answer_of=lambda update: InFlight(self.transport, update, 0.0).wait(self.stop),
+        )
         return concluded, self.finish_round(concluded, report, started)
 
     def abandon(self, exc: Exception, state: GroupState) -> None:
@@ -224,7 +230,7 @@ class Peer:
         self.counts.rejections += report.outcome == "rejected"
         self.counts.exclusions += len(report.excluded)
         checkpoint_s = self.save(state)
-        due = self.evaluate is not None and state.round % self.eval_every == 0
+        due = state.round % self.eval_every == 0
         eval_loss = self.evaluate() if self.evaluate is not None and due else None
         report = replace(
             report,

@@ -314,15 +314,21 @@ def run_round(
     config: RunConfig,
     momentum: PeerMomentum | None = None,
     known: int = 1,
+    answer_of: Callable[[LocalUpdate], GroupResult | AveragingFailed] | None = None,
 ) -> tuple[GroupState, RoundReport]:
-    """Advance the group state by one DiLoCo round; inputs are not mutated."""
+    """Advance the group state by one DiLoCo round; inputs are not mutated. `answer_of` runs
+    the exchange (the daemon waits for it on a thread it can stop); default: the transport's,
+    here."""
     start = round_start(state, config)
     update = inner_phase(state, start, trainer, transport.peer, config, momentum, known)
     answer: GroupResult | AveragingFailed
-    try:
-        answer = transport.exchange(update.delta, update.meta)
-    except AveragingFailed as exc:
-        answer = exc
+    if answer_of is not None:
+        answer = answer_of(update)
+    else:
+        try:
+            answer = transport.exchange(update.delta, update.meta)
+        except AveragingFailed as exc:
+            answer = exc
     new_state, report = conclude_round(state, update, answer, config)
     trainer.set_params(new_state.params)
     return new_state, report
