@@ -5,6 +5,10 @@ parent's objects, so what it needs from the parent lives in shared memory, updat
 
 - the refused set (revoked or banned peers) and the admission gate: a leader turns such peers
   away before they enter its group (docs/design.md, 8. Trust);
+- the admission check on the follower side: a leader's ACCEPTED answer carries its own
+  gathered data (its ticket), and a follower walks away from a leader without a valid ticket
+  or in the refused set before the group forms, so an unadmitted peer cannot lead admitted
+  followers away from the rest of their group;
 - the expected group size: the members known to hold this round's start state. A leader
   closes its group the moment that many have joined, instead of waiting out the matchmaking
   window; the window stays the fallback for a member that does not come.
@@ -15,10 +19,11 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import typing
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 from hivemind.averaging import DecentralizedAverager
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID, StubBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
 
@@ -60,12 +65,26 @@ class GatedAverager(DecentralizedAverager):
     """A DecentralizedAverager whose leader turns away join requests from peers in the refused
     set, or without a valid ticket when the run has a gate, before they enter its group, and
     closes its group once the expected members are in. The follower's ticket
-    travels in its gathered metadata (JoinRequest.gather)."""
+    travels in its gathered metadata (JoinRequest.gather), the leader's in its ACCEPTED answer;
+    a follower leaves a leader it would refuse itself."""
+
+    # The averager's own (forked) process sets this in run(): hivemind's follower code reaches
+    # a leader through the class's get_stub, which has no instance to ask.
+    _own: ClassVar[GatedAverager | None] = None
 
     def __init__(self, *args: Any, gate: Gate | None, refused: RefusedSet, **kwargs: Any) -> None:
         self.gate, self.refused = gate, refused
         self.expected = mp.Value("q", 0)  # members expected this round (0: unknown)
         super().__init__(*args, **kwargs)
+
+    def run(self) -> None:
+        type(self)._own = self  # runs in the averager's process only
+        super().run()
+
+    @classmethod
+    def get_stub(cls, p2p: P2P, peer: PeerID, *, namespace: str | None = None) -> StubBase:
+        stub = super().get_stub(p2p, peer, namespace=namespace)
+        return stub if cls._own is None else _CheckedLeader(stub, peer, cls._own)
 
     def expect(self, members: int) -> None:
         """Close groups when `members` (ourselves included) have gathered; 0 or 1: unknown."""
@@ -88,6 +107,9 @@ class GatedAverager(DecentralizedAverager):
         # hivemind's leader assembles its group as soon as target_group_size members are in
         self._matchmaking.target_group_size = expected if expected >= 2 else None
         async for response in super().rpc_join_group(request, context):
+            step = self._matchmaking.step_control
+            if response.code == averaging_pb2.ACCEPTED and step is not None:
+                response.gathered.append(step.data_for_gather)  # our ticket, for the follower
             yield response
 
     def _refusal(self, peer: str, gather: bytes) -> str | None:
@@ -100,3 +122,36 @@ class GatedAverager(DecentralizedAverager):
         except Exception:  # noqa: BLE001 - untrusted bytes: any failure is a malformed request
             return "malformed metadata"
         return self.gate.check(peer, ticket)
+
+
+class _CheckedLeader:
+    """A leader's stub whose join answer is checked: an ACCEPTED from a leader that we would
+    refuse (no valid ticket in the answer, or in our refused set) becomes a refusal, and
+    hivemind's follower moves on to the next potential leader."""
+
+    def __init__(self, stub: StubBase, leader: PeerID, own: GatedAverager) -> None:
+        self._stub, self._leader, self._own = stub, leader.to_base58(), own
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stub, name)
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, timeout: float | None = None
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        stream = await self._stub.rpc_join_group(request, timeout=timeout)
+        return self._checked(stream)
+
+    async def _checked(
+        self, stream: AsyncIterator[averaging_pb2.MessageFromLeader]
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        try:
+            async for message in stream:
+                if message.code == averaging_pb2.ACCEPTED:
+                    why = self._own._refusal(self._leader, (list(message.gathered) or [b""])[0])
+                    if why is not None:
+                        log.warning("did not follow leader %s: %s", self._leader[-8:], why)
+                        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+                        return
+                yield message
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]

@@ -155,3 +155,61 @@ def test_a_leader_refuses_and_counts_every_unadmitted_revoked_or_malformed_join(
         averaging_pb2.PROTOCOL_VIOLATION
     ]
     assert refused.refused_joins.value == 4
+
+
+class _LeaderStub:
+    """What hivemind's follower gets from get_stub: a join answered with `answers`."""
+
+    def __init__(self, answers: list) -> None:  # type: ignore[type-arg]
+        self.answers, self.closed = answers, False
+
+    async def rpc_join_group(self, request, timeout=None):  # type: ignore[no-untyped-def]
+        async def stream():  # type: ignore[no-untyped-def]
+            try:
+                for answer in self.answers:
+                    yield answer
+            finally:
+                self.closed = True
+
+        return stream()
+
+
+def test_a_follower_leaves_a_leader_it_would_refuse_before_the_group_forms() -> None:
+    import asyncio
+
+    from hivemind.p2p import PeerID
+    from hivemind.proto import averaging_pb2
+
+    from protocols.matchmaking import _CheckedLeader
+
+    leader_id = PeerID.from_base58("QmX4e7geuVFGHwzj6d3h963dW33VgsSQtHYR1n8DzKdkUK")
+    leader = leader_id.to_base58()
+    refused = RefusedSet(capacity=200)
+    follower = _leader(refused)  # the same refusal rules, now applied to our leader
+
+    def follow(gathered: list[bytes]) -> tuple[list[int], bool]:
+        accepted = averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED, gathered=gathered)
+        begin = averaging_pb2.MessageFromLeader(code=averaging_pb2.BEGIN_ALLREDUCE)
+        stub = _LeaderStub([accepted, begin])
+        checked = _CheckedLeader(stub, leader_id, follower)  # type: ignore[arg-type]
+
+        async def collect() -> list[int]:
+            stream = await checked.rpc_join_group(averaging_pb2.JoinRequest())
+            try:
+                return [m.code async for m in stream]
+            finally:
+                await stream.aclose()
+
+        return asyncio.run(collect()), stub.closed
+
+    ticket = _join_request(issue_ticket(KEY, "run-a", leader, 3600)).gather  # type: ignore[attr-defined]
+    admitted = [averaging_pb2.ACCEPTED, averaging_pb2.BEGIN_ALLREDUCE]
+    assert follow([ticket]) == (admitted, True)
+    refusal = ([averaging_pb2.PROTOCOL_VIOLATION], True)  # and the leader's stream is closed
+    assert follow([]) == refusal  # a leader that shows no ticket
+    assert follow([_join_request(None).gather]) == refusal  # type: ignore[attr-defined]
+    someone_elses = issue_ticket(KEY, "run-a", "QmSomeoneElse", 3600)
+    assert follow([_join_request(someone_elses).gather]) == refusal  # type: ignore[attr-defined]
+    refused.update({leader})  # banned or revoked: not followed whatever its ticket
+    assert follow([ticket]) == refusal
+    assert refused.refused_joins.value == 0  # joins refused as a leader are counted apart
