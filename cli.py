@@ -234,6 +234,9 @@ def _setup_logging(verbose: bool) -> None:
     # hivemind logs every failed matchmaking attempt as a traceback; our own lines say what matters
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # models are local dirs only: no library may look anything up on the Hugging Face Hub (PEFT
+    # asks it about the base model's config when it saves an adapter)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr

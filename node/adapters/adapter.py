@@ -41,7 +41,8 @@ def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
 
     tensors = {
         k: v.detach().float().cpu().contiguous()
-        for k, v in get_peft_model_state_dict(model).items()
+        # LoRA modules only ("auto" would ask the Hub whether the vocabulary changed)
+        for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
     }
     modules = [
         name

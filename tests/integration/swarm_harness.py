@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+# as the CLI does: plain PEFT loads below must not ask the Hugging Face Hub about "embedded"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FAST_CONFIG = """run_id: {run_id}
 inner: {{steps: 10, batch_size: 8, seq_len: 48}}
 averaging: {{matchmaking_time: 2.0}}

@@ -113,11 +113,13 @@ def _kill(procs: list[psutil.Process]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_sigkilled_peers_leave_no_process_and_a_volunteer_resumes_at_once(tmp_path: Path) -> None:
+def test_sigkilled_peers_leave_no_process_and_resume_at_once_with_their_identity(
+    tmp_path: Path,
+) -> None:
     swarm = Swarm(tmp_path, run_id="itest-crash")
     survivors: list[psutil.Process] = []
     try:
-        swarm.start_coordinator()
+        first = swarm.start_coordinator()
         swarm.join("v0", "arithmetic", 1000)
         swarm.join("v1", "dates", 1000)  # goes on while v0 is dead, so v0 must catch up
         _wait_rounds(swarm, "v0", 1, 120)
@@ -151,6 +153,15 @@ def test_sigkilled_peers_leave_no_process_and_a_volunteer_resumes_at_once(tmp_pa
 
         survivors = _sigkill_main_only(swarm, "coord")
         assert not survivors, [(p.pid, p.name()) for p in survivors]
+
+        # the coordinator comes back with the same peer id, so printed join lines stay valid
+        (tmp_path / "addr.txt").unlink()
+        log_before = len(swarm.log("coord"))
+        second = swarm.start_coordinator()
+        peer_id = first.rsplit("/p2p/", 1)[1]
+        assert "/p2p/" in first and second.rsplit("/p2p/", 1)[1] == peer_id
+        log = swarm.log("coord")[log_before:]
+        assert "--initial-peers" in log and peer_id in log and "already taken" not in log, log
     finally:
         _kill(survivors)
         swarm.close()

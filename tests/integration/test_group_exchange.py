@@ -7,6 +7,8 @@ and the round's own contribution selection and weighted mean, as the daemon runs
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -28,6 +30,15 @@ def _nodes(count: int) -> list[SwarmNode]:
     first = SwarmNode(initial_peers=[], host="127.0.0.1")
     rest = [SwarmNode(initial_peers=first.maddrs(), host="127.0.0.1") for _ in range(count - 1)]
     return [first, *rest]
+
+
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[list[SwarmNode]]:
+    """Three peers for the whole module (each test averages under its own prefix)."""
+    made = _nodes(3)
+    yield made
+    for node in made:
+        node.shutdown()
 
 
 def _transport(node: SwarmNode, prefix: str, codec: str = "fp32") -> HivemindTransport:
@@ -60,7 +71,9 @@ def _aggregate(group: GroupResult, mine: MemberMeta) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
-def test_unequal_weights_give_identical_results_equal_to_the_weighted_mean(codec: str) -> None:
+def test_unequal_weights_give_identical_results_equal_to_the_weighted_mean(
+    nodes: list[SwarmNode], codec: str
+) -> None:
     # fp16 used to differ between members under hivemind's all-reduce (a reducer's own part
     # skipped compression); with the all-gather every member decodes the same fp16 bytes
     def wire(value: torch.Tensor) -> torch.Tensor:  # what its member's blob decodes to
@@ -68,7 +81,6 @@ def test_unequal_weights_give_identical_results_equal_to_the_weighted_mean(codec
             return from_int8_blocks(*int8_blocks(value))
         return value.to({"fp32": torch.float32, "fp16": torch.float16}[codec])
 
-    nodes = _nodes(3)
     transports = [_transport(n, f"wtest{codec}_global", codec) for n in nodes]
     try:
         weights = [384.0, 1024.0, 2560.0]  # e.g. batch sizes 3, 8 and 20 of 128 tokens
@@ -97,12 +109,9 @@ def test_unequal_weights_give_identical_results_equal_to_the_weighted_mean(codec
     finally:
         for t in transports:
             t.averager.shutdown()
-        for n in nodes:
-            n.shutdown()
 
 
-def test_a_member_of_another_round_is_kept_out_of_the_group() -> None:
-    nodes = _nodes(3)
+def test_a_member_of_another_round_is_kept_out_of_the_group(nodes: list[SwarmNode]) -> None:
     transports = [_transport(n, "stale_global") for n in nodes]
     transports[2].timeout = 5.0  # the stalled one finds no group: it gives up sooner
     try:
@@ -121,18 +130,18 @@ def test_a_member_of_another_round_is_kept_out_of_the_group() -> None:
     finally:
         for t in transports:
             t.averager.shutdown()
-        for n in nodes:
-            n.shutdown()
 
 
-def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times() -> None:
+def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times(
+    nodes: list[SwarmNode],
+) -> None:
     import hashlib
     import json
 
     from protocols import swarm
     from protocols.transfer import TransferError, _write_frame
 
-    server, client = _nodes(2)
+    server, client = nodes[:2]
     data = b"contribution bytes" * 1000
     server.blobs.publish("blob", data)
     wanted = {server.peer_id: ("blob", hashlib.sha256(data).hexdigest(), len(data))}
@@ -155,5 +164,5 @@ def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times() -
         assert isinstance(failed, TransferError) and "ended early" in str(failed)
         assert cuts["left"] == 0
     finally:
-        client.shutdown()
-        server.shutdown()
+        server.blobs._send = send
+        server.blobs.unpublish("blob")

@@ -286,38 +286,6 @@ def test_bad_inputs_are_one_clear_line(
         assert expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
 
 
-def test_ctrl_c_leaves_cleanly_and_coordinator_leaves_no_process(tmp_path: Path) -> None:
-    swarm = Swarm(tmp_path, run_id="itest-sigint")
-    try:
-        swarm.start_coordinator()
-        swarm.join("v0", "dates", 1000)
-        swarm.join("v1", "code", 1000)
-        _wait_rounds(tmp_path / "v0", 1, 180)
-        for name in ("v0", "v1", "coord"):
-            os.killpg(swarm.procs[name].pid, signal.SIGINT)  # what a terminal's Ctrl+C does
-        for name in ("v0", "v1", "coord"):
-            assert swarm.wait(name, 60) == 0, swarm.log(name)
-            assert "Traceback" not in swarm.log(name)
-        time.sleep(1)
-        assert all(_group_gone(swarm.procs[n].pid) for n in ("v0", "v1", "coord"))
-    finally:
-        swarm.close()
-
-
-def test_coordinator_keeps_its_peer_id_across_restarts(tmp_path: Path) -> None:
-    swarm = Swarm(tmp_path, run_id="itest-identity")
-    try:
-        first = swarm.start_coordinator()
-        swarm.kill("coord", signal.SIGTERM)
-        (tmp_path / "addr.txt").unlink()
-        second = swarm.start_coordinator()
-        peer_id = first.rsplit("/p2p/", 1)[1]
-        assert "/p2p/" in first and second.rsplit("/p2p/", 1)[1] == peer_id
-        assert "--initial-peers" in swarm.log("coord") and peer_id in swarm.log("coord")
-    finally:
-        swarm.close()
-
-
 GHBM_CONFIG = """run_id: itest-ghbm
 inner: {steps: 10, batch_size: 8, seq_len: 48}
 outer: {name: ghbm, tau: 2}
@@ -325,10 +293,11 @@ averaging: {matchmaking_time: 2.0}
 """
 
 
-def test_ghbm_ring_reaches_a_late_joiner_and_overlapped_members_agree_on_real_peers(
+def test_ghbm_ring_reaches_a_late_joiner_overlapped_members_agree_and_ctrl_c_ends_all(
     tmp_path: Path,
 ) -> None:
-    # v0 and the late joiner overlap communication with compute, v1 runs synchronous rounds
+    # v0 and the late joiner overlap communication with compute, v1 runs synchronous rounds;
+    # at the end a terminal's Ctrl+C (SIGINT to each process group) ends every peer cleanly
     swarm = Swarm(tmp_path, config_text=GHBM_CONFIG)
     try:
         swarm.start_coordinator()
@@ -345,9 +314,13 @@ def test_ghbm_ring_reaches_a_late_joiner_and_overlapped_members_agree_on_real_pe
         assert all(r["tau"] == 2 for r in reports) and "ghbm tau 2" in swarm.log("late")
         state = decode_state((tmp_path / "late" / "state.safetensors").read_bytes())
         assert len(state.outer_state["history"]) == 3
-        for name in ("v0", "v1"):
-            os.killpg(swarm.procs[name].pid, signal.SIGINT)
-        assert [swarm.wait(n, 60) for n in ("v0", "v1")] == [0, 0]
+        peers = ("v0", "v1", "coord")
+        for name in peers:
+            os.killpg(swarm.procs[name].pid, signal.SIGINT)  # what a terminal's Ctrl+C does
+        assert [swarm.wait(n, 60) for n in peers] == [0, 0, 0], [swarm.log(n) for n in peers]
+        assert not any("Traceback" in swarm.log(n) for n in (*peers, "late"))
+        time.sleep(1)
+        assert all(_group_gone(swarm.procs[n].pid) for n in (*peers, "late"))
         overlapped = {r["round"]: r for r in _reports(tmp_path / "v0")}
         synchronous = {r["round"]: r for r in _reports(tmp_path / "v1")}
         assert all(r["overlapped"] for r in overlapped.values())

@@ -230,3 +230,30 @@ def test_ffa_lora_trains_and_sends_only_b_while_a_stays_the_shared_seeded_one():
         assert all(torch.equal(tensors[k], a_before[k]) for k in a_before)
     with pytest.raises(ConfigError, match="freeze_a cannot be combined with clustering"):
         parse_config({"lora": {"freeze_a": True}, "clustering": {"enabled": True}})
+
+
+def test_saving_an_adapter_asks_the_hub_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PEFT's default ("auto") asks the Hugging Face Hub about the base model's config.json on
+    # every save: a network call at run time (and a stall where DNS times out)
+    import huggingface_hub
+
+    from node.adapters.adapter import adapter_tensors
+    from node.config import parse_config
+    from node.local.build import build_local_model
+
+    asked: list[tuple[object, ...]] = []
+
+    def no_network(*args: object, **kwargs: object) -> bool:
+        asked.append(args)  # (PEFT catches whatever this raises: record the call instead)
+        return False
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "file_exists", no_network)
+    monkeypatch.setattr("peft.utils.other.file_exists", no_network, raising=False)
+    config = parse_config({"run_id": "offline-test", "inner": {"batch_size": 4, "seq_len": 32}})
+    local = build_local_model(config, "builtin:arithmetic", data_seed=1)
+    # as in a pulled or merged adapter: the base named by its run name, not by a local dir
+    local.model.peft_config["default"].base_model_name_or_path = "embedded"
+    tensors = adapter_tensors(local.model)
+    assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
+    assert asked == []
