@@ -1,16 +1,25 @@
-"""Start real swarmtune processes on 127.0.0.1 and always end them (by PID / process group)."""
+"""Start real swarmtune processes on 127.0.0.1 and always end them (by PID / process group).
+
+Processes come from tests/integration/zygote.py, which imports the CLI's dependencies once and
+forks a fresh command per request (a swarm's start-up was mostly those imports, repeated per
+process). `Swarm(..., forked=False)` runs `python -m cli` itself instead, as a user does.
+"""
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parents[2]
 # as the CLI does: plain PEFT loads below must not ask the Hugging Face Hub about "embedded"
@@ -21,30 +30,124 @@ averaging: {{matchmaking_time: 2.0}}
 """
 
 
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+class Proc(Protocol):
+    """What the tests use of a process: subprocess.Popen, or a ForkedProc."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class ForkedProc:
+    """A command the zygote forked: Popen's poll/wait, from the exit file the zygote writes."""
+
+    def __init__(self, pid: int, exit_file: Path, args: list[str]) -> None:
+        self.pid, self.exit_file, self.args = pid, exit_file, args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.exit_file.exists():
+            self.returncode = int(self.exit_file.read_text())
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            time.sleep(0.05)
+        assert self.returncode is not None
+        return self.returncode
+
+
+class Zygote:
+    """The one zygote.py server of this test session, started on first use."""
+
+    _lock = threading.Lock()
+    _server: subprocess.Popen[str] | None = None
+
+    @classmethod
+    def fork(cls, args: list[str], stdout: Path, stderr: Path, exit_file: Path) -> ForkedProc:
+        """Start `swarmtune ARGS` (output appended to stdout/stderr) in its own session."""
+        with cls._lock:
+            server = cls._started()
+            request = {"argv": args, "env": ENV, "stdout": str(stdout), "stderr": str(stderr)}
+            assert server.stdin is not None and server.stdout is not None
+            server.stdin.write(json.dumps({**request, "exit": str(exit_file)}) + "\n")
+            server.stdin.flush()
+            answer = server.stdout.readline()
+            assert answer, "the zygote died: see its log in the temp dir"
+            return ForkedProc(json.loads(answer)["pid"], exit_file, args)
+
+    @classmethod
+    def _started(cls) -> subprocess.Popen[str]:
+        if cls._server is None or cls._server.poll() is not None:
+            log = open(Path(tempfile.mkdtemp(prefix="swarmtune-zygote-")) / "zygote.log", "ab")
+            cls._server = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("zygote.py"))],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=ENV,
+                text=True,
+                start_new_session=True,
+            )
+            assert cls._server.stdout is not None
+            ready = cls._server.stdout.readline()
+            assert ready, f"the zygote did not start: see {log.name}"
+            atexit.register(cls._stop, cls._server)
+        return cls._server
+
+    @staticmethod
+    def _stop(server: subprocess.Popen[str]) -> None:
+        if server.poll() is None:
+            assert server.stdin is not None
+            server.stdin.close()  # end of requests: it exits
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
 class Swarm:
     """A coordinator and volunteers as separate processes, each in its own process group."""
 
     def __init__(
-        self, tmp: Path, run_id: str = "itest-run", config_text: str | None = None
+        self,
+        tmp: Path,
+        run_id: str = "itest-run",
+        config_text: str | None = None,
+        forked: bool = True,
     ) -> None:
         self.tmp = tmp
         self.config = tmp / "run.yaml"
         self.config.write_text(config_text or FAST_CONFIG.format(run_id=run_id))
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, Proc] = {}
         self.maddr = ""
+        self.forked = forked
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """Run `python -m cli ARGS` with output to tmp/NAME.log."""
-        log = open(self.tmp / f"{name}.log", "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", *args],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    def spawn(self, name: str, *args: str, forked: bool | None = None) -> Proc:
+        """Run `swarmtune ARGS` with output to tmp/NAME.log (`forked` overrides the swarm's)."""
+        path = self.tmp / f"{name}.log"
+        proc: Proc
+        if self.forked if forked is None else forked:
+            exit_file = self.tmp / f".{name}.{len(self.procs)}.{time.monotonic_ns()}.exit"
+            proc = Zygote.fork(list(args), path, path, exit_file)
+        else:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cli", *args],
+                cwd=ROOT,
+                stdout=open(path, "ab"),  # noqa: SIM115 - the child holds it
+                stderr=subprocess.STDOUT,
+                env=ENV,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
@@ -70,7 +173,9 @@ class Swarm:
         self.maddr = addr.read_text().split()[0]
         return self.maddr
 
-    def join(self, name: str, task: str, rounds: int, *extra: str) -> subprocess.Popen[bytes]:
+    def join(
+        self, name: str, task: str, rounds: int, *extra: str, forked: bool | None = None
+    ) -> Proc:
         """Start a volunteer on a built-in task."""
         return self.spawn(
             name,
@@ -86,18 +191,34 @@ class Swarm:
             "--threads",
             "1",
             *extra,
+            forked=forked,
         )
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run a short CLI command to completion."""
-        return subprocess.run(
-            [sys.executable, "-m", "cli", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        if not self.forked:
+            return subprocess.run(
+                [sys.executable, "-m", "cli", *args],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=ENV,
+            )
+        with tempfile.TemporaryDirectory(prefix="swarmtune-cli-") as out:
+            stdout, stderr = Path(out) / "stdout", Path(out) / "stderr"
+            proc = Zygote.fork(list(args), stdout, stderr, Path(out) / "exit")
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+            return subprocess.CompletedProcess(
+                list(args),
+                code,
+                stdout.read_text(errors="replace"),
+                stderr.read_text(errors="replace"),
+            )
 
     def cli_many(
         self, *commands: tuple[str, ...], timeout: float = 120

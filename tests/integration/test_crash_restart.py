@@ -120,7 +120,9 @@ def test_sigkilled_peers_leave_no_process_and_resume_at_once_with_their_identity
     survivors: list[psutil.Process] = []
     try:
         first = swarm.start_coordinator()
-        swarm.join("v0", "arithmetic", 1000)
+        # v0 is `python -m cli` as a user starts it (not forked from the test zygote): its
+        # helper processes must die with that process
+        swarm.join("v0", "arithmetic", 1000, forked=False)
         swarm.join("v1", "dates", 1000)  # goes on while v0 is dead, so v0 must catch up
         _wait_rounds(swarm, "v0", 1, 120)
         survivors = _sigkill_main_only(swarm, "v0")
