@@ -33,10 +33,11 @@ class LoraSettings(_Strict):
 
 
 class InnerSettings(_Strict):
-    """Local AdamW steps between outer steps (DiLoCo H)."""
+    """Local AdamW steps between outer steps (DiLoCo H); plain SGD as a study control."""
 
     steps: int = Field(20, ge=1, le=100_000)
-    lr: float = Field(3e-3, gt=0, le=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0, le=10)
     weight_decay: float = Field(0.0, ge=0, le=1)
     batch_size: int = Field(8, ge=1, le=4096)
     seq_len: int = Field(64, ge=8, le=8192)
@@ -234,6 +235,9 @@ class HeterogeneitySettings(_Strict):
 
     kind: Literal["task", "dirichlet", "iid"] = "task"
     alpha: float = Field(0.5, gt=0, le=1000)
+    # a client's mixture weights are shares of its texts, or of its tokens (tasks' texts differ
+    # in length, so equal text counts are not an equal share of the training stream)
+    balance: Literal["texts", "tokens"] = "texts"
 
 
 class SimConfig(_Strict):

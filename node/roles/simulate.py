@@ -99,6 +99,22 @@ def task_mixtures(config: SimConfig, tasks: list[str], seed: int) -> list[dict[s
     return mixtures
 
 
+def text_shares(mixture: dict[str, float], tokens_per_text: dict[str, float]) -> dict[str, float]:
+    """The text shares that make `mixture` the tasks' shares of tokens: a task whose texts are
+    twice as long gets half the texts per unit of weight."""
+    scaled = {t: w / tokens_per_text[t] for t, w in mixture.items()}
+    total = sum(scaled.values())
+    return {t: v / total for t, v in scaled.items()}
+
+
+def mean_tokens(tasks: list[str], tokenizer: Any, sample: int = 64) -> dict[str, float]:
+    """Mean token count of a built-in task's texts (EOS included, as in the stream)."""
+    return {
+        t: 1.0 + sum(len(tokenizer(x)["input_ids"]) for x in builtin_texts(t, sample, 7)) / sample
+        for t in tasks
+    }
+
+
 def client_texts(mixture: dict[str, float], n: int, client_seed: int) -> list[str]:
     """n built-in texts split across tasks by the mixture (at least one text per listed task)."""
     texts: list[str] = []
@@ -119,12 +135,17 @@ class Simulation:
         targets = resolve_target_modules(run, base)
         model = attach_lora(base, run.lora, targets, seed=run.seed)
         inner = run.inner
+        mixtures = task_mixtures(config, self.tasks, seed)
+        shares = mixtures  # of texts; with balance "tokens" the mixtures are shares of tokens
+        if config.heterogeneity.balance == "tokens":
+            lengths = mean_tokens(self.tasks, tokenizer)
+            shares = [text_shares(m, lengths) for m in mixtures]
         self.clients = [
             Client(
                 f"c{c}",
                 mixture,
                 TokenBatcher(
-                    client_texts(mixture, config.texts_per_client, seed * 100_003 + c),
+                    client_texts(shares[c], config.texts_per_client, seed * 100_003 + c),
                     tokenizer,
                     inner.seq_len,
                     inner.batch_size,
@@ -132,7 +153,7 @@ class Simulation:
                 ),
                 make_peer_momentum(run.outer.name, run.outer.effective_momentum, run.outer.tau),
             )
-            for c, mixture in enumerate(task_mixtures(config, self.tasks, seed))
+            for c, mixture in enumerate(mixtures)
         ]
         self.trainer = InnerTrainer(model, inner, self.clients[0].batches)
         self.eval_sets = {

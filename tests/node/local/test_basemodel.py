@@ -257,3 +257,20 @@ def test_saving_an_adapter_asks_the_hub_nothing(monkeypatch: pytest.MonkeyPatch)
     tensors = adapter_tensors(local.model)
     assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
     assert asked == []
+
+
+def test_plain_sgd_inner_steps_are_a_working_control() -> None:
+    from node.config import parse_config
+    from node.local.build import build_local_model
+
+    config = parse_config(
+        {
+            "run_id": "sgd-test",
+            "inner": {"optimizer": "sgd", "lr": 0.2, "batch_size": 4, "seq_len": 32},
+        }
+    )
+    local = build_local_model(config, "builtin:arithmetic", data_seed=1)
+    assert type(local.trainer.optimizer) is torch.optim.SGD
+    before = local.eval_loss()
+    local.trainer.train_steps(20)
+    assert local.eval_loss() < before - 0.05

@@ -146,3 +146,30 @@ def test_a_short_seeded_run_matches_its_stored_losses() -> None:
     for (_, ev, tr), (_, ev_ref, tr_ref) in zip(losses, stored["rows"], strict=True):
         assert abs(ev - ev_ref) <= 1e-4
         assert (tr is None) == (tr_ref is None) and (tr is None or abs(tr - tr_ref) <= 1e-4)
+
+
+def test_a_token_balanced_iid_split_gives_every_task_an_equal_share_of_tokens() -> None:
+    from node.local.basemodel import ASSET_DIR, load_tokenizer
+    from node.roles.simulate import mean_tokens, text_shares
+
+    tokenizer = load_tokenizer(ASSET_DIR)
+    lengths = mean_tokens(TASKS, tokenizer)
+    assert max(lengths.values()) > 1.5 * min(lengths.values())  # texts differ: it matters
+    uniform = {t: 0.2 for t in TASKS}
+    shares = text_shares(uniform, lengths)
+    texts = client_texts(shares, 2000, client_seed=3)
+    tokens = {t: 0 for t in TASKS}
+    counts = {t: 0 for t in TASKS}
+    for task in TASKS:  # which task each text came from: the generators are seeded per task
+        own = set(client_texts({task: 1.0}, 2000, client_seed=3))
+        for text in texts:
+            if text in own:
+                counts[task] += 1
+                tokens[task] += len(tokenizer(text)["input_ids"]) + 1
+    total = sum(tokens.values())
+    # a share of 2000 texts sampled from each task: a few percent from sampling noise
+    assert all(abs(tokens[t] / total - 0.2) < 0.03 for t in TASKS), tokens
+    by_count = {t: counts[t] / sum(counts.values()) for t in TASKS}
+    assert max(by_count.values()) - min(by_count.values()) > 0.1  # unlike an equal text split
+    config = _config(heterogeneity={"kind": "iid", "balance": "tokens"}, clients=2, rounds=1)
+    assert Simulation(config, 0).clients[0].mixture == uniform  # reported as token shares
