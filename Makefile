@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench bench-ghbm bench-clusters bench-attacks bench-overlap clean
+.PHONY: install demo test test-fast lint bench bench-ghbm bench-clusters bench-attacks bench-overlap bench-outer clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-clusters: $(STAMP)
 
 bench-attacks: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/attacks.py
+
+# the outer-optimizer study (bench/outer_study.py; --quick for a small budget)
+bench-outer: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/outer_study.py
 
 # MODEL=DIR also measures a local HF model dir (README, "Base model")
 bench-overlap: $(STAMP)

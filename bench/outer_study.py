@@ -1,0 +1,518 @@
+"""Outer-optimizer study (issue #12): where server momentum pays off for LoRA with AdamW inner
+steps, one factor at a time around a central setting, with the server lr tuned per method on a
+held-out seed; and how far averaging the LoRA factors is from averaging the updates.
+
+Every run is `node.roles.simulate.Simulation` (the daemon's round code on the in-memory
+transport), in parallel worker processes (1 torch thread each).
+
+    .venv/bin/python bench/outer_study.py            # the study (make bench-outer)
+    .venv/bin/python bench/outer_study.py --quick    # the same code on a small budget
+    .venv/bin/python bench/outer_study.py --part lora-error   # only the factor-average error
+
+Writes bench/out/outer[/quick]/results.json, bench/outer.png and bench/lora_error.png, and the
+`outer-study` section of bench/RESULTS.md (not in --quick mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from results_md import replace_section  # noqa: E402
+
+from node.config import SimConfig  # noqa: E402
+from node.engine.transport import AveragingFailed, GroupResult  # noqa: E402
+from node.roles.simulate import Simulation  # noqa: E402
+
+OUT = ROOT / "bench" / "out" / "outer"
+TUNE_SEED = 100  # held out: only the lr choice sees it
+EVAL_SEEDS = [0, 1, 2]
+BASE: dict[
+    str, Any
+] = {  # the central setting: few volunteers, partial participation, one task each
+    "clients": 10,
+    "participation": 0.3,
+    "steps": 5,
+    "heterogeneity": {"kind": "task"},
+    "inner": {"optimizer": "adamw", "lr": 0.003},
+}
+SETTINGS: dict[str, dict[str, Any]] = {  # one factor at a time around BASE
+    "center": {},
+    "H=20": {"steps": 20},
+    "H=50": {"steps": 50},
+    "dirichlet 0.1": {"heterogeneity": {"kind": "dirichlet", "alpha": 0.1}},
+    "dirichlet 1": {"heterogeneity": {"kind": "dirichlet", "alpha": 1.0}},
+    "iid (tokens)": {"heterogeneity": {"kind": "iid", "balance": "tokens"}},
+    "C=0.1": {"clients": 20, "participation": 0.1},  # 2 per round
+    "SGD inner": {"inner": {"optimizer": "sgd", "lr": 0.2}},
+}
+# Three methods, for the budget: plain averaging, DiLoCo's default, and GHBM with tau = 1/C.
+# (FedHBM and LocalGHBM tracked GHBM within noise in bench/ghbm_bench.py and in a quick run.)
+METHODS: dict[str, dict[str, Any]] = {
+    "FedAvg": {"name": "fedavg"},
+    "Nesterov": {"name": "nesterov", "momentum": 0.9},
+    "GHBM": {"name": "ghbm", "momentum": 0.9},
+}
+LR_GRID = {
+    "FedAvg": [0.5, 1.0, 2.0],
+    "Nesterov": [0.1, 0.3, 0.7],
+    "GHBM": [0.03, 0.1, 0.3],  # momentum 0.9: a step of lr / (1 - 0.9) once it has built up
+}
+# H=50 costs 10x the central setting per run: only plain averaging against GHBM there
+SETTING_METHODS = {"H=50": ["FedAvg", "GHBM"]}
+
+
+def methods_for(setting: str) -> list[str]:
+    return SETTING_METHODS.get(setting, list(METHODS))
+
+
+ERROR_H = [5, 20, 50]
+ERROR_SPLITS = ["center", "dirichlet 0.1", "dirichlet 1", "iid (tokens)"]
+
+
+def sim_config(setting: str, method: str, lr: float, seed: int, budget: dict) -> dict:
+    """The SimConfig (as a dict) of one run."""
+    s = {**BASE, **SETTINGS[setting]}
+    inner = {**BASE["inner"], **SETTINGS[setting].get("inner", {})}
+    outer = {**METHODS[method], "lr": lr}
+    if method == "GHBM":
+        outer["tau"] = max(1, round(1 / s["participation"]))
+    rounds = math.ceil(budget["participations"] / s["participation"])
+    config = {
+        "run": {
+            "run_id": "outer-study",
+            "inner": {"steps": s["steps"], "batch_size": 4, "seq_len": 32, **inner},
+            "outer": outer,
+        },
+        "clients": s["clients"],
+        "participation": s["participation"],
+        "heterogeneity": s["heterogeneity"],
+        "rounds": rounds,
+        "seeds": [seed],
+        "texts_per_client": 200,
+        "eval_every": max(1, rounds // budget["evals"]),
+    }
+    return SimConfig.model_validate(config).model_dump()
+
+
+def run_job(config: dict) -> dict:
+    """One run in a worker process: its rows, wall time and participations per client."""
+    import torch
+
+    torch.set_num_threads(1)
+    sim = Simulation(SimConfig.model_validate(config), config["seeds"][0])
+    result = sim.run()
+    joined = [c.rounds_joined for c in sim.clients]
+    params = sum(v.numel() for v in sim.state.params.values())
+    return {"rows": result.rows, "seconds": result.seconds, "joined": joined, "params": params}
+
+
+class FactorErrorSimulation(Simulation):
+    """FedAvg rounds that also measure, every round, || mean(B_i) mean(A_i) - mean(B_i A_i) ||_F
+    over || mean(B_i A_i) - B_0 A_0 ||_F (summed over LoRA modules): how far averaging the
+    factors, as the round does, is from averaging the members' weight updates."""
+
+    def __init__(self, config: SimConfig, seed: int) -> None:
+        super().__init__(config, seed)
+        self.errors: list[float] = []
+
+    def gather(self, updates: list[Any]) -> GroupResult | AveragingFailed:
+        if len(updates) >= 2:
+            self.errors.append(factor_error(self.state.params, [u.delta for u in updates]))
+        return super().gather(updates)
+
+
+def error_job(config: dict) -> dict:
+    """One FactorErrorSimulation run in a worker process."""
+    import torch
+
+    torch.set_num_threads(1)
+    sim = FactorErrorSimulation(SimConfig.model_validate(config), config["seeds"][0])
+    result = sim.run()
+    return {"rows": result.rows, "seconds": result.seconds, "errors": sim.errors}
+
+
+def factor_error(start: dict, deltas: list[dict]) -> float:
+    """Relative Frobenius error of the factor average against the mean of dW, equal weights,
+    in float64. Members' factors are start - delta (delta = start - end, the pseudo-gradient)."""
+    import torch
+
+    gap, size = 0.0, 0.0
+    for name_a in (k for k in start if ".lora_A." in k):
+        name_b = name_a.replace(".lora_A.", ".lora_B.")
+        a0, b0 = start[name_a].double(), start[name_b].double()
+        a_s = [a0 - d[name_a].double() for d in deltas]
+        b_s = [b0 - d[name_b].double() for d in deltas]
+        exact = torch.stack([b @ a for a, b in zip(a_s, b_s, strict=True)]).mean(0)
+        factored = torch.stack(b_s).mean(0) @ torch.stack(a_s).mean(0)
+        gap += float((factored - exact).pow(2).sum())
+        size += float((exact - b0 @ a0).pow(2).sum())
+    return math.sqrt(gap / size) if size > 0 else 0.0
+
+
+def run_pool(jobs: list[tuple[Any, dict]], fn: Any, workers: int, what: str) -> dict:
+    """key -> fn(config) for every (key, config), in `workers` processes, one line per run."""
+    results: dict = {}
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(fn, config): key for key, config in jobs}
+        for done, future in enumerate(as_completed(futures), start=1):
+            key = futures[future]
+            results[key] = out = future.result()
+            elapsed = time.perf_counter() - started
+            final = out["rows"][-1]["eval_loss"]
+            print(
+                f"[{what} {done}/{len(jobs)}] {' | '.join(map(str, key))}: final eval {final:.4f}"
+                f" ({out['seconds']:.0f}s; {elapsed / 60:.1f} min, "
+                f"~{elapsed / done * (len(jobs) - done) / 60:.1f} min left)",
+                flush=True,
+            )
+    return results
+
+
+def diverged(rows: list[dict]) -> bool:
+    """Final eval loss not finite, or 1.5x the starting loss."""
+    final = rows[-1]["eval_loss"]
+    return not math.isfinite(final) or final > 1.5 * rows[0]["eval_loss"]
+
+
+def tail_loss(rows: list[dict]) -> float:
+    """Mean eval loss of the last two evaluations (less noisy than the last one alone)."""
+    values = [r["eval_loss"] for r in rows[-2:]]
+    return sum(values) / len(values)
+
+
+def tune(budget: dict, workers: int) -> tuple[dict[str, float], dict]:
+    """Server lr per method: the lowest tail loss on the held-out seed, central setting."""
+    jobs = [
+        ((method, lr), sim_config("center", method, lr, TUNE_SEED, budget))
+        for method, lrs in LR_GRID.items()
+        for lr in lrs
+    ]
+    results = run_pool(jobs, run_job, workers, "tune")
+    chosen = {
+        method: min(lrs, key=lambda lr, m=method: _key(results[(m, lr)]["rows"]))
+        for method, lrs in LR_GRID.items()
+    }
+    return chosen, {f"{m}|{lr}": r for (m, lr), r in results.items()}
+
+
+def _key(rows: list[dict]) -> float:
+    loss = tail_loss(rows)
+    return loss if math.isfinite(loss) else float("inf")
+
+
+def evaluate(chosen: dict[str, float], budget: dict, workers: int) -> dict:
+    jobs = [
+        ((setting, method, seed), sim_config(setting, method, chosen[method], seed, budget))
+        for setting in budget["settings"]
+        for method in methods_for(setting)
+        for seed in budget["seeds"]
+    ]
+    results = run_pool(jobs, run_job, workers, "eval")
+    return {f"{s}|{m}|{seed}": r for (s, m, seed), r in results.items()}
+
+
+def measure_errors(budget: dict, workers: int) -> dict:
+    jobs = []
+    for split in ERROR_SPLITS:
+        for h in budget["error_h"]:
+            config = sim_config(split, "FedAvg", 1.0, 0, {**budget, "participations": 1})
+            config["run"]["inner"]["steps"] = h
+            config["rounds"] = budget["error_rounds"]
+            config["eval_every"] = budget["error_rounds"]
+            jobs.append(((split, h), config))
+    results = run_pool(jobs, error_job, workers, "lora-error")
+    return {f"{s}|{h}": r for (s, h), r in results.items()}
+
+
+def summarize(runs: dict, chosen: dict, budget: dict) -> dict:
+    """Per setting and method: final loss mean/std, rounds and MB to FedAvg's final loss,
+    divergence and participations."""
+    table: dict[str, list[dict]] = {}
+    for setting in (s for s in SETTINGS if f"{s}|FedAvg|{budget['seeds'][0]}" in runs):
+        fedavg = [runs[f"{setting}|FedAvg|{s}"] for s in budget["seeds"]]
+        target = statistics.mean(r["rows"][-1]["eval_loss"] for r in fedavg)
+        rows = []
+        for method in methods_for(setting):
+            group = [runs[f"{setting}|{method}|{s}"] for s in budget["seeds"]]
+            finals = [r["rows"][-1]["eval_loss"] for r in group]
+            config = sim_config(setting, method, chosen[method], 0, budget)
+            members = max(1, round(config["participation"] * config["clients"]))
+            mb_round = members * (members - 1) * group[0]["params"] * 4 / 1e6  # fp32 all-gather
+            reached = [
+                next(
+                    (int(x["round"]) for x in r["rows"] if x["round"] and x["eval_loss"] <= target),
+                    None,
+                )
+                for r in group
+            ]
+            rows.append(
+                {
+                    "method": method,
+                    "lr": chosen[method],
+                    "mean": statistics.mean(finals),
+                    "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                    "rounds_to_fedavg": reached,
+                    "mb_per_round": mb_round,
+                    "diverged": sum(diverged(r["rows"]) for r in group),
+                    "min_joined": min(min(r["joined"]) for r in group),
+                    "rounds": config["rounds"],
+                    "target": target,
+                    "start": group[0]["rows"][0]["eval_loss"],
+                }
+            )
+        table[setting] = rows
+    return table
+
+
+def _rounds_text(row: dict) -> str:
+    hits = [r for r in row["rounds_to_fedavg"] if r is not None]
+    if not hits:
+        return "not reached | -"
+    mean = statistics.mean(hits)
+    spread = f" [{min(hits)}-{max(hits)}]" if len(hits) > 1 else ""
+    missing = "" if len(hits) == len(row["rounds_to_fedavg"]) else f" ({len(hits)}/3 seeds)"
+    mb = mean * row["mb_per_round"]
+    return f"{mean:.0f}{spread}{missing} | {mb:.0f} MB ({mean / row['rounds']:.2f}x)"
+
+
+def plot(runs: dict, budget: dict, path: Path) -> None:
+    """Loss against rounds and against bytes, one panel pair per setting (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [s for s in SETTINGS if f"{s}|FedAvg|{budget['seeds'][0]}" in runs]
+    fig, axes = plt.subplots(2, len(settings), figsize=(4.2 * len(settings), 7), squeeze=False)
+    for col, setting in enumerate(settings):
+        for method in methods_for(setting):
+            group = [runs[f"{setting}|{method}|{s}"] for s in budget["seeds"]]
+            rounds = [x["round"] for x in group[0]["rows"]]
+            mean = [
+                statistics.mean(r["rows"][i]["eval_loss"] for r in group)
+                for i in range(len(rounds))
+            ]
+            config = sim_config(setting, method, 1.0, 0, budget)
+            members = max(1, round(config["participation"] * config["clients"]))
+            mb = [x * members * (members - 1) * group[0]["params"] * 4 / 1e6 for x in rounds]
+            axes[0][col].plot(rounds, mean, label=method)
+            axes[1][col].plot(mb, mean, label=method)
+        axes[0][col].set_title(setting, fontsize=9)
+        axes[0][col].set_xlabel("round")
+        axes[1][col].set_xlabel("MB sent by all members")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("eval loss (mean of seeds)")
+    axes[1][0].set_ylabel("eval loss (mean of seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_errors(errors: dict, budget: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for split in ERROR_SPLITS:
+        for h in budget["error_h"]:
+            values = errors[f"{split}|{h}"]["errors"]
+            ax.plot(range(1, len(values) + 1), values, label=f"{split}, H={h}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("||mean(B)mean(A) - mean(BA)|| / ||mean(BA) - B0A0||")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render(table: dict, tuning: dict, chosen: dict, errors: dict, budget: dict, meta: dict) -> str:
+    """The RESULTS.md section, from measured numbers only."""
+    lines = [
+        "## Outer-optimizer study: where momentum pays off for LoRA (bench/outer_study.py)",
+        "",
+        f"Measured on {meta['machine']}, {meta['workers']} worker processes; wall minutes by"
+        f" invocation: {_minutes(meta)}. Reproduce: `{meta['command']}` (the whole study) or"
+        " `.venv/bin/python bench/outer_study.py --settings NAME,...` (some settings, joined to"
+        " the saved runs).",
+        "",
+        f"Central setting: K = {BASE['clients']} simulated clients, C = {BASE['participation']},"
+        f" one task per client, H = {BASE['steps']} inner AdamW steps (lr"
+        f" {BASE['inner']['lr']}, batch 4x32 tokens), LoRA r = 8 on the embedded tiny Llama."
+        f" Rounds = {budget['participations']}/C, so a client takes part"
+        f" {budget['participations']} times on average (the least-sampled client's count is in"
+        " the tables). Each row changes one factor. Server lr tuned per method on held-out seed"
+        f" {TUNE_SEED} in the central setting, then fixed; evaluated on seeds {budget['seeds']}."
+        " GHBM uses tau = 1/C. Diverged: final eval loss 1.5x the start or not finite. MB = fp32 deltas sent by all members of a round's"
+        " all-gather, summed to the round where the method first reached FedAvg's mean final"
+        " eval loss.",
+        "",
+        "### Server lr tuning (central setting, seed 100): tail eval loss per lr",
+        "",
+        "| method | " + " | ".join(f"lr {i + 1}: tail loss" for i in range(3)) + " | chosen |",
+        "|---|---|---|---|---|",
+    ]
+    for method, lrs in LR_GRID.items():
+        cells = []
+        for lr in lrs:
+            rows = tuning[f"{method}|{lr}"]["rows"]
+            mark = " (diverged)" if diverged(rows) else ""
+            cells.append(f"{lr}: {tail_loss(rows):.4f}{mark}")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen[method]} |")
+    lines.append("")
+    for setting, rows in table.items():
+        first = rows[0]
+        lines += [
+            f"### {setting}: {first['rounds']} rounds, start {first['start']:.4f},"
+            f" FedAvg's final {first['target']:.4f}",
+            "",
+            "| method (lr) | final eval loss (mean ± std) | rounds to FedAvg's final [range] |"
+            " MB to it (share of the run) | diverged | least participations |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['method']} ({r['lr']}) | {r['mean']:.4f} ± {r['std']:.4f} |"
+                f" {_rounds_text(r)} | {r['diverged']}/3 | {r['min_joined']} |"
+            )
+        lines.append("")
+    lines += ["![loss against rounds and against bytes](outer.png)", ""]
+    if errors:
+        lines += [
+            "### Averaging the factors is not averaging the updates",
+            "",
+            "FedAvg rounds (seed 0, K = 10, C = 0.3); per round, the relative Frobenius error"
+            " || mean(B_i) mean(A_i) - mean(B_i A_i) || / || mean(B_i A_i) - B_0 A_0 || over all"
+            " LoRA modules. Mean over rounds (first round / last round):",
+            "",
+            "| split | " + " | ".join(f"H={h}" for h in budget["error_h"]) + " |",
+            "|---|" + "---|" * len(budget["error_h"]),
+        ]
+        for split in ERROR_SPLITS:
+            cells = []
+            for h in budget["error_h"]:
+                values = errors[f"{split}|{h}"]["errors"]
+                cells.append(f"{statistics.mean(values):.4f} ({values[0]:.4f} / {values[-1]:.4f})")
+            lines.append(f"| {split} | " + " | ".join(cells) + " |")
+        lines += ["", "![factor-average error per round](lora_error.png)", ""]
+    return "\n".join(lines)
+
+
+FULL = {
+    "participations": 20,
+    "evals": 10,
+    "seeds": EVAL_SEEDS,
+    "settings": list(SETTINGS),
+    "error_h": ERROR_H,
+    "error_rounds": 15,
+}
+QUICK = {
+    "participations": 4,
+    "evals": 4,
+    "seeds": EVAL_SEEDS,
+    "settings": ["center", "H=20"],
+    "error_h": [5, 20],
+    "error_rounds": 4,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    parser.add_argument("--quick", action="store_true", help="small budget; RESULTS.md untouched")
+    parser.add_argument("--part", choices=["all", "study", "lora-error"], default="all")
+    parser.add_argument(
+        "--settings",
+        help=f"comma-separated subset of {list(SETTINGS)}; its runs join the saved ones",
+    )
+    parser.add_argument("--retune", action="store_true", help="tune again though lrs are saved")
+    args = parser.parse_args()
+    budget = dict(QUICK if args.quick else FULL)
+    if args.settings:
+        wanted = [x.strip() for x in args.settings.split(",")]
+        unknown = [x for x in wanted if x not in SETTINGS]
+        if unknown:
+            parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+        budget["settings"] = wanted
+    out = OUT / "quick" if args.quick else OUT
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    saved = (
+        json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    )
+    if args.part in ("all", "study"):
+        if "chosen" in saved and not args.retune:
+            chosen, tuning = saved["chosen"], saved["tuning"]
+            print(f"server lrs tuned before: {chosen} (--retune to tune again)", flush=True)
+        else:
+            chosen, tuning = tune(budget, args.workers)
+            print(f"chosen server lrs: {chosen}", flush=True)
+            saved["runs"] = {}  # runs with other lrs are not comparable
+        runs = {**saved.get("runs", {}), **evaluate(chosen, budget, args.workers)}
+        table = summarize(runs, chosen, budget)
+        plot(runs, budget, out / "outer.png" if args.quick else ROOT / "bench" / "outer.png")
+        saved.update({"chosen": chosen, "tuning": tuning, "runs": runs, "table": table})
+    if args.part in ("all", "lora-error"):
+        errors = measure_errors(budget, args.workers)
+        path = out / "lora_error.png" if args.quick else ROOT / "bench" / "lora_error.png"
+        plot_errors(errors, budget, path)
+        saved["errors"] = errors
+    minutes = dict(saved.get("meta", {}).get("minutes_by_part", {}))
+    part = args.part + (f" --settings {args.settings}" if args.settings else "")
+    minutes[part] = (time.perf_counter() - started) / 60
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {_torch_version()}",
+        "workers": args.workers,
+        "minutes_by_part": minutes,
+        "command": "make bench-outer" + (" (--quick)" if args.quick else ""),
+    }
+    saved["meta"] = meta
+    (out / "results.json").write_text(json.dumps(saved, indent=1, default=_plain))
+    if "table" not in saved:
+        print("the study part has not run yet: no table")
+        return
+    text = render(
+        saved["table"], saved["tuning"], saved["chosen"], saved.get("errors", {}), budget, meta
+    )
+    if not args.quick:
+        replace_section("outer-study", text)
+    print(text)
+
+
+def _minutes(meta: dict) -> str:
+    parts = meta["minutes_by_part"].items()
+    return ", ".join(f"{name}: {value:.1f}" for name, value in parts)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def _plain(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+if __name__ == "__main__":
+    main()
