@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 from results_md import replace_section  # noqa: E402
 
 from node.config import SimConfig  # noqa: E402
-from node.engine.transport import AveragingFailed, GroupResult  # noqa: E402
 from node.roles.simulate import Simulation  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "outer"
@@ -58,6 +57,9 @@ SETTINGS: dict[str, dict[str, Any]] = {  # one factor at a time around BASE
     "iid (tokens)": {"heterogeneity": {"kind": "iid", "balance": "tokens"}},
     "C=0.1": {"clients": 20, "participation": 0.1},  # 2 per round
     "SGD inner": {"inner": {"optimizer": "sgd", "lr": 0.2}},
+    # exact aggregation: A frozen at the shared seeded init, only B trained and averaged, so
+    # mean(B_i) A = mean(B_i A) (FFA-LoRA, arXiv 2403.12313); half the bytes
+    "FFA-LoRA": {"lora": {"freeze_a": True}},
 }
 # Three methods, for the budget: plain averaging, DiLoCo's default, and GHBM with tau = 1/C.
 # (FedHBM and LocalGHBM tracked GHBM within noise in bench/ghbm_bench.py and in a quick run.)
@@ -94,6 +96,7 @@ def sim_config(setting: str, method: str, lr: float, seed: int, budget: dict) ->
     config = {
         "run": {
             "run_id": "outer-study",
+            "lora": s.get("lora", {}),
             "inner": {"steps": s["steps"], "batch_size": 4, "seq_len": 32, **inner},
             "outer": outer,
         },
@@ -120,47 +123,18 @@ def run_job(config: dict) -> dict:
     return {"rows": result.rows, "seconds": result.seconds, "joined": joined, "params": params}
 
 
-class FactorErrorSimulation(Simulation):
-    """FedAvg rounds that also measure, every round, || mean(B_i) mean(A_i) - mean(B_i A_i) ||_F
-    over || mean(B_i A_i) - B_0 A_0 ||_F (summed over LoRA modules): how far averaging the
-    factors, as the round does, is from averaging the members' weight updates."""
-
-    def __init__(self, config: SimConfig, seed: int) -> None:
-        super().__init__(config, seed)
-        self.errors: list[float] = []
-
-    def gather(self, updates: list[Any]) -> GroupResult | AveragingFailed:
-        if len(updates) >= 2:
-            self.errors.append(factor_error(self.state.params, [u.delta for u in updates]))
-        return super().gather(updates)
-
-
 def error_job(config: dict) -> dict:
-    """One FactorErrorSimulation run in a worker process."""
+    """FedAvg rounds that also measure, per round, how far averaging the factors is from the
+    exact mean update (bench/ffa.py's MeasuredSimulation: aggregation/taskvec.py's
+    factor_average_error, the mean over LoRA modules)."""
     import torch
+    from ffa import MeasuredSimulation
 
     torch.set_num_threads(1)
-    sim = FactorErrorSimulation(SimConfig.model_validate(config), config["seeds"][0])
+    sim = MeasuredSimulation(SimConfig.model_validate(config), config["seeds"][0])
+    sim.errors = []
     result = sim.run()
     return {"rows": result.rows, "seconds": result.seconds, "errors": sim.errors}
-
-
-def factor_error(start: dict, deltas: list[dict]) -> float:
-    """Relative Frobenius error of the factor average against the mean of dW, equal weights,
-    in float64. Members' factors are start - delta (delta = start - end, the pseudo-gradient)."""
-    import torch
-
-    gap, size = 0.0, 0.0
-    for name_a in (k for k in start if ".lora_A." in k):
-        name_b = name_a.replace(".lora_A.", ".lora_B.")
-        a0, b0 = start[name_a].double(), start[name_b].double()
-        a_s = [a0 - d[name_a].double() for d in deltas]
-        b_s = [b0 - d[name_b].double() for d in deltas]
-        exact = torch.stack([b @ a for a, b in zip(a_s, b_s, strict=True)]).mean(0)
-        factored = torch.stack(b_s).mean(0) @ torch.stack(a_s).mean(0)
-        gap += float((factored - exact).pow(2).sum())
-        size += float((exact - b0 @ a0).pow(2).sum())
-    return math.sqrt(gap / size) if size > 0 else 0.0
 
 
 def run_pool(jobs: list[tuple[Any, dict]], fn: Any, workers: int, what: str) -> dict:
@@ -402,8 +376,9 @@ def render(table: dict, tuning: dict, chosen: dict, errors: dict, budget: dict, 
             "### Averaging the factors is not averaging the updates",
             "",
             "FedAvg rounds (seed 0, K = 10, C = 0.3); per round, the relative Frobenius error"
-            " || mean(B_i) mean(A_i) - mean(B_i A_i) || / || mean(B_i A_i) - B_0 A_0 || over all"
-            " LoRA modules. Mean over rounds (first round / last round):",
+            " || s mean(B_i) mean(A_i) - mean(s B_i A_i) || / || mean(s B_i A_i) - s B_0 A_0 ||,"
+            " the mean over LoRA modules (as in bench/ffa.py). Mean over rounds (first round /"
+            " last round):",
             "",
             "| split | " + " | ".join(f"H={h}" for h in budget["error_h"]) + " |",
             "|---|" + "---|" * len(budget["error_h"]),
