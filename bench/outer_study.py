@@ -68,10 +68,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "Nesterov": {"name": "nesterov", "momentum": 0.9},
     "GHBM": {"name": "ghbm", "momentum": 0.9},
 }
+# Four lrs each, a factor ~3 apart; a first 3-lr grid chose an end of the grid for two methods
 LR_GRID = {
-    "FedAvg": [0.5, 1.0, 2.0],
-    "Nesterov": [0.1, 0.3, 0.7],
-    "GHBM": [0.03, 0.1, 0.3],  # momentum 0.9: a step of lr / (1 - 0.9) once it has built up
+    "FedAvg": [0.5, 1.0, 2.0, 4.0],
+    "Nesterov": [0.03, 0.1, 0.3, 0.7],
+    "GHBM": [0.03, 0.1, 0.3, 1.0],  # momentum 0.9: a step of lr / (1 - 0.9) once built up
 }
 # H=50 costs 10x the central setting per run: only plain averaging against GHBM there
 SETTING_METHODS = {"H=50": ["FedAvg", "GHBM"]}
@@ -343,8 +344,8 @@ def render(table: dict, tuning: dict, chosen: dict, errors: dict, budget: dict, 
         "",
         "### Server lr tuning (central setting, seed 100): tail eval loss per lr",
         "",
-        "| method | " + " | ".join(f"lr {i + 1}: tail loss" for i in range(3)) + " | chosen |",
-        "|---|---|---|---|---|",
+        "| method | " + " | ".join(f"lr {i + 1}: tail loss" for i in range(4)) + " | chosen |",
+        "|---|---|---|---|---|---|",
     ]
     for method, lrs in LR_GRID.items():
         cells = []
