@@ -65,7 +65,10 @@ _DEFAULT_MOMENTUM = {"fedhbm": 1.0}
 class OuterSettings(_Strict):
     """Outer optimizer applied to the averaged pseudo-gradient (aggregation/outer.py, ghbm.py)."""
 
-    name: OuterName = "nesterov"
+    # the outer-optimizer study (bench/RESULTS.md, "Outer-optimizer study"): with one task per
+    # volunteer and partial participation, plain averaging did best; see the README for when
+    # GHBM pays off instead
+    name: OuterName = "fedavg"
     lr: float | None = Field(None, gt=0, le=10)
     momentum: float | None = Field(None, ge=0, le=1)
     beta1: float = Field(0.9, ge=0, lt=1)

@@ -19,8 +19,10 @@ from node.engine.state import GroupState
 from node.engine.transport import InMemoryHub, InMemoryTransport
 from node.local.build import LocalModel, build_local_model
 
-# nesterov (the default outer optimizer) keeps a momentum buffer in the group state
-CONFIG = parse_config({"inner": {"steps": 3, "batch_size": 4, "seq_len": 32}})
+# nesterov keeps a momentum buffer in the group state
+CONFIG = parse_config(
+    {"inner": {"steps": 3, "batch_size": 4, "seq_len": 32}, "outer": {"name": "nesterov"}}
+)
 ROUNDS = 2
 
 
