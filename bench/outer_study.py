@@ -158,6 +158,12 @@ def run_pool(jobs: list[tuple[Any, dict]], fn: Any, workers: int, what: str) -> 
     return results
 
 
+def mb_per_round(config: dict, params: int) -> float:
+    """MB of fp32 deltas that a round's members send each other (an all-gather)."""
+    members = max(1, round(config["participation"] * config["clients"]))
+    return members * (members - 1) * params * 4 / 1e6
+
+
 def diverged(rows: list[dict]) -> bool:
     """Final eval loss not finite, or 1.5x the starting loss."""
     final = rows[-1]["eval_loss"]
@@ -226,8 +232,7 @@ def summarize(runs: dict, chosen: dict, budget: dict) -> dict:
             group = [runs[f"{setting}|{method}|{s}"] for s in budget["seeds"]]
             finals = [r["rows"][-1]["eval_loss"] for r in group]
             config = sim_config(setting, method, chosen[method], 0, budget)
-            members = max(1, round(config["participation"] * config["clients"]))
-            mb_round = members * (members - 1) * group[0]["params"] * 4 / 1e6  # fp32 all-gather
+            mb_round = mb_per_round(config, group[0]["params"])
             reached = [
                 next(
                     (int(x["round"]) for x in r["rows"] if x["round"] and x["eval_loss"] <= target),
@@ -282,9 +287,10 @@ def plot(runs: dict, budget: dict, path: Path) -> None:
                 statistics.mean(r["rows"][i]["eval_loss"] for r in group)
                 for i in range(len(rounds))
             ]
-            config = sim_config(setting, method, 1.0, 0, budget)
-            members = max(1, round(config["participation"] * config["clients"]))
-            mb = [x * members * (members - 1) * group[0]["params"] * 4 / 1e6 for x in rounds]
+            per_round = mb_per_round(
+                sim_config(setting, method, 1.0, 0, budget), group[0]["params"]
+            )
+            mb = [x * per_round for x in rounds]
             axes[0][col].plot(rounds, mean, label=method)
             axes[1][col].plot(mb, mean, label=method)
         axes[0][col].set_title(setting, fontsize=9)

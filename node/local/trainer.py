@@ -91,15 +91,11 @@ class InnerTrainer:
         # batches follow the model (a 4-bit base sits on CUDA where there is one); parameters
         # leave it as CPU fp32 copies (get_params), so states and checksums never see a device
         self.device = next(iter(self._trainable.values())).device
-        self.optimizer: torch.optim.Optimizer
-        if inner.optimizer == "sgd":  # plain SGD, the GHBM paper's clients (a study control)
-            self.optimizer = torch.optim.SGD(
-                self._trainable.values(), lr=inner.lr, weight_decay=inner.weight_decay
-            )
-        else:
-            self.optimizer = torch.optim.AdamW(
-                self._trainable.values(), lr=inner.lr, weight_decay=inner.weight_decay
-            )
+        # plain SGD: the GHBM paper's clients, a study control
+        kind = torch.optim.SGD if inner.optimizer == "sgd" else torch.optim.AdamW
+        self.optimizer: torch.optim.Optimizer = kind(
+            self._trainable.values(), lr=inner.lr, weight_decay=inner.weight_decay
+        )
 
     def switch_data(self, batches: Batches, optimizer_state: dict[str, Any] | None) -> None:
         """Train on `batches` from now on, with these AdamW moments (None: fresh moments)."""
