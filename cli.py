@@ -4,8 +4,12 @@ merge, export-base."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import io
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -238,6 +242,11 @@ def _setup_logging(verbose: bool) -> None:
     # asks it about the base model's config when it saves an adapter)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # `kill -USR1 PID` prints every thread's stack to the log: how to report a hung peer. Forked
+    # children (the DHT and averager processes) inherit it. In-process callers may have a stderr
+    # with no file under it (pytest's capture): they go without.
+    with contextlib.suppress(io.UnsupportedOperation, ValueError):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
     )

@@ -115,6 +115,22 @@ class Zygote:
                 server.kill()
 
 
+def dump_stacks(pgid: int, settle: float = 0.5) -> None:
+    """Ask every Python process of a process group for its threads' stacks (the CLI prints them
+    to its log on SIGUSR1), one at a time so that they do not interleave, so that a hang a test
+    times out on shows where it hangs."""
+    for entry in Path("/proc").iterdir():
+        try:
+            pid = int(entry.name)
+            if pid == os.getpid() or os.getpgid(pid) != pgid:
+                continue
+            if "python" in (entry / "comm").read_text():
+                os.kill(pid, signal.SIGUSR1)
+                time.sleep(settle)
+        except (OSError, ValueError):
+            continue
+
+
 class Swarm:
     """A coordinator and volunteers as separate processes, each in its own process group."""
 
@@ -167,8 +183,10 @@ class Swarm:
         )
         deadline = time.monotonic() + timeout
         while not (addr.exists() and addr.read_text().strip()):
-            assert time.monotonic() < deadline, self.log("coord")
             assert self.procs["coord"].poll() is None, self.log("coord")
+            if time.monotonic() > deadline:
+                dump_stacks(self.procs["coord"].pid)
+                raise AssertionError(f"no address in {timeout}s:\n{self.log('coord')}")
             time.sleep(0.2)
         self.maddr = addr.read_text().split()[0]
         return self.maddr
@@ -232,6 +250,7 @@ class Swarm:
         try:
             return self.procs[name].wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            dump_stacks(self.procs[name].pid)
             raise AssertionError(f"{name} did not exit in {timeout}s:\n{self.log(name)}") from None
 
     def log(self, name: str) -> str:

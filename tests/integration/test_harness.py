@@ -66,3 +66,21 @@ def test_a_changed_tensor_fails_the_comparison(made: tuple[Path, Path], tmp_path
     tensors[first] = torch.nextafter(tensors[first], torch.full_like(tensors[first], 9.0))
     with pytest.raises(AssertionError, match="lora"):
         assert_lora_weights_are_the_files(model, _copy_with(adapter, tmp_path / "other", tensors))
+
+
+@pytest.mark.slow
+def test_sigusr1_prints_every_stack_and_the_peer_goes_on(tmp_path: Path) -> None:
+    """How a hung peer is diagnosed (and what the harness does on a start or exit timeout)."""
+    from swarm_harness import Swarm, dump_stacks
+
+    swarm = Swarm(tmp_path)
+    try:
+        swarm.start_coordinator()
+        dump_stacks(swarm.procs["coord"].pid)
+        log = swarm.log("coord")
+        # the coordinator and its forked DHT process each print theirs
+        assert log.count("most recent call first") >= 2, log
+        assert "serve_until_stopped" in log and "hivemind/dht/dht.py" in log, log
+        assert swarm.procs["coord"].poll() is None
+    finally:
+        swarm.close()
