@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--ticket", default="", help="admission ticket for token runs (or @FILE holding it)"
     )
     _net_args(join)
+    join.add_argument(
+        "--reachability",
+        choices=["auto", "direct", "relay"],
+        default="auto",
+        help="how others reach this peer: auto (default) asks the coordinator to dial it back and"
+        " falls back to its relay; direct (others can dial us); relay (always through the"
+        " coordinator's relay, e.g. behind NAT)",
+    )
     _report_arg(join)
 
     admit = sub.add_parser(
@@ -307,6 +315,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.announce,
                 None if args.overlap is None else args.overlap == "on",
                 args.eval_every,
+                args.reachability,
             )
         )
     if args.command in ("admit", "revoke", "id"):

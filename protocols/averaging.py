@@ -274,6 +274,9 @@ class GroupAverager:
                 allreduce_timeout=max(5.0, matchmaking_time),
                 gate=gate,
                 refused=self._refused_shared,
+                # a relayed peer's DHT is a client, but it still leads and answers joins
+                # (through its relay): hivemind would otherwise make it a client averager
+                client_mode=False,
             )
 
     def set_refused(self, refused: Mapping[str, str]) -> None:

@@ -64,6 +64,12 @@ class PeerRecord(BaseModel):
     outcome: str = Field("", max_length=32)
     tau: int = Field(0, ge=0)  # GHBM's momentum window where it applies, else 0
     stored_at: float = Field(0.0, ge=0)  # the owner's wall clock when it stored this record
+    # how others reach it: "direct" (it accepts connections) or "relay" (through the relay at
+    # `relay`, a multiaddr ending in /p2p/<relay id>); "" from peers that did not say
+    reach: Literal["", "direct", "relay"] = ""
+    relay: str = Field(
+        "", max_length=256, pattern=r"^(/ip4/[0-9.]+/tcp/[0-9]+/p2p/[1-9A-HJ-NP-Za-km-z]+)?$"
+    )
     adapters: dict[str, AdapterOffer] = Field(default_factory=dict, max_length=64)
 
     @field_validator("loss", "eval_loss", "inner_s", "matchmaking_s", "transfer_s", "wall_s")

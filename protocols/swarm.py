@@ -20,6 +20,13 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from protocols import lifeline
+from protocols.reach import (
+    REACH_MODES,
+    DialBackServer,
+    ask_dial_back,
+    connect_through,
+    install_p2pd_args,
+)
 from protocols.records import (
     PEER_TTL,
     ManifestRecord,
@@ -32,11 +39,13 @@ from protocols.records import (
 )
 from protocols.runner import LoopThread
 from protocols.sockets import remove_stale_hivemind_sockets
-from protocols.transfer import BlobServer, StreamEndedEarly, TransferError, fetch_blob
+from protocols.transfer import VIA, BlobServer, StreamEndedEarly, TransferError, fetch_blob
 
 log = logging.getLogger("swarmtune.swarm")
 DHT_GET_TIMEOUT = 10.0
 UNKNOWN_RETRY_S = 0.2
+RELAY_CHECK_S = 5.0  # how often relayed connections are checked and reopened
+PASS_ON_TIMEOUT = 60.0
 REVEAL_WAIT_S = 5.0  # how long a member may take to serve its blob once its group formed
 TRUNCATED_RETRIES = 2  # fresh streams after one ended early (the sha256 checks every attempt)
 
@@ -139,39 +148,108 @@ class SwarmNode:
         port: int = 0,
         run_id: str | None = None,
         announce: list[str] | None = None,
+        reach: str = "direct",
+        relay_service: bool = False,
     ) -> None:
-        announce_maddrs = announce_multiaddrs(announce or [], port)
+        """`reach`: "direct" (others can dial us, or we only dial out: consumers), "relay" (use
+        the first initial peer's relay) or "auto" (ask that peer to dial us back, then pick).
+        `relay_service`: we are the swarm's public peer (the coordinator): relay for others,
+        answer dial-backs and pass blobs on from relayed peers (protocols/reach.py)."""
+        if reach not in REACH_MODES:
+            raise SwarmError(f"reachability must be one of {', '.join(REACH_MODES)}, not {reach!r}")
+        if reach != "direct" and not initial_peers:
+            raise SwarmError("relay and auto reachability need --initial-peers (the relay)")
+        self._announce_maddrs = announce_multiaddrs(announce or [], port)
+        install_p2pd_args()
         remove_stale_hivemind_sockets()
         lifeline.install()  # the DHT, p2pd and averagers forked from here end with this process
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
         key = load_or_create_key(workdir / "records.key") if workdir else RSAPrivateKey()
         self.signer = RSASignatureValidator(key)
-        validators: list[Any] = [self.signer] + ([RunRecordValidator(run_id)] if run_id else [])
-        try:
-            self.dht = DHT(
-                initial_peers=initial_peers,
-                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-                announce_maddrs=announce_maddrs or None,
-                identity_path=str(workdir / "p2p.key") if workdir else None,
-                record_validators=validators,
-                start=True,
-                await_ready=True,
-            )
-        except Exception as exc:  # noqa: BLE001 - hivemind reports bootstrap failures variously
-            where = ", ".join(initial_peers) or f"{host}:{port}"
-            raise SwarmError(f"cannot start a DHT peer with {where}: {str(exc)[:160]}") from None
+        self._validators: list[Any] = [self.signer] + (
+            [RunRecordValidator(run_id)] if run_id else []
+        )
+        self._initial_peers, self._workdir, self._host, self._port = (
+            initial_peers,
+            workdir,
+            host,
+            port,
+        )
         self.run_id = run_id
-        self.peer_id = self.dht.peer_id.to_base58()
+        self.relay_service = relay_service
+        self.relay_maddr = ""  # the relay's multiaddr while we are reached through it
+        self.reach = "direct"
+        self.reach_note = "relays for others" if relay_service else ""
         self.loop = LoopThread()
         self.loop.loop.set_exception_handler(_quiet_disconnects)
-        self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
-        self.blobs = BlobServer(self.p2p)
+        self._start_dht(relayed=reach == "relay", first=True)
+        if reach == "auto":
+            reachable, why = self._dial_back()
+            if reachable is False:
+                self.reach_note = f"the coordinator could not dial us ({why})"
+                self.dht.shutdown()
+                self._start_dht(relayed=True, first=False)
+            else:
+                self.reach_note = f"the coordinator dialed {why}" if reachable else why
+        if reach == "relay":
+            self.reach_note = "as asked (--reachability relay)"
+        self.peer_id = self.dht.peer_id.to_base58()
+        self.blobs = BlobServer(self.p2p, proxy=self._pass_on if relay_service else None)
         self.loop.run(self.blobs.start(), timeout=30)
+        if relay_service:
+            self.loop.run(DialBackServer(self.p2p).start(), timeout=30)
+        self._relayed: dict[str, str] = {}  # relayed peers of the run -> their relay's maddr
         self._record: PeerRecord | None = None
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._heartbeat.start()
+        if self.reach == "relay":
+            log.info("reachability: relay through %s (%s)", self.relay_maddr, self.reach_note)
+        else:
+            log.info("reachability: direct%s", f" ({self.reach_note})" if self.reach_note else "")
+
+    def _start_dht(self, *, relayed: bool, first: bool) -> None:
+        """Start the DHT (and p2pd); relayed: as a DHT client reserving a slot on the relay."""
+        options: dict[str, Any] = {}
+        if self.relay_service:
+            options["force_reachability"] = "public"  # the relay serves only when public
+        if relayed:
+            self.relay_maddr = self._initial_peers[0]
+            self.reach = "relay"
+            options.update(
+                client_mode=True,  # nobody can dial us for DHT requests
+                use_auto_relay=True,
+                force_reachability="private",  # libp2p never decides this on private networks
+                trusted_relays=[self.relay_maddr],
+            )
+        if not first:  # our own identity's old connections may not have closed yet
+            options["check_if_identity_free"] = False
+        try:
+            self.dht = DHT(
+                initial_peers=self._initial_peers,
+                host_maddrs=[f"/ip4/{self._host}/tcp/{self._port}"],
+                announce_maddrs=self._announce_maddrs or None,
+                identity_path=str(self._workdir / "p2p.key") if self._workdir else None,
+                record_validators=self._validators,
+                start=True,
+                await_ready=True,
+                **options,
+            )
+        except Exception as exc:  # noqa: BLE001 - hivemind reports bootstrap failures variously
+            where = ", ".join(self._initial_peers) or f"{self._host}:{self._port}"
+            raise SwarmError(f"cannot start a DHT peer with {where}: {str(exc)[:160]}") from None
+        self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+
+    def _dial_back(self) -> tuple[bool | None, str]:
+        """Ask the first initial peer to dial our listening port back (see protocols/reach.py)."""
+        ports = {
+            int(str(a).split("/")[4]) for a in self.dht.get_visible_maddrs() if "/tcp/" in str(a)
+        }
+        if not ports:
+            return False, "we listen on no TCP port"
+        coordinator = peer_id_of(self._initial_peers[0])
+        return self.loop.run(ask_dial_back(self.p2p, coordinator, min(ports)), timeout=30)
 
     def maddrs(self) -> list[str]:
         """Multiaddrs others can use as --initial-peers, the most widely dialable first."""
@@ -231,7 +309,12 @@ class SwarmNode:
         if self.run_id is None:
             return {}
         found = self._get(peers_key(self.run_id))
-        return parse_peer_records(found.value if found is not None else None)
+        records = parse_peer_records(found.value if found is not None else None)
+        if found is not None:
+            self._relayed = {
+                pid: r.relay for pid, r in records.items() if r.reach == "relay" and r.relay
+            }
+        return records
 
     def _get(self, key: str) -> Any:
         """The newest value under `key`, or None when the DHT does not answer within
@@ -288,6 +371,11 @@ class SwarmNode:
         max_size: int = 1 << 30,
         stats: dict[str, float] | None = None,
     ) -> Coroutine[Any, Any, bytes]:
+        relay = self._relayed.get(peer_id)
+        if relay:  # its blobs come through its relay, over its own outbound connection there
+            relay_id = peer_id_of(relay).to_base58()
+            if relay_id != self.peer_id:  # (the relay itself fetches over that connection)
+                peer_id, name = relay_id, f"{VIA}{peer_id}/{name}"
         return fetch_blob(
             self.p2p,
             PeerID.from_base58(peer_id),
@@ -335,10 +423,44 @@ class SwarmNode:
         results = self.loop.run(every(), timeout=timeout + 5)
         return dict(zip(wanted, results, strict=True))
 
+    async def _pass_on(self, peer: str, name: str, max_size: int) -> bytes:
+        """(relay service) A relayed peer's blob, fetched over its connection to us; only for
+        peers of this run that said they are reached through us."""
+        relay = self._relayed.get(peer)
+        if not relay or peer_id_of(relay).to_base58() != self.peer_id:
+            raise TransferError(f"{peer} is not a peer relayed here")
+        return await fetch_blob(
+            self.p2p, PeerID.from_base58(peer), name, max_size=max_size, timeout=PASS_ON_TIMEOUT
+        )
+
+    def _connect_relayed(self) -> None:
+        """Open relayed connections to the run's relayed peers we are not connected to (small
+        messages such as matchmaking then reach them; blobs go through _pass_on)."""
+        relayed = {p: r for p, r in self._relayed.items() if p != self.peer_id}
+        if not relayed:
+            return
+
+        async def connect() -> None:
+            connected = {p.peer_id.to_base58() for p in await self.p2p.list_peers()}
+            for peer, relay in relayed.items():
+                if peer in connected:
+                    continue
+                try:
+                    await connect_through(self.p2p, PeerID.from_base58(peer), relay)
+                except Exception as exc:  # noqa: BLE001 - it may have left; the next beat retries
+                    log.debug("relayed connection to %s failed: %s", peer[-8:], exc)
+
+        try:
+            self.loop.run(connect(), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - the loop may be shutting down
+            log.debug("connecting relayed peers: %s", exc)
+
     def _store_record(self) -> None:
         if self._record is None or self.run_id is None:
             return
-        self._record = self._record.model_copy(update={"stored_at": time.time()})
+        self._record = self._record.model_copy(
+            update={"stored_at": time.time(), "reach": self.reach, "relay": self.relay_maddr}
+        )
         self.dht.store(
             peers_key(self.run_id),
             self._record.model_dump(),
@@ -348,8 +470,14 @@ class SwarmNode:
         )
 
     def _beat(self) -> None:
-        while not self._stop.wait(PEER_TTL / 3):
-            self._store_record()
+        beats = 0
+        while not self._stop.wait(RELAY_CHECK_S):
+            beats += 1
+            if beats % round(PEER_TTL / 3 / RELAY_CHECK_S) == 0:
+                self._store_record()
+            if self.reach == "relay":
+                self.peers()  # who else is relayed (other peers learn it from their own reads)
+            self._connect_relayed()
 
     def shutdown(self) -> None:
         """Stop serving and leave; idempotent."""

@@ -9,6 +9,8 @@ Wire format (every frame is a 4-byte big-endian length, then that many bytes):
                                       or {"ok": false, "error": str}   (<= MAX_CONTROL_FRAME)
                       then data frames of 1..CHUNK_SIZE bytes, then one zero-length frame;
     the client closes the stream first (the server waits for that, bounded, then closes).
+A name `via/PEER/NAME` asks a relay for PEER's blob NAME (BlobServer's `proxy`): the relay
+fetches it from PEER over PEER's own connection and serves it the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "swarmtune.blob.v1"
+VIA = "via/"  # `via/PEER/NAME`: NAME from PEER, passed on by a relay (BlobServer's proxy)
+MAX_PASSED_ON = 1 << 28  # what a relay buffers of one passed-on blob
 CHUNK_SIZE = 1 << 20
 MAX_CONTROL_FRAME = 4096
 MAX_NAME_LEN = 256
@@ -76,8 +80,17 @@ async def _read_frame(reader: asyncio.StreamReader, limit: int, what: str) -> by
 class BlobServer:
     """Serves published byte blobs by name to peers that call PROTOCOL."""
 
-    def __init__(self, p2p: P2P, *, request_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        p2p: P2P,
+        *,
+        request_timeout: float = 10.0,
+        proxy: Callable[[str, str, int], Awaitable[bytes]] | None = None,
+    ) -> None:
+        """`proxy(peer, name, max_size)`, if given, serves `via/PEER/NAME` requests with
+        another peer's blob (a relay passing on a relayed peer's blobs, protocols/reach.py)."""
         self._p2p = p2p
+        self._proxy = proxy
         self._request_timeout = request_timeout
         self._blobs: dict[str, tuple[bytes, str]] = {}
         self._lock = threading.Lock()  # publish() is called from the training thread
@@ -163,6 +176,15 @@ class BlobServer:
     async def _send(self, name: str, writer: asyncio.StreamWriter) -> None:
         with self._lock:
             entry = self._blobs.get(name)
+        if entry is None and self._proxy is not None and name.startswith(VIA):
+            peer, _, rest = name[len(VIA) :].partition("/")
+            try:
+                data = await self._proxy(peer, rest, MAX_PASSED_ON)
+                entry = (data, hashlib.sha256(data).hexdigest())
+            except TransferError as e:  # "unknown blob" stays recognisable to the asking side
+                header = {"ok": False, "error": _one_line(str(e), 300)}
+                self.bytes_sent += await _write_frame(writer, json.dumps(header).encode())
+                return
         if entry is None:
             header = {"ok": False, "error": f"unknown blob {name!r}"}
             self.bytes_sent += await _write_frame(writer, json.dumps(header).encode())

@@ -295,6 +295,7 @@ def bootstrap(options: BootstrapOptions) -> int:
         port=options.port,
         run_id=config.run_id,
         announce=options.announce,
+        relay_service=True,
     )
     server: StatusServer | None = None
     coordinator: Coordinator | None = None

@@ -54,6 +54,7 @@ class JoinOptions:
     announce: list[str] | None = None  # addresses other machines dial (with a fixed port)
     overlap: bool | None = None  # None: the run's averaging.overlap
     eval_every: int = 1  # held-out eval every N rounds (it costs seconds on a real model)
+    reachability: str = "auto"  # auto | direct | relay (protocols/reach.py)
 
 
 def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
@@ -308,6 +309,7 @@ def join(options: JoinOptions) -> int:
         host=options.host,
         port=options.port,
         announce=options.announce,
+        reach=options.reachability,
     )
     volunteer = None
     stop = threading.Event()

@@ -72,11 +72,16 @@ class Zygote:
     _server: subprocess.Popen[str] | None = None
 
     @classmethod
-    def fork(cls, args: list[str], stdout: Path, stderr: Path, exit_file: Path) -> ForkedProc:
-        """Start `swarmtune ARGS` (output appended to stdout/stderr) in its own session."""
+    def fork(
+        cls, args: list[str], stdout: Path, stderr: Path, exit_file: Path, netns: str = ""
+    ) -> ForkedProc:
+        """Start `swarmtune ARGS` (output appended to stdout/stderr) in its own session, inside
+        network namespace `netns` if given."""
         with cls._lock:
             server = cls._started()
             request = {"argv": args, "env": ENV, "stdout": str(stdout), "stderr": str(stderr)}
+            if netns:
+                request["netns"] = netns
             assert server.stdin is not None and server.stdout is not None
             server.stdin.write(json.dumps({**request, "exit": str(exit_file)}) + "\n")
             server.stdin.flush()
@@ -148,13 +153,14 @@ class Swarm:
         self.maddr = ""
         self.forked = forked
 
-    def spawn(self, name: str, *args: str, forked: bool | None = None) -> Proc:
-        """Run `swarmtune ARGS` with output to tmp/NAME.log (`forked` overrides the swarm's)."""
+    def spawn(self, name: str, *args: str, forked: bool | None = None, netns: str = "") -> Proc:
+        """Run `swarmtune ARGS` with output to tmp/NAME.log (`forked` overrides the swarm's),
+        inside network namespace `netns` if given (forked only)."""
         path = self.tmp / f"{name}.log"
         proc: Proc
         if self.forked if forked is None else forked:
             exit_file = self.tmp / f".{name}.{len(self.procs)}.{time.monotonic_ns()}.exit"
-            proc = Zygote.fork(list(args), path, path, exit_file)
+            proc = Zygote.fork(list(args), path, path, exit_file, netns)
         else:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cli", *args],
@@ -167,7 +173,7 @@ class Swarm:
         self.procs[name] = proc
         return proc
 
-    def start_coordinator(self, *extra: str, timeout: float = 60) -> str:
+    def start_coordinator(self, *extra: str, timeout: float = 60, netns: str = "") -> str:
         """Start `bootstrap` (with extra flags) and wait for its address file."""
         addr = self.tmp / "addr.txt"
         self.spawn(
@@ -180,6 +186,7 @@ class Swarm:
             "--addr-file",
             str(addr),
             *extra,
+            netns=netns,
         )
         deadline = time.monotonic() + timeout
         while not (addr.exists() and addr.read_text().strip()):
@@ -192,7 +199,13 @@ class Swarm:
         return self.maddr
 
     def join(
-        self, name: str, task: str, rounds: int, *extra: str, forked: bool | None = None
+        self,
+        name: str,
+        task: str,
+        rounds: int,
+        *extra: str,
+        forked: bool | None = None,
+        netns: str = "",
     ) -> Proc:
         """Start a volunteer on a built-in task."""
         return self.spawn(
@@ -210,6 +223,7 @@ class Swarm:
             "1",
             *extra,
             forked=forked,
+            netns=netns,
         )
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

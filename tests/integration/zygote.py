@@ -5,7 +5,8 @@ command from there on: its own session and process group, its own log, its envir
 arguments, `cli.main(argv)` and a normal interpreter exit (atexit handlers run).
 
 Protocol, one JSON line each way on stdin/stdout:
-  -> {"argv": [...], "env": {...}, "stdout": PATH, "stderr": PATH, "exit": PATH}
+  -> {"argv": [...], "env": {...}, "stdout": PATH, "stderr": PATH, "exit": PATH,
+      "netns": NAME or absent (run the command inside that network namespace)}
   <- {"pid": PID}
 When a child ends, its exit code (negative: the signal, as in subprocess) is written to the
 "exit" path. End of stdin ends the server; children it started keep running.
@@ -35,9 +36,24 @@ import node.roles.coordinator  # noqa: E402, F401
 import node.roles.volunteer  # noqa: E402, F401
 
 
+def _enter_netns(name: str) -> None:
+    """Move this (single-threaded, freshly forked) process into network namespace `name`, as
+    `ip netns exec` does for the network (Python 3.11 has no os.setns)."""
+    import ctypes
+
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name}")
+    finally:
+        os.close(fd)
+
+
 def _run_child(request: dict) -> int:
     """In the forked child: become the requested command; returns its exit code."""
     os.setsid()
+    if request.get("netns"):
+        _enter_netns(request["netns"])
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

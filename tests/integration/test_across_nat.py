@@ -1,0 +1,112 @@
+"""Volunteers behind separate NATs train with a public coordinator (tests/integration/netns.py).
+
+What this exercises: the dial-back probe finding both homes unreachable, relay mode (circuit
+relay for matchmaking, blobs passed on by the coordinator), a SIGKILLed NATed volunteer
+restarting and resyncing from the other through the coordinator, and a consumer inside a NAT
+pulling an adapter. The segments are private ranges, so libp2p's own AutoNAT and hole punching
+stay out of it (docs/design.md, 10. Across the internet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from netns import PUBLIC, Homes  # noqa: E402
+from swarm_harness import Swarm  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def homes() -> object:
+    built = Homes()
+    why = built.up()
+    if why is not None:
+        pytest.skip(why)
+    try:
+        yield built
+    finally:
+        built.down()
+
+
+def _metrics(workdir: Path) -> dict[int, dict[str, object]]:
+    path = workdir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {int(r["round"]): r for r in rows}
+
+
+def _wait(swarm: Swarm, name: str, rounds: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while max(_metrics(swarm.tmp / name), default=0) < rounds:
+        assert swarm.procs[name].poll() is None, swarm.log(name)
+        assert time.monotonic() < deadline, f"{name}: no round {rounds}:\n{swarm.log(name)}"
+        time.sleep(0.3)
+
+
+def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
+    homes: Homes, tmp_path: Path
+) -> None:
+    swarm = Swarm(tmp_path, run_id="nat-run")
+    try:
+        swarm.start_coordinator("--host", "0.0.0.0", netns=homes.pub)
+        addrs = (tmp_path / "addr.txt").read_text().split()
+        towards = {i: next(a for a in addrs if f"/{PUBLIC[i]}/" in a) for i in (1, 2)}
+        joined = ("--host", "0.0.0.0")  # listening everywhere does not make a home dialable
+        swarm.maddr = towards[1]
+        swarm.join("v1", "dates", 20, *joined, netns=homes.home(1))
+        swarm.maddr = towards[2]
+        swarm.join("v2", "arithmetic", 10, *joined, netns=homes.home(2))
+        _wait(swarm, "v1", 2, timeout=120)
+
+        for name in ("v1", "v2"):  # each found out it cannot be dialed, and said so first
+            first = swarm.log(name).splitlines()[0]
+            assert "reachability: relay through /ip4/10.77." in first, swarm.log(name)
+            assert "could not dial" in first, first
+        os.killpg(swarm.procs["v1"].pid, signal.SIGKILL)  # its helpers go with its group
+        swarm.procs["v1"].wait(timeout=30)
+        before = _metrics(tmp_path / "v1")
+        _wait(swarm, "v2", max(before), timeout=60)
+        theirs = _metrics(tmp_path / "v2")
+        averaged = [r for r, m in before.items() if m["group_size"] == 2]
+        assert averaged, before
+        assert all(before[r]["digest"] == theirs[r]["digest"] for r in averaged)
+
+        swarm.maddr = towards[1]
+        swarm.join("v1", "dates", 5, *joined, netns=homes.home(1))  # 5 more rounds
+        assert swarm.wait("v1", timeout=240) == 0, swarm.log("v1")
+        done = max(before) + 1  # metrics count rounds from 0, the log and checkpoints from 1
+        assert f"resumed from checkpoint at round {done}" in swarm.log("v1")
+        last = done + 5 - 1
+        _wait(swarm, "v2", last, timeout=60)
+        ours, theirs = _metrics(tmp_path / "v1"), _metrics(tmp_path / "v2")
+        assert max(ours) == last, ours
+        # after the restart they averaged together again, through the coordinator
+        together = [r for r, m in ours.items() if r > max(before) and m["group_size"] == 2]
+        assert together, ours
+        assert all(ours[r]["digest"] == theirs[r]["digest"] for r in together)
+        assert ours[last]["digest"] == theirs[last]["digest"]
+        assert swarm.wait("v2", timeout=120) == 0, swarm.log("v2")
+
+        out = tmp_path / "pulled"
+        swarm.spawn("pull", "pull", "--initial-peers", towards[2], "--out", str(out),
+                    netns=homes.home(2))  # fmt: skip
+        assert swarm.wait("pull", timeout=120) == 0, swarm.log("pull")
+        assert (out / "adapter_model.safetensors").stat().st_size > 0
+        served = re.search(r"round (\d+)", (out / "README.md").read_text())
+        assert served and int(served.group(1)) >= done + 5, (out / "README.md").read_text()
+    finally:
+        swarm.close()
+        deadline = time.monotonic() + 20  # helpers of a killed peer end within seconds
+        while homes.pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftover = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in homes.pids()}
+        assert not leftover, f"processes left in the test's namespaces: {leftover}"
