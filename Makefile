@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	.ci/ensure-browser
+	.ci/ensure-iptables
 	$(BIN)/python -m pytest -q -rs
 
 test-fast: $(STAMP)

@@ -148,16 +148,17 @@ class SwarmNode:
         port: int = 0,
         run_id: str | None = None,
         announce: list[str] | None = None,
-        reach: str = "direct",
+        reach: str | None = None,
         relay_service: bool = False,
     ) -> None:
-        """`reach`: "direct" (others can dial us, or we only dial out: consumers), "relay" (use
-        the first initial peer's relay) or "auto" (ask that peer to dial us back, then pick).
+        """`reach`: "direct" (others can dial us), "relay" (through the first initial peer's
+        relay), "auto" (ask that peer to dial us back, then pick) or None (we only dial out:
+        `pull` and `status`; nothing said about it).
         `relay_service`: we are the swarm's public peer (the coordinator): relay for others,
         answer dial-backs and pass blobs on from relayed peers (protocols/reach.py)."""
-        if reach not in REACH_MODES:
+        if reach is not None and reach not in REACH_MODES:
             raise SwarmError(f"reachability must be one of {', '.join(REACH_MODES)}, not {reach!r}")
-        if reach != "direct" and not initial_peers:
+        if reach in ("auto", "relay") and not initial_peers:
             raise SwarmError("relay and auto reachability need --initial-peers (the relay)")
         self._announce_maddrs = announce_multiaddrs(announce or [], port)
         install_p2pd_args()
@@ -192,8 +193,8 @@ class SwarmNode:
                 self._start_dht(relayed=True, first=False)
             else:
                 self.reach_note = f"the coordinator dialed {why}" if reachable else why
-        if reach == "relay":
-            self.reach_note = "as asked (--reachability relay)"
+        if reach in ("relay", "direct"):
+            self.reach_note = f"as asked (--reachability {reach})"
         self.peer_id = self.dht.peer_id.to_base58()
         self.blobs = BlobServer(self.p2p, proxy=self._pass_on if relay_service else None)
         self.loop.run(self.blobs.start(), timeout=30)
@@ -206,8 +207,8 @@ class SwarmNode:
         self._heartbeat.start()
         if self.reach == "relay":
             log.info("reachability: relay through %s (%s)", self.relay_maddr, self.reach_note)
-        else:
-            log.info("reachability: direct%s", f" ({self.reach_note})" if self.reach_note else "")
+        elif reach is not None or relay_service:
+            log.info("reachability: direct (%s)", self.reach_note)
 
     def _start_dht(self, *, relayed: bool, first: bool) -> None:
         """Start the DHT (and p2pd); relayed: as a DHT client reserving a slot on the relay."""

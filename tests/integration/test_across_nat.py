@@ -96,6 +96,11 @@ def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
         assert ours[last]["digest"] == theirs[last]["digest"]
         assert swarm.wait("v2", timeout=120) == 0, swarm.log("v2")
 
+        swarm.spawn("status", "status", "--initial-peers", towards[2], netns=homes.home(2))
+        assert swarm.wait("status", timeout=60) == 0, swarm.log("status")
+        shown = [line.split() for line in swarm.log("status").splitlines() if "volunteer" in line]
+        assert len(shown) == 2 and all(row[2] == "relay" for row in shown), swarm.log("status")
+
         out = tmp_path / "pulled"
         swarm.spawn("pull", "pull", "--initial-peers", towards[2], "--out", str(out),
                     netns=homes.home(2))  # fmt: skip

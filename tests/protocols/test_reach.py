@@ -1,0 +1,162 @@
+"""Reachability (protocols/reach.py): the circuit address p2pd parses, the p2pd flag, the
+dial-back probe and blob passing-on, over real p2pd daemons on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hivemind.p2p import P2P, PeerID
+
+from protocols.reach import (
+    CircuitAddr,
+    DialBackServer,
+    ask_dial_back,
+    observed_ip,
+    p2pd_args,
+)
+from protocols.runner import LoopThread
+from protocols.swarm import SwarmNode
+from protocols.transfer import BlobServer, TransferError, fetch_blob
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+PEER = "12D3KooWJrfJBNRJJVr3VX9RXmSMuVxxtppw3jPFZuUe3dQEiUXH"
+# that peer id's identity multihash (0x00, length 0x24, protobuf public key), from its base58
+PEER_MULTIHASH = "002408011220864fb5fb2ebc29ba3889ec04af43261be369aa905353a3170b429c0e3fc35e40"
+
+
+def test_circuit_address_is_the_binary_multiaddr_go_expects() -> None:
+    addr = CircuitAddr(f"/ip4/10.77.1.1/tcp/7000/p2p/{PEER}")
+    expected = "".join(
+        [
+            "04" + "0a4d0101",  # ip4 10.77.1.1
+            "06" + "1b58",  # tcp 7000
+            "a503" + "26" + PEER_MULTIHASH,  # p2p (421), 38 bytes of multihash, not a CID
+            "a202",  # p2p-circuit (290), no value
+        ]
+    )
+    assert addr.to_bytes().hex() == expected
+    assert str(addr) == f"/ip4/10.77.1.1/tcp/7000/p2p/{PEER}/p2p-circuit"
+    with pytest.raises(ValueError, match="/p2p/"):
+        CircuitAddr("/ip4/10.77.1.1/tcp/7000")
+
+
+def test_static_relays_turn_background_discovery_off() -> None:
+    seen: list[dict[str, Any]] = []
+    build = p2pd_args(lambda *args, **kwargs: seen.append(kwargs) or [])
+    build("p2pd", autoRelay=True, trustedRelays="/ip4/1.2.3.4/tcp/1/p2p/x")
+    build("p2pd", autoRelay=True)  # discovery is then the only source of relays: kept
+    build("p2pd", autoRelay=False, trustedRelays="/ip4/1.2.3.4/tcp/1/p2p/x")
+    assert seen[0]["relayDiscovery"] is False
+    assert "relayDiscovery" not in seen[1] and "relayDiscovery" not in seen[2]
+
+
+def test_observed_ip_takes_direct_connections_only() -> None:
+    relayed = f"/ip4/10.77.1.1/tcp/7000/p2p/{PEER}/p2p-circuit"
+    assert observed_ip([relayed, "/ip4/10.77.2.2/tcp/4100"]) == "10.77.2.2"
+    assert observed_ip([relayed]) is None
+    assert observed_ip(["/ip6/::1/tcp/4100"]) is None
+
+
+@dataclass
+class Pair:
+    loop: LoopThread
+    coordinator: P2P
+    volunteer: P2P
+    bare: P2P  # a peer with no dial-back service
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    loop = LoopThread()
+
+    async def start() -> Pair:
+        coordinator = await P2P.create(host_maddrs=LOOPBACK)
+        bare = await P2P.create(host_maddrs=LOOPBACK)
+        peers = [*await coordinator.get_visible_maddrs(), *await bare.get_visible_maddrs()]
+        volunteer = await P2P.create(host_maddrs=LOOPBACK, initial_peers=peers)
+        await DialBackServer(coordinator).start()
+        return Pair(loop, coordinator, volunteer, bare)
+
+    started = loop.run(start(), timeout=60)
+    yield started
+    for p2p in (started.volunteer, started.coordinator, started.bare):
+        loop.run(p2p.shutdown(), timeout=10)
+    loop.shutdown()
+
+
+def test_dial_back_reaches_a_listening_port(pair: Pair) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        ok, where = pair.loop.run(
+            ask_dial_back(pair.volunteer, pair.coordinator.peer_id, port), timeout=30
+        )
+    assert (ok, where) == (True, f"127.0.0.1:{port}")
+
+
+def test_dial_back_of_a_closed_port_says_unreachable(pair: Pair) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    ok, why = pair.loop.run(
+        ask_dial_back(pair.volunteer, pair.coordinator.peer_id, port), timeout=30
+    )
+    assert ok is False and f"127.0.0.1:{port}" in why
+
+
+def test_dial_back_refuses_a_bad_port_and_a_peer_without_it_does_not_answer(pair: Pair) -> None:
+    ok, why = pair.loop.run(ask_dial_back(pair.volunteer, pair.coordinator.peer_id, 0), timeout=30)
+    assert ok is False and "bad port" in why
+    ok, why = pair.loop.run(ask_dial_back(pair.volunteer, pair.bare.peer_id, 4100), timeout=30)
+    assert ok is None and "no dial-back" in why
+
+
+def test_a_relay_passes_on_a_blob_and_its_refusal(pair: Pair) -> None:
+    """`via/PEER/NAME` served by the proxy; its TransferError reaches the asking side."""
+    blob = b"contribution bytes" * 1000
+    asked: list[tuple[str, str, int]] = []
+
+    async def proxy(peer: str, name: str, max_size: int) -> bytes:
+        asked.append((peer, name, max_size))
+        if peer != "good":
+            raise TransferError(f"{peer} is not a peer relayed here")
+        return blob
+
+    async def run() -> tuple[bytes, str]:
+        server = BlobServer(pair.bare, proxy=proxy)
+        await server.start()
+        try:
+            got = await fetch_blob(
+                pair.volunteer,
+                pair.bare.peer_id,
+                "via/good/contribution:x:3",
+                expected_sha256=hashlib.sha256(blob).hexdigest(),
+            )
+            try:
+                await fetch_blob(pair.volunteer, pair.bare.peer_id, "via/other/contribution:x:3")
+            except TransferError as exc:
+                return got, str(exc)
+            return got, ""
+        finally:
+            await server.stop()
+
+    got, refusal = pair.loop.run(run(), timeout=30)
+    assert got == blob
+    assert "not a peer relayed here" in refusal
+    assert [a[:2] for a in asked] == [("good", "contribution:x:3"), ("other", "contribution:x:3")]
+
+
+def test_the_coordinator_passes_on_only_for_peers_relayed_through_it() -> None:
+    node = object.__new__(SwarmNode)  # only the fields _pass_on reads; no network
+    node.peer_id = PEER
+    node._relayed = {  # noqa: SLF001
+        "QmElsewhere": "/ip4/10.0.0.9/tcp/1/p2p/QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
+    }
+    for peer in ("QmElsewhere", "QmUnknown"):  # relayed by another peer / not relayed at all
+        with pytest.raises(TransferError, match="not a peer relayed here"):
+            asyncio.run(node._pass_on(peer, "contribution:x:1", 1 << 20))  # noqa: SLF001
+    assert PeerID.from_base58(PEER)  # the id used above is well formed
