@@ -53,5 +53,9 @@ bench-outer: $(STAMP)
 bench-overlap: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/overlap.py $(if $(MODEL),--model $(MODEL))
 
+# the swarm on tbf-limited links in network namespaces, direct and relayed (root)
+bench-wan: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/wan.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) demo-adapter .pytest_cache

@@ -182,15 +182,18 @@ class SwarmNode:
         self.relay_maddr = ""  # the relay's multiaddr while we are reached through it
         self.reach = "direct"
         self.reach_note = "relays for others" if relay_service else ""
+        self._start_dht(relayed=reach == "relay", first=True)
+        # after the DHT's fork: a fresh process should not inherit a running loop thread
         self.loop = LoopThread()
         self.loop.loop.set_exception_handler(_quiet_disconnects)
-        self._start_dht(relayed=reach == "relay", first=True)
+        self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
         if reach == "auto":
             reachable, why = self._dial_back()
             if reachable is False:
                 self.reach_note = f"the coordinator could not dial us ({why})"
                 self.dht.shutdown()
                 self._start_dht(relayed=True, first=False)
+                self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
             else:
                 self.reach_note = f"the coordinator dialed {why}" if reachable else why
         if reach in ("relay", "direct"):
@@ -240,7 +243,6 @@ class SwarmNode:
         except Exception as exc:  # noqa: BLE001 - hivemind reports bootstrap failures variously
             where = ", ".join(self._initial_peers) or f"{self._host}:{self._port}"
             raise SwarmError(f"cannot start a DHT peer with {where}: {str(exc)[:160]}") from None
-        self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
 
     def _dial_back(self) -> tuple[bool | None, str]:
         """Ask the first initial peer to dial our listening port back (see protocols/reach.py)."""

@@ -34,6 +34,7 @@ class Homes:
 
     prefix: str = field(default_factory=lambda: f"st{os.getpid() % 100000}")
     rate: str = ""  # e.g. "100mbit": a tbf limit on each home's uplink and downlink
+    nat: bool = True  # False: plain routers, the public segment routes to the homes (dialable)
 
     @property
     def pub(self) -> str:
@@ -49,7 +50,7 @@ class Homes:
         """Build the namespaces; None when done, else why this machine cannot (nothing left)."""
         if os.geteuid() != 0:
             return "emulated networks need root (network namespaces, iptables)"
-        for tool in ("ip", "iptables", "tc"):
+        for tool in ("ip", "iptables", "tc") if self.nat else ("ip", "tc"):
             if shutil.which(tool) is None:
                 return (
                     f"emulated networks need `{tool}` (Debian: apt-get install iproute2 iptables)"
@@ -91,8 +92,20 @@ class Homes:
                  "ESTABLISHED,RELATED", "-j", "ACCEPT"),
                 ("-A", "FORWARD", "-i", out_if, "-j", "DROP"),
             ]  # fmt: skip
-            for rule in nat_rules:
-                _run("ip", "netns", "exec", nat, "iptables", *rule)
+            if self.nat:
+                for rule in nat_rules:
+                    _run("ip", "netns", "exec", nat, "iptables", *rule)
+            else:
+                _run(
+                    "ip",
+                    "-n",
+                    self.pub,
+                    "route",
+                    "add",
+                    f"192.168.1{i}.0/24",
+                    "via",
+                    f"10.77.{i}.2",
+                )
             if self.rate:  # the home's link: tbf on both ends of its NAT's outer veth
                 for ns, dev in ((nat, out_if), (self.pub, pub_if)):
                     _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
