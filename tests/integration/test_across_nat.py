@@ -2,8 +2,8 @@
 
 What this exercises: the dial-back probe finding both homes unreachable, relay mode (circuit
 relay for matchmaking, blobs passed on by the coordinator), a SIGKILLed NATed volunteer
-restarting and resyncing from the other through the coordinator, and a consumer inside a NAT
-pulling an adapter. The segments are private ranges, so libp2p's own AutoNAT and hole punching
+restarting behind the other and fetching its state through the coordinator, `status` and a
+consumer inside a NAT pulling an adapter. The segments are private ranges, so libp2p's own AutoNAT and hole punching
 stay out of it (docs/design.md, 10. Across the internet).
 """
 
@@ -64,7 +64,7 @@ def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
         swarm.maddr = towards[1]
         swarm.join("v1", "dates", 20, *joined, netns=homes.home(1))
         swarm.maddr = towards[2]
-        swarm.join("v2", "arithmetic", 10, *joined, netns=homes.home(2))
+        swarm.join("v2", "arithmetic", 1000, *joined, netns=homes.home(2))
         _wait(swarm, "v1", 2, timeout=120)
 
         for name in ("v1", "v2"):  # each found out it cannot be dialed, and said so first
@@ -80,21 +80,26 @@ def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
         assert averaged, before
         assert all(before[r]["digest"] == theirs[r]["digest"] for r in averaged)
 
+        # v2 goes on alone for two rounds, so the restarted v1 must fetch v2's state, which
+        # only the coordinator can pass on (both are behind NAT)
+        _wait(swarm, "v2", max(before) + 2, timeout=90)
         swarm.maddr = towards[1]
-        swarm.join("v1", "dates", 5, *joined, netns=homes.home(1))  # 5 more rounds
+        swarm.join("v1", "dates", 4, *joined, netns=homes.home(1))
         assert swarm.wait("v1", timeout=240) == 0, swarm.log("v1")
         done = max(before) + 1  # metrics count rounds from 0, the log and checkpoints from 1
         assert f"resumed from checkpoint at round {done}" in swarm.log("v1")
-        last = done + 5 - 1
+        assert "synced to the group's state" in swarm.log("v1"), swarm.log("v1")
+        ours = _metrics(tmp_path / "v1")
+        last = max(ours)
         _wait(swarm, "v2", last, timeout=60)
-        ours, theirs = _metrics(tmp_path / "v1"), _metrics(tmp_path / "v2")
-        assert max(ours) == last, ours
+        theirs = _metrics(tmp_path / "v2")
         # after the restart they averaged together again, through the coordinator
         together = [r for r, m in ours.items() if r > max(before) and m["group_size"] == 2]
         assert together, ours
         assert all(ours[r]["digest"] == theirs[r]["digest"] for r in together)
         assert ours[last]["digest"] == theirs[last]["digest"]
-        assert swarm.wait("v2", timeout=120) == 0, swarm.log("v2")
+        swarm.kill("v2", signal.SIGINT)  # Ctrl+C: it leaves cleanly
+        assert swarm.wait("v2", timeout=60) == 0, swarm.log("v2")
 
         swarm.spawn("status", "status", "--initial-peers", towards[2], netns=homes.home(2))
         assert swarm.wait("status", timeout=60) == 0, swarm.log("status")
@@ -107,7 +112,7 @@ def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
         assert swarm.wait("pull", timeout=120) == 0, swarm.log("pull")
         assert (out / "adapter_model.safetensors").stat().st_size > 0
         served = re.search(r"round (\d+)", (out / "README.md").read_text())
-        assert served and int(served.group(1)) >= done + 5, (out / "README.md").read_text()
+        assert served and int(served.group(1)) >= last + 1, (out / "README.md").read_text()
     finally:
         swarm.close()
         deadline = time.monotonic() + 20  # helpers of a killed peer end within seconds
