@@ -46,6 +46,7 @@ DHT_GET_TIMEOUT = 10.0
 UNKNOWN_RETRY_S = 0.2
 RELAY_CHECK_S = 5.0  # how often relayed connections are checked and reopened
 PASS_ON_TIMEOUT = 60.0
+MAX_PASSING_ON = 8  # blobs a relay fetches and buffers at once (each at most MAX_PASSED_ON)
 REVEAL_WAIT_S = 5.0  # how long a member may take to serve its blob once its group formed
 TRUNCATED_RETRIES = 2  # fresh streams after one ended early (the sha256 checks every attempt)
 
@@ -199,11 +200,14 @@ class SwarmNode:
         if reach in ("relay", "direct"):
             self.reach_note = f"as asked (--reachability {reach})"
         self.peer_id = self.dht.peer_id.to_base58()
+        # relayed peers of the run -> the maddr we know for their relay ("" when it is us)
+        self._relayed: dict[str, str] = {}
+        self._relays = {peer_id_of(m).to_base58(): m for m in initial_peers if "/p2p/" in m}
+        self._passing_on = asyncio.Semaphore(MAX_PASSING_ON)
         self.blobs = BlobServer(self.p2p, proxy=self._pass_on if relay_service else None)
         self.loop.run(self.blobs.start(), timeout=30)
         if relay_service:
             self.loop.run(DialBackServer(self.p2p).start(), timeout=30)
-        self._relayed: dict[str, str] = {}  # relayed peers of the run -> their relay's maddr
         self._record: PeerRecord | None = None
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -314,10 +318,25 @@ class SwarmNode:
         found = self._get(peers_key(self.run_id))
         records = parse_peer_records(found.value if found is not None else None)
         if found is not None:
-            self._relayed = {
-                pid: r.relay for pid, r in records.items() if r.reach == "relay" and r.relay
-            }
+            self._relayed = self._relays_of(records)
         return records
+
+    def _relays_of(self, records: dict[str, PeerRecord]) -> dict[str, str]:
+        """Relayed peers whose relay is us or one of our initial peers, with the address WE
+        know for it: a record cannot send every peer of the run dialing an address it chose."""
+        relayed: dict[str, str] = {}
+        for pid, record in records.items():
+            if record.reach != "relay" or not record.relay or pid == self.peer_id:
+                continue
+            try:
+                relay_id = peer_id_of(record.relay).to_base58()
+            except SwarmError:
+                continue
+            if relay_id == self.peer_id:
+                relayed[pid] = ""
+            elif relay_id in self._relays:
+                relayed[pid] = self._relays[relay_id]
+        return relayed
 
     def _get(self, key: str) -> Any:
         """The newest value under `key`, or None when the DHT does not answer within
@@ -376,9 +395,8 @@ class SwarmNode:
     ) -> Coroutine[Any, Any, bytes]:
         relay = self._relayed.get(peer_id)
         if relay:  # its blobs come through its relay, over its own outbound connection there
-            relay_id = peer_id_of(relay).to_base58()
-            if relay_id != self.peer_id:  # (the relay itself fetches over that connection)
-                peer_id, name = relay_id, f"{VIA}{peer_id}/{name}"
+            # (when we are its relay, "": we fetch over that connection ourselves)
+            peer_id, name = peer_id_of(relay).to_base58(), f"{VIA}{peer_id}/{name}"
         return fetch_blob(
             self.p2p,
             PeerID.from_base58(peer_id),
@@ -429,17 +447,21 @@ class SwarmNode:
     async def _pass_on(self, peer: str, name: str, max_size: int) -> bytes:
         """(relay service) A relayed peer's blob, fetched over its connection to us; only for
         peers of this run that said they are reached through us."""
-        relay = self._relayed.get(peer)
-        if not relay or peer_id_of(relay).to_base58() != self.peer_id:
+        if self._relayed.get(peer) != "":
             raise TransferError(f"{peer} is not a peer relayed here")
-        return await fetch_blob(
-            self.p2p, PeerID.from_base58(peer), name, max_size=max_size, timeout=PASS_ON_TIMEOUT
-        )
+        async with self._passing_on:  # bounds what we buffer: MAX_PASSING_ON blobs at once
+            return await fetch_blob(
+                self.p2p,
+                PeerID.from_base58(peer),
+                name,
+                max_size=max_size,
+                timeout=PASS_ON_TIMEOUT,
+            )
 
     def _connect_relayed(self) -> None:
         """Open relayed connections to the run's relayed peers we are not connected to (small
         messages such as matchmaking then reach them; blobs go through _pass_on)."""
-        relayed = {p: r for p, r in self._relayed.items() if p != self.peer_id}
+        relayed = {p: r for p, r in self._relayed.items() if r}
         if not relayed:
             return
 

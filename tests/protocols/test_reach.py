@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from protocols.reach import (
     CircuitAddr,
@@ -20,6 +20,7 @@ from protocols.reach import (
     observed_ip,
     p2pd_args,
 )
+from protocols.records import PeerRecord
 from protocols.runner import LoopThread
 from protocols.swarm import SwarmNode
 from protocols.transfer import BlobServer, TransferError, fetch_blob
@@ -151,12 +152,41 @@ def test_a_relay_passes_on_a_blob_and_its_refusal(pair: Pair) -> None:
 
 
 def test_the_coordinator_passes_on_only_for_peers_relayed_through_it() -> None:
-    node = object.__new__(SwarmNode)  # only the fields _pass_on reads; no network
-    node.peer_id = PEER
-    node._relayed = {  # noqa: SLF001
-        "QmElsewhere": "/ip4/10.0.0.9/tcp/1/p2p/QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
-    }
-    for peer in ("QmElsewhere", "QmUnknown"):  # relayed by another peer / not relayed at all
+    coordinator = "QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
+    other_relay = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    node = object.__new__(SwarmNode)  # only the fields these methods read; no network
+    node.peer_id = coordinator
+    node._relays = {}  # noqa: SLF001 - a coordinator has no initial peers
+    records = {
+        "QmThroughUs": PeerRecord(
+            peer_id="QmThroughUs", role="volunteer", reach="relay",
+            relay=f"/ip4/10.0.0.1/tcp/1/p2p/{coordinator}",
+        ),
+        "QmElsewhere": PeerRecord(
+            peer_id="QmElsewhere", role="volunteer", reach="relay",
+            relay=f"/ip4/10.0.0.9/tcp/1/p2p/{other_relay}",
+        ),
+        "QmDirect": PeerRecord(peer_id="QmDirect00", role="volunteer", reach="direct"),
+    }  # fmt: skip
+    node._relayed = node._relays_of(records)  # noqa: SLF001
+    assert node._relayed == {"QmThroughUs": ""}  # noqa: SLF001
+    for peer in ("QmElsewhere", "QmDirect", "QmUnknown"):
         with pytest.raises(TransferError, match="not a peer relayed here"):
             asyncio.run(node._pass_on(peer, "contribution:x:1", 1 << 20))  # noqa: SLF001
-    assert PeerID.from_base58(PEER)  # the id used above is well formed
+
+
+def test_a_volunteer_reaches_relayed_peers_only_through_relays_it_knows() -> None:
+    """A record cannot make every volunteer dial an address it chose: the relay must be one
+    of our initial peers, and we dial the address we know for it."""
+    coordinator = "QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
+    ours = f"/ip4/10.77.1.1/tcp/31337/p2p/{coordinator}"
+    node = object.__new__(SwarmNode)
+    node.peer_id = PEER
+    node._relays = {coordinator: ours}  # noqa: SLF001
+    records = {
+        "QmA": PeerRecord(peer_id="QmA0000000", role="volunteer", reach="relay",
+                          relay=f"/ip4/192.0.2.66/tcp/80/p2p/{coordinator}"),
+        "QmB": PeerRecord(peer_id="QmB0000000", role="volunteer", reach="relay",
+                          relay="/ip4/192.0.2.66/tcp/80/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"),
+    }  # fmt: skip
+    assert node._relays_of(records) == {"QmA": ours}  # noqa: SLF001
