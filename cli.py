@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         " falls back to its relay; direct (others can dial us); relay (always through the"
         " coordinator's relay, e.g. behind NAT)",
     )
+    join.add_argument(
+        "--serve-relay",
+        action="store_true",
+        help="also relay for volunteers behind NAT that list this peer first in --initial-peers"
+        " (needs a peer others can dial)",
+    )
     _report_arg(join)
 
     admit = sub.add_parser(
@@ -316,6 +322,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 None if args.overlap is None else args.overlap == "on",
                 args.eval_every,
                 args.reachability,
+                args.serve_relay,
             )
         )
     if args.command in ("admit", "revoke", "id"):

@@ -62,16 +62,17 @@ def _varint(value: int) -> bytes:
 
 
 class CircuitAddr:
-    """`RELAY_MADDR/p2p-circuit` in the binary form p2pd parses (see the module docstring).
+    """`RELAY_MADDR/p2p-circuit` in the binary form p2pd parses (see the module docstring);
+    RELAY_MADDR may be just `/p2p/<relay id>` for a relay p2pd already knows how to reach.
     It has what the p2pd client uses of a Multiaddr: `to_bytes()` and `str()`."""
 
     def __init__(self, relay_maddr: str) -> None:
         base, sep, relay_id = relay_maddr.partition("/p2p/")
-        if not sep or not base:
+        if not sep:
             raise ValueError(f"{relay_maddr!r} is not an address ending in /p2p/<peer id>")
         multihash = PeerID.from_base58(relay_id).to_bytes()
         self._bytes = (
-            Multiaddr(base).to_bytes()
+            (Multiaddr(base).to_bytes() if base else b"")  # "": p2pd knows where the relay is
             + _varint(_P2P_CODE)
             + _varint(len(multihash))
             + multihash

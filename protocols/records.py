@@ -67,6 +67,9 @@ class PeerRecord(BaseModel):
     # how others reach it: "direct" (it accepts connections) or "relay" (through the relay at
     # `relay`, a multiaddr ending in /p2p/<relay id>); "" from peers that did not say
     reach: Literal["", "direct", "relay"] = ""
+    serves_relay: bool = (
+        False  # a public peer that relays for NATed ones (coordinator, --serve-relay)
+    )
     relay: str = Field(
         "", max_length=256, pattern=r"^(/ip4/[0-9.]+/tcp/[0-9]+/p2p/[1-9A-HJ-NP-Za-km-z]+)?$"
     )

@@ -161,6 +161,8 @@ class SwarmNode:
             raise SwarmError(f"reachability must be one of {', '.join(REACH_MODES)}, not {reach!r}")
         if reach in ("auto", "relay") and not initial_peers:
             raise SwarmError("relay and auto reachability need --initial-peers (the relay)")
+        if reach == "relay" and relay_service:
+            raise SwarmError("--serve-relay needs a peer others can dial, not --reachability relay")
         self._announce_maddrs = announce_multiaddrs(announce or [], port)
         install_p2pd_args()
         remove_stale_hivemind_sockets()
@@ -182,7 +184,7 @@ class SwarmNode:
         self.relay_service = relay_service
         self.relay_maddr = ""  # the relay's multiaddr while we are reached through it
         self.reach = "direct"
-        self.reach_note = "relays for others" if relay_service else ""
+        self.reach_note = "the swarm's public peer" if relay_service else ""
         self._start_dht(relayed=reach == "relay", first=True)
         # after the DHT's fork: a fresh process should not inherit a running loop thread
         self.loop = LoopThread()
@@ -190,13 +192,16 @@ class SwarmNode:
         self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
         if reach == "auto":
             reachable, why = self._dial_back()
+            if reachable is False and relay_service:
+                self.dht.shutdown()
+                raise SwarmError(f"--serve-relay needs a peer others can dial, and {why}")
             if reachable is False:
-                self.reach_note = f"the coordinator could not dial us ({why})"
+                self.reach_note = f"the peer we joined through could not dial us ({why})"
                 self.dht.shutdown()
                 self._start_dht(relayed=True, first=False)
                 self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
             else:
-                self.reach_note = f"the coordinator dialed {why}" if reachable else why
+                self.reach_note = f"the peer we joined through dialed {why}" if reachable else why
         if reach in ("relay", "direct"):
             self.reach_note = f"as asked (--reachability {reach})"
         self.peer_id = self.dht.peer_id.to_base58()
@@ -215,7 +220,8 @@ class SwarmNode:
         if self.reach == "relay":
             log.info("reachability: relay through %s (%s)", self.relay_maddr, self.reach_note)
         elif reach is not None or relay_service:
-            log.info("reachability: direct (%s)", self.reach_note)
+            also = "; relays for volunteers behind NAT" if relay_service else ""
+            log.info("reachability: direct (%s)%s", self.reach_note, also)
 
     def _start_dht(self, *, relayed: bool, first: bool) -> None:
         """Start the DHT (and p2pd); relayed: as a DHT client reserving a slot on the relay."""
@@ -322,8 +328,18 @@ class SwarmNode:
         return records
 
     def _relays_of(self, records: dict[str, PeerRecord]) -> dict[str, str]:
-        """Relayed peers whose relay is us or one of our initial peers, with the address WE
-        know for it: a record cannot send every peer of the run dialing an address it chose."""
+        """Relayed peers whose relay is us, one of our initial peers, or a live direct peer of
+        the run that serves as a relay; with the address WE know for that relay (for the
+        latter, `/p2p/ID`: p2pd finds it). A record cannot send every peer of the run
+        dialing an address it chose."""
+        relays = dict(self._relays)
+        relays.update(
+            {
+                pid: f"/p2p/{pid}"
+                for pid, r in records.items()
+                if r.serves_relay and r.reach != "relay" and pid not in relays
+            }
+        )
         relayed: dict[str, str] = {}
         for pid, record in records.items():
             if record.reach != "relay" or not record.relay or pid == self.peer_id:
@@ -334,8 +350,8 @@ class SwarmNode:
                 continue
             if relay_id == self.peer_id:
                 relayed[pid] = ""
-            elif relay_id in self._relays:
-                relayed[pid] = self._relays[relay_id]
+            elif relay_id in relays:
+                relayed[pid] = relays[relay_id]
         return relayed
 
     def _get(self, key: str) -> Any:
@@ -484,7 +500,12 @@ class SwarmNode:
         if self._record is None or self.run_id is None:
             return
         self._record = self._record.model_copy(
-            update={"stored_at": time.time(), "reach": self.reach, "relay": self.relay_maddr}
+            update={
+                "stored_at": time.time(),
+                "reach": self.reach,
+                "relay": self.relay_maddr,
+                "serves_relay": self.relay_service,
+            }
         )
         self.dht.store(
             peers_key(self.run_id),

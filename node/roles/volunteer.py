@@ -55,6 +55,7 @@ class JoinOptions:
     overlap: bool | None = None  # None: the run's averaging.overlap
     eval_every: int = 1  # held-out eval every N rounds (it costs seconds on a real model)
     reachability: str = "auto"  # auto | direct | relay (protocols/reach.py)
+    serve_relay: bool = False  # also relay for NATed volunteers (a dialable peer only)
 
 
 def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
@@ -310,6 +311,7 @@ def join(options: JoinOptions) -> int:
         port=options.port,
         announce=options.announce,
         reach=options.reachability,
+        relay_service=options.serve_relay,
     )
     volunteer = None
     stop = threading.Event()

@@ -190,3 +190,24 @@ def test_a_volunteer_reaches_relayed_peers_only_through_relays_it_knows() -> Non
                           relay="/ip4/192.0.2.66/tcp/80/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"),
     }  # fmt: skip
     assert node._relays_of(records) == {"QmA": ours}  # noqa: SLF001
+
+
+def test_a_public_volunteer_that_serves_as_relay_is_used_by_peer_id_only() -> None:
+    """A live direct peer whose record says it relays is a relay for others, dialed by peer
+    id (p2pd finds it); a relayed peer claiming to relay is not."""
+    public = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    nated = "QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
+    node = object.__new__(SwarmNode)
+    node.peer_id = PEER
+    node._relays = {}  # noqa: SLF001
+    records = {
+        public: PeerRecord(peer_id=public, role="volunteer", reach="direct", serves_relay=True),
+        nated: PeerRecord(peer_id=nated, role="volunteer", reach="relay", serves_relay=True,
+                          relay=f"/ip4/192.0.2.1/tcp/5/p2p/{public}"),
+        "QmBehindNated": PeerRecord(peer_id="QmBehindNated", role="volunteer", reach="relay",
+                                    relay=f"/ip4/192.0.2.1/tcp/5/p2p/{nated}"),
+    }  # fmt: skip
+    # `nated` says it relays, but it is relayed itself: QmBehindNated cannot be reached
+    assert node._relays_of(records) == {nated: f"/p2p/{public}"}  # noqa: SLF001
+    by_id = CircuitAddr(f"/p2p/{PEER}")
+    assert by_id.to_bytes().hex() == "a503" + "26" + PEER_MULTIHASH + "a202"
