@@ -39,14 +39,23 @@ from protocols.records import (
 )
 from protocols.runner import LoopThread
 from protocols.sockets import remove_stale_hivemind_sockets
-from protocols.transfer import VIA, BlobServer, StreamEndedEarly, TransferError, fetch_blob
+from protocols.transfer import (
+    MAX_PASSED_ON,
+    VIA,
+    BlobServer,
+    StreamEndedEarly,
+    TransferError,
+    fetch_blob,
+    pass_on_blob,
+    refuse,
+)
 
 log = logging.getLogger("swarmtune.swarm")
 DHT_GET_TIMEOUT = 10.0
 UNKNOWN_RETRY_S = 0.2
 RELAY_CHECK_S = 5.0  # how often relayed connections are checked and reopened
-PASS_ON_TIMEOUT = 60.0
-MAX_PASSING_ON = 8  # blobs a relay fetches and buffers at once (each at most MAX_PASSED_ON)
+PASS_ON_TIMEOUT = 300.0  # one blob passed on by a relay, start to end
+MAX_PASSING_ON = 8  # blobs a relay passes on at once
 REVEAL_WAIT_S = 5.0  # how long a member may take to serve its blob once its group formed
 TRUNCATED_RETRIES = 2  # fresh streams after one ended early (the sha256 checks every attempt)
 
@@ -460,19 +469,20 @@ class SwarmNode:
         results = self.loop.run(every(), timeout=timeout + 5)
         return dict(zip(wanted, results, strict=True))
 
-    async def _pass_on(self, peer: str, name: str, max_size: int) -> bytes:
-        """(relay service) A relayed peer's blob, fetched over its connection to us; only for
-        peers of this run that said they are reached through us."""
+    async def _pass_on(self, peer: str, name: str, writer: asyncio.StreamWriter) -> int:
+        """(relay service) Answer a `via/PEER/NAME` request with a relayed peer's blob, passed on
+        as it arrives over its connection to us; only for peers of this run that said they are
+        reached through us. Returns the bytes written."""
         if self._relayed.get(peer) != "":
-            raise TransferError(f"{peer} is not a peer relayed here")
-        async with self._passing_on:  # bounds what we buffer: MAX_PASSING_ON blobs at once
-            return await fetch_blob(
-                self.p2p,
-                PeerID.from_base58(peer),
-                name,
-                max_size=max_size,
-                timeout=PASS_ON_TIMEOUT,
-            )
+            return await refuse(writer, f"{peer} is not a peer relayed here")
+        async with self._passing_on:  # MAX_PASSING_ON transfers at once
+            try:
+                return await asyncio.wait_for(
+                    pass_on_blob(self.p2p, PeerID.from_base58(peer), name, writer, MAX_PASSED_ON),
+                    PASS_ON_TIMEOUT,
+                )
+            except asyncio.TimeoutError:
+                return 0  # the stream closes short: the asking side sees a truncation
 
     def _connect_relayed(self) -> None:
         """Open relayed connections to the run's relayed peers we are not connected to (small

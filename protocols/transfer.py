@@ -10,7 +10,7 @@ Wire format (every frame is a 4-byte big-endian length, then that many bytes):
                       then data frames of 1..CHUNK_SIZE bytes, then one zero-length frame;
     the client closes the stream first (the server waits for that, bounded, then closes).
 A name `via/PEER/NAME` asks a relay for PEER's blob NAME (BlobServer's `proxy`): the relay
-fetches it from PEER over PEER's own connection and serves it the same way.
+asks PEER over PEER's own connection and passes the answer on frame by frame (pass_on_blob).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL = "swarmtune.blob.v1"
 VIA = "via/"  # `via/PEER/NAME`: NAME from PEER, passed on by a relay (BlobServer's proxy)
-MAX_PASSED_ON = 1 << 28  # what a relay buffers of one passed-on blob
+MAX_PASSED_ON = 1 << 30  # the largest blob a relay passes on
 CHUNK_SIZE = 1 << 20
 MAX_CONTROL_FRAME = 4096
 MAX_NAME_LEN = 256
@@ -85,10 +85,11 @@ class BlobServer:
         p2p: P2P,
         *,
         request_timeout: float = 10.0,
-        proxy: Callable[[str, str, int], Awaitable[bytes]] | None = None,
+        proxy: Callable[[str, str, asyncio.StreamWriter], Awaitable[int]] | None = None,
     ) -> None:
-        """`proxy(peer, name, max_size)`, if given, serves `via/PEER/NAME` requests with
-        another peer's blob (a relay passing on a relayed peer's blobs, protocols/reach.py)."""
+        """`proxy(peer, name, writer)`, if given, answers `via/PEER/NAME` requests with another
+        peer's blob and returns the bytes it wrote (a relay passing on a relayed peer's blobs,
+        protocols/reach.py; see pass_on_blob)."""
         self._p2p = p2p
         self._proxy = proxy
         self._request_timeout = request_timeout
@@ -178,13 +179,8 @@ class BlobServer:
             entry = self._blobs.get(name)
         if entry is None and self._proxy is not None and name.startswith(VIA):
             peer, _, rest = name[len(VIA) :].partition("/")
-            try:
-                data = await self._proxy(peer, rest, MAX_PASSED_ON)
-                entry = (data, hashlib.sha256(data).hexdigest())
-            except TransferError as e:  # "unknown blob" stays recognisable to the asking side
-                header = {"ok": False, "error": _one_line(str(e), 300)}
-                self.bytes_sent += await _write_frame(writer, json.dumps(header).encode())
-                return
+            self.bytes_sent += await self._proxy(peer, rest, writer)
+            return
         if entry is None:
             header = {"ok": False, "error": f"unknown blob {name!r}"}
             self.bytes_sent += await _write_frame(writer, json.dumps(header).encode())
@@ -196,6 +192,52 @@ class BlobServer:
         for offset in range(0, len(view), CHUNK_SIZE):
             self.bytes_sent += await _write_frame(writer, view[offset : offset + CHUNK_SIZE])
         self.bytes_sent += await _write_frame(writer, b"")
+
+
+async def refuse(writer: asyncio.StreamWriter, error: str) -> int:
+    """Answer a blob request with an error header; the bytes written."""
+    header = {"ok": False, "error": _one_line(error, 300)}
+    return await _write_frame(writer, json.dumps(header).encode())
+
+
+async def pass_on_blob(
+    p2p: P2P, peer_id: PeerID, name: str, writer: asyncio.StreamWriter, max_size: int
+) -> int:
+    """Answer a request on `writer` with blob `name` fetched from `peer_id`, chunk by chunk as
+    it arrives (a relay holds one chunk, not the blob). The header, with the peer's size and
+    sha256, goes first; the asking side checks the sha256 at the end as always. A refusal is
+    passed on as one, so that "unknown blob" stays recognisable; a transfer that breaks
+    midway leaves the asking side a truncated stream (StreamEndedEarly there). Returns the
+    bytes written."""
+    try:
+        _, reader, upstream = await p2p.call_binary_stream_handler(peer_id, PROTOCOL)
+    except (P2PDaemonError, OSError) as e:
+        return await refuse(writer, f"{peer_id} unreachable from the relay: {_one_line(e)}")
+    written = 0
+    try:
+        await _write_frame(upstream, json.dumps({"name": name}).encode())
+        try:
+            size, sha256 = _parse_header(await _read_frame(reader, MAX_CONTROL_FRAME, "header"))
+        except TransferError as e:
+            return await refuse(writer, str(e))
+        if size > max_size:
+            return await refuse(writer, f"blob is {size} bytes, over the relay's {max_size}")
+        header = {"ok": True, "size": size, "sha256": sha256}
+        written += await _write_frame(writer, json.dumps(header).encode())
+        left = size
+        while True:
+            chunk = await _read_frame(reader, CHUNK_SIZE, "data")
+            if not chunk:
+                break
+            left -= len(chunk)
+            if left < 0:
+                raise TransferError(f"{peer_id} sent more than its declared {size} bytes")
+            written += await _write_frame(writer, chunk)
+        if left == 0:
+            written += await _write_frame(writer, b"")
+        return written  # short of the size: no end frame, the asking side sees a truncation
+    finally:
+        upstream.close()
 
 
 async def fetch_blob(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 from hivemind.p2p import P2P
+from hivemind.utils.multiaddr import Multiaddr
 
 from protocols.reach import (
     CircuitAddr,
@@ -23,7 +26,14 @@ from protocols.reach import (
 from protocols.records import PeerRecord
 from protocols.runner import LoopThread
 from protocols.swarm import SwarmNode
-from protocols.transfer import BlobServer, TransferError, fetch_blob
+from protocols.transfer import (
+    CHUNK_SIZE,
+    BlobServer,
+    TransferError,
+    fetch_blob,
+    pass_on_blob,
+    refuse,
+)
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 PEER = "12D3KooWJrfJBNRJJVr3VX9RXmSMuVxxtppw3jPFZuUe3dQEiUXH"
@@ -116,39 +126,52 @@ def test_dial_back_refuses_a_bad_port_and_a_peer_without_it_does_not_answer(pair
     assert ok is None and "no dial-back" in why
 
 
-def test_a_relay_passes_on_a_blob_and_its_refusal(pair: Pair) -> None:
-    """`via/PEER/NAME` served by the proxy; its TransferError reaches the asking side."""
-    blob = b"contribution bytes" * 1000
-    asked: list[tuple[str, str, int]] = []
+def test_a_relay_passes_on_a_blob_and_its_refusals(pair: Pair) -> None:
+    """`via/PEER/NAME` at a relay: PEER's blob, passed on frame by frame; PEER's refusal (an
+    unknown blob stays recognisable for the retry) and the relay's own reach the asking side."""
+    blob = os.urandom(3 * CHUNK_SIZE + 5)  # several chunks pass through the relay
 
-    async def proxy(peer: str, name: str, max_size: int) -> bytes:
-        asked.append((peer, name, max_size))
-        if peer != "good":
-            raise TransferError(f"{peer} is not a peer relayed here")
-        return blob
+    async def run() -> tuple[bytes, str, str]:
+        served = BlobServer(pair.volunteer)  # the relayed peer
+        await served.start()
+        served.publish("contribution:x:3", blob)
 
-    async def run() -> tuple[bytes, str]:
-        server = BlobServer(pair.bare, proxy=proxy)
-        await server.start()
+        async def proxy(peer: str, name: str, writer: asyncio.StreamWriter) -> int:
+            if peer != pair.volunteer.peer_id.to_base58():
+                return await refuse(writer, f"{peer} is not a peer relayed here")
+            return await pass_on_blob(
+                pair.coordinator, pair.volunteer.peer_id, name, writer, 1 << 30
+            )
+
+        relay = BlobServer(pair.coordinator, proxy=proxy)
+        await relay.start()
+        addrs = [  # without /p2p/ID, which hivemind's multiaddr would encode as a CID
+            Multiaddr(str(m).split("/p2p/")[0]) for m in await pair.coordinator.get_visible_maddrs()
+        ]
+        await pair.bare._client.connect(pair.coordinator.peer_id, addrs)  # noqa: SLF001
+        peer = pair.volunteer.peer_id.to_base58()
+        errors = []
         try:
             got = await fetch_blob(
-                pair.volunteer,
-                pair.bare.peer_id,
-                "via/good/contribution:x:3",
+                pair.bare,
+                pair.coordinator.peer_id,
+                f"via/{peer}/contribution:x:3",
                 expected_sha256=hashlib.sha256(blob).hexdigest(),
             )
-            try:
-                await fetch_blob(pair.volunteer, pair.bare.peer_id, "via/other/contribution:x:3")
-            except TransferError as exc:
-                return got, str(exc)
-            return got, ""
+            for name in (f"via/{peer}/contribution:x:4", "via/QmSomeoneElse/contribution:x:3"):
+                try:
+                    await fetch_blob(pair.bare, pair.coordinator.peer_id, name)
+                except TransferError as exc:
+                    errors.append(str(exc))
+            return got, *errors
         finally:
-            await server.stop()
+            await relay.stop()
+            await served.stop()
 
-    got, refusal = pair.loop.run(run(), timeout=30)
+    got, unknown, not_relayed = pair.loop.run(run(), timeout=60)
     assert got == blob
-    assert "not a peer relayed here" in refusal
-    assert [a[:2] for a in asked] == [("good", "contribution:x:3"), ("other", "contribution:x:3")]
+    assert "unknown blob 'contribution:x:4'" in unknown
+    assert "not a peer relayed here" in not_relayed
 
 
 def test_the_coordinator_passes_on_only_for_peers_relayed_through_it() -> None:
@@ -170,9 +193,24 @@ def test_the_coordinator_passes_on_only_for_peers_relayed_through_it() -> None:
     }  # fmt: skip
     node._relayed = node._relays_of(records)  # noqa: SLF001
     assert node._relayed == {"QmThroughUs": ""}  # noqa: SLF001
-    for peer in ("QmElsewhere", "QmDirect", "QmUnknown"):
-        with pytest.raises(TransferError, match="not a peer relayed here"):
-            asyncio.run(node._pass_on(peer, "contribution:x:1", 1 << 20))  # noqa: SLF001
+    for peer in ("QmElsewhere", "QmDirect00", "QmUnknown"):
+        answer = _Captured()
+        asyncio.run(node._pass_on(peer, "contribution:x:1", answer))  # noqa: SLF001
+        header = json.loads(bytes(answer.data[4:]))
+        assert header["ok"] is False and "not a peer relayed here" in header["error"]
+
+
+class _Captured:
+    """What a stream writer was given (the refusal is written before any network use)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    async def drain(self) -> None:
+        pass
 
 
 def test_a_volunteer_reaches_relayed_peers_only_through_relays_it_knows() -> None:
