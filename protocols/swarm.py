@@ -198,19 +198,14 @@ class SwarmNode:
         # after the DHT's fork: a fresh process should not inherit a running loop thread
         self.loop = LoopThread()
         self.loop.loop.set_exception_handler(_quiet_disconnects)
-        self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
-        if reach == "auto":
-            reachable, why = self._dial_back()
-            if reachable is False and relay_service:
-                self.dht.shutdown()
-                raise SwarmError(f"--serve-relay needs a peer others can dial, and {why}")
-            if reachable is False:
-                self.reach_note = f"the peer we joined through could not dial us ({why})"
-                self.dht.shutdown()
-                self._start_dht(relayed=True, first=False)
-                self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
-            else:
-                self.reach_note = f"the peer we joined through dialed {why}" if reachable else why
+        try:
+            self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+            if reach == "auto":
+                self._decide_reach(relay_service)
+        except BaseException:  # nothing of ours may outlive a failed start
+            self.loop.shutdown()
+            self.dht.shutdown()
+            raise
         if reach in ("relay", "direct"):
             self.reach_note = f"as asked (--reachability {reach})"
         self.peer_id = self.dht.peer_id.to_base58()
@@ -262,6 +257,20 @@ class SwarmNode:
         except Exception as exc:  # noqa: BLE001 - hivemind reports bootstrap failures variously
             where = ", ".join(self._initial_peers) or f"{self._host}:{self._port}"
             raise SwarmError(f"cannot start a DHT peer with {where}: {str(exc)[:160]}") from None
+
+    def _decide_reach(self, relay_service: bool) -> None:
+        """`auto`: stay direct if the peer we joined through can dial us back, else restart
+        the DHT in relay mode (a relay service must be dialable: SwarmError)."""
+        reachable, why = self._dial_back()
+        if reachable is False and relay_service:
+            raise SwarmError(f"--serve-relay needs a peer others can dial, and {why}")
+        if reachable is False:
+            self.reach_note = f"the peer we joined through could not dial us ({why})"
+            self.dht.shutdown()
+            self._start_dht(relayed=True, first=False)
+            self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+        else:
+            self.reach_note = f"the peer we joined through dialed {why}" if reachable else why
 
     def _dial_back(self) -> tuple[bool | None, str]:
         """Ask the first initial peer to dial our listening port back (see protocols/reach.py)."""
