@@ -26,6 +26,7 @@ from protocols.reach import (
     ask_dial_back,
     connect_through,
     install_p2pd_args,
+    observed_ip,
 )
 from protocols.records import (
     PEER_TTL,
@@ -211,6 +212,7 @@ class SwarmNode:
         self.peer_id = self.dht.peer_id.to_base58()
         # relayed peers of the run -> the maddr we know for their relay ("" when it is us)
         self._relayed: dict[str, str] = {}
+        self._relay_routes: list[str] = []  # every relay we know, other than us
         self._relays = {peer_id_of(m).to_base58(): m for m in initial_peers if "/p2p/" in m}
         self._passing_on = asyncio.Semaphore(MAX_PASSING_ON)
         self.blobs = BlobServer(self.p2p, proxy=self._pass_on if relay_service else None)
@@ -262,7 +264,7 @@ class SwarmNode:
         """`auto`: stay direct if the peer we joined through can dial us back, else restart
         the DHT in relay mode (a relay service must be dialable: SwarmError)."""
         reachable, why = self._dial_back()
-        if reachable is False and relay_service:
+        if reachable is not True and relay_service:
             raise SwarmError(f"--serve-relay needs a peer others can dial, and {why}")
         if reachable is False:
             self.reach_note = f"the peer we joined through could not dial us ({why})"
@@ -343,21 +345,25 @@ class SwarmNode:
         records = parse_peer_records(found.value if found is not None else None)
         if found is not None:
             self._relayed = self._relays_of(records)
+            self._relay_routes = [
+                m for pid, m in self._known_relays(records).items() if pid != self.peer_id
+            ]
         return records
 
-    def _relays_of(self, records: dict[str, PeerRecord]) -> dict[str, str]:
-        """Relayed peers whose relay is us, one of our initial peers, or a live direct peer of
-        the run that serves as a relay; with the address WE know for that relay (for the
-        latter, `/p2p/ID`: p2pd finds it). A record cannot send every peer of the run
-        dialing an address it chose."""
+    def _known_relays(self, records: dict[str, PeerRecord]) -> dict[str, str]:
+        """Relays we may use, by peer id: our initial peers (at the address we know) and the
+        run's live direct peers whose records say they relay (`/p2p/ID`: p2pd finds them)."""
         relays = dict(self._relays)
-        relays.update(
-            {
-                pid: f"/p2p/{pid}"
-                for pid, r in records.items()
-                if r.serves_relay and r.reach != "relay" and pid not in relays
-            }
-        )
+        for pid, r in records.items():
+            if r.serves_relay and r.reach != "relay" and pid not in relays:
+                relays[pid] = f"/p2p/{pid}"
+        return relays
+
+    def _relays_of(self, records: dict[str, PeerRecord]) -> dict[str, str]:
+        """Relayed peers whose relay is us or one we know (_known_relays), with the address WE
+        know for that relay ("" when it is us). A record cannot send every peer of the run
+        dialing an address it chose."""
+        relays = self._known_relays(records)
         relayed: dict[str, str] = {}
         for pid, record in records.items():
             if record.reach != "relay" or not record.relay or pid == self.peer_id:
@@ -427,19 +433,57 @@ class SwarmNode:
         max_size: int = 1 << 30,
         stats: dict[str, float] | None = None,
     ) -> Coroutine[Any, Any, bytes]:
-        relay = self._relayed.get(peer_id)
-        if relay:  # its blobs come through its relay, over its own outbound connection there
-            # (when we are its relay, "": we fetch over that connection ourselves)
-            peer_id, name = peer_id_of(relay).to_base58(), f"{VIA}{peer_id}/{name}"
-        return fetch_blob(
-            self.p2p,
-            PeerID.from_base58(peer_id),
-            name,
-            expected_sha256=sha256,
-            max_size=max_size,
-            timeout=timeout,
-            stats=stats,
+        return self._fetch_by_routes(
+            self._routes(peer_id), peer_id, name, sha256, timeout, max_size, stats
         )
+
+    def _routes(self, peer_id: str) -> list[str]:
+        """Where to ask for a peer's blobs, in order: "" for the peer itself, else a relay's
+        maddr (`via/PEER/NAME` there). Its record's relay first, but every relay we know is a
+        fallback, and so is the peer itself: records are self-reported, and a forged one must
+        not be able to route a peer's blobs to where they are withheld."""
+        claimed = self._relayed.get(peer_id)
+        others = [r for r in self._relay_routes if r != claimed]
+        if claimed is None:  # not relayed, as far as its record says
+            return ["", *others]
+        if claimed == "":  # relayed through us: we ask it over its own connection
+            return [""]
+        return [claimed, *others, ""]
+
+    async def _fetch_by_routes(
+        self,
+        routes: list[str],
+        peer_id: str,
+        name: str,
+        sha256: str | None,
+        timeout: float,
+        max_size: int,
+        stats: dict[str, float] | None,
+    ) -> bytes:
+        deadline = time.monotonic() + timeout
+        failure: TransferError | None = None
+        for route in routes:
+            ask, wanted = (
+                (peer_id, name)
+                if not route
+                else (peer_id_of(route).to_base58(), f"{VIA}{peer_id}/{name}")
+            )
+            try:
+                return await fetch_blob(
+                    self.p2p,
+                    PeerID.from_base58(ask),
+                    wanted,
+                    expected_sha256=sha256,
+                    max_size=max_size,
+                    timeout=max(deadline - time.monotonic(), 0.1),
+                    stats=stats,
+                )
+            except TransferError as exc:
+                failure = exc if failure is None or "unknown blob" in str(exc) else failure
+                if time.monotonic() >= deadline:
+                    break
+        assert failure is not None
+        raise failure
 
     def fetch_many(
         self, wanted: dict[str, tuple[str, str, int]], timeout: float
@@ -479,15 +523,26 @@ class SwarmNode:
         return dict(zip(wanted, results, strict=True))
 
     async def _pass_on(self, peer: str, name: str, writer: asyncio.StreamWriter) -> int:
-        """(relay service) Answer a `via/PEER/NAME` request with a relayed peer's blob, passed on
-        as it arrives over its connection to us; only for peers of this run that said they are
-        reached through us. Returns the bytes written."""
-        if self._relayed.get(peer) != "":
+        """(relay service) Answer a `via/PEER/NAME` request with PEER's blob, passed on as it
+        arrives over PEER's direct connection to us. Only for a peer connected to us directly
+        (a fact of our own p2p daemon, not of any record), and never more than
+        MAX_PASSING_ON at once (a request beyond is refused, not queued). Returns the bytes
+        written."""
+        try:
+            peer_id = PeerID.from_base58(peer)
+            connected = {
+                p.peer_id for p in await self.p2p.list_peers() if observed_ip(list(p.addrs))
+            }
+        except Exception:  # noqa: BLE001 - a malformed id, or the daemon is going away
+            connected = set()
+        if not connected or peer_id not in connected:
             return await refuse(writer, f"{peer} is not a peer relayed here")
-        async with self._passing_on:  # MAX_PASSING_ON transfers at once
+        if self._passing_on.locked():
+            return await refuse(writer, "relay busy: try again")
+        async with self._passing_on:
             try:
                 return await asyncio.wait_for(
-                    pass_on_blob(self.p2p, PeerID.from_base58(peer), name, writer, MAX_PASSED_ON),
+                    pass_on_blob(self.p2p, peer_id, name, writer, MAX_PASSED_ON),
                     PASS_ON_TIMEOUT,
                 )
             except asyncio.TimeoutError:
@@ -500,15 +555,17 @@ class SwarmNode:
         if not relayed:
             return
 
+        async def one(peer: str, relay: str) -> None:
+            try:
+                await asyncio.wait_for(
+                    connect_through(self.p2p, PeerID.from_base58(peer), relay), RELAY_CHECK_S
+                )
+            except Exception as exc:  # noqa: BLE001 - it may have left; the next beat retries
+                log.debug("relayed connection to %s failed: %s", peer[-8:], exc)
+
         async def connect() -> None:
             connected = {p.peer_id.to_base58() for p in await self.p2p.list_peers()}
-            for peer, relay in relayed.items():
-                if peer in connected:
-                    continue
-                try:
-                    await connect_through(self.p2p, PeerID.from_base58(peer), relay)
-                except Exception as exc:  # noqa: BLE001 - it may have left; the next beat retries
-                    log.debug("relayed connection to %s failed: %s", peer[-8:], exc)
+            await asyncio.gather(*(one(p, r) for p, r in relayed.items() if p not in connected))
 
         try:
             self.loop.run(connect(), timeout=30)
@@ -535,14 +592,17 @@ class SwarmNode:
         )
 
     def _beat(self) -> None:
-        beats = 0
+        next_store = time.monotonic() + PEER_TTL / 3
         while not self._stop.wait(RELAY_CHECK_S):
-            beats += 1
-            if beats % round(PEER_TTL / 3 / RELAY_CHECK_S) == 0:
-                self._store_record()
-            if self.reach == "relay":
-                self.peers()  # who else is relayed (other peers learn it from their own reads)
-            self._connect_relayed()
+            try:
+                if time.monotonic() >= next_store:  # by the clock: a slow check cannot delay it
+                    next_store = time.monotonic() + PEER_TTL / 3
+                    self._store_record()
+                if self.reach == "relay":
+                    self.peers()  # who else is relayed (other peers learn it from their reads)
+                self._connect_relayed()
+            except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive a bad beat
+                log.debug("heartbeat: %s", exc)
 
     def shutdown(self) -> None:
         """Stop serving and leave; idempotent."""

@@ -10,10 +10,11 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from protocols.reach import (
@@ -174,30 +175,44 @@ def test_a_relay_passes_on_a_blob_and_its_refusals(pair: Pair) -> None:
     assert "not a peer relayed here" in not_relayed
 
 
-def test_the_coordinator_passes_on_only_for_peers_relayed_through_it() -> None:
-    coordinator = "QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
-    other_relay = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
-    node = object.__new__(SwarmNode)  # only the fields these methods read; no network
-    node.peer_id = coordinator
-    node._relays = {}  # noqa: SLF001 - a coordinator has no initial peers
-    records = {
-        "QmThroughUs": PeerRecord(
-            peer_id="QmThroughUs", role="volunteer", reach="relay",
-            relay=f"/ip4/10.0.0.1/tcp/1/p2p/{coordinator}",
-        ),
-        "QmElsewhere": PeerRecord(
-            peer_id="QmElsewhere", role="volunteer", reach="relay",
-            relay=f"/ip4/10.0.0.9/tcp/1/p2p/{other_relay}",
-        ),
-        "QmDirect": PeerRecord(peer_id="QmDirect00", role="volunteer", reach="direct"),
-    }  # fmt: skip
-    node._relayed = node._relays_of(records)  # noqa: SLF001
-    assert node._relayed == {"QmThroughUs": ""}  # noqa: SLF001
-    for peer in ("QmElsewhere", "QmDirect00", "QmUnknown"):
+def test_a_relay_passes_on_only_for_peers_connected_to_it_directly() -> None:
+    """Whether a relay passes on for PEER is a fact of its own p2p daemon (a direct connection
+    from PEER), not of any record."""
+    direct_peer = "QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
+    circuit_peer = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+
+    class Daemon:
+        async def list_peers(self) -> list[SimpleNamespace]:
+            return [
+                SimpleNamespace(
+                    peer_id=PeerID.from_base58(direct_peer), addrs=["/ip4/10.77.1.2/tcp/4100"]
+                ),
+                SimpleNamespace(
+                    peer_id=PeerID.from_base58(circuit_peer),
+                    addrs=[f"/ip4/10.77.1.1/tcp/7000/p2p/{PEER}/p2p-circuit"],
+                ),
+            ]
+
+    node = object.__new__(SwarmNode)  # only the fields _pass_on reads before any transfer
+    node.p2p = Daemon()
+    node._relayed = {circuit_peer: ""}  # noqa: SLF001 - a record saying so changes nothing
+    for peer in (circuit_peer, "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5M", "not-an-id"):
         answer = _Captured()
         asyncio.run(node._pass_on(peer, "contribution:x:1", answer))  # noqa: SLF001
         header = json.loads(bytes(answer.data[4:]))
         assert header["ok"] is False and "not a peer relayed here" in header["error"]
+
+
+def test_a_forged_record_cannot_route_a_peer_s_blobs_away_for_good() -> None:
+    """Records are self-reported: the relay a record names is tried first, then every other
+    relay we know, then the peer itself."""
+    coordinator, attacker = "/ip4/10.77.1.1/tcp/1/p2p/QmC", "/p2p/QmAttacker"
+    node = object.__new__(SwarmNode)
+    node._relay_routes = [coordinator, attacker]  # noqa: SLF001
+    node._relayed = {"QmVictim": attacker, "QmThroughUs": ""}  # noqa: SLF001
+    assert node._routes("QmVictim") == [attacker, coordinator, ""]  # noqa: SLF001
+    assert node._routes("QmDirect") == ["", coordinator, attacker]  # noqa: SLF001
+    assert node._routes("QmThroughUs") == [""]  # noqa: SLF001
 
 
 class _Captured:
