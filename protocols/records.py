@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_RECORD_BYTES = 64 * 1024
 PEER_TTL = 90.0
+# a relay's address as a peer record names it: IPv4/IPv6/DNS, TCP, then its peer id
+RELAY_MADDR = r"^(/(ip4|ip6|dns|dns4|dns6)/[^/]{1,253}/tcp/[0-9]{1,5}/p2p/[1-9A-HJ-NP-Za-km-z]+)?$"
 HEX64 = r"^[0-9a-f]{64}$"
 _OWNER = re.compile(rb"^\[owner:.+\]$", re.DOTALL)
 
@@ -70,9 +72,7 @@ class PeerRecord(BaseModel):
     serves_relay: bool = (
         False  # a public peer that relays for NATed ones (coordinator, --serve-relay)
     )
-    relay: str = Field(
-        "", max_length=256, pattern=r"^(/ip4/[0-9.]+/tcp/[0-9]+/p2p/[1-9A-HJ-NP-Za-km-z]+)?$"
-    )
+    relay: str = Field("", max_length=256, pattern=RELAY_MADDR)
     adapters: dict[str, AdapterOffer] = Field(default_factory=dict, max_length=64)
 
     @field_validator("loss", "eval_loss", "inner_s", "matchmaking_s", "transfer_s", "wall_s")

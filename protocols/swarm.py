@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Coroutine
@@ -30,6 +31,7 @@ from protocols.reach import (
 )
 from protocols.records import (
     PEER_TTL,
+    RELAY_MADDR,
     ManifestRecord,
     PeerRecord,
     RunRecordValidator,
@@ -171,6 +173,11 @@ class SwarmNode:
             raise SwarmError(f"reachability must be one of {', '.join(REACH_MODES)}, not {reach!r}")
         if reach in ("auto", "relay") and not initial_peers:
             raise SwarmError("relay and auto reachability need --initial-peers (the relay)")
+        if reach in ("auto", "relay") and not re.match(RELAY_MADDR, initial_peers[0]):
+            raise SwarmError(
+                f"the first --initial-peers address, {initial_peers[0]!r}, cannot be a relay:"
+                " it must look like /ip4/IP/tcp/PORT/p2p/ID (or /dns4/NAME/..., /ip6/...)"
+            )
         if reach == "relay" and relay_service:
             raise SwarmError("--serve-relay needs a peer others can dial, not --reachability relay")
         self._announce_maddrs = announce_multiaddrs(announce or [], port)

@@ -26,7 +26,7 @@ from protocols.reach import (
 )
 from protocols.records import PeerRecord
 from protocols.runner import LoopThread
-from protocols.swarm import SwarmNode
+from protocols.swarm import SwarmError, SwarmNode
 from protocols.transfer import (
     CHUNK_SIZE,
     BlobServer,
@@ -264,3 +264,17 @@ def test_a_public_volunteer_that_serves_as_relay_is_used_by_peer_id_only() -> No
     assert node._relays_of(records) == {nated: f"/p2p/{public}"}  # noqa: SLF001
     by_id = CircuitAddr(f"/p2p/{PEER}")
     assert by_id.to_bytes().hex() == "a503" + "26" + PEER_MULTIHASH + "a202"
+
+
+def test_relay_addresses_a_record_may_name() -> None:
+    for good in (f"/ip4/10.77.1.1/tcp/7000/p2p/{PEER}", f"/dns4/coord.example.org/tcp/31337/p2p/{PEER}",
+                 f"/ip6/::1/tcp/4100/p2p/{PEER}", ""):  # fmt: skip
+        PeerRecord(peer_id="QmVolunteer", role="volunteer", relay=good)
+    for bad in (f"/ip4/10.77.1.1/udp/7000/p2p/{PEER}", "/ip4/10.77.1.1/tcp/7000", "http://x"):
+        with pytest.raises(ValueError):
+            PeerRecord(peer_id="QmVolunteer", role="volunteer", relay=bad)
+
+
+def test_a_relay_address_that_is_not_one_is_one_clear_error() -> None:
+    with pytest.raises(SwarmError, match="cannot be a relay"):
+        SwarmNode(initial_peers=["/ip4/10.77.1.1/tcp/7000"], reach="auto")
