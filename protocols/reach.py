@@ -14,7 +14,7 @@ A peer nobody can dial runs in relay mode (docs/design.md, 10. Across the intern
   protocols/transfer.py's BlobServer). The fetcher checks the committed sha256 as always, so
   the coordinator can delay a blob but not alter it.
 
-Two things in hivemind 1.1.12's p2pd that this module works around:
+Three things in hivemind 1.1.12's p2pd that this module works around:
 - With `-autoRelay` p2pd also discovers relays in the background, and go-libp2p then waits out a
   3-minute boot delay before it reserves a slot on a relay it was given. `p2pd_args` turns
   discovery off whenever static relays are given (measured: reservation at once, not 180 s).
@@ -33,12 +33,13 @@ import asyncio
 import ipaddress
 import json
 import logging
-import struct
 from typing import Any
 
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.utils.multiaddr import Multiaddr
+
+from protocols.transfer import TransferError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ DIALBACK_PROTOCOL = "swarmtune.dialback.v1"
 DIAL_TIMEOUT = 3.0  # seconds the coordinator waits for a TCP handshake with the asking peer
 REQUEST_TIMEOUT = 10.0
 MAX_FRAME = 1024
-_LEN = struct.Struct(">I")
 _P2P_CODE, _CIRCUIT_CODE = 421, 290  # multicodec table: p2p, p2p-circuit
 
 REACH_MODES = ("auto", "direct", "relay")
@@ -113,16 +113,11 @@ def install_p2pd_args() -> None:
 
 
 async def _write(writer: asyncio.StreamWriter, payload: dict[str, Any]) -> None:
-    data = json.dumps(payload).encode()
-    writer.write(_LEN.pack(len(data)) + data)
-    await writer.drain()
+    await write_frame(writer, json.dumps(payload).encode())
 
 
 async def _read(reader: asyncio.StreamReader) -> dict[str, Any]:
-    (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes, over {MAX_FRAME}")
-    value = json.loads(await reader.readexactly(size))
+    value = json.loads(await read_frame(reader, MAX_FRAME, "dial-back"))
     if not isinstance(value, dict):
         raise ValueError("frame is not a JSON object")
     return value
@@ -162,7 +157,6 @@ class DialBackServer:
 
     def __init__(self, p2p: P2P) -> None:
         self._p2p = p2p
-        self.answered = 0
 
     async def start(self) -> None:
         await self._p2p.add_binary_stream_handler(DIALBACK_PROTOCOL, self._handle)
@@ -183,7 +177,6 @@ class DialBackServer:
                 await _write(writer, {"ok": False, "error": "no direct connection from you"})
                 return
             problem = await tcp_dial(ip, port)
-            self.answered += 1
             await _write(
                 writer, {"ok": problem is None, "address": f"{ip}:{port}", "error": problem or ""}
             )
@@ -204,7 +197,13 @@ async def ask_dial_back(p2p: P2P, peer: PeerID, port: int) -> tuple[bool | None,
     try:
         await _write(writer, {"port": port})
         answer = await asyncio.wait_for(_read(reader), REQUEST_TIMEOUT + DIAL_TIMEOUT)
-    except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+    except (
+        asyncio.TimeoutError,
+        asyncio.IncompleteReadError,
+        ConnectionError,
+        ValueError,
+        TransferError,
+    ) as exc:
         return None, f"no dial-back answer: {type(exc).__name__}"
     finally:
         writer.close()

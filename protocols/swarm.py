@@ -351,10 +351,9 @@ class SwarmNode:
         found = self._get(peers_key(self.run_id))
         records = parse_peer_records(found.value if found is not None else None)
         if found is not None:
-            self._relayed = self._relays_of(records)
-            self._relay_routes = [
-                m for pid, m in self._known_relays(records).items() if pid != self.peer_id
-            ]
+            relays = self._known_relays(records)
+            self._relayed = self._relays_of(records, relays)
+            self._relay_routes = [m for pid, m in relays.items() if pid != self.peer_id]
         return records
 
     def _known_relays(self, records: dict[str, PeerRecord]) -> dict[str, str]:
@@ -366,11 +365,10 @@ class SwarmNode:
                 relays[pid] = f"/p2p/{pid}"
         return relays
 
-    def _relays_of(self, records: dict[str, PeerRecord]) -> dict[str, str]:
-        """Relayed peers whose relay is us or one we know (_known_relays), with the address WE
-        know for that relay ("" when it is us). A record cannot send every peer of the run
+    def _relays_of(self, records: dict[str, PeerRecord], relays: dict[str, str]) -> dict[str, str]:
+        """Relayed peers whose relay is us or one of `relays` (_known_relays), with the address
+        WE know for that relay ("" when it is us). A record cannot send every peer of the run
         dialing an address it chose."""
-        relays = self._known_relays(records)
         relayed: dict[str, str] = {}
         for pid, record in records.items():
             if record.reach != "relay" or not record.relay or pid == self.peer_id:
@@ -541,8 +539,8 @@ class SwarmNode:
                 p.peer_id for p in await self.p2p.list_peers() if observed_ip(list(p.addrs))
             }
         except Exception:  # noqa: BLE001 - a malformed id, or the daemon is going away
-            connected = set()
-        if not connected or peer_id not in connected:
+            peer_id, connected = None, set()
+        if peer_id is None or peer_id not in connected:
             return await refuse(writer, f"{peer} is not a peer relayed here")
         if self._passing_on.locked():
             return await refuse(writer, "relay busy: try again")

@@ -62,7 +62,7 @@ def _one_line(text: object, limit: int = 200) -> str:
     return " ".join(str(text).split())[:limit]
 
 
-async def _write_frame(writer: asyncio.StreamWriter, payload: bytes | memoryview) -> int:
+async def write_frame(writer: asyncio.StreamWriter, payload: bytes | memoryview) -> int:
     writer.write(_LEN.pack(len(payload)))
     if payload:
         writer.write(payload)
@@ -70,7 +70,7 @@ async def _write_frame(writer: asyncio.StreamWriter, payload: bytes | memoryview
     return _LEN.size + len(payload)
 
 
-async def _read_frame(reader: asyncio.StreamReader, limit: int, what: str) -> bytes:
+async def read_frame(reader: asyncio.StreamReader, limit: int, what: str) -> bytes:
     length = _LEN.unpack(await reader.readexactly(_LEN.size))[0]
     if length > limit:
         raise TransferError(f"{what} frame of {length} bytes exceeds the {limit}-byte limit")
@@ -166,7 +166,7 @@ class BlobServer:
     @staticmethod
     async def _read_request(reader: asyncio.StreamReader) -> str | None:
         try:
-            request = json.loads(await _read_frame(reader, MAX_CONTROL_FRAME, "request"))
+            request = json.loads(await read_frame(reader, MAX_CONTROL_FRAME, "request"))
         except (TransferError, ValueError):  # JSONDecodeError and UnicodeDecodeError included
             return None
         name = request.get("name") if isinstance(request, dict) else None
@@ -183,21 +183,21 @@ class BlobServer:
             return
         if entry is None:
             header = {"ok": False, "error": f"unknown blob {name!r}"}
-            self.bytes_sent += await _write_frame(writer, json.dumps(header).encode())
+            self.bytes_sent += await write_frame(writer, json.dumps(header).encode())
             return
         data, sha256 = entry
         header = {"ok": True, "size": len(data), "sha256": sha256}
-        self.bytes_sent += await _write_frame(writer, json.dumps(header).encode())
+        self.bytes_sent += await write_frame(writer, json.dumps(header).encode())
         view = memoryview(data)
         for offset in range(0, len(view), CHUNK_SIZE):
-            self.bytes_sent += await _write_frame(writer, view[offset : offset + CHUNK_SIZE])
-        self.bytes_sent += await _write_frame(writer, b"")
+            self.bytes_sent += await write_frame(writer, view[offset : offset + CHUNK_SIZE])
+        self.bytes_sent += await write_frame(writer, b"")
 
 
 async def refuse(writer: asyncio.StreamWriter, error: str) -> int:
     """Answer a blob request with an error header; the bytes written."""
     header = {"ok": False, "error": _one_line(error, 300)}
-    return await _write_frame(writer, json.dumps(header).encode())
+    return await write_frame(writer, json.dumps(header).encode())
 
 
 async def pass_on_blob(
@@ -215,26 +215,26 @@ async def pass_on_blob(
         return await refuse(writer, f"{peer_id} unreachable from the relay: {_one_line(e)}")
     written = 0
     try:
-        await _write_frame(upstream, json.dumps({"name": name}).encode())
+        await write_frame(upstream, json.dumps({"name": name}).encode())
         try:
-            size, sha256 = _parse_header(await _read_frame(reader, MAX_CONTROL_FRAME, "header"))
+            size, sha256 = _parse_header(await read_frame(reader, MAX_CONTROL_FRAME, "header"))
         except TransferError as e:
             return await refuse(writer, str(e))
         if size > max_size:
             return await refuse(writer, f"blob is {size} bytes, over the relay's {max_size}")
         header = {"ok": True, "size": size, "sha256": sha256}
-        written += await _write_frame(writer, json.dumps(header).encode())
+        written += await write_frame(writer, json.dumps(header).encode())
         left = size
         while True:
-            chunk = await _read_frame(reader, CHUNK_SIZE, "data")
+            chunk = await read_frame(reader, CHUNK_SIZE, "data")
             if not chunk:
                 break
             left -= len(chunk)
             if left < 0:
                 raise TransferError(f"{peer_id} sent more than its declared {size} bytes")
-            written += await _write_frame(writer, chunk)
+            written += await write_frame(writer, chunk)
         if left == 0:
-            written += await _write_frame(writer, b"")
+            written += await write_frame(writer, b"")
         return written  # short of the size: no end frame, the asking side sees a truncation
     finally:
         upstream.close()
@@ -284,8 +284,8 @@ async def _fetch(
     except (P2PDaemonError, OSError) as e:
         raise TransferError(f"peer unreachable or not serving {PROTOCOL}: {_one_line(e)}") from None
     try:
-        await _write_frame(writer, json.dumps({"name": name}).encode())
-        raw_header = await _read_frame(reader, MAX_CONTROL_FRAME, "header")
+        await write_frame(writer, json.dumps({"name": name}).encode())
+        raw_header = await read_frame(reader, MAX_CONTROL_FRAME, "header")
         counter["bytes"] += _LEN.size + len(raw_header)
         size, sha256 = _parse_header(raw_header)
         if size > max_size:

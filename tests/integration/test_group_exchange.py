@@ -139,7 +139,7 @@ def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times(
     import json
 
     from protocols import swarm
-    from protocols.transfer import TransferError, _write_frame
+    from protocols.transfer import TransferError, write_frame
 
     server, client = nodes[:2]
     data = b"contribution bytes" * 1000
@@ -151,7 +151,7 @@ def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times(
         if cuts["left"] > 0:
             cuts["left"] -= 1
             header = {"ok": True, "size": len(data), "sha256": wanted[server.peer_id][1]}
-            await _write_frame(writer, json.dumps(header).encode())
+            await write_frame(writer, json.dumps(header).encode())
             writer.close()  # the stream ends before the payload
             return
         await send(name, writer)

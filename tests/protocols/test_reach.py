@@ -242,7 +242,7 @@ def test_a_volunteer_reaches_relayed_peers_only_through_relays_it_knows() -> Non
         "QmB": PeerRecord(peer_id="QmB0000000", role="volunteer", reach="relay",
                           relay="/ip4/192.0.2.66/tcp/80/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"),
     }  # fmt: skip
-    assert node._relays_of(records) == {"QmA": ours}  # noqa: SLF001
+    assert node._relays_of(records, node._known_relays(records)) == {"QmA": ours}  # noqa: SLF001
 
 
 def test_a_public_volunteer_that_serves_as_relay_is_used_by_peer_id_only() -> None:
@@ -261,7 +261,7 @@ def test_a_public_volunteer_that_serves_as_relay_is_used_by_peer_id_only() -> No
                                     relay=f"/ip4/192.0.2.1/tcp/5/p2p/{nated}"),
     }  # fmt: skip
     # `nated` says it relays, but it is relayed itself: QmBehindNated cannot be reached
-    assert node._relays_of(records) == {nated: f"/p2p/{public}"}  # noqa: SLF001
+    assert node._relays_of(records, node._known_relays(records)) == {nated: f"/p2p/{public}"}  # noqa: SLF001
     by_id = CircuitAddr(f"/p2p/{PEER}")
     assert by_id.to_bytes().hex() == "a503" + "26" + PEER_MULTIHASH + "a202"
 
@@ -278,3 +278,38 @@ def test_relay_addresses_a_record_may_name() -> None:
 def test_a_relay_address_that_is_not_one_is_one_clear_error() -> None:
     with pytest.raises(SwarmError, match="cannot be a relay"):
         SwarmNode(initial_peers=["/ip4/10.77.1.1/tcp/7000"], reach="auto")
+
+
+def test_a_fetch_falls_back_to_the_next_route_and_keeps_the_retryable_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_fetch_by_routes asks each route in turn: a refusing relay is not the end; when all
+    fail, an "unknown blob" error (which fetch_many retries) wins over other failures."""
+    import protocols.swarm as swarm_module
+
+    asked: list[tuple[str, str]] = []
+
+    async def fake_fetch(p2p: object, peer: PeerID, name: str, **_: object) -> bytes:
+        asked.append((peer.to_base58(), name))
+        if peer.to_base58() == attacker:
+            raise TransferError("peer refused: withheld")
+        if name.startswith("via/"):
+            return b"the blob"
+        raise TransferError("peer refused: unknown blob 'x'")
+
+    attacker, coordinator = PEER, "QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
+    victim = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    monkeypatch.setattr(swarm_module, "fetch_blob", fake_fetch)
+    node = object.__new__(SwarmNode)
+    node.p2p = None
+    routes = [f"/p2p/{attacker}", f"/ip4/10.77.1.1/tcp/1/p2p/{coordinator}", ""]
+    got = asyncio.run(node._fetch_by_routes(routes, victim, "x", None, 10.0, 1 << 20, None))  # noqa: SLF001
+    assert got == b"the blob"
+    assert asked == [(attacker, f"via/{victim}/x"), (coordinator, f"via/{victim}/x")]
+
+    asked.clear()
+    with pytest.raises(TransferError, match="unknown blob"):  # the peer itself, then a refusal
+        asyncio.run(
+            node._fetch_by_routes(["", f"/p2p/{attacker}"], victim, "x", None, 10.0, 1 << 20, None)
+        )  # noqa: SLF001
+    assert asked == [(victim, "x"), (attacker, f"via/{victim}/x")]
