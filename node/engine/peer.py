@@ -133,6 +133,7 @@ class Peer:
         log.info("synced to the group's state at round %d (was at %d)", fetched.round, state.round)
         self.resynced_to.append(fetched.round)
         self.counts.resyncs += 1
+        self.save(fetched)  # a restart resumes from it, and "last checkpoint" says so
         return fetched
 
     def run(self, rounds: int, settle_s: float = 0.0) -> GroupState:
@@ -280,8 +281,7 @@ class Peer:
     def finish(self, state: GroupState) -> GroupState:
         """Adopt the consensus of our final round, so the group ends on one adapter."""
         synced = self.sync(state)
-        if synced is not state:
-            self.save(synced)
+        if synced is not state:  # (sync saved it)
             self.transport.announce_state(synced)
             self.trainer.set_params(synced.params)
         return synced

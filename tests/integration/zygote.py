@@ -125,6 +125,6 @@ def serve() -> int | None:
 
 if __name__ == "__main__":
     code = serve()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.exit(code)  # a child exits through the interpreter, like `python -m cli`
+    if code is not None:
+        cli.leave(code)  # a child ends as `python -m cli` does
+    sys.exit(0)

@@ -155,6 +155,19 @@ def test_restarted_peer_resumes_from_checkpoint_and_catches_up(tmp_path: Path) -
     assert len({s.digest() for s in states}) == 1 and states[0].round == 4
 
 
+def test_an_adopted_state_is_checkpointed_before_the_next_round(tmp_path: Path) -> None:
+    # a peer stopped right after a resync restarts from the adopted state, not its own older one
+    hub = InMemoryHub(expected=2, timeout=1.5)
+    peers = [_peer(hub, f"p{i}", _local(t, i), tmp_path / f"p{i}") for i, t in enumerate(TASKS[:2])]
+    _run_all(peers, [1, 1])
+    hub.expected = 1
+    _run_all(peers[:1], [2])  # p1 is "dead" meanwhile
+    late = _peer(hub, "p1", _local(TASKS[1], 1), tmp_path / "p1")
+    assert late.sync(late.initial_state()).round == 3 and late.resumed_from == 1
+    again = _peer(hub, "p1", _local(TASKS[1], 1), tmp_path / "p1")
+    assert again.initial_state().round == 3
+
+
 def test_corrupt_checkpoint_is_set_aside_not_deleted(tmp_path: Path) -> None:
     hub = InMemoryHub(expected=1)
     (tmp_path / "state.safetensors").write_bytes(b"\x00garbage")
