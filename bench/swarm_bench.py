@@ -13,7 +13,9 @@ import platform
 import sys
 import tempfile
 import time
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,24 +50,43 @@ def run_swarm(
     return [[json.loads(x) for x in (v / "metrics.jsonl").read_text().splitlines()] for v in vols]
 
 
+def _local_worker(config_json: str, task: str, steps: int, barrier: Any, results: Any) -> None:
+    """One plain local PEFT run in its own process (1 torch thread), timed from a barrier that
+    every run of the batch passes together, so they share the cores as the swarm's do."""
+    torch.set_num_threads(1)
+    local = build_local_model(parse_config(json.loads(config_json)), f"builtin:{task}", data_seed=1)
+    before = local.eval_loss()
+    barrier.wait()
+    started = time.perf_counter()
+    inner = local.trainer.train_steps(steps)
+    seconds = time.perf_counter() - started
+    results.put(
+        {
+            "task": task,
+            "seconds": seconds,
+            "eval_before": before,
+            "eval_after": local.eval_loss(),
+            "loss_last": inner.loss_last,
+        }
+    )
+
+
 def run_local(config: RunConfig, peers: int, steps: int) -> list[dict]:
-    """Plain local PEFT training, one process per task in turn, same steps and batch."""
-    results = []
-    for task in BUILTIN_TASKS[:peers]:
-        local = build_local_model(config, f"builtin:{task}", data_seed=1)
-        before = local.eval_loss()
-        started = time.perf_counter()
-        inner = local.trainer.train_steps(steps)
-        results.append(
-            {
-                "task": task,
-                "seconds": time.perf_counter() - started,
-                "eval_before": before,
-                "eval_after": local.eval_loss(),
-                "loss_last": inner.loss_last,
-            }
-        )
-    return results
+    """Plain local PEFT training at the swarm's load: one process per volunteer's task, all at
+    once, same steps and batch."""
+    ctx = get_context("spawn")
+    barrier, results = ctx.Barrier(peers), ctx.Queue()
+    config_json = json.dumps(config.model_dump(mode="json"))
+    procs = [
+        ctx.Process(target=_local_worker, args=(config_json, task, steps, barrier, results))
+        for task in BUILTIN_TASKS[:peers]
+    ]
+    for proc in procs:
+        proc.start()
+    out = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return sorted(out, key=lambda x: BUILTIN_TASKS.index(x["task"]))
 
 
 def summarize_swarm(reports: list[list[dict]]) -> dict:
@@ -93,9 +114,9 @@ def summarize_swarm(reports: list[list[dict]]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--peers", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--inner-steps", type=int, default=20)
     parser.add_argument("--matchmaking", type=float, default=2.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -105,6 +126,7 @@ def main() -> None:
         "averaging": {"matchmaking_time": args.matchmaking},
     }
     diloco = parse_config(base)
+    overlapped = parse_config({**base, "averaging": {**base["averaging"], "overlap": True}})
     every_step = parse_config(
         {
             **base,
@@ -116,12 +138,16 @@ def main() -> None:
     steps = args.rounds * args.inner_steps
     with tempfile.TemporaryDirectory() as tmp:
         swarm = summarize_swarm(run_swarm(diloco, args.peers, args.rounds, Path(tmp) / "diloco"))
+        overlap = summarize_swarm(
+            run_swarm(overlapped, args.peers, args.rounds, Path(tmp) / "overlap")
+        )
         sync = summarize_swarm(run_swarm(every_step, args.peers, steps, Path(tmp) / "sync"))
     local = run_local(diloco, args.peers, steps)
     results = {
         "args": vars(args),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "diloco": swarm,
+        "overlap": overlap,
         "every_step": sync,
         "local": local,
     }
@@ -162,20 +188,49 @@ def render(res: dict) -> str:
         "",
         f"Compute utilization (inner compute / wall): **{d['utilization']:.0%}**.",
         "",
-        f"### Side by side at equal inner steps ({steps} AdamW steps per volunteer)",
+        "Both round modes, means over rounds and volunteers (overlapped: inner is the compute "
+        "inside a round's wall, the next round's; matchmaking and transfer run behind it):",
         "",
-        "| setup | wall s (per volunteer) | MB sent per peer | mean eval loss after |",
-        "|---|---|---|---|",
+        "| mode | inner s | matchmaking s | transfer s | round wall s | utilization "
+        "| MB sent per peer per round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, run in (("synchronous", d), ("overlapped", res["overlap"])):
+        n = len(run["rounds"])
+        mean = {k: sum(r[k] for r in run["rounds"]) / n for k in (*STAGES, "wall_s")}
+        lines.append(
+            f"| {mode} | {mean['inner_s']:.2f} | {mean['matchmaking_s']:.2f} | "
+            f"{mean['transfer_s']:.2f} | {mean['wall_s']:.2f} | {run['utilization']:.2f} | "
+            f"{run['bytes_per_peer'] / n / 1e6:.2f} |"
+        )
+    lines += [
+        "",
+        f"### Side by side at equal inner steps ({steps} AdamW steps per volunteer) and equal load",
+        "",
+        f"Each setup runs {a['peers']} training processes at once on the same cores (the swarm "
+        "also runs its coordinator). steps/s is one volunteer's inner steps over its wall time "
+        "(rounds only, start-up excluded; local: from a barrier all processes pass together).",
+        "",
+        "| setup | wall s (per volunteer) | steps/s | vs local PEFT | MB sent per peer "
+        "| mean eval loss after |",
+        "|---|---|---|---|---|---|",
     ]
     local_wall = sum(x["seconds"] for x in res["local"]) / len(res["local"])
     local_eval = sum(x["eval_after"] for x in res["local"]) / len(res["local"])
+    rows = [
+        (f"DiLoCo swarm, average every {a['inner_steps']} steps", d),
+        (f"DiLoCo swarm, overlapped rounds (H={a['inner_steps']})", res["overlap"]),
+        ("swarm averaging after every step (outer: plain average)", s),
+    ]
+    for label, run in rows:
+        lines.append(
+            f"| {label} | {run['wall_s']:.1f} | {steps / run['wall_s']:.2f} | "
+            f"{local_wall / run['wall_s']:.2f}x | {run['bytes_per_peer'] / 1e6:.2f} | "
+            f"{run['final_eval']:.4f} |"
+        )
     lines += [
-        f"| DiLoCo swarm, average every {a['inner_steps']} steps | {d['wall_s']:.1f} | "
-        f"{d['bytes_per_peer'] / 1e6:.2f} | {d['final_eval']:.4f} |",
-        f"| swarm averaging after every step (outer: plain average) | {s['wall_s']:.1f} | "
-        f"{s['bytes_per_peer'] / 1e6:.2f} | {s['final_eval']:.4f} |",
-        f"| plain local PEFT, no swarm (each task alone) | {local_wall:.1f} | 0 | "
-        f"{local_eval:.4f} |",
+        f"| plain local PEFT, no swarm (each task alone) | {local_wall:.1f} | "
+        f"{steps / local_wall:.2f} | 1.00x | 0 | {local_eval:.4f} |",
         "",
         "Eval loss is each volunteer's held-out loss on its own task, averaged over tasks. "
         "The swarm trains one shared adapter for all tasks, while local PEFT trains one "
