@@ -127,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--config", type=Path, help="refuse to join unless the run's LoRA matches this"
     )
-    join.add_argument("--threads", type=int, help="torch CPU threads")
+    join.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch CPU threads (default: the cores shared among the volunteers running on "
+        "this machine, rechecked every round)",
+    )
     join.add_argument(
         "--eval-every",
         type=_positive_int,
@@ -298,13 +303,9 @@ def dispatch(args: argparse.Namespace) -> int:
             )
         )
     if args.command == "join":
-        import torch
-
         from node.roles.admit import load_ticket
         from node.roles.volunteer import JoinOptions, join
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
         return join(
             JoinOptions(
                 args.initial_peers,
@@ -323,6 +324,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.eval_every,
                 args.reachability,
                 args.serve_relay,
+                args.threads,
             )
         )
     if args.command in ("admit", "revoke", "id"):

@@ -24,6 +24,7 @@ from node.engine.swarm_transport import HivemindTransport
 from node.local.basemodel import check_local_base
 from node.local.build import LocalModel, build_local_model
 from node.local.data import load_texts
+from node.local.threads import ThreadShare
 from node.roles.admit import read_revocations
 from node.watch.tensorboard import ScalarLog, round_scalars
 from protocols.admission import Gate, TicketError, read_ticket
@@ -56,6 +57,7 @@ class JoinOptions:
     eval_every: int = 1  # held-out eval every N rounds (it costs seconds on a real model)
     reachability: str = "auto"  # auto | direct | relay (protocols/reach.py)
     serve_relay: bool = False  # also relay for NATed volunteers (a dialable peer only)
+    threads: int | None = None  # torch threads; None: a share of the cores (node/local/threads.py)
 
 
 def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
@@ -145,6 +147,8 @@ class Volunteer:
         self.config = parse_config(manifest.config)
         self.gate = gate
         self.warned_expiry = False
+        self.threads = ThreadShare(options.threads)
+        self.threads.adjust()
         self.scalars = ScalarLog(options.workdir) if options.report_to == "tensorboard" else None
         record = PeerRecord(peer_id=node.peer_id, role="volunteer", task=options.data[:64])
         self.transport = HivemindTransport(
@@ -234,6 +238,7 @@ class Volunteer:
     def report(self, report: RoundReport) -> None:
         """Progress line, metrics file, and the numbers status shows."""
         log.info(progress_line(report))
+        self.threads.adjust()  # other volunteers on this machine may have come or gone
         if self.gate is not None:
             expires = read_ticket(self.options.ticket).expires
             warning = ticket_warning(expires, time.time())
