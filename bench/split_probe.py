@@ -8,9 +8,10 @@ For each split it prints the mean norm of a client's Delta, the norm of the clie
 and the mean eval loss over the tasks after applying the mean Delta once, from the start 1.1565.
 
 With --rounds N it then trains the IID split for N rounds at C = 0.3 (plain averaging, lr 1)
-twice: as the simulator builds it (each client's texts shuffled into one stream, so a 32-token
-window mixes tasks) and with each client's texts grouped by task (a window holds one task, as
-in the one-task split and in every eval window), and prints both final eval losses.
+twice: with each client's texts shuffled together into one stream (as the simulator did before
+2026-11-25: most 32-token windows then mix tasks) and in one block per task (as it does now: a
+window holds one task, as in the one-task split and in every eval window), and prints both
+final eval losses.
 
 Run:  .venv/bin/python bench/split_probe.py [--steps 5] [--seed 0] [--rounds 67]
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -78,15 +80,17 @@ def probe(split: dict, steps: int, seed: int) -> dict[str, float]:
     }
 
 
-def grouped_texts(mixture: dict[str, float], n: int, client_seed: int) -> list[str]:
-    """simulate.client_texts without the shuffle: the client's texts in blocks, one per task."""
+def mixed_texts(mixture: dict[str, float], n: int, client_seed: int) -> list[str]:
+    """How the simulator built a client's texts before 2026-11-25: all tasks' texts shuffled
+    together into one stream (simulate.client_texts now keeps one block per task)."""
     texts: list[str] = []
     for task, weight in sorted(mixture.items()):
         texts += simulate.builtin_texts(task, max(1, round(weight * n)), seed=client_seed)
+    random.Random(client_seed).shuffle(texts)
     return texts
 
 
-def train_iid(rounds: int, seed: int, grouped: bool) -> float:
+def train_iid(rounds: int, seed: int, mixed: bool) -> float:
     config = SimConfig.model_validate(
         {
             "run": {
@@ -103,12 +107,12 @@ def train_iid(rounds: int, seed: int, grouped: bool) -> float:
             "eval_every": rounds,
         }
     )
-    shuffled = simulate.client_texts
-    simulate.client_texts = grouped_texts if grouped else shuffled
+    blocks = simulate.client_texts
+    simulate.client_texts = mixed_texts if mixed else blocks
     try:
         return float(Simulation(config, seed).run().rows[-1]["eval_loss"])
     finally:
-        simulate.client_texts = shuffled
+        simulate.client_texts = blocks
 
 
 def main() -> None:
@@ -129,9 +133,9 @@ def main() -> None:
             flush=True,
         )
     if args.rounds:
-        for grouped in (False, True):
-            final = train_iid(args.rounds, args.seed, grouped)
-            how = "grouped by task" if grouped else "shuffled (the simulator's)"
+        for mixed in (True, False):
+            final = train_iid(args.rounds, args.seed, mixed)
+            how = "shuffled together (before)" if mixed else "one block per task (now)"
             print(f"iid (tokens), {args.rounds} rounds, texts {how}: eval {final:.4f}", flush=True)
 
 

@@ -58,8 +58,10 @@ def test_dirichlet_split_is_seeded_and_concentrates_for_small_alpha() -> None:
 def test_client_texts_follow_the_mixture() -> None:
     texts = client_texts({"arithmetic": 0.75, "capitals": 0.25}, 40, client_seed=1)
     assert len(texts) == 40
-    capitals = sum("capital" in t or "government" in t for t in texts)
-    assert capitals == 10
+    capitals = [("capital" in t or "government" in t) for t in texts]
+    assert sum(capitals) == 10
+    # one block per task, so that training windows hold one task, as eval windows do
+    assert sum(a != b for a, b in zip(capitals[:-1], capitals[1:], strict=True)) == 1
 
 
 def test_same_seed_same_curve_and_c_times_k_clients_per_round() -> None:
