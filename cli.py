@@ -423,14 +423,12 @@ def leave(code: int) -> None:
     command returns it has closed what it opened (peers, helper processes, files); what the
     teardown would still do is collect every module's objects, which takes 3-4 s on 2 cores
     with torch and transformers loaded, after the command's work is done. Helper processes
-    still running are ended and reaped here, as the interpreter's exit would (an orphan would
-    otherwise end under PID 1, which in a container may never reap it)."""
+    that are still ending (they were told to) are waited for and reaped first: an orphan would
+    end under PID 1, which in a container may never reap it."""
     import multiprocessing
 
     for child in multiprocessing.active_children():
-        if child.daemon:
-            child.terminate()
-        child.join(timeout=5)
+        child.join(timeout=10)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
