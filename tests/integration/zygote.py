@@ -29,6 +29,8 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "CRITICAL")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from hivemind.utils.mpfuture import MPFuture  # noqa: E402
+
 import cli  # noqa: E402
 import node.roles.admit  # noqa: E402, F401
 import node.roles.consumer  # noqa: E402, F401
@@ -52,6 +54,12 @@ def _enter_netns(name: str) -> None:
 def _run_child(request: dict) -> int:
     """In the forked child: become the requested command; returns its exit code."""
     os.setsid()
+    # hivemind's MPFuture keeps process-wide multiprocessing locks, made when it is imported:
+    # here, once in the zygote, so every command forked from it would share them with every
+    # other. A peer SIGKILLed while holding one (the crash tests kill peers) then blocked the
+    # next command's DHT start-up for good ("no address in 60s"). A command started as
+    # `python -m cli` makes its own; so does this one.
+    MPFuture.reset_backend()
     if request.get("netns"):
         _enter_netns(request["netns"])
     null = os.open(os.devnull, os.O_RDONLY)
