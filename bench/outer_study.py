@@ -78,10 +78,6 @@ LR_GRID = {
 # `--settings H=50`, which runs only what results.json does not hold yet)
 
 
-def methods_for(setting: str) -> list[str]:
-    return list(METHODS)
-
-
 ERROR_H = [5, 20, 50]
 ERROR_SPLITS = ["center", "dirichlet 0.1", "dirichlet 1", "iid (tokens)"]
 
@@ -202,7 +198,7 @@ def evaluate(chosen: dict[str, float], budget: dict, workers: int, done: dict) -
     jobs = [
         ((setting, method, seed), sim_config(setting, method, chosen[method], seed, budget))
         for setting in budget["settings"]
-        for method in methods_for(setting)
+        for method in METHODS
         for seed in budget["seeds"]
         if f"{setting}|{method}|{seed}" not in done
     ]
@@ -231,7 +227,7 @@ def summarize(runs: dict, chosen: dict, budget: dict) -> dict:
         fedavg = [runs[f"{setting}|FedAvg|{s}"] for s in budget["seeds"]]
         target = statistics.mean(r["rows"][-1]["eval_loss"] for r in fedavg)
         rows = []
-        for method in methods_for(setting):
+        for method in METHODS:
             group = [runs[f"{setting}|{method}|{s}"] for s in budget["seeds"]]
             finals = [r["rows"][-1]["eval_loss"] for r in group]
             config = sim_config(setting, method, chosen[method], 0, budget)
@@ -283,7 +279,7 @@ def plot(runs: dict, budget: dict, path: Path) -> None:
     settings = [s for s in SETTINGS if f"{s}|FedAvg|{budget['seeds'][0]}" in runs]
     fig, axes = plt.subplots(2, len(settings), figsize=(4.2 * len(settings), 7), squeeze=False)
     for col, setting in enumerate(settings):
-        for method in methods_for(setting):
+        for method in METHODS:
             group = [runs[f"{setting}|{method}|{s}"] for s in budget["seeds"]]
             rounds = [x["round"] for x in group[0]["rows"]]
             mean = [

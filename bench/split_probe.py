@@ -19,7 +19,6 @@ Run:  .venv/bin/python bench/split_probe.py [--steps 5] [--seed 0] [--rounds 67]
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aggregation.params import weighted_mean  # noqa: E402
+from aggregation.robust import norm_of  # noqa: E402
 from node.config import SimConfig  # noqa: E402
 from node.engine.round import round_start  # noqa: E402
 from node.engine.state import GroupState  # noqa: E402
@@ -42,10 +42,6 @@ SPLITS = {
     "dirichlet 1": {"kind": "dirichlet", "alpha": 1.0},
     "iid (tokens)": {"kind": "iid", "balance": "tokens"},
 }
-
-
-def norm(params: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in params.values()))
 
 
 def probe(split: dict, steps: int, seed: int) -> dict[str, float]:
@@ -70,11 +66,11 @@ def probe(split: dict, steps: int, seed: int) -> dict[str, float]:
     before = sim.evaluate()["eval_loss"]
     sim.state = GroupState(1, {k: sim.state.params[k] - mean[k] for k in mean}, {})
     after = sim.evaluate()["eval_loss"]
-    own = sum(norm(d) for d in deltas) / len(deltas)
+    own = sum(norm_of(d) for d in deltas) / len(deltas)
     return {
         "own": own,
-        "mean": norm(mean),
-        "ratio": norm(mean) / own,
+        "mean": norm_of(mean),
+        "ratio": norm_of(mean) / own,
         "before": before,
         "after": after,
     }

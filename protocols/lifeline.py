@@ -73,7 +73,9 @@ def kill_tree(root: int) -> None:
 
 def descendants(root: int) -> list[int]:
     """PIDs of all processes below `root`, read from /proc (empty where there is no /proc)."""
-    children = _children_by_parent()
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents().items():
+        children.setdefault(parent, []).append(pid)
     found: list[int] = []
     queue = [root]
     while queue:
@@ -83,13 +85,14 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def _children_by_parent() -> dict[int, list[int]]:
-    table: dict[int, list[int]] = {}
+def parents(proc: Path = Path("/proc")) -> dict[int, int]:
+    """Every process's parent pid, pid -> ppid, read from `proc` (empty where there is none)."""
+    table: dict[int, int] = {}
     with contextlib.suppress(OSError):
-        for entry in Path("/proc").iterdir():
+        for entry in proc.iterdir():
             if entry.name.isdigit():
                 with contextlib.suppress(OSError, ValueError, IndexError):
                     # /proc/PID/stat is "PID (COMM) STATE PPID ..."; COMM may contain spaces
                     ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                    table.setdefault(ppid, []).append(int(entry.name))
+                    table[int(entry.name)] = ppid
     return table

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from protocols.lifeline import parents
+
 log = logging.getLogger("swarmtune.threads")
 
 
@@ -34,15 +36,11 @@ def volunteers_here(proc: Path = Path("/proc")) -> int:
     forked helpers (hivemind's DHT and averager processes) carry its command line too: only
     processes whose parent is not a volunteer count."""
     joins: dict[int, int] = {}  # pid -> parent pid
-    with contextlib.suppress(OSError):
-        for entry in proc.iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-                    if is_join([a for a in argv if a]):
-                        # /proc/PID/stat is "PID (COMM) STATE PPID ..."; COMM may hold spaces
-                        stat = (entry / "stat").read_text()
-                        joins[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    for pid, parent in parents(proc).items():
+        with contextlib.suppress(OSError):
+            argv = (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+            if is_join([a for a in argv.split("\0") if a]):
+                joins[pid] = parent
     return max(sum(parent not in joins for parent in joins.values()), 1)
 
 
@@ -67,14 +65,14 @@ class ThreadShare:
         """Set (and return) the thread count for the next round; logs a change."""
         if self.fixed:
             return self.fixed
-        volunteers = volunteers_here()
-        share = max(1, min(self.most, cores() // volunteers))
+        volunteers, available = volunteers_here(), cores()
+        share = max(1, min(self.most, available // volunteers))
         if share != torch.get_num_threads():
             torch.set_num_threads(share)
             log.info(
                 "torch threads: %d (%d volunteers on this machine's %d cores; --threads N fixes it)",
                 share,
                 volunteers,
-                cores(),
+                available,
             )
         return share
