@@ -72,8 +72,11 @@ def sim_runs(rounds: int, steps: int, seeds: list[int]) -> dict:
     return out
 
 
-def real_runs(peers: int, rounds: int, steps: int, model: str | None, tmp: Path) -> dict:
-    """summarize_swarm of a synchronous and an overlapped run of the same config."""
+def real_runs(
+    peers: int, rounds: int, steps: int, model: str | None, tmp: Path, eval_every: int = 1
+) -> dict:
+    """summarize_swarm of a synchronous and an overlapped run of the same config; the held-out
+    eval after every `eval_every`-th round only."""
     out = {}
     for mode in ("sync", "overlap"):
         config = parse_config(
@@ -84,7 +87,7 @@ def real_runs(peers: int, rounds: int, steps: int, model: str | None, tmp: Path)
                 "averaging": {"overlap": mode == "overlap", "matchmaking_time": 2.0},
             }
         )
-        extra = ("--model", model) if model else ()
+        extra = (*(("--model", model) if model else ()), "--eval-every", str(eval_every))
         reports = run_swarm(config, peers, rounds, tmp / f"{mode}-{peers}", extra)
         summary = summarize_swarm(reports)
         summary["averaged"] = sum(r["outcome"] == "averaged" for rs in reports for r in rs)
@@ -111,6 +114,12 @@ def main() -> None:
     parser.add_argument("--model-peers", type=int, default=2)
     parser.add_argument("--model-rounds", type=int, default=3)
     parser.add_argument("--model-steps", type=int, default=5)
+    parser.add_argument(
+        "--model-eval-every",
+        type=int,
+        help="held-out eval every N rounds on the model (default: after the last round only;"
+        " one eval costs about 12 s on SmolLM2-135M)",
+    )
     parser.add_argument("--quick", action="store_true", help="4 sim rounds, 1 seed, 3 rounds")
     args = parser.parse_args()
     if args.quick:
@@ -133,8 +142,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="swarmtune-overlap-") as tmp:
             real["real"] = real_runs(args.peers, args.rounds, args.inner_steps, None, Path(tmp))
             if args.model:
+                args.model_eval_every = args.model_eval_every or args.model_rounds
                 real["model"] = real_runs(
-                    args.model_peers, args.model_rounds, args.model_steps, args.model, Path(tmp)
+                    args.model_peers,
+                    args.model_rounds,
+                    args.model_steps,
+                    args.model,
+                    Path(tmp),
+                    args.model_eval_every,
                 )
             else:
                 print("no --model: the real-model part is skipped")
@@ -154,10 +169,12 @@ def _split(summary: dict) -> str:
 
     middle = rounds[1:-1] or rounds  # without the first round and the last
     steady = sum(r["wall_s"] for r in middle) / len(middle)
+    steady_use = sum(r["inner_s"] for r in middle) / sum(r["wall_s"] for r in middle)
 
     return (
         f"{mean('inner_s'):.2f} | {mean('matchmaking_s'):.2f} | {mean('transfer_s'):.2f} |"
         f" {mean('wall_s'):.2f} | {steady:.2f} | {summary['utilization']:.2f} |"
+        f" {steady_use:.2f} |"
         f" {summary['bytes_per_peer'] / len(rounds) / 1e6:.2f} |"
         f" {summary['averaged']}/{summary['reports']} | {summary['final_eval']:.4f}"
     )
@@ -194,9 +211,9 @@ def render(sim_part: dict | None, real_part: dict | None) -> str:
         a = real_part["args"]
         header = [
             "| mode | inner s | matchmaking s | transfer s | round wall s |"
-            " wall s, rounds 2..N-1 | utilization | MB sent per peer per round |"
-            " rounds averaged | final eval |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            " wall s, rounds 2..N-1 | utilization | utilization, rounds 2..N-1 |"
+            " MB sent per peer per round | rounds averaged | final eval |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"### Real peers on loopback: {a['peers']} volunteers, embedded base,"
@@ -207,7 +224,9 @@ def render(sim_part: dict | None, real_part: dict | None) -> str:
             "Means over rounds and volunteers. inner s is the compute inside a round's wall time"
             " (overlapped: the next round's compute, so the first round holds two and the last"
             " none); overlapped, matchmaking and transfer run on the exchange thread behind that"
-            " compute. Utilization = all compute / all wall time.",
+            " compute. Utilization = all compute / all wall time; rounds 2..N-1 leaves out the"
+            " first round and the last, which hold an overlapped run's fill (two inner phases)"
+            " and drain (no inner phase, the last exchange and eval).",
             "",
             *header,
             *(f"| {m} | {_split(real_part['real'][m])} |" for m in ("sync", "overlap")),
@@ -216,7 +235,8 @@ def render(sim_part: dict | None, real_part: dict | None) -> str:
         if "model" in real_part:
             lines += [
                 f"### Real peers, `--model {a['model']}`: {a['model_peers']} volunteers,"
-                f" H={a['model_steps']}, {a['model_rounds']} rounds",
+                f" H={a['model_steps']}, {a['model_rounds']} rounds, held-out eval every"
+                f" {a.get('model_eval_every') or 1} rounds",
                 "",
                 *header,
                 *(f"| {m} | {_split(real_part['model'][m])} |" for m in ("sync", "overlap")),

@@ -36,8 +36,8 @@ def run_swarm(
     config: RunConfig, peers: int, rounds: int, workdir: Path, extra: tuple[str, ...] = ()
 ) -> list[list[dict]]:
     """Coordinator + volunteers as processes (`extra`: more join arguments); returns each
-    volunteer's round reports."""
-    workdir.mkdir(parents=True)
+    volunteer's round reports. `workdir` may hold the volunteers' dirs (vol1, ...) already."""
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "run.yaml").write_text(json.dumps(config.model_dump(mode="json")))
     procs = Processes()
     try:
@@ -99,7 +99,7 @@ def summarize_swarm(reports: list[list[dict]]) -> dict:
             round=index + 1,
             group=max(row["group_size"] for row in rows),
             sent_per_peer=sum(row["bytes_sent"] for row in rows) / len(rows),
-            eval_loss=sum(row["eval_loss"] for row in rows) / len(rows),
+            eval_loss=_mean_eval(rows),
         )
         rounds.append(entry)
     wall = sum(r["wall_s"] for r in rounds)
@@ -108,8 +108,14 @@ def summarize_swarm(reports: list[list[dict]]) -> dict:
         "wall_s": wall,
         "utilization": sum(r["inner_s"] for r in rounds) / wall,
         "bytes_per_peer": sum(r["sent_per_peer"] for r in rounds),
-        "final_eval": rounds[-1]["eval_loss"],
+        "final_eval": next((r["eval_loss"] for r in reversed(rounds) if r["eval_loss"]), None),
     }
+
+
+def _mean_eval(rows: list[dict]) -> float | None:
+    """Mean eval loss of a round's volunteers; None where none evaluated (join --eval-every)."""
+    losses = [row["eval_loss"] for row in rows if row["eval_loss"] is not None]
+    return sum(losses) / len(losses) if losses else None
 
 
 def main() -> None:
