@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench bench-ghbm bench-clusters bench-attacks bench-overlap bench-outer clean
+.PHONY: install demo test test-fast lint bench bench-ghbm bench-clusters bench-attacks bench-overlap bench-outer bench-outer-real clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench-attacks: $(STAMP)
 # the outer-optimizer study (bench/outer_study.py; --quick for a small budget)
 bench-outer: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python bench/outer_study.py
+
+# the study's methods at its tuned lrs on real peers, beside the simulator (after bench-outer)
+bench-outer-real: $(STAMP)
+	$(BIN)/python bench/outer_real.py
 
 # MODEL=DIR also measures a local HF model dir (README, "Base model")
 bench-overlap: $(STAMP)

@@ -55,12 +55,22 @@ from node.roles.simulate import Simulation  # noqa: E402
 ATTACKS = sorted(ADVERSARIES)
 HOSTILE = ROOT / "bench" / "hostile_join.py"
 TASKS = list(BUILTIN_TASKS[:4])
-RUN = {
-    "inner": {"steps": 10, "batch_size": 8, "seq_len": 48},
-    "outer": {"name": "nesterov", "lr": 0.7, "momentum": 0.9},
+RUN: dict[str, Any] = {"inner": {"steps": 10, "batch_size": 8, "seq_len": 48}}
+# --outer: the product's default outer optimizer (fedavg, lr 1, since the outer-optimizer study),
+# or DiLoCo's Nesterov at lr 0.7, which every table of this bench used before 2026-11-25
+OUTERS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "nesterov": {"name": "nesterov", "lr": 0.7, "momentum": 0.9},
 }
 ROBUST = {"aggregator": "centered-clip", "norm_bound": 1.0}  # the defaults, spelled out
 PLAIN = {"aggregator": "mean", "norm_bound": None}
+
+
+def outer_text() -> str:
+    """The outer optimizer every run of this invocation uses, for the tables."""
+    outer = parse_config({"run_id": "attack-bench", **RUN}).outer
+    momentum = f", momentum {outer.momentum}" if outer.momentum is not None else ""
+    return f"outer optimizer {outer.name}, lr {outer.effective_lr}{momentum}"
 
 
 class AttackedSimulation(Simulation):
@@ -259,6 +269,12 @@ def main() -> None:
         help="only the simulator's 12/3 group, each attacked task with two honest members",
     )
     parser.add_argument("--only", nargs="+", choices=ATTACKS, help="a subset of the attacks")
+    parser.add_argument(
+        "--outer",
+        choices=sorted(OUTERS),
+        default="default",
+        help="outer optimizer of every run: the product's default (fedavg) or nesterov lr 0.7",
+    )
     parser.add_argument("--clip-scale", type=float, help="tuning: CenteredClip's tau factor")
     parser.add_argument("--clip-iterations", type=int, help="tuning: CenteredClip's iterations")
     args = parser.parse_args()
@@ -271,6 +287,8 @@ def main() -> None:
         if value is not None
     }
     ROBUST.update(tuning)  # a tuning run prints its rows and leaves RESULTS.md alone
+    if OUTERS[args.outer]:
+        RUN["outer"] = OUTERS[args.outer]
     torch.set_num_threads(1)
     attacks = args.only or ATTACKS
     if args.same_task:
@@ -395,6 +413,7 @@ def setting(
         title,
         "",
         note
+        + f" {outer_text().capitalize()}."
         + " Reproduce: `.venv/bin/python "
         + " ".join(["bench/attacks.py", *sys.argv[1:]])
         + "`",
@@ -425,7 +444,7 @@ def render(res: dict) -> str:
         "",
         "Eval loss after the last round, and its change against the clean run of the same"
         " aggregator. The goal: defended within 5% of clean under every attack, while the"
-        " undefended column visibly fails.",
+        f" undefended column visibly fails. Every run: {outer_text()}.",
     ]
     for key, rows in res["sim"].items():
         clean_t, clean_d = rows["clean"]["trusting"], rows["clean"]["defended"]

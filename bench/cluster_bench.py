@@ -42,6 +42,16 @@ TASKS = ["arithmetic", "reverse", "capitals", "dates"]
 METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 OUTER = "fedavg"  # outer optimizer of every group (global and clusters); --outer to change
 TA_SCALE = 0.5  # task arithmetic lambda (Ilharco et al. pick it on validation data; not tuned here)
+# merged again with task vectors taken from the shared warm-up's end point instead of the base
+# (linear is left out: with weights of mean 1 it is the same adapter either way)
+FROM_WARMUP = ["task_arithmetic", "ties", "dare_ties"]
+# --study: one factor at a time around the defaults (issue #12, item 4)
+VARIANTS: dict[str, dict[str, int]] = {
+    "defaults": {},
+    "3x the rounds": {"rounds": 60},
+    "2x the clients per task": {"per_task": 4},
+    "8 warm-up rounds": {"warmup": 8},
+}
 OUT = ROOT / "bench" / "out" / "clusters"
 
 
@@ -63,6 +73,23 @@ def sim_config(rounds: int, per_task: int, inner_steps: int) -> SimConfig:
     )
 
 
+class Summed:
+    """A module's dW as the sum of several adapters' (the warm-up plus a merged task vector)."""
+
+    def __init__(self, *parts: LoraFactors) -> None:
+        self.parts = parts
+
+    def delta_w(self) -> torch.Tensor:
+        return sum((p.delta_w() for p in self.parts), torch.zeros(()))
+
+
+def minus(a: LoraFactors, b: LoraFactors) -> LoraFactors:
+    """a - b exactly, as one LoRA of rank r_a + r_b: [B_a, -B_b] @ [A_a; A_b]."""
+    if a.scaling != b.scaling:
+        raise ValueError(f"scalings differ: {a.scaling} vs {b.scaling}")
+    return LoraFactors(torch.cat([a.A, b.A]), torch.cat([a.B, -b.B], dim=1), a.scaling)
+
+
 class DenseEvaluator:
     """Eval loss of base + dW per module, on each task's held-out windows."""
 
@@ -73,7 +100,9 @@ class DenseEvaluator:
         self.eval_sets = eval_sets
 
     @torch.no_grad()
-    def losses(self, modules: dict[str, LoraFactors] | None) -> dict[str, float]:
+    def losses(
+        self, modules: dict[str, LoraFactors] | dict[str, Summed] | None
+    ) -> dict[str, float]:
         """Per-task loss with the task vectors applied (None: the base alone)."""
         params = dict(self.model.named_parameters())
         for name, value in self.base.items():
@@ -137,6 +166,17 @@ def run_seed(seed: int, warmup: int, rounds: int, per_task: int, inner_steps: in
         )
         losses[f"merged {method}"] = evaluator.losses(merged.modules)
         energy[method] = min(merged.energy.values()) if merged.energy else 1.0
+    warm_modules = lora_modules(warm.params, scaling)
+    vectors = [
+        {name: minus(f, warm_modules[name]) for name, f in modules[c].items()}
+        for c in sorted(modules)
+    ]
+    for method in FROM_WARMUP:
+        options = MergeOptions(seed=seed, scale=TA_SCALE if method == "task_arithmetic" else 1.0)
+        merged = merge_adapters(vectors, method, relative, options=options)  # rank 2r
+        losses[f"warm-up + merged {method}"] = evaluator.losses(
+            {name: Summed(warm_modules[name], f) for name, f in merged.modules.items()}
+        )
     return {
         "seed": seed,
         "ari": adjusted_rand_index(truth, found),
@@ -192,6 +232,102 @@ def render(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def run_variant(job: tuple[str, int, dict]) -> tuple[str, int, dict]:
+    """One (variant, seed) of --study, in a worker process (1 torch thread)."""
+    name, seed, p = job
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    out = run_seed(seed, p["warmup"], p["rounds"], p["per_task"], p["inner_steps"])
+    return name, seed, {**out, "params": p, "seconds": time.perf_counter() - started}
+
+
+def _mean_loss(result: dict, row: str) -> float:
+    return statistics.mean(result["losses"][row][t] for t in TASKS)
+
+
+def render_study(runs: dict[str, list[dict]], meta: dict) -> str:
+    """--study's RESULTS.md section: cluster adapters and merges against the global adapter."""
+    lines = [
+        "### Cluster adapters against one global adapter: what closes the gap",
+        "",
+        f"Measured on {meta['machine']}; {meta['minutes']:.1f} min (2 worker processes)."
+        f" Reproduce: `{meta['command']}`",
+        "",
+        "One factor at a time around the table above (3 warm-up rounds, 20 rounds, 2 clients per"
+        " task, H = 10, fedavg). specialist / global: each task's cluster adapter on its own"
+        " task against the global adapter trained on the same clients and steps, as the ratio"
+        " of the mean losses over the 4 tasks (the issue's 0.94x) and as the mean of the"
+        " per-task ratios. Merges: the best of the merge rows, from the base (task vectors ="
+        " cluster adapters) and from the warm-up (task vectors = cluster adapter minus the shared"
+        " warm-up state, merged at rank 16, added to the warm-up state). Means over seeds"
+        f" {meta['seeds']}; [min-max] over seeds.",
+        "",
+        "| variant | specialist / global | mean of per-task ratios | best merge from the base"
+        " / global | best merge from the warm-up / global | ARI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, results in runs.items():
+        per_seed = [_mean_loss(r, "specialist") / _mean_loss(r, "global") for r in results]
+        ratio = statistics.mean(_mean_loss(r, "specialist") for r in results) / statistics.mean(
+            _mean_loss(r, "global") for r in results
+        )
+        per_task = statistics.mean(
+            statistics.mean(r["losses"]["specialist"][t] for r in results)
+            / statistics.mean(r["losses"]["global"][t] for r in results)
+            for t in TASKS
+        )
+        global_mean = statistics.mean(_mean_loss(r, "global") for r in results)
+
+        def best(prefix: str, rs: list[dict] = results, g: float = global_mean) -> str:
+            rows = [row for row in rs[0]["losses"] if row.startswith(prefix)]
+            means = {row: statistics.mean(_mean_loss(r, row) for r in rs) for row in rows}
+            row = min(means, key=lambda k: means[k])
+            return f"{means[row] / g:.3f} ({row.removeprefix(prefix)})"
+
+        aris = statistics.mean(r["ari"] for r in results)
+        lines.append(
+            f"| {name} | **{ratio:.3f}** [{min(per_seed):.3f}-{max(per_seed):.3f}] |"
+            f" {per_task:.3f} | {best('merged ')} | {best('warm-up + merged ')} | {aris:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def study(args: argparse.Namespace) -> None:
+    """--study: every variant on every seed, in 2 worker processes."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    base = {k: getattr(args, k) for k in ("warmup", "rounds", "per_task", "inner_steps")}
+    jobs = [(name, seed, {**base, **v}) for name, v in VARIANTS.items() for seed in args.seeds]
+    # the longest first, so the two workers end together
+    jobs.sort(key=lambda j: -(j[2]["warmup"] + 2 * j[2]["rounds"]) * j[2]["per_task"])
+    started = time.perf_counter()
+    runs: dict[str, dict[int, dict]] = {name: {} for name in VARIANTS}
+    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_variant, job) for job in jobs]
+        for done, future in enumerate(as_completed(futures), start=1):
+            name, seed, out = future.result()
+            runs[name][seed] = out
+            ratio = _mean_loss(out, "specialist") / _mean_loss(out, "global")
+            print(
+                f"[{done}/{len(jobs)}] {name}, seed {seed}: specialist/global {ratio:.3f}"
+                f" ({out['seconds']:.0f}s; {(time.perf_counter() - started) / 60:.1f} min)",
+                flush=True,
+            )
+    ordered = {name: [runs[name][s] for s in args.seeds] for name in VARIANTS}
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "minutes": (time.perf_counter() - started) / 60,
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/cluster_bench.py --study",
+        "seeds": args.seeds,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "study.json").write_text(json.dumps({"meta": meta, "runs": ordered}, indent=1))
+    text = render_study(ordered, meta)
+    replace_section("clusters-study", text)
+    print(text)
+
+
 def plot(results: list[dict], path: Path) -> None:
     """Grouped bars: loss per task for every adapter."""
     import matplotlib
@@ -225,8 +361,16 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="1 seed, 2+3 rounds; RESULTS.md untouched"
     )
+    parser.add_argument(
+        "--study",
+        action="store_true",
+        help="longer horizon, more clients per task, longer warm-up: one at a time (fedavg)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.study:
+        study(args)
+        return
     globals()["OUTER"] = args.outer
     if args.quick:
         args.seeds, args.warmup, args.rounds, args.inner_steps = [0], 2, 3, 5
