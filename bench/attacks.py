@@ -324,14 +324,31 @@ def main() -> None:
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     results["command"] = ".venv/bin/python " + " ".join(["bench/attacks.py", *sys.argv[1:]])
     results["sim_rounds"], results["real_rounds"] = args.sim_rounds, args.real_rounds
+    results["outer"] = outer_text()
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     if tuning:
         print(f"tuning run with {tuning}: bench/RESULTS.md left as it is")
         return
+    results = _join_saved(results, out / "attacks.json", args)
     (out / "attacks.json").write_text(json.dumps(results, indent=1))
     replace_section("attacks", render(results))
     print(render(results))
+
+
+def _join_saved(results: dict, path: Path, args: argparse.Namespace) -> dict:
+    """A --skip-sim or --skip-real run keeps the other part of the saved results, when they
+    were measured with the same outer optimizer; the commands of both are kept."""
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if not (args.skip_sim or args.skip_real) or saved.get("outer") != results["outer"]:
+        return results
+    kept = "sim" if args.skip_sim else "real"
+    if not saved.get(kept):
+        return results
+    results[kept] = saved[kept]
+    results[f"{kept}_rounds"] = saved[f"{kept}_rounds"]
+    results["command"] = f"{saved['command']}` then `{results['command']}"
+    return results
 
 
 def clean_repeats(count: int, rounds: int) -> None:

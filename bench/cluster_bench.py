@@ -51,11 +51,13 @@ VARIANTS: dict[str, dict[str, int]] = {
     "3x the rounds": {"rounds": 60},
     "2x the clients per task": {"per_task": 4},
     "8 warm-up rounds": {"warmup": 8},
+    # is the longer horizon's loss overfitting of the small clusters? the same with more data
+    "3x the rounds, 4x the texts per client": {"rounds": 60, "texts": 800},
 }
 OUT = ROOT / "bench" / "out" / "clusters"
 
 
-def sim_config(rounds: int, per_task: int, inner_steps: int) -> SimConfig:
+def sim_config(rounds: int, per_task: int, inner_steps: int, texts: int = 200) -> SimConfig:
     """All clients take part in every round; one task each, `per_task` clients per task."""
     return SimConfig.model_validate(
         {
@@ -68,6 +70,7 @@ def sim_config(rounds: int, per_task: int, inner_steps: int) -> SimConfig:
             "heterogeneity": {"kind": "task"},
             "tasks": TASKS,
             "rounds": rounds,
+            "texts_per_client": texts,
             "eval_batches": 4,
         }
     )
@@ -115,9 +118,11 @@ class DenseEvaluator:
         }
 
 
-def run_seed(seed: int, warmup: int, rounds: int, per_task: int, inner_steps: int) -> dict:
+def run_seed(
+    seed: int, warmup: int, rounds: int, per_task: int, inner_steps: int, texts: int = 200
+) -> dict:
     """One seed: warm-up + signatures, clustering, cluster rounds, global rounds, evaluation."""
-    config = sim_config(warmup + rounds, per_task, inner_steps)
+    config = sim_config(warmup + rounds, per_task, inner_steps, texts)
     sim = Simulation(config, seed)
     lora = config.run.lora
     scaling = lora.alpha / lora.rank
@@ -237,7 +242,9 @@ def run_variant(job: tuple[str, int, dict]) -> tuple[str, int, dict]:
     name, seed, p = job
     torch.set_num_threads(1)
     started = time.perf_counter()
-    out = run_seed(seed, p["warmup"], p["rounds"], p["per_task"], p["inner_steps"])
+    out = run_seed(
+        seed, p["warmup"], p["rounds"], p["per_task"], p["inner_steps"], p.get("texts", 200)
+    )
     return name, seed, {**out, "params": p, "seconds": time.perf_counter() - started}
 
 
@@ -250,11 +257,11 @@ def render_study(runs: dict[str, list[dict]], meta: dict) -> str:
     lines = [
         "### Cluster adapters against one global adapter: what closes the gap",
         "",
-        f"Measured on {meta['machine']}; {meta['minutes']:.1f} min (2 worker processes)."
+        f"Measured on {meta['machine']}; {meta['minutes']:.1f} min (1-2 worker processes)."
         f" Reproduce: `{meta['command']}`",
         "",
         "One factor at a time around the table above (3 warm-up rounds, 20 rounds, 2 clients per"
-        " task, H = 10, fedavg). specialist / global: each task's cluster adapter on its own"
+        " task, 200 texts per client, H = 10, fedavg). specialist / global: each task's cluster adapter on its own"
         " task against the global adapter trained on the same clients and steps, as the ratio"
         " of the mean losses over the 4 tasks (the issue's 0.94x) and as the mean of the"
         " per-task ratios. Merges: the best of the merge rows, from the base (task vectors ="
@@ -298,12 +305,15 @@ def study(args: argparse.Namespace) -> None:
     from multiprocessing import get_context
 
     base = {k: getattr(args, k) for k in ("warmup", "rounds", "per_task", "inner_steps")}
-    jobs = [(name, seed, {**base, **v}) for name, v in VARIANTS.items() for seed in args.seeds]
+    saved_path = OUT / "study.json"
+    saved = json.loads(saved_path.read_text()) if args.variants and saved_path.exists() else None
+    names = args.variants or list(VARIANTS)
+    jobs = [(name, seed, {**base, **VARIANTS[name]}) for name in names for seed in args.seeds]
     # the longest first, so the two workers end together
     jobs.sort(key=lambda j: -(j[2]["warmup"] + 2 * j[2]["rounds"]) * j[2]["per_task"])
     started = time.perf_counter()
-    runs: dict[str, dict[int, dict]] = {name: {} for name in VARIANTS}
-    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
+    runs: dict[str, dict[int, dict]] = {name: {} for name in names}
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(run_variant, job) for job in jobs]
         for done, future in enumerate(as_completed(futures), start=1):
             name, seed, out = future.result()
@@ -314,11 +324,22 @@ def study(args: argparse.Namespace) -> None:
                 f" ({out['seconds']:.0f}s; {(time.perf_counter() - started) / 60:.1f} min)",
                 flush=True,
             )
-    ordered = {name: [runs[name][s] for s in args.seeds] for name in VARIANTS}
+    minutes = (time.perf_counter() - started) / 60
+    kept = saved["runs"] if saved else {}
+    ordered = {
+        name: [runs[name][s] for s in args.seeds] if name in names else kept[name]
+        for name in VARIANTS
+        if name in names or name in kept
+    }
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "minutes": (time.perf_counter() - started) / 60,
-        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/cluster_bench.py --study",
+        "minutes": minutes + (saved["meta"]["minutes"] if saved else 0.0),
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/cluster_bench.py --study"
+        + (
+            " (in passes: --variants NAME runs only those, joined to the saved ones)"
+            if saved
+            else ""
+        ),
         "seeds": args.seeds,
     }
     OUT.mkdir(parents=True, exist_ok=True)
@@ -366,6 +387,13 @@ def main() -> None:
         action="store_true",
         help="longer horizon, more clients per task, longer warm-up: one at a time (fedavg)",
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        help="with --study: only these variants, joined to the saved study.json",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="--study's worker processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.study:
