@@ -258,7 +258,14 @@ def render_study(runs: dict[str, list[dict]], meta: dict) -> str:
         "### Cluster adapters against one global adapter: what closes the gap",
         "",
         f"Measured on {meta['machine']}; {meta['minutes']:.1f} min (1-2 worker processes)."
-        f" Reproduce: `{meta['command']}`",
+        f" Reproduce: `{meta['command']}`"
+        + (
+            f" (measured in {meta['passes']} passes: `--study --variants NAME ...` runs only"
+            " those variants and joins them to the saved ones)"
+            if meta.get("passes", 1) > 1
+            else ""
+        )
+        + ".",
         "",
         "One factor at a time around the table above (3 warm-up rounds, 20 rounds, 2 clients per"
         " task, 200 texts per client, H = 10, fedavg). specialist / global: each task's cluster adapter on its own"
@@ -334,12 +341,8 @@ def study(args: argparse.Namespace) -> None:
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "minutes": minutes + (saved["meta"]["minutes"] if saved else 0.0),
-        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/cluster_bench.py --study"
-        + (
-            " (in passes: --variants NAME runs only those, joined to the saved ones)"
-            if saved
-            else ""
-        ),
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/cluster_bench.py --study",
+        "passes": (saved["meta"].get("passes", 1) if saved else 0) + 1,
         "seeds": args.seeds,
     }
     OUT.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,9 @@ BASE: dict[
 }
 SETTINGS: dict[str, dict[str, Any]] = {  # one factor at a time around BASE
     "center": {},
+    # the central setting long enough that the least-sampled client takes part >= 20 times
+    # (rounds = 20/C leaves it at 14; 30/C = 100 rounds)
+    "center (30/C rounds)": {"participations": 30},
     "H=20": {"steps": 20},
     "H=50": {"steps": 50},
     "dirichlet 0.1": {"heterogeneity": {"kind": "dirichlet", "alpha": 0.1}},
@@ -89,7 +92,7 @@ def sim_config(setting: str, method: str, lr: float, seed: int, budget: dict) ->
     outer = {**METHODS[method], "lr": lr}
     if method == "GHBM":
         outer["tau"] = max(1, round(1 / s["participation"]))
-    rounds = math.ceil(budget["participations"] / s["participation"])
+    rounds = math.ceil(s.get("participations", budget["participations"]) / s["participation"])
     config = {
         "run": {
             "run_id": "outer-study",
