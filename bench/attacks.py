@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 import node.engine.round as round_code  # noqa: E402
-from aggregation.adversaries import ADVERSARIES, Adversary  # noqa: E402
+from aggregation.adversaries import ADVERSARIES, ALIE, Adversary  # noqa: E402
 from node.config import SimConfig, parse_config  # noqa: E402
 from node.engine.round import LocalUpdate  # noqa: E402
 from node.engine.transport import AveragingFailed, GroupResult  # noqa: E402
@@ -172,10 +172,13 @@ def run_sim(
     robust: bool,
     rounds: int,
     tasks: list[str] = TASKS,
+    adversary: Adversary | None = None,
 ) -> dict:
-    """One simulated run; final eval loss, round outcomes, exclusions, aggregation and wall s."""
+    """One simulated run; final eval loss, round outcomes, exclusions, aggregation and wall s.
+    `adversary` replaces the named attack's default one (e.g. ALIE with another z)."""
     times: list[float] = []
-    adversary = ADVERSARIES[attack]() if attack else None
+    if adversary is None and attack:
+        adversary = ADVERSARIES[attack]()
     started = time.perf_counter()
     with trusting(not robust), timed_aggregation(times):
         config = sim_config(clients, rounds, robust, tasks)
@@ -227,6 +230,9 @@ def run_real(attack: str | None, aggregator: str, rounds: int, workdir: Path) ->
             else:
                 procs.start(vol.name, ["join", *args])
         codes = {v.name: procs.procs[v.name].wait(timeout=60 + 30 * rounds) for v in vols[:3]}
+        crashed = procs.procs[vols[3].name].poll()
+        if attack is not None and crashed not in (None, 0):  # a silent no-show is no attack
+            raise RuntimeError(f"the hostile volunteer ({attack}) exited {crashed}: see its output")
     finally:
         procs.stop_all()
     metrics = [
@@ -270,6 +276,12 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="+", choices=ATTACKS, help="a subset of the attacks")
     parser.add_argument(
+        "--alie-z",
+        type=float,
+        nargs="+",
+        help="only ALIE at these strengths z (the attack's default is 1), groups 8/2 and 12/3",
+    )
+    parser.add_argument(
         "--outer",
         choices=sorted(OUTERS),
         default="default",
@@ -293,6 +305,9 @@ def main() -> None:
     attacks = args.only or ATTACKS
     if args.same_task:
         same_task(attacks, args.sim_rounds, write=not tuning)
+        return
+    if args.alie_z:
+        alie_strength(args.alie_z, args.sim_rounds)
         return
     if args.task_majority:
         task_majority(attacks, args.sim_rounds, write=not tuning)
@@ -445,6 +460,44 @@ def setting(
         )
     if write:
         replace_section(section, "\n".join(lines))
+    print("\n".join(lines))
+
+
+def alie_strength(zs: list[float], rounds: int) -> None:
+    """ALIE at several z in the 8/2 group (an attacker on each task with one honest member) and
+    the 12/3 group (two honest members per attacked task): where does the plain mean fail?"""
+    groups = {"8/2": (8, 2), "12/3": (12, 3)}
+    lines = [
+        f"### ALIE's strength z, simulator, {rounds} rounds",
+        "",
+        "The forgery is the honest mean minus z standard deviations per coordinate (ALIE's"
+        " default here is z = 1). Groups as in the 8/2 and 12/3 tables above."
+        f" {outer_text().capitalize()}. Reproduce: `.venv/bin/python "
+        + " ".join(["bench/attacks.py", *sys.argv[1:]])
+        + "`",
+        "",
+        "| group | z | trusting mean | defended (norm bound + CenteredClip) | defended:"
+        " contributions excluded |",
+        "|---|---|---|---|---|",
+    ]
+    for label, (clients, hostile) in groups.items():
+        clean = {
+            robust: run_sim(clients, hostile, None, robust, rounds)["eval_loss"]
+            for robust in (False, True)
+        }
+        lines.append(f"| {label} | clean | {clean[False]:.4f} | {clean[True]:.4f} | 0 |")
+        for z in zs:
+            row = {
+                robust: run_sim(clients, hostile, "alie", robust, rounds, adversary=ALIE(z))
+                for robust in (False, True)
+            }
+            t, d = row[False]["eval_loss"], row[True]["eval_loss"]
+            lines.append(
+                f"| {label} | {z:g} | {t:.4f} ({_verdict(t, clean[False])}) |"
+                f" {d:.4f} ({_verdict(d, clean[True])}) | {row[True]['excluded']} |"
+            )
+            print(lines[-1], flush=True)
+    replace_section("attacks-alie-strength", "\n".join(lines))
     print("\n".join(lines))
 
 

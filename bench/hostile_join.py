@@ -41,11 +41,11 @@ def make_attacker(adversary: Adversary) -> type[HostileAverager]:
             meta: MemberMeta,
             timeout: float,
             moved_on: Callable[[], bool] = lambda: False,
-            window: float | None = None,
+            **options: Any,
         ) -> GatherOutcome:
             own = {k: v.clone() for k, v in tensors.items()}
             self.forgery = adversary.forge(own, self.last_honest, meta.weight, gen)
-            out = super().exchange(tensors, meta, timeout, moved_on, window)
+            out = super().exchange(tensors, meta, timeout, moved_on, **options)
             self.last_honest = [c for p, c in out.contributions.items() if p != meta.peer]
             return out
 
