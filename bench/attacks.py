@@ -360,6 +360,9 @@ def _join_saved(results: dict, path: Path, args: argparse.Namespace) -> dict:
     kept = "sim" if args.skip_sim else "real"
     if not saved.get(kept):
         return results
+    ran = "real" if kept == "sim" else "sim"
+    if args.only and saved.get(ran):  # a few attacks again: the saved rows of the others stay
+        results[ran] = {**saved[ran], **results[ran]}
     results[kept] = saved[kept]
     results[f"{kept}_rounds"] = saved[f"{kept}_rounds"]
     results["command"] = f"{saved['command']}` then `{results['command']}"

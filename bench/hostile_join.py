@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,9 @@ def main(argv: list[str]) -> int:
         return Gate(manifest.coordinator_key, manifest.run_id)
 
     volunteer.admission_gate = no_own_check  # type: ignore[assignment]
+    # ... and never reads its own ticket's expiry (an unadmitted one has none to read)
+    volunteer.ticket_warning = lambda expires, now: None  # type: ignore[assignment]
+    volunteer.read_ticket = lambda text: SimpleNamespace(expires=float("inf"))  # type: ignore
     return cli.main(["join", *join_args])
 
 

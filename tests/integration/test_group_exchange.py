@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from aggregation.codec import from_int8_blocks, int8_blocks
+from aggregation.outer import FedAvgOuter, RoundContext
 from aggregation.params import weighted_mean
 from node.engine.round import select_contributions
 from node.engine.swarm_transport import HivemindTransport
@@ -41,8 +42,13 @@ def nodes() -> Iterator[list[SwarmNode]]:
         node.shutdown()
 
 
-def _transport(node: SwarmNode, prefix: str, codec: str = "fp32") -> HivemindTransport:
-    template = {k: torch.zeros(s) for k, s in SHAPES.items()}
+def _transport(
+    node: SwarmNode,
+    prefix: str,
+    codec: str = "fp32",
+    template: dict[str, torch.Tensor] | None = None,
+) -> HivemindTransport:
+    template = template or {k: torch.zeros(s) for k, s in SHAPES.items()}
 
     def make(group_prefix: str) -> GroupAverager:
         return GroupAverager(node, group_prefix, template, codec=codec, matchmaking_time=2.0)
@@ -166,3 +172,90 @@ def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times(
     finally:
         server.blobs._send = send
         server.blobs.unpublish("blob")
+
+
+def _trained_members(freeze_a: bool) -> tuple[float, dict, list[dict], dict]:
+    """Three peers' LoRA from one seeded init, 4 inner steps each on its own task: the scaling,
+    the start and end points (trainable tensors) and the frozen tensors (A, under FFA-LoRA)."""
+    from node.config import parse_config
+    from node.local.build import build_local_model
+
+    config = parse_config(
+        {
+            "run_id": "exact-lora",
+            "lora": {"freeze_a": freeze_a},
+            "inner": {"steps": 4, "batch_size": 4, "seq_len": 32},
+        }
+    )
+    members = [
+        build_local_model(config, f"builtin:{task}", data_seed=i)
+        for i, task in enumerate(["arithmetic", "capitals", "dates"])
+    ]
+    start = members[0].trainer.get_params()
+    ends = []
+    for member in members:
+        member.trainer.train_steps(4)
+        ends.append(member.trainer.get_params())
+    frozen = {
+        name: p.detach().clone()
+        for name, p in members[0].model.named_parameters()
+        if ".lora_A." in name and name not in start
+    }
+    return config.lora.alpha / config.lora.rank, start, ends, frozen
+
+
+def _dw(params: dict, frozen: dict, scaling: float) -> dict[str, torch.Tensor]:
+    """Per LoRA module, dW = s B A in float64 (A from `frozen` when it is not trained)."""
+    out = {}
+    for name, b in params.items():
+        if ".lora_B." in name:
+            a_name = name.replace(".lora_B.", ".lora_A.")
+            a = params[a_name] if a_name in params else frozen[a_name]
+            out[name] = scaling * (b.double() @ a.double())
+    return out
+
+
+@pytest.mark.parametrize("freeze_a", [True, False])
+def test_ffa_lora_rounds_apply_exactly_the_weighted_mean_of_the_members_dw(
+    nodes: list[SwarmNode], freeze_a: bool
+) -> None:
+    # FFA-LoRA (lora.freeze_a): with A the shared seeded init, mean(B_i) A = mean(B_i A), so a
+    # plain-averaging round over real peers applies the exact weighted mean of the members'
+    # updates dW, to fp32 precision. Training both factors (the control) does not.
+    scaling, start, ends, frozen = _trained_members(freeze_a)
+    template = {k: torch.zeros_like(v) for k, v in start.items()}
+    transports = [_transport(n, f"ffa{int(freeze_a)}_global", template=template) for n in nodes]
+    weights = [512.0, 1024.0, 2048.0]
+    try:
+        deltas = [{k: start[k] - end[k] for k in start} for end in ends]  # pseudo-gradients
+        metas = [
+            MemberMeta(t.peer, 0, "ef" * 32, w) for t, w in zip(transports, weights, strict=True)
+        ]
+        results = _reduce_all(transports, deltas, metas)
+        assert all(isinstance(r, GroupResult) for r in results), results
+        groups = [r for r in results if isinstance(r, GroupResult)]
+        outer = FedAvgOuter(1.0)  # plain averaging: theta <- theta - mean(Delta)
+        new = outer.step(start, _aggregate(groups[0], metas[0]), RoundContext())
+    finally:
+        for t in transports:
+            t.averager.shutdown()
+    before, after = _dw(start, frozen, scaling), _dw(new, frozen, scaling)
+    members = [_dw(end, frozen, scaling) for end in ends]
+    worst = 0.0
+    for name, dw_start in before.items():
+        applied = after[name] - dw_start
+        exact = sum(w * (m[name] - dw_start) for w, m in zip(weights, members, strict=True)) / sum(
+            weights
+        )
+        # the round's result is one fp32 rounding of each B (and A) entry: bound its effect on
+        # dW = s B A by s * r * (2 ulp of the largest B) * max|A|, and likewise for A
+        b_name, a_name = name, name.replace(".lora_B.", ".lora_A.")
+        a = new[a_name] if a_name in new else frozen[a_name]
+        rank = a.shape[0]
+        ulp = 2.0**-24
+        atol = 4 * scaling * rank * ulp * new[b_name].abs().max().item() * a.abs().max().item()
+        if freeze_a:
+            torch.testing.assert_close(applied, exact, rtol=0, atol=atol)
+        worst = max(worst, (applied - exact).abs().max().item() / atol)
+    if not freeze_a:  # averaging both factors misses the mean update by far more than rounding
+        assert worst > 1000, worst
