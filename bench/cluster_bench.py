@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
 
-from aggregation.merge import MergeOptions, merge_adapters  # noqa: E402
+from aggregation.merge import MergeOptions, cat_factors, merge_adapters  # noqa: E402
 from aggregation.taskvec import LoraFactors, adjusted_rand_index  # noqa: E402
 from node.clusters.clusterer import TaskSignature, cluster_signatures, lora_modules  # noqa: E402
 from node.config import ClusteringSettings, SimConfig  # noqa: E402
@@ -76,23 +76,6 @@ def sim_config(rounds: int, per_task: int, inner_steps: int, texts: int = 200) -
     )
 
 
-class Summed:
-    """A module's dW as the sum of several adapters' (the warm-up plus a merged task vector)."""
-
-    def __init__(self, *parts: LoraFactors) -> None:
-        self.parts = parts
-
-    def delta_w(self) -> torch.Tensor:
-        return sum((p.delta_w() for p in self.parts), torch.zeros(()))
-
-
-def minus(a: LoraFactors, b: LoraFactors) -> LoraFactors:
-    """a - b exactly, as one LoRA of rank r_a + r_b: [B_a, -B_b] @ [A_a; A_b]."""
-    if a.scaling != b.scaling:
-        raise ValueError(f"scalings differ: {a.scaling} vs {b.scaling}")
-    return LoraFactors(torch.cat([a.A, b.A]), torch.cat([a.B, -b.B], dim=1), a.scaling)
-
-
 class DenseEvaluator:
     """Eval loss of base + dW per module, on each task's held-out windows."""
 
@@ -103,9 +86,7 @@ class DenseEvaluator:
         self.eval_sets = eval_sets
 
     @torch.no_grad()
-    def losses(
-        self, modules: dict[str, LoraFactors] | dict[str, Summed] | None
-    ) -> dict[str, float]:
+    def losses(self, modules: dict[str, LoraFactors] | None) -> dict[str, float]:
         """Per-task loss with the task vectors applied (None: the base alone)."""
         params = dict(self.model.named_parameters())
         for name, value in self.base.items():
@@ -172,15 +153,18 @@ def run_seed(
         losses[f"merged {method}"] = evaluator.losses(merged.modules)
         energy[method] = min(merged.energy.values()) if merged.energy else 1.0
     warm_modules = lora_modules(warm.params, scaling)
-    vectors = [
-        {name: minus(f, warm_modules[name]) for name, f in modules[c].items()}
+    vectors = [  # cluster minus warm-up, exactly (cat_factors stacks the factors: rank 2r)
+        {name: cat_factors([f, warm_modules[name]], [1.0, -1.0]) for name, f in modules[c].items()}
         for c in sorted(modules)
     ]
     for method in FROM_WARMUP:
         options = MergeOptions(seed=seed, scale=TA_SCALE if method == "task_arithmetic" else 1.0)
         merged = merge_adapters(vectors, method, relative, options=options)  # rank 2r
         losses[f"warm-up + merged {method}"] = evaluator.losses(
-            {name: Summed(warm_modules[name], f) for name, f in merged.modules.items()}
+            {
+                name: cat_factors([warm_modules[name], f], [1.0, 1.0])
+                for name, f in merged.modules.items()
+            }
         )
     return {
         "seed": seed,

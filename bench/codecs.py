@@ -38,15 +38,14 @@ def measure(codec: str, args: argparse.Namespace, workdir: Path) -> dict:
     reports = run_swarm(config, args.peers, args.rounds, workdir)
     summary = summarize_swarm(reports)
     digests = {r[-1]["digest"] for r in reports}
-    averaged = sum(row["outcome"] == "averaged" for r in reports for row in r)
     transfer = [row["transfer_s"] for r in reports for row in r if row["outcome"] == "averaged"]
     return {
         "final_eval": summary["final_eval"],
         "bytes_per_peer_round": summary["bytes_per_peer"] / len(summary["rounds"]),
         "transfer_s": sum(transfer) / max(len(transfer), 1),
         "identical": len(digests) == 1,
-        "averaged": averaged,
-        "rounds": sum(len(r) for r in reports),
+        "averaged": summary["averaged"],
+        "rounds": summary["reports"],
         "excluded": sum(len(row["excluded"]) for r in reports for row in r),
         "problems": sorted({row["problem"][:160] for r in reports for row in r if row["problem"]}),
     }

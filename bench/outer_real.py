@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from outer_study import BASE, METHODS, run_job, run_pool  # noqa: E402
 from results_md import replace_section  # noqa: E402
-from swarm_bench import run_swarm  # noqa: E402
+from swarm_bench import run_swarm, summarize_swarm  # noqa: E402
 
 from node.config import SimConfig, parse_config  # noqa: E402
 from node.local.data import BUILTIN_TASKS  # noqa: E402
@@ -75,17 +75,12 @@ def real_run(method: str, lr: float, keys: list[Path], rounds: int, steps: int, 
         (workdir / f"vol{i + 1}").mkdir(parents=True)
         shutil.copy(key, workdir / f"vol{i + 1}" / "p2p.key")
     started = time.perf_counter()
-    reports = run_swarm(config, len(keys), rounds, workdir, ())
-    curve = [
-        statistics.mean(r[i]["eval_loss"] for r in reports)
-        for i in range(min(len(r) for r in reports))
-    ]
-    averaged = sum(x["outcome"] == "averaged" for r in reports for x in r)
+    summary = summarize_swarm(run_swarm(config, len(keys), rounds, workdir, ()))
     return {
-        "curve": curve,
-        "final": curve[-1],
-        "averaged": averaged,
-        "reports": sum(len(r) for r in reports),
+        "curve": [r["eval_loss"] for r in summary["rounds"]],
+        "final": summary["final_eval"],
+        "averaged": summary["averaged"],
+        "reports": summary["reports"],
         "seconds": time.perf_counter() - started,
     }
 

@@ -90,8 +90,6 @@ def real_runs(
         extra = (*(("--model", model) if model else ()), "--eval-every", str(eval_every))
         reports = run_swarm(config, peers, rounds, tmp / f"{mode}-{peers}", extra)
         summary = summarize_swarm(reports)
-        summary["averaged"] = sum(r["outcome"] == "averaged" for rs in reports for r in rs)
-        summary["reports"] = sum(len(rs) for rs in reports)
         out[mode] = summary
         print(
             f"real {mode}: utilization {summary['utilization']:.2f},"
@@ -124,6 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.sim_rounds, args.seeds, args.rounds = 4, [0], 3
+    args.model_eval_every = args.model_eval_every or args.model_rounds
     if args.model and not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no config.json there (a HF model directory?)")
     torch.set_num_threads(1)
@@ -142,7 +141,6 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="swarmtune-overlap-") as tmp:
             real["real"] = real_runs(args.peers, args.rounds, args.inner_steps, None, Path(tmp))
             if args.model:
-                args.model_eval_every = args.model_eval_every or args.model_rounds
                 real["model"] = real_runs(
                     args.model_peers,
                     args.model_rounds,

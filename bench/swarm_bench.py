@@ -90,7 +90,8 @@ def run_local(config: RunConfig, peers: int, steps: int) -> list[dict]:
 
 
 def summarize_swarm(reports: list[list[dict]]) -> dict:
-    """Per-round stage times (mean over peers), bytes per peer, utilization, final eval."""
+    """Per-round stage times (mean over peers), bytes per peer, utilization, final eval, and
+    the volunteers' round reports that averaged, out of all."""
     rounds = []
     for index in range(min(len(r) for r in reports)):
         rows = [r[index] for r in reports]
@@ -108,7 +109,11 @@ def summarize_swarm(reports: list[list[dict]]) -> dict:
         "wall_s": wall,
         "utilization": sum(r["inner_s"] for r in rounds) / wall,
         "bytes_per_peer": sum(r["sent_per_peer"] for r in rounds),
-        "final_eval": next((r["eval_loss"] for r in reversed(rounds) if r["eval_loss"]), None),
+        "final_eval": next(
+            (r["eval_loss"] for r in reversed(rounds) if r["eval_loss"] is not None), None
+        ),
+        "averaged": sum(row["outcome"] == "averaged" for r in reports for row in r),
+        "reports": sum(len(r) for r in reports),
     }
 
 
