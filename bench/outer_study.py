@@ -1,13 +1,14 @@
 """Outer-optimizer study (issue #12): where server momentum pays off for LoRA with AdamW inner
 steps, one factor at a time around a central setting, with the server lr tuned per method on a
-held-out seed; and how far averaging the LoRA factors is from averaging the updates.
+held-out seed; and how far averaging the LoRA factors is from averaging the updates (measured in
+every plain-averaging run of the study, so it costs no runs of its own).
 
 Every run is `node.roles.simulate.Simulation` (the daemon's round code on the in-memory
-transport), in parallel worker processes (1 torch thread each).
+transport), in parallel worker processes (1 torch thread each). Clients are dealt from shuffled
+decks (`sampling: balanced`), so with rounds = 20/C every client takes part at least 20 times.
 
     .venv/bin/python bench/outer_study.py            # the study (make bench-outer)
     .venv/bin/python bench/outer_study.py --quick    # the same code on a small budget
-    .venv/bin/python bench/outer_study.py --part lora-error   # only the factor-average error
 
 Writes bench/out/outer[/quick]/results.json, bench/outer.png and bench/lora_error.png, and the
 `outer-study` section of bench/RESULTS.md (not in --quick mode).
@@ -50,9 +51,6 @@ BASE: dict[
 }
 SETTINGS: dict[str, dict[str, Any]] = {  # one factor at a time around BASE
     "center": {},
-    # the central setting long enough that the least-sampled client takes part >= 20 times
-    # (rounds = 20/C leaves it at 14; 30/C = 100 rounds)
-    "center (30/C rounds)": {"participations": 30},
     "H=20": {"steps": 20},
     "H=50": {"steps": 50},
     "dirichlet 0.1": {"heterogeneity": {"kind": "dirichlet", "alpha": 0.1}},
@@ -77,12 +75,6 @@ LR_GRID = {
     "Nesterov": [0.03, 0.1, 0.3, 0.7],
     "GHBM": [0.03, 0.1, 0.3, 1.0],  # momentum 0.9: a step of lr / (1 - 0.9) once built up
 }
-# (H=50 costs 10x the central setting per run: its Nesterov runs were added in a second pass,
-# `--settings H=50`, which runs only what results.json does not hold yet)
-
-
-ERROR_H = [5, 20, 50]
-ERROR_SPLITS = ["center", "dirichlet 0.1", "dirichlet 1", "iid (tokens)"]
 
 
 def sim_config(setting: str, method: str, lr: float, seed: int, budget: dict) -> dict:
@@ -102,6 +94,7 @@ def sim_config(setting: str, method: str, lr: float, seed: int, budget: dict) ->
         },
         "clients": s["clients"],
         "participation": s["participation"],
+        "sampling": "balanced",
         "heterogeneity": s["heterogeneity"],
         "rounds": rounds,
         "seeds": [seed],
@@ -112,35 +105,36 @@ def sim_config(setting: str, method: str, lr: float, seed: int, budget: dict) ->
 
 
 def run_job(config: dict) -> dict:
-    """One run in a worker process: its rows, wall time and participations per client."""
-    import torch
-
-    torch.set_num_threads(1)
-    sim = Simulation(SimConfig.model_validate(config), config["seeds"][0])
-    result = sim.run()
-    joined = [c.rounds_joined for c in sim.clients]
-    params = sum(v.numel() for v in sim.state.params.values())
-    return {"rows": result.rows, "seconds": result.seconds, "joined": joined, "params": params}
-
-
-def error_job(config: dict) -> dict:
-    """FedAvg rounds that also measure, per round, how far averaging the factors is from the
-    exact mean update (bench/ffa.py's MeasuredSimulation: aggregation/taskvec.py's
+    """One run in a worker process: its rows, wall time and participations per client. A
+    plain-averaging run of both factors also records, per round, how far averaging the factors
+    is from the exact mean update (bench/ffa.py's MeasuredSimulation: aggregation/taskvec.py's
     factor_average_error, the mean over LoRA modules)."""
     import torch
     from ffa import MeasuredSimulation
 
     torch.set_num_threads(1)
-    sim = MeasuredSimulation(SimConfig.model_validate(config), config["seeds"][0])
-    sim.errors = []
+    measured = config["run"]["outer"]["name"] == "fedavg" and not config["run"]["lora"]["freeze_a"]
+    kind = MeasuredSimulation if measured else Simulation
+    sim = kind(SimConfig.model_validate(config), config["seeds"][0])
+    sim.errors = []  # type: ignore[attr-defined]
     result = sim.run()
-    return {"rows": result.rows, "seconds": result.seconds, "errors": sim.errors}
+    joined = [c.rounds_joined for c in sim.clients]
+    params = sum(v.numel() for v in sim.state.params.values())
+    out = {"rows": result.rows, "seconds": result.seconds, "joined": joined, "params": params}
+    return {**out, "errors": sim.errors} if measured else out  # type: ignore[attr-defined]
+
+
+def cost(config: dict) -> int:
+    """Inner steps of a run: longest runs go first, so no worker idles at the end."""
+    members = max(1, round(config["participation"] * config["clients"]))
+    return config["rounds"] * members * config["run"]["inner"]["steps"]
 
 
 def run_pool(jobs: list[tuple[Any, dict]], fn: Any, workers: int, what: str) -> dict:
     """key -> fn(config) for every (key, config), in `workers` processes, one line per run."""
     results: dict = {}
     started = time.perf_counter()
+    jobs = sorted(jobs, key=lambda job: -cost(job[1]))
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(fn, config): key for key, config in jobs}
         for done, future in enumerate(as_completed(futures), start=1):
@@ -209,17 +203,23 @@ def evaluate(chosen: dict[str, float], budget: dict, workers: int, done: dict) -
     return {f"{s}|{m}|{seed}": r for (s, m, seed), r in results.items()}
 
 
-def measure_errors(budget: dict, workers: int) -> dict:
-    jobs = []
-    for split in ERROR_SPLITS:
-        for h in budget["error_h"]:
-            config = sim_config(split, "FedAvg", 1.0, 0, {**budget, "participations": 1})
-            config["run"]["inner"]["steps"] = h
-            config["rounds"] = budget["error_rounds"]
-            config["eval_every"] = budget["error_rounds"]
-            jobs.append(((split, h), config))
-    results = run_pool(jobs, error_job, workers, "lora-error")
-    return {f"{s}|{h}": r for (s, h), r in results.items()}
+def factor_errors(runs: dict, budget: dict) -> dict[str, dict[str, float]]:
+    """Per setting: the factor-average error of its plain-averaging runs, averaged over seeds
+    (mean over rounds, first round, last round), with that setting's H."""
+    out = {}
+    for setting in SETTINGS:
+        group = [runs.get(f"{setting}|FedAvg|{seed}") for seed in budget["seeds"]]
+        if not all(g and g.get("errors") for g in group):
+            continue
+        series = [g["errors"] for g in group]  # type: ignore[index]
+        out[setting] = {
+            "h": sim_config(setting, "FedAvg", 1.0, 0, budget)["run"]["inner"]["steps"],
+            "mean": statistics.mean(statistics.mean(x) for x in series),
+            "first": statistics.mean(x[0] for x in series),
+            "last": statistics.mean(x[-1] for x in series),
+            "rounds": len(series[0]),
+        }
+    return out
 
 
 def summarize(runs: dict, chosen: dict, budget: dict) -> dict:
@@ -308,18 +308,19 @@ def plot(runs: dict, budget: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_errors(errors: dict, budget: dict, path: Path) -> None:
+def plot_errors(runs: dict, errors: dict, budget: dict, path: Path) -> None:
+    """The factor-average error per round of every measured setting (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for split in ERROR_SPLITS:
-        for h in budget["error_h"]:
-            values = errors[f"{split}|{h}"]["errors"]
-            ax.plot(range(1, len(values) + 1), values, label=f"{split}, H={h}")
-    ax.set_xlabel("round")
+    for setting in errors:
+        series = [runs[f"{setting}|FedAvg|{seed}"]["errors"] for seed in budget["seeds"]]
+        mean = [statistics.mean(values) for values in zip(*series, strict=True)]
+        ax.plot(range(1, len(mean) + 1), mean, label=setting)
+    ax.set_xlabel("round with a group")
     ax.set_ylabel("||mean(B)mean(A) - mean(BA)|| / ||mean(BA) - B0A0||")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -342,9 +343,9 @@ def render(table: dict, tuning: dict, chosen: dict, errors: dict, budget: dict, 
         f"Central setting: K = {BASE['clients']} simulated clients, C = {BASE['participation']},"
         f" one task per client, H = {BASE['steps']} inner AdamW steps (lr"
         f" {BASE['inner']['lr']}, batch 4x32 tokens), LoRA r = 8 on the embedded tiny Llama."
-        f" Rounds = {budget['participations']}/C, so a client takes part"
-        f" {budget['participations']} times on average (the least-sampled client's count is in"
-        " the tables). Each row changes one factor. Server lr tuned per method on held-out seed"
+        f" Rounds = {budget['participations']}/C, and each round's clients are dealt from"
+        " shuffled decks of all K (`sampling: balanced`), so every client takes part at least"
+        f" {budget['participations']} times (the least count is in the tables). Each row changes one factor. Server lr tuned per method on held-out seed"
         f" {TUNE_SEED} in the central setting, then fixed; evaluated on seeds {budget['seeds']}."
         " GHBM uses tau = 1/C. Diverged: final eval loss 1.5x the start or not finite. MB = fp32 deltas sent by all members of a round's"
         " all-gather, summed to the round where the method first reached FedAvg's mean final"
@@ -384,20 +385,19 @@ def render(table: dict, tuning: dict, chosen: dict, errors: dict, budget: dict, 
         lines += [
             "### Averaging the factors is not averaging the updates",
             "",
-            "FedAvg rounds (seed 0, K = 10, C = 0.3); per round, the relative Frobenius error"
+            "Measured in every plain-averaging run above (both factors averaged, seeds"
+            f" {budget['seeds']}): per round, the relative Frobenius error"
             " || s mean(B_i) mean(A_i) - mean(s B_i A_i) || / || mean(s B_i A_i) - s B_0 A_0 ||,"
-            " the mean over LoRA modules (as in bench/ffa.py). Mean over rounds (first round /"
-            " last round):",
+            " the mean over LoRA modules (as in bench/ffa.py), then the mean over seeds.",
             "",
-            "| split | " + " | ".join(f"H={h}" for h in budget["error_h"]) + " |",
-            "|---|" + "---|" * len(budget["error_h"]),
+            "| setting | H | mean over rounds | first round | last round | rounds |",
+            "|---|---|---|---|---|---|",
         ]
-        for split in ERROR_SPLITS:
-            cells = []
-            for h in budget["error_h"]:
-                values = errors[f"{split}|{h}"]["errors"]
-                cells.append(f"{statistics.mean(values):.4f} ({values[0]:.4f} / {values[-1]:.4f})")
-            lines.append(f"| {split} | " + " | ".join(cells) + " |")
+        for setting, e in errors.items():
+            lines.append(
+                f"| {setting} | {e['h']} | {e['mean']:.4f} | {e['first']:.4f} |"
+                f" {e['last']:.4f} | {e['rounds']} |"
+            )
         lines += ["", "![factor-average error per round](lora_error.png)", ""]
     return "\n".join(lines)
 
@@ -407,16 +407,12 @@ FULL = {
     "evals": 10,
     "seeds": EVAL_SEEDS,
     "settings": list(SETTINGS),
-    "error_h": ERROR_H,
-    "error_rounds": 15,
 }
 QUICK = {
     "participations": 4,
     "evals": 4,
     "seeds": EVAL_SEEDS,
     "settings": ["center", "H=20"],
-    "error_h": [5, 20],
-    "error_rounds": 4,
 }
 
 
@@ -424,7 +420,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--quick", action="store_true", help="small budget; RESULTS.md untouched")
-    parser.add_argument("--part", choices=["all", "study", "lora-error"], default="all")
     parser.add_argument(
         "--settings",
         help=f"comma-separated subset of {list(SETTINGS)}; its runs join the saved ones "
@@ -445,26 +440,26 @@ def main() -> None:
     saved = (
         json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     )
-    if args.part in ("all", "study"):
-        if "chosen" in saved and not args.retune:
-            chosen, tuning = saved["chosen"], saved["tuning"]
-            print(f"server lrs tuned before: {chosen} (--retune to tune again)", flush=True)
-        else:
-            chosen, tuning = tune(budget, args.workers)
-            print(f"chosen server lrs: {chosen}", flush=True)
-            saved["runs"] = {}  # runs with other lrs are not comparable
-        done = saved.get("runs", {}) if args.settings else {}  # a full run runs everything
-        runs = {**done, **evaluate(chosen, budget, args.workers, done)}
-        table = summarize(runs, chosen, budget)
-        plot(runs, budget, out / "outer.png" if args.quick else ROOT / "bench" / "outer.png")
-        saved.update({"chosen": chosen, "tuning": tuning, "runs": runs, "table": table})
-    if args.part in ("all", "lora-error"):
-        errors = measure_errors(budget, args.workers)
-        path = out / "lora_error.png" if args.quick else ROOT / "bench" / "lora_error.png"
-        plot_errors(errors, budget, path)
-        saved["errors"] = errors
-    minutes = dict(saved.get("meta", {}).get("minutes_by_part", {}))
-    part = args.part + (f" --settings {args.settings}" if args.settings else "")
+    if "chosen" in saved and not args.retune:
+        chosen, tuning = saved["chosen"], saved["tuning"]
+        print(f"server lrs tuned before: {chosen} (--retune to tune again)", flush=True)
+    else:
+        chosen, tuning = tune(budget, args.workers)
+        print(f"chosen server lrs: {chosen}", flush=True)
+        saved["runs"] = {}  # runs with other lrs are not comparable
+    done = saved.get("runs", {}) if args.settings else {}  # a full run runs everything
+    runs = {**done, **evaluate(chosen, budget, args.workers, done)}
+    table = summarize(runs, chosen, budget)
+    errors = factor_errors(runs, budget)
+    plot(runs, budget, out / "outer.png" if args.quick else ROOT / "bench" / "outer.png")
+    path = out / "lora_error.png" if args.quick else ROOT / "bench" / "lora_error.png"
+    plot_errors(runs, errors, budget, path)
+    saved.update(
+        {"chosen": chosen, "tuning": tuning, "runs": runs, "table": table, "errors": errors}
+    )
+    # a whole study (no --settings) is timed on its own; partial passes add to the saved ones
+    minutes = dict(saved.get("meta", {}).get("minutes_by_part", {})) if args.settings else {}
+    part = f"--settings {args.settings}" if args.settings else "whole study"
     minutes[part] = (time.perf_counter() - started) / 60
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {_torch_version()}",
@@ -474,9 +469,6 @@ def main() -> None:
     }
     saved["meta"] = meta
     (out / "results.json").write_text(json.dumps(saved, indent=1, default=_plain))
-    if "table" not in saved:
-        print("the study part has not run yet: no table")
-        return
     text = render(
         saved["table"], saved["tuning"], saved["chosen"], saved.get("errors", {}), budget, meta
     )

@@ -249,6 +249,10 @@ class SimConfig(_Strict):
     run: RunConfig = RunConfig()
     clients: int = Field(100, ge=1, le=10_000)
     participation: float = Field(0.1, gt=0, le=1)
+    # who takes part in a round: `uniform` draws round(C*K) clients afresh every round;
+    # `balanced` deals them from shuffled decks of all K, so after R rounds every client has
+    # taken part floor or ceil of R*C times (a study can then promise each client a count)
+    sampling: Literal["uniform", "balanced"] = "uniform"
     heterogeneity: HeterogeneitySettings = HeterogeneitySettings()
     tasks: list[str] = Field(default_factory=list, max_length=64)
     rounds: int = Field(30, ge=1, le=100_000)

@@ -1,6 +1,8 @@
 """`swarmtune simulate`: K virtual clients with partial participation, on the daemon's round code.
 
-Each round samples round(C*K) clients uniformly without replacement. Every sampled client runs
+Each round samples round(C*K) clients without replacement: uniformly, or (`sampling: balanced`)
+dealt from shuffled decks of all K, so that participations stay within one of each other. Every
+sampled client runs
 node.engine.round.inner_phase (the daemon's inner loop, GHBM hooks and per-peer momentum included) on
 its own data. The transport is an in-process all-gather; from there on the round is
 node.engine.round.conclude_round, the function the daemon uses after its exchange (selection,
@@ -130,6 +132,22 @@ def client_texts(mixture: dict[str, float], n: int, client_seed: int) -> list[st
     return texts
 
 
+def deal(
+    deck: list[int], count: int, clients: int, rng: random.Random
+) -> tuple[list[int], list[int]]:
+    """Balanced sampling: the next `count` clients of `deck`, a shuffled pass over all clients,
+    and what is left of it. When the deck runs short, its rest is topped up with the first
+    distinct clients of a fresh shuffle, which leave the new deck: every pass deals every
+    client once, so participations never differ by more than one."""
+    members, rest = deck[:count], deck[count:]
+    if len(members) < count:
+        fresh = list(range(clients))
+        rng.shuffle(fresh)
+        extra = [c for c in fresh if c not in members][: count - len(members)]
+        members, rest = members + extra, [c for c in fresh if c not in extra]
+    return members, rest
+
+
 class Simulation:
     """One seed of one simulator config: clients, shared model, eval sets, the round loop."""
 
@@ -167,6 +185,7 @@ class Simulation:
             for t in self.tasks
         }
         self.sampler = random.Random(f"sample:{seed}")
+        self.deck: list[int] = []  # balanced sampling: clients still to be dealt this pass
         self.observers: dict[str, Callable[[Params, Params], None]] = {}  # by client name
         self.state = GroupState(0, self.trainer.get_params(), {})
         self.outcomes: Counter[str] = Counter()  # round outcomes, as the daemon reports them
@@ -217,9 +236,13 @@ class Simulation:
         return restamp(update, self.state)
 
     def step(self) -> dict[str, float]:
-        """One round: sample round(C*K) clients uniformly, then a group round with them."""
+        """One round: sample round(C*K) clients, then a group round with them."""
         count = max(1, round(self.config.participation * len(self.clients)))
-        return self.group_round(sorted(self.sampler.sample(range(len(self.clients)), count)))
+        if self.config.sampling == "uniform":
+            return self.group_round(sorted(self.sampler.sample(range(len(self.clients)), count)))
+        members, self.deck = deal(self.deck, count, len(self.clients), self.sampler)
+        return self.group_round(sorted(members))
+
 
     def group_round(self, members: list[int]) -> dict[str, float]:
         """Inner phases of `members` from self.state, all-gathered in process, then the daemon's

@@ -103,6 +103,8 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
         for name in names:
             os.killpg(swarm.procs[name].pid, signal.SIGINT)
         assert [swarm.wait(n, 60) for n in names] == [0] * 3
-        assert not any("Traceback" in swarm.log(n) for n in ("v0", "v1", "v2", "v3", "late"))
+        logs = {n: swarm.log(n) for n in ("v0", "v1", "v2", "v3", "late")}
+        traced = {n: text for n, text in logs.items() if "Traceback" in text}
+        assert not traced, traced
     finally:
         swarm.close()

@@ -318,7 +318,8 @@ def test_ghbm_ring_reaches_a_late_joiner_overlapped_members_agree_and_ctrl_c_end
         for name in peers:
             os.killpg(swarm.procs[name].pid, signal.SIGINT)  # what a terminal's Ctrl+C does
         assert [swarm.wait(n, 60) for n in peers] == [0, 0, 0], [swarm.log(n) for n in peers]
-        assert not any("Traceback" in swarm.log(n) for n in (*peers, "late"))
+        traced = {n: swarm.log(n) for n in (*peers, "late") if "Traceback" in swarm.log(n)}
+        assert not traced, traced
         time.sleep(1)
         assert all(_group_gone(swarm.procs[n].pid) for n in (*peers, "late"))
         overlapped = {r["round"]: r for r in _reports(tmp_path / "v0")}

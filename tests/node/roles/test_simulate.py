@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from cli import main
 from node.config import SimConfig
-from node.roles.simulate import Simulation, client_texts, simulate, task_mixtures
+from node.roles.simulate import Simulation, client_texts, deal, simulate, task_mixtures
 
 TASKS = ["arithmetic", "reverse", "capitals", "dates", "code"]
 
@@ -53,6 +54,29 @@ def test_dirichlet_split_is_seeded_and_concentrates_for_small_alpha() -> None:
     top_sharp = sum(max(m.values()) for m in a) / len(a)
     top_flat = sum(max(m.values()) for m in task_mixtures(flat, TASKS, seed=3)) / 200
     assert top_sharp > 0.8 and top_flat < 0.35
+
+
+def _dealt(clients: int, count: int, seed: int, rounds: int = 60) -> list[list[int]]:
+    rng, deck, dealt = random.Random(seed), [], []
+    for _ in range(rounds):
+        members, deck = deal(deck, count, clients, rng)
+        dealt.append(members)
+    return dealt
+
+
+@pytest.mark.parametrize(("clients", "count"), [(10, 3), (20, 2), (7, 4), (5, 5), (6, 1)])
+def test_balanced_sampling_deals_distinct_members_and_keeps_counts_within_one(
+    clients: int, count: int
+) -> None:
+    joined = [0] * clients
+    for members in _dealt(clients, count, seed=0):
+        assert len(members) == count == len(set(members)) and set(members) <= set(range(clients))
+        for c in members:
+            joined[c] += 1
+        assert max(joined) - min(joined) <= 1, joined  # after every round, not only at the end
+    assert sum(joined) == 60 * count
+    # the decks are shuffled by the seed, not dealt in one fixed order
+    assert clients == count or _dealt(clients, count, seed=0) != _dealt(clients, count, seed=1)
 
 
 def test_client_texts_follow_the_mixture() -> None:
