@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,24 +29,85 @@ from node.config import RunConfig, parse_config  # noqa: E402
 from node.local.build import build_local_model  # noqa: E402
 from node.local.data import BUILTIN_TASKS  # noqa: E402
 from node.roles.demo import Processes, start_swarm  # noqa: E402
+from protocols.lifeline import descendants  # noqa: E402
 
 STAGES = ("inner_s", "matchmaking_s", "transfer_s", "outer_s", "checkpoint_s")
 
 
+class CpuSampler:
+    """CPU seconds by part of a swarm, read from /proc every `period` s while it runs: each
+    volunteer's own process (training, exchange threads), its helper processes (hivemind's DHT
+    and averager), the p2pd daemons, and the coordinator with everything under it. A process's
+    last sample stands for its total, so up to `period` s of each one's end is missed."""
+
+    def __init__(self, procs: Processes, period: float = 0.5) -> None:
+        self.procs, self.period = procs, period
+        self.ticks: dict[tuple[int, str], tuple[str, float]] = {}  # (pid, start) -> part, ticks
+        self.started = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            for name, proc in list(self.procs.procs.items()):
+                for pid in [proc.pid, *descendants(proc.pid)]:
+                    self._sample(name, proc.pid, pid)
+
+    def _sample(self, name: str, root: int, pid: int) -> None:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()  # fields[0] is the state (stat field 3)
+        ticks = float(fields[11]) + float(fields[12])  # utime + stime (stat fields 14, 15)
+        if name == "coord":
+            part = "coordinator (all its processes)"
+        elif comm == "p2pd":
+            part = "p2pd daemons (volunteers')"
+        elif pid == root:
+            part = "volunteers' own processes (training, exchange)"
+        else:
+            part = "volunteers' DHT and averager processes"
+        self.ticks[(pid, fields[19])] = (part, ticks)  # fields[19]: start time (stat field 22)
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per part, plus the run's wall seconds and the cores it had."""
+        self._stop.set()
+        self._thread.join()
+        per_second = os.sysconf("SC_CLK_TCK")
+        out: dict[str, float] = {}
+        for part, ticks in self.ticks.values():
+            out[part] = out.get(part, 0.0) + ticks / per_second
+        out["wall_s"] = time.perf_counter() - self.started
+        out["cores"] = float(os.cpu_count() or 1)
+        return out
+
+
 def run_swarm(
-    config: RunConfig, peers: int, rounds: int, workdir: Path, extra: tuple[str, ...] = ()
+    config: RunConfig,
+    peers: int,
+    rounds: int,
+    workdir: Path,
+    extra: tuple[str, ...] = (),
+    cpu: dict[str, float] | None = None,
 ) -> list[list[dict]]:
     """Coordinator + volunteers as processes (`extra`: more join arguments); returns each
-    volunteer's round reports. `workdir` may hold the volunteers' dirs (vol1, ...) already."""
+    volunteer's round reports, and fills `cpu` (if given) with CpuSampler's CPU seconds by
+    part. `workdir` may hold the volunteers' dirs (vol1, ...) already."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "run.yaml").write_text(json.dumps(config.model_dump(mode="json")))
     procs = Processes()
+    sampler = CpuSampler(procs) if cpu is not None else None
     try:
         tasks = list(BUILTIN_TASKS[:peers])
         _, vols = start_swarm(procs, workdir / "run.yaml", workdir, tasks, rounds, extra)
         codes = [procs.procs[v.name].wait() for v in vols]
         assert not any(codes), f"volunteers failed: {codes}"
     finally:
+        if sampler is not None and cpu is not None:
+            cpu.update(sampler.stop())
         procs.stop_all()
     return [[json.loads(x) for x in (v / "metrics.jsonl").read_text().splitlines()] for v in vols]
 
@@ -148,9 +210,14 @@ def main() -> None:
     )
     steps = args.rounds * args.inner_steps
     with tempfile.TemporaryDirectory() as tmp:
-        swarm = summarize_swarm(run_swarm(diloco, args.peers, args.rounds, Path(tmp) / "diloco"))
+        cpu: dict[str, dict[str, float]] = {"diloco": {}, "overlap": {}}
+        swarm = summarize_swarm(
+            run_swarm(diloco, args.peers, args.rounds, Path(tmp) / "diloco", cpu=cpu["diloco"])
+        )
         overlap = summarize_swarm(
-            run_swarm(overlapped, args.peers, args.rounds, Path(tmp) / "overlap")
+            run_swarm(
+                overlapped, args.peers, args.rounds, Path(tmp) / "overlap", cpu=cpu["overlap"]
+            )
         )
         sync = summarize_swarm(run_swarm(every_step, args.peers, steps, Path(tmp) / "sync"))
     local = run_local(diloco, args.peers, steps)
@@ -161,6 +228,7 @@ def main() -> None:
         "overlap": overlap,
         "every_step": sync,
         "local": local,
+        "cpu": cpu,
     }
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
@@ -257,7 +325,37 @@ def render(res: dict) -> str:
         ),
         "",
     ]
+    if res.get("cpu"):
+        lines += render_cpu(res["cpu"])
     return "\n".join(lines)
+
+
+def render_cpu(cpu: dict[str, dict[str, float]]) -> list[str]:
+    """Where the cores went during each swarm run (CpuSampler), as CPU seconds and shares of
+    what the cores could give over the run (cores x wall, start-up and shutdown included)."""
+    modes = {"diloco": "synchronous", "overlap": "overlapped"}
+    parts = sorted({p for run in cpu.values() for p in run if p not in ("wall_s", "cores")})
+    lines = [
+        "### Where the cores went during the swarm runs",
+        "",
+        "CPU seconds by part, read from /proc every 0.5 s (CpuSampler), over the whole run"
+        " from the coordinator's start to the last volunteer's exit; share = CPU seconds /"
+        " (cores x wall).",
+        "",
+        "| part | " + " | ".join(modes[m] for m in cpu) + " |",
+        "|---|" + "---|" * len(cpu),
+    ]
+    for part in [*parts, "idle"]:
+        cells = []
+        for run in cpu.values():
+            capacity = run["cores"] * run["wall_s"]
+            used = sum(v for k, v in run.items() if k not in ("wall_s", "cores"))
+            value = capacity - used if part == "idle" else run.get(part, 0.0)
+            cells.append(f"{value:.1f} s ({value / capacity:.0%})")
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    walls = ", ".join(f"{modes[m]} {run['wall_s']:.1f} s" for m, run in cpu.items())
+    lines += ["", f"Run wall: {walls}; {int(next(iter(cpu.values()))['cores'])} cores.", ""]
+    return lines
 
 
 if __name__ == "__main__":

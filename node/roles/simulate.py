@@ -243,7 +243,6 @@ class Simulation:
         members, self.deck = deal(self.deck, count, len(self.clients), self.sampler)
         return self.group_round(sorted(members))
 
-
     def group_round(self, members: list[int]) -> dict[str, float]:
         """Inner phases of `members` from self.state, all-gathered in process, then the daemon's
         conclude_round (seen from the first member; every member computes the same aggregate)."""
