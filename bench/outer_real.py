@@ -45,10 +45,10 @@ SIM_SEEDS = [0, 1, 2]
 
 
 def chosen_lrs() -> dict[str, float]:
-    """The server lr per method that the study tuned on its held-out seed."""
+    """The server lr per method that the study tuned on its held-out seed, central setting."""
     if not STUDY.is_file():
         raise SystemExit(f"{STUDY} is missing: run `make bench-outer` first (it tunes the lrs)")
-    return json.loads(STUDY.read_text())["chosen"]
+    return json.loads(STUDY.read_text())["chosen"]["center"]
 
 
 def outer(method: str, lr: float) -> dict:
