@@ -112,7 +112,19 @@ def load_base(
         del model  # free the fp32 copy before the quantized load
         gc.collect()
         model = _load_model(model_dir, config, quantize=quantize)
+        _one_cpu_kernel(model)
     return model.eval(), tokenizer, fingerprint
+
+
+def _one_cpu_kernel(model: torch.nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes (0.49-0.50) repacks a 4-bit weight in place at
+    its first no-grad forward outside training, and asserts that its output size is a multiple
+    of 32: the embedded base's layers are not, so every held-out eval failed on such CPUs, and
+    elsewhere eval would run another kernel than training does. Keep the one path that works
+    on every CPU (dequantize, then matmul)."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def check_local_base(path: str | None, quantize: str | None = None) -> None:
