@@ -124,7 +124,7 @@ def _one_cpu_kernel(model: torch.nn.Module) -> None:
     on every CPU (dequantize, then matmul)."""
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 - not typed
 
 
 def check_local_base(path: str | None, quantize: str | None = None) -> None:
