@@ -66,8 +66,8 @@ class OuterSettings(_Strict):
     """Outer optimizer applied to the averaged pseudo-gradient (aggregation/outer.py, ghbm.py)."""
 
     # the outer-optimizer study (bench/RESULTS.md, "Outer-optimizer study"): with one task per
-    # volunteer and partial participation, plain averaging did best; momentum led (within the
-    # seeds' spread) only with 2 volunteers per round. The README says when to pick which
+    # volunteer, partial participation and AdamW inner steps, plain averaging did best;
+    # momentum paid off only with plain-SGD inner steps. The README says when to pick which
     name: OuterName = "fedavg"
     lr: float | None = Field(None, gt=0, le=10)
     momentum: float | None = Field(None, ge=0, le=1)
