@@ -99,6 +99,12 @@ def test_same_seed_same_curve_and_c_times_k_clients_per_round() -> None:
     assert other != rows_a
 
 
+def test_balanced_sampling_gives_every_client_the_same_count_of_rounds() -> None:
+    sim = Simulation(_config(sampling="balanced", rounds=4), 0)  # 4 rounds of 3 out of 6
+    sim.run()
+    assert [c.rounds_joined for c in sim.clients] == [2] * 6
+
+
 def test_simulator_uses_per_client_momentum_for_fedhbm() -> None:
     config = _config(
         run={"inner": {"steps": 2, "batch_size": 2, "seq_len": 16}, "outer": {"name": "fedhbm"}}
