@@ -116,15 +116,17 @@ def run_job(config: dict) -> dict:
     from ffa import MeasuredSimulation
 
     torch.set_num_threads(1)
-    measured = config["run"]["outer"]["name"] == "fedavg" and not config["run"]["lora"]["freeze_a"]
-    kind = MeasuredSimulation if measured else Simulation
-    sim = kind(SimConfig.model_validate(config), config["seeds"][0])
-    sim.errors = []  # type: ignore[attr-defined]
+    parsed = SimConfig.model_validate(config)
+    measured = parsed.run.outer.name == "fedavg" and not parsed.run.lora.freeze_a
+    sim = (MeasuredSimulation if measured else Simulation)(parsed, config["seeds"][0])
+    errors: list[float] = []
+    if isinstance(sim, MeasuredSimulation):
+        sim.errors = errors
     result = sim.run()
     joined = [c.rounds_joined for c in sim.clients]
     params = sum(v.numel() for v in sim.state.params.values())
     out = {"rows": result.rows, "seconds": result.seconds, "joined": joined, "params": params}
-    return {**out, "errors": sim.errors} if measured else out  # type: ignore[attr-defined]
+    return {**out, "errors": errors} if measured else out
 
 
 def cost(config: dict) -> int:
@@ -283,7 +285,8 @@ def _rounds_text(row: dict) -> str:
         return "not reached | -"
     mean = statistics.mean(hits)
     spread = f" [{min(hits)}-{max(hits)}]" if len(hits) > 1 else ""
-    missing = "" if len(hits) == len(row["rounds_to_fedavg"]) else f" ({len(hits)}/3 seeds)"
+    seeds = len(row["rounds_to_fedavg"])
+    missing = "" if len(hits) == seeds else f" ({len(hits)}/{seeds} seeds)"
     mb = mean * row["mb_per_round"]
     return f"{mean:.0f}{spread}{missing} | {mb:.0f} MB ({mean / row['rounds']:.2f}x)"
 
@@ -400,7 +403,8 @@ def render(table: dict, tuning: dict, chosen: dict, errors: dict, budget: dict, 
         for r in rows:
             lines.append(
                 f"| {r['method']} ({r['lr']}) | {r['mean']:.4f} ± {r['std']:.4f} |"
-                f" {_rounds_text(r)} | {r['diverged']}/3 | {r['min_joined']} |"
+                f" {_rounds_text(r)} | {r['diverged']}/{len(r['rounds_to_fedavg'])} |"
+                f" {r['min_joined']} |"
             )
         lines.append("")
     lines += ["![loss against rounds and against bytes](outer.png)", ""]
