@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out eval loss every N rounds (default 1; on a real model it takes seconds)",
     )
     join.add_argument(
+        "--wait-for",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="start the first round only once N volunteers (this one included) are in the run"
+        " (default 1: start at once)",
+    )
+    join.add_argument(
         "--overlap",
         choices=["on", "off"],
         help="compute the next round while this one's exchange is in flight"
@@ -325,6 +333,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.reachability,
                 args.serve_relay,
                 args.threads,
+                args.wait_for,
             )
         )
     if args.command in ("admit", "revoke", "id"):

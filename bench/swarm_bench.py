@@ -43,6 +43,7 @@ class CpuSampler:
     def __init__(self, procs: Processes, period: float = 0.5) -> None:
         self.procs, self.period = procs, period
         self.ticks: dict[tuple[int, str], tuple[str, float]] = {}  # (pid, start) -> part, ticks
+        self.timeline: list[tuple[float, dict[str, float]]] = []  # (time.time(), part -> ticks)
         self.started = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -53,6 +54,10 @@ class CpuSampler:
             for name, proc in list(self.procs.procs.items()):
                 for pid in [proc.pid, *descendants(proc.pid)]:
                     self._sample(name, proc.pid, pid)
+            totals: dict[str, float] = {}
+            for part, ticks in self.ticks.values():  # ended processes keep their last sample
+                totals[part] = totals.get(part, 0.0) + ticks
+            self.timeline.append((time.time(), totals))
 
     def _sample(self, name: str, root: int, pid: int) -> None:
         try:
@@ -84,6 +89,19 @@ class CpuSampler:
         out["cores"] = float(os.cpu_count() or 1)
         return out
 
+    def window(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds per part between two time.time() moments (to the nearest samples
+        inside them), plus that span's wall seconds and the cores; call after stop()."""
+        inside = [(t, totals) for t, totals in self.timeline if start <= t <= end]
+        if len(inside) < 2:
+            return {}
+        (t0, first), (t1, last) = inside[0], inside[-1]
+        per_second = os.sysconf("SC_CLK_TCK")
+        out = {part: (last[part] - first.get(part, 0.0)) / per_second for part in last}
+        out["wall_s"] = t1 - t0
+        out["cores"] = float(os.cpu_count() or 1)
+        return out
+
 
 def run_swarm(
     config: RunConfig,
@@ -91,11 +109,13 @@ def run_swarm(
     rounds: int,
     workdir: Path,
     extra: tuple[str, ...] = (),
-    cpu: dict[str, float] | None = None,
+    cpu: dict[str, dict[str, float]] | None = None,
 ) -> list[list[dict]]:
     """Coordinator + volunteers as processes (`extra`: more join arguments); returns each
     volunteer's round reports, and fills `cpu` (if given) with CpuSampler's CPU seconds by
-    part. `workdir` may hold the volunteers' dirs (vol1, ...) already."""
+    part: "whole" (the coordinator's start to the last exit) and "rounds" (the first round's
+    start to the last round's end, over all volunteers). `workdir` may hold the volunteers'
+    dirs (vol1, ...) already."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "run.yaml").write_text(json.dumps(config.model_dump(mode="json")))
     procs = Processes()
@@ -107,9 +127,15 @@ def run_swarm(
         assert not any(codes), f"volunteers failed: {codes}"
     finally:
         if sampler is not None and cpu is not None:
-            cpu.update(sampler.stop())
+            cpu["whole"] = sampler.stop()
         procs.stop_all()
-    return [[json.loads(x) for x in (v / "metrics.jsonl").read_text().splitlines()] for v in vols]
+    reports = [
+        [json.loads(x) for x in (v / "metrics.jsonl").read_text().splitlines()] for v in vols
+    ]
+    if sampler is not None and cpu is not None:
+        start = min(r[0]["time"] - r[0]["wall_s"] for r in reports)
+        cpu["rounds"] = sampler.window(start, max(r[-1]["time"] for r in reports))
+    return reports
 
 
 def _local_worker(config_json: str, task: str, steps: int, barrier: Any, results: Any) -> None:
@@ -209,17 +235,29 @@ def main() -> None:
         }
     )
     steps = args.rounds * args.inner_steps
+    # like the local runs: every volunteer starts once all have loaded (no first round that
+    # waits for the slowest to load), and evaluates once, after its last round
+    start = ("--wait-for", str(args.peers))
+    diloco_args = (*start, "--eval-every", str(args.rounds))
     with tempfile.TemporaryDirectory() as tmp:
-        cpu: dict[str, dict[str, float]] = {"diloco": {}, "overlap": {}}
+        cpu: dict[str, dict[str, dict[str, float]]] = {"diloco": {}, "overlap": {}}
         swarm = summarize_swarm(
-            run_swarm(diloco, args.peers, args.rounds, Path(tmp) / "diloco", cpu=cpu["diloco"])
+            run_swarm(
+                diloco, args.peers, args.rounds, Path(tmp) / "diloco", diloco_args, cpu["diloco"]
+            )
         )
         overlap = summarize_swarm(
             run_swarm(
-                overlapped, args.peers, args.rounds, Path(tmp) / "overlap", cpu=cpu["overlap"]
+                overlapped,
+                args.peers,
+                args.rounds,
+                Path(tmp) / "overlap",
+                diloco_args,
+                cpu["overlap"],
             )
         )
-        sync = summarize_swarm(run_swarm(every_step, args.peers, steps, Path(tmp) / "sync"))
+        every = (*start, "--eval-every", str(steps))
+        sync = summarize_swarm(run_swarm(every_step, args.peers, steps, Path(tmp) / "sync", every))
     local = run_local(diloco, args.peers, steps)
     results = {
         "args": vars(args),
@@ -251,7 +289,9 @@ def render(res: dict) -> str:
         "",
         f"### DiLoCo swarm: {a['peers']} volunteers, H={a['inner_steps']}, {a['rounds']} rounds",
         "",
-        "Seconds per round, mean over volunteers (wall includes state sync and eval):",
+        "Seconds per round, mean over volunteers (wall includes the state sync; every volunteer"
+        " starts once all are in, `join --wait-for`, and evaluates after its last round only,"
+        " `--eval-every`, as the local runs do):",
         "",
         "| round | group | inner | matchmaking | exchange | outer | checkpoint | wall "
         "| MB sent/peer | eval loss |",
@@ -261,7 +301,7 @@ def render(res: dict) -> str:
         lines.append(
             f"| {r['round']} | {r['group']} | {r['inner_s']:.2f} | {r['matchmaking_s']:.2f}"
             f" | {r['transfer_s']:.2f} | {r['outer_s']:.3f} | {r['checkpoint_s']:.3f} | "
-            f"{r['wall_s']:.2f} | {r['sent_per_peer'] / 1e6:.2f} | {r['eval_loss']:.4f} |"
+            f"{r['wall_s']:.2f} | {r['sent_per_peer'] / 1e6:.2f} | {_loss(r['eval_loss'])} |"
         )
     lines += [
         "",
@@ -288,7 +328,9 @@ def render(res: dict) -> str:
         "",
         f"Each setup runs {a['peers']} training processes at once on the same cores (the swarm "
         "also runs its coordinator). steps/s is one volunteer's inner steps over its wall time "
-        "(rounds only, start-up excluded; local: from a barrier all processes pass together).",
+        "(rounds only, from a start all volunteers wait for, `join --wait-for`; local: from a "
+        "barrier all processes pass together). The swarm's wall includes its one held-out eval "
+        "after the last round; the local runs' eval is outside their timing.",
         "",
         "| setup | wall s (per volunteer) | steps/s | vs local PEFT | MB sent per peer "
         "| mean eval loss after |",
@@ -330,31 +372,41 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
-def render_cpu(cpu: dict[str, dict[str, float]]) -> list[str]:
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def render_cpu(cpu: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     """Where the cores went during each swarm run (CpuSampler), as CPU seconds and shares of
-    what the cores could give over the run (cores x wall, start-up and shutdown included)."""
+    what the cores could give (cores x wall): over the whole run (start-up and shutdown
+    included) and over the rounds only."""
     modes = {"diloco": "synchronous", "overlap": "overlapped"}
-    parts = sorted({p for run in cpu.values() for p in run if p not in ("wall_s", "cores")})
+    spans = {"whole": "whole run", "rounds": "rounds only"}
+    columns = [(m, k) for m in cpu for k in spans if cpu[m].get(k)]
+    skip = ("wall_s", "cores")
+    parts = sorted({p for m, k in columns for p in cpu[m][k] if p not in skip})
     lines = [
         "### Where the cores went during the swarm runs",
         "",
-        "CPU seconds by part, read from /proc every 0.5 s (CpuSampler), over the whole run"
-        " from the coordinator's start to the last volunteer's exit; share = CPU seconds /"
-        " (cores x wall).",
+        "CPU seconds by part, read from /proc every 0.5 s (CpuSampler); share = CPU seconds /"
+        " (cores x wall). Whole run: the coordinator's start to the last volunteer's exit."
+        " Rounds only: the first volunteer's first round start to the last round's end.",
         "",
-        "| part | " + " | ".join(modes[m] for m in cpu) + " |",
-        "|---|" + "---|" * len(cpu),
+        "| part | " + " | ".join(f"{modes[m]}, {spans[k]}" for m, k in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for part in [*parts, "idle"]:
         cells = []
-        for run in cpu.values():
+        for m, k in columns:
+            run = cpu[m][k]
             capacity = run["cores"] * run["wall_s"]
-            used = sum(v for k, v in run.items() if k not in ("wall_s", "cores"))
+            used = sum(v for name, v in run.items() if name not in skip)
             value = capacity - used if part == "idle" else run.get(part, 0.0)
             cells.append(f"{value:.1f} s ({value / capacity:.0%})")
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
-    walls = ", ".join(f"{modes[m]} {run['wall_s']:.1f} s" for m, run in cpu.items())
-    lines += ["", f"Run wall: {walls}; {int(next(iter(cpu.values()))['cores'])} cores.", ""]
+    walls = ", ".join(f"{modes[m]} {spans[k]} {cpu[m][k]['wall_s']:.1f} s" for m, k in columns)
+    cores = int(cpu[columns[0][0]][columns[0][1]]["cores"]) if columns else 0
+    lines += ["", f"Wall: {walls}; {cores} cores.", ""]
     return lines
 
 

@@ -7,7 +7,9 @@ Rows, each the best of --repeats, for blobs of --sizes MB:
 - p2p stream: hivemind's libp2p daemon stream between two processes' peers, bytes written
   straight to it (what any protocol over p2pd can reach);
 - blob fetch: swarmtune's blob protocol over that stream (framing, chunking, sha256), at each
-  chunk size in --chunks KB.
+  chunk size in --chunks KB;
+- blob fetch, direct TCP: the same request, its bytes over a plain TCP connection beside the
+  stream (averaging.direct_tcp, protocols/direct.py), sha256 checked as they land.
 Both peers live in this process (two SwarmNodes, each with its own p2pd); the measured path
 crosses both daemons, as between two machines.
 """
@@ -108,15 +110,17 @@ def p2p_stream(sender: SwarmNode, receiver: SwarmNode, size: int) -> float:
 
 
 def blob_fetch(server: SwarmNode, client: SwarmNode, size: int, chunk: int) -> float:
-    """Seconds for `client` to fetch a `size`-byte blob from `server` with this chunk size."""
+    """Seconds for `client` to fetch a `size`-byte blob from `server` with this chunk size
+    (over a direct connection when both have enable_direct()ed: checked)."""
     data = os.urandom(size)
     server.blobs.publish("bench", data)
     sha = hashlib.sha256(data).hexdigest()
     transfer.CHUNK_SIZE = chunk  # both ends run in this process: one module, one setting
+    stats: dict[str, float] = {}
     started = time.perf_counter()
-    got = client.fetch(server.peer_id, "bench", expected_sha256=sha, timeout=300)
+    got = client.fetch(server.peer_id, "bench", expected_sha256=sha, timeout=300, stats=stats)
     seconds = time.perf_counter() - started
-    assert got == data
+    assert got == data and stats["direct"] == (1 if client.direct else 0), stats
     return seconds
 
 
@@ -150,6 +154,10 @@ def main() -> None:
                 f"blob fetch, {kb} KB chunks{mark}",
                 lambda n, c=kb << 10: blob_fetch(server, client, n, c),
             )
+        transfer.CHUNK_SIZE = default_chunk
+        server.enable_direct()
+        client.enable_direct()
+        row("blob fetch, direct TCP", lambda n: blob_fetch(server, client, n, default_chunk))
     finally:
         transfer.CHUNK_SIZE = default_chunk
         client.shutdown()

@@ -139,6 +139,9 @@ class AveragingSettings(_Strict):
     # compute the next round while this one's exchange is in flight (docs/design.md,
     # "Overlapped rounds"); a volunteer may override it with `join --overlap on|off`
     overlap: bool = False
+    # blobs of 1 MiB and up over a plain TCP connection between peers that dial each other
+    # directly, sha256-checked but not encrypted (docs/design.md, "Direct transfers"): for LANs
+    direct_tcp: bool = False
 
 
 class AdmissionSettings(_Strict):

@@ -21,6 +21,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from protocols import lifeline
+from protocols.direct import DirectServer
 from protocols.reach import (
     REACH_MODES,
     DialBackServer,
@@ -224,6 +225,8 @@ class SwarmNode:
         self._passing_on = asyncio.Semaphore(MAX_PASSING_ON)
         self.blobs = BlobServer(self.p2p, proxy=self._pass_on if relay_service else None)
         self.loop.run(self.blobs.start(), timeout=30)
+        self.direct = False  # large blobs over direct TCP where possible (enable_direct)
+        self._no_direct: set[str] = set()  # peers a direct transfer failed with: p2p only
         if relay_service:
             self.loop.run(DialBackServer(self.p2p).start(), timeout=30)
         self._record: PeerRecord | None = None
@@ -473,6 +476,7 @@ class SwarmNode:
                 if not route
                 else (peer_id_of(route).to_base58(), f"{VIA}{peer_id}/{name}")
             )
+            own: dict[str, float] = {}
             try:
                 return await fetch_blob(
                     self.p2p,
@@ -481,12 +485,18 @@ class SwarmNode:
                     expected_sha256=sha256,
                     max_size=max_size,
                     timeout=max(deadline - time.monotonic(), 0.1),
-                    stats=stats,
+                    stats=own,
+                    direct=self.direct and not route and ask not in self._no_direct,
                 )
             except TransferError as exc:
                 failure = exc if failure is None or "unknown blob" in str(exc) else failure
                 if time.monotonic() >= deadline:
                     break
+            finally:
+                if own.get("direct", 0) < 0:  # unreachable that way (a NAT, a firewall)
+                    self._no_direct.add(ask)
+                if stats is not None:
+                    stats.update(own)
         assert failure is not None
         raise failure
 
@@ -609,11 +619,22 @@ class SwarmNode:
             except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive a bad beat
                 log.debug("heartbeat: %s", exc)
 
+    def enable_direct(self) -> None:
+        """Serve and fetch large blobs over direct TCP connections where the peers can dial
+        each other (protocols/direct.py; the run's averaging.direct_tcp). The listener takes
+        any free port on this peer's --host."""
+        if self.blobs.direct is None:
+            self.blobs.direct = DirectServer(self._host)
+            log.info("direct TCP transfers on %s:%d", self._host, self.blobs.direct.port)
+        self.direct = True
+
     def shutdown(self) -> None:
         """Stop serving and leave; idempotent."""
         if self._stop.is_set():
             return
         self._stop.set()
+        if self.blobs.direct is not None:
+            self.blobs.direct.close()
         try:
             self.loop.run(self.blobs.stop(), timeout=5)
             self.loop.run(self.p2p.shutdown(), timeout=5)

@@ -11,6 +11,8 @@ Wire format (every frame is a 4-byte big-endian length, then that many bytes):
     the client closes the stream first (the server waits for that, bounded, then closes).
 A name `via/PEER/NAME` asks a relay for PEER's blob NAME (BlobServer's `proxy`): the relay
 asks PEER over PEER's own connection and passes the answer on frame by frame (pass_on_blob).
+A request with `"direct": true` may be answered with a header that carries a direct TCP
+ticket instead of data frames (protocols/direct.py); a server without one streams as always.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ from typing import Any
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
+from protocols.direct import (
+    DIRECT_MIN,
+    DirectError,
+    DirectServer,
+    dial_host,
+    fetch_direct,
+    parse_offer,
+)
+
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "swarmtune.blob.v1"
@@ -41,6 +52,7 @@ VIA = "via/"  # `via/PEER/NAME`: NAME from PEER, passed on by a relay (BlobServe
 MAX_PASSED_ON = 1 << 30  # the largest blob a relay passes on
 CHUNK_SIZE = 1 << 20
 MAX_CONTROL_FRAME = 4096
+DIRECT_TIMEOUT = 60.0  # a direct transfer's own bound (fetch_blob's timeout bounds the whole)
 MAX_NAME_LEN = 256
 _LEN = struct.Struct(">I")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -98,6 +110,7 @@ class BlobServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
         self.bytes_sent = 0
+        self.direct: DirectServer | None = None  # hands large blobs to a direct TCP connection
 
     async def start(self) -> None:
         """Register the stream handler with the p2p daemon."""
@@ -148,11 +161,11 @@ class BlobServer:
         if task is not None:
             self._tasks.add(task)
         try:
-            name = await asyncio.wait_for(self._read_request(reader), self._request_timeout)
-            if name is None:
+            request = await asyncio.wait_for(self._read_request(reader), self._request_timeout)
+            if request is None:
                 logger.debug("malformed blob request from %s; closing stream", info.peer_id)
                 return
-            await self._send(name, writer)
+            await self._send(*request, writer)
             # p2pd can drop what it still buffers when our end of the stream closes first
             # (seen as clients' truncated reads on loopback): the client closes once it has it all
             await asyncio.wait_for(reader.read(1), self._request_timeout)
@@ -164,7 +177,8 @@ class BlobServer:
             writer.close()
 
     @staticmethod
-    async def _read_request(reader: asyncio.StreamReader) -> str | None:
+    async def _read_request(reader: asyncio.StreamReader) -> tuple[str, bool] | None:
+        """(name, whether a direct TCP ticket may answer it), or None when malformed."""
         try:
             request = json.loads(await read_frame(reader, MAX_CONTROL_FRAME, "request"))
         except (TransferError, ValueError):  # JSONDecodeError and UnicodeDecodeError included
@@ -172,9 +186,9 @@ class BlobServer:
         name = request.get("name") if isinstance(request, dict) else None
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LEN:
             return None
-        return name
+        return name, request.get("direct") is True
 
-    async def _send(self, name: str, writer: asyncio.StreamWriter) -> None:
+    async def _send(self, name: str, direct: bool, writer: asyncio.StreamWriter) -> None:
         with self._lock:
             entry = self._blobs.get(name)
         if entry is None and self._proxy is not None and name.startswith(VIA):
@@ -182,11 +196,14 @@ class BlobServer:
             self.bytes_sent += await self._proxy(peer, rest, writer)
             return
         if entry is None:
-            header = {"ok": False, "error": f"unknown blob {name!r}"}
-            self.bytes_sent += await write_frame(writer, json.dumps(header).encode())
+            self.bytes_sent += await refuse(writer, f"unknown blob {name!r}")
             return
         data, sha256 = entry
-        header = {"ok": True, "size": len(data), "sha256": sha256}
+        header: dict[str, Any] = {"ok": True, "size": len(data), "sha256": sha256}
+        if direct and self.direct is not None and len(data) >= DIRECT_MIN:
+            header["direct"] = self.direct.offer(data)  # the bytes go over that connection
+            self.bytes_sent += await write_frame(writer, json.dumps(header).encode())
+            return
         self.bytes_sent += await write_frame(writer, json.dumps(header).encode())
         view = memoryview(data)
         for offset in range(0, len(view), CHUNK_SIZE):
@@ -249,16 +266,21 @@ async def fetch_blob(
     max_size: int = 1 << 30,
     timeout: float = 60.0,
     stats: dict[str, float] | None = None,
+    direct: bool = False,
 ) -> bytes:
     """Fetch blob `name` from `peer_id`, verified against size and sha256; else TransferError.
 
-    `stats`, if given, is filled with bytes_received (wire bytes) and seconds, even on failure.
+    `stats`, if given, is filled with bytes_received (wire bytes) and seconds, even on failure,
+    and `direct`: 1 when the bytes came over a direct connection, -1 when one failed.
+    `direct`: ask for a direct TCP ticket (protocols/direct.py) when our connection to the peer
+    is a direct TCP one; any failure there asks again over the p2p stream.
     """
-    counter = {"bytes": 0}
+    counter = {"bytes": 0, "direct": 0}
     started = time.perf_counter()
     where = f"fetch of blob {_one_line(repr(name), 80)} from {peer_id}"
     try:
-        fetch = _fetch(p2p, peer_id, name, expected_sha256, max_size, counter)
+        host = await _direct_host(p2p, peer_id) if direct else None
+        fetch = _fetch(p2p, peer_id, name, expected_sha256, max_size, counter, host)
         return await asyncio.wait_for(fetch, timeout)
     except asyncio.TimeoutError:
         raise TransferError(f"{where}: timed out after {timeout:g} s") from None
@@ -267,6 +289,7 @@ async def fetch_blob(
     finally:
         if stats is not None:
             stats["bytes_received"] = counter["bytes"]
+            stats["direct"] = counter["direct"]
             stats["seconds"] = time.perf_counter() - started
 
 
@@ -277,14 +300,17 @@ async def _fetch(
     expected_sha256: str | None,
     max_size: int,
     counter: dict[str, int],
+    direct_host: str | None = None,
 ) -> bytes:
     # One request per fresh stream; fetch_blob prefixes every TransferError with its context.
     try:
         _, reader, writer = await p2p.call_binary_stream_handler(peer_id, PROTOCOL)
     except (P2PDaemonError, OSError) as e:
         raise TransferError(f"peer unreachable or not serving {PROTOCOL}: {_one_line(e)}") from None
+    offer = None
     try:
-        await write_frame(writer, json.dumps({"name": name}).encode())
+        request: dict[str, Any] = {"name": name, **({"direct": True} if direct_host else {})}
+        await write_frame(writer, json.dumps(request).encode())
         raw_header = await read_frame(reader, MAX_CONTROL_FRAME, "header")
         counter["bytes"] += _LEN.size + len(raw_header)
         size, sha256 = _parse_header(raw_header)
@@ -292,11 +318,35 @@ async def _fetch(
             raise TransferError(f"blob is {size} bytes, over max_size {max_size}")
         if expected_sha256 is not None and sha256 != expected_sha256.lower():
             raise TransferError(f"peer offers sha256 {sha256}, expected {expected_sha256}")
-        return await _read_payload(reader, size, sha256, counter)
+        if direct_host is None or "direct" not in json.loads(raw_header):
+            return await _read_payload(reader, size, sha256, counter)
+        offer = parse_offer(json.loads(raw_header)["direct"])
     except (asyncio.IncompleteReadError, ConnectionError) as e:
         raise StreamEndedEarly(f"stream ended early (truncated): {_one_line(repr(e))}") from None
     finally:
         writer.close()
+    if offer is not None:
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, fetch_direct, direct_host, *offer, size, sha256, DIRECT_TIMEOUT
+            )
+            counter["bytes"] += size
+            counter["direct"] = 1
+            return data
+        except DirectError as e:
+            counter["direct"] = -1
+            logger.info("direct transfer from %s failed (%s); using the p2p stream", peer_id, e)
+    # a malformed ticket or a failed direct transfer: the same blob over the p2p stream
+    return await _fetch(p2p, peer_id, name, expected_sha256, max_size, counter)
+
+
+async def _direct_host(p2p: P2P, peer_id: PeerID) -> str | None:
+    """The IPv4 host our libp2p connection to `peer_id` reaches, when it is a direct TCP one."""
+    try:
+        peers = await p2p.list_peers()
+    except (P2PDaemonError, OSError):
+        return None
+    return next((dial_host(p.addrs) for p in peers if p.peer_id == peer_id), None)
 
 
 def _parse_header(raw: bytes) -> tuple[int, str]:

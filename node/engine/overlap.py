@@ -73,9 +73,7 @@ class InFlight:
 
 def run_overlapped(peer: Peer, rounds: int, settle_s: float) -> GroupState:
     """`rounds` rounds (or until stop) with each exchange in flight during the next compute."""
-    state = peer.sync(peer.initial_state())
-    peer.trainer.set_params(state.params)
-    peer.transport.announce_state(state)
+    state = peer.start()
     state, _ = peer.boundary(state)  # later boundaries close each iteration
     pending: InFlight | None = None
     members: tuple[str, ...] = ()

@@ -61,6 +61,7 @@ class Peer:
         stop: threading.Event | None = None,
         overlap: bool | None = None,
         eval_every: int = 1,
+        wait_for: int = 1,
     ) -> None:
         self.trainer = trainer
         self.transport = transport
@@ -71,6 +72,7 @@ class Peer:
         if eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {eval_every}")
         self.eval_every = eval_every  # held-out eval after rounds whose number it divides
+        self.wait_for = wait_for  # volunteers (ourselves included) to see before round one
         self.hooks = hooks
         self.stop = stop if stop is not None else threading.Event()
         self.shapes = {k: v.shape for k, v in trainer.get_params().items()}
@@ -140,9 +142,7 @@ class Peer:
         """Run `rounds` rounds (or until stop is set), checkpointing and announcing each."""
         if self.overlap:
             return run_overlapped(self, rounds, settle_s)
-        state = self.sync(self.initial_state())
-        self.trainer.set_params(state.params)
-        self.transport.announce_state(state)
+        state = self.start()
         members: tuple[str, ...] = ()
         for _ in range(rounds):
             if self.stop.is_set():
@@ -160,6 +160,32 @@ class Peer:
         if members:
             self.await_members(state.round, members, settle_s)
         return self.finish(state)
+
+    def start(self) -> GroupState:
+        """Resume or sync, announce where we start, and wait for `wait_for` volunteers."""
+        state = self.sync(self.initial_state())
+        self.trainer.set_params(state.params)
+        self.transport.announce_state(state)
+        self.await_volunteers(self.wait_for)
+        return state
+
+    def await_volunteers(self, count: int, every_s: float = 10.0) -> None:
+        """Block until `count` volunteers (ourselves included) have announced a state, or stop
+        is set; says who is missing every `every_s` seconds. A run started together this way
+        has no first round in which the earliest volunteers wait for the last to load."""
+        if count <= 1:
+            return
+        log.info("waiting for %d volunteers before the first round", count)
+        said = time.monotonic()
+        while not self.stop.is_set():
+            seen = len(set(self.transport.announcements()) | {self.transport.peer})
+            if seen >= count:
+                log.info("%d volunteers are in; starting", seen)
+                return
+            if time.monotonic() - said >= every_s:
+                log.info("still waiting: %d of %d volunteers have announced", seen, count)
+                said = time.monotonic()
+            time.sleep(0.2)
 
     def one_round(self, state: GroupState) -> tuple[GroupState, RoundReport]:
         """Sync, train, aggregate, then save, report and announce (in that order, so that what

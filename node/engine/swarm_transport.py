@@ -34,7 +34,10 @@ class HivemindTransport:
         offers: Callable[[GroupState], dict[str, AdapterOffer]] | None = None,
         ticket: str = "",
         revoked: Callable[[], set[str]] | None = None,
+        started_together: bool = False,
     ) -> None:
+        """`started_together`: the volunteer waits for the run's volunteers before its first
+        round (join --wait-for), so every member expected then has announced already."""
         self.node = node
         self.make_averager = make_averager
         self.averager = make_averager(prefix)
@@ -47,8 +50,9 @@ class HivemindTransport:
         window = self.averager.matchmaking_time
         self.timeout = 3 * window + max(5.0, window)
         # the first round after (re)joining waits longer for its group: peers that start
-        # together still finish loading and their first inner phase seconds apart
-        self.first_window: float | None = 2 * window
+        # together still finish loading and their first inner phase seconds apart (unless
+        # they waited for each other: then the expected members are known from round one)
+        self.first_window: float | None = None if started_together else 2 * window
         self.cluster = -1  # clustered runs: only members of this cluster count for state sync
         self.ticket = ticket  # our admission ticket (token runs), sent with our metadata
         self.revoked = revoked or set  # the coordinator's revocations, reread every round

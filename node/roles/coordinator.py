@@ -301,6 +301,8 @@ def bootstrap(options: BootstrapOptions) -> int:
     coordinator: Coordinator | None = None
     try:
         manifest = make_manifest(options, node.peer_id, node.owner_key)
+        if config.averaging.direct_tcp:  # the adapters it mirrors and serves
+            node.enable_direct()
         node.publish_manifest(manifest)
         save_manifest(options.workdir, manifest.model_dump_json())
         coordinator = Coordinator(node, manifest, options.workdir)

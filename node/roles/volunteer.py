@@ -58,6 +58,7 @@ class JoinOptions:
     reachability: str = "auto"  # auto | direct | relay (protocols/reach.py)
     serve_relay: bool = False  # also relay for NATed volunteers (a dialable peer only)
     threads: int | None = None  # torch threads; None: a share of the cores (node/local/threads.py)
+    wait_for: int = 1  # volunteers (this one included) to see announced before round one
 
 
 def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
@@ -159,6 +160,7 @@ class Volunteer:
             offers=self.offer_adapter,
             ticket=options.ticket,
             revoked=self.revoked,
+            started_together=options.wait_for > 1,
         )
         self.last_group = 1
         self.initial = local.trainer.get_params()  # the seeded round-0 adapter
@@ -178,6 +180,7 @@ class Volunteer:
             stop=stop,
             overlap=options.overlap,
             eval_every=options.eval_every,
+            wait_for=options.wait_for,
         )
 
     def probe_signature(self, signature: TaskSignature) -> None:
@@ -248,7 +251,8 @@ class Volunteer:
         self.last_group = report.group_size
         with open(self.options.workdir / "metrics.jsonl", "a") as handle:
             refused = self.transport.refused_joins  # join requests our averagers turned away
-            handle.write(json.dumps({**asdict(report), "refused": refused}) + "\n")
+            line = {**asdict(report), "refused": refused, "time": time.time()}  # time: the end
+            handle.write(json.dumps(line) + "\n")
         if self.scalars is not None:  # step = the round the group state reached
             self.scalars.write(report.round + 1, round_scalars(report))
         record = self.transport.record
@@ -326,6 +330,8 @@ def join(options: JoinOptions) -> int:
         gate = admission_gate(manifest, node.peer_id, options.ticket)
         log.info("joined run %s as %s", manifest.run_id, node.peer_id)
         config = parse_config(manifest.config)
+        if config.averaging.direct_tcp:
+            node.enable_direct()
         seed = int(hashlib.sha256(node.peer_id.encode()).hexdigest()[:8], 16)
         local = build_local_model(
             config,

@@ -117,6 +117,70 @@ def test_unequal_weights_give_identical_results_equal_to_the_weighted_mean(
             t.averager.shutdown()
 
 
+def test_contributions_over_direct_tcp_give_identical_results(nodes: list[SwarmNode]) -> None:
+    # averaging.direct_tcp: 2 MiB contributions come over plain TCP beside the streams, and the
+    # group still ends with bit-identical aggregates equal to the mean of what was sent
+    template = {"big.lora_A": torch.zeros(512, 1024)}
+    transports = [_transport(n, "direct_global", template=template) for n in nodes]
+    for node in nodes:
+        node.enable_direct()
+    try:
+        gen = torch.Generator().manual_seed(11)
+        deltas = [{"big.lora_A": torch.randn(512, 1024, generator=gen)} for _ in nodes]
+        metas = [MemberMeta(t.peer, 0, "ef" * 32, 1.0) for t in transports]
+        results = _reduce_all(transports, deltas, metas)
+        groups = [r for r in results if isinstance(r, GroupResult)]
+        assert len(groups) == 3 and all(not g.missing for g in groups), results
+        aggregates = [_aggregate(g, m)["big.lora_A"] for g, m in zip(groups, metas, strict=True)]
+        assert all(torch.equal(aggregates[0], a) for a in aggregates[1:])
+        reference = sum(d["big.lora_A"].double() for d in deltas) / 3
+        atol = 2.0**-24 * reference.abs().max().item() * 2
+        torch.testing.assert_close(aggregates[0].double(), reference, rtol=0, atol=atol)
+        blob = 4 * 512 * 1024  # each member's blob went to the two others over TCP
+        assert all(
+            n.blobs.direct is not None and n.blobs.direct.bytes_sent >= 2 * blob for n in nodes
+        )
+    finally:
+        for t in transports:
+            t.averager.shutdown()
+        for node in nodes:  # the other tests of the module use the p2p streams
+            node.direct = False
+            if node.blobs.direct is not None:
+                node.blobs.direct.close()
+                node.blobs.direct = None
+
+
+def test_a_peer_whose_direct_path_failed_is_fetched_over_the_stream_from_then_on(
+    nodes: list[SwarmNode],
+) -> None:
+    import hashlib
+
+    server, client = nodes[:2]
+    server.enable_direct()
+    client.enable_direct()
+    assert server.blobs.direct is not None
+    server.blobs.direct.close()  # its port stops answering (a firewall, a NAT)
+    data = bytes(range(256)) * (8 << 10)  # 2 MiB
+    server.blobs.publish("big", data)
+    try:
+        outcomes = []
+        for _ in range(2):
+            stats: dict[str, float] = {}
+            got = client.fetch(
+                server.peer_id, "big", expected_sha256=hashlib.sha256(data).hexdigest(), stats=stats
+            )
+            assert got == data
+            outcomes.append(stats["direct"])
+        assert outcomes == [-1, 0]  # tried once, then not again
+    finally:
+        server.blobs.unpublish("big")
+        for node in (server, client):
+            if node.blobs.direct is not None:
+                node.blobs.direct.close()  # (closing twice is harmless)
+            node.direct, node.blobs.direct = False, None
+            node._no_direct.clear()
+
+
 def test_a_member_of_another_round_is_kept_out_of_the_group(nodes: list[SwarmNode]) -> None:
     transports = [_transport(n, "stale_global") for n in nodes]
     transports[2].timeout = 5.0  # the stalled one finds no group: it gives up sooner
@@ -153,14 +217,14 @@ def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times(
     wanted = {server.peer_id: ("blob", hashlib.sha256(data).hexdigest(), len(data))}
     send, cuts = server.blobs._send, {"left": 1}
 
-    async def cut_short(name, writer):  # noqa: ANN001, ANN202 - like a stream p2pd reset
+    async def cut_short(name, direct, writer):  # noqa: ANN001, ANN202 - like a p2pd reset
         if cuts["left"] > 0:
             cuts["left"] -= 1
             header = {"ok": True, "size": len(data), "sha256": wanted[server.peer_id][1]}
             await write_frame(writer, json.dumps(header).encode())
             writer.close()  # the stream ends before the payload
             return
-        await send(name, writer)
+        await send(name, direct, writer)
 
     server.blobs._send = cut_short
     try:

@@ -302,6 +302,7 @@ def test_a_fetch_falls_back_to_the_next_route_and_keeps_the_retryable_error(
     monkeypatch.setattr(swarm_module, "fetch_blob", fake_fetch)
     node = object.__new__(SwarmNode)
     node.p2p = None
+    node.direct, node._no_direct = False, set()  # noqa: SLF001
     routes = [f"/p2p/{attacker}", f"/ip4/10.77.1.1/tcp/1/p2p/{coordinator}", ""]
     got = asyncio.run(node._fetch_by_routes(routes, victim, "x", None, 10.0, 1 << 20, None))  # noqa: SLF001
     assert got == b"the blob"

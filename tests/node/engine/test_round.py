@@ -378,3 +378,31 @@ def test_eval_every_n_rounds_evaluates_only_those_rounds() -> None:
     assert [r.eval_loss for r in reports] == [None, 1.0, None] and len(calls) == 1
     with pytest.raises(ValueError, match="eval_every"):
         Peer(locals_[0].trainer, InMemoryTransport(hub, "p9"), CONFIG, eval_every=0)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_wait_for_holds_the_first_round_until_enough_volunteers_announced(overlap: bool) -> None:
+    hub = InMemoryHub(expected=2, timeout=5.0)
+    reports: list[RoundReport] = []
+    locals_ = [_local(t, i) for i, t in enumerate(TASKS[:2])]
+
+    def peer(i: int) -> Peer:
+        sink = reports.append if i == 0 else None
+        transport = InMemoryTransport(hub, f"p{i}")
+        return Peer(
+            locals_[i].trainer, transport, CONFIG, on_report=sink, overlap=overlap, wait_for=2
+        )
+
+    first = peer(0)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(first.run(1, settle_s=2.0)))
+    thread.start()
+    thread.join(timeout=1.5)  # four inner steps take well under a second here
+    # alone, it announced its start but neither trained nor offered a contribution
+    assert thread.is_alive() and not hub._pending and not reports
+    assert set(hub.states) == {"p0"}
+    second = peer(1).run(1, settle_s=2.0)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert [r.outcome for r in reports] == ["averaged"] and reports[0].group_size == 2
+    assert results[0].digest() == second.digest()
