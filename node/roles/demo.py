@@ -229,7 +229,9 @@ def run_demo(options: DemoOptions) -> int:
     procs, started = Processes(), time.monotonic()
     try:
         tasks = [options.task_of(i) for i in range(options.peers)]
-        maddr, volunteers = start_swarm(procs, config, workdir, tasks, options.rounds)
+        # the volunteers start their first round together, once all of them are in
+        start = ("--wait-for", str(options.peers))
+        maddr, volunteers = start_swarm(procs, config, workdir, tasks, options.rounds, start)
         codes = [procs.procs[v.name].wait() for v in volunteers]
         if any(codes):
             raise SwarmError(f"a volunteer failed (exit codes {codes}); see its output above")
