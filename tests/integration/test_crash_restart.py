@@ -167,3 +167,48 @@ def test_sigkilled_peers_leave_no_process_and_resume_at_once_with_their_identity
     finally:
         _kill(survivors)
         swarm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_overlapped_volunteer_sigkilled_mid_run_resumes_and_agrees_with_its_group(
+    tmp_path: Path,
+) -> None:
+    # overlapped rounds (averaging.overlap): an exchange is in flight while the next compute
+    # runs, so a kill lands mid-pipeline; the restart resumes from the last concluded round,
+    # catches up, and ends on the same states as the member that went on
+    swarm = Swarm(tmp_path, run_id="itest-crash-overlap")
+    survivors: list[psutil.Process] = []
+    try:
+        swarm.start_coordinator()
+        swarm.join("v0", "arithmetic", 1000, "--overlap", "on")
+        swarm.join("v1", "dates", 1000, "--overlap", "on")
+        _wait_rounds(swarm, "v0", 2, 120)
+        survivors = _sigkill_main_only(swarm, "v0")
+        assert not survivors, [(p.pid, p.name()) for p in survivors]
+        saved = decode_state((tmp_path / "v0" / "state.safetensors").read_bytes()).round
+        assert saved >= 2
+        _wait_rounds(swarm, "v1", saved + 1, 120)
+
+        before = len(swarm.log("v0"))
+        swarm.join("v0", "arithmetic", 3, "--overlap", "on")
+        assert swarm.wait("v0", 180) == 0, swarm.log("v0")
+        log = swarm.log("v0")[before:]
+        assert f"resumed from checkpoint at round {saved}" in log, log
+        assert "synced to the group's state at round" in log, log  # v1 went on meanwhile
+        reports = [
+            json.loads(x) for x in (tmp_path / "v0" / "metrics.jsonl").read_text().splitlines()
+        ]
+        after = [r for r in reports if r["round"] > saved]
+        assert after and all(r["overlapped"] for r in after)
+        averaged = [r for r in after if r["outcome"] == "averaged"]
+        assert averaged, after
+        # every round v0 averaged after its restart ended on v1's state of that round
+        theirs = {
+            r["round"]: r["digest"]
+            for r in map(json.loads, (tmp_path / "v1" / "metrics.jsonl").read_text().splitlines())
+        }
+        assert all(theirs.get(r["round"]) == r["digest"] for r in averaged), (averaged, theirs)
+    finally:
+        _kill(survivors)
+        swarm.close()
