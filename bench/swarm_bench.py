@@ -186,6 +186,8 @@ def summarize_swarm(reports: list[list[dict]]) -> dict:
         entry = {k: sum(row[k] for row in rows) / len(rows) for k in (*STAGES, "wall_s")}
         entry.update(
             round=index + 1,
+            # the last member to arrive: forming the group once everyone is in
+            matchmaking_last_s=min(row["matchmaking_s"] for row in rows),
             group=max(row["group_size"] for row in rows),
             sent_per_peer=sum(row["bytes_sent"] for row in rows) / len(rows),
             eval_loss=_mean_eval(rows),
@@ -322,6 +324,17 @@ def render(res: dict) -> str:
             f"{mean['transfer_s']:.2f} | {mean['wall_s']:.2f} | {run['utilization']:.2f} | "
             f"{run['bytes_per_peer'] / n / 1e6:.2f} |"
         )
+    if all("matchmaking_last_s" in r for r in d["rounds"]):
+        n = len(d["rounds"])
+        last = sum(r["matchmaking_last_s"] for r in d["rounds"]) / n
+        everyone = sum(r["matchmaking_s"] for r in d["rounds"]) / n
+        lines += [
+            "",
+            f"Synchronous matchmaking took {everyone:.2f} s a round on average; the last member to "
+            f"arrive spent {last:.2f} s of it (forming the group once everyone was in), the "
+            "others also waited for slower members' compute. Matchmaking scheduled ahead of the "
+            f"compute's end could save at most the {last:.2f} s.",
+        ]
     lines += [
         "",
         f"### Side by side at equal inner steps ({steps} AdamW steps per volunteer) and equal load",
