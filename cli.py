@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="start the first round only once N volunteers (this one included) are in the run"
-        " (default 1: start at once)",
+        help="start the first round only once N volunteers (this one included) are in the run,"
+        " unless it is under way already or this is a resume (default 1: start at once)",
     )
     join.add_argument(
         "--overlap",

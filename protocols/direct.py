@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 32
 TOKEN_TTL = 30.0
+MAX_TOKENS = 64  # tickets outstanding at once; beyond that a request is streamed as before
+MAX_CONNECTIONS = 16  # connections served at once; more are closed at once
 DIRECT_MIN = 1 << 20  # smaller blobs go over the p2p stream: one round trip saved is worth more
-CONNECT_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 2.0  # connecting, and a client presenting its token
+IDLE_TIMEOUT = 5.0  # the longest pause between two pieces of a transfer
+MIN_SEND_RATE = 1 << 20  # bytes/s: a sender gives up on a receiver slower than this
 _RECV = 1 << 20
 
 
@@ -49,32 +53,41 @@ class DirectError(RuntimeError):
 
 class DirectServer:
     """Listens on (host, any port) and sends each token's bytes to the one connection that
-    presents it; a thread accepts, one short-lived thread per connection sends."""
+    presents it; a thread accepts, one short-lived thread per connection sends. Anyone may
+    connect, so what a stranger can hold is bounded: MAX_CONNECTIONS threads, each for at most
+    CONNECT_TIMEOUT without a valid token; MAX_TOKENS tickets, each for TOKEN_TTL."""
 
     def __init__(self, host: str) -> None:
         self._sock = socket.create_server((host, 0))
         self._sock.settimeout(0.5)  # the accept loop notices close() within this
         self.port = int(self._sock.getsockname()[1])
-        self._tokens: dict[bytes, tuple[bytes, float]] = {}
+        self._tokens: dict[bytes, tuple[bytes, float]] = {}  # in order of expiry
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = threading.Event()
         self.bytes_sent = 0
         self._thread = threading.Thread(target=self._accept, name="direct-blobs", daemon=True)
         self._thread.start()
 
-    def offer(self, data: bytes) -> dict[str, Any]:
-        """A one-use ticket for `data` (the header's "direct" field)."""
+    def offer(self, data: bytes) -> dict[str, Any] | None:
+        """A one-use ticket for `data` (the header's "direct" field), or None while
+        MAX_TOKENS are outstanding (the bytes then go over the stream)."""
         token = secrets.token_bytes(TOKEN_BYTES)
         now = time.monotonic()
         with self._lock:
-            self._tokens = {t: e for t, e in self._tokens.items() if e[1] > now}
+            while self._tokens and next(iter(self._tokens.values()))[1] <= now:
+                del self._tokens[next(iter(self._tokens))]  # the oldest expire first
+            if self._closed.is_set() or len(self._tokens) >= MAX_TOKENS:
+                return None
             self._tokens[token] = (data, now + TOKEN_TTL)
         return {"port": self.port, "token": token.hex()}
 
     def close(self) -> None:
-        """Stop accepting; transfers in flight end on their own."""
+        """Stop accepting and forget the tickets; transfers in flight end on their own."""
         self._closed.set()
         self._sock.close()
+        with self._lock:
+            self._tokens.clear()
         self._thread.join(timeout=2)
 
     def _accept(self) -> None:
@@ -85,23 +98,34 @@ class DirectServer:
                 continue
             except OSError:  # closed
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # busy: the client falls back to the stream
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            except RuntimeError:  # no thread to be had: refuse this one, keep accepting
+                conn.close()
+                self._slots.release()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
+        try:
+            with conn:
                 conn.settimeout(CONNECT_TIMEOUT)
-                token = _recv_exactly(conn, TOKEN_BYTES)
+                token = _recv_exactly(conn, TOKEN_BYTES, time.monotonic() + CONNECT_TIMEOUT)
                 with self._lock:
                     entry = self._tokens.pop(token, None)
                 if entry is None or entry[1] < time.monotonic():
                     return  # unknown, used or expired: close without a byte
-                conn.settimeout(TOKEN_TTL)
-                conn.sendall(entry[0])
-                self.bytes_sent += len(entry[0])
+                data = entry[0]
+                conn.settimeout(IDLE_TIMEOUT + len(data) / MIN_SEND_RATE)
+                conn.sendall(data)
                 conn.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                log.debug("direct transfer failed: %s", exc)
+                with self._lock:
+                    self.bytes_sent += len(data)
+        except OSError as exc:
+            log.debug("direct transfer failed: %s", exc)
+        finally:
+            self._slots.release()
 
 
 def parse_offer(raw: Any) -> tuple[int, bytes] | None:
@@ -109,7 +133,8 @@ def parse_offer(raw: Any) -> tuple[int, bytes] | None:
     if not isinstance(raw, dict):
         return None
     port, token = raw.get("port"), raw.get("token")
-    if type(port) is not int or not 0 < port < 65536 or not isinstance(token, str):
+    # a ticket names a port on the peer's own address; a privileged one is never ours
+    if type(port) is not int or not 1024 <= port < 65536 or not isinstance(token, str):
         return None
     try:
         token_bytes = bytes.fromhex(token)
@@ -157,15 +182,22 @@ def _receive(
     deadline: float,
     landed: queue.SimpleQueue[int | None],
 ) -> None:
-    """Fill `view` from the connection, telling `landed` every _RECV bytes (and at the end)."""
+    """Fill `view` from the connection, telling `landed` every _RECV bytes (and at the end).
+    A pause of IDLE_TIMEOUT (or the deadline) ends it: a silent peer is a failure to fall back
+    from, not a wait until the caller's own timeout."""
     size, got, told = len(view), 0, 0
+
+    def pause() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DirectError(f"timed out after {got} of {size} bytes")
+        return min(IDLE_TIMEOUT, left)
+
     try:
-        with socket.create_connection(
-            (host, port), timeout=min(CONNECT_TIMEOUT, max(deadline - time.monotonic(), 0.001))
-        ) as conn:
+        with socket.create_connection((host, port), timeout=min(CONNECT_TIMEOUT, pause())) as conn:
             conn.sendall(token)
             while got < size:
-                conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                conn.settimeout(pause())
                 n = conn.recv_into(view[got:], size - got)
                 if n == 0:
                     raise DirectError(f"connection closed after {got} of {size} bytes")
@@ -173,10 +205,10 @@ def _receive(
                 if got - told >= _RECV or got == size:
                     landed.put(got)
                     told = got
-            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            conn.settimeout(pause())
             if conn.recv(1):
                 raise DirectError(f"more than the declared {size} bytes")
-    except (OSError, TimeoutError) as exc:
+    except OSError as exc:  # TimeoutError included
         raise DirectError(f"{host}:{port}: {type(exc).__name__}: {exc}"[:200]) from None
 
 
@@ -191,9 +223,13 @@ def dial_host(addrs: list[Any]) -> str | None:
     return None
 
 
-def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+def _recv_exactly(conn: socket.socket, n: int, deadline: float) -> bytes:
     data = b""
     while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("token not presented in time")
+        conn.settimeout(left)
         piece = conn.recv(n - len(data))
         if not piece:
             raise ConnectionError("closed early")

@@ -486,7 +486,11 @@ class SwarmNode:
                     max_size=max_size,
                     timeout=max(deadline - time.monotonic(), 0.1),
                     stats=own,
-                    direct=self.direct and not route and ask not in self._no_direct,
+                    # relayed peers have no address to dial: the stream only
+                    direct=self.direct
+                    and not route
+                    and ask not in self._no_direct
+                    and ask not in self._relayed,
                 )
             except TransferError as exc:
                 failure = exc if failure is None or "unknown blob" in str(exc) else failure

@@ -38,7 +38,6 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
 from protocols.direct import (
     DIRECT_MIN,
-    DirectError,
     DirectServer,
     dial_host,
     fetch_direct,
@@ -200,8 +199,11 @@ class BlobServer:
             return
         data, sha256 = entry
         header: dict[str, Any] = {"ok": True, "size": len(data), "sha256": sha256}
-        if direct and self.direct is not None and len(data) >= DIRECT_MIN:
-            header["direct"] = self.direct.offer(data)  # the bytes go over that connection
+        ticket = (
+            self.direct.offer(data) if direct and self.direct and len(data) >= DIRECT_MIN else None
+        )
+        if ticket is not None:  # the bytes go over that connection
+            header["direct"] = ticket
             self.bytes_sent += await write_frame(writer, json.dumps(header).encode())
             return
         self.bytes_sent += await write_frame(writer, json.dumps(header).encode())
@@ -279,8 +281,7 @@ async def fetch_blob(
     started = time.perf_counter()
     where = f"fetch of blob {_one_line(repr(name), 80)} from {peer_id}"
     try:
-        host = await _direct_host(p2p, peer_id) if direct else None
-        fetch = _fetch(p2p, peer_id, name, expected_sha256, max_size, counter, host)
+        fetch = _fetch(p2p, peer_id, name, expected_sha256, max_size, counter, direct, timeout)
         return await asyncio.wait_for(fetch, timeout)
     except asyncio.TimeoutError:
         raise TransferError(f"{where}: timed out after {timeout:g} s") from None
@@ -300,9 +301,12 @@ async def _fetch(
     expected_sha256: str | None,
     max_size: int,
     counter: dict[str, int],
-    direct_host: str | None = None,
+    direct: bool = False,
+    timeout: float = DIRECT_TIMEOUT,
 ) -> bytes:
     # One request per fresh stream; fetch_blob prefixes every TransferError with its context.
+    started = time.monotonic()
+    direct_host = await _direct_host(p2p, peer_id) if direct else None
     try:
         _, reader, writer = await p2p.call_binary_stream_handler(peer_id, PROTOCOL)
     except (P2PDaemonError, OSError) as e:
@@ -325,16 +329,18 @@ async def _fetch(
         raise StreamEndedEarly(f"stream ended early (truncated): {_one_line(repr(e))}") from None
     finally:
         writer.close()
-    if offer is not None:
+    if offer is not None and direct_host is not None:
+        counter["direct"] = -1  # until it succeeds: a cancelled attempt counts as a failure too
+        # at most half of what is left, so that the stream still has time after a failure
+        budget = min(DIRECT_TIMEOUT, (timeout - (time.monotonic() - started)) / 2)
         try:
             data = await asyncio.get_running_loop().run_in_executor(
-                None, fetch_direct, direct_host, *offer, size, sha256, DIRECT_TIMEOUT
+                None, fetch_direct, direct_host, *offer, size, sha256, budget
             )
             counter["bytes"] += size
             counter["direct"] = 1
             return data
-        except DirectError as e:
-            counter["direct"] = -1
+        except Exception as e:  # noqa: BLE001 - whatever broke there, the stream is the fallback
             logger.info("direct transfer from %s failed (%s); using the p2p stream", peer_id, e)
     # a malformed ticket or a failed direct transfer: the same blob over the p2p stream
     return await _fetch(p2p, peer_id, name, expected_sha256, max_size, counter)

@@ -162,7 +162,8 @@ class Peer:
         return self.finish(state)
 
     def start(self) -> GroupState:
-        """Resume or sync, announce where we start, and wait for `wait_for` volunteers."""
+        """Resume or sync, announce where we start, and wait for `wait_for` volunteers unless
+        the run is under way (a resume, or a sync to a later round, announces past round 0)."""
         state = self.sync(self.initial_state())
         self.trainer.set_params(state.params)
         self.transport.announce_state(state)
@@ -170,22 +171,28 @@ class Peer:
         return state
 
     def await_volunteers(self, count: int, every_s: float = 10.0) -> None:
-        """Block until `count` volunteers (ourselves included) have announced a state, or stop
-        is set; says who is missing every `every_s` seconds. A run started together this way
-        has no first round in which the earliest volunteers wait for the last to load."""
+        """Block until `count` volunteers (ourselves included) have announced a state, anyone
+        announced one past round 0 (the run started without us), or stop is set; says how
+        many are in every `every_s` seconds. A run started together this way has no first
+        round in which the earliest volunteers wait for the last to load."""
         if count <= 1:
             return
         log.info("waiting for %d volunteers before the first round", count)
         said = time.monotonic()
-        while not self.stop.is_set():
-            seen = len(set(self.transport.announcements()) | {self.transport.peer})
+        while True:
+            announced = self.transport.announcements()
+            seen = len(set(announced) | {self.transport.peer})
             if seen >= count:
                 log.info("%d volunteers are in; starting", seen)
                 return
+            if any(r > 0 for r, _ in announced.values()):
+                log.info("the run is under way (%d volunteers in); starting", seen)
+                return
             if time.monotonic() - said >= every_s:
-                log.info("still waiting: %d of %d volunteers have announced", seen, count)
+                log.info("still waiting: %d of %d volunteers are in", seen, count)
                 said = time.monotonic()
-            time.sleep(0.2)
+            if self.stop.wait(0.5):
+                return
 
     def one_round(self, state: GroupState) -> tuple[GroupState, RoundReport]:
         """Sync, train, aggregate, then save, report and announce (in that order, so that what

@@ -216,6 +216,16 @@ def start_swarm(
     return maddr, volunteers
 
 
+def wait_all(running: list[subprocess.Popen[str]], poll_s: float = 0.5) -> list[int | None]:
+    """Exit codes once every process ended, or as soon as one failed (the others, which may be
+    waiting for it to start, are left for the caller to stop): its code, None for the rest."""
+    while True:
+        codes = [p.poll() for p in running]
+        if all(c is not None for c in codes) or any(c for c in codes):
+            return codes
+        time.sleep(poll_s)
+
+
 def run_demo(options: DemoOptions) -> int:
     """Entry point of `swarmtune demo`."""
     if options.peers < 2 or options.rounds < 1:
@@ -232,9 +242,10 @@ def run_demo(options: DemoOptions) -> int:
         # the volunteers start their first round together, once all of them are in
         start = ("--wait-for", str(options.peers))
         maddr, volunteers = start_swarm(procs, config, workdir, tasks, options.rounds, start)
-        codes = [procs.procs[v.name].wait() for v in volunteers]
+        codes = wait_all([procs.procs[v.name] for v in volunteers])
         if any(codes):
-            raise SwarmError(f"a volunteer failed (exit codes {codes}); see its output above")
+            shown = ["running" if c is None else c for c in codes]
+            raise SwarmError(f"a volunteer failed (exit codes {shown}); see its output above")
         if options.clustered:
             print(cluster_summary(volunteers, tasks))
         pulled = subprocess.run(

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 from hivemind.p2p import P2P
 
+from protocols import direct as direct_module
 from protocols.direct import (
     DIRECT_MIN,
+    MAX_TOKENS,
     TOKEN_BYTES,
     DirectError,
     DirectServer,
@@ -80,10 +84,64 @@ def test_a_closed_listener_is_a_direct_error() -> None:
         fetch_direct("127.0.0.1", port, os.urandom(TOKEN_BYTES), 10, sha(b""), 5)
 
 
+@pytest.mark.timeout(30)
+def test_a_silent_sender_fails_after_the_idle_timeout_not_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(direct_module, "IDLE_TIMEOUT", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (backlog), never sends
+        port = silent.getsockname()[1]
+        with pytest.raises(DirectError, match="TimeoutError"):
+            fetch_direct("127.0.0.1", port, os.urandom(TOKEN_BYTES), 1 << 20, sha(b""), 600)
+
+
+def test_outstanding_tickets_are_bounded_and_forgotten_on_close() -> None:
+    server = DirectServer("127.0.0.1")
+    tickets = [server.offer(b"x") for _ in range(MAX_TOKENS)]
+    assert all(t is not None for t in tickets)
+    assert server.offer(b"x") is None  # over the bound: the request is streamed instead
+    server.close()
+    assert server.offer(b"x") is None
+    _, token = parse_offer(tickets[0]) or (0, b"")
+    assert token and not server._tokens  # noqa: SLF001
+
+
+def test_idle_connections_hold_a_bounded_number_of_slots_for_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(direct_module, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(direct_module, "CONNECT_TIMEOUT", 3.0)
+    server = DirectServer("127.0.0.1")
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        time.sleep(0.2)  # both are being served (waiting for their tokens)
+        with socket.create_connection(("127.0.0.1", server.port)) as third:
+            # closed at once (no slot left), not after the 3 s a token may take
+            third.settimeout(1.5)
+            assert third.recv(1) == b""
+        data = os.urandom(1 << 16)
+        _, token = parse_offer(server.offer(data)) or (0, b"")
+        deadline = time.monotonic() + 10  # the idle ones are dropped after CONNECT_TIMEOUT
+        while True:
+            try:
+                got = fetch_direct("127.0.0.1", server.port, token, len(data), sha(data), 5)
+                break
+            except DirectError:
+                assert time.monotonic() < deadline
+                _, token = parse_offer(server.offer(data)) or (0, b"")
+                time.sleep(0.2)
+        assert got == data
+        for conn in idle:
+            conn.close()
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(
     "raw",
     [
         None,
+        {"port": 22, "token": "00" * TOKEN_BYTES},
         [],
         {"port": 0, "token": "00" * TOKEN_BYTES},
         {"port": 70000, "token": "00" * TOKEN_BYTES},
@@ -188,9 +246,12 @@ def test_a_server_without_a_listener_streams_as_before(pair: Pair) -> None:
 
 
 def test_an_unreachable_listener_falls_back_to_the_stream(
-    pair: Pair, listening: DirectServer
+    pair: Pair, listening: DirectServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    listening.close()  # the ticket names a port nobody listens on (a firewall, a NAT)
+    with socket.create_server(("127.0.0.1", 0)) as gone:  # a port nobody listens on any more
+        dead = gone.getsockname()[1]
+    ticket = {"port": dead, "token": "00" * TOKEN_BYTES}  # (a firewall, a NAT in between)
+    monkeypatch.setattr(listening, "offer", lambda _data: ticket)
     data = os.urandom(2 << 20)
     pair.server.publish("big", data)
     received, stats = pair.fetch("big", data)

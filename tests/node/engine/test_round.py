@@ -385,6 +385,14 @@ def test_wait_for_holds_the_first_round_until_enough_volunteers_announced(overla
     hub = InMemoryHub(expected=2, timeout=5.0)
     reports: list[RoundReport] = []
     locals_ = [_local(t, i) for i, t in enumerate(TASKS[:2])]
+    trained = threading.Event()
+    train_steps = locals_[0].trainer.train_steps
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        trained.set()
+        return train_steps(*args, **kwargs)
+
+    locals_[0].trainer.train_steps = spy  # type: ignore[method-assign]
 
     def peer(i: int) -> Peer:
         sink = reports.append if i == 0 else None
@@ -397,12 +405,40 @@ def test_wait_for_holds_the_first_round_until_enough_volunteers_announced(overla
     results: list = []
     thread = threading.Thread(target=lambda: results.append(first.run(1, settle_s=2.0)))
     thread.start()
-    thread.join(timeout=1.5)  # four inner steps take well under a second here
-    # alone, it announced its start but neither trained nor offered a contribution
+    # alone, it announced its start but does not begin its first inner phase
+    assert not trained.wait(timeout=1.5)
     assert thread.is_alive() and not hub._pending and not reports
     assert set(hub.states) == {"p0"}
     second = peer(1).run(1, settle_s=2.0)
     thread.join(timeout=30)
-    assert not thread.is_alive()
+    assert trained.is_set() and not thread.is_alive()
     assert [r.outcome for r in reports] == ["averaged"] and reports[0].group_size == 2
     assert results[0].digest() == second.digest()
+
+
+def test_wait_for_does_not_hold_a_run_that_is_under_way_or_a_resume(tmp_path: Path) -> None:
+    hub = InMemoryHub(expected=1, timeout=0.5)
+    local = _local("arithmetic", 0)
+    # someone is past round 0 already: the run started without us
+    hub.states["elsewhere"] = GroupState(3, local.trainer.get_params(), {})
+
+    def started(peer: Peer) -> GroupState:  # fails in seconds, not at the suite's timeout
+        out: list[GroupState] = []
+        thread = threading.Thread(target=lambda: out.append(peer.start()), daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        peer.stop.set()  # (ends a wait that should not have happened)
+        assert out, "start() waited for volunteers"
+        return out[0]
+
+    late = Peer(local.trainer, InMemoryTransport(hub, "p0"), CONFIG, wait_for=5)
+    assert started(late).round == 3  # synced to it, no wait
+    del hub.states["elsewhere"]
+    hub.states.pop("p0")
+    Checkpoint(tmp_path).save(
+        GroupState(2, local.trainer.get_params(), {}), local.trainer.state_dict()
+    )
+    resumed = Peer(
+        local.trainer, InMemoryTransport(hub, "p1"), CONFIG, Checkpoint(tmp_path), wait_for=5
+    )
+    assert started(resumed).round == 2 and resumed.resumed_from == 2

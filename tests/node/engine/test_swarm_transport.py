@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from node.engine.swarm_transport import HivemindTransport
 from protocols.records import PeerRecord
 
@@ -60,3 +62,48 @@ def test_expected_members_are_every_live_volunteer_of_our_group() -> None:
     # (no state announced: it is moving between groups); E is banned in the second call
     assert transport.expected_members(set()) == 5
     assert transport.expected_members({"QmE"}) == 4
+
+
+class _Recording(_Averager):
+    """Records how exchange() asked for a group, then finds none."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix)
+        self.asked: list[dict] = []
+
+    def set_refused(self, refused: dict) -> None:
+        pass
+
+    def exchange(self, delta, meta, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        from protocols.averaging import AveragingError
+
+        self.asked.append(kwargs)
+        raise AveragingError("no group (test)")
+
+
+def test_a_first_round_started_together_closes_its_group_from_membership() -> None:
+    # join --wait-for: every volunteer of the first round has announced already, so the first
+    # group needs no doubled window; otherwise it waits for members still loading
+    from node.engine.transport import AveragingFailed, MemberMeta
+
+    records = {
+        f"Qm{c}": PeerRecord(peer_id=f"Qm{c}000000000", role="volunteer", digest="ab" * 32)
+        for c in "AB"
+    }
+    windows = {}
+    for together in (False, True):
+        node = _Node()
+        node.peers = lambda: records  # type: ignore[attr-defined]
+        record = PeerRecord(peer_id=PEER, role="volunteer")
+        transport = HivemindTransport(
+            node,  # type: ignore[arg-type]
+            _Recording,  # type: ignore[arg-type]
+            "run_global",
+            role_record=record,
+            started_together=together,
+        )
+        with pytest.raises(AveragingFailed):
+            transport.exchange({}, MemberMeta(PEER, 0, "ab" * 32, 1.0))
+        windows[together] = [(a["window"], a["expected"]) for a in transport.averager.asked]
+    # matchmaking_time 1.0: apart, round one waits two windows and closes on no count
+    assert windows == {False: [(2.0, 0)], True: [(None, 3)]}
