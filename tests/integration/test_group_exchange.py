@@ -154,12 +154,15 @@ def test_a_peer_whose_direct_path_failed_is_fetched_over_the_stream_from_then_on
     nodes: list[SwarmNode],
 ) -> None:
     import hashlib
+    import socket
 
     server, client = nodes[:2]
     server.enable_direct()
     client.enable_direct()
     assert server.blobs.direct is not None
-    server.blobs.direct.close()  # its port stops answering (a firewall, a NAT)
+    with socket.create_server(("127.0.0.1", 0)) as gone:  # a port that stops answering
+        dead = gone.getsockname()[1]  # (a firewall, a NAT in between)
+    server.blobs.direct.offer = lambda _data: {"port": dead, "token": "00" * 32}  # type: ignore[method-assign]
     data = bytes(range(256)) * (8 << 10)  # 2 MiB
     server.blobs.publish("big", data)
     try:
