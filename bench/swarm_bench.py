@@ -241,6 +241,9 @@ def main() -> None:
     # waits for the slowest to load), and evaluates once, after its last round
     start = ("--wait-for", str(args.peers))
     diloco_args = (*start, "--eval-every", str(args.rounds))
+    # local PEFT runs before and after the swarms: this VM's speed drifts by 10-20% within
+    # minutes, and their mean is the fairer baseline for swarm runs in between
+    local_before = run_local(diloco, args.peers, steps)
     with tempfile.TemporaryDirectory() as tmp:
         cpu: dict[str, dict[str, dict[str, float]]] = {"diloco": {}, "overlap": {}}
         swarm = summarize_swarm(
@@ -268,6 +271,7 @@ def main() -> None:
         "overlap": overlap,
         "every_step": sync,
         "local": local,
+        "local_before": local_before,
         "cpu": cpu,
     }
     out = ROOT / "bench" / "out"
@@ -351,6 +355,16 @@ def render(res: dict) -> str:
     ]
     local_wall = sum(x["seconds"] for x in res["local"]) / len(res["local"])
     local_eval = sum(x["eval_after"] for x in res["local"]) / len(res["local"])
+    before = res.get("local_before")
+    drift = ""
+    if before:  # the mean of the runs before and after the swarms
+        after_wall = local_wall
+        before_wall = sum(x["seconds"] for x in before) / len(before)
+        local_wall = (before_wall + after_wall) / 2
+        drift = (
+            f"Local PEFT ran before the swarm runs ({before_wall:.1f} s) and after them"
+            f" ({after_wall:.1f} s); its row and the ratios use the mean of the two."
+        )
     rows = [
         (f"DiLoCo swarm, average every {a['inner_steps']} steps", d),
         (f"DiLoCo swarm, overlapped rounds (H={a['inner_steps']})", res["overlap"]),
@@ -373,12 +387,13 @@ def render(res: dict) -> str:
         "payloads each volunteer sent (its blob times the g-1 members that fetched it, "
         "framing not counted), not socket counters.",
         "",
-        "Local PEFT per task: "
+        "Local PEFT per task (the run after the swarms): "
         + ", ".join(
             f"{x['task']} {x['eval_before']:.3f} -> {x['eval_after']:.3f} ({x['seconds']:.1f}s)"
             for x in res["local"]
         ),
         "",
+        *([drift, ""] if drift else []),
     ]
     if res.get("cpu"):
         lines += render_cpu(res["cpu"])
