@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 from hivemind.averaging import DecentralizedAverager
-from hivemind.p2p import P2P, P2PContext, PeerID, StubBase
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID, StubBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
 
@@ -85,6 +85,16 @@ class GatedAverager(DecentralizedAverager):
     def get_stub(cls, p2p: P2P, peer: PeerID, *, namespace: str | None = None) -> StubBase:
         stub = super().get_stub(p2p, peer, namespace=namespace)
         return stub if cls._own is None else _CheckedLeader(stub, peer, cls._own)
+
+    async def _shutdown(self, timeout: float | None) -> None:
+        """hivemind's shutdown (in the averager's process), which first unregisters our handlers
+        from p2pd. A terminal's Ctrl+C reaches the whole process group, p2pd included, so p2pd
+        may be gone already: then there is nothing left to unregister, and its missing control
+        socket is the end we wanted, not a traceback for the volunteer's log."""
+        try:
+            await super()._shutdown(timeout)
+        except (OSError, P2PDaemonError) as exc:
+            log.debug("p2pd was gone before the averager unregistered its handlers: %r", exc)
 
     def expect(self, members: int) -> None:
         """Close groups when `members` (ourselves included) have gathered; 0 or 1: unknown."""

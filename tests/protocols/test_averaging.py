@@ -167,3 +167,40 @@ def test_group_bits_separate_rounds_and_start_states() -> None:
     assert group_bits(5, "abc123") != group_bits(6, "abc123")
     assert group_bits(5, "abc123") != group_bits(5, "abd123")
     assert len(group_bits(2**40, "zzz")) == 32
+
+
+class _GoneDaemon:
+    """A p2p whose daemon already exited (its control socket file is gone), or another fault."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error, self.asked = error, 0
+
+    async def remove_protobuf_handler(self, *args: object, **kwargs: object) -> None:
+        self.asked += 1
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error, quiet",
+    [
+        (FileNotFoundError(2, "No such file or directory"), True),  # the CI traceback's cause
+        (ConnectionRefusedError(111, "Connection refused"), True),
+        (ValueError("a bug of ours"), False),
+    ],
+)
+def test_an_averager_stopping_after_p2pd_is_gone_ends_quietly(
+    error: Exception, quiet: bool
+) -> None:
+    import asyncio
+
+    from protocols.matchmaking import GatedAverager
+
+    averager = object.__new__(GatedAverager)  # only what _shutdown reads
+    averager.client_mode, averager.prefix, averager._running_groups = False, "run_global", {}
+    averager._p2p = _GoneDaemon(error)
+    if quiet:
+        asyncio.run(averager._shutdown(1.0))
+    else:
+        with pytest.raises(ValueError, match="bug"):
+            asyncio.run(averager._shutdown(1.0))
+    assert averager._p2p.asked > 0  # it did try to unregister its handlers
