@@ -256,7 +256,7 @@ class SwarmNode:
         if not first:  # our own identity's old connections may not have closed yet
             options["check_if_identity_free"] = False
         try:
-            self.dht = DHT(
+            self.dht = QuietDHT(
                 initial_peers=self._initial_peers,
                 host_maddrs=[f"/ip4/{self._host}/tcp/{self._port}"],
                 announce_maddrs=self._announce_maddrs or None,
@@ -646,6 +646,19 @@ class SwarmNode:
             log.debug("p2p shutdown: %s", exc)
         self.loop.shutdown()
         self.dht.shutdown()
+
+
+class QuietDHT(DHT):
+    """hivemind's DHT process, ending with one line instead of a traceback when its pipe from
+    the main process breaks mid-request: a terminal's Ctrl+C stops the main process while a
+    thread of it (an overlapped exchange) still hands the DHT a request, and the request's
+    shared pipe end can no longer be fetched from the exiting process."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except (EOFError, ConnectionError) as exc:
+            log.info("DHT process: the main process went away mid-request (%r); ending", exc)
 
 
 def _quiet_disconnects(loop: Any, context: dict[str, Any]) -> None:

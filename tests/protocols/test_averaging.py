@@ -1,4 +1,5 @@
-"""GroupAverager side effects on the hosting process (real DHT on 127.0.0.1)."""
+"""GroupAverager side effects on the hosting process (real DHT on 127.0.0.1), and how its helper
+processes (averager, DHT) end when a Ctrl+C takes p2pd or the main process away first."""
 
 import math
 import signal
@@ -204,3 +205,28 @@ def test_an_averager_stopping_after_p2pd_is_gone_ends_quietly(
         with pytest.raises(ValueError, match="bug"):
             asyncio.run(averager._shutdown(1.0))
     assert averager._p2p.asked > 0  # it did try to unregister its handlers
+
+
+@pytest.mark.parametrize(
+    "error, quiet",
+    [(EOFError(), True), (ConnectionResetError(104, "reset"), True), (ValueError("bug"), False)],
+)
+def test_the_dht_process_ends_quietly_when_its_pipe_from_the_main_process_breaks(
+    error: Exception, quiet: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # seen in a full test run: a Ctrl+C ended the main process while an overlapped exchange
+    # thread was handing the DHT a request; the DHT process printed a traceback on its way out
+    from hivemind.dht import DHT
+
+    from protocols.swarm import QuietDHT
+
+    def broken(self: DHT) -> None:
+        raise error
+
+    monkeypatch.setattr(DHT, "run", broken)
+    dht = object.__new__(QuietDHT)  # run() alone, in this process
+    if quiet:
+        dht.run()
+    else:
+        with pytest.raises(ValueError):
+            dht.run()
