@@ -202,11 +202,11 @@ class BlobServer:
         ticket = (
             self.direct.offer(data) if direct and self.direct and len(data) >= DIRECT_MIN else None
         )
-        if ticket is not None:  # the bytes go over that connection
+        if ticket is not None:  # the bytes go over that connection, not this stream
             header["direct"] = ticket
-            self.bytes_sent += await write_frame(writer, json.dumps(header).encode())
-            return
         self.bytes_sent += await write_frame(writer, json.dumps(header).encode())
+        if ticket is not None:
+            return
         view = memoryview(data)
         for offset in range(0, len(view), CHUNK_SIZE):
             self.bytes_sent += await write_frame(writer, view[offset : offset + CHUNK_SIZE])
@@ -322,9 +322,10 @@ async def _fetch(
             raise TransferError(f"blob is {size} bytes, over max_size {max_size}")
         if expected_sha256 is not None and sha256 != expected_sha256.lower():
             raise TransferError(f"peer offers sha256 {sha256}, expected {expected_sha256}")
-        if direct_host is None or "direct" not in json.loads(raw_header):
+        ticket = json.loads(raw_header).get("direct") if direct_host else None  # (valid JSON)
+        if ticket is None:
             return await _read_payload(reader, size, sha256, counter)
-        offer = parse_offer(json.loads(raw_header)["direct"])
+        offer = parse_offer(ticket)
     except (asyncio.IncompleteReadError, ConnectionError) as e:
         raise StreamEndedEarly(f"stream ended early (truncated): {_one_line(repr(e))}") from None
     finally:
