@@ -9,6 +9,8 @@ validator requires the owner marker), be at most MAX_RECORD_BYTES, and match its
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import re
 from typing import Any, Literal
@@ -19,6 +21,10 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from protocols.identity import Identity, Signed, verify
+
+log = logging.getLogger("swarmtune.records")
+
 MAX_RECORD_BYTES = 64 * 1024
 PEER_TTL = 90.0
 # a relay's address as a peer record names it: IPv4/IPv6/DNS, TCP, then its peer id
@@ -28,12 +34,25 @@ _OWNER = re.compile(rb"^\[owner:.+\]$", re.DOTALL)
 
 
 class AdapterOffer(BaseModel):
-    """An adapter bundle this peer serves: blob name, round, sha256 and size of the bundle."""
+    """An adapter bundle this peer serves: blob name, round, sha256 and size of the bundle, and
+    the digest of the group state it is the adapter of (what its round certificate names;
+    empty for adapters the coordinator makes itself)."""
 
     model_config = ConfigDict(extra="forbid")
     round: int = Field(ge=0)
     sha256: str = Field(pattern=HEX64)
     size: int = Field(ge=1, le=1 << 34)
+    state: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+
+
+class VoteRecord(BaseModel):
+    """A member's vote for the state its record announces: the sha256 of the round
+    certificate's body and its signature by the record's identity key
+    (protocols/certificates.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    body: str = Field(pattern=HEX64)
+    sig: str = Field(min_length=1, max_length=1024)
 
 
 class PeerRecord(BaseModel):
@@ -74,6 +93,13 @@ class PeerRecord(BaseModel):
     )
     relay: str = Field("", max_length=256, pattern=RELAY_MADDR)
     adapters: dict[str, AdapterOffer] = Field(default_factory=dict, max_length=64)
+    unproven: int = Field(0, ge=0)  # announced states it refused for want of proof
+    # who wrote it: the libp2p public key of `peer_id` and its signature over this record's
+    # owner key (protocols/records.py, identity_proof); records without one are dropped
+    key: str = Field("", max_length=1024)
+    key_sig: str = Field("", max_length=1024)
+    vote: VoteRecord | None = None
+    ticket: str = Field("", max_length=2048)  # admission ticket (token runs)
 
     @field_validator("loss", "eval_loss", "inner_s", "matchmaking_s", "transfer_s", "wall_s")
     @classmethod
@@ -193,13 +219,40 @@ class RunRecordValidator(RecordValidatorBase):
         return False
 
 
+KEY_PURPOSE = "records-key"
+
+
+def identity_proof(identity: Identity, owner: bytes) -> Signed:
+    """Our libp2p identity's signature over our records' owner subkey: binds every record we
+    sign with that key to our peer id."""
+    return identity.sign(KEY_PURPOSE, owner)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bound(peer_id: str, key: str, key_sig: str, owner: bytes) -> bool:
+    return verify(peer_id, Signed(key, key_sig), KEY_PURPOSE, owner)
+
+
+def speaks_for(record: PeerRecord, owner: Any) -> bool:
+    """True when the record's peer id signed `owner`, the subkey the record is stored under:
+    only then is the record that peer's."""
+    if not isinstance(owner, bytes):
+        return False
+    return _bound(record.peer_id, record.key, record.key_sig, owner)
+
+
 def parse_peer_records(raw: dict[Any, Any] | None) -> dict[str, PeerRecord]:
-    """peer_id -> PeerRecord from a DHT get() dictionary, dropping anything malformed."""
+    """peer_id -> PeerRecord from a DHT get() dictionary, dropping anything malformed and any
+    record whose peer id did not sign the owner key it is stored under (a record cannot speak
+    for another peer)."""
     records: dict[str, PeerRecord] = {}
-    for entry in (raw or {}).values():
+    for owner, entry in (raw or {}).items():
         try:
             record = PeerRecord.model_validate(entry.value)
         except (ValidationError, AttributeError):
+            continue
+        if not speaks_for(record, owner):
+            log.debug("dropped a record that %s did not sign", record.peer_id[-8:])
             continue
         records[record.peer_id] = record
     return records

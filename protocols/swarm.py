@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Coroutine
@@ -22,6 +23,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from protocols import lifeline
 from protocols.direct import DirectServer
+from protocols.identity import Identity, IdentityError
 from protocols.reach import (
     REACH_MODES,
     DialBackServer,
@@ -36,6 +38,7 @@ from protocols.records import (
     ManifestRecord,
     PeerRecord,
     RunRecordValidator,
+    identity_proof,
     manifest_key,
     owner_subkey,
     parse_peer_records,
@@ -189,6 +192,19 @@ class SwarmNode:
             workdir.mkdir(parents=True, exist_ok=True)
         key = load_or_create_key(workdir / "records.key") if workdir else RSAPrivateKey()
         self.signer = RSASignatureValidator(key)
+        # our libp2p identity: p2pd runs with it, and it signs what must name us beyond forgery
+        # (our records' owner key, round certificates); a node without a work dir gets a
+        # throwaway one in a temporary directory
+        self._scratch = None if workdir else tempfile.TemporaryDirectory(prefix="swarmtune-id-")
+        self._identity_path = (workdir or Path(self._scratch.name)) / "p2p.key"  # type: ignore[union-attr]
+        if not self._identity_path.exists():
+            P2P.generate_identity(str(self._identity_path))
+        try:
+            self.identity = Identity.load(self._identity_path)
+        except IdentityError as exc:
+            raise SwarmError(str(exc)) from None
+        proof = identity_proof(self.identity, owner_subkey(self.signer))
+        self._record_key = {"key": proof.key, "key_sig": proof.sig}
         self._validators: list[Any] = [self.signer] + (
             [RunRecordValidator(run_id)] if run_id else []
         )
@@ -260,7 +276,7 @@ class SwarmNode:
                 initial_peers=self._initial_peers,
                 host_maddrs=[f"/ip4/{self._host}/tcp/{self._port}"],
                 announce_maddrs=self._announce_maddrs or None,
-                identity_path=str(self._workdir / "p2p.key") if self._workdir else None,
+                identity_path=str(self._identity_path),
                 record_validators=self._validators,
                 start=True,
                 await_ready=True,
@@ -600,6 +616,7 @@ class SwarmNode:
                 "reach": self.reach,
                 "relay": self.relay_maddr,
                 "serves_relay": self.relay_service,
+                **self._record_key,
             }
         )
         self.dht.store(
@@ -646,6 +663,8 @@ class SwarmNode:
             log.debug("p2p shutdown: %s", exc)
         self.loop.shutdown()
         self.dht.shutdown()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
 
 class QuietDHT(DHT):

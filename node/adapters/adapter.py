@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -11,12 +12,15 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save as st_save
 
+from aggregation.params import state_hash
+
 if TYPE_CHECKING:  # peft costs seconds to import; `pull` and `status` never need it
     from peft import PeftModel
 
     from node.local.trainer import InnerTrainer
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+_PEFT_NAME = re.compile(r"\.lora_([AB])\.[^.]+\.weight$")
 
 
 class AdapterError(ValueError):
@@ -149,3 +153,10 @@ def adapter_files(
     model = trainer.model
     config = adapter_config(model, provenance.base_model)
     return peft_dir_files(adapter_tensors(model), config, swarm_card(provenance, config))
+
+
+def adapter_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of LoRA tensors under their PEFT file names, the same for a trainer's parameters
+    (`...lora_A.default.weight`) and a pulled adapter file (`...lora_A.weight`): what a round
+    certificate names and `pull` checks."""
+    return state_hash({_PEFT_NAME.sub(r".lora_\1.weight", k): v for k, v in tensors.items()})

@@ -34,7 +34,7 @@ from aggregation.taskvec import (
 )
 from node.adapters.merge import lora_parts, output_files, parse_adapter
 from node.config import ClusteringSettings
-from protocols.records import ClusterRecord, PeerRecord, SignatureRecord
+from protocols.records import ClusterRecord, PeerRecord, SignatureRecord, speaks_for
 from protocols.transfer import pack_files, unpack_files
 
 log = logging.getLogger("swarmtune.clusters")
@@ -82,13 +82,16 @@ class TaskSignature:
 def verified_signatures(
     raw_peers: Mapping[bytes, object], raw_signatures: Mapping[bytes, object]
 ) -> dict[str, SignatureRecord]:
-    """peer_id -> signature, kept only when the same owner key also signed that peer's record."""
+    """peer_id -> signature, kept only when the same owner key also signed that peer's record,
+    and that peer's libp2p identity signed the owner key (a signature cannot claim a peer)."""
     owners: dict[bytes, str] = {}
     for subkey, value in raw_peers.items():
         try:
-            owners[subkey] = PeerRecord.model_validate(value).peer_id
+            peer = PeerRecord.model_validate(value)
         except ValidationError:
             continue
+        if speaks_for(peer, subkey):
+            owners[subkey] = peer.peer_id
     found: dict[str, SignatureRecord] = {}
     for subkey, value in raw_signatures.items():
         try:

@@ -17,13 +17,23 @@ from typing import Protocol
 from aggregation.ghbm import make_peer_momentum
 from aggregation.params import Params
 from node.config import RunConfig
+from node.engine.certify import Candidate, Ledger, NotCertified, candidates, verify_chain
 from node.engine.checkpoint import Checkpoint
 from node.engine.overlap import InFlight, run_overlapped
-from node.engine.round import LocalUpdate, RoundReport, inner_phase, round_start, run_round
+from node.engine.round import (
+    LocalUpdate,
+    RoundReport,
+    check_outer,
+    inner_phase,
+    round_start,
+    run_round,
+)
 from node.engine.state import GroupState, StateError, check_params
-from node.engine.transport import StateUnavailable, Transport, consensus
+from node.engine.transport import StateUnavailable, Transport
 from node.engine.trust import banned
 from node.local.trainer import InnerTrainer, RoundAbandoned
+from protocols.certificates import Vote
+from protocols.identity import Identity
 
 log = logging.getLogger("swarmtune.peer")
 
@@ -43,7 +53,8 @@ class RoundCounts:
     fallbacks: int = 0  # no group formed in time: local update applied
     rejections: int = 0  # a group left nothing usable to aggregate: local update applied
     exclusions: int = 0  # group members' contributions left out (stale, lost, malformed)
-    resyncs: int = 0  # adopted another member's state
+    resyncs: int = 0  # adopted another member's state (or went back to our witnessed one)
+    unproven: int = 0  # announced states refused: no proof the run produced them
 
 
 class Peer:
@@ -62,6 +73,8 @@ class Peer:
         overlap: bool | None = None,
         eval_every: int = 1,
         wait_for: int = 1,
+        identity: Identity | None = None,
+        ticket: str = "",
     ) -> None:
         self.trainer = trainer
         self.transport = transport
@@ -85,6 +98,10 @@ class Peer:
         self.banned: dict[str, str] = {}  # peers the group keeps out this round, with why
         outer = config.outer
         self.momentum = make_peer_momentum(outer.name, outer.effective_momentum, outer.tau)
+        # what this peer vouches for and which states it may adopt (node/engine/certify.py)
+        self.ledger = Ledger(identity or Identity.generate(), transport.peer, config.run_id, ticket)
+        # every peer of the run derives round 0 from the manifest's seed: its digest is trusted
+        self.ledger.hold(GroupState(0, trainer.get_params(), {}))
 
     def initial_state(self) -> GroupState:
         """The checkpoint if there is one, else round 0 from the seeded LoRA init."""
@@ -95,6 +112,7 @@ class Peer:
                 if local is not None:
                     self.load_local(local)
                 self.resumed_from = state.round
+                self.ledger.resume(state)
                 log.info("resumed from checkpoint at round %d", state.round)
                 return state
         return GroupState(0, self.trainer.get_params(), {})
@@ -111,32 +129,87 @@ class Peer:
             log.warning("local.pt does not fit this peer (%s); starting with fresh moments", exc)
             self.trainer.reset_optimizer()
 
-    def sync(self, state: GroupState, adopt: bool = False) -> GroupState:
-        """Adopt the swarm's consensus state when it is ahead of, or differs from, ours.
+    def may_vote(self, vote: Vote) -> bool:
+        """Whose votes count: admitted, unrevoked peers (the transport) not banned by our group."""
+        return vote.peer not in self.banned and self.transport.may_vote(vote)
 
-        With `adopt` (we just joined another group) our own announcement does not vote: the
-        group's state wins whatever its round, unless nobody else has announced one."""
-        ref = consensus(
-            self.transport.announcements(), exclude=self.transport.peer if adopt else None
-        )
-        if ref is None or (ref.round < state.round and not adopt):
-            return state
-        if ref.round == state.round and ref.digest == state.digest():
-            return state
+    def sync(self, state: GroupState, adopt: bool = False) -> GroupState:
+        """Adopt the best state a quorum of the group vouches for when it is ahead of ours, or
+        level with ours and better supported (docs/design.md, 8. Trust, "States carry proof").
+
+        With `adopt` (we just joined another group) our own vote does not count: the group's
+        state wins whatever its round. A state we trained alone (no group vouches for it) gives
+        way to one vouched for at any round, or, when others are around and none is, to the
+        last state a group concluded with us: rounds nobody witnessed cannot be proven."""
+        me = self.transport.peer
+        claims = self.transport.claims()
+        self.ledger.collect(claims, self.may_vote)
+        population = len(set(self.transport.announcements()) | {me})
+        ours, witnessed = state.digest(), self.ledger.witnessed
+        back = witnessed.digest() if witnessed is not None else ours
+        alone = self.ledger.claim is None and back != ours
+        for candidate in candidates(claims, population, self.may_vote, me if adopt else ""):
+            if candidate.digest == ours and not adopt:
+                return state  # the best-supported state is ours
+            if candidate.round < state.round and not (adopt or alone):
+                return state
+            if alone and candidate.digest == back and witnessed is not None:
+                return self.go_back(state, witnessed)
+            adopted = self.adopt(candidate, population)
+            if adopted is not None:
+                return adopted
+        if alone and witnessed is not None and self.others_around():
+            return self.go_back(state, witnessed)
+        return state
+
+    def adopt(self, candidate: Candidate, population: int) -> GroupState | None:
+        """The candidate's state if a provider serves it with a chain that proves it."""
         try:
-            fetched = self.transport.fetch_state(ref)
+            fetched, chain = self.transport.fetch_state(candidate)
             check_params(fetched.params, self.shapes)
+            if fetched.digest() != candidate.digest:
+                raise StateError("the provider serves another state than the one vouched for")
+            check_outer(fetched, self.config)
+            proof = verify_chain(
+                chain,
+                fetched,
+                self.config.run_id,
+                self.ledger.trusted,
+                candidate.votes,
+                population,
+                self.may_vote,
+            )
         except (StateError, StateUnavailable) as exc:
-            log.warning("could not fetch round %d state (%s); keeping ours", ref.round, exc)
-            return state
-        if fetched.digest() != ref.digest:
-            log.warning("fetched state does not match its announced digest; keeping ours")
-            return state
-        log.info("synced to the group's state at round %d (was at %d)", fetched.round, state.round)
+            log.warning("could not fetch round %d state (%s); keeping ours", candidate.round, exc)
+            return None
+        except NotCertified as exc:
+            self.counts.unproven += 1
+            log.warning("refused the round %d state: %s", candidate.round, exc)
+            return None
+        log.info("synced to the group's state at round %d", fetched.round)
+        self.ledger.adopt(fetched, proof)
         self.resynced_to.append(fetched.round)
         self.counts.resyncs += 1
         self.save(fetched)  # a restart resumes from it, and "last checkpoint" says so
         return fetched
+
+    def others_around(self) -> bool:
+        """True when another admitted member of our group announced a state."""
+        return bool(set(self.transport.announcements()) - {self.transport.peer})
+
+    def go_back(self, state: GroupState, witnessed: GroupState) -> GroupState:
+        """Leave a state only we trained (round `state.round`) for the last one our group
+        concluded with us, which the others share: otherwise we never meet them again."""
+        log.warning(
+            "round %d was trained alone and nobody can vouch for it; going back to round %d,"
+            " the last state the group concluded with us",
+            state.round,
+            witnessed.round,
+        )
+        self.resynced_to.append(witnessed.round)
+        self.counts.resyncs += 1
+        self.save(witnessed)
+        return witnessed
 
     def run(self, rounds: int, settle_s: float = 0.0) -> GroupState:
         """Run `rounds` rounds (or until stop is set), checkpointing and announcing each."""
@@ -166,13 +239,14 @@ class Peer:
         the run is under way (a resume, or a sync to a later round, announces past round 0)."""
         state = self.sync(self.initial_state())
         self.trainer.set_params(state.params)
-        self.transport.announce_state(state)
-        self.await_volunteers(self.wait_for)
+        self.announce(state)
+        if state.round == 0:
+            self.await_volunteers(self.wait_for)
         return state
 
     def await_volunteers(self, count: int, every_s: float = 10.0) -> None:
-        """Block until `count` volunteers (ourselves included) have announced a state, anyone
-        announced one past round 0 (the run started without us), or stop is set; says how
+        """Block until `count` volunteers (ourselves included) have announced a state, a group
+        vouches for one past round 0 (the run started without us), or stop is set; says how
         many are in every `every_s` seconds. A run started together this way has no first
         round in which the earliest volunteers wait for the last to load."""
         if count <= 1:
@@ -185,7 +259,8 @@ class Peer:
             if seen >= count:
                 log.info("%d volunteers are in; starting", seen)
                 return
-            if any(r > 0 for r, _ in announced.values()):
+            vouched = candidates(self.transport.claims(), seen, self.may_vote)
+            if vouched and vouched[0].round > 0:
                 log.info("the run is under way (%d volunteers in); starting", seen)
                 return
             if time.monotonic() - said >= every_s:
@@ -263,6 +338,10 @@ class Peer:
         self.counts.fallbacks += report.outcome == "no-group"
         self.counts.rejections += report.outcome == "rejected"
         self.counts.exclusions += len(report.excluded)
+        if report.verified:
+            self.ledger.conclude(report.start_digest, state, report.contributions)
+        else:
+            self.ledger.alone(state)
         checkpoint_s = self.save(state)
         due = state.round % self.eval_every == 0
         eval_loss = self.evaluate() if self.evaluate is not None and due else None
@@ -277,13 +356,20 @@ class Peer:
             rejections=self.counts.rejections,
             exclusions=self.counts.exclusions,
             resyncs=self.counts.resyncs,
+            unproven=self.counts.unproven,
             banned=len(self.banned),
             overlapped=overlapped,
         )
         self.reported_resyncs = self.counts.resyncs
         self.on_report(report)
-        self.transport.announce_state(state)
+        self.announce(state)
         return report
+
+    def announce(self, state: GroupState) -> None:
+        """Serve `state` with its proof, and our vote when our group concluded it."""
+        claim = self.ledger.claim
+        vouched = claim is not None and claim.digest == state.digest()
+        self.transport.announce_state(state, claim if vouched else None, self.ledger.chain)
 
     def keep_out(self, state: GroupState) -> None:
         """Tell the transport whom the group bans for this round, logging each new ban."""
@@ -315,6 +401,6 @@ class Peer:
         """Adopt the consensus of our final round, so the group ends on one adapter."""
         synced = self.sync(state)
         if synced is not state:  # (sync saved it)
-            self.transport.announce_state(synced)
+            self.announce(synced)
             self.trainer.set_params(synced.params)
         return synced

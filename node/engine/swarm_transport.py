@@ -7,16 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 from aggregation.params import Params
+from node.engine.certify import Candidate, Claim, candidates
 from node.engine.state import GroupState, StateError, decode_state, encode_state
-from node.engine.transport import (
-    AveragingFailed,
-    GroupResult,
-    MemberMeta,
-    StateRef,
-    StateUnavailable,
-)
+from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, StateUnavailable
 from protocols.averaging import AveragingError, GroupAverager
-from protocols.records import AdapterOffer, PeerRecord
+from protocols.certificates import Certificate, CertificateError, Vote, decode_chain, encode_chain
+from protocols.identity import owns
+from protocols.records import AdapterOffer, PeerRecord, VoteRecord
 from protocols.swarm import SwarmNode
 from protocols.transfer import TransferError
 
@@ -35,14 +32,17 @@ class HivemindTransport:
         ticket: str = "",
         revoked: Callable[[], set[str]] | None = None,
         started_together: bool = False,
+        admit: Callable[[str, str], str | None] | None = None,
     ) -> None:
         """`started_together`: the volunteer waits for the run's volunteers before its first
-        round (join --wait-for), so every member expected then has announced already."""
+        round (join --wait-for), so every member expected then has announced already.
+        `admit(peer, ticket)`: None when the ticket admits the peer, else why not (token runs:
+        protocols.admission.Gate.check); peers it refuses neither count nor vouch."""
         self.node = node
         self.make_averager = make_averager
         self.averager = make_averager(prefix)
         self.peer = node.peer_id
-        self.record = role_record
+        self.record = role_record.model_copy(update={"ticket": ticket})
         self.offers = offers
         # three matchmaking windows, plus room for one retry after hivemind's known race (a
         # follower gives up on its leader while the leader counts it in; the leader's one-number
@@ -56,6 +56,8 @@ class HivemindTransport:
         self.cluster = -1  # clustered runs: only members of this cluster count for state sync
         self.ticket = ticket  # our admission ticket (token runs), sent with our metadata
         self.revoked = revoked or set  # the coordinator's revocations, reread every round
+        self.admit = admit
+        self._revoked: set[str] = set()  # as last reread
         self.banned: dict[str, str] = {}
         self.refused_before = 0  # join requests refused by averagers we closed
 
@@ -88,7 +90,8 @@ class HivemindTransport:
         With `ahead` (an overlapped member, which starts a compute before the others come),
         the first matchmaking window is that much longer; the group still closes as soon as
         every expected member is in."""
-        revoked = {p: "ticket revoked by the coordinator" for p in self.revoked()}
+        self._revoked = set(self.revoked())
+        revoked = {p: "ticket revoked by the coordinator" for p in self._revoked}
         refused = {**revoked, **self.banned}
         self.averager.set_refused(refused)
         window = self.first_window
@@ -129,35 +132,67 @@ class HivemindTransport:
         return len((set(self.announcements()) - refused) | {self.peer})
 
     def _moved_on(self, round_: int) -> bool:
-        """True once a member of our group announced a state past `round_` (that round's group
-        has formed and finished without us)."""
-        return any(r > round_ for r, _ in self.announcements().values())
+        """True once a quorum of our group vouches for a state past `round_` (that round's group
+        has formed and finished without us); an announcement alone never cancels a round."""
+        population = len(set(self.announcements()) | {self.peer})
+        found = candidates(self.claims(), population, self.may_vote)
+        return bool(found) and found[0].round > round_
 
-    def announce_state(self, state: GroupState) -> None:
-        """Serve this state and say so in our heartbeat."""
+    def announce_state(
+        self, state: GroupState, claim: Claim | None = None, chain: list[Certificate] | None = None
+    ) -> None:
+        """Serve this state and the chain that proves it, and say so (with our vote, when our
+        group concluded it) in our heartbeat."""
         self.node.blobs.publish("state", encode_state(state))
+        self.node.blobs.publish("chain", encode_chain(list(chain or [])))
         offers = self.offers(state) if self.offers is not None else self.record.adapters
-        self.update_record(round=state.round, digest=state.digest(), adapters=offers)
+        vote = VoteRecord(body=claim.body_sha, sig=claim.vote.sig) if claim is not None else None
+        self.update_record(round=state.round, digest=state.digest(), adapters=offers, vote=vote)
         self.node.set_record(self.record)
 
-    def announcements(self) -> dict[str, tuple[int, str]]:
-        """(round, digest) of every volunteer's last announced state (in our cluster, if any)."""
+    def _admitted(self, peer: str, ticket: str) -> bool:
+        if peer in self._revoked or peer in self.banned:
+            return False
+        return self.admit is None or self.admit(peer, ticket) is None
+
+    def _members(self) -> dict[str, PeerRecord]:
+        """Records of the volunteers of our group (cluster) that announced a state and may
+        take part: admitted, not revoked, not banned by our group."""
         return {
-            pid: (r.round, r.digest)
+            pid: r
             for pid, r in self.node.peers().items()
             if r.role == "volunteer"
             and r.digest
             and (self.cluster < 0 or r.cluster == self.cluster)
+            and self._admitted(pid, r.ticket)
         }
 
-    def fetch_state(self, ref: StateRef) -> GroupState:
-        """Download the state from the first provider that serves it intact."""
+    def announcements(self) -> dict[str, tuple[int, str]]:
+        """(round, digest) of every member's last announced state (us included)."""
+        return {pid: (r.round, r.digest) for pid, r in self._members().items()}
+
+    def claims(self) -> dict[str, Claim]:
+        """The votes in those members' records, each for the state its record announces."""
+        return {
+            pid: Claim(r.round, r.digest, r.vote.body, Vote(pid, r.key, r.vote.sig, r.ticket))
+            for pid, r in self._members().items()
+            if r.vote is not None
+        }
+
+    def may_vote(self, vote: Vote) -> bool:
+        """The vote's key is its peer's libp2p key, and the peer is admitted and not revoked."""
+        return owns(vote.peer, vote.key) and self._admitted(vote.peer, vote.ticket)
+
+    def fetch_state(self, candidate: Candidate) -> tuple[GroupState, list[Certificate]]:
+        """The state and its chain from the first provider that serves both readably."""
         errors = []
-        for provider in ref.providers:
+        for provider in candidate.providers:
             if provider == self.peer:
                 continue
             try:
-                return decode_state(self.node.fetch(provider, "state", timeout=60))
-            except (TransferError, StateError, TimeoutError) as exc:  # try the next provider
-                errors.append(f"{provider[-8:]}: {str(exc)[:80]}")
+                state = decode_state(self.node.fetch(provider, "state", timeout=60))
+                chain = decode_chain(self.node.fetch(provider, "chain", timeout=30))
+                return state, chain
+            except (TransferError, StateError, CertificateError, TimeoutError) as exc:
+                errors.append(f"{provider[-8:]}: {str(exc)[:80]}")  # try the next provider
         raise StateUnavailable("no provider served the state: " + "; ".join(errors or ["none"]))

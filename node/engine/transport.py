@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from aggregation.params import Params
+from node.engine.certify import Candidate, Claim
 from node.engine.state import GroupState
 from protocols.averaging import MemberMeta
+from protocols.certificates import Certificate, Vote
 
 __all__ = [
     "AveragingFailed",
     "GroupResult",
     "MemberMeta",
-    "StateRef",
     "StateUnavailable",
     "Transport",
-    "consensus",
 ]
 
 
@@ -52,15 +51,6 @@ class GroupResult:
     transfer_s: float = 0.0
 
 
-@dataclass(frozen=True)
-class StateRef:
-    """A group state announced in the swarm: its round, digest and who can serve it."""
-
-    round: int
-    digest: str
-    providers: tuple[str, ...]
-
-
 class Transport(Protocol):
     """What the round loop needs from the network."""
 
@@ -73,24 +63,28 @@ class Transport(Protocol):
         ...
 
     def keep_out(self, peers: dict[str, str]) -> None: ...
-    def announce_state(self, state: GroupState) -> None: ...
-    def announcements(self) -> dict[str, tuple[int, str]]: ...
-    def fetch_state(self, ref: StateRef) -> GroupState: ...
 
+    def announce_state(
+        self, state: GroupState, claim: Claim | None, chain: list[Certificate]
+    ) -> None:
+        """Serve `state` with the chain that proves it, and announce it with our vote."""
+        ...
 
-def consensus(announced: dict[str, tuple[int, str]], exclude: str | None = None) -> StateRef | None:
-    """Highest round wins; then the digest most peers hold; ties go to the smaller digest.
+    def announcements(self) -> dict[str, tuple[int, str]]:
+        """(round, digest) of every admitted, unbanned volunteer of our group, us included."""
+        ...
 
-    `exclude` leaves one peer's own announcement out (a peer that just moved to another group
-    adopts that group's state instead of voting for its own)."""
-    announced = {p: v for p, v in announced.items() if p != exclude}
-    if not announced:
-        return None
-    top = max(r for r, _ in announced.values())
-    votes = Counter(d for r, d in announced.values() if r == top)
-    digest = min(votes, key=lambda d: (-votes[d], d))
-    providers = tuple(sorted(p for p, (r, d) in announced.items() if (r, d) == (top, digest)))
-    return StateRef(top, digest, providers)
+    def claims(self) -> dict[str, Claim]:
+        """The votes that come with those announcements."""
+        ...
+
+    def may_vote(self, vote: Vote) -> bool:
+        """True when the vote's key is its peer's and the peer is admitted and not revoked."""
+        ...
+
+    def fetch_state(self, candidate: Candidate) -> tuple[GroupState, list[Certificate]]:
+        """A provider's state and its chain (unchecked: node/engine/certify.py checks)."""
+        ...
 
 
 @dataclass
@@ -110,6 +104,9 @@ class InMemoryHub:
     )
     _closed: set[tuple[int, str]] = field(default_factory=set)
     states: dict[str, GroupState] = field(default_factory=dict)
+    chains: dict[str, list[Certificate]] = field(default_factory=dict)
+    claims: dict[str, Claim] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # member -> the key it votes with
 
     def contribute(self, delta: Params, meta: MemberMeta, ahead: float = 0.0) -> GroupResult:
         """Block until `expected` members of this round and start state arrived (or timeout,
@@ -158,25 +155,49 @@ class InMemoryTransport:
         """All-gather with whoever reaches the same round and state in time."""
         return self.hub.contribute({k: v.clone() for k, v in delta.items()}, meta, ahead)
 
-    def announce_state(self, state: GroupState) -> None:
-        """Offer this state to others."""
+    def announce_state(
+        self, state: GroupState, claim: Claim | None = None, chain: list[Certificate] | None = None
+    ) -> None:
+        """Offer this state, its chain and our vote to others."""
         with self.hub._lock:
             self.hub.states[self.peer] = state
+            self.hub.chains[self.peer] = list(chain or [])
+            if claim is None:
+                self.hub.claims.pop(self.peer, None)
+            else:
+                self.hub.claims[self.peer] = claim
+                self.hub.keys.setdefault(self.peer, claim.vote.key)
 
     def announcements(self) -> dict[str, tuple[int, str]]:
         """(round, digest) that every member announced last."""
         with self.hub._lock:
             return {p: (s.round, s.digest()) for p, s in self.hub.states.items()}
 
-    def fetch_state(self, ref: StateRef) -> GroupState:
-        """Copy a provider's state."""
+    def claims(self) -> dict[str, Claim]:
+        """Every member's vote for the state it announced."""
         with self.hub._lock:
-            state = self.hub.states.get(ref.providers[0]) if ref.providers else None
-        if state is None:
-            raise StateUnavailable(f"no provider serves round {ref.round}")
-        return GroupState(
+            return dict(self.hub.claims)
+
+    def may_vote(self, vote: Vote) -> bool:
+        """In process, a member's key is the one it first voted with."""
+        with self.hub._lock:
+            return self.hub.keys.get(vote.peer) == vote.key
+
+    def fetch_state(self, candidate: Candidate) -> tuple[GroupState, list[Certificate]]:
+        """Copy a provider's state and chain."""
+        with self.hub._lock:
+            held = [
+                (self.hub.states[p], self.hub.chains.get(p, []))
+                for p in candidate.providers
+                if p in self.hub.states and p != self.peer
+            ]
+        if not held:
+            raise StateUnavailable(f"no provider serves round {candidate.round}")
+        state, chain = held[0]
+        copy = GroupState(
             state.round,
             {k: v.clone() for k, v in state.params.items()},
             dict(state.outer_state),
             {p: list(r) for p, r in state.offences.items()},
         )
+        return copy, list(chain)

@@ -94,11 +94,13 @@ def format_offers(offers: dict[str, Offer]) -> str:
 def format_peers(records: dict[str, PeerRecord]) -> str:
     """A table of peers, their rounds and losses, and the rounds that did not go as planned
     (fallback: no group; rejected: a group left nothing usable; excluded: members'
-    contributions left out; resync: adopted another member's state; banned: repeat offenders
+    contributions left out; resync: adopted another member's state; unproven: announced states
+    it refused for want of proof (docs/design.md, 8. Trust); banned: repeat offenders
     its group keeps out now; refused: join requests it turned away), and how others reach it
     (direct, or relay: through the coordinator)."""
     head = f"{'peer':<12}{'role':<13}{'reach':<8}{'round':>6}{'loss':>9}{'eval':>9}{'group':>7}{'cluster':>9}"
-    head += f"{'fallback':>10}{'rejected':>10}{'excluded':>10}{'resync':>8}{'banned':>8}"
+    head += f"{'fallback':>10}{'rejected':>10}{'excluded':>10}{'resync':>8}{'unproven':>10}"
+    head += f"{'banned':>8}"
     head += f"{'refused':>9}"
     lines = [head + "  task"]
     for pid, r in sorted(records.items(), key=lambda item: (item[1].role, item[0])):
@@ -107,7 +109,7 @@ def format_peers(records: dict[str, PeerRecord]) -> str:
         cluster = str(r.cluster) if r.cluster >= 0 else "-"
         lines.append(
             f"…{pid[-10:]:<11}{r.role:<13}{r.reach or '-':<8}{r.round:>6}{loss:>9}{ev:>9}{r.group_size:>7}"
-            f"{cluster:>9}{r.fallbacks:>10}{r.rejections:>10}{r.exclusions:>10}{r.resyncs:>8}"
+            f"{cluster:>9}{r.fallbacks:>10}{r.rejections:>10}{r.exclusions:>10}{r.resyncs:>8}{r.unproven:>10}"
             f"{r.banned:>8}{r.refused:>9}  {r.task}"
         )
     return "\n".join(lines)

@@ -128,7 +128,7 @@ def progress_line(report: RoundReport) -> str:
         f" exchange {report.transfer_s:.2f}s{' (overlapped)' if report.overlapped else ''} outer {report.outer_s:.3f}s"
         f" checkpoint {report.checkpoint_s:.3f}s{tau}"
         f" | fallbacks {report.fallbacks} rejected {report.rejections}"
-        f" excluded {report.exclusions} resyncs {report.resyncs} banned {report.banned}"
+        f" excluded {report.exclusions} resyncs {report.resyncs} unproven {report.unproven} banned {report.banned}"
     )
 
 
@@ -161,6 +161,7 @@ class Volunteer:
             ticket=options.ticket,
             revoked=self.revoked,
             started_together=options.wait_for > 1,
+            admit=gate.check if gate is not None else None,
         )
         self.last_group = 1
         self.initial = local.trainer.get_params()  # the seeded round-0 adapter
@@ -181,6 +182,8 @@ class Volunteer:
             overlap=options.overlap,
             eval_every=options.eval_every,
             wait_for=options.wait_for,
+            identity=node.identity,
+            ticket=options.ticket,
         )
 
     def probe_signature(self, signature: TaskSignature) -> None:
@@ -236,7 +239,8 @@ class Volunteer:
         name = self.adapter_name
         self.node.blobs.publish(f"adapter:{name}", bundle)
         sha = hashlib.sha256(bundle).hexdigest()
-        return {name: AdapterOffer(round=state.round, sha256=sha, size=len(bundle))}
+        offer = AdapterOffer(round=state.round, sha256=sha, size=len(bundle), state=state.digest())
+        return {name: offer}
 
     def report(self, report: RoundReport) -> None:
         """Progress line, metrics file, and the numbers status shows."""
@@ -252,6 +256,7 @@ class Volunteer:
         with open(self.options.workdir / "metrics.jsonl", "a") as handle:
             refused = self.transport.refused_joins  # join requests our averagers turned away
             line = {**asdict(report), "refused": refused, "time": time.time()}  # time: the end
+            line.pop("contributions")  # (the round certificate keeps them)
             handle.write(json.dumps(line) + "\n")
         if self.scalars is not None:  # step = the round the group state reached
             self.scalars.write(report.round + 1, round_scalars(report))
@@ -267,6 +272,7 @@ class Volunteer:
             rejections=report.rejections,
             exclusions=report.exclusions,
             resyncs=report.resyncs,
+            unproven=report.unproven,
             banned=report.banned,
             refused=self.transport.refused_joins,
             inner_s=report.inner_s,

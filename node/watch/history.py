@@ -17,7 +17,7 @@ from protocols.records import PeerRecord
 log = logging.getLogger("swarmtune.watch")
 MAX_POINTS = 20_000  # ~100 volunteers x 200 rounds; a point is ~400 bytes as JSON
 FILE_NAME = "history.jsonl"
-COUNTERS = ("fallbacks", "rejections", "exclusions", "resyncs", "banned", "refused")
+COUNTERS = ("fallbacks", "rejections", "exclusions", "resyncs", "unproven", "banned", "refused")
 TIMES = ("inner_s", "matchmaking_s", "transfer_s", "wall_s")
 
 
