@@ -1,35 +1,123 @@
-"""Choosing what to download: the adapter offer most providers agree on, at the newest round."""
+"""Choosing what to download, and checking it (docs/design.md, 8. Trust, "What pull serves").
+
+An adapter is on offer only with proof: either the coordinator offers it in its own record
+(signed by its identity, which the manifest names; the adapters it makes itself, such as
+`merged`, and the ones it mirrored after checking them), or it is the adapter of a group state
+that a quorum of the volunteers offering that adapter vouch for (node/engine/certify.py). Among
+proven offers the newest round wins, then the bundle most peers serve, then the smaller sha256.
+Whoever downloads then checks the bundle against the state's round certificate.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from protocols.records import PeerRecord
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+
+from node.adapters.adapter import AdapterError, adapter_digest
+from node.engine.certify import Claim, MayVote, candidates, certified_votes, quorum
+from protocols.admission import Gate
+from protocols.certificates import Certificate, Vote
+from protocols.identity import owns
+from protocols.records import ManifestRecord, PeerRecord
 
 
 @dataclass(frozen=True)
 class Offer:
-    """An adapter on offer in the swarm and the peers serving exactly these bytes."""
+    """An adapter on offer in the swarm and the peers serving exactly these bytes: `state` is
+    the digest of the group state it is the adapter of ("" for one the coordinator made), and
+    `votes` the live votes for that state."""
 
     name: str
     round: int
     sha256: str
     size: int
     providers: tuple[str, ...]
+    state: str = ""
+    votes: tuple[Vote, ...] = ()
+    population: int = 1  # volunteers offering this adapter (what a quorum is taken of)
 
 
-def best_offers(records: dict[str, PeerRecord]) -> dict[str, Offer]:
-    """Per adapter name: newest round, then the sha256 most peers serve, then the smaller sha."""
-    by_name: dict[str, list[tuple[str, int, str, int]]] = {}
-    for peer_id, record in records.items():
-        for name, offer in record.adapters.items():
-            by_name.setdefault(name, []).append((peer_id, offer.round, offer.sha256, offer.size))
+def run_may_vote(manifest: ManifestRecord) -> MayVote:
+    """Whose votes count for someone outside the groups (pull, status, the coordinator): the
+    key must be the peer's, and in token runs the peer must hold a valid ticket."""
+    gate = Gate(manifest.coordinator_key, manifest.run_id) if _token(manifest) else None
+    return lambda v: owns(v.peer, v.key) and (gate is None or gate.check(v.peer, v.ticket) is None)
+
+
+def _token(manifest: ManifestRecord) -> bool:
+    return manifest.config.get("admission", {}).get("policy") == "token"
+
+
+def _claims(records: Mapping[str, PeerRecord]) -> dict[str, Claim]:
+    return {
+        pid: Claim(r.round, r.digest, r.vote.body, Vote(pid, r.key, r.vote.sig, r.ticket))
+        for pid, r in records.items()
+        if r.vote is not None
+    }
+
+
+def vouched_offers(
+    records: Mapping[str, PeerRecord], coordinator: str, may_vote: MayVote
+) -> dict[str, Offer]:
+    """Per adapter name, the newest proven offer (module docstring)."""
+    proven: dict[str, list[tuple[str, int, str, int, str, tuple[Vote, ...], int]]] = {}
+    names = {name for r in records.values() for name in r.adapters}
+    for name in sorted(names):
+        holders = {
+            pid: r for pid, r in records.items() if r.role == "volunteer" and name in r.adapters
+        }
+        found = candidates(_claims(holders), len(holders), may_vote)
+        vouched = {(c.round, c.digest): c.votes for c in found}
+        for pid, record in records.items():
+            offer = record.adapters.get(name)
+            if offer is None:
+                continue
+            votes = vouched.get((offer.round, offer.state))
+            if pid == coordinator or (votes is not None and record.role == "volunteer"):
+                entry = (pid, offer.round, offer.sha256, offer.size, offer.state)
+                proven.setdefault(name, []).append((*entry, votes or (), max(len(holders), 1)))
     best: dict[str, Offer] = {}
-    for name, entries in by_name.items():
-        top = max(r for _, r, _, _ in entries)
-        votes = Counter(sha for _, r, sha, _ in entries if r == top)
-        sha = min(votes, key=lambda s: (-votes[s], s))
-        chosen = [(p, size) for p, r, s, size in entries if (r, s) == (top, sha)]
-        best[name] = Offer(name, top, sha, chosen[0][1], tuple(sorted(p for p, _ in chosen)))
+    for name, entries in proven.items():
+        top = max(e[1] for e in entries)
+        level = [e for e in entries if e[1] == top]
+        counts = Counter(e[2] for e in level)
+        sha = min(counts, key=lambda s: (-counts[s], s))
+        chosen = [e for e in level if e[2] == sha]
+        votes = max((e[5] for e in chosen), key=len)
+        providers = tuple(sorted(e[0] for e in chosen))
+        first = chosen[0]
+        best[name] = Offer(name, top, sha, first[3], providers, first[4], votes, first[6])
     return best
+
+
+def check_bundle(
+    files: Mapping[str, bytes], cert: Certificate | None, offer: Offer, may_vote: MayVote
+) -> str:
+    """What was verified about a downloaded adapter (one line); AdapterError when its
+    certificate does not prove it. A coordinator-made adapter (no state) needs none: its
+    offer is in the coordinator's signed record."""
+    if not offer.state:
+        return "made by the coordinator (offered in its signed record)"
+    if cert is None:
+        raise AdapterError("no round certificate comes with the adapter")
+    body = cert.body
+    if (body.round, body.new) != (offer.round, offer.state):
+        raise AdapterError("the round certificate names another state")
+    votes = certified_votes(cert.with_votes(list(offer.votes)), may_vote)
+    need = quorum(offer.population)
+    if len(votes) < need:
+        raise AdapterError(f"the round certificate has {len(votes)} valid votes, {need} needed")
+    try:
+        tensors = st_load(files["adapter_model.safetensors"])
+    except (KeyError, SafetensorError) as exc:
+        raise AdapterError(f"adapter tensors unreadable ({exc})") from None
+    if adapter_digest(tensors) != body.adapter:
+        raise AdapterError("the adapter's tensors are not the ones its certificate names")
+    return (
+        f"round certificate: {len(votes)} of {len(body.members)} group members vouch for"
+        f" round {body.round}; the adapter's tensors are the certified state's"
+    )

@@ -144,8 +144,12 @@ class HivemindTransport:
         """Serve this state and the chain that proves it, and say so (with our vote, when our
         group concluded it) in our heartbeat."""
         self.node.blobs.publish("state", encode_state(state))
-        self.node.blobs.publish("chain", encode_chain(list(chain or [])))
+        chain = list(chain or [])
+        self.node.blobs.publish("chain", encode_chain(chain))
         offers = self.offers(state) if self.offers is not None else self.record.adapters
+        proof = chain[-1:] if chain and chain[-1].body.new == state.digest() else []
+        for name in offers:  # what `pull` checks an adapter against
+            self.node.blobs.publish(f"cert:{name}", encode_chain(proof))
         vote = VoteRecord(body=claim.body_sha, sig=claim.vote.sig) if claim is not None else None
         self.update_record(round=state.round, digest=state.digest(), adapters=offers, vote=vote)
         self.node.set_record(self.record)

@@ -7,10 +7,12 @@ import logging
 import time
 from pathlib import Path
 
-from node.adapters.adapter import ADAPTER_FILES
-from node.adapters.offers import Offer, best_offers
+from node.adapters.adapter import ADAPTER_FILES, AdapterError
+from node.adapters.offers import Offer, check_bundle, run_may_vote, vouched_offers
 from node.clusters.clusterer import read_assignment
+from node.engine.certify import MayVote
 from node.watch.snapshot import snapshot
+from protocols.certificates import Certificate, CertificateError, decode_chain
 from protocols.records import ClusterRecord, ManifestRecord, PeerRecord, clusters_key
 from protocols.swarm import SwarmError, SwarmNode
 from protocols.transfer import TransferError, unpack_files, write_dir_atomically
@@ -30,8 +32,17 @@ def connect(initial_peers: list[str]) -> tuple[SwarmNode, ManifestRecord]:
     return node, manifest
 
 
-def download(node: SwarmNode, offer: Offer, out: Path) -> dict[str, float]:
-    """Fetch the bundle from the first provider that serves it intact, then write it atomically."""
+def fetch_certificate(node: SwarmNode, provider: str, name: str) -> Certificate | None:
+    """The round certificate a provider serves with adapter `name` (None if it has none)."""
+    chain = decode_chain(node.fetch(provider, f"cert:{name}", timeout=30))
+    return chain[-1] if chain else None
+
+
+def download(
+    node: SwarmNode, offer: Offer, out: Path, may_vote: MayVote
+) -> tuple[dict[str, float], str]:
+    """Fetch the bundle from the first provider that serves it intact and proven, then write it
+    atomically; returns the transfer stats and what was verified."""
     errors: list[str] = []
     for provider in offer.providers:
         stats: dict[str, float] = {}
@@ -40,15 +51,16 @@ def download(node: SwarmNode, offer: Offer, out: Path) -> dict[str, float]:
                 provider, f"adapter:{offer.name}", expected_sha256=offer.sha256, stats=stats
             )
             files = unpack_files(bundle)
-        except (TransferError, TimeoutError) as exc:
+            missing = [name for name in ADAPTER_FILES if name not in files]
+            if missing:
+                raise AdapterError(f"bundle lacks {missing}")
+            cert = fetch_certificate(node, provider, offer.name) if offer.state else None
+            verified = check_bundle(files, cert, offer, may_vote)
+        except (TransferError, TimeoutError, AdapterError, CertificateError) as exc:
             errors.append(f"{provider[-8:]}: {exc}")
             continue
-        missing = [name for name in ADAPTER_FILES if name not in files]
-        if missing:
-            errors.append(f"{provider[-8:]}: bundle lacks {missing}")
-            continue
         write_dir_atomically(files, out)
-        return stats
+        return stats, verified
     raise SwarmError(f"no provider served adapter {offer.name!r} intact: " + "; ".join(errors))
 
 
@@ -58,7 +70,8 @@ def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool)
         raise SwarmError(f"--out {out} exists and is not empty; choose a new directory")
     node, manifest = connect(initial_peers)
     try:
-        offers = best_offers(node.peers())
+        may_vote = run_may_vote(manifest)
+        offers = vouched_offers(node.peers(), manifest.coordinator, may_vote)
         if list_only:
             print(format_offers(offers))
             return 0
@@ -69,11 +82,11 @@ def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool)
             )
         offer = offers[name]
         assert out is not None
-        stats = download(node, offer, out)
+        stats, verified = download(node, offer, out, may_vote)
         print(
             f"pulled adapter {name!r} (run {manifest.run_id}, round {offer.round}, sha256 "
             f"{offer.sha256[:12]}…, {offer.size / 1e6:.2f} MB in {stats.get('seconds', 0):.2f}s)"
-            f" into {out}"
+            f" into {out}\nverified: {verified}"
         )
         return 0
     finally:
@@ -138,7 +151,7 @@ def status(initial_peers: list[str], as_json: bool = False) -> int:
         if clustered:
             raw = node.get_owned(clusters_key(manifest.run_id))
             clusters = read_assignment(raw, manifest.coordinator_key)
-        offers = best_offers(records)
+        offers = vouched_offers(records, manifest.coordinator, run_may_vote(manifest))
         if as_json:
             print(json.dumps(snapshot(manifest, records, clusters, offers, time.time()), indent=1))
             return 0

@@ -14,15 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.adapters.adapter import AdapterError
-from node.adapters.offers import Offer, best_offers
+from node.adapters.offers import Offer, check_bundle, run_may_vote, vouched_offers
 from node.clusters.clusterer import Clusterer, merge_bundles, verified_signatures
 from node.config import load_config, parse_config
+from node.engine.certify import certified_votes
 from node.engine.checkpoint import atomic_write
 from node.local.basemodel import load_base, resolve_target_modules
 from node.roles.admit import read_revoked, save_manifest
+from node.roles.consumer import fetch_certificate
 from node.watch.history import FILE_NAME, History
 from node.watch.snapshot import PAGE_FILE, snapshot
 from node.watch.tensorboard import SwarmLog
+from protocols.certificates import CertificateError, encode_chain
 from protocols.records import (
     AdapterOffer,
     ManifestRecord,
@@ -34,7 +37,7 @@ from protocols.records import (
     signatures_key,
 )
 from protocols.swarm import SwarmError, SwarmNode, address_kind
-from protocols.transfer import TransferError
+from protocols.transfer import TransferError, unpack_files
 from protocols.web import StatusServer
 
 log = logging.getLogger("swarmtune.bootstrap")
@@ -82,6 +85,7 @@ class Coordinator:
         self.view_lock = threading.Lock()
         # what the status page shows, rebuilt every tick
         self.view = snapshot(manifest, {}, None, {}, time.time())
+        self.may_vote = run_may_vote(manifest)  # whose votes prove an adapter it mirrors
 
     def page_data(self, query: Mapping[str, str]) -> dict:
         """The status page's JSON: the last tick's snapshot, and the history points after the
@@ -102,7 +106,8 @@ class Coordinator:
         clusters = self.clusterer.record if self.clusterer is not None else None
         with self.view_lock:
             new = self.history.observe(records, now)
-            view = snapshot(self.manifest, records, clusters, best_offers(records), now)
+            offers = vouched_offers(records, self.node.peer_id, self.may_vote)
+            view = snapshot(self.manifest, records, clusters, offers, now)
             self.view = view
         if self.swarm_log is not None and new:
             self.swarm_log.add(new, self.history.points)
@@ -121,7 +126,7 @@ class Coordinator:
         if self.clusterer is not None:
             self.recluster({pid for pid, r in peers.items() if r.role == "volunteer"})
         self.watch(records)
-        for offer in best_offers(peers).values():
+        for offer in vouched_offers(peers, self.node.peer_id, self.may_vote).values():
             if self.stop.is_set():
                 return
             mine = self.record.adapters.get(offer.name)
@@ -225,7 +230,8 @@ class Coordinator:
         )
 
     def mirror(self, offer: Offer) -> None:
-        """Download an adapter bundle (sha-checked) and serve it too."""
+        """Download an adapter bundle (sha-checked) and its round certificate, check that the
+        certificate proves it, and serve both."""
         for provider in offer.providers:
             if self.stop.is_set():
                 return
@@ -236,21 +242,27 @@ class Coordinator:
                     expected_sha256=offer.sha256,
                     timeout=MIRROR_TIMEOUT,
                 )
-            except (TransferError, TimeoutError) as exc:
+                cert = fetch_certificate(self.node, provider, offer.name)
+                check_bundle(unpack_files(bundle), cert, offer, self.may_vote)
+            except (TransferError, TimeoutError, AdapterError, CertificateError) as exc:
                 log.warning("mirroring %s from %s failed: %s", offer.name, provider[-8:], exc)
                 continue
+            assert cert is not None  # (check_bundle refuses a state's adapter without one)
+            proven = cert.with_votes(certified_votes(cert.with_votes(offer.votes), self.may_vote))
+            self.node.blobs.publish(f"cert:{offer.name}", encode_chain([proven]))
             self.node.blobs.publish(f"adapter:{offer.name}", bundle)
             adapters = dict(self.record.adapters)
             adapters[offer.name] = AdapterOffer(
-                round=offer.round, sha256=offer.sha256, size=len(bundle)
+                round=offer.round, sha256=offer.sha256, size=len(bundle), state=offer.state
             )
             self.record = self.record.model_copy(update={"adapters": adapters})
             self.node.set_record(self.record)
             log.info(
-                "adapter %s round %d mirrored (sha256 %s…)",
+                "adapter %s round %d mirrored (sha256 %s…, %d votes)",
                 offer.name,
                 offer.round,
                 offer.sha256[:12],
+                len(proven.votes),
             )
             return
         self.failed.add((offer.name, offer.round, offer.sha256))

@@ -10,10 +10,12 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from protocols.identity import Identity
 from protocols.records import (
     MAX_RECORD_BYTES,
     PeerRecord,
     RunRecordValidator,
+    identity_proof,
     parse_peer_records,
     peers_key,
 )
@@ -40,8 +42,15 @@ def peers():
     first.shutdown()
 
 
-def _record(dht: DHT, **extra) -> dict:
-    return PeerRecord(peer_id=dht.peer_id.to_base58(), role="volunteer", **extra).model_dump()
+IDS = [Identity.generate() for _ in range(2)]  # the libp2p identities records speak for
+
+
+def _record(i: int, signers: list, **extra) -> dict:
+    """A record of IDS[i], bound to the records key of signers[i]."""
+    proof = identity_proof(IDS[i], signers[i].local_public_key)
+    return PeerRecord(
+        peer_id=IDS[i].peer_id, role="volunteer", key=proof.key, key_sig=proof.sig, **extra
+    ).model_dump()
 
 
 def _stored(dht: DHT) -> dict:
@@ -53,35 +62,52 @@ def test_owner_signed_record_is_accepted(peers) -> None:
     first, second, signers = peers
     ok = second.store(
         peers_key(RUN),
-        _record(second, round=2),
+        _record(1, signers, round=2),
         get_dht_time() + 30,
         subkey=signers[1].local_public_key,
     )
-    assert ok and _stored(first)[second.peer_id.to_base58()].round == 2
+    assert ok and _stored(first)[IDS[1].peer_id].round == 2
 
 
 def test_unprotected_subkey_is_rejected(peers) -> None:
     first, second, _ = peers
-    assert not second.store(peers_key(RUN), _record(second), get_dht_time() + 30, subkey=b"anyone")
+    record = _record(1, signers=peers[2])
+    assert not second.store(peers_key(RUN), record, get_dht_time() + 30, subkey=b"anyone")
 
 
 def test_cannot_overwrite_another_owners_record(peers) -> None:
     first, second, signers = peers
     first.store(
         peers_key(RUN),
-        _record(first, round=5),
+        _record(0, signers, round=5),
         get_dht_time() + 30,
         subkey=signers[0].local_public_key,
     )
     forged = second.store(
         peers_key(RUN),
-        _record(first, round=99),
+        _record(0, signers, round=99),
         get_dht_time() + 60,
         subkey=signers[0].local_public_key,
     )  # signed with the wrong key
     assert not forged
     time.sleep(0.2)
-    assert _stored(second)[first.peer_id.to_base58()].round == 5
+    assert _stored(second)[IDS[0].peer_id].round == 5
+
+
+def test_a_record_in_another_peers_name_is_dropped(peers) -> None:
+    first, second, signers = peers
+    time.sleep(0.1)
+    # second stores, under its own records key, a record that names first's peer id: with
+    # first's proof copied (it names first's records key) and with none
+    copied = _record(0, signers, round=77)
+    assert second.store(
+        peers_key(RUN), copied, get_dht_time() + 60, subkey=signers[1].local_public_key
+    )
+    stored = _stored(first)
+    assert IDS[0].peer_id not in stored or stored[IDS[0].peer_id].round != 77
+    bare = PeerRecord(peer_id=IDS[0].peer_id, role="volunteer", round=78).model_dump()
+    second.store(peers_key(RUN), bare, get_dht_time() + 60, subkey=signers[1].local_public_key)
+    assert all(r.round not in (77, 78) for r in _stored(first).values())
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,8 @@ from node.clusters.clusterer import (
 from node.clusters.member import ClusterMember
 from node.config import ClusteringSettings, parse_config
 from node.engine.state import GroupState
-from protocols.records import ClusterRecord, PeerRecord, SignatureRecord
+from protocols.identity import Identity
+from protocols.records import ClusterRecord, PeerRecord, SignatureRecord, identity_proof
 from protocols.transfer import pack_files, unpack_files
 
 MODULES = ["base_model.model.layers.0.q_proj", "base_model.model.layers.0.v_proj"]
@@ -42,8 +43,14 @@ def _signature(peer: str, values: list[float], round_: int = 3) -> dict:
     return SignatureRecord(peer_id=peer, round=round_, values=values).model_dump()
 
 
-def _peer(peer: str) -> dict:
-    return PeerRecord(peer_id=peer, role="volunteer").model_dump()
+IDS = {name: Identity.generate() for name in "ab"}
+
+
+def _peer(name: str, owner: bytes) -> dict:
+    """A record of the peer whose identity is IDS[name], bound to `owner` (its records key)."""
+    proof = identity_proof(IDS[name], owner)
+    peer = IDS[name].peer_id
+    return PeerRecord(peer_id=peer, role="volunteer", key=proof.key, key_sig=proof.sig).model_dump()
 
 
 def test_lora_modules_pairs_peft_names() -> None:
@@ -73,15 +80,23 @@ def test_signature_follows_the_local_task_direction() -> None:
 
 
 def test_signatures_need_the_owner_that_signed_the_peer_record() -> None:
-    peers = {b"[owner:a]": _peer("peer-aaaaaaaaaa"), b"[owner:b]": _peer("peer-bbbbbbbbbb")}
+    a, b = IDS["a"].peer_id, IDS["b"].peer_id
+    peers = {
+        b"[owner:a]": _peer("a", b"[owner:a]"),
+        b"[owner:b]": _peer("b", b"[owner:b]"),
+        # e copies a's record (a's proof names a's records key, not e's)
+        b"[owner:e]": _peer("a", b"[owner:a]"),
+    }
     signatures = {
-        b"[owner:a]": _signature("peer-aaaaaaaaaa", [1.0, 0.0]),
-        b"[owner:b]": _signature("peer-aaaaaaaaaa", [0.0, 1.0]),  # b claims to be a
+        b"[owner:a]": _signature(a, [1.0, 0.0]),
+        b"[owner:b]": _signature(a, [0.0, 1.0]),  # b claims to be a
         b"[owner:c]": _signature("peer-cccccccccc", [0.0, 1.0]),  # no peer record
         b"[owner:d]": {"peer_id": "peer-dddddddddd", "round": 1, "values": [float("nan")]},
+        b"[owner:e]": _signature(a, [0.0, 1.0]),
     }
     found = verified_signatures(peers, signatures)
-    assert list(found) == ["peer-aaaaaaaaaa"] and found["peer-aaaaaaaaaa"].values == [1.0, 0.0]
+    assert list(found) == [a] and found[a].values == [1.0, 0.0]
+    assert b not in found
 
 
 def test_assignment_is_only_taken_from_the_coordinator_key() -> None:
