@@ -13,7 +13,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +63,18 @@ class Checkpoint:
         return time.perf_counter() - started
 
     def load(
-        self, expect: Mapping[str, torch.Size]
+        self,
+        expect: Mapping[str, torch.Size],
+        check: Callable[[GroupState], None] | None = None,
     ) -> tuple[GroupState, dict[str, Any] | None] | None:
-        """The last checkpoint, or None; a corrupt one is set aside (renamed), never deleted."""
+        """The last checkpoint, or None; a corrupt one, or one `check` refuses (StateError), is
+        set aside (renamed), never deleted."""
         if not self.state_path.exists():
             return None
         try:
             state = decode_state(self.state_path.read_bytes(), expect)
+            if check is not None:
+                check(state)
         except StateError as exc:
             set_aside(self.state_path, f"is unusable ({exc})")
             return None

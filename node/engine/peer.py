@@ -106,7 +106,7 @@ class Peer:
     def initial_state(self) -> GroupState:
         """The checkpoint if there is one, else round 0 from the seeded LoRA init."""
         if self.checkpoint is not None:
-            loaded = self.checkpoint.load(self.shapes)
+            loaded = self.checkpoint.load(self.shapes, lambda s: check_outer(s, self.config))
             if loaded is not None:
                 state, local = loaded
                 if local is not None:
@@ -179,10 +179,10 @@ class Peer:
                 population,
                 self.may_vote,
             )
-        except (StateError, StateUnavailable) as exc:
+        except StateUnavailable as exc:
             log.warning("could not fetch round %d state (%s); keeping ours", candidate.round, exc)
             return None
-        except NotCertified as exc:
+        except (StateError, NotCertified) as exc:
             self.counts.unproven += 1
             log.warning("refused the round %d state: %s", candidate.round, exc)
             return None
