@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from node.engine.swarm_transport import HivemindTransport
 from protocols.records import PeerRecord
@@ -107,3 +108,45 @@ def test_a_first_round_started_together_closes_its_group_from_membership() -> No
         windows[together] = [(a["window"], a["expected"]) for a in transport.averager.asked]
     # matchmaking_time 1.0: apart, round one waits two windows and closes on no count
     assert windows == {False: [(2.0, 0)], True: [(None, 3)]}
+
+
+def test_only_a_vouched_state_ahead_cancels_our_matchmaking() -> None:
+    # an announcement of a higher round with nothing behind it used to cancel every honest
+    # member's matchmaking ("moved on"); now it takes a quorum of valid votes
+    from node.engine.certify import round_body
+    from node.engine.state import GroupState
+    from protocols.certificates import sign_body
+    from protocols.identity import Identity
+    from protocols.records import VoteRecord
+
+    ids = [Identity.generate() for _ in range(3)]
+    ahead = GroupState(9, {"w": torch.ones(2)})
+    body = round_body("run", "ab" * 32, ahead, [(i.peer_id, "", 1.0) for i in ids])
+
+    def record(i: int, vote: bool, forged: bool = False) -> PeerRecord:
+        signed = sign_body(ids[i if not forged else 0], body, ids[i].peer_id)
+        return PeerRecord(
+            peer_id=ids[i].peer_id,
+            role="volunteer",
+            round=9,
+            digest=ahead.digest(),
+            key=signed.key,
+            vote=VoteRecord(body=body.sha256(), sig=signed.sig) if vote else None,
+        )
+
+    node = _Node()
+    transport = HivemindTransport(
+        node,
+        _Averager,
+        "run_global",
+        role_record=PeerRecord(peer_id=PEER, role="volunteer"),  # type: ignore[arg-type]
+    )
+    for records, moved in [
+        ([record(0, vote=False)], False),  # announced, unvouched
+        ([record(0, vote=True)], False),  # its own word only
+        ([record(0, vote=True), record(1, vote=True, forged=True)], False),  # a key not its own
+        ([record(0, vote=True), record(1, vote=True)], True),  # two of four: a quorum
+    ]:
+        node.peers = lambda records=records: {r.peer_id: r for r in records}  # type: ignore[attr-defined]
+        assert transport._moved_on(3) is moved
+    assert not transport._moved_on(9)  # not past our own round
