@@ -1,0 +1,93 @@
+"""A stranger who only announces (docs/design.md, 8. Trust, "States carry proof"): real peers
+on 127.0.0.1, with bench/forger.py announcing every honest round's state negated, three rounds
+ahead, with its own round certificate, and offering its adapter as `global` at round 1,000,000.
+
+Before round certificates every honest volunteer adopted the forged states (highest round won)
+and `pull` served the forged adapter; here neither happens, and the announcements cost the
+honest volunteers no round."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from swarm_harness import ENV, ROOT, Swarm  # noqa: E402
+
+from node.adapters.adapter import adapter_digest  # noqa: E402
+from node.engine.state import decode_state  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+ROUNDS = 5
+
+
+def _reports(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("serve", [True, False], ids=["served", "unserved"])
+def test_forged_states_and_offers_take_nothing(tmp_path: Path, serve: bool) -> None:
+    swarm = Swarm(tmp_path)
+    forger: subprocess.Popen[str] | None = None
+    try:
+        swarm.start_coordinator()
+        for name, task in (("v0", "arithmetic"), ("v1", "dates")):
+            swarm.join(name, task, ROUNDS, "--wait-for", "2")
+        forger = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "forger.py"),
+                "--initial-peers",
+                swarm.maddr,
+                "--run",
+                "itest-run",
+                "--workdir",
+                str(tmp_path / "forger"),
+                "--seconds",
+                "300",
+                *([] if serve else ["--no-serve"]),
+            ],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for name in ("v0", "v1"):
+            assert swarm.wait(name, 300) == 0, swarm.log(name)
+        time.sleep(1.0)  # the forger announces a forgery of the volunteers' last state too
+        pulled = swarm.cli(
+            "pull", "--initial-peers", swarm.maddr, "--out", str(tmp_path / "adapter")
+        )
+    finally:
+        if forger is not None:
+            forger.terminate()
+            forged_lines = forger.communicate(timeout=30)[0]
+        swarm.close()
+    forgeries = [json.loads(line) for line in forged_lines.splitlines() if line.startswith("{")]
+    forged_rounds = {f["forged_round"] for f in forgeries if "forged_round" in f}
+    assert forged_rounds & set(range(ROUNDS + 1, ROUNDS + 4)), forged_lines[-2000:]
+
+    states = [decode_state((tmp_path / v / "state.safetensors").read_bytes()) for v in ("v0", "v1")]
+    assert {s.round for s in states} == {ROUNDS} and len({s.digest() for s in states}) == 1
+    for name in ("v0", "v1"):
+        reports = _reports(tmp_path / name)
+        # every round followed the last, from the group's own state: nothing adopted, no round
+        # lost to a "moved on" cancellation, no group missed
+        assert [r["round"] for r in reports] == list(range(ROUNDS)), swarm.log(name)
+        assert reports[-1]["resyncs"] == 0 and reports[-1]["fallbacks"] == 0, swarm.log(name)
+        assert all(r["outcome"] == "averaged" for r in reports), swarm.log(name)
+    assert "round 1000000 mirrored" not in swarm.log("coord")
+
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"round {ROUNDS}," in pulled.stdout and "verified: round certificate" in pulled.stdout
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert adapter_digest(tensors) == adapter_digest(states[0].params)
