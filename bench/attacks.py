@@ -276,6 +276,12 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="+", choices=ATTACKS, help="a subset of the attacks")
     parser.add_argument(
+        "--sybils",
+        type=int,
+        nargs="+",
+        help="only one attacker behind this many identities each (e.g. 1 2 4 8), 4 honest",
+    )
+    parser.add_argument(
         "--alie-z",
         type=float,
         nargs="+",
@@ -308,6 +314,9 @@ def main() -> None:
         return
     if args.alie_z:
         alie_strength(args.alie_z, args.sim_rounds)
+        return
+    if args.sybils:
+        sybils(args.sybils, args.sim_rounds)
         return
     if args.task_majority:
         task_majority(attacks, args.sim_rounds, write=not tuning)
@@ -463,6 +472,34 @@ def setting(
         )
     if write:
         replace_section(section, "\n".join(lines))
+    print("\n".join(lines))
+
+
+def sybils(counts: list[int], rounds: int, attack: str = "sign-flip") -> None:
+    """One person behind 1, 2, 4, 8 identities among 4 honest members (open admission: each
+    identity is a member like any other), every one sending `attack`."""
+    lines = [
+        f"### Sybils under open admission: one attacker, k identities, 4 honest members, {rounds}"
+        " rounds (simulator)",
+        "",
+        f"Every identity sends {attack}; clients take the four tasks round robin. "
+        f"{outer_text().capitalize()}. Reproduce: `.venv/bin/python "
+        + " ".join(["bench/attacks.py", *sys.argv[1:]])
+        + "`",
+        "",
+        "| identities | share of the group | trusting mean | defended (norm bound + CenteredClip) |",
+        "|---|---|---|---|",
+    ]
+    clean = {r: run_sim(4, 0, None, r, rounds)["eval_loss"] for r in (False, True)}
+    lines.append(f"| 0 (clean) | 0 | {clean[False]:.4f} | {clean[True]:.4f} |")
+    for k in counts:
+        row = {r: run_sim(4 + k, k, attack, r, rounds)["eval_loss"] for r in (False, True)}
+        print(f"sybils {k}: {json.dumps(row)}", flush=True)
+        lines.append(
+            f"| {k} | {k}/{4 + k} | {row[False]:.4f} ({_verdict(row[False], clean[False])}) |"
+            f" {row[True]:.4f} ({_verdict(row[True], clean[True])}) |"
+        )
+    replace_section("attacks-sybils", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -11,7 +11,7 @@ adapter, and announces, under its own (valid) identity:
 - the matching adapter bundle offered as `global` at round R (--offer-round), naming that
   state;
 and serves both (or nothing, with --no-serve: an announcement with nothing behind it).
-It prints one JSON line per forgery it announced, and exits after --seconds.
+It prints one JSON line per forgery it announced (also to --out), and exits after --seconds.
 """
 
 from __future__ import annotations
@@ -94,7 +94,16 @@ def forge_once(node: SwarmNode, run: str, args: argparse.Namespace, done: set[in
     node.set_record(record)
     done.add(source.round)
     line = {"honest_round": state.round, "forged_round": forged.round, "digest": forged.digest()}
-    print(json.dumps(line), flush=True)
+    say(args, line)
+
+
+def say(args: argparse.Namespace, line: dict) -> None:
+    """One JSON line to stdout (and --out)."""
+    text = json.dumps(line)
+    print(text, flush=True)
+    if args.out is not None:
+        with open(args.out, "a") as handle:
+            handle.write(text + "\n")
 
 
 def main() -> int:
@@ -106,6 +115,7 @@ def main() -> int:
     parser.add_argument("--offer-round", type=int, default=1_000_000)
     parser.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seconds", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, help="also append each JSON line to this file")
     args = parser.parse_args()
     node = SwarmNode(initial_peers=args.initial_peers, workdir=args.workdir, run_id=args.run)
     done: set[int] = set()
@@ -115,7 +125,7 @@ def main() -> int:
             try:
                 forge_once(node, args.run, args, done)
             except (TransferError, TimeoutError, ValueError) as exc:
-                print(json.dumps({"error": str(exc)[:200]}), flush=True)
+                say(args, {"error": str(exc)[:200]})
             time.sleep(0.5)
     finally:
         node.shutdown()

@@ -146,11 +146,21 @@ class AveragingSettings(_Strict):
 
 class AdmissionSettings(_Strict):
     """Who may average (docs/design.md, 8. Trust): `open` admits any peer, `token` only holders
-    of a coordinator-signed ticket (`swarmtune admit`). In both, a member that served bad
-    contributions in `ban_after` of `ban_rounds` rounds is kept out for `ban_rounds` rounds."""
+    of a coordinator-signed ticket (`swarmtune admit`), `address` hands such tickets out on
+    request, a limited number per IPv4 address (Sybils then cost addresses). In all, a member
+    that served bad contributions in `ban_after` of `ban_rounds` rounds is kept out for
+    `ban_rounds` rounds."""
 
-    policy: Literal["open", "token"] = "open"
+    @property
+    def ticketed(self) -> bool:
+        """True when members need a coordinator-signed ticket (token and address runs)."""
+        return self.policy != "open"
+
+    policy: Literal["open", "token", "address"] = "open"
     ticket_hours: float = Field(168.0, gt=0, le=24 * 366)  # default lifetime of a new ticket
+    # `address`: the coordinator hands a ticket to any peer that asks, while the IPv4 address
+    # its connection comes from holds fewer than this many identities (protocols/ticket_desk.py)
+    identities_per_address: int = Field(1, ge=1, le=4096)
     ban_after: int = Field(3, ge=1, le=64)
     ban_rounds: int = Field(10, ge=1, le=100_000)
 

@@ -46,6 +46,7 @@ from protocols.records import (
 )
 from protocols.runner import LoopThread
 from protocols.sockets import remove_stale_hivemind_sockets
+from protocols.ticket_desk import Grant, TicketDesk, TicketDeskError, ask_ticket
 from protocols.transfer import (
     MAX_PASSED_ON,
     VIA,
@@ -639,6 +640,17 @@ class SwarmNode:
                 self._connect_relayed()
             except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive a bad beat
                 log.debug("heartbeat: %s", exc)
+
+    def serve_tickets(self, grant: Grant) -> None:
+        """Answer ticket requests (`admission.policy: address`) with `grant(peer, address)`."""
+        self.loop.run(TicketDesk(self.p2p, grant).start(), timeout=30)
+
+    def ask_ticket(self, coordinator: str) -> str:
+        """A ticket from the coordinator's desk; SwarmError with its reason when refused."""
+        try:
+            return self.loop.run(ask_ticket(self.p2p, PeerID.from_base58(coordinator)), timeout=30)
+        except (TicketDeskError, TimeoutError) as exc:
+            raise SwarmError(f"no admission ticket: {exc}") from None
 
     def enable_direct(self) -> None:
         """Serve and fetch large blobs over direct TCP connections where the peers can dial

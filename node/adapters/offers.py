@@ -49,7 +49,7 @@ def run_may_vote(manifest: ManifestRecord) -> MayVote:
 
 
 def _token(manifest: ManifestRecord) -> bool:
-    return manifest.config.get("admission", {}).get("policy") == "token"
+    return manifest.config.get("admission", {}).get("policy") in ("token", "address")
 
 
 def _claims(records: Mapping[str, PeerRecord]) -> dict[str, Claim]:

@@ -16,13 +16,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from node.config import parse_config
-from node.engine.checkpoint import atomic_write
+from node.engine.checkpoint import atomic_write, set_aside
 from protocols.admission import issue_ticket, read_ticket
 from protocols.records import RevocationRecord, revoked_key
 from protocols.swarm import SwarmError, SwarmNode, identity_peer_id, load_or_create_key
 
 MANIFEST_FILE = "manifest.json"
 REVOKED_FILE = "revoked.txt"
+ADDRESSES_FILE = "addresses.json"
 _PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{20,128}$")  # base58
 
 
@@ -99,3 +100,35 @@ def read_revocations(node: SwarmNode, run_id: str, coordinator_key: str) -> set[
 def peer_id(workdir: Path) -> str:
     """The peer id a volunteer started with this work dir has."""
     return identity_peer_id(workdir)
+
+
+class AddressLedger:
+    """`admission.policy: address` on the coordinator: which peer ids each IPv4 address was
+    given tickets for (kept in the work dir, so a restart forgets nobody), and the grant that
+    protocols/ticket_desk.py calls: a ticket while the address holds fewer than `limit`
+    identities (a peer that asks again gets a fresh one)."""
+
+    def __init__(self, workdir: Path, limit: int) -> None:
+        self.path = workdir / ADDRESSES_FILE
+        self.limit = limit
+        self.workdir = workdir
+        self.held: dict[str, list[str]] = {}
+        if self.path.exists():
+            try:
+                raw = json.loads(self.path.read_text())
+                self.held = {str(a): [str(p) for p in ps] for a, ps in raw.items()}
+            except (OSError, ValueError, AttributeError, TypeError):
+                set_aside(self.path, "is corrupt; address counts start over")
+
+    def grant(self, peer: str, address: str) -> tuple[str, str]:
+        """(ticket, "") for `peer` asking from `address`, or ("", why not)."""
+        held = self.held.setdefault(address, [])
+        if peer not in held:
+            if len(held) >= self.limit:
+                return "", (
+                    f"address {address} already holds {len(held)} identities in this run"
+                    f" (admission.identities_per_address = {self.limit})"
+                )
+            held.append(peer)
+            atomic_write(self.path, json.dumps(self.held, sort_keys=True).encode())
+        return admit(self.workdir, peer), ""

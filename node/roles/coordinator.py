@@ -20,7 +20,7 @@ from node.config import load_config, parse_config
 from node.engine.certify import certified_votes
 from node.engine.checkpoint import atomic_write
 from node.local.basemodel import load_base, resolve_target_modules
-from node.roles.admit import read_revoked, save_manifest
+from node.roles.admit import AddressLedger, read_revoked, save_manifest
 from node.roles.consumer import fetch_certificate
 from node.watch.history import FILE_NAME, History
 from node.watch.snapshot import PAGE_FILE, snapshot
@@ -317,6 +317,9 @@ def bootstrap(options: BootstrapOptions) -> int:
             node.enable_direct()
         node.publish_manifest(manifest)
         save_manifest(options.workdir, manifest.model_dump_json())
+        if config.admission.policy == "address":  # tickets on request, priced by address
+            ledger = AddressLedger(options.workdir, config.admission.identities_per_address)
+            node.serve_tickets(ledger.grant)
         coordinator = Coordinator(node, manifest, options.workdir)
         if options.report_to == "tensorboard":
             coordinator.swarm_log = SwarmLog(options.workdir)
@@ -410,7 +413,14 @@ def announce(
     if addr_file is not None:
         atomic_write(addr_file, ("\n".join(maddrs) + "\n").encode())
     print(address_lines(maddrs), flush=True)
-    token = parse_config(manifest.config).admission.policy == "token"
+    admission = parse_config(manifest.config).admission
+    token = admission.policy == "token"
+    if admission.policy == "address":
+        print(
+            "this run hands every volunteer a ticket when it joins, at most"
+            f" {admission.identities_per_address} per IPv4 address",
+            flush=True,
+        )
     print(
         f"volunteers join with:\n  swarmtune join --initial-peers {maddrs[0]} "
         "--data builtin:arithmetic --workdir ./vol1" + (" --ticket TICKET" if token else ""),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -65,7 +66,7 @@ def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate 
     """The run's ticket gate (None for open runs), after checking our own ticket: a volunteer
     without a valid one is refused here, with one line saying how to get one."""
     config = parse_config(manifest.config)
-    if config.admission.policy == "open":
+    if not config.admission.ticketed:
         return None
     try:
         gate = Gate(manifest.coordinator_key, manifest.run_id)
@@ -333,6 +334,9 @@ def join(options: JoinOptions) -> int:
     try:
         manifest = node.fetch_manifest(options.initial_peers[0])
         node.set_run(manifest.run_id)
+        policy = parse_config(manifest.config).admission.policy
+        if policy == "address" and not options.ticket:  # the coordinator prices identities
+            options = dataclasses.replace(options, ticket=node.ask_ticket(manifest.coordinator))
         gate = admission_gate(manifest, node.peer_id, options.ticket)
         log.info("joined run %s as %s", manifest.run_id, node.peer_id)
         config = parse_config(manifest.config)

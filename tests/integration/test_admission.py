@@ -107,3 +107,32 @@ def test_unadmitted_and_revoked_peers_never_average(tmp_path: Path) -> None:
             t.averager.shutdown()
         for n in [*nodes, coordinator]:
             n.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_address_admission_hands_out_tickets_and_refuses_an_address_past_its_limit(
+    tmp_path: Path,
+) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from swarm_harness import FAST_CONFIG, Swarm
+
+    config = FAST_CONFIG.format(run_id="address-run")
+    config += "admission: {policy: address, identities_per_address: 1}\n"
+    swarm = Swarm(tmp_path, config_text=config)
+    try:
+        swarm.start_coordinator()
+        swarm.join("v0", "arithmetic", 1)
+        deadline = time.monotonic() + 120
+        while "admitted by ticket" not in swarm.log("v0"):
+            assert time.monotonic() < deadline and swarm.procs["v0"].poll() is None, swarm.log("v0")
+            time.sleep(0.2)
+        swarm.join("v1", "dates", 1)  # a second identity from the same address (127.0.0.1)
+        assert swarm.wait("v1", 120) == 2, swarm.log("v1")
+        refusal = [line for line in swarm.log("v1").splitlines() if "no admission ticket" in line]
+        assert len(refusal) == 1 and "127.0.0.1 already holds 1 identities" in refusal[0]
+        assert "Traceback" not in swarm.log("v1")
+        assert swarm.wait("v0", 120) == 0, swarm.log("v0")
+    finally:
+        swarm.close()

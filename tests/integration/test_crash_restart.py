@@ -123,7 +123,10 @@ def test_sigkilled_peers_leave_no_process_and_resume_at_once_with_their_identity
         # v0 is `python -m cli` as a user starts it (not forked from the test zygote): its
         # helper processes must die with that process
         swarm.join("v0", "arithmetic", 1000, forked=False)
-        swarm.join("v1", "dates", 1000)  # goes on while v0 is dead, so v0 must catch up
+        # v1 and v2 go on while v0 is dead, so v0 must catch up (a group of two can vouch for
+        # its states; a lone survivor's rounds could not be proven to v0)
+        swarm.join("v1", "dates", 1000)
+        swarm.join("v2", "code", 1000)
         _wait_rounds(swarm, "v0", 1, 120)
         survivors = _sigkill_main_only(swarm, "v0")
         assert not survivors, [(p.pid, p.name()) for p in survivors]
@@ -183,6 +186,7 @@ def test_an_overlapped_volunteer_sigkilled_mid_run_resumes_and_agrees_with_its_g
         swarm.start_coordinator()
         swarm.join("v0", "arithmetic", 1000, "--overlap", "on")
         swarm.join("v1", "dates", 1000, "--overlap", "on")
+        swarm.join("v2", "code", 1000, "--overlap", "on")  # v1 and v2 vouch for their rounds
         _wait_rounds(swarm, "v0", 2, 120)
         survivors = _sigkill_main_only(swarm, "v0")
         assert not survivors, [(p.pid, p.name()) for p in survivors]

@@ -164,3 +164,16 @@ def test_candidates_need_a_quorum_then_prefer_round_votes_and_smaller_digest() -
     assert order == sorted([a.digest(), b.digest()])
     # our own vote can be left out (a peer that just moved adopts its new group's state)
     assert candidates(level, 4, _honest, exclude=PEERS[0])[0].digest == b.digest()
+
+
+def test_a_peer_behind_a_full_chain_needs_a_majority() -> None:
+    from protocols.certificates import MAX_CHAIN
+
+    states = [_state(r, 0.01 * r) for r in range(MAX_CHAIN + 2)]
+    full = [_link(states[r], states[r + 1], [0, 1, 2]) for r in range(1, MAX_CHAIN + 1)]
+    newest = states[MAX_CHAIN + 1]
+    with pytest.raises(NotCertified, match="does not reach"):
+        _verify(full, state=newest, population=7)  # 3 votes: a quorum, not a majority of 7
+    assert len(_verify(full, state=newest, population=5)) == MAX_CHAIN  # 3 of 5
+    with pytest.raises(NotCertified, match="does not reach"):
+        _verify(full[1:], state=newest, population=5)  # a short chain must reach a held state

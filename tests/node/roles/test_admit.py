@@ -9,7 +9,14 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 from cli import main
 from node.config import RunConfig
-from node.roles.admit import admit, load_ticket, read_revoked, revoke, save_manifest
+from node.roles.admit import (
+    AddressLedger,
+    admit,
+    load_ticket,
+    read_revoked,
+    revoke,
+    save_manifest,
+)
 from node.roles.volunteer import admission_gate, ticket_warning
 from protocols.admission import Gate
 from protocols.records import ManifestRecord
@@ -95,3 +102,27 @@ def test_a_volunteer_is_told_before_and_after_its_ticket_expires() -> None:
     assert ticket_warning(10_000.0, 5_000.0) is None
     assert "expires in 30 min" in (ticket_warning(10_000.0, 10_000.0 - 1800) or "")
     assert "expired" in (ticket_warning(10_000.0, 10_000.0) or "")
+
+
+def test_address_admission_grants_a_limited_number_of_identities_per_address(
+    tmp_path: Path,
+) -> None:
+    manifest = _coordinator(tmp_path / "coord", "address")
+    ledger = AddressLedger(tmp_path / "coord", limit=2)
+    peers = [f"Qm{c * 44}" for c in "EFG"]
+    first, why = ledger.grant(peers[0], "203.0.113.7")
+    assert why == "" and Gate(manifest.coordinator_key, "token-run").check(peers[0], first) is None
+    assert ledger.grant(peers[1], "203.0.113.7")[1] == ""
+    ticket, why = ledger.grant(peers[2], "203.0.113.7")  # a third identity from one address
+    assert ticket == "" and "already holds 2 identities" in why
+    assert ledger.grant(peers[2], "198.51.100.1")[1] == ""  # another address is another person
+    assert ledger.grant(peers[0], "203.0.113.7")[1] == ""  # asking again costs nothing more
+    # a restarted coordinator remembers who holds each address
+    again = AddressLedger(tmp_path / "coord", limit=2)
+    assert again.grant(f"Qm{'H' * 44}", "203.0.113.7")[0] == ""
+    (tmp_path / "coord" / "addresses.json").write_text("{not json")
+    fresh = AddressLedger(tmp_path / "coord", limit=2)  # a corrupt ledger is set aside
+    assert fresh.held == {} and list((tmp_path / "coord").glob("addresses.corrupt-*"))
+    # an address run admits ticket holders only, like a token run
+    with pytest.raises(SwarmError, match="ticket"):
+        admission_gate(manifest, peers[0], "")
