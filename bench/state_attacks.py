@@ -1,15 +1,17 @@
 """Benchmark: strangers who only announce (docs/design.md, 8. Trust, "States carry proof").
 
 Real peers on 127.0.0.1: a coordinator and 3 honest volunteers on the product's default config,
-and, from the end of the first round on, bench/forger.py, which announces every honest state
+and bench/forger.py (started with them; it forges from the first honest state on), which
+announces every honest state
 with its adapter negated (lora_B x -3), N rounds ahead, under a round certificate only it
 signed, and offers that adapter as `global` at round 1,000,000. Each attack runs with the
 honest volunteers as shipped ("defended") and as they were before round certificates
-("trusting": bench/trusting_join.py, a state adopted on one vote). Per row: the honest
+("trusting": bench/trusting_join.py, a state adopted on one vote, and bench/trusting_pull.py,
+the newest offer pulled). Per row: the honest
 volunteers' mean final eval loss; how many adopted a forged state; what `pull` served (its
 round, and whether its tensors are the honest state's); the mean wall time of a round.
 
-Run:  .venv/bin/python bench/state_attacks.py [--rounds 6]
+Run:  .venv/bin/python bench/state_attacks.py [--rounds 12]
 Writes bench/out/state_attacks.json and the `state-attacks` section of bench/RESULTS.md.
 """
 
@@ -71,6 +73,11 @@ def run(attack: str | None, defended: bool, rounds: int, workdir: Path) -> dict[
         )
         maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
         vols = [workdir / f"vol{i + 1}" for i in range(len(TASKS))]
+        if attack is not None:  # it starts slower than a volunteer, and forges as soon as it can
+            forger_args = ["--initial-peers", maddr, "--run", CONFIG["run_id"]]
+            forger_args += ["--workdir", str(workdir / "forger"), *ATTACKS[attack]]
+            forger_args += ["--out", str(workdir / "forger.jsonl")]
+            procs.start("forger", forger_args, program=[str(ROOT / "bench" / "forger.py")])
         for task, vol in zip(TASKS, vols, strict=True):
             args = ["--initial-peers", maddr, "--data", f"builtin:{task}", "--workdir", str(vol)]
             args += ["--rounds", str(rounds), "--threads", "1", "--wait-for", str(len(vols))]
@@ -78,18 +85,13 @@ def run(attack: str | None, defended: bool, rounds: int, workdir: Path) -> dict[
                 procs.start(vol.name, ["join", *args])
             else:
                 procs.start(vol.name, args, program=[str(ROOT / "bench" / "trusting_join.py")])
-        if attack is not None:
-            while not _metrics(vols[0]):  # from the end of the first round on
-                time.sleep(0.2)
-            forger_args = ["--initial-peers", maddr, "--run", CONFIG["run_id"]]
-            forger_args += ["--workdir", str(workdir / "forger"), *ATTACKS[attack]]
-            forger_args += ["--out", str(workdir / "forger.jsonl")]
-            procs.start("forger", forger_args, program=[str(ROOT / "bench" / "forger.py")])
         codes = [procs.procs[v.name].wait(timeout=120 + 40 * rounds) for v in vols]
         time.sleep(1.5)  # the forger announces a forgery of the last state too
         out = workdir / "pulled"
+        # the undefended side pulls as `pull` did before round certificates
+        program = ["-m", "cli", "pull"] if defended else [str(ROOT / "bench" / "trusting_pull.py")]
         pulled = subprocess.run(
-            [sys.executable, "-m", "cli", "pull", "--initial-peers", maddr, "--out", str(out)],
+            [sys.executable, *program, "--initial-peers", maddr, "--out", str(out)],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -100,6 +102,8 @@ def run(attack: str | None, defended: bool, rounds: int, workdir: Path) -> dict[
     if (workdir / "forger.jsonl").exists():
         lines = (workdir / "forger.jsonl").read_text().splitlines()
         forged = [f for f in map(json.loads, lines) if "digest" in f]
+    if attack is not None and not forged:  # a silent no-show is no attack
+        raise RuntimeError(f"the forger announced nothing ({attack}): see its output above")
     forged_digests = {f["digest"] for f in forged}
     metrics = [_metrics(v) for v in vols]
     finals = [m[-1] for m in metrics if m]
@@ -138,7 +142,7 @@ def render(results: dict) -> str:
         "### Strangers who only announce: forged states and offers (real peers)",
         "",
         f"Coordinator + {len(TASKS)} honest volunteers ({', '.join(TASKS)}), default config,"
-        f" {results['rounds']} rounds; bench/forger.py joins after the first round. `{results['command']}`"
+        f" {results['rounds']} rounds; bench/forger.py starts with them. `{results['command']}`"
         f" on {results['machine']}.",
         "",
         "| attack | volunteers | eval loss (mean) | adopted a forged state | resyncs | no-group rounds | `pull` served | s / round |",
@@ -156,7 +160,7 @@ def render(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--only", nargs="+", choices=sorted(ATTACKS))
     args = parser.parse_args()
     rows: dict[str, dict[str, Any]] = {}

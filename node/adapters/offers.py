@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from node.adapters.adapter import AdapterError, adapter_digest
-from node.engine.certify import Claim, MayVote, candidates, certified_votes, quorum
+from node.engine.certify import MayVote, candidates, certified_votes, claims_of, quorum
 from protocols.admission import Gate
 from protocols.certificates import Certificate, Vote
 from protocols.identity import owns
@@ -52,14 +52,6 @@ def _token(manifest: ManifestRecord) -> bool:
     return manifest.config.get("admission", {}).get("policy") in ("token", "address")
 
 
-def _claims(records: Mapping[str, PeerRecord]) -> dict[str, Claim]:
-    return {
-        pid: Claim(r.round, r.digest, r.vote.body, Vote(pid, r.key, r.vote.sig, r.ticket))
-        for pid, r in records.items()
-        if r.vote is not None
-    }
-
-
 def vouched_offers(
     records: Mapping[str, PeerRecord], coordinator: str, may_vote: MayVote
 ) -> dict[str, Offer]:
@@ -70,7 +62,7 @@ def vouched_offers(
         holders = {
             pid: r for pid, r in records.items() if r.role == "volunteer" and name in r.adapters
         }
-        found = candidates(_claims(holders), len(holders), may_vote)
+        found = candidates(claims_of(holders), len(holders), may_vote)
         vouched = {(c.round, c.digest): c.votes for c in found}
         for pid, record in records.items():
             offer = record.adapters.get(name)

@@ -17,6 +17,7 @@ from node.adapters.adapter import adapter_digest
 from node.engine.state import GroupState
 from protocols.certificates import MAX_CHAIN, Body, Certificate, Vote, sign_body
 from protocols.identity import Identity
+from protocols.records import PeerRecord
 
 # whose votes count: True when the vote's key is its peer's, and the peer is admitted (its
 # ticket, in token runs), not revoked and not banned
@@ -55,6 +56,16 @@ class Candidate:
     @property
     def providers(self) -> tuple[str, ...]:
         return tuple(v.peer for v in self.votes)
+
+
+def claims_of(records: Mapping[str, PeerRecord]) -> dict[str, Claim]:
+    """The votes in peers' heartbeat records, each for the state its record announces (the
+    key is the record's, which its peer id signed: protocols/records.py)."""
+    return {
+        pid: Claim(r.round, r.digest, r.vote.body, Vote(pid, r.key, r.vote.sig, r.ticket))
+        for pid, r in records.items()
+        if r.vote is not None
+    }
 
 
 def candidates(

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aggregation.params import Params
-from node.engine.certify import Candidate, Claim, candidates
+from node.engine.certify import Candidate, Claim, candidates, claims_of
 from node.engine.state import GroupState, StateError, decode_state, encode_state
 from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, StateUnavailable
 from protocols.averaging import AveragingError, GroupAverager
@@ -58,6 +58,7 @@ class HivemindTransport:
         self.revoked = revoked or set  # the coordinator's revocations, reread every round
         self.admit = admit
         self._revoked: set[str] = set()  # as last reread
+        self._held: set[str] = set()  # digests of the states we announced
         self.banned: dict[str, str] = {}
         self.refused_before = 0  # join requests refused by averagers we closed
 
@@ -106,7 +107,9 @@ class HivemindTransport:
                 window=window,
                 # peers that start together reach their first exchange seconds apart: the
                 # first round after (re)joining waits its window instead of closing early
-                expected=0 if self.first_window else self.expected_members(set(refused)),
+                expected=0
+                if self.first_window
+                else self.expected_members(set(refused), meta.start_digest),
             )
             self.first_window = None
         except AveragingError as exc:
@@ -122,14 +125,19 @@ class HivemindTransport:
             out.transfer_s,
         )
 
-    def expected_members(self, refused: set[str]) -> int:
+    def expected_members(self, refused: set[str], start: str) -> int:
         """How many volunteers (ourselves included) may join this round's group: every live
-        volunteer that announced a state in our group, whatever its round. One that is behind
-        is counted too, since it may catch up within the window; counting only those already
-        at our state would close every group before a late joiner's announcement arrives, and
-        it would never catch up. A member that died still counts until its record expires;
-        the window then closes the group without it."""
-        return len((set(self.announcements()) - refused) | {self.peer})
+        volunteer of our group that announced the state we start from (`start`), or one we
+        held before it (it is behind and may catch up within the window; counting only those
+        already at our state would close every group before a late joiner's announcement
+        arrives, and it would never catch up). A state we never held is not waited for: a
+        stranger announcing one would otherwise hold every group for its full window. A member
+        that died still counts until its record expires; the window then closes without it."""
+        return len(
+            {p for p, (_, digest) in self.announcements().items() if digest in self._held | {start}}
+            - refused
+            | {self.peer}
+        )
 
     def _moved_on(self, round_: int) -> bool:
         """True once a quorum of our group vouches for a state past `round_` (that round's group
@@ -144,6 +152,7 @@ class HivemindTransport:
         """Serve this state and the chain that proves it, and say so (with our vote, when our
         group concluded it) in our heartbeat."""
         self.node.blobs.publish("state", encode_state(state))
+        self._held.add(state.digest())
         chain = list(chain or [])
         self.node.blobs.publish("chain", encode_chain(chain))
         offers = self.offers(state) if self.offers is not None else self.record.adapters
@@ -177,11 +186,7 @@ class HivemindTransport:
 
     def claims(self) -> dict[str, Claim]:
         """The votes in those members' records, each for the state its record announces."""
-        return {
-            pid: Claim(r.round, r.digest, r.vote.body, Vote(pid, r.key, r.vote.sig, r.ticket))
-            for pid, r in self._members().items()
-            if r.vote is not None
-        }
+        return claims_of(self._members())
 
     def may_vote(self, vote: Vote) -> bool:
         """The vote's key is its peer's libp2p key, and the peer is admitted and not revoked."""

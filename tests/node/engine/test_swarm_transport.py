@@ -45,24 +45,27 @@ def test_switching_group_withdraws_the_old_groups_state() -> None:
     assert transport.refused_joins == 4
 
 
-def test_expected_members_are_every_live_volunteer_of_our_group() -> None:
-    digest, other = "ab" * 32, "cd" * 32
+def test_expected_members_are_the_live_volunteers_at_our_state_or_behind_it() -> None:
+    digest, other, earlier = "ab" * 32, "cd" * 32, "ef" * 32
     records = {
         "QmA": PeerRecord(peer_id="QmA0000000000", role="volunteer", round=4, digest=digest),
         "QmB": PeerRecord(peer_id="QmB0000000000", role="volunteer", round=4, digest=other),
-        "QmC": PeerRecord(peer_id="QmC0000000000", role="volunteer", round=2, digest=digest),
+        "QmC": PeerRecord(peer_id="QmC0000000000", role="volunteer", round=2, digest=earlier),
         "QmD": PeerRecord(peer_id="QmD0000000000", role="coordinator", round=4, digest=digest),
         "QmE": PeerRecord(peer_id="QmE0000000000", role="volunteer", round=4, digest=digest),
         "QmF": PeerRecord(peer_id="QmF0000000000", role="volunteer", round=4, digest=""),
+        "QmG": PeerRecord(peer_id="QmG0000000000", role="volunteer", round=9, digest=other),
     }
     node = _Node()
     node.peers = lambda: records  # type: ignore[attr-defined]
     record = PeerRecord(peer_id=PEER, role="volunteer")
     transport = HivemindTransport(node, _Averager, "run_global", role_record=record)  # type: ignore[arg-type]
-    # A, B, C (behind: it may catch up) and E, plus ourselves; not the coordinator, not F
-    # (no state announced: it is moving between groups); E is banned in the second call
-    assert transport.expected_members(set()) == 5
-    assert transport.expected_members({"QmE"}) == 4
+    transport._held = {earlier, digest}  # the states we announced so far
+    # A and E (at our state), C (behind, at a state we held: it may catch up), ourselves; not
+    # the coordinator, not F (no state: it is moving between groups), not B or G (states we
+    # never held: a stranger's announcement must not hold the group for its full window)
+    assert transport.expected_members(set(), digest) == 4
+    assert transport.expected_members({"QmE"}, digest) == 3  # E is banned
 
 
 class _Recording(_Averager):
