@@ -109,7 +109,7 @@ class HivemindTransport:
                 # first round after (re)joining waits its window instead of closing early
                 expected=0
                 if self.first_window
-                else self.expected_members(set(refused), meta.start_digest),
+                else self.expected_members(set(refused), meta.start_digest, meta.round),
             )
             self.first_window = None
         except AveragingError as exc:
@@ -125,16 +125,21 @@ class HivemindTransport:
             out.transfer_s,
         )
 
-    def expected_members(self, refused: set[str], start: str) -> int:
-        """How many volunteers (ourselves included) may join this round's group: every live
-        volunteer of our group that announced the state we start from (`start`), or one we
-        held before it (it is behind and may catch up within the window; counting only those
-        already at our state would close every group before a late joiner's announcement
-        arrives, and it would never catch up). A state we never held is not waited for: a
-        stranger announcing one would otherwise hold every group for its full window. A member
-        that died still counts until its record expires; the window then closes without it."""
+    def expected_members(self, refused: set[str], start: str, round_: int) -> int:
+        """How many volunteers (ourselves included) may join this round's group (which starts
+        from `start`, at `round_`): every live volunteer of our group that announced a state of
+        this round or an earlier one (it is behind, or missed a group, and may catch up within
+        the window; counting only those already at our state would close every group before a
+        late joiner's announcement arrives, and it would never catch up), or a later state we
+        held. A state ahead of ours that we never held is not waited for: a stranger announcing
+        one would otherwise hold every group for its full window. A member that died still
+        counts until its record expires; the window then closes without it."""
         return len(
-            {p for p, (_, digest) in self.announcements().items() if digest in self._held | {start}}
+            {
+                p
+                for p, (r, digest) in self.announcements().items()
+                if r <= round_ or digest in self._held | {start}
+            }
             - refused
             | {self.peer}
         )

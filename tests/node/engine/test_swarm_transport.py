@@ -45,7 +45,7 @@ def test_switching_group_withdraws_the_old_groups_state() -> None:
     assert transport.refused_joins == 4
 
 
-def test_expected_members_are_the_live_volunteers_at_our_state_or_behind_it() -> None:
+def test_expected_members_are_the_live_volunteers_not_ahead_of_us_at_a_strange_state() -> None:
     digest, other, earlier = "ab" * 32, "cd" * 32, "ef" * 32
     records = {
         "QmA": PeerRecord(peer_id="QmA0000000000", role="volunteer", round=4, digest=digest),
@@ -61,11 +61,14 @@ def test_expected_members_are_the_live_volunteers_at_our_state_or_behind_it() ->
     record = PeerRecord(peer_id=PEER, role="volunteer")
     transport = HivemindTransport(node, _Averager, "run_global", role_record=record)  # type: ignore[arg-type]
     transport._held = {earlier, digest}  # the states we announced so far
-    # A and E (at our state), C (behind, at a state we held: it may catch up), ourselves; not
-    # the coordinator, not F (no state: it is moving between groups), not B or G (states we
-    # never held: a stranger's announcement must not hold the group for its full window)
-    assert transport.expected_members(set(), digest) == 4
-    assert transport.expected_members({"QmE"}, digest) == 3  # E is banned
+    # A and E (at our state), B (our round, another state: it missed a group and resyncs), C
+    # (behind: it may catch up), ourselves; not the coordinator, not F (no state: it is moving
+    # between groups), not G (ahead, at a state we never held: a stranger's announcement must
+    # not hold the group for its full window)
+    assert transport.expected_members(set(), digest, 4) == 5
+    assert transport.expected_members({"QmE"}, digest, 4) == 4  # E is banned
+    transport._held.add(other)  # G is ahead at a state we held (we are the one behind)
+    assert transport.expected_members(set(), digest, 4) == 6
 
 
 class _Recording(_Averager):
