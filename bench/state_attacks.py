@@ -152,17 +152,37 @@ def render(results: dict) -> str:
         for side, r in row.items():
             lines.append(
                 f"| {attack} | {side} | {r['eval_loss']:.3f} | {r['adopted_forged']} of"
-                f" {len(TASKS)} | {r['resyncs']} | {r['fallbacks']} | {r['pull']} |"
+                f" {len(TASKS)} | {r['resyncs']} | {r['fallbacks']} | {_short(r['pull'])} |"
                 f" {r['round_s']:.2f} |"
             )
+    lines += [
+        "",
+        "Resyncs and no-group rounds are summed over the three volunteers (12 rounds each)."
+        " The forger runs on the same two cores as the swarm: the seconds per round under"
+        " attack include its own CPU.",
+    ]
     return "\n".join(lines)
+
+
+def _short(pull: str) -> str:
+    """The `pull` cell: what was served, or why nothing was."""
+    if "unknown blob" in pull:
+        return "nothing: the newest offer's provider does not serve it"
+    return pull if len(pull) < 80 else pull[:77] + "..."
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--only", nargs="+", choices=sorted(ATTACKS))
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite RESULTS.md from the saved JSON"
+    )
     args = parser.parse_args()
+    saved = ROOT / "bench" / "out" / "state_attacks.json"
+    if args.render:
+        replace_section("state-attacks", render(json.loads(saved.read_text())))
+        return
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="swarmtune-state-attacks-") as tmp:
         rows["clean"] = {"defended": run(None, True, args.rounds, Path(tmp) / "clean")}
