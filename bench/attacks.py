@@ -275,6 +275,7 @@ def main() -> None:
         help="only the simulator's 12/3 group, each attacked task with two honest members",
     )
     parser.add_argument("--only", nargs="+", choices=ATTACKS, help="a subset of the attacks")
+    parser.add_argument("--pair", action="store_true", help="only a group of 2, one attacker")
     parser.add_argument(
         "--sybils",
         type=int,
@@ -317,6 +318,9 @@ def main() -> None:
         return
     if args.sybils:
         sybils(args.sybils, args.sim_rounds)
+        return
+    if args.pair:
+        pair(args.sim_rounds)
         return
     if args.task_majority:
         task_majority(attacks, args.sim_rounds, write=not tuning)
@@ -501,6 +505,18 @@ def sybils(counts: list[int], rounds: int, attack: str = "sign-flip") -> None:
         )
     replace_section("attacks-sybils", "\n".join(lines))
     print("\n".join(lines))
+
+
+def pair(rounds: int) -> None:
+    """A group of 2: one honest member and one attacker, for every attack (any rule is 50/50)."""
+    setting(
+        "attacks-pair",
+        ATTACKS,
+        rounds,
+        (2, 1, TASKS[:1]),
+        f"### Simulator, a group of 2 (one honest member, one attacker), one task, {rounds} rounds",
+        "No rule that sees only one round can tell the two apart (docs/design.md, 8. Trust).",
+    )
 
 
 def alie_strength(zs: list[float], rounds: int) -> None:

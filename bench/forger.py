@@ -54,10 +54,10 @@ def negated_bundle(bundle: bytes) -> bytes:
 
 def forge_once(node: SwarmNode, run: str, args: argparse.Namespace, done: set[int]) -> None:
     """Announce a forgery of the newest honest state, once per honest round."""
-    honest = {
+    honest = {  # (other forgers call their task "forger")
         p: r
         for p, r in node.peers().items()
-        if r.role == "volunteer" and r.digest and p != node.peer_id
+        if r.role == "volunteer" and r.digest and p != node.peer_id and r.task != "forger"
     }
     if not honest:
         return

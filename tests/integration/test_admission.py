@@ -133,6 +133,6 @@ def test_address_admission_hands_out_tickets_and_refuses_an_address_past_its_lim
         refusal = [line for line in swarm.log("v1").splitlines() if "no admission ticket" in line]
         assert len(refusal) == 1 and "127.0.0.1 already holds 1 identities" in refusal[0]
         assert "Traceback" not in swarm.log("v1")
-        assert swarm.wait("v0", 120) == 0, swarm.log("v0")
+        assert swarm.procs["v0"].poll() in (None, 0), swarm.log("v0")  # the first one trains on
     finally:
         swarm.close()

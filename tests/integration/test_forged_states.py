@@ -1,6 +1,7 @@
 """A stranger who only announces (docs/design.md, 8. Trust, "States carry proof"): real peers
-on 127.0.0.1, with bench/forger.py announcing every honest round's state negated, three rounds
-ahead, with its own round certificate, and offering its adapter as `global` at round 1,000,000.
+on 127.0.0.1, with two bench/forger.py strangers announcing every honest round's state negated,
+three rounds ahead, with their own round certificates, and offering their adapters as `global`
+at round 1,000,000 (one serves its forgeries, the other serves nothing).
 
 Before round certificates every honest volunteer adopted the forged states (highest round won)
 and `pull` served the forged adapter; here neither happens, and the announcements cost the
@@ -32,49 +33,45 @@ def _reports(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("serve", [True, False], ids=["served", "unserved"])
-def test_forged_states_and_offers_take_nothing(tmp_path: Path, serve: bool) -> None:
+def _forger(swarm: Swarm, name: str, *extra: str) -> subprocess.Popen[str]:
+    args = ["--initial-peers", swarm.maddr, "--run", "itest-run", "--seconds", "300"]
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "forger.py"), *args, *extra]
+        + ["--workdir", str(swarm.tmp / name)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_forged_states_and_offers_take_nothing(tmp_path: Path) -> None:
+    # two strangers at once: one serves its forgeries, the other only announces them
     swarm = Swarm(tmp_path)
-    forger: subprocess.Popen[str] | None = None
+    forgers: list[subprocess.Popen[str]] = []
+    outputs: list[str] = []
     try:
         swarm.start_coordinator()
+        forgers = [_forger(swarm, "served"), _forger(swarm, "unserved", "--no-serve")]
         for name, task in (("v0", "arithmetic"), ("v1", "dates")):
             swarm.join(name, task, ROUNDS, "--wait-for", "2")
-        forger = subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "bench" / "forger.py"),
-                "--initial-peers",
-                swarm.maddr,
-                "--run",
-                "itest-run",
-                "--workdir",
-                str(tmp_path / "forger"),
-                "--seconds",
-                "300",
-                *([] if serve else ["--no-serve"]),
-            ],
-            cwd=ROOT,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
         for name in ("v0", "v1"):
             assert swarm.wait(name, 300) == 0, swarm.log(name)
-        time.sleep(1.0)  # the forger announces a forgery of the volunteers' last state too
+        time.sleep(1.0)  # the forgers announce a forgery of the volunteers' last state too
         pulled = swarm.cli(
             "pull", "--initial-peers", swarm.maddr, "--out", str(tmp_path / "adapter")
         )
     finally:
-        if forger is not None:
+        for forger in forgers:
             forger.terminate()
-            forged_lines = forger.communicate(timeout=30)[0]
+            outputs.append(forger.communicate(timeout=30)[0])
         swarm.close()
-    forgeries = [json.loads(line) for line in forged_lines.splitlines() if line.startswith("{")]
-    forged_rounds = {f["forged_round"] for f in forgeries if "forged_round" in f}
-    assert forged_rounds & set(range(ROUNDS + 1, ROUNDS + 4)), forged_lines[-2000:]
+    for output in outputs:  # each announced forgeries ahead of the honest rounds
+        forged = [json.loads(x) for x in output.splitlines() if x.startswith("{")]
+        rounds = {f["forged_round"] for f in forged if "forged_round" in f}
+        assert rounds & set(range(ROUNDS + 1, ROUNDS + 4)), output[-2000:]
 
     states = [decode_state((tmp_path / v / "state.safetensors").read_bytes()) for v in ("v0", "v1")]
     assert {s.round for s in states} == {ROUNDS} and len({s.digest() for s in states}) == 1
