@@ -147,8 +147,9 @@ class HivemindTransport:
     def _moved_on(self, round_: int) -> bool:
         """True once a quorum of our group vouches for a state past `round_` (that round's group
         has formed and finished without us); an announcement alone never cancels a round."""
-        population = len(set(self.announcements()) | {self.peer})
-        found = candidates(self.claims(), population, self.may_vote)
+        members = self._members()  # one read of the records: this is polled in matchmaking
+        population = len(set(members) | {self.peer})
+        found = candidates(claims_of(members), population, self.may_vote)
         return bool(found) and found[0].round > round_
 
     def announce_state(
