@@ -98,8 +98,8 @@ def verify_chain(
     population: int,
     may_vote: MayVote,
 ) -> list[Certificate]:
-    """The chain that proves `state`, newest certificate's votes completed with
-    `newest_votes` (live ones); NotCertified with the reason when it does not.
+    """The chain as served, newest certificate's votes completed with `newest_votes` (live
+    ones), when it proves `state`; NotCertified with the reason when it does not.
 
     It proves `state` when: its newest certificate names `state` (digest and adapter) in this
     run, with a quorum of valid, admitted votes; every link starts where the previous one ended,
@@ -135,7 +135,9 @@ def verify_chain(
             if valid < max(2, len(link.body.members) // 2 + 1):
                 raise NotCertified(f"round {link.body.round}'s link has {valid} valid votes")
         if link.body.start in trusted:
-            return links[i:]
+            # the whole chain goes on with the state: a peer further behind than us needs the
+            # links we did not have to check (it checks them itself)
+            return links
     # a peer further behind than the chain reaches (a new volunteer in a long run) takes the
     # state on a majority of its group's live votes instead of a quarter
     if len(votes) >= max(2, population // 2 + 1) and len(chain) >= MAX_CHAIN:
