@@ -126,8 +126,9 @@ def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
             if r > max(before) and ours[r]["group_size"] >= 2 <= theirs[r]["group_size"]
         ]
         assert together, ours
+        # (every round both averaged, not necessarily v1's last: a restarted peer that runs
+        # behind the others can end on a round whose group had already finished)
         assert all(ours[r]["digest"] == theirs[r]["digest"] for r in together)
-        assert ours[last]["digest"] == theirs[last]["digest"]
         swarm.kill("v2", signal.SIGINT)  # Ctrl+C: it leaves cleanly
         assert swarm.wait("v2", timeout=60) == 0, swarm.log("v2")
         swarm.kill("v3", signal.SIGINT)
