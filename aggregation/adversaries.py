@@ -15,7 +15,9 @@ from the papers' definitions:
 - equivocation, our counterpart of a lying reducer (no member reduces anyone else's part in
   swarmtune's all-gather): commits to one blob and serves another;
 - malformed metadata: gathered metadata that does not parse;
-- unadmitted: no admission ticket (token runs).
+- unadmitted: no admission ticket (token runs);
+- zeros: an identity that trains nothing and sends a zero update at honest weight (free to
+  run many of; at half the weight it used to set the median norm to 0).
 """
 
 from __future__ import annotations
@@ -156,6 +158,15 @@ class Unadmitted(SignFlip):
     lie = {"ticket": False}
 
 
+class Zeros(Adversary):
+    name = "zeros"
+
+    def forge(
+        self, own: Params, honest: Sequence[Params], weight: float, gen: torch.Generator
+    ) -> Forgery:
+        return Forgery({k: torch.zeros_like(v) for k, v in own.items()}, weight)
+
+
 ADVERSARIES: dict[str, type[Adversary]] = {
     cls.name: cls
     for cls in (
@@ -167,5 +178,6 @@ ADVERSARIES: dict[str, type[Adversary]] = {
         Equivocation,
         MalformedMetadata,
         Unadmitted,
+        Zeros,
     )
 }

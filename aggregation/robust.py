@@ -21,8 +21,8 @@ The start v_0 is the coordinate-wise weighted median of the contributions: it is
 robust (fewer than half of the weight cannot move it outside the honest values' range), so
 the clipping radius is measured around an honest point, not around a poisoned mean.
 
-tau is chosen from the data: a multiple of the median distance of the contributions to v_0
-(`clip_scale`). Honest pseudo-gradients of one round scatter around their mean at a common
+tau is chosen from the data: a multiple of the weighted median distance of the contributions
+to v_0 (`clip_scale`). Honest pseudo-gradients of one round scatter around their mean at a common
 scale, so the median distance tracks that scale and needs no tuning per learning rate.
 
 How far an attacker can pull (`influence_bound`): let m be the honest members' weighted mean,
@@ -34,8 +34,23 @@ l_h in (0, 1] are the honest clip factors and q' = sum_h w_h l_h / W <= q. Hence
     |v_T - m| <= |v_0 - m| + T (q R + p tau).
 
 The attacker's own term is at most p tau per step, and it cannot inflate tau: tau comes from
-the median distance, which honest members decide while they hold more than half the count.
-It can shift v_0 only within the honest values' range per coordinate.
+the weighted median distance, which honest members decide while they hold more than half the
+weight. It can shift v_0 only within the honest values' range per coordinate.
+
+Ties and breakdown: a coalition holding less than half the weight cannot move any weighted
+median (of norms, of coordinates, of distances) outside the honest values. At exactly half,
+the lower median would be the coalition's whenever its values sort first: three of six members
+sending zeros made the median norm 0 (every update scaled to nothing), and three identical
+contributions made the median distance 0 (tau = 0, the result their coordinate median). So:
+- at an exact half-weight tie every median is the midpoint of the two middle values, which
+  neither half decides alone;
+- contributions of norm 0 are dropped before anything is computed (`without_empty`);
+- tau is at least TAU_FLOOR times the weighted median norm, so identical contributions cannot
+  shrink the clipping radius to nothing.
+None of this defends half the weight: at 1/2 the outcome is a draw, not the honest side's.
+Below half, an attacker inside the honest spread keeps p * tau per iteration, and tau is about
+twice the honest spread, which for LoRA pseudo-gradients is larger than their mean: that,
+not 1/2, is the practical breakdown (docs/design.md section 8 gives the measured point).
 
 Determinism: every member must compute bit-identical results. Elementwise float64 arithmetic
 is; reductions (norms) may not be across thread counts or CPUs, so norms are rounded to 30
@@ -54,6 +69,7 @@ from aggregation.params import Params
 
 Tensors = Mapping[str, torch.Tensor]
 NORM_BITS = 30
+TAU_FLOOR = 0.25  # tau is at least this fraction of the weighted median norm ("Ties")
 
 
 def stable_norm(value: float) -> float:
@@ -72,17 +88,47 @@ def _distance(a: Tensors, b: Tensors) -> float:
 
 
 def weighted_median(contributions: Sequence[Tensors], weights: Sequence[float]) -> Params:
-    """Coordinate-wise weighted median (lower median at exact half-weight ties), float64."""
+    """Coordinate-wise weighted median, float64; where the values below hold exactly half the
+    weight, the midpoint of the two middle values (module docstring, "Ties")."""
     total = sum(weights)
     out: Params = {}
     w = torch.tensor(list(weights), dtype=torch.float64)
+    last = len(contributions) - 1
     for k in sorted(contributions[0]):
         stacked = torch.stack([c[k].double().flatten() for c in contributions])
         values, order = stacked.sort(dim=0, stable=True)
         cumulative = w[order].cumsum(dim=0)
         index = (cumulative < total / 2).sum(dim=0, keepdim=True)
-        out[k] = values.gather(0, index).reshape(contributions[0][k].shape)
+        lower = values.gather(0, index)
+        upper = values.gather(0, (index + 1).clamp(max=last))
+        tie = cumulative.gather(0, index) == total / 2
+        out[k] = torch.where(tie, (lower + upper) / 2, lower).reshape(contributions[0][k].shape)
     return out
+
+
+def median_of(values: Sequence[float], weights: Sequence[float]) -> float:
+    """Weighted median of scalars, with the same midpoint rule at an exact half-weight tie."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    total, running = sum(weights), 0.0
+    for position, i in enumerate(order):
+        running += weights[i]
+        if running >= total / 2:
+            if running == total / 2 and position + 1 < len(order):
+                return stable_norm((values[i] + values[order[position + 1]]) / 2)
+            return values[i]
+    raise ValueError("need at least one value")
+
+
+def without_empty(
+    contributions: Sequence[Tensors], weights: Sequence[float]
+) -> tuple[list[Tensors], list[float]]:
+    """The contributions whose norm is not zero, with their weights (all of them if none is):
+    a zero update carries no direction, and counted it only dilutes, or hands a coalition of
+    zeros the median."""
+    kept = [i for i, c in enumerate(contributions) if norm_of(c) > 0.0]
+    if not kept:
+        return list(contributions), list(weights)
+    return [contributions[i] for i in kept], [weights[i] for i in kept]
 
 
 def norm_of(x: Tensors) -> float:
@@ -96,14 +142,7 @@ def bound_norms(
     """Each contribution scaled down to at most `factor` x the weighted median norm; returns
     the bounded contributions (float64) and that limit."""
     norms = [norm_of(c) for c in contributions]
-    order = sorted(range(len(norms)), key=lambda i: norms[i])
-    total, running, median = sum(weights), 0.0, norms[order[-1]]
-    for i in order:  # lower weighted median of the norms
-        running += weights[i]
-        if running >= total / 2:
-            median = norms[i]
-            break
-    limit = stable_norm(factor * median)
+    limit = stable_norm(factor * median_of(norms, weights))
     bounded = []
     for contribution, norm in zip(contributions, norms, strict=True):
         scale = 1.0 if norm <= limit or norm == 0.0 else limit / norm
@@ -125,8 +164,9 @@ def centered_clip(
         raise ValueError(f"weights must be positive, got {list(weights)}")
     total = float(sum(weights))
     center = weighted_median(contributions, weights)
-    distances = sorted(_distance(c, center) for c in contributions)
-    tau = stable_norm(clip_scale * distances[(len(distances) - 1) // 2])
+    distances = [_distance(c, center) for c in contributions]
+    floor = TAU_FLOOR * median_of([norm_of(c) for c in contributions], weights)
+    tau = stable_norm(max(clip_scale * median_of(distances, weights), floor))
     for _ in range(iterations):
         step = {k: torch.zeros_like(v) for k, v in center.items()}
         for contribution, w in zip(contributions, weights, strict=True):

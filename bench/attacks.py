@@ -277,6 +277,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=ATTACKS, help="a subset of the attacks")
     parser.add_argument("--pair", action="store_true", help="only a group of 2, one attacker")
     parser.add_argument(
+        "--breakdown", action="store_true", help="only 40%% and 50%% hostile (zeros, sign flip)"
+    )
+    parser.add_argument(
         "--sybils",
         type=int,
         nargs="+",
@@ -321,6 +324,9 @@ def main() -> None:
         return
     if args.pair:
         pair(args.sim_rounds)
+        return
+    if args.breakdown:
+        breakdown(args.sim_rounds)
         return
     if args.task_majority:
         task_majority(attacks, args.sim_rounds, write=not tuning)
@@ -504,6 +510,35 @@ def sybils(counts: list[int], rounds: int, attack: str = "sign-flip") -> None:
             f" {row[True]:.4f} ({_verdict(row[True], clean[True])}) |"
         )
     replace_section("attacks-sybils", "\n".join(lines))
+    print("\n".join(lines))
+
+
+def breakdown(rounds: int, attacks: tuple[str, ...] = ("zeros", "sign-flip")) -> None:
+    """Where the default rule breaks: 2 and 3 identities of one person among 3 honest members
+    (40% and 50% of the group), each sending `attacks`."""
+    lines = [
+        f"### Breakdown: 40% and 50% of a group hostile, 3 honest members, {rounds} rounds"
+        " (simulator)",
+        "",
+        "Every hostile identity sends the same attack; clients take the four tasks round robin."
+        f" {outer_text().capitalize()}. Reproduce: `.venv/bin/python "
+        + " ".join(["bench/attacks.py", *sys.argv[1:]])
+        + "`",
+        "",
+        "| attack | hostile | trusting mean | defended (norm bound + CenteredClip) |",
+        "|---|---|---|---|",
+    ]
+    clean = {r: run_sim(3, 0, None, r, rounds)["eval_loss"] for r in (False, True)}
+    lines.append(f"| clean | 0/3 | {clean[False]:.4f} | {clean[True]:.4f} |")
+    for attack in attacks:
+        for k in (2, 3):
+            row = {r: run_sim(3 + k, k, attack, r, rounds)["eval_loss"] for r in (False, True)}
+            print(f"breakdown {attack} {k}: {json.dumps(row)}", flush=True)
+            lines.append(
+                f"| {attack} | {k}/{3 + k} | {row[False]:.4f} ({_verdict(row[False], clean[False])})"
+                f" | {row[True]:.4f} ({_verdict(row[True], clean[True])}) |"
+            )
+    replace_section("attacks-breakdown", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -28,7 +28,7 @@ import torch
 from aggregation.ghbm import PeerMomentum
 from aggregation.outer import OuterOptimizer, RoundContext, make_outer
 from aggregation.params import Params, pseudo_gradient, weighted_mean
-from aggregation.robust import bound_norms, centered_clip
+from aggregation.robust import bound_norms, centered_clip, without_empty
 from node.config import RunConfig, max_round_weight
 from node.engine.state import GroupState, StateError
 from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, Transport
@@ -251,9 +251,11 @@ def outer_phase(
 
 
 def combine(contributions: list[Params], weights: list[float], config: RunConfig) -> Params:
-    """The group update from the chosen contributions: norms bounded (unless norm_bound is
-    null), then the configured aggregator."""
+    """The group update from the chosen contributions: zero updates dropped and norms bounded
+    (unless the run averages plainly), then the configured aggregator."""
     settings = config.averaging
+    if settings.norm_bound is not None or settings.aggregator == "centered-clip":
+        contributions, weights = without_empty(contributions, weights)
     if settings.norm_bound is not None:
         contributions, _ = bound_norms(contributions, weights, settings.norm_bound)
     if settings.aggregator == "centered-clip":

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from aggregation.params import weighted_mean
-from aggregation.robust import bound_norms, centered_clip, stable_norm, weighted_median
+from aggregation.robust import (
+    TAU_FLOOR,
+    bound_norms,
+    centered_clip,
+    median_of,
+    stable_norm,
+    weighted_median,
+    without_empty,
+)
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -35,12 +43,14 @@ def test_weighted_median_matches_a_per_coordinate_reference() -> None:
     for k in xs[0]:
         for j in range(xs[0][k].numel()):
             pairs = sorted((float(x[k].flatten()[j]), w) for x, w in zip(xs, weights, strict=True))
-            running, reference = 0.0, None
-            for value, w in pairs:  # first value whose cumulative weight reaches half
-                running += w
-                if running >= sum(weights) / 2:
-                    reference = value
-                    break
+            below = [sum(w for _, w in pairs[: i + 1]) for i in range(len(pairs))]
+            half = sum(weights) / 2
+            first = next(i for i, b in enumerate(below) if b >= half)
+            # the first value whose cumulative weight reaches half; the midpoint with the next
+            # one where it reaches exactly half
+            reference = pairs[first][0]
+            if below[first] == half:
+                reference = (reference + pairs[first + 1][0]) / 2
             assert float(median[k].flatten()[j]) == reference
 
 
@@ -123,3 +133,57 @@ def test_norm_bound_limits_a_members_pull_to_its_share_of_the_limit(attack: floa
     # limit itself is an honest norm (the attacker holds less than half the weight)
     assert moved <= 2 * share * limit * (1 + 1e-6)
     assert min(_norm(h) for h in honest) <= limit <= max(_norm(h) for h in honest)
+
+
+def _defended(xs: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """What a member applies under the default rule (round.combine): zero updates dropped,
+    norms bounded at 1x the median, CenteredClip."""
+    kept, kept_weights = without_empty(xs, weights)
+    bounded, _ = bound_norms(kept, kept_weights, factor=1.0)
+    return centered_clip(bounded, kept_weights)[0]
+
+
+def _cosine(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> float:
+    dot = sum(float((x[k].double() * y[k].double()).sum()) for k in x)
+    return dot / (_norm(x) * _norm(y))
+
+
+def test_half_the_weight_sending_zeros_is_ignored() -> None:
+    honest = _honest(3, seed=7)
+    zeros = [{k: torch.zeros_like(v) for k, v in honest[0].items()}] * 3
+    alone = _defended(honest, [1.0] * 3)
+    with_zeros = _defended([*honest, *zeros], [1.0] * 6)
+    # the lower median norm used to be 0 here, scaling every honest update to nothing
+    assert all(torch.equal(with_zeros[k], alone[k]) for k in alone)
+
+
+def test_half_the_weight_at_a_tiny_norm_no_longer_sets_the_limit() -> None:
+    honest = _honest(3, seed=8)
+    mean = weighted_mean(honest, [1.0] * 3)
+    tiny = [{k: v * 1e-9 for k, v in mean.items()}] * 3
+    weights = [1.0] * 6
+    _, limit = bound_norms([*honest, *tiny], weights)
+    smallest = min(_norm(h) for h in honest)
+    # a draw: the midpoint of the two middle norms, half the smallest honest norm or more
+    assert limit >= smallest / 2 * (1 - 2.0**-28)
+    result = _defended([*honest, *tiny], weights)
+    assert _cosine(result, mean) > 0.9
+    assert _norm(result) >= 0.2 * _norm(mean)  # was 1e-9 of it: all progress removed
+
+
+def test_identical_contributions_cannot_shrink_tau_to_nothing() -> None:
+    honest = _honest(3, seed=9)
+    same = [{k: v * 1e-6 for k, v in honest[0].items()}] * 3
+    xs = [*honest, *same]
+    _, tau = centered_clip(xs, [1.0] * 6)
+    norms = sorted(_norm(x) for x in xs)
+    assert tau >= TAU_FLOOR * (norms[2] + norms[3]) / 2 * (1 - 2.0**-28)
+
+
+def test_a_weighted_median_at_an_exact_half_tie_is_the_midpoint() -> None:
+    assert median_of([1.0, 3.0], [2.0, 2.0]) == 2.0
+    assert median_of([5.0, 1.0, 3.0], [2.0, 1.0, 1.0]) == 4.0  # 1 and 3 hold exactly half
+    assert median_of([1.0, 3.0, 5.0], [1.0, 3.0, 1.0]) == 3.0  # no tie: a strict majority
+    xs = [{"a": torch.tensor([0.0, 4.0])}, {"a": torch.tensor([2.0, 0.0])}]
+    assert weighted_median(xs, [1.0, 1.0])["a"].tolist() == [1.0, 2.0]
+    assert weighted_median(xs, [1.0, 3.0])["a"].tolist() == [2.0, 0.0]

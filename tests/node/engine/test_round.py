@@ -11,7 +11,13 @@ import torch
 from node.config import RunConfig, parse_config
 from node.engine.checkpoint import Checkpoint
 from node.engine.peer import Peer
-from node.engine.round import RoundReport, group_context, run_round, select_contributions
+from node.engine.round import (
+    RoundReport,
+    combine,
+    group_context,
+    run_round,
+    select_contributions,
+)
 from node.engine.state import GroupState
 from node.engine.transport import GroupResult, InMemoryHub, InMemoryTransport, MemberMeta
 from node.local.build import LocalModel, build_local_model
@@ -435,3 +441,24 @@ def test_wait_for_does_not_hold_a_run_that_is_under_way_or_a_resume(tmp_path: Pa
         local.trainer, InMemoryTransport(hub, "p1"), CONFIG, Checkpoint(tmp_path), wait_for=5
     )
     assert started(resumed).round == 2 and resumed.resumed_from == 2
+
+
+@pytest.mark.parametrize("aggregator", ["centered-clip", "mean"])
+def test_zero_updates_are_dropped_before_a_robust_rule_and_counted_by_the_plain_mean(
+    aggregator: str,
+) -> None:
+    plain = {"aggregator": "mean", "norm_bound": None}  # no defence at all
+    config = parse_config(
+        {"averaging": {"aggregator": "centered-clip"} if aggregator != "mean" else plain}
+    )
+    gen = torch.Generator().manual_seed(0)
+    honest = [{"w": torch.randn(6, 4, generator=gen)} for _ in range(3)]
+    zeros = [{"w": torch.zeros(6, 4)}] * 3
+    alone = combine(honest, [1.0] * 3, config)
+    with_zeros = combine([*honest, *zeros], [1.0] * 6, config)
+    if aggregator == "centered-clip":  # default: half the weight sending zeros changes nothing
+        assert torch.equal(with_zeros["w"], alone["w"])
+    else:  # the undefended mean, kept as the baseline: zeros halve it
+        eps = torch.finfo(torch.float32).eps
+        atol = 4 * eps * float(alone["w"].abs().max())
+        torch.testing.assert_close(with_zeros["w"], alone["w"] / 2, rtol=0, atol=atol)
