@@ -129,6 +129,8 @@ class GHBMOuter:
         )
         self.participation = float(state["participation"])
         ring = state.get("history", {})
+        if len(ring) > self.tau_max + 1:
+            raise ValueError(f"a ring of {len(ring)} states, over tau_max + 1 = {self.tau_max + 1}")
         self.history = [_copy(ring[str(i)]) for i in range(len(ring))]
 
 

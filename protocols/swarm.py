@@ -444,9 +444,11 @@ class SwarmNode:
         expected_sha256: str | None = None,
         timeout: float = 120.0,
         stats: dict[str, float] | None = None,
+        max_size: int = 1 << 30,
     ) -> bytes:
-        """A blob from a peer (streamed, chunked, sha-checked)."""
-        fetch = self._fetch(peer_id, name, expected_sha256, timeout, stats=stats)
+        """A blob from a peer (streamed, chunked, sha-checked), refused when its header says it
+        is over `max_size` bytes (and cut off if it sends more than its header said)."""
+        fetch = self._fetch(peer_id, name, expected_sha256, timeout, max_size, stats)
         return self.loop.run(fetch, timeout=timeout + 5)
 
     def _fetch(

@@ -19,11 +19,11 @@ from aggregation.params import Params
 from node.config import RunConfig
 from node.engine.certify import Candidate, Ledger, NotCertified, candidates, verify_chain
 from node.engine.checkpoint import Checkpoint
+from node.engine.outer_state import check_outer, state_cap
 from node.engine.overlap import InFlight, run_overlapped
 from node.engine.round import (
     LocalUpdate,
     RoundReport,
-    check_outer,
     inner_phase,
     round_start,
     run_round,
@@ -89,6 +89,7 @@ class Peer:
         self.hooks = hooks
         self.stop = stop if stop is not None else threading.Event()
         self.shapes = {k: v.shape for k, v in trainer.get_params().items()}
+        self.state_cap = state_cap(self.shapes, config)  # the largest honest state blob
         self.resumed_from: int | None = None
         self.resynced_to: list[int] = []
         self.counts = RoundCounts()
@@ -165,7 +166,7 @@ class Peer:
     def adopt(self, candidate: Candidate, population: int) -> GroupState | None:
         """The candidate's state if a provider serves it with a chain that proves it."""
         try:
-            fetched, chain = self.transport.fetch_state(candidate)
+            fetched, chain = self.transport.fetch_state(candidate, self.state_cap)
             check_params(fetched.params, self.shapes)
             if fetched.digest() != candidate.digest:
                 raise StateError("the provider serves another state than the one vouched for")

@@ -23,14 +23,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from aggregation.ghbm import PeerMomentum
-from aggregation.outer import OuterOptimizer, RoundContext, make_outer
+from aggregation.outer import RoundContext
 from aggregation.params import Params, pseudo_gradient, weighted_mean
 from aggregation.robust import bound_norms, centered_clip, without_empty
 from node.config import RunConfig, max_round_weight
-from node.engine.state import GroupState, StateError
+from node.engine.outer_state import load_outer
+from node.engine.state import GroupState
 from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, Transport
 from node.engine.trust import banned, record_offences
 from node.local.trainer import InnerResult, InnerTrainer
@@ -121,37 +120,6 @@ class LocalUpdate:
     delta: Params
     meta: MemberMeta
     inner: InnerResult
-
-
-def load_outer(state: GroupState, config: RunConfig) -> OuterOptimizer:
-    """The configured outer optimizer with the group's saved state. Hyperparameters come from
-    the run's config (the signed manifest), never from a state: a state from another peer
-    could otherwise turn descent into ascent. StateError when the saved state does not fit."""
-    outer = make_outer(config.outer.name, **config.outer.hyperparameters())
-    if state.outer_state:
-        configured = outer.state_dict()
-        fixed = (set(config.outer.hyperparameters()) | {"form"}) & set(configured)
-        try:
-            outer.load_state_dict({**state.outer_state, **{k: configured[k] for k in fixed}})
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise StateError(
-                f"outer optimizer state does not fit ({type(exc).__name__}: {exc})"
-            ) from None
-    return outer
-
-
-def check_outer(state: GroupState, config: RunConfig) -> None:
-    """StateError unless the outer optimizer can load `state` and take a step from it (a state
-    from elsewhere must never crash a round, or a restart from its checkpoint)."""
-    zeros = {k: torch.zeros_like(v) for k, v in state.params.items()}
-    try:
-        outer = load_outer(state, config)
-        outer.inner_correction(state.params, config.inner.steps)
-        new = outer.step(state.params, zeros, RoundContext(2, 2))
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
-        raise StateError(f"outer optimizer state is unusable ({type(exc).__name__})") from None
-    if not all(torch.isfinite(v).all() for v in new.values()):
-        raise StateError("outer optimizer state gives a non-finite step")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,14 @@ from node.engine.certify import Candidate, Claim, candidates, claims_of
 from node.engine.state import GroupState, StateError, decode_state, encode_state
 from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, StateUnavailable
 from protocols.averaging import AveragingError, GroupAverager
-from protocols.certificates import Certificate, CertificateError, Vote, decode_chain, encode_chain
+from protocols.certificates import (
+    MAX_CHAIN_BYTES,
+    Certificate,
+    CertificateError,
+    Vote,
+    decode_chain,
+    encode_chain,
+)
 from protocols.identity import owns
 from protocols.records import AdapterOffer, PeerRecord, VoteRecord
 from protocols.swarm import SwarmNode
@@ -198,15 +205,21 @@ class HivemindTransport:
         """The vote's key is its peer's libp2p key, and the peer is admitted and not revoked."""
         return owns(vote.peer, vote.key) and self._admitted(vote.peer, vote.ticket)
 
-    def fetch_state(self, candidate: Candidate) -> tuple[GroupState, list[Certificate]]:
-        """The state and its chain from the first provider that serves both readably."""
+    def fetch_state(
+        self, candidate: Candidate, max_bytes: int
+    ) -> tuple[GroupState, list[Certificate]]:
+        """The state and its chain from the first provider that serves both readably, each
+        refused past its size cap before its bytes arrive (the header states the size)."""
         errors = []
         for provider in candidate.providers:
             if provider == self.peer:
                 continue
             try:
-                state = decode_state(self.node.fetch(provider, "state", timeout=60))
-                chain = decode_chain(self.node.fetch(provider, "chain", timeout=30))
+                blob = self.node.fetch(provider, "state", timeout=60, max_size=max_bytes)
+                state = decode_state(blob)
+                chain = decode_chain(
+                    self.node.fetch(provider, "chain", timeout=30, max_size=MAX_CHAIN_BYTES)
+                )
                 return state, chain
             except (TransferError, StateError, CertificateError, TimeoutError) as exc:
                 errors.append(f"{provider[-8:]}: {str(exc)[:80]}")  # try the next provider

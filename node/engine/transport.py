@@ -15,7 +15,7 @@ from typing import Protocol
 
 from aggregation.params import Params
 from node.engine.certify import Candidate, Claim
-from node.engine.state import GroupState
+from node.engine.state import GroupState, decode_state, encode_state
 from protocols.averaging import MemberMeta
 from protocols.certificates import Certificate, Vote
 
@@ -82,8 +82,11 @@ class Transport(Protocol):
         """True when the vote's key is its peer's and the peer is admitted and not revoked."""
         ...
 
-    def fetch_state(self, candidate: Candidate) -> tuple[GroupState, list[Certificate]]:
-        """A provider's state and its chain (unchecked: node/engine/certify.py checks)."""
+    def fetch_state(
+        self, candidate: Candidate, max_bytes: int
+    ) -> tuple[GroupState, list[Certificate]]:
+        """A provider's state and its chain (unchecked: node/engine/certify.py checks); a state
+        blob over `max_bytes` is refused as it arrives."""
         ...
 
 
@@ -183,8 +186,10 @@ class InMemoryTransport:
         with self.hub._lock:
             return self.hub.keys.get(vote.peer) == vote.key
 
-    def fetch_state(self, candidate: Candidate) -> tuple[GroupState, list[Certificate]]:
-        """Copy a provider's state and chain."""
+    def fetch_state(
+        self, candidate: Candidate, max_bytes: int
+    ) -> tuple[GroupState, list[Certificate]]:
+        """A provider's state and chain, through the wire encoding (as the swarm's would)."""
         with self.hub._lock:
             held = [
                 (self.hub.states[p], self.hub.chains.get(p, []))
@@ -194,10 +199,7 @@ class InMemoryTransport:
         if not held:
             raise StateUnavailable(f"no provider serves round {candidate.round}")
         state, chain = held[0]
-        copy = GroupState(
-            state.round,
-            {k: v.clone() for k, v in state.params.items()},
-            dict(state.outer_state),
-            {p: list(r) for p, r in state.offences.items()},
-        )
-        return copy, list(chain)
+        blob = encode_state(state)
+        if len(blob) > max_bytes:
+            raise StateUnavailable(f"state blob is {len(blob)} bytes, over {max_bytes}")
+        return decode_state(blob), list(chain)

@@ -12,11 +12,19 @@ import pytest
 import torch
 
 from aggregation.outer import RoundContext
+from node.config import RunConfig, parse_config
 from node.engine.certify import Claim, round_body
 from node.engine.checkpoint import Checkpoint
+from node.engine.outer_state import (
+    HEADER_ROOM,
+    OFFENCE_ROOM,
+    check_outer,
+    load_outer,
+    state_cap,
+)
 from node.engine.peer import Peer
-from node.engine.round import check_outer, load_outer, outer_phase
-from node.engine.state import GroupState, StateError
+from node.engine.round import outer_phase
+from node.engine.state import GroupState, StateError, encode_state
 from node.engine.transport import InMemoryHub, InMemoryTransport
 from protocols.certificates import Certificate, sign_body
 from protocols.identity import Identity
@@ -167,3 +175,71 @@ def test_a_level_state_only_its_author_vouches_for_does_not_replace_the_groups()
     level = _negated(swarm.states[0], 2)
     swarm.forge("x", level, ["x"], {"x": Identity.generate()})
     assert swarm.peers[1].sync(swarm.states[1]) is swarm.states[1]
+
+
+GHBM = parse_config({"outer": {"name": "ghbm"}})
+
+
+def _stepped(config: RunConfig, steps: int) -> GroupState:
+    """A state whose outer optimizer took `steps` honest steps (what the run itself writes)."""
+    params = {"w": torch.ones(4, 3), "v": torch.ones(5)}
+    state = GroupState(0, params)
+    for _ in range(steps):
+        state, _ = outer_phase(
+            state, {k: 0.1 * v for k, v in params.items()}, RoundContext(2, 2), config
+        )
+    return state
+
+
+@pytest.mark.parametrize("config", [NESTEROV, GHBM, parse_config({"outer": {"name": "fedadam"}})])
+def test_an_honest_outer_state_passes_and_every_kind_of_tampering_is_refused(
+    config: RunConfig,
+) -> None:
+    state = _stepped(config, 3)
+    check_outer(state, config)  # what the optimizer writes passes
+    tensors = [k for k, v in state.outer_state.items() if isinstance(v, dict) and v]
+    ring_or_buffer = tensors[0]
+    first = next(iter(state.outer_state[ring_or_buffer].values()))
+
+    def broken(**changes: object) -> GroupState:
+        return GroupState(state.round, state.params, {**state.outer_state, **changes}, {})
+
+    tampered = [
+        broken(junk=1.0),  # a field the optimizer does not write
+        broken(**{ring_or_buffer: {**state.outer_state[ring_or_buffer], "extra": first}}),
+    ]
+    if config is GHBM:  # scalars: NaN (JSON parses it), a string, a ring past tau_max + 1
+        ring = state.outer_state["history"]
+        long = {str(i): ring["0"] for i in range(config.outer.tau_max + 2)}
+        tampered += [broken(participation=float("nan")), broken(participation="0.5")]
+        tampered += [broken(history=long)]
+        tampered += [broken(history={**ring, "0": {"w": torch.ones(1), "v": torch.ones(5)}})]
+    else:  # a buffer that broadcasts: one number where the adapter has a (4, 3) matrix
+        buffer = dict(state.outer_state[ring_or_buffer])
+        buffer["w"] = torch.ones(1)
+        tampered += [broken(**{ring_or_buffer: buffer})]
+    for bad in tampered:
+        with pytest.raises(StateError):
+            check_outer(bad, config)
+
+
+@pytest.mark.parametrize("config", [NESTEROV, GHBM])
+def test_the_state_cap_holds_the_largest_honest_state_and_little_more(config: RunConfig) -> None:
+    state = _stepped(config, 2 * config.outer.tau_max + 4 if config is GHBM else 5)
+    shapes = {k: v.shape for k, v in state.params.items()}
+    cap = state_cap(shapes, config)
+    honest = len(encode_state(state))
+    assert honest <= cap
+    assert cap <= honest + OFFENCE_ROOM + HEADER_ROOM  # nothing else fits in the room left
+
+
+def test_a_state_blob_over_the_cap_is_not_taken() -> None:
+    swarm = Swarm()
+    ids = {v: Identity.generate() for v in ("x", "y")}
+    forged = _negated(swarm.states[0], 3)
+    swarm.forge("x", forged, ["x", "y"], ids)  # quorum-backed: only the cap stands in the way
+    peer = swarm.peers[0]
+    peer.state_cap = len(encode_state(forged)) - 1
+    assert peer.sync(swarm.states[0]) is swarm.states[0] and peer.resynced_to == []
+    peer.state_cap = len(encode_state(forged))  # at the cap it is fetched (and then adopted)
+    assert peer.sync(swarm.states[0]).round == 3
