@@ -19,14 +19,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from aggregation.ghbm import PeerMomentum
 from aggregation.outer import RoundContext
 from aggregation.params import Params, pseudo_gradient, weighted_mean
-from aggregation.robust import bound_norms, centered_clip, without_empty
+from aggregation.robust import Tensors, bound_norms, centered_clip, without_empty
 from node.config import RunConfig, max_round_weight
 from node.engine.outer_state import load_outer
 from node.engine.state import GroupState
@@ -218,7 +218,9 @@ def outer_phase(
     return GroupState(state.round + 1, new_params, outer.state_dict(), offences), tau
 
 
-def combine(contributions: list[Params], weights: list[float], config: RunConfig) -> Params:
+def combine(
+    contributions: Sequence[Tensors], weights: Sequence[float], config: RunConfig
+) -> Params:
     """The group update from the chosen contributions: zero updates dropped and norms bounded
     (unless the run averages plainly), then the configured aggregator."""
     settings = config.averaging
