@@ -10,6 +10,7 @@ Whoever downloads then checks the bundle against the state's round certificate.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
-from node.adapters.adapter import AdapterError, adapter_digest
+from node.adapters.adapter import ADAPTER_FILES, AdapterError, adapter_digest
 from node.engine.certify import MayVote, candidates, certified_votes, claims_of, quorum
 from protocols.admission import Gate
 from protocols.certificates import Certificate, Vote
@@ -113,3 +114,53 @@ def check_bundle(
         f"round certificate: {len(votes)} of {len(body.members)} group members vouch for"
         f" round {body.round}; the adapter's tensors are the certified state's"
     )
+
+
+# adapter_config.json fields that change what PEFT builds or loads, and the values a swarm
+# adapter has (node/adapters/adapter.py writes them); anything else there is descriptive
+_FIXED_FIELDS = {
+    "peft_type": "LORA",
+    "bias": "none",
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "use_dora": False,
+    "use_rslora": False,
+}
+
+
+def adapter_files(
+    files: Mapping[str, bytes], offer: Offer, rank: int, alpha: int, targets: list[str]
+) -> dict[str, bytes]:
+    """The files `pull` writes: exactly ADAPTER_FILES, with an adapter_config.json that builds
+    the run's LoRA (a volunteer state's adapter: the manifest's rank, alpha and targets; one the
+    coordinator made, such as a merge, may have another rank over those targets). AdapterError
+    when anything is missing or the config asks PEFT for anything else."""
+    missing = [name for name in ADAPTER_FILES if name not in files]
+    if missing:
+        raise AdapterError(f"bundle lacks {missing}")
+    try:
+        config = json.loads(files["adapter_config.json"])
+    except ValueError:
+        raise AdapterError("adapter_config.json is not JSON") from None
+    if not isinstance(config, dict):
+        raise AdapterError("adapter_config.json is not a JSON object")
+    for key, value in _FIXED_FIELDS.items():
+        if config.get(key, value) != value:
+            raise AdapterError(f"adapter_config.json sets {key}={config.get(key)!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key) and offer.state:
+            raise AdapterError(f"adapter_config.json sets {key}")
+    named = config.get("target_modules")
+    named = [named] if isinstance(named, str) else named
+    if not isinstance(named, list) or not named or not set(named) <= set(targets):
+        raise AdapterError(f"adapter_config.json targets {named!r}, the run {sorted(targets)}")
+    if offer.state and (config.get("r"), config.get("lora_alpha"), sorted(named)) != (
+        rank,
+        alpha,
+        sorted(targets),
+    ):
+        raise AdapterError(
+            f"adapter_config.json has r={config.get('r')!r}, lora_alpha="
+            f"{config.get('lora_alpha')!r}; the run's LoRA is r={rank}, alpha={alpha}"
+        )
+    return {name: files[name] for name in ADAPTER_FILES}

@@ -7,9 +7,16 @@ import logging
 import time
 from pathlib import Path
 
-from node.adapters.adapter import ADAPTER_FILES, AdapterError
-from node.adapters.offers import Offer, check_bundle, run_may_vote, vouched_offers
+from node.adapters.adapter import AdapterError
+from node.adapters.offers import (
+    Offer,
+    adapter_files,
+    check_bundle,
+    run_may_vote,
+    vouched_offers,
+)
 from node.clusters.clusterer import read_assignment
+from node.config import parse_config
 from node.engine.certify import MayVote
 from node.watch.snapshot import snapshot
 from protocols.certificates import Certificate, CertificateError, decode_chain
@@ -39,10 +46,12 @@ def fetch_certificate(node: SwarmNode, provider: str, name: str) -> Certificate 
 
 
 def download(
-    node: SwarmNode, offer: Offer, out: Path, may_vote: MayVote
+    node: SwarmNode, offer: Offer, out: Path, may_vote: MayVote, manifest: ManifestRecord
 ) -> tuple[dict[str, float], str]:
-    """Fetch the bundle from the first provider that serves it intact and proven, then write it
-    atomically; returns the transfer stats and what was verified."""
+    """Fetch the bundle from the first provider that serves it intact and proven, then write its
+    adapter files (and nothing else) atomically; returns the transfer stats and what was
+    verified."""
+    lora = parse_config(manifest.config).lora
     errors: list[str] = []
     for provider in offer.providers:
         stats: dict[str, float] = {}
@@ -50,10 +59,9 @@ def download(
             bundle = node.fetch(
                 provider, f"adapter:{offer.name}", expected_sha256=offer.sha256, stats=stats
             )
-            files = unpack_files(bundle)
-            missing = [name for name in ADAPTER_FILES if name not in files]
-            if missing:
-                raise AdapterError(f"bundle lacks {missing}")
+            files = adapter_files(
+                unpack_files(bundle), offer, lora.rank, lora.alpha, manifest.target_modules
+            )
             cert = fetch_certificate(node, provider, offer.name) if offer.state else None
             verified = check_bundle(files, cert, offer, may_vote)
         except (TransferError, TimeoutError, AdapterError, CertificateError) as exc:
@@ -82,7 +90,7 @@ def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool)
             )
         offer = offers[name]
         assert out is not None
-        stats, verified = download(node, offer, out, may_vote)
+        stats, verified = download(node, offer, out, may_vote, manifest)
         print(
             f"pulled adapter {name!r} (run {manifest.run_id}, round {offer.round}, sha256 "
             f"{offer.sha256[:12]}…, {offer.size / 1e6:.2f} MB in {stats.get('seconds', 0):.2f}s)"

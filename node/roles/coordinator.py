@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.adapters.adapter import AdapterError
-from node.adapters.offers import Offer, check_bundle, run_may_vote, vouched_offers
+from node.adapters.offers import Offer, adapter_files, check_bundle, run_may_vote, vouched_offers
 from node.clusters.clusterer import Clusterer, merge_bundles, verified_signatures
 from node.config import load_config, parse_config
 from node.engine.certify import certified_votes
@@ -243,7 +243,10 @@ class Coordinator:
                     timeout=MIRROR_TIMEOUT,
                 )
                 cert = fetch_certificate(self.node, provider, offer.name)
-                check_bundle(unpack_files(bundle), cert, offer, self.may_vote)
+                lora = parse_config(self.manifest.config).lora
+                files = unpack_files(bundle)
+                adapter_files(files, offer, lora.rank, lora.alpha, self.manifest.target_modules)
+                check_bundle(files, cert, offer, self.may_vote)
             except (TransferError, TimeoutError, AdapterError, CertificateError) as exc:
                 log.warning("mirroring %s from %s failed: %s", offer.name, provider[-8:], exc)
                 continue
