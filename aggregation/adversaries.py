@@ -16,6 +16,7 @@ from the papers' definitions:
   swarmtune's all-gather): commits to one blob and serves another;
 - malformed metadata: gathered metadata that does not parse;
 - unadmitted: no admission ticket (token runs);
+- withholding: commits to its honest blob in matchmaking and never serves it;
 - zeros: an identity that trains nothing and sends a zero update at honest weight (free to
   run many of; at half the weight it used to set the median norm to 0).
 """
@@ -40,6 +41,7 @@ class Forgery:
     equivocate: bool = False  # serve bytes other than the ones committed to
     malformed: bool = False  # gathered metadata that does not parse
     ticket: bool = True  # present the member's admission ticket
+    withhold: bool = False  # commit in matchmaking, then serve nothing
 
 
 def _scale(delta: Params, factor: float) -> Params:
@@ -158,6 +160,11 @@ class Unadmitted(SignFlip):
     lie = {"ticket": False}
 
 
+class Withholding(SignFlip):
+    name = "withholding"
+    lie = {"withhold": True}
+
+
 class Zeros(Adversary):
     name = "zeros"
 
@@ -178,6 +185,7 @@ ADVERSARIES: dict[str, type[Adversary]] = {
         Equivocation,
         MalformedMetadata,
         Unadmitted,
+        Withholding,
         Zeros,
     )
 }

@@ -148,8 +148,11 @@ def timed_aggregation(times: list[float]) -> Iterator[None]:
         round_code.combine = combine  # type: ignore[assignment]
 
 
-def sim_config(clients: int, rounds: int, robust: bool, tasks: list[str] = TASKS) -> SimConfig:
-    run = {**RUN, "averaging": ROBUST if robust else PLAIN}
+def sim_config(
+    clients: int, rounds: int, robust: bool, tasks: list[str] = TASKS, least: int = 2
+) -> SimConfig:
+    averaging = {**(ROBUST if robust else PLAIN), "min_group_size": least}
+    run = {**RUN, "averaging": averaging}
     return SimConfig.model_validate(
         {
             "run": run,
@@ -173,6 +176,7 @@ def run_sim(
     rounds: int,
     tasks: list[str] = TASKS,
     adversary: Adversary | None = None,
+    least: int = 2,
 ) -> dict:
     """One simulated run; final eval loss, round outcomes, exclusions, aggregation and wall s.
     `adversary` replaces the named attack's default one (e.g. ALIE with another z)."""
@@ -181,7 +185,7 @@ def run_sim(
         adversary = ADVERSARIES[attack]()
     started = time.perf_counter()
     with trusting(not robust), timed_aggregation(times):
-        config = sim_config(clients, rounds, robust, tasks)
+        config = sim_config(clients, rounds, robust, tasks, least)
         sim = AttackedSimulation(config, 0, adversary, hostile, robust)
         result = sim.run()
     wall = time.perf_counter() - started
@@ -543,15 +547,43 @@ def breakdown(rounds: int, attacks: tuple[str, ...] = ("zeros", "sign-flip")) ->
 
 
 def pair(rounds: int) -> None:
-    """A group of 2: one honest member and one attacker, for every attack (any rule is 50/50)."""
-    setting(
-        "attacks-pair",
-        ATTACKS,
-        rounds,
-        (2, 1, TASKS[:1]),
+    """A group of 2: one honest member and one attacker, for every attack (any rule is 50/50),
+    trusting, defended, and defended with min_group_size 3 (the pair applies no update)."""
+    columns = {
+        "trusting": {"robust": False},
+        "defended": {"robust": True},
+        "min_group_size 3": {"robust": True, "least": 3},
+    }
+    rows = {}
+    for attack in [None, *ATTACKS]:
+        rows[attack or "clean"] = {
+            name: run_sim(2, 1, attack, rounds=rounds, tasks=TASKS[:1], **kw)  # type: ignore[arg-type]
+            for name, kw in columns.items()
+        }
+        print(f"pair {attack or 'clean'}: {json.dumps(rows[attack or 'clean'])}", flush=True)
+    honest_alone = run_sim(1, 0, None, True, rounds, TASKS[:1])["eval_loss"]
+    clean = {name: rows["clean"][name]["eval_loss"] for name in columns}
+    lines = [
         f"### Simulator, a group of 2 (one honest member, one attacker), one task, {rounds} rounds",
-        "No rule that sees only one round can tell the two apart (docs/design.md, 8. Trust).",
-    )
+        "",
+        "No rule that sees only one round can tell the two apart (docs/design.md, 8. Trust):"
+        " `min_group_size: 3` makes such a pair apply no update at all. Clean: two honest"
+        f" members. The honest member training alone reaches {honest_alone:.4f}."
+        f" {outer_text().capitalize()}. Reproduce: `.venv/bin/python "
+        + " ".join(["bench/attacks.py", *sys.argv[1:]])
+        + "`",
+        "",
+        "| attack | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for attack, row in rows.items():
+        cells = [
+            f"{row[n]['eval_loss']:.4f} ({_verdict(row[n]['eval_loss'], clean[n])})"
+            for n in columns
+        ]
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    replace_section("attacks-pair", "\n".join(lines))
+    print("\n".join(lines))
 
 
 def alie_strength(zs: list[float], rounds: int) -> None:

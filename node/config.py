@@ -127,6 +127,9 @@ class AveragingSettings(_Strict):
 
     matchmaking_time: float = Field(5.0, gt=0, le=600)
     allreduce_timeout: float = Field(60.0, gt=0, le=3600)  # fetching the contributions
+    # members a group needs to average: matchmaking waits for that many, and a group left with
+    # fewer usable contributions applies no update at all ("too-small"). A group of 2 has no
+    # majority, so one stranger in it holds half: public runs should use 3 (docs/design.md, 8)
     min_group_size: int = Field(2, ge=2, le=1024)
     # contributions on the wire: fp32, fp16, or int8 with an fp32 absmax per 64 values
     codec: Literal["fp32", "fp16", "int8"] = "fp32"

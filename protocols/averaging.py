@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,7 +49,7 @@ from aggregation.codec import from_int8_blocks, int8_blocks, n_blocks
 from protocols.admission import TICKET_MAX, Gate
 from protocols.matchmaking import GatedAverager, RefusedSet
 from protocols.swarm import SwarmNode
-from protocols.transfer import TransferError
+from protocols.transfer import OtherBlob, TransferError
 
 ROUND_BITS, DIGEST_BITS = 20, 12
 POLL_S = 0.5
@@ -144,6 +144,9 @@ class GatherOutcome:
     matchmaking_s: float
     transfer_s: float
     attempts: int = 1
+    # committed in matchmaking, then not served to us (refused, cut off, timed out); a sha256
+    # other than the committed one is not counted here, since a leader can alter that
+    withheld: set[str] = field(default_factory=set)
 
 
 def group_bits(round_: int, start_digest: str) -> str:
@@ -335,7 +338,7 @@ class GroupAverager:
         # can be fetched, so nobody can choose its contribution knowing this round's others
         self._publish(f"contribution:{self.prefix}:{meta.round}", self._revealed(blob))
         members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
-        contributions, missing, offences, received = self._fetch_all(members, meta)
+        contributions, missing, offences, received, withheld = self._fetch_all(members, meta)
         contributions[meta.peer] = decode_contribution(blob, self.shapes, self.codec)[0]
         return GatherOutcome(
             members,
@@ -347,6 +350,7 @@ class GroupAverager:
             matchmaking_s,
             time.perf_counter() - started - matchmaking_s,
             attempts,
+            withheld,
         )
 
     def _commit(
@@ -411,10 +415,10 @@ class GroupAverager:
 
     def _fetch_all(
         self, members: dict[str, MemberMeta | None], mine: MemberMeta
-    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], set[str], int]:
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], set[str], int, set[str]]:
         """Every other member's contribution, fetched in parallel and checked; (found, missing
-        with reasons, offenders, bytes received). A member's weight is replaced by the one its
-        own blob claims."""
+        with reasons, offenders, bytes received, withheld). A member's weight is replaced by
+        the one its own blob claims."""
         wanted = {
             p: m for p, m in members.items() if p != mine.peer and m is not None and _same(m, mine)
         }
@@ -442,10 +446,13 @@ class GroupAverager:
         )
         found: dict[str, dict[str, torch.Tensor]] = {}
         offences: set[str] = set()
+        withheld: set[str] = set()
         received = 0
         for peer, blob in blobs.items():
             if isinstance(blob, TransferError):  # the network, or a leader that altered the sha
                 missing[peer] = str(blob)[:160]
+                if not isinstance(blob, OtherBlob):
+                    withheld.add(peer)
                 continue
             received += len(blob)
             try:  # these bytes came from `peer` itself and match the group's commitment
@@ -458,7 +465,7 @@ class GroupAverager:
                 continue
             found[peer] = tensors
             members[peer] = dataclasses.replace(wanted[peer], weight=float(header["weight"]))
-        return found, missing, offences, received
+        return found, missing, offences, received, withheld
 
     def shutdown(self) -> None:
         """Stop the averager process and stop serving our contribution."""

@@ -39,6 +39,10 @@ class HostileAverager(GroupAverager):
     def _revealed(self, blob: bytes) -> bytes:
         return self._served if self._served is not None else blob
 
+    def _publish(self, name: str, blob: bytes) -> None:
+        if self.forgery is None or not self.forgery.withhold:
+            super()._publish(name, blob)
+
     def _gathered(self, meta: MemberMeta) -> dict[str, Any]:
         if self.forgery is not None and self.forgery.malformed:
             return {**meta.gather(), "weight": "a lot", "sha256": None}

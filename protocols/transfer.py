@@ -68,6 +68,11 @@ class StreamEndedEarly(TransferError):
     """The stream closed before the whole blob arrived (a reset: worth a fresh stream)."""
 
 
+class OtherBlob(TransferError):
+    """The peer serves the blob under another sha256 than the one we expect (which whoever
+    relayed the expectation, such as a group's leader, may have altered)."""
+
+
 def _one_line(text: object, limit: int = 200) -> str:
     # Peer-supplied text ends up in our logs and errors: keep it short and on one line.
     return " ".join(str(text).split())[:limit]
@@ -321,7 +326,7 @@ async def _fetch(
         if size > max_size:
             raise TransferError(f"blob is {size} bytes, over max_size {max_size}")
         if expected_sha256 is not None and sha256 != expected_sha256.lower():
-            raise TransferError(f"peer offers sha256 {sha256}, expected {expected_sha256}")
+            raise OtherBlob(f"peer offers sha256 {sha256}, expected {expected_sha256}")
         ticket = json.loads(raw_header).get("direct") if direct_host else None  # (valid JSON)
         if ticket is None:
             return await _read_payload(reader, size, sha256, counter)

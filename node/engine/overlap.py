@@ -101,7 +101,7 @@ def run_overlapped(peer: Peer, rounds: int, settle_s: float) -> GroupState:
         report = peer.finish_round(concluded, report, started, overlapped=True, inner_s=compute_s)
         done += 1
         members = report.members + report.excluded
-        if not report.verified:  # alone or left with our own update: probably diverged
+        if not report.concluded:  # alone or left with our own update: probably diverged
             members = tuple(p for p in peer.transport.announcements() if p != peer.transport.peer)
         # as in synchronous rounds, let the group announce this round before the resync check
         # (members conclude the same exchange together, so this is usually milliseconds):

@@ -51,7 +51,7 @@ class RoundCounts:
     """Running totals of rounds that did not go as planned, for reports and status."""
 
     fallbacks: int = 0  # no group formed in time: local update applied
-    rejections: int = 0  # a group left nothing usable to aggregate: local update applied
+    rejections: int = 0  # a group left nothing usable (or too few, min_group_size) to aggregate
     exclusions: int = 0  # group members' contributions left out (stale, lost, malformed)
     resyncs: int = 0  # adopted another member's state (or went back to our witnessed one)
     unproven: int = 0  # announced states refused: no proof the run produced them
@@ -337,9 +337,9 @@ class Peer:
     ) -> RoundReport:
         """Count what went wrong, save, evaluate, report and announce a concluded round."""
         self.counts.fallbacks += report.outcome == "no-group"
-        self.counts.rejections += report.outcome == "rejected"
+        self.counts.rejections += report.outcome in ("rejected", "too-small")
         self.counts.exclusions += len(report.excluded)
-        if report.verified:
+        if report.concluded:
             self.ledger.conclude(report.start_digest, state, report.contributions)
         else:
             self.ledger.alone(state)

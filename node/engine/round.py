@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from aggregation.ghbm import PeerMomentum
 from aggregation.outer import RoundContext
 from aggregation.params import Params, pseudo_gradient, weighted_mean
@@ -35,7 +37,7 @@ from node.engine.trust import banned, record_offences
 from node.local.trainer import InnerResult, InnerTrainer
 
 log = logging.getLogger("swarmtune.round")
-Outcome = Literal["averaged", "no-group", "rejected"]
+Outcome = Literal["averaged", "no-group", "rejected", "too-small"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,12 @@ class RoundReport:
     def verified(self) -> bool:
         """True when the group's aggregate (not only our own update) was applied."""
         return self.outcome == "averaged"
+
+    @property
+    def concluded(self) -> bool:
+        """True when the group ended the round on one state together: averaged, or too small
+        to average (every member then applies the same empty aggregate)."""
+        return self.outcome in ("averaged", "too-small")
 
 
 def select_contributions(
@@ -270,15 +278,22 @@ def conclude_round(
         }
         offenders = (group.offences | over) - set(kept_out) - {mine.peer}
         outcome, problem = "averaged", ""
+        least = config.averaging.min_group_size
         if len(chosen) < 2 or mine.peer not in {m.peer for m in chosen}:
             outcome, problem = "rejected", "no usable contribution from another member"
             log.warning("round %d: %s; applying the local update", mine.round + 1, problem)
+        elif len(chosen) < least:
+            outcome = "too-small"
+            problem = f"{len(chosen)} usable contributions, min_group_size {least}"
+            log.warning("round %d: %s; nothing aggregated", mine.round + 1, problem)
         for peer, why in sorted(excluded.items()):
             log.warning("round %d: excluded %s: %s", mine.round + 1, peer[-8:], why)
     if outcome == "averaged" and group is not None:
         aggregate = combine(
             [group.contributions[m.peer] for m in chosen], [m.weight for m in chosen], config
         )
+    elif outcome == "too-small":  # a group this small has no majority to trust: no update
+        aggregate = {k: torch.zeros_like(v) for k, v in update.delta.items()}
     else:
         chosen, aggregate = [], update.delta
     started = time.perf_counter()
@@ -305,7 +320,9 @@ def conclude_round(
         outer_s=time.perf_counter() - started,
         tau=tau,
         start_digest=mine.start_digest,
-        contributions=tuple((m.peer, m.sha256, float(m.weight)) for m in chosen),
+        contributions=tuple(
+            (m.peer, m.sha256, float(m.weight)) for m in chosen if outcome == "averaged"
+        ),
     )
     return new_state, report
 

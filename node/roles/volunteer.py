@@ -119,6 +119,8 @@ def progress_line(report: RoundReport) -> str:
     and the running totals of fallbacks, rejections and resyncs are always shown."""
     eval_part = f" (eval {report.eval_loss:.3f})" if report.eval_loss is not None else ""
     status = "" if report.verified else f" [{report.outcome}: local update]"
+    if report.outcome == "too-small":
+        status = " [too-small: nothing aggregated]"
     resynced = " [resynced]" if report.resynced else ""
     tau = f" | ghbm tau {report.tau}" if report.tau is not None else ""
     return (

@@ -120,6 +120,10 @@ def test_an_attacker_moves_the_honest_result_at_most_the_documented_bound(
             assert set(chosen_peer.peer for chosen_peer in chosen) == {
                 n.peer_id for n in group.nodes[:3]
             }
+        if name == "withholding":  # committed, never served: named, and only it
+            assert out.withheld == {attacker} and attacker in excluded, out.missing
+        else:
+            assert attacker not in out.withheld
         if name == "weight-inflation":  # claimed by its own blob (an offence, round.py)
             member = out.members[attacker]
             assert member is not None and member.weight == 1e9 and "weight" in excluded[attacker]

@@ -462,3 +462,26 @@ def test_zero_updates_are_dropped_before_a_robust_rule_and_counted_by_the_plain_
         eps = torch.finfo(torch.float32).eps
         atol = 4 * eps * float(alone["w"].abs().max())
         torch.testing.assert_close(with_zeros["w"], alone["w"] / 2, rtol=0, atol=atol)
+
+
+def test_a_group_below_min_group_size_applies_no_update_and_its_members_still_agree() -> None:
+    config = CONFIG.model_copy(
+        update={"averaging": CONFIG.averaging.model_copy(update={"min_group_size": 3})}
+    )
+    hub = InMemoryHub(expected=2)
+    locals_ = [_local(task, i) for i, task in enumerate(TASKS[:2])]
+    start = locals_[0].trainer.get_params()
+    reports: list[RoundReport] = []
+    peers = [
+        _peer(hub, f"p{i}", local, reports=reports, config=config)
+        for i, local in enumerate(locals_)
+    ]
+    states = _run_all(peers, [2, 2])
+    # a pair has no majority: neither member's update moved the group, and both still ended
+    # on one state that both vouch for (so neither goes back, resyncs or trains alone)
+    assert len({s.digest() for s in states}) == 1 and states[0].round == 2
+    assert all(r.outcome == "too-small" and not r.verified and r.concluded for r in reports)
+    assert all(r.contributions == () and len(r.members) == 2 for r in reports)
+    assert all(torch.equal(states[0].params[k], start[k]) for k in start)  # fedavg: no step
+    assert all(p.counts.rejections == 2 and p.counts.resyncs == 0 for p in peers)
+    assert all(p.ledger.claim is not None for p in peers)

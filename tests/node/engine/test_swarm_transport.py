@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.engine.swarm_transport import HivemindTransport
+from node.engine.swarm_transport import HivemindTransport, Withholders
 from protocols.records import PeerRecord
 
 PEER = "QmTestPeer0000000000"
@@ -156,3 +156,17 @@ def test_only_a_vouched_state_ahead_cancels_our_matchmaking() -> None:
         node.peers = lambda records=records: {r.peer_id: r for r in records}  # type: ignore[attr-defined]
         assert transport._moved_on(3) is moved
     assert not transport._moved_on(9)  # not past our own round
+
+
+def test_a_withholder_is_refused_for_doubling_stretches_and_forgiven_when_it_serves() -> None:
+    book = Withholders()
+    waits = []  # rounds in which the withholder was let in (and so cost a reveal wait)
+    for round_ in range(12):
+        if "w" not in book.refused(round_):
+            waits.append(round_)
+            book.note({"w"}, {"h"}, round_)
+    assert waits == [0, 2, 5, 10]  # refused for 1, 2, 4, ... rounds after each
+    book.note(set(), {"w"}, 12)  # it served: forgiven
+    assert book.refused(13) == {}
+    book.note({"w"}, set(), 13)
+    assert set(book.refused(14)) == {"w"} and book.refused(15) == {}  # a first strike again
