@@ -5,7 +5,9 @@ B [out, r]). Factors are never compared directly: (B, A) and (B Q, Q^-1 A) are o
 - <s1 B1 A1, s2 B2 A2>_F = s1 s2 tr((B1^T B2)(A2 A1^T)), computed with r x r matrices.
 - Sketch: (R1 B)(A R2^T) * s with shared-seed Gaussian R1 [k, out], R2 [k, in] (entries
   N(0, 1/k)); E <S(X), S(Y)> = <X, Y>, so sketched cosines approach exact ones as k grows
-  (Johnson-Lindenstrauss; error ~ 1/sqrt(k)).
+  (Johnson-Lindenstrauss; error ~ 1/sqrt(k)). Past SIGNATURE_DIM values (about 28 modules
+  at k = 6), the per-module sketches are folded into SIGNATURE_DIM values by a second
+  shared-seed projection, so a signature's size does not grow with the model.
 - Clustering: average-linkage agglomerative clustering on cosine similarity, ties broken by
   index, so the same signatures always give the same clusters.
 """
@@ -18,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+SIGNATURE_DIM = 1024  # values in a task signature at most, whatever the model (see `_fold`)
 
 
 @dataclass(frozen=True)
@@ -90,15 +94,34 @@ def _gaussian(rows: int, cols: int, seed: int, label: str) -> torch.Tensor:
     return torch.randn(rows, cols, generator=gen, dtype=torch.float64) / math.sqrt(rows)
 
 
-def sketch(adapter: Adapter, k: int = 16, seed: int = 0) -> torch.Tensor:
-    """Signature: concatenated flattened s * (R1 B)(A R2^T) per module, shared-seed R1, R2."""
+def _module_sketches(adapter: Adapter, k: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Per module, float64: flattened s * (R1 B)(A R2^T) with shared-seed R1, R2."""
     parts = []
     for module in sorted(adapter):
         f = adapter[module]
         r1 = _gaussian(k, f.B.shape[0], seed, f"{module}/out")
         r2 = _gaussian(k, f.A.shape[1], seed, f"{module}/in")
-        parts.append((f.scaling * (r1 @ f.B.double()) @ (f.A.double() @ r2.T)).flatten())
-    return torch.cat(parts).float()
+        parts.append((module, (f.scaling * (r1 @ f.B.double()) @ (f.A.double() @ r2.T)).flatten()))
+    return parts
+
+
+def _fold(parts: list[tuple[str, torch.Tensor]], seed: int, dim: int) -> torch.Tensor:
+    """The module sketches concatenated while they fit in `dim` values; past that, summed
+    through a shared-seed Gaussian projection P_m [dim, k^2] per module (entries N(0, 1/dim)),
+    which keeps inner products in expectation (Johnson-Lindenstrauss again, error about
+    1/sqrt(dim)) and stays linear in dW, so the size no longer grows with the model."""
+    if sum(p.numel() for _, p in parts) <= dim:
+        return torch.cat([p for _, p in parts]).float()
+    out = torch.zeros(dim, dtype=torch.float64)
+    for module, part in parts:
+        out += _gaussian(dim, part.numel(), seed, f"{module}/fold") @ part
+    return out.float()
+
+
+def sketch(adapter: Adapter, k: int = 16, seed: int = 0, dim: int = SIGNATURE_DIM) -> torch.Tensor:
+    """Signature: the modules' sketches s * (R1 B)(A R2^T) (shared-seed R1, R2), concatenated,
+    or folded to `dim` values when there are more (`_fold`)."""
+    return _fold(_module_sketches(adapter, k, seed), seed, dim)
 
 
 def cosine_matrix(signatures: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -204,7 +227,9 @@ def sketch_change(
 ) -> torch.Tensor:
     """sketch(dW after) - sketch(dW before), float64: the sketch of the change in dW (the
     sketch is linear in dW, so this is exactly the sketch of dW_after - dW_before)."""
-    return (sketch(after, k, seed) - sketch(before, k, seed)).double()
+    old, new = _module_sketches(before, k, seed), _module_sketches(after, k, seed)
+    change = [(m, b - a) for (m, a), (_, b) in zip(old, new, strict=True)]
+    return _fold(change, seed, SIGNATURE_DIM).double()
 
 
 def stable_ids(labels: Mapping[str, int], previous: Mapping[str, int]) -> dict[str, int]:

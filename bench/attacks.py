@@ -281,6 +281,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=ATTACKS, help="a subset of the attacks")
     parser.add_argument("--pair", action="store_true", help="only a group of 2, one attacker")
     parser.add_argument(
+        "--withholding", action="store_true", help="only withholding, on real peers"
+    )
+    parser.add_argument(
         "--breakdown", action="store_true", help="only 40%% and 50%% hostile (zeros, sign flip)"
     )
     parser.add_argument(
@@ -331,6 +334,9 @@ def main() -> None:
         return
     if args.breakdown:
         breakdown(args.sim_rounds)
+        return
+    if args.withholding:
+        withholding(args.real_rounds)
         return
     if args.task_majority:
         task_majority(attacks, args.sim_rounds, write=not tuning)
@@ -583,6 +589,35 @@ def pair(rounds: int) -> None:
         ]
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     replace_section("attacks-pair", "\n".join(lines))
+    print("\n".join(lines))
+
+
+def withholding(rounds: int) -> None:
+    """Real peers: a volunteer that commits in matchmaking and never serves its contribution,
+    against the clean run (coordinator + 3 honest + 1 hostile or honest, defended default)."""
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="swarmtune-withholding-") as tmp:
+        for attack in (None, "withholding"):
+            name = attack or "clean"
+            rows[name] = run_real(attack, "centered-clip", rounds, Path(tmp) / name)
+            print(f"withholding {name}: {json.dumps(rows[name])}", flush=True)
+    lines = [
+        f"### Withholding on real peers: {rounds} rounds, coordinator + 3 honest + 1",
+        "",
+        "The hostile volunteer commits to its contribution in matchmaking and never serves it."
+        f" {outer_text().capitalize()}. Reproduce: `.venv/bin/python "
+        + " ".join(["bench/attacks.py", *sys.argv[1:]])
+        + "`",
+        "",
+        "| run | honest mean eval | rounds averaged (of 3 x rounds) | exclusions | mean round s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {row['eval_loss']:.4f} | {row['averaged']} | {row['excluded']} |"
+            f" {row['round_s']:.2f} |"
+        )
+    replace_section("attacks-withholding", "\n".join(lines))
     print("\n".join(lines))
 
 

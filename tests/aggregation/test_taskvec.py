@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aggregation.taskvec import (
+    SIGNATURE_DIM,
     LoraFactors,
     adapter_cosine,
     adapter_inner,
@@ -230,3 +231,40 @@ def test_factor_average_error_matches_its_two_member_closed_form_and_vanishes_fo
     assert expected > 0.1  # independent factors: far from exact
     shared = [LoraFactors(a1, b1, 2.0), LoraFactors(a1, b2, 2.0)]  # FFA-LoRA: one A for all
     assert factor_average_error(shared, [3.0, 1.0]) < 1e-12
+
+
+def _wide(seed: int, modules: int = 210) -> dict[str, LoraFactors]:
+    """As many LoRA modules as SmolLM2-135M with all 7 projections (30 layers x 7)."""
+    return {f"layers.{i}.proj": _factors(seed * 1000 + i, out=16, inp=16) for i in range(modules)}
+
+
+def test_a_signature_of_hundreds_of_modules_is_folded_to_a_fixed_size_and_keeps_cosines() -> None:
+    errors = []
+    for seed in range(10):
+        x, other = _wide(seed), _wide(seed + 100)
+        mix = (seed - 5) / 5  # cosines spread over (-0.7, 0.6)
+        y = {
+            m: LoraFactors(
+                torch.cat([x[m].A, other[m].A]),
+                torch.cat([mix * x[m].B, other[m].B], dim=1),
+                x[m].scaling,
+            )
+            for m in x
+        }
+        sx, sy = sketch(x, k=6, seed=1), sketch(y, k=6, seed=1)
+        assert sx.numel() == SIGNATURE_DIM  # 210 x 36 values before folding
+        errors.append(abs(float(sx @ sy / (sx.norm() * sy.norm())) - adapter_cosine(x, y)))
+    # the fold adds a Johnson-Lindenstrauss error of order 1/sqrt(SIGNATURE_DIM)
+    assert sum(errors) / len(errors) < 1.5 / math.sqrt(SIGNATURE_DIM)
+    assert max(errors) < 4 / math.sqrt(SIGNATURE_DIM)
+
+
+def test_the_change_sketch_is_the_difference_of_sketches_when_folded_too() -> None:
+    before, after = _wide(1, modules=40), _wide(2, modules=40)
+    change = sketch_change(before, after, 6, 3)
+    ends = sketch(after, 6, 3).double(), sketch(before, 6, 3).double()
+    reference = ends[0] - ends[1]
+    assert change.numel() == SIGNATURE_DIM
+    # float32 roundings of the same float64 values: a few eps32 of the largest of them
+    scale = max(float(e.abs().max()) for e in ends)
+    torch.testing.assert_close(change, reference, rtol=0, atol=4 * EPS32 * scale)

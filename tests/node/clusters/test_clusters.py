@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aggregation.merge import MergeOptions, merge_adapters
-from aggregation.taskvec import adjusted_rand_index
+from aggregation.taskvec import SIGNATURE_DIM, adjusted_rand_index
 from node.adapters.merge import parse_adapter
 from node.clusters.clusterer import (
     Clusterer,
@@ -234,3 +234,23 @@ def test_group_members_switch_at_the_effective_round_newcomers_at_once(tmp_path:
     # a later version: a peer already in a cluster still waits; a newcomer does not
     assert not _member(0, tmp_path).due(_assignment(3, 7), at_round)
     assert _member(-1, tmp_path).due(_assignment(3, 7), at_round)
+
+
+def test_a_model_with_hundreds_of_lora_modules_publishes_a_signature_that_fits_a_record() -> None:
+    """SmolLM2-135M with all 7 projections has 210 LoRA modules: 7,560 sketch values at k = 6,
+    over the 4,096 a SignatureRecord holds (every clustered volunteer used to crash here)."""
+    gen = torch.Generator().manual_seed(0)
+    start, end = {}, {}
+    for layer in range(30):
+        for proj in ("q", "k", "v", "o", "gate", "up", "down"):
+            module = f"base_model.model.layers.{layer}.{proj}_proj"
+            for part, shape in (("A", (4, 16)), ("B", (16, 4))):
+                name = f"{module}.lora_{part}.default.weight"
+                start[name] = torch.randn(shape, generator=gen)
+                end[name] = start[name] + 0.1 * torch.randn(shape, generator=gen)
+    signature = TaskSignature(scaling=2.0, k=6)
+    signature.observe(start, end)
+    record = signature.record("peer-xxxxxxxxxx", 1)
+    assert record is not None and len(record.values) == SIGNATURE_DIM
+    norm = sum(v * v for v in record.values) ** 0.5
+    assert norm == pytest.approx(1.0, abs=SIGNATURE_DIM**0.5 * 5e-7 + SIGNATURE_DIM * EPS32)
