@@ -66,6 +66,12 @@ ROBUST = {"aggregator": "centered-clip", "norm_bound": 1.0}  # the defaults, spe
 PLAIN = {"aggregator": "mean", "norm_bound": None}
 
 
+def reproduce() -> str:
+    """The closing sentence of every table's note: the outer optimizer and the command."""
+    command = " ".join(["bench/attacks.py", *sys.argv[1:]])
+    return f"{outer_text().capitalize()}. Reproduce: `.venv/bin/python {command}`"
+
+
 def outer_text() -> str:
     """The outer optimizer every run of this invocation uses, for the tables."""
     outer = parse_config({"run_id": "attack-bench", **RUN}).outer
@@ -476,11 +482,7 @@ def setting(
     lines = [
         title,
         "",
-        note
-        + f" {outer_text().capitalize()}."
-        + " Reproduce: `.venv/bin/python "
-        + " ".join(["bench/attacks.py", *sys.argv[1:]])
-        + "`",
+        f"{note} {reproduce()}",
         "",
         "| attack | trusting mean | defended (norm bound + CenteredClip) |",
         "|---|---|---|",
@@ -502,10 +504,7 @@ def sybils(counts: list[int], rounds: int, attack: str = "sign-flip") -> None:
         f"### Sybils under open admission: one attacker, k identities, 4 honest members, {rounds}"
         " rounds (simulator)",
         "",
-        f"Every identity sends {attack}; clients take the four tasks round robin. "
-        f"{outer_text().capitalize()}. Reproduce: `.venv/bin/python "
-        + " ".join(["bench/attacks.py", *sys.argv[1:]])
-        + "`",
+        f"Every identity sends {attack}; clients take the four tasks round robin. " + reproduce(),
         "",
         "| identities | share of the group | trusting mean | defended (norm bound + CenteredClip) |",
         "|---|---|---|---|",
@@ -531,9 +530,7 @@ def breakdown(rounds: int, attacks: tuple[str, ...] = ("zeros", "sign-flip")) ->
         " (simulator)",
         "",
         "Every hostile identity sends the same attack; clients take the four tasks round robin."
-        f" {outer_text().capitalize()}. Reproduce: `.venv/bin/python "
-        + " ".join(["bench/attacks.py", *sys.argv[1:]])
-        + "`",
+        + f" {reproduce()}",
         "",
         "| attack | hostile | trusting mean | defended (norm bound + CenteredClip) |",
         "|---|---|---|---|",
@@ -575,9 +572,7 @@ def pair(rounds: int) -> None:
         "No rule that sees only one round can tell the two apart (docs/design.md, 8. Trust):"
         " `min_group_size: 3` makes such a pair apply no update at all. Clean: two honest"
         f" members. The honest member training alone reaches {honest_alone:.4f}."
-        f" {outer_text().capitalize()}. Reproduce: `.venv/bin/python "
-        + " ".join(["bench/attacks.py", *sys.argv[1:]])
-        + "`",
+        + f" {reproduce()}",
         "",
         "| attack | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -605,9 +600,7 @@ def withholding(rounds: int) -> None:
         f"### Withholding on real peers: {rounds} rounds, coordinator + 3 honest + 1",
         "",
         "The hostile volunteer commits to its contribution in matchmaking and never serves it."
-        f" {outer_text().capitalize()}. Reproduce: `.venv/bin/python "
-        + " ".join(["bench/attacks.py", *sys.argv[1:]])
-        + "`",
+        + f" {reproduce()}",
         "",
         "| run | honest mean eval | rounds averaged (of 3 x rounds) | exclusions | mean round s |",
         "|---|---|---|---|---|",
@@ -629,10 +622,7 @@ def alie_strength(zs: list[float], rounds: int) -> None:
         f"### ALIE's strength z, simulator, {rounds} rounds",
         "",
         "The forgery is the honest mean minus z standard deviations per coordinate (ALIE's"
-        " default here is z = 1). Groups as in the 8/2 and 12/3 tables above."
-        f" {outer_text().capitalize()}. Reproduce: `.venv/bin/python "
-        + " ".join(["bench/attacks.py", *sys.argv[1:]])
-        + "`",
+        " default here is z = 1). Groups as in the 8/2 and 12/3 tables above." + f" {reproduce()}",
         "",
         "| group | z | trusting mean | defended (norm bound + CenteredClip) | defended:"
         " contributions excluded |",

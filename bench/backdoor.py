@@ -12,9 +12,8 @@ Measured on the state the honest members end with:
 - trigger hits: the share of those prompts whose greedy completion is exactly the answer.
 
 Runs: clean (the fourth volunteer trains capitals only), poisoned under the default rule
-(norm bound + CenteredClip), poisoned under the plain mean, and poisoned under the default
-rule with `min_group_size` left alone but a tighter radius (clip_scale 0.5, norm_bound 0.5),
-the cheapest candidate defence.
+(norm bound + CenteredClip), poisoned under the plain mean, and clean and poisoned under a
+tighter radius (clip_scale 0.5, norm_bound 0.5), the cheapest candidate defence.
 
 Run:  .venv/bin/python bench/backdoor.py [--rounds 10]
 Rewrites the `backdoor` section of bench/RESULTS.md.
@@ -51,6 +50,10 @@ RUNS = {
     "clean": ({}, False),
     "poisoned, default (norm bound + CenteredClip)": ({}, True),
     "poisoned, plain mean": ({"aggregator": "mean", "norm_bound": None}, True),
+    "clean, tighter radius (clip_scale 0.5, norm_bound 0.5)": (
+        {"clip_scale": 0.5, "norm_bound": 0.5},
+        False,
+    ),
     "poisoned, tighter radius (clip_scale 0.5, norm_bound 0.5)": (
         {"clip_scale": 0.5, "norm_bound": 0.5},
         True,

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocols.identity import MAX_KEY_CHARS, MAX_SIG_CHARS, Identity, Signed, signed_with
+from protocols.records import HEX64
 
 PURPOSE = "round-certificate/v1"
 MAX_CHAIN = 64  # certificates a peer keeps and serves with its state
 MAX_MEMBERS = 1024
 MAX_CHAIN_BYTES = 16 << 20
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(HEX64)
 _PEER = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # a libp2p id in base58, or an in-process name
 _RUN = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
 

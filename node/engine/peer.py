@@ -145,7 +145,8 @@ class Peer:
         me = self.transport.peer
         claims = self.transport.claims()
         self.ledger.collect(claims, self.may_vote)
-        population = len(set(self.transport.announcements()) | {me})
+        announced = set(self.transport.announcements())  # one read of the records for both uses
+        population = len(announced | {me})
         ours, witnessed = state.digest(), self.ledger.witnessed
         back = witnessed.digest() if witnessed is not None else ours
         alone = self.ledger.claim is None and back != ours
@@ -159,7 +160,7 @@ class Peer:
             adopted = self.adopt(candidate, population)
             if adopted is not None:
                 return adopted
-        if alone and witnessed is not None and self.others_around():
+        if alone and witnessed is not None and announced - {me}:
             return self.go_back(state, witnessed)
         return state
 
@@ -193,10 +194,6 @@ class Peer:
         self.counts.resyncs += 1
         self.save(fetched)  # a restart resumes from it, and "last checkpoint" says so
         return fetched
-
-    def others_around(self) -> bool:
-        """True when another admitted member of our group announced a state."""
-        return bool(set(self.transport.announcements()) - {self.transport.peer})
 
     def go_back(self, state: GroupState, witnessed: GroupState) -> GroupState:
         """Leave a state only we trained (round `state.round`) for the last one our group
