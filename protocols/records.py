@@ -241,11 +241,15 @@ def speaks_for(record: PeerRecord, owner: Any) -> bool:
     return _bound(record.peer_id, record.key, record.key_sig, owner)
 
 
-def parse_peer_records(raw: dict[Any, Any] | None) -> dict[str, PeerRecord]:
-    """peer_id -> PeerRecord from a DHT get() dictionary, dropping anything malformed and any
-    record whose peer id did not sign the owner key it is stored under (a record cannot speak
-    for another peer)."""
+def parse_peer_records(
+    raw: dict[Any, Any] | None, coordinator: str = ""
+) -> tuple[dict[str, PeerRecord], int]:
+    """peer_id -> PeerRecord from a DHT get() dictionary, and how many records were dropped for
+    lying: one whose peer id did not sign the owner key it is stored under (a record cannot
+    speak for another peer), or, once the manifest names the `coordinator`, one that claims
+    that role for another peer. Malformed entries are dropped without counting."""
     records: dict[str, PeerRecord] = {}
+    lies = 0
     for owner, entry in (raw or {}).items():
         try:
             record = PeerRecord.model_validate(entry.value)
@@ -253,9 +257,14 @@ def parse_peer_records(raw: dict[Any, Any] | None) -> dict[str, PeerRecord]:
             continue
         if not speaks_for(record, owner):
             log.debug("dropped a record that %s did not sign", record.peer_id[-8:])
+            lies += 1
+            continue
+        if coordinator and record.role == "coordinator" and record.peer_id != coordinator:
+            log.debug("dropped a coordinator record from %s", record.peer_id[-8:])
+            lies += 1
             continue
         records[record.peer_id] = record
-    return records
+    return records, lies
 
 
 def owner_subkey(validator: RSASignatureValidator) -> bytes:

@@ -216,6 +216,8 @@ class SwarmNode:
             port,
         )
         self.run_id = run_id
+        self.coordinator = ""  # the manifest's coordinator, once known (set_run)
+        self.dropped_records = 0  # records in the last read that lied (parse_peer_records)
         self.relay_service = relay_service
         self.relay_maddr = ""  # the relay's multiaddr while we are reached through it
         self.reach = "direct"
@@ -315,8 +317,10 @@ class SwarmNode:
         """Multiaddrs others can use as --initial-peers, the most widely dialable first."""
         return rank_maddrs([str(a) for a in self.dht.get_visible_maddrs()])
 
-    def set_run(self, run_id: str) -> None:
-        """Start validating this run's records (for peers that learn the run from the manifest)."""
+    def set_run(self, run_id: str, coordinator: str = "") -> None:
+        """Start validating this run's records (for peers that learn the run from the manifest);
+        `coordinator`: the peer id the manifest names, the only one whose record may say so."""
+        self.coordinator = coordinator or self.coordinator
         if self.run_id is None:
             self.run_id = run_id
             self.dht.add_validators([RunRecordValidator(run_id)])
@@ -369,7 +373,9 @@ class SwarmNode:
         if self.run_id is None:
             return {}
         found = self._get(peers_key(self.run_id))
-        records = parse_peer_records(found.value if found is not None else None)
+        records, self.dropped_records = parse_peer_records(
+            found.value if found is not None else None, self.coordinator
+        )
         if found is not None:
             relays = self._known_relays(records)
             self._relayed = self._relays_of(records, relays)

@@ -32,7 +32,7 @@ def connect(initial_peers: list[str]) -> tuple[SwarmNode, ManifestRecord]:
     node = SwarmNode(initial_peers=initial_peers)
     try:
         manifest = node.fetch_manifest(initial_peers[0])
-        node.set_run(manifest.run_id)
+        node.set_run(manifest.run_id, manifest.coordinator)
     except BaseException:
         node.shutdown()
         raise
@@ -161,7 +161,9 @@ def status(initial_peers: list[str], as_json: bool = False) -> int:
             clusters = read_assignment(raw, manifest.coordinator_key)
         offers = vouched_offers(records, manifest.coordinator, run_may_vote(manifest))
         if as_json:
-            print(json.dumps(snapshot(manifest, records, clusters, offers, time.time()), indent=1))
+            view = snapshot(manifest, records, clusters, offers, time.time())
+            view["dropped_records"] = node.dropped_records
+            print(json.dumps(view, indent=1))
             return 0
         print(
             f"run {manifest.run_id}  base {manifest.base_fingerprint[:12]}…  "
@@ -169,7 +171,8 @@ def status(initial_peers: list[str], as_json: bool = False) -> int:
         )
         print(
             f"outer {manifest.config['outer']['name']}  inner steps "
-            f"{manifest.config['inner']['steps']}  peers {len(records)}\n"
+            f"{manifest.config['inner']['steps']}  peers {len(records)}  records dropped"
+            f" {node.dropped_records} (not signed by their peer, or a false coordinator)\n"
         )
         print(format_peers(records) + "\n")
         if clustered:

@@ -316,6 +316,7 @@ def bootstrap(options: BootstrapOptions) -> int:
     coordinator: Coordinator | None = None
     try:
         manifest = make_manifest(options, node.peer_id, node.owner_key)
+        node.set_run(manifest.run_id, node.peer_id)  # no other record may claim our role
         if config.averaging.direct_tcp:  # the adapters it mirrors and serves
             node.enable_direct()
         node.publish_manifest(manifest)

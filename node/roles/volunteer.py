@@ -335,7 +335,7 @@ def join(options: JoinOptions) -> int:
     stop = threading.Event()
     try:
         manifest = node.fetch_manifest(options.initial_peers[0])
-        node.set_run(manifest.run_id)
+        node.set_run(manifest.run_id, manifest.coordinator)
         policy = parse_config(manifest.config).admission.policy
         if policy == "address" and not options.ticket:  # the coordinator prices identities
             options = dataclasses.replace(options, ticket=node.ask_ticket(manifest.coordinator))

@@ -55,7 +55,7 @@ def _record(i: int, signers: list, **extra) -> dict:
 
 def _stored(dht: DHT) -> dict:
     found = dht.get(peers_key(RUN), latest=True)
-    return parse_peer_records(found.value if found else None)
+    return parse_peer_records(found.value if found else None)[0]
 
 
 def test_owner_signed_record_is_accepted(peers) -> None:
@@ -108,6 +108,36 @@ def test_a_record_in_another_peers_name_is_dropped(peers) -> None:
     bare = PeerRecord(peer_id=IDS[0].peer_id, role="volunteer", round=78).model_dump()
     second.store(peers_key(RUN), bare, get_dht_time() + 60, subkey=signers[1].local_public_key)
     assert all(r.round not in (77, 78) for r in _stored(first).values())
+    found = first.get(peers_key(RUN), latest=True)
+    assert parse_peer_records(found.value)[1] == 1  # the lie (the second replaced the first)
+
+
+def test_a_coordinator_record_from_any_peer_but_the_manifests_is_dropped_and_counted(
+    peers,
+) -> None:
+    first, second, signers = peers
+    time.sleep(0.1)
+    # second's own, properly bound record, but claiming the coordinator's role
+    claim = _record(1, signers, round=5)
+    claim["role"] = "coordinator"
+    assert second.store(
+        peers_key(RUN), claim, get_dht_time() + 60, subkey=signers[1].local_public_key
+    )
+    found = first.get(peers_key(RUN), latest=True)
+    assert found is not None
+    unchecked, _ = parse_peer_records(found.value)  # who does not know the manifest yet
+    assert unchecked[IDS[1].peer_id].role == "coordinator"
+    checked, lies = parse_peer_records(found.value, coordinator=IDS[0].peer_id)
+    assert IDS[1].peer_id not in checked and lies >= 1
+    # the real coordinator's record under that role stays
+    real = _record(0, signers, round=6)
+    real["role"] = "coordinator"
+    assert first.store(
+        peers_key(RUN), real, get_dht_time() + 60, subkey=signers[0].local_public_key
+    )
+    found = first.get(peers_key(RUN), latest=True)
+    checked, _ = parse_peer_records(found.value, coordinator=IDS[0].peer_id)
+    assert checked[IDS[0].peer_id].role == "coordinator"
 
 
 @pytest.mark.parametrize(
