@@ -145,3 +145,38 @@ def test_an_attacker_moves_the_honest_result_at_most_the_documented_bound(
             assert _norm(plain, honest_mean) > 2 * _norm(aggregate, honest_mean)
     for other in aggregates[1:]:
         assert all(torch.equal(aggregates[0][k], other[k]) for k in SHAPES)
+
+
+def test_half_the_group_sending_zeros_no_longer_removes_the_honest_progress(group: Group) -> None:
+    """Measured on real peers before: with half the weight sending zero updates, the lower
+    median norm was 0 and every honest update was scaled to nothing (aggregation/robust.py,
+    "Ties")."""
+    round_ = 100
+    deltas = _deltas(round_)
+    zeros = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    sent = [deltas[0], deltas[1], zeros, zeros]  # two members of four send nothing
+    hostile = group.averagers[3]
+    assert isinstance(hostile, HostileAverager)
+    hostile.forgery = None  # it sends what it is given: zeros
+    metas = [
+        MemberMeta(n.peer_id, round_, "ab" * 32, WEIGHT, ticket=t)
+        for n, t in zip(group.nodes, group.tickets, strict=True)
+    ]
+    outcomes = run_members(
+        lambda i: group.averagers[i].exchange(sent[i], metas[i], timeout=15.0), 4
+    )
+    honest_alone = combine(deltas[:2], [WEIGHT] * 2, CONFIG)
+    for i in range(2):
+        out = outcomes[i]
+        assert isinstance(out, GatherOutcome), (i, out)
+        result = GroupResult(
+            [m for m in out.members.values() if m is not None], out.contributions, out.missing
+        )
+        chosen, _ = select_contributions(result, metas[i], WEIGHT)
+        assert len(chosen) == 4  # all four averaged: nothing was excluded
+        aggregate = combine(
+            [out.contributions[m.peer] for m in chosen], [m.weight for m in chosen], CONFIG
+        )
+        # the zeros are dropped: the same bits as the two real updates alone, far from zero
+        assert all(torch.equal(aggregate[k], honest_alone[k]) for k in SHAPES)
+        assert _norm(aggregate, zeros) > 0.5 * _norm(honest_alone, zeros)
