@@ -411,7 +411,10 @@ class SwarmNode:
 
     def _get(self, key: str) -> Any:
         """The newest value under `key`, or None when the DHT does not answer within
-        DHT_GET_TIMEOUT (a busy swarm must not freeze a round loop or a Ctrl+C)."""
+        DHT_GET_TIMEOUT (a busy swarm must not freeze a round loop or a Ctrl+C), or at once
+        when its process is gone (a terminal's Ctrl+C signals it too)."""
+        if not self.dht.is_alive():
+            return None
         future = self.dht.get(key, latest=True, return_future=True)
         try:
             return future.result(timeout=DHT_GET_TIMEOUT)

@@ -396,7 +396,10 @@ class Peer:
         return self.checkpoint.save(state, local)
 
     def finish(self, state: GroupState) -> GroupState:
-        """Adopt the consensus of our final round, so the group ends on one adapter."""
+        """Adopt the consensus of our final round, so the group ends on one adapter; not when
+        stopped (Ctrl+C, SIGTERM): then leaving promptly comes first."""
+        if self.stop.is_set():
+            return state
         synced = self.sync(state)
         if synced is not state:  # (sync saved it)
             self.announce(synced)
