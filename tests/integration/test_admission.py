@@ -32,9 +32,15 @@ def _transport(node: SwarmNode, gate: Gate, ticket: str, revoked) -> HivemindTra
         return GroupAverager(node, prefix, template, matchmaking_time=2.0, gate=gate)
 
     record = PeerRecord(peer_id=node.peer_id, role="volunteer")
-    return HivemindTransport(
+    transport = HivemindTransport(
         node, make, f"{RUN}_global", role_record=record, ticket=ticket, revoked=revoked
     )
+    # no heartbeat records here: tell it what they would say (the three admitted members take
+    # part, less any it refuses: the revoked one), so a group closes once they are in instead
+    # of waiting out a doubled first window
+    transport.first_window = None
+    transport.expected_members = lambda refused, *_: 3 - len(refused)  # type: ignore[method-assign]
+    return transport
 
 
 def _exchange_all(transports: list[HivemindTransport], round_: int) -> list:

@@ -94,7 +94,9 @@ def test_an_attacker_moves_the_honest_result_at_most_the_documented_bound(
     ]
     outcomes = run_members(
         # a refused attacker finds no group: let it give up soon after the honest ones are done
-        lambda i: group.averagers[i].exchange(deltas[i], metas[i], timeout=15.0 if i < 3 else 5.0),
+        lambda i: group.averagers[i].exchange(
+            deltas[i], metas[i], timeout=15.0 if i < 3 else 5.0, expected=4
+        ),
         4,
     )
 
@@ -163,7 +165,7 @@ def test_half_the_group_sending_zeros_no_longer_removes_the_honest_progress(grou
         for n, t in zip(group.nodes, group.tickets, strict=True)
     ]
     outcomes = run_members(
-        lambda i: group.averagers[i].exchange(sent[i], metas[i], timeout=15.0), 4
+        lambda i: group.averagers[i].exchange(sent[i], metas[i], timeout=15.0, expected=4), 4
     )
     honest_alone = combine(deltas[:2], [WEIGHT] * 2, CONFIG)
     for i in range(2):
