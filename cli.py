@@ -118,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoints, identity and metrics; restart with the same dir to resume",
     )
     join.add_argument("--rounds", type=int, default=1_000_000, help="exit 0 after this many rounds")
-    join.add_argument("--model", help="local Hugging Face causal LM dir (default: embedded base)")
+    join.add_argument(
+        "--model",
+        help="a causal LM: a local Hugging Face model dir, or a hub id (org/name) taken from"
+        " the local Hugging Face cache or downloaded (default: the embedded base)",
+    )
     join.add_argument(
         "--quantize",
         choices=["4bit", "4bit-dq"],

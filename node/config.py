@@ -193,6 +193,7 @@ class RunConfig(_Strict):
     """Everything the coordinator publishes in the manifest (per-machine things are CLI flags)."""
 
     run_id: str = Field("swarmtune-demo", pattern=r"^[a-z0-9][a-z0-9-]{2,63}$")
+    # "embedded", a local model dir, or a Hugging Face hub id (org/name; node/local/basemodel.py)
     base_model: str = "embedded"
     seed: int = Field(0, ge=0)
     lora: LoraSettings = LoraSettings()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +34,7 @@ from transformers.pytorch_utils import Conv1D
 if TYPE_CHECKING:
     from node.config import RunConfig
 
+log = logging.getLogger("swarmtune.base")
 ASSET_DIR: Path = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED = "embedded"
 WEIGHTS_FILE = "model.safetensors"
@@ -45,6 +48,8 @@ ASSET_FILES = (
 EMBEDDED_FINGERPRINT: str = "5f1b545f1f983a9e39ced58c55919a69f08a17bc71b0e3567c09976cdfe89d2e"
 # NF4 (QLoRA), optionally with double quantization of the block scales; CPU or CUDA
 QUANTIZE_CHOICES = ("4bit", "4bit-dq")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name on the Hugging Face hub
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # config, tokenizer, weights
 # what transformers' from_pretrained reads: single-file or sharded (with an index) checkpoints
 WEIGHT_FILES = (
     WEIGHTS_FILE,
@@ -95,7 +100,7 @@ def load_base(
     """
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise BaseModelError(f"unknown quantization {quantize!r}; choose from {QUANTIZE_CHOICES}")
-    model_dir = ASSET_DIR if path is None or path == EMBEDDED else _check_model_dir(path)
+    model_dir = ASSET_DIR if path is None or path == EMBEDDED else resolve_model(path)
     embedded = model_dir == ASSET_DIR
     if quantize is not None:
         _require_4bit_support()
@@ -135,13 +140,35 @@ def check_local_base(path: str | None, quantize: str | None = None) -> None:
         _require_4bit_support()
     if path is None or path == EMBEDDED:
         return
-    model_dir = _check_model_dir(path)
+    model_dir = resolve_model(path)
     _load_config(model_dir)
     load_tokenizer(model_dir)
     if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
         raise BaseModelError(
             f"no model weights in {path} (expected one of {', '.join(WEIGHT_FILES)})"
         )
+
+
+def resolve_model(path: str) -> Path:
+    """A --model value as a model directory: a directory as it is; otherwise a Hugging Face id
+    (`org/name`), taken from the local Hugging Face cache, or downloaded (config, tokenizer and
+    weights only) where the network allows. BaseModelError, one line, when neither works."""
+    if Path(path).expanduser().exists() or not HUB_ID.fullmatch(path):
+        return _check_model_dir(path)
+    from huggingface_hub import snapshot_download  # (a transformers dependency)
+
+    try:
+        found = snapshot_download(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (the hub library raises several kinds)
+        log.info("%s is not in the local Hugging Face cache: downloading it", path)
+        try:
+            found = snapshot_download(path, allow_patterns=HUB_FILES)
+        except Exception as err:  # noqa: BLE001 - offline, unknown, gated: one line says which
+            raise BaseModelError(
+                f"--model {path}: no such directory, not in the local Hugging Face cache, and"
+                f" not downloadable ({_one_line(err)})"
+            ) from None
+    return _check_model_dir(found)
 
 
 def _check_model_dir(path: str) -> Path:

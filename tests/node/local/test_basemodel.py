@@ -19,6 +19,7 @@ from node.local.basemodel import (
     EMBEDDED,
     EMBEDDED_FINGERPRINT,
     BaseModelError,
+    check_local_base,
     detect_target_modules,
     export_base,
     load_base,
@@ -279,3 +280,35 @@ def test_plain_sgd_inner_steps_are_a_working_control() -> None:
     before = local.eval_loss()
     local.trainer.train_steps(20)
     assert local.eval_loss() < before - 0.05
+
+
+def _hub_cache(root: Path, repo: str) -> Path:
+    """A local Hugging Face cache holding the embedded base under `repo` (the layout the hub
+    library writes: models--ORG--NAME/refs/main naming a snapshot folder)."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("c0" * 20)
+    snapshot.mkdir(parents=True)
+    for name in basemodel.ASSET_FILES:
+        (snapshot / name).write_bytes((basemodel.ASSET_DIR / name).read_bytes())
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("c0" * 20)
+    return snapshot
+
+
+def test_a_hub_id_resolves_from_the_local_cache_with_the_same_fingerprint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # nothing here may reach the network
+    snapshot = _hub_cache(tmp_path, "acme/tiny-base")
+    assert basemodel.resolve_model("acme/tiny-base") == snapshot
+    _, _, fingerprint = load_base("acme/tiny-base")
+    assert fingerprint == EMBEDDED_FINGERPRINT  # the same weights, wherever they come from
+    check_local_base("acme/tiny-base")
+    with pytest.raises(BaseModelError, match="acme/absent") as err:
+        load_base("acme/absent")
+    assert "\n" not in str(err.value) and "not downloadable" in str(err.value)
+    with pytest.raises(BaseModelError, match="does not exist"):  # a path is still a path
+        load_base(str(tmp_path / "nowhere"))
