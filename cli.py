@@ -124,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
         " the local Hugging Face cache or downloaded (default: the embedded base)",
     )
     join.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="where the base model trains (auto: CUDA, else MPS, else the CPU)",
+    )
+    join.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="autocast of the forward pass; LoRA weights, AdamW moments and everything averaged"
+        " stay fp32, so volunteers of any precision share a run",
+    )
+    join.add_argument(
         "--quantize",
         choices=["4bit", "4bit-dq"],
         help="QLoRA: load the base in NF4 (4bit-dq: also quantize the block scales); CPU or CUDA",
@@ -338,6 +351,8 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.serve_relay,
                 args.threads,
                 args.wait_for,
+                args.device,
+                args.precision,
             )
         )
     if args.command in ("admit", "revoke", "id"):

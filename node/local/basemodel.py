@@ -48,6 +48,7 @@ ASSET_FILES = (
 EMBEDDED_FINGERPRINT: str = "5f1b545f1f983a9e39ced58c55919a69f08a17bc71b0e3567c09976cdfe89d2e"
 # NF4 (QLoRA), optionally with double quantization of the block scales; CPU or CUDA
 QUANTIZE_CHOICES = ("4bit", "4bit-dq")
+DEVICES = ("cpu", "cuda", "mps")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name on the Hugging Face hub
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # config, tokenizer, weights
 # what transformers' from_pretrained reads: single-file or sharded (with an index) checkpoints
@@ -90,14 +91,32 @@ def _little_endian_bytes(tensor: torch.Tensor) -> bytes:
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def load_base(
-    path: str | None = None, quantize: str | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """(eval fp32 model, tokenizer with pad token, fingerprint) of the embedded or a local base.
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (CUDA, else Apple's MPS, else the CPU), cpu, cuda or mps; BaseModelError
+    when the asked-for accelerator is not there."""
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name not in DEVICES:
+        raise BaseModelError(f"unknown device {name!r}; choose from auto, {', '.join(DEVICES)}")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise BaseModelError(f"--device {name}: no {name.upper()} device on this machine")
+    return torch.device(name)
 
-    The fingerprint is taken from the fp32 weights before any quantization, so a 4-bit peer
-    and an fp32 peer of the same checkpoint agree.
+
+def load_base(
+    path: str | None = None, quantize: str | None = None, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """(eval fp32 model on `device`, tokenizer with pad token, fingerprint) of the embedded or
+    a local base.
+
+    The fingerprint is taken from the fp32 weights on the CPU, before any quantization or
+    move, so 4-bit, GPU and CPU peers of the same checkpoint agree.
     """
+    target = resolve_device(device)
+    if quantize is not None and target.type == "mps":
+        raise BaseModelError("--quantize runs on CUDA or the CPU, not on MPS")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise BaseModelError(f"unknown quantization {quantize!r}; choose from {QUANTIZE_CHOICES}")
     model_dir = ASSET_DIR if path is None or path == EMBEDDED else resolve_model(path)
@@ -116,8 +135,10 @@ def load_base(
     if quantize is not None:
         del model  # free the fp32 copy before the quantized load
         gc.collect()
-        model = _load_model(model_dir, config, quantize=quantize)
+        model = _load_model(model_dir, config, quantize=quantize, device=target)
         _one_cpu_kernel(model)
+    elif target.type != "cpu":
+        nn.Module.to(model, target)  # in place (transformers types .to for dtypes only)
     return model.eval(), tokenizer, fingerprint
 
 
@@ -221,7 +242,10 @@ def _load_config(model_dir: Path) -> PretrainedConfig:
 
 
 def _load_model(
-    model_dir: Path, config: PretrainedConfig, quantize: str | None = None
+    model_dir: Path,
+    config: PretrainedConfig,
+    quantize: str | None = None,
+    device: torch.device | None = None,
 ) -> PreTrainedModel:
     kwargs: dict = {"local_files_only": True, _DTYPE_KWARG: torch.float32}
     if quantize is not None:
@@ -231,8 +255,8 @@ def _load_model(
             bnb_4bit_compute_dtype=torch.float32,
             bnb_4bit_use_double_quant=quantize == "4bit-dq",
         )
-        cuda = torch.cuda.is_available()
-        kwargs["device_map"] = {"": torch.cuda.current_device() if cuda else "cpu"}
+        on_cuda = device is not None and device.type == "cuda"
+        kwargs["device_map"] = {"": torch.cuda.current_device() if on_cuda else "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, **kwargs)
     except Exception as err:  # corrupt files raise library-specific types

@@ -57,15 +57,18 @@ def build_local_model(
     data_seed: int = 0,
     quantize: str | None = None,
     stop: threading.Event | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> LocalModel:
-    """Load the base, attach the manifest's LoRA (seeded), and wrap the peer's data; `stop`
-    abandons the inner loop at its next step once set."""
-    base, tokenizer, fingerprint = load_base(model_path, quantize=quantize)
+    """Load the base on `device`, attach the manifest's LoRA (seeded), and wrap the peer's
+    data; `precision` autocasts the forward pass; `stop` abandons the inner loop at its next
+    step once set."""
+    base, tokenizer, fingerprint = load_base(model_path, quantize=quantize, device=device)
     targets = target_modules or resolve_target_modules(config, base)
     model = attach_lora(base, config.lora, targets, seed=config.seed)
     train_texts, eval_texts = split_eval(data_spec, load_texts(data_spec, seed=data_seed))
     inner = config.inner
     batches = TokenBatcher(train_texts, tokenizer, inner.seq_len, inner.batch_size, data_seed)
     held_out = eval_batches(eval_texts, tokenizer, inner.seq_len, inner.batch_size, EVAL_BATCHES)
-    trainer = InnerTrainer(model, inner, batches, stop=stop)
+    trainer = InnerTrainer(model, inner, batches, stop=stop, precision=precision)
     return LocalModel(trainer, model, tokenizer, fingerprint, targets, held_out)

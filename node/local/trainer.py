@@ -67,6 +67,13 @@ def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, labels=input_ids).loss
 
 
+AUTOCAST: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
 class RoundAbandoned(Exception):
     """The inner loop was asked to stop (Ctrl+C); the round's partial work is dropped."""
 
@@ -80,7 +87,11 @@ class InnerTrainer:
         inner: InnerSettings,
         batches: Batches,
         stop: threading.Event | None = None,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in AUTOCAST:
+            raise ValueError(f"precision must be one of {', '.join(AUTOCAST)}, got {precision!r}")
+        self.precision = precision  # autocast of the forward pass; weights and moments stay fp32
         self.model = model
         self.inner = inner
         self.batches = batches
@@ -96,6 +107,8 @@ class InnerTrainer:
         self.optimizer: torch.optim.Optimizer = kind(
             self._trainable.values(), lr=inner.lr, weight_decay=inner.weight_decay
         )
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
     def switch_data(self, batches: Batches, optimizer_state: dict[str, Any] | None) -> None:
         """Train on `batches` from now on, with these AdamW moments (None: fresh moments)."""
@@ -141,11 +154,14 @@ class InnerTrainer:
             if self.stop is not None and self.stop.is_set():
                 raise RoundAbandoned(f"stopped after {j} of {steps} inner steps")
             input_ids, n_tokens = self.batches.next_batch()
-            loss = lm_loss(self.model, input_ids.to(self.device))
+            with self.autocast():
+                loss = lm_loss(self.model, input_ids.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(self._trainable.values(), self.inner.max_grad_norm)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             if after_step is not None:
                 after_step(j)
             losses.append(float(loss.detach()))
@@ -160,9 +176,16 @@ class InnerTrainer:
             time.perf_counter() - start,
         )
 
+    def autocast(self) -> torch.autocast:
+        """The forward pass in the volunteer's precision (fp32: autocast off). The LoRA weights,
+        their gradients and the AdamW moments stay fp32, so a pseudo-gradient, and everything
+        averaged or hashed, is fp32 whatever precision a volunteer trains in."""
+        dtype = AUTOCAST[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     @torch.no_grad()
     def eval_loss(self, batches: list[torch.Tensor]) -> float:
-        """Mean loss over fixed held-out batches."""
+        """Mean loss over fixed held-out batches, in fp32 (comparable across volunteers)."""
         self.model.eval()
         losses = [float(lm_loss(self.model, b.to(self.device))) for b in batches]
         return sum(losses) / max(len(losses), 1)

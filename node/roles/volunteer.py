@@ -22,7 +22,7 @@ from node.engine.peer import Peer
 from node.engine.round import RoundReport
 from node.engine.state import GroupState
 from node.engine.swarm_transport import HivemindTransport
-from node.local.basemodel import check_local_base
+from node.local.basemodel import check_local_base, resolve_device
 from node.local.build import LocalModel, build_local_model
 from node.local.data import load_texts
 from node.local.threads import ThreadShare
@@ -60,6 +60,8 @@ class JoinOptions:
     serve_relay: bool = False  # also relay for NATed volunteers (a dialable peer only)
     threads: int | None = None  # torch threads; None: a share of the cores (node/local/threads.py)
     wait_for: int = 1  # volunteers (this one included) to see announced before round one
+    device: str = "auto"  # where the base and LoRA train: auto, cpu, cuda or mps
+    precision: str = "fp32"  # autocast of the forward pass: fp32, bf16 or fp16
 
 
 def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
@@ -321,6 +323,7 @@ def join(options: JoinOptions) -> int:
     own = load_config(options.config) if options.config else None
     load_texts(options.data)  # unusable data fails here, before any network activity
     check_local_base(options.model, options.quantize)  # and so does a wrong --model dir
+    resolve_device(options.device)  # and a --device this machine does not have
     options.workdir.mkdir(parents=True, exist_ok=True)
     node = SwarmNode(
         initial_peers=options.initial_peers,
@@ -353,6 +356,8 @@ def join(options: JoinOptions) -> int:
             data_seed=seed,
             quantize=options.quantize,
             stop=stop,
+            device=options.device,
+            precision=options.precision,
         )
         check_compatible(manifest, local, own)
         node.blobs.publish("manifest", manifest.model_dump_json().encode())

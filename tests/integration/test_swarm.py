@@ -71,13 +71,18 @@ def _left_in_group(pid: int, within: float = 15.0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):
-    """A coordinator and 3 volunteers (one on a 4-bit base) that ran 3 rounds; the coordinator
-    stays up."""
+    """A coordinator and 3 volunteers (one on a 4-bit base, one training in bf16 autocast) that
+    ran 3 rounds; the coordinator stays up."""
     swarm = Swarm(tmp_path_factory.mktemp("swarm"))
     try:
         swarm.start_coordinator("--http-port", "0", "--report-to", "tensorboard")
-        # v0 also logs to TensorBoard; v2 trains on an NF4 (QLoRA) base in the same run
-        extra = {0: ["--report-to", "tensorboard"], 2: ["--quantize", "4bit"]}
+        # v0 also logs to TensorBoard, v1 trains in bf16 autocast, v2 on an NF4 (QLoRA) base:
+        # all in the same run, and they still end bit-identical (the test below)
+        extra = {
+            0: ["--report-to", "tensorboard"],
+            1: ["--precision", "bf16", "--device", "cpu"],
+            2: ["--quantize", "4bit"],
+        }
         for i, task in enumerate(TASKS):
             swarm.join(f"v{i}", task, 3, *extra.get(i, []))
         codes = [swarm.wait(f"v{i}", 240) for i in range(3)]

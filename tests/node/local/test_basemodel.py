@@ -312,3 +312,37 @@ def test_a_hub_id_resolves_from_the_local_cache_with_the_same_fingerprint(
     assert "\n" not in str(err.value) and "not downloadable" in str(err.value)
     with pytest.raises(BaseModelError, match="does not exist"):  # a path is still a path
         load_base(str(tmp_path / "nowhere"))
+
+
+def test_bf16_autocast_trains_while_weights_and_moments_stay_fp32() -> None:
+    from node.config import parse_config
+    from node.local.build import build_local_model
+
+    config = parse_config({"inner": {"steps": 12, "batch_size": 8, "seq_len": 48, "lr": 3e-3}})
+    local = build_local_model(config, "builtin:arithmetic", precision="bf16")
+    before = local.eval_loss()
+    seen: list[torch.dtype] = []
+    hook = local.model.register_forward_hook(lambda _m, _i, out: seen.append(out.logits.dtype))
+    result = local.trainer.train_steps(12)
+    hook.remove()
+    assert torch.bfloat16 in seen  # the forward pass ran in bf16
+    assert result.loss_last < result.loss_first and local.eval_loss() < before
+    params = local.trainer.get_params()
+    assert all(p.dtype == torch.float32 for p in params.values())
+    moments = [t for s in local.trainer.optimizer.state.values() for t in s.values()]
+    assert moments and all(t.dtype == torch.float32 for t in moments if t.is_floating_point())
+    with pytest.raises(ValueError, match="precision"):
+        build_local_model(config, "builtin:arithmetic", precision="fp8")
+
+
+def test_device_choice_is_checked_and_auto_falls_back_to_the_cpu() -> None:
+    assert basemodel.resolve_device("cpu").type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if expected == "cpu" and getattr(torch.backends, "mps", None) is not None:
+        expected = "mps" if torch.backends.mps.is_available() else "cpu"
+    assert basemodel.resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(BaseModelError, match="no CUDA device"):
+            basemodel.resolve_device("cuda")
+    with pytest.raises(BaseModelError, match="unknown device"):
+        basemodel.resolve_device("tpu")
