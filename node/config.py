@@ -42,6 +42,10 @@ class InnerSettings(_Strict):
     batch_size: int = Field(8, ge=1, le=4096)
     seq_len: int = Field(64, ge=8, le=8192)
     max_grad_norm: float = Field(1.0, gt=0)
+    # batches whose gradients add up to one step (an effective batch of batch_size x this)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    # recompute activations in the backward pass: less memory, about a third more compute
+    gradient_checkpointing: bool = False
 
 
 OuterName = Literal[
@@ -184,9 +188,10 @@ class ClusteringSettings(_Strict):
 
 
 def max_round_weight(config: RunConfig) -> float:
-    """The most tokens one member can have seen in one round: H steps of full batches."""
+    """The most tokens one member can have seen in one round: H steps of full batches (each
+    step grad_accum of them)."""
     inner = config.inner
-    return float(inner.steps * inner.batch_size * inner.seq_len)
+    return float(inner.steps * inner.grad_accum * inner.batch_size * inner.seq_len)
 
 
 class RunConfig(_Strict):

@@ -109,6 +109,13 @@ class InnerTrainer:
         )
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        if inner.gradient_checkpointing:
+            # PEFT freezes the embeddings, so checkpointed blocks would see inputs that need no
+            # gradient and drop the LoRA gradients inside them: make the inputs require it
+            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
 
     def switch_data(self, batches: Batches, optimizer_state: dict[str, Any] | None) -> None:
         """Train on `batches` from now on, with these AdamW moments (None: fresh moments)."""
@@ -153,19 +160,22 @@ class InnerTrainer:
         for j in range(steps):
             if self.stop is not None and self.stop.is_set():
                 raise RoundAbandoned(f"stopped after {j} of {steps} inner steps")
-            input_ids, n_tokens = self.batches.next_batch()
-            with self.autocast():
-                loss = lm_loss(self.model, input_ids.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            loss = torch.zeros(())
+            for _ in range(self.inner.grad_accum):  # gradients add up; each batch weighs 1/k
+                input_ids, n_tokens = self.batches.next_batch()
+                with self.autocast():
+                    part = lm_loss(self.model, input_ids.to(self.device)) / self.inner.grad_accum
+                self.scaler.scale(part).backward()
+                loss = loss + part.detach().float().cpu()
+                tokens += n_tokens
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(self._trainable.values(), self.inner.max_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if after_step is not None:
                 after_step(j)
-            losses.append(float(loss.detach()))
-            tokens += n_tokens
+            losses.append(float(loss))
         self.model.eval()
         return InnerResult(
             steps,

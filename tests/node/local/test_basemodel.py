@@ -346,3 +346,56 @@ def test_device_choice_is_checked_and_auto_falls_back_to_the_cpu() -> None:
             basemodel.resolve_device("cuda")
     with pytest.raises(BaseModelError, match="unknown device"):
         basemodel.resolve_device("tpu")
+
+
+class _Fixed:
+    """The same windows every time, `rows` at a time (a Batches for exact comparisons)."""
+
+    def __init__(self, windows: torch.Tensor, rows: int) -> None:
+        self.windows, self.rows, self.drawn = windows, rows, 0
+
+    def next_batch(self) -> tuple[torch.Tensor, int]:
+        start = (self.drawn * self.rows) % len(self.windows)
+        self.drawn += 1
+        batch = self.windows[start : start + self.rows]
+        return batch, batch.numel()
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn = state["drawn"]
+
+
+def _one_sgd_step(inner: dict, rows: int, windows: torch.Tensor) -> tuple[dict, int]:
+    from node.config import parse_config
+    from node.local.build import build_local_model
+
+    config = parse_config({"inner": {"optimizer": "sgd", "lr": 0.5, "seq_len": 48, **inner}})
+    local = build_local_model(config, "builtin:arithmetic")
+    local.trainer.batches = _Fixed(windows, rows)
+    result = local.trainer.train_steps(1)
+    return local.trainer.get_params(), result.tokens
+
+
+def test_gradient_accumulation_and_checkpointing_change_memory_not_the_step() -> None:
+    _, tokenizer, _ = load_base()
+    windows, _ = TokenBatcher(load_texts("builtin:arithmetic"), tokenizer, 48, 8, 0).next_batch()
+    reference, tokens = _one_sgd_step({"batch_size": 8}, 8, windows)
+    # two batches of 4 full windows: their mean loss is the mean over all 8, so one SGD step
+    # moves the weights the same way (fp32 sums in another order: a few eps of the weights)
+    accumulated, accumulated_tokens = _one_sgd_step({"batch_size": 4, "grad_accum": 2}, 4, windows)
+    checkpointed, _ = _one_sgd_step({"batch_size": 8, "gradient_checkpointing": True}, 8, windows)
+    assert accumulated_tokens == tokens == windows.numel()
+    eps = torch.finfo(torch.float32).eps
+    for name, value in reference.items():
+        atol = 64 * eps * float(value.abs().max())
+        torch.testing.assert_close(accumulated[name], value, rtol=0, atol=atol)
+        torch.testing.assert_close(checkpointed[name], value, rtol=0, atol=atol)
+    # and the step was a real one: the weights moved by far more than that tolerance
+    from node.config import parse_config
+    from node.local.build import build_local_model
+
+    start = build_local_model(parse_config({}), "builtin:arithmetic").trainer.get_params()
+    moved = max(float((reference[k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e3 * eps * max(float(v.abs().max()) for v in reference.values())
