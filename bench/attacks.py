@@ -497,6 +497,20 @@ def setting(
     print("\n".join(lines))
 
 
+def _both(clients: int, hostile: int, attack: str | None, rounds: int) -> dict[bool, float]:
+    """Final eval loss of one simulated group under the trusting mean (False) and the defended
+    default (True)."""
+    return {r: run_sim(clients, hostile, attack, r, rounds)["eval_loss"] for r in (False, True)}
+
+
+def _cells(row: dict[bool, float], clean: dict[bool, float]) -> str:
+    """The trusting and defended cells of a table row, each against its clean run."""
+    return (
+        f"{row[False]:.4f} ({_verdict(row[False], clean[False])}) |"
+        f" {row[True]:.4f} ({_verdict(row[True], clean[True])})"
+    )
+
+
 def sybils(counts: list[int], rounds: int, attack: str = "sign-flip") -> None:
     """One person behind 1, 2, 4, 8 identities among 4 honest members (open admission: each
     identity is a member like any other), every one sending `attack`."""
@@ -509,15 +523,12 @@ def sybils(counts: list[int], rounds: int, attack: str = "sign-flip") -> None:
         "| identities | share of the group | trusting mean | defended (norm bound + CenteredClip) |",
         "|---|---|---|---|",
     ]
-    clean = {r: run_sim(4, 0, None, r, rounds)["eval_loss"] for r in (False, True)}
+    clean = _both(4, 0, None, rounds)
     lines.append(f"| 0 (clean) | 0 | {clean[False]:.4f} | {clean[True]:.4f} |")
     for k in counts:
-        row = {r: run_sim(4 + k, k, attack, r, rounds)["eval_loss"] for r in (False, True)}
+        row = _both(4 + k, k, attack, rounds)
         print(f"sybils {k}: {json.dumps(row)}", flush=True)
-        lines.append(
-            f"| {k} | {k}/{4 + k} | {row[False]:.4f} ({_verdict(row[False], clean[False])}) |"
-            f" {row[True]:.4f} ({_verdict(row[True], clean[True])}) |"
-        )
+        lines.append(f"| {k} | {k}/{4 + k} | {_cells(row, clean)} |")
     replace_section("attacks-sybils", "\n".join(lines))
     print("\n".join(lines))
 
@@ -535,16 +546,13 @@ def breakdown(rounds: int, attacks: tuple[str, ...] = ("zeros", "sign-flip")) ->
         "| attack | hostile | trusting mean | defended (norm bound + CenteredClip) |",
         "|---|---|---|---|",
     ]
-    clean = {r: run_sim(3, 0, None, r, rounds)["eval_loss"] for r in (False, True)}
+    clean = _both(3, 0, None, rounds)
     lines.append(f"| clean | 0/3 | {clean[False]:.4f} | {clean[True]:.4f} |")
     for attack in attacks:
         for k in (2, 3):
-            row = {r: run_sim(3 + k, k, attack, r, rounds)["eval_loss"] for r in (False, True)}
+            row = _both(3 + k, k, attack, rounds)
             print(f"breakdown {attack} {k}: {json.dumps(row)}", flush=True)
-            lines.append(
-                f"| {attack} | {k}/{3 + k} | {row[False]:.4f} ({_verdict(row[False], clean[False])})"
-                f" | {row[True]:.4f} ({_verdict(row[True], clean[True])}) |"
-            )
+            lines.append(f"| {attack} | {k}/{3 + k} | {_cells(row, clean)} |")
     replace_section("attacks-breakdown", "\n".join(lines))
     print("\n".join(lines))
 

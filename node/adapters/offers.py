@@ -19,11 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from node.adapters.adapter import ADAPTER_FILES, AdapterError, adapter_digest
+from node.config import parse_config
 from node.engine.certify import MayVote, candidates, certified_votes, claims_of, quorum
 from protocols.admission import Gate
 from protocols.certificates import Certificate, Vote
 from protocols.identity import owns
 from protocols.records import ManifestRecord, PeerRecord
+from protocols.transfer import unpack_files
 
 
 @dataclass(frozen=True)
@@ -129,12 +131,14 @@ _FIXED_FIELDS = {
 
 
 def adapter_files(
-    files: Mapping[str, bytes], offer: Offer, rank: int, alpha: int, targets: list[str]
+    files: Mapping[str, bytes], offer: Offer, manifest: ManifestRecord
 ) -> dict[str, bytes]:
     """The files `pull` writes: exactly ADAPTER_FILES, with an adapter_config.json that builds
     the run's LoRA (a volunteer state's adapter: the manifest's rank, alpha and targets; one the
     coordinator made, such as a merge, may have another rank over those targets). AdapterError
     when anything is missing or the config asks PEFT for anything else."""
+    lora, targets = parse_config(manifest.config).lora, manifest.target_modules
+    rank, alpha = lora.rank, lora.alpha
     missing = [name for name in ADAPTER_FILES if name not in files]
     if missing:
         raise AdapterError(f"bundle lacks {missing}")
@@ -164,3 +168,16 @@ def adapter_files(
             f"{config.get('lora_alpha')!r}; the run's LoRA is r={rank}, alpha={alpha}"
         )
     return {name: files[name] for name in ADAPTER_FILES}
+
+
+def verified_bundle(
+    bundle: bytes,
+    cert: Certificate | None,
+    offer: Offer,
+    manifest: ManifestRecord,
+    may_vote: MayVote,
+) -> tuple[dict[str, bytes], str]:
+    """A downloaded bundle's adapter files (`adapter_files`) once its certificate proves them
+    (`check_bundle`), and what was verified; AdapterError or TransferError when not."""
+    files = adapter_files(unpack_files(bundle), offer, manifest)
+    return files, check_bundle(files, cert, offer, may_vote)

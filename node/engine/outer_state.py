@@ -53,8 +53,8 @@ def check_outer(state: GroupState, config: RunConfig) -> None:
     zeros = {k: torch.zeros_like(v) for k, v in state.params.items()}
     try:
         outer = load_outer(state, config)
-        fixed = _fixed(config, outer.state_dict())
-        again = _layout(outer.state_dict())
+        written = outer.state_dict()
+        fixed, again = _fixed(config, written), _layout(written)
         if saved[0].keys() != again[0].keys() or _without(saved[1], fixed) != _without(
             again[1], fixed
         ):

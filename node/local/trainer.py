@@ -161,13 +161,13 @@ class InnerTrainer:
             if self.stop is not None and self.stop.is_set():
                 raise RoundAbandoned(f"stopped after {j} of {steps} inner steps")
             self.optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros(())
+            loss = torch.zeros((), device=self.device)  # read once per step, as before
             for _ in range(self.inner.grad_accum):  # gradients add up; each batch weighs 1/k
                 input_ids, n_tokens = self.batches.next_batch()
                 with self.autocast():
                     part = lm_loss(self.model, input_ids.to(self.device)) / self.inner.grad_accum
                 self.scaler.scale(part).backward()
-                loss = loss + part.detach().float().cpu()
+                loss += part.detach().float()
                 tokens += n_tokens
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(self._trainable.values(), self.inner.max_grad_norm)

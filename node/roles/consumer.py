@@ -8,21 +8,14 @@ import time
 from pathlib import Path
 
 from node.adapters.adapter import AdapterError
-from node.adapters.offers import (
-    Offer,
-    adapter_files,
-    check_bundle,
-    run_may_vote,
-    vouched_offers,
-)
+from node.adapters.offers import Offer, run_may_vote, verified_bundle, vouched_offers
 from node.clusters.clusterer import read_assignment
-from node.config import parse_config
 from node.engine.certify import MayVote
 from node.watch.snapshot import snapshot
 from protocols.certificates import Certificate, CertificateError, decode_chain
 from protocols.records import ClusterRecord, ManifestRecord, PeerRecord, clusters_key
 from protocols.swarm import SwarmError, SwarmNode
-from protocols.transfer import TransferError, unpack_files, write_dir_atomically
+from protocols.transfer import TransferError, write_dir_atomically
 
 log = logging.getLogger("swarmtune.pull")
 
@@ -51,7 +44,6 @@ def download(
     """Fetch the bundle from the first provider that serves it intact and proven, then write its
     adapter files (and nothing else) atomically; returns the transfer stats and what was
     verified."""
-    lora = parse_config(manifest.config).lora
     errors: list[str] = []
     for provider in offer.providers:
         stats: dict[str, float] = {}
@@ -59,11 +51,8 @@ def download(
             bundle = node.fetch(
                 provider, f"adapter:{offer.name}", expected_sha256=offer.sha256, stats=stats
             )
-            files = adapter_files(
-                unpack_files(bundle), offer, lora.rank, lora.alpha, manifest.target_modules
-            )
             cert = fetch_certificate(node, provider, offer.name) if offer.state else None
-            verified = check_bundle(files, cert, offer, may_vote)
+            files, verified = verified_bundle(bundle, cert, offer, manifest, may_vote)
         except (TransferError, TimeoutError, AdapterError, CertificateError) as exc:
             errors.append(f"{provider[-8:]}: {exc}")
             continue

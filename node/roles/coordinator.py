@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.adapters.adapter import AdapterError
-from node.adapters.offers import Offer, adapter_files, check_bundle, run_may_vote, vouched_offers
+from node.adapters.offers import Offer, run_may_vote, verified_bundle, vouched_offers
 from node.clusters.clusterer import Clusterer, merge_bundles, verified_signatures
 from node.config import load_config, parse_config
 from node.engine.certify import certified_votes
@@ -37,7 +37,7 @@ from protocols.records import (
     signatures_key,
 )
 from protocols.swarm import SwarmError, SwarmNode, address_kind
-from protocols.transfer import TransferError, unpack_files
+from protocols.transfer import TransferError
 from protocols.web import StatusServer
 
 log = logging.getLogger("swarmtune.bootstrap")
@@ -243,10 +243,7 @@ class Coordinator:
                     timeout=MIRROR_TIMEOUT,
                 )
                 cert = fetch_certificate(self.node, provider, offer.name)
-                lora = parse_config(self.manifest.config).lora
-                files = unpack_files(bundle)
-                adapter_files(files, offer, lora.rank, lora.alpha, self.manifest.target_modules)
-                check_bundle(files, cert, offer, self.may_vote)
+                verified_bundle(bundle, cert, offer, self.manifest, self.may_vote)
             except (TransferError, TimeoutError, AdapterError, CertificateError) as exc:
                 log.warning("mirroring %s from %s failed: %s", offer.name, provider[-8:], exc)
                 continue

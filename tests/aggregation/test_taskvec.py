@@ -88,11 +88,10 @@ def test_adapter_cosine_equals_dense_cosine() -> None:
         adapter_inner(a, {"q": a["q"]})
 
 
-def _pair_with_cosine(seed: int) -> tuple[dict, dict]:
-    """Two adapters sharing a component, so their cosines spread over (-1, 1)."""
-    base, other = _adapter(seed), _adapter(seed + 1)
-    mix = (seed % 7 - 3) / 3.0
-    mixed = {
+def _mixed(base: dict, other: dict, mix: float) -> dict:
+    """mix * base + other per module, as one adapter of twice the rank (cosine with base set
+    by `mix`)."""
+    return {
         m: LoraFactors(
             torch.cat([base[m].A, other[m].A]),
             torch.cat([mix * base[m].B, other[m].B], dim=1),
@@ -100,7 +99,12 @@ def _pair_with_cosine(seed: int) -> tuple[dict, dict]:
         )
         for m in base
     }
-    return base, mixed
+
+
+def _pair_with_cosine(seed: int) -> tuple[dict, dict]:
+    """Two adapters sharing a component, so their cosines spread over (-1, 1)."""
+    base, other = _adapter(seed), _adapter(seed + 1)
+    return base, _mixed(base, other, (seed % 7 - 3) / 3.0)
 
 
 def _sketch_errors(k: int) -> list[float]:
@@ -242,16 +246,8 @@ def _wide(seed: int, modules: int = 210) -> dict[str, LoraFactors]:
 def test_a_signature_of_hundreds_of_modules_is_folded_to_a_fixed_size_and_keeps_cosines() -> None:
     errors = []
     for seed in range(10):
-        x, other = _wide(seed), _wide(seed + 100)
-        mix = (seed - 5) / 5  # cosines spread over (-0.7, 0.6)
-        y = {
-            m: LoraFactors(
-                torch.cat([x[m].A, other[m].A]),
-                torch.cat([mix * x[m].B, other[m].B], dim=1),
-                x[m].scaling,
-            )
-            for m in x
-        }
+        x = _wide(seed)
+        y = _mixed(x, _wide(seed + 100), (seed - 5) / 5)  # cosines spread over (-0.7, 0.6)
         sx, sy = sketch(x, k=6, seed=1), sketch(y, k=6, seed=1)
         assert sx.numel() == SIGNATURE_DIM  # 210 x 36 values before folding
         errors.append(abs(float(sx @ sy / (sx.norm() * sy.norm())) - adapter_cosine(x, y)))

@@ -8,8 +8,17 @@ import pytest
 
 from node.adapters.adapter import ADAPTER_FILES, AdapterError
 from node.adapters.offers import Offer, adapter_files
+from node.config import parse_config
+from protocols.records import ManifestRecord
 
 TARGETS = ["q_proj", "v_proj"]
+MANIFEST = ManifestRecord(  # the run's LoRA: r 8, alpha 16 over TARGETS
+    run_id="offer-test",
+    base_fingerprint="ab" * 32,
+    target_modules=TARGETS,
+    config=parse_config({"lora": {"rank": 8, "alpha": 16}}).model_dump(),
+    coordinator="QmCoordinator000",
+)
 STATE = Offer("global", 3, "ab" * 32, 10, ("p",), state="cd" * 32)  # a volunteer state's adapter
 MADE = Offer("merged", 3, "ab" * 32, 10, ("c",))  # one the coordinator made
 
@@ -43,7 +52,7 @@ def _bundle(config: object, **extra: bytes) -> dict[str, bytes]:
 
 def test_only_the_adapter_files_are_written() -> None:
     files = _bundle(_config(), **{"../escape.py": b"print()", "extra.bin": b"\0" * 64})
-    assert set(adapter_files(files, STATE, 8, 16, TARGETS)) == set(ADAPTER_FILES)
+    assert set(adapter_files(files, STATE, MANIFEST)) == set(ADAPTER_FILES)
 
 
 @pytest.mark.parametrize(
@@ -63,20 +72,20 @@ def test_only_the_adapter_files_are_written() -> None:
 )
 def test_a_config_that_asks_peft_for_anything_but_the_runs_lora_is_refused(config: object) -> None:
     with pytest.raises(AdapterError):
-        adapter_files(_bundle(config), STATE, 8, 16, TARGETS)
+        adapter_files(_bundle(config), STATE, MANIFEST)
 
 
 def test_a_bundle_without_its_files_or_with_a_broken_config_is_refused() -> None:
     files = _bundle(_config())
     del files["adapter_model.safetensors"]
     with pytest.raises(AdapterError, match="lacks"):
-        adapter_files(files, STATE, 8, 16, TARGETS)
+        adapter_files(files, STATE, MANIFEST)
     with pytest.raises(AdapterError, match="JSON"):
-        adapter_files({**_bundle(_config()), "adapter_config.json": b"{"}, STATE, 8, 16, TARGETS)
+        adapter_files({**_bundle(_config()), "adapter_config.json": b"{"}, STATE, MANIFEST)
 
 
 def test_a_coordinator_made_adapter_may_have_its_own_ranks_over_the_runs_targets() -> None:
     merged = _config(r=4, lora_alpha=4, rank_pattern={"q_proj": 8}, alpha_pattern={"q_proj": 8})
-    assert set(adapter_files(_bundle(merged), MADE, 8, 16, TARGETS)) == set(ADAPTER_FILES)
+    assert set(adapter_files(_bundle(merged), MADE, MANIFEST)) == set(ADAPTER_FILES)
     with pytest.raises(AdapterError):  # but not other modules
-        adapter_files(_bundle(_config(target_modules=["lm_head"])), MADE, 8, 16, TARGETS)
+        adapter_files(_bundle(_config(target_modules=["lm_head"])), MADE, MANIFEST)
