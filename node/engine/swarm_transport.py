@@ -26,42 +26,6 @@ from protocols.swarm import SwarmNode
 from protocols.transfer import TransferError
 
 log = logging.getLogger("swarmtune.round")
-WITHHELD_MAX = 16  # rounds a repeat withholder is refused, at most
-
-
-class Withholders:
-    """Peers that committed a contribution in matchmaking and then did not serve it to us, each
-    of which cost the group a reveal wait. We refuse one in matchmaking for the next 1, 2, 4,
-    ... rounds (doubling with every round in a row it withholds, at most WITHHELD_MAX), so a
-    persistent withholder costs a wait in rounds 1, 3, 6, 11, ... only. A peer whose
-    contribution arrives is forgiven. This is local: the group state and its bans stay out of
-    it, since members can see different failures (a peer may serve some and not others)."""
-
-    def __init__(self) -> None:
-        self.strikes: dict[str, tuple[int, int]] = {}  # peer -> (in a row, refused before)
-
-    def note(self, withheld: set[str], served: set[str], round_: int) -> None:
-        """After the exchange of round `round_` (0-based)."""
-        for peer in served:
-            self.strikes.pop(peer, None)
-        for peer in withheld:
-            count = self.strikes.get(peer, (0, 0))[0] + 1
-            rounds = min(2 ** (count - 1), WITHHELD_MAX)
-            self.strikes[peer] = (count, round_ + 1 + rounds)
-            log.warning(
-                "round %d: %s withheld its committed contribution; refusing it for %d round(s)",
-                round_ + 1,
-                peer[-8:],
-                rounds,
-            )
-
-    def refused(self, round_: int) -> dict[str, str]:
-        """Who we refuse in the exchange of round `round_`, and why."""
-        return {
-            peer: f"withheld its committed contribution {count} round(s) in a row"
-            for peer, (count, before) in self.strikes.items()
-            if round_ < before
-        }
 
 
 class HivemindTransport:
@@ -107,7 +71,6 @@ class HivemindTransport:
         self._held: set[str] = set()  # digests of the states we announced
         self.banned: dict[str, str] = {}
         self.refused_before = 0  # join requests refused by averagers we closed
-        self.withholders = Withholders()  # refused for a while after withholding
 
     def switch_group(self, prefix: str, cluster: int) -> None:
         """Average under `prefix` from the next round on, and say so in our record. The state
@@ -140,7 +103,7 @@ class HivemindTransport:
         every expected member is in."""
         self._revoked = set(self.revoked())
         revoked = {p: "ticket revoked by the coordinator" for p in self._revoked}
-        refused = {**self.withholders.refused(meta.round), **revoked, **self.banned}
+        refused = {**revoked, **self.banned}
         self.averager.set_refused(refused)
         window = self.first_window
         if ahead > 0:
@@ -161,7 +124,13 @@ class HivemindTransport:
             self.first_window = None
         except AveragingError as exc:
             raise AveragingFailed(str(exc)) from None
-        self.withholders.note(out.withheld, set(out.contributions), meta.round)
+        for peer in sorted(out.withheld):  # (not refused later: relayed honest peers miss
+            # the reveal window too, and refusing them split a NATed run for good)
+            log.warning(
+                "round %d: %s committed a contribution and did not serve it",
+                meta.round + 1,
+                peer[-8:],
+            )
         return GroupResult(
             [m for m in out.members.values() if m is not None],
             out.contributions,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.engine.swarm_transport import HivemindTransport, Withholders
+from node.engine.swarm_transport import HivemindTransport
 from protocols.records import PeerRecord
 
 PEER = "QmTestPeer0000000000"
@@ -156,57 +156,3 @@ def test_only_a_vouched_state_ahead_cancels_our_matchmaking() -> None:
         node.peers = lambda records=records: {r.peer_id: r for r in records}  # type: ignore[attr-defined]
         assert transport._moved_on(3) is moved
     assert not transport._moved_on(9)  # not past our own round
-
-
-def test_a_withholder_is_refused_for_doubling_stretches_and_forgiven_when_it_serves() -> None:
-    book = Withholders()
-    waits = []  # rounds in which the withholder was let in (and so cost a reveal wait)
-    for round_ in range(12):
-        if "w" not in book.refused(round_):
-            waits.append(round_)
-            book.note({"w"}, {"h"}, round_)
-    assert waits == [0, 2, 5, 10]  # refused for 1, 2, 4, ... rounds after each
-    book.note(set(), {"w"}, 12)  # it served: forgiven
-    assert book.refused(13) == {}
-    book.note({"w"}, set(), 13)
-    assert set(book.refused(14)) == {"w"} and book.refused(15) == {}  # a first strike again
-
-
-def test_a_withholder_seen_in_one_exchange_is_refused_in_the_next() -> None:
-    """The wiring: what the averager reports withheld reaches the next matchmaking's refusals."""
-    from node.engine.transport import MemberMeta
-    from protocols.averaging import GatherOutcome
-
-    class Averager(_Averager):
-        def __init__(self, prefix: str) -> None:
-            super().__init__(prefix)
-            self.refusals: list[dict[str, str]] = []
-
-        def set_refused(self, refused: dict[str, str]) -> None:
-            self.refusals.append(dict(refused))
-
-        def exchange(self, delta, meta, **_: object) -> GatherOutcome:  # noqa: ANN001
-            served = {meta.peer: delta} if meta.round else {meta.peer: delta, "QmOther": delta}
-            return GatherOutcome(
-                {},
-                served,
-                {"QmHoarder": "timed out"},
-                set(),
-                0,
-                0,
-                0.0,
-                0.0,
-                withheld={"QmHoarder"} if meta.round == 0 else set(),
-            )
-
-    record = PeerRecord(peer_id=PEER, role="volunteer")
-    node = _Node()
-    node.peers = dict  # type: ignore[attr-defined]  # nobody announced: expect no one
-    transport = HivemindTransport(node, Averager, "run_global", role_record=record)  # type: ignore[arg-type]
-    delta = {"w": torch.zeros(2)}
-    for round_ in range(3):
-        transport.exchange(delta, MemberMeta(PEER, round_, "ab" * 32, 1.0))
-    refusals = transport.averager.refusals  # type: ignore[attr-defined]
-    assert "QmHoarder" not in refusals[0]  # nothing known yet
-    assert "withheld" in refusals[1]["QmHoarder"]  # refused for the round after
-    assert "QmHoarder" not in refusals[2]  # one round only after a first strike
