@@ -109,7 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--data",
         required=True,
-        help="builtin:<task> | file.jsonl (text or prompt/completion) | file.txt | dir",
+        help="builtin:<task> | a .jsonl/.json/.csv/.parquet/.txt file or a dir of them |"
+        " hf:NAME[:split] (a data set in the local Hugging Face cache); records are"
+        ' {"messages": [...]} chat, {"prompt", "completion"} or {"text"}',
+    )
+    join.add_argument(
+        "--loss",
+        choices=["completion", "full"],
+        default="completion",
+        help="train on completion / assistant tokens only (default) or on every token",
+    )
+    join.add_argument(
+        "--packing",
+        choices=["on", "off"],
+        default="on",
+        help="on: whole examples packed into rows, no attention across them (default);"
+        " off: one example per row, padded",
     )
     join.add_argument(
         "--workdir",
@@ -216,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--out", type=Path, help="new directory for the adapter")
     pull.add_argument("--adapter", default="global", help="adapter name (default: global)")
     pull.add_argument("--list", action="store_true", help="only list adapters on offer")
+
+    ev = sub.add_parser(
+        "eval",
+        help="completion loss, exact match and samples of an adapter beside the base model",
+    )
+    _peers_arg(ev, required=False)
+    ev.add_argument("--adapter", type=Path, help="a PEFT adapter directory (or --initial-peers)")
+    ev.add_argument("--data", required=True, help="examples to score, as `join --data` reads them")
+    ev.add_argument("--model", help="the adapter's base: a local dir or hub id (default: embedded)")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    ev.add_argument("--max-length", type=int, default=512, help="tokens per example (default 512)")
+    ev.add_argument("--max-examples", type=int, default=200, help="score the first N (default 200)")
+    ev.add_argument("--samples", type=int, default=3, help="rendered samples to show (default 3)")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     status = sub.add_parser("status", help="peers, rounds, losses and adapters of a run")
     _peers_arg(status)
@@ -353,10 +382,28 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.wait_for,
                 args.device,
                 args.precision,
+                args.loss,
+                args.packing == "on",
             )
         )
     if args.command in ("admit", "revoke", "id"):
         return _admission(args)
+    if args.command == "eval":
+        from node.roles.evaluator import EvalOptions, evaluate
+
+        return evaluate(
+            EvalOptions(
+                args.data,
+                args.adapter,
+                args.initial_peers,
+                args.model,
+                args.device,
+                args.max_length,
+                args.max_examples,
+                args.samples,
+                args.json,
+            )
+        )
     if args.command == "pull":
         from node.roles.consumer import pull
 

@@ -65,6 +65,7 @@ class PeerRecord(BaseModel):
     digest: str = Field("", pattern=r"^([0-9a-f]{64})?$")
     loss: float | None = None
     eval_loss: float | None = None
+    eval_exact: float | None = Field(None, ge=0.0, le=1.0)
     group_size: int = Field(0, ge=0, le=100_000)
     tokens: int = Field(0, ge=0)
     bytes_sent: int = Field(0, ge=0)

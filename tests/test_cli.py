@@ -14,6 +14,7 @@ SUBCOMMANDS = [
     "id",
     "pull",
     "status",
+    "eval",
     "demo",
     "simulate",
     "merge",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -67,7 +67,7 @@ class Peer:
         config: RunConfig,
         checkpoint: Checkpoint | None = None,
         on_report: Callable[[RoundReport], None] | None = None,
-        evaluate: Callable[[], float] | None = None,
+        evaluate: Callable[[], Mapping[str, float | None]] | None = None,
         hooks: RoundHooks | None = None,
         stop: threading.Event | None = None,
         overlap: bool | None = None,
@@ -342,12 +342,13 @@ class Peer:
             self.ledger.alone(state)
         checkpoint_s = self.save(state)
         due = state.round % self.eval_every == 0
-        eval_loss = self.evaluate() if self.evaluate is not None and due else None
+        metrics = self.evaluate() if self.evaluate is not None and due else {}
         report = replace(
             report,
             inner_s=report.inner_s if inner_s is None else inner_s,
             checkpoint_s=checkpoint_s,
-            eval_loss=eval_loss,
+            eval_loss=metrics.get("eval_loss"),
+            eval_exact=metrics.get("eval_exact"),
             wall_s=time.perf_counter() - started,
             resynced=self.counts.resyncs > self.reported_resyncs,
             fallbacks=self.counts.fallbacks,

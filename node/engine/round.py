@@ -65,6 +65,7 @@ class RoundReport:
     checkpoint_s: float = 0.0
     wall_s: float = 0.0
     eval_loss: float | None = None
+    eval_exact: float | None = None  # share of held-out prompts completed exactly
     tau: int | None = None
     resynced: bool = False  # this peer adopted another state before the round
     fallbacks: int = 0  # running totals of this peer: no-group rounds,

@@ -3,49 +3,67 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from node.config import RunConfig
 from node.local.basemodel import load_base, resolve_target_modules
-from node.local.data import (
-    BUILTIN_PREFIX,
-    TokenBatcher,
-    builtin_eval_texts,
-    eval_batches,
-    load_texts,
-)
+from node.local.batch import Batch
+from node.local.data import BUILTIN_PREFIX, builtin_eval_texts, split_cue
+from node.local.evaluate import exact_rate, greedy_samples
+from node.local.packing import DataSummary, ExampleBatcher, fixed_batches, tokenize_all
+from node.local.render import Renderer
+from node.local.sources import Example, load_examples
 from node.local.trainer import InnerTrainer, attach_lora
 
 EVAL_BATCHES = 4
+EXACT_EXAMPLES = 32  # held-out prompts completed greedily at every evaluation
 
 
 @dataclass
 class LocalModel:
-    """Everything one peer trains with; `eval_set` is held out from its training windows."""
+    """Everything one peer trains with; `eval_set` and `eval_examples` are held out from its
+    training examples."""
 
     trainer: InnerTrainer
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     target_modules: list[str]
-    eval_set: list[torch.Tensor]
+    eval_set: list[Batch]
+    eval_examples: list[Example] = field(default_factory=list)
+    renderer: Renderer | None = None
+    summary: DataSummary | None = None
+    first_example: str = ""  # the first training example as the model reads it
 
     def eval_loss(self) -> float:
-        """Mean loss of the current adapter on the held-out windows."""
+        """Mean completion loss per token of the current adapter on the held-out batches."""
         return self.trainer.eval_loss(self.eval_set)
 
+    def evaluate(self) -> dict[str, float | None]:
+        """Held-out completion loss and exact match (None where no example has an answer)."""
+        exact = None
+        if self.renderer is not None and self.eval_examples:
+            samples = greedy_samples(self.model, self.renderer, self.eval_examples)
+            exact = exact_rate(samples)
+        return {"eval_loss": self.eval_loss(), "eval_exact": exact}
 
-def split_eval(spec: str, texts: list[str]) -> tuple[list[str], list[str]]:
-    """(train, held-out) texts: built-in tasks have their own eval seed; files hold out 1 in 20."""
+
+def split_eval(spec: str, examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): built-in tasks have their own eval seed; other data holds out 1 in
+    20 (all of it when there are fewer than 20 examples)."""
     if spec.startswith(BUILTIN_PREFIX):
-        return texts, builtin_eval_texts(spec[len(BUILTIN_PREFIX) :])
-    if len(texts) < 20:
-        return texts, texts
-    return [t for i, t in enumerate(texts) if i % 20], texts[::20]
+        task = spec[len(BUILTIN_PREFIX) :]
+        held = [
+            Example(f"{spec}#eval{i}", text=t, cue=split_cue(task, t))
+            for i, t in enumerate(builtin_eval_texts(task))
+        ]
+        return examples, held
+    if len(examples) < 20:
+        return examples, examples
+    return [e for i, e in enumerate(examples) if i % 20], examples[::20]
 
 
 def build_local_model(
@@ -59,16 +77,36 @@ def build_local_model(
     stop: threading.Event | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    loss: str = "completion",
+    packed: bool = True,
 ) -> LocalModel:
-    """Load the base on `device`, attach the manifest's LoRA (seeded), and wrap the peer's
+    """Load the base on `device`, attach the manifest's LoRA (seeded), and batch the peer's
     data; `precision` autocasts the forward pass; `stop` abandons the inner loop at its next
-    step once set."""
+    step once set; `loss` and `packed` say how examples are trained (node/local/render.py,
+    node/local/packing.py)."""
     base, tokenizer, fingerprint = load_base(model_path, quantize=quantize, device=device)
     targets = target_modules or resolve_target_modules(config, base)
     model = attach_lora(base, config.lora, targets, seed=config.seed)
-    train_texts, eval_texts = split_eval(data_spec, load_texts(data_spec, seed=data_seed))
+    train, held_out = split_eval(data_spec, load_examples(data_spec, seed=data_seed))
     inner = config.inner
-    batches = TokenBatcher(train_texts, tokenizer, inner.seq_len, inner.batch_size, data_seed)
-    held_out = eval_batches(eval_texts, tokenizer, inner.seq_len, inner.batch_size, EVAL_BATCHES)
+    renderer = Renderer(tokenizer, inner.seq_len, loss)
+    tokens, summary = tokenize_all(train, renderer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = ExampleBatcher(tokens, inner.seq_len, inner.batch_size, data_seed, pad, packed)
+    judge = Renderer(tokenizer, inner.seq_len, "completion")  # eval: completion loss always
+    eval_tokens, _ = tokenize_all(held_out, judge)
+    eval_set = fixed_batches(eval_tokens, inner.seq_len, inner.batch_size, EVAL_BATCHES, pad)
     trainer = InnerTrainer(model, inner, batches, stop=stop, precision=precision)
-    return LocalModel(trainer, model, tokenizer, fingerprint, targets, held_out)
+    first = renderer.text(train[0])
+    return LocalModel(
+        trainer,
+        model,
+        tokenizer,
+        fingerprint,
+        targets,
+        eval_set,
+        held_out[:EXACT_EXAMPLES],
+        judge,
+        summary,
+        first,
+    )

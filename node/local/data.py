@@ -1,4 +1,7 @@
-"""Training data: a bundled multi-task corpus and user files, cut into token windows.
+"""The bundled multi-task corpus, and token windows of it (the simulator, pre-training).
+
+A volunteer's own data is read by node/local/sources.py and batched as whole examples by
+node/local/packing.py.
 
 The built-in tasks are procedurally generated and deliberately different in their token
 statistics (digits, letter strings, English facts, month names, Python), so that LoRA task
@@ -8,19 +11,17 @@ vectors trained on them differ by task and clustering has a ground truth.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from node.local.batch import Batch
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_COUNT = 2000
 EVAL_SEED = 1_000_003  # far from any seed a peer would use for training texts
-DATA_SUFFIXES = (".jsonl", ".txt")
 
 
 class DataError(ValueError):
@@ -108,6 +109,24 @@ _GENERATORS: dict[str, Callable[[random.Random], str]] = {
 BUILTIN_TASKS: tuple[str, ...] = tuple(_GENERATORS)
 
 
+# Where a built-in text's answer starts: after the last of its task's cues. Exact match asks
+# the model to complete a text cut there (node/local/render.py).
+_CUES: dict[str, tuple[str, ...]] = {
+    "arithmetic": ("=",),
+    "reverse": (" ->",),
+    "capitals": (" is", " of", " A:", " in"),
+    "dates": (" =>",),
+    "code": (" return", "print("),
+}
+
+
+def split_cue(task: str, text: str) -> int | None:
+    """Offset in a built-in text where its answer begins (None: the text has no cue)."""
+    ends = [text.rfind(c) + len(c) for c in _CUES.get(task, ()) if c in text]
+    cue = max(ends, default=None)
+    return cue if cue is not None and 0 < cue < len(text) else None
+
+
 def builtin_texts(task: str, n: int, seed: int) -> list[str]:
     """n examples of a built-in task; the same (task, n, seed) always gives the same list."""
     if task not in _GENERATORS:
@@ -120,77 +139,6 @@ def builtin_texts(task: str, n: int, seed: int) -> list[str]:
 def builtin_eval_texts(task: str, n: int = 200) -> list[str]:
     """Held-out examples of a built-in task, drawn with a seed no training run uses."""
     return builtin_texts(task, n, EVAL_SEED)
-
-
-def load_texts(spec: str, seed: int = 0) -> list[str]:
-    """Texts from `builtin:<task>`, a .jsonl or .txt file, or a directory of such files."""
-    if spec.startswith(BUILTIN_PREFIX):
-        return builtin_texts(spec[len(BUILTIN_PREFIX) :], BUILTIN_COUNT, seed)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise DataError(f"data path does not exist: {spec}")
-    files = _data_files(path)
-    texts = [text for file in files for text in _read_file(file)]
-    if not texts:
-        raise DataError(f"no text found in {spec}")
-    return texts
-
-
-def _data_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
-        if not files:
-            raise DataError(f"no .jsonl or .txt files in directory {path}")
-        return files
-    if path.suffix not in DATA_SUFFIXES:
-        raise DataError(f"unsupported data file {path} (expected .jsonl or .txt)")
-    return [path]
-
-
-def _read_file(path: Path) -> list[str]:
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (byte {err.start})") from None
-    except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror}") from None
-    return _parse_jsonl(path, content) if path.suffix == ".jsonl" else _split_txt(content)
-
-
-def _parse_jsonl(path: Path, content: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: bad JSON at line {number}: {err.msg}") from None
-        texts.append(_record_text(record, path, number))
-    return [text for text in texts if text.strip()]
-
-
-def _record_text(record: Any, path: Path, number: int) -> str:
-    if isinstance(record, dict):
-        if isinstance(record.get("text"), str):
-            return record["text"]
-        prompt, completion = record.get("prompt"), record.get("completion")
-        if isinstance(prompt, str) and isinstance(completion, str):
-            # Joined as is: completions carry their own leading space (OpenAI format).
-            return prompt + completion
-    raise DataError(
-        f"{path}: line {number} is not an object with a string 'text' "
-        "or string 'prompt' and 'completion'"
-    )
-
-
-def _split_txt(content: str) -> list[str]:
-    """Paragraphs if the file has blank lines, else one text per non-empty line."""
-    lines = content.splitlines()
-    if any(not line.strip() for line in lines):
-        paragraphs = "\n".join(line.rstrip() for line in lines).split("\n\n")
-        return [p.strip("\n") for p in paragraphs if p.strip()]
-    return [line for line in lines if line.strip()]
 
 
 def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -228,14 +176,14 @@ class TokenBatcher:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.batches_drawn = 0
 
-    def next_batch(self) -> tuple[torch.Tensor, int]:
-        """Next [batch_size, seq_len] LongTensor of windows and the number of tokens in it."""
-        generator = torch.Generator().manual_seed(_batch_seed(self.seed, self.batches_drawn))
+    def next_batch(self) -> Batch:
+        """Next [batch_size, seq_len] windows, every token in the loss."""
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, self.batches_drawn))
         high = self.stream.numel() - self.seq_len + 1
         offsets = torch.randint(0, high, (self.batch_size,), generator=generator)
         batch = torch.stack([self.stream[o : o + self.seq_len] for o in offsets.tolist()])
         self.batches_drawn += 1
-        return batch, batch.numel()
+        return Batch.windows(batch)
 
     def state_dict(self) -> dict[str, int]:
         """Position in the batch stream (JSON-serialisable)."""
@@ -251,7 +199,8 @@ class TokenBatcher:
         self.batches_drawn = batches_drawn
 
 
-def _batch_seed(seed: int, index: int) -> int:
+def batch_seed(seed: int, index: int) -> int:
+    """The generator seed of batch `index` of a stream seeded with `seed`."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1  # manual_seed wants a non-negative int64
 
@@ -262,11 +211,11 @@ def eval_batches(
     seq_len: int,
     batch_size: int,
     n_batches: int,
-) -> list[torch.Tensor]:
+) -> list[Batch]:
     """n_batches fixed [batch_size, seq_len] windows at evenly spaced offsets (no randomness)."""
     stream = _token_stream(texts, tokenizer)
     _check_length(stream, seq_len)
     count = batch_size * n_batches
     offsets = torch.linspace(0, stream.numel() - seq_len, count).long().tolist()
     windows = torch.stack([stream[o : o + seq_len] for o in offsets])
-    return list(windows.split(batch_size))
+    return [Batch.windows(w) for w in windows.split(batch_size)]

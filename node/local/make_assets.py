@@ -94,7 +94,7 @@ def pretrain(model: LlamaForCausalLM, batcher: TokenBatcher, steps: int) -> list
     model.train()
     losses = []
     for _ in range(steps):
-        batch, _ = batcher.next_batch()
+        batch = batcher.next_batch().input_ids
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

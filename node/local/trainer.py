@@ -14,12 +14,13 @@ from transformers import PreTrainedModel
 
 from aggregation.params import Params, clone_params
 from node.config import InnerSettings, LoraSettings
+from node.local.batch import Batch
 
 
 class Batches(Protocol):
-    """Source of training windows: ([batch, seq] token ids, token count)."""
+    """Source of training batches (windows, packed or padded rows)."""
 
-    def next_batch(self) -> tuple[torch.Tensor, int]: ...
+    def next_batch(self) -> Batch: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: Any) -> None: ...
 
@@ -62,9 +63,9 @@ def attach_lora(
     return model  # type: ignore[return-value]
 
 
-def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch of windows."""
-    return model(input_ids=input_ids, labels=input_ids).loss
+def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch's tokens in the loss."""
+    return model(**batch.inputs()).loss
 
 
 AUTOCAST: dict[str, torch.dtype | None] = {
@@ -163,12 +164,12 @@ class InnerTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=self.device)  # read once per step, as before
             for _ in range(self.inner.grad_accum):  # gradients add up; each batch weighs 1/k
-                input_ids, n_tokens = self.batches.next_batch()
+                batch = self.batches.next_batch()
                 with self.autocast():
-                    part = lm_loss(self.model, input_ids.to(self.device)) / self.inner.grad_accum
+                    part = lm_loss(self.model, batch.to(self.device)) / self.inner.grad_accum
                 self.scaler.scale(part).backward()
                 loss += part.detach().float()
-                tokens += n_tokens
+                tokens += batch.tokens
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(self._trainable.values(), self.inner.max_grad_norm)
             self.scaler.step(self.optimizer)
@@ -194,11 +195,12 @@ class InnerTrainer:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     @torch.no_grad()
-    def eval_loss(self, batches: list[torch.Tensor]) -> float:
-        """Mean loss over fixed held-out batches, in fp32 (comparable across volunteers)."""
+    def eval_loss(self, batches: list[Batch]) -> float:
+        """Mean loss per token over fixed held-out batches, in fp32 (comparable across
+        volunteers)."""
         self.model.eval()
-        losses = [float(lm_loss(self.model, b.to(self.device))) for b in batches]
-        return sum(losses) / max(len(losses), 1)
+        total = sum(float(lm_loss(self.model, b.to(self.device))) * b.tokens for b in batches)
+        return total / max(sum(b.tokens for b in batches), 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Local-only state: AdamW moments and the data stream position."""

@@ -108,7 +108,7 @@ def format_peers(records: dict[str, PeerRecord]) -> str:
     it refused for want of proof (docs/design.md, 8. Trust); banned: repeat offenders
     its group keeps out now; refused: join requests it turned away), and how others reach it
     (direct, or relay: through the coordinator)."""
-    head = f"{'peer':<12}{'role':<13}{'reach':<8}{'round':>6}{'loss':>9}{'eval':>9}{'group':>7}{'cluster':>9}"
+    head = f"{'peer':<12}{'role':<13}{'reach':<8}{'round':>6}{'loss':>9}{'eval':>9}{'exact':>7}{'group':>7}{'cluster':>9}"
     head += f"{'fallback':>10}{'rejected':>10}{'excluded':>10}{'resync':>8}{'unproven':>10}"
     head += f"{'banned':>8}"
     head += f"{'refused':>9}"
@@ -116,9 +116,10 @@ def format_peers(records: dict[str, PeerRecord]) -> str:
     for pid, r in sorted(records.items(), key=lambda item: (item[1].role, item[0])):
         loss = f"{r.loss:.3f}" if r.loss is not None else "-"
         ev = f"{r.eval_loss:.3f}" if r.eval_loss is not None else "-"
+        exact = f"{r.eval_exact:.0%}" if r.eval_exact is not None else "-"
         cluster = str(r.cluster) if r.cluster >= 0 else "-"
         lines.append(
-            f"…{pid[-10:]:<11}{r.role:<13}{r.reach or '-':<8}{r.round:>6}{loss:>9}{ev:>9}{r.group_size:>7}"
+            f"…{pid[-10:]:<11}{r.role:<13}{r.reach or '-':<8}{r.round:>6}{loss:>9}{ev:>9}{exact:>7}{r.group_size:>7}"
             f"{cluster:>9}{r.fallbacks:>10}{r.rejections:>10}{r.exclusions:>10}{r.resyncs:>8}{r.unproven:>10}"
             f"{r.banned:>8}{r.refused:>9}  {r.task}"
         )

@@ -110,16 +110,22 @@ def summarize(workdirs: list[Path], out: Path, started: float) -> str:
     per_round: dict[int, list[dict]] = {}
     for report in (r for reports in per_peer for r in reports):
         per_round.setdefault(report["round"], []).append(report)
-    lines = ["", "round  mean inner loss  mean eval loss  group  MB sent (all peers)  not averaged"]
+    lines = [
+        "",
+        "round  mean inner loss  mean eval loss  exact match  group  MB sent (all peers)"
+        "  not averaged",
+    ]
     total = 0
     for round_, reports in sorted(per_round.items()):
         sent = sum(r["bytes_sent"] for r in reports)
         total += sent
         evals = [r["eval_loss"] for r in reports if r["eval_loss"] is not None]
+        exacts = [r["eval_exact"] for r in reports if r.get("eval_exact") is not None]
+        exact = f"{sum(exacts) / len(exacts):.0%}" if exacts else "-"
         missed = sum(r.get("outcome", "averaged") != "averaged" for r in reports)
         lines.append(
             f"{round_ + 1:>5}  {sum(r['loss_mean'] for r in reports) / len(reports):>15.3f}"
-            f"  {sum(evals) / max(len(evals), 1):>14.3f}  "
+            f"  {sum(evals) / max(len(evals), 1):>14.3f}  {exact:>11}  "
             f"{max(r['group_size'] for r in reports):>5}  {sent / 1e6:>19.2f}  {missed:>12}"
         )
     last = [reports[-1] for reports in per_peer]

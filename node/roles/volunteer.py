@@ -24,7 +24,7 @@ from node.engine.state import GroupState
 from node.engine.swarm_transport import HivemindTransport
 from node.local.basemodel import check_local_base, resolve_device
 from node.local.build import LocalModel, build_local_model
-from node.local.data import load_texts
+from node.local.sources import load_examples
 from node.local.threads import ThreadShare
 from node.roles.admit import read_revocations
 from node.watch.tensorboard import ScalarLog, round_scalars
@@ -62,6 +62,8 @@ class JoinOptions:
     wait_for: int = 1  # volunteers (this one included) to see announced before round one
     device: str = "auto"  # where the base and LoRA train: auto, cpu, cuda or mps
     precision: str = "fp32"  # autocast of the forward pass: fp32, bf16 or fp16
+    loss: str = "completion"  # completion / assistant tokens only, or "full"
+    packing: bool = True  # whole examples packed into rows; False: one padded example per row
 
 
 def admission_gate(manifest: ManifestRecord, peer_id: str, ticket: str) -> Gate | None:
@@ -119,7 +121,10 @@ def check_compatible(manifest: ManifestRecord, local: LocalModel, own: RunConfig
 def progress_line(report: RoundReport) -> str:
     """One human line per round; a round that did not apply its group's aggregate says so,
     and the running totals of fallbacks, rejections and resyncs are always shown."""
-    eval_part = f" (eval {report.eval_loss:.3f})" if report.eval_loss is not None else ""
+    eval_part = ""
+    if report.eval_loss is not None:
+        exact = "" if report.eval_exact is None else f", exact {report.eval_exact:.0%}"
+        eval_part = f" (eval {report.eval_loss:.3f}{exact})"
     status = "" if report.verified else f" [{report.outcome}: local update]"
     if report.outcome == "too-small":
         status = " [too-small: nothing aggregated]"
@@ -181,7 +186,7 @@ class Volunteer:
             self.config,
             Checkpoint(options.workdir),
             on_report=self.report,
-            evaluate=local.eval_loss,
+            evaluate=local.evaluate,
             hooks=self.member,
             stop=stop,
             overlap=options.overlap,
@@ -269,6 +274,7 @@ class Volunteer:
         self.transport.update_record(
             loss=report.loss_mean,
             eval_loss=report.eval_loss,
+            eval_exact=report.eval_exact,
             group_size=report.group_size,
             tokens=record.tokens + report.tokens,
             bytes_sent=record.bytes_sent + report.bytes_sent,
@@ -321,7 +327,7 @@ class Volunteer:
 def join(options: JoinOptions) -> int:
     """Entry point of `swarmtune join`; returns the exit code."""
     own = load_config(options.config) if options.config else None
-    load_texts(options.data)  # unusable data fails here, before any network activity
+    load_examples(options.data)  # unreadable data fails here, before any network activity
     check_local_base(options.model, options.quantize)  # and so does a wrong --model dir
     resolve_device(options.device)  # and a --device this machine does not have
     options.workdir.mkdir(parents=True, exist_ok=True)
@@ -358,7 +364,12 @@ def join(options: JoinOptions) -> int:
             stop=stop,
             device=options.device,
             precision=options.precision,
+            loss=options.loss,
+            packed=options.packing,
         )
+        if local.summary is not None:
+            log.info(local.summary.line())
+        log.info("the first example, as the model reads it:\n%s", local.first_example)
         check_compatible(manifest, local, own)
         node.blobs.publish("manifest", manifest.model_dump_json().encode())
         volunteer = Volunteer(node, manifest, local, options, stop, gate)

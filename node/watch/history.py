@@ -36,6 +36,7 @@ def round_point(record: PeerRecord, now: float, previous: Mapping[str, Any] | No
         "round": record.round,
         "loss": record.loss,
         "eval_loss": record.eval_loss,
+        "eval_exact": record.eval_exact,
         "group_size": record.group_size,
         "outcome": record.outcome,
         "tau": record.tau,

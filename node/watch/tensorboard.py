@@ -46,6 +46,7 @@ def round_scalars(report: Any) -> dict[str, float | int | None]:
         "loss/inner_mean": report.loss_mean,
         "loss/inner_last": report.loss_last,
         "loss/eval": report.eval_loss,
+        "eval/exact_match": report.eval_exact,
         "time/inner_s": report.inner_s,
         "time/matchmaking_s": report.matchmaking_s,
         "time/transfer_s": report.transfer_s,
@@ -63,7 +64,11 @@ def round_scalars(report: Any) -> dict[str, float | int | None]:
 def peer_scalars(point: Mapping[str, Any]) -> dict[str, float | int | None]:
     """The coordinator's per-peer scalars of one history point (tags end in the peer's id)."""
     name = point["peer"][-8:]
-    return {f"peer_eval/{name}": point.get("eval_loss"), f"peer_loss/{name}": point.get("loss")}
+    return {
+        f"peer_eval/{name}": point.get("eval_loss"),
+        f"peer_exact/{name}": point.get("eval_exact"),
+        f"peer_loss/{name}": point.get("loss"),
+    }
 
 
 def round_aggregates(points: Iterable[Mapping[str, Any]]) -> dict[str, float | int | None]:

@@ -367,7 +367,7 @@ def test_eval_every_n_rounds_evaluates_only_those_rounds() -> None:
             InMemoryTransport(hub, f"p{i}"),
             CONFIG,
             on_report=reports.append if i == 0 else None,
-            evaluate=(lambda: calls.append(1) or 1.0) if i == 0 else None,
+            evaluate=(lambda: calls.append(1) or {"eval_loss": 1.0}) if i == 0 else None,
             eval_every=2,
         )
         for i, lo in enumerate(locals_)

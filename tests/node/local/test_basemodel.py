@@ -25,7 +25,14 @@ from node.local.basemodel import (
     load_base,
     weights_fingerprint,
 )
-from node.local.data import TokenBatcher, builtin_eval_texts, eval_batches, load_texts
+from node.local.batch import Batch
+from node.local.data import (
+    BUILTIN_COUNT,
+    TokenBatcher,
+    builtin_eval_texts,
+    builtin_texts,
+    eval_batches,
+)
 
 LLAMA_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -184,14 +191,14 @@ def test_lora_steps_reduce_loss_on_a_builtin_task():
     model, tokenizer, _ = load_base()
     targets = detect_target_modules(model)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
-    batcher = TokenBatcher(load_texts("builtin:arithmetic"), tokenizer, 64, 8, seed=0)
+    batcher = TokenBatcher(builtin_texts("arithmetic", BUILTIN_COUNT, 0), tokenizer, 64, 8, seed=0)
     held_out = eval_batches(builtin_eval_texts("arithmetic"), tokenizer, 64, 8, 2)
     before = _mean_loss(peft_model, held_out)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=3e-3)
     peft_model.train()
     for _ in range(30):
-        batch, _ = batcher.next_batch()
+        batch = batcher.next_batch().input_ids
         peft_model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -199,10 +206,10 @@ def test_lora_steps_reduce_loss_on_a_builtin_task():
     assert after < before - 0.1, (before, after)  # measured: 2.21 -> 1.98
 
 
-def _mean_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+def _mean_loss(model: torch.nn.Module, batches: list[Batch]) -> float:
     model.eval()
     with torch.no_grad():
-        return sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
+        return sum(model(**b.inputs()).loss.item() for b in batches) / len(batches)
 
 
 def test_asset_files_are_what_export_copies():
@@ -354,11 +361,10 @@ class _Fixed:
     def __init__(self, windows: torch.Tensor, rows: int) -> None:
         self.windows, self.rows, self.drawn = windows, rows, 0
 
-    def next_batch(self) -> tuple[torch.Tensor, int]:
+    def next_batch(self) -> Batch:
         start = (self.drawn * self.rows) % len(self.windows)
         self.drawn += 1
-        batch = self.windows[start : start + self.rows]
-        return batch, batch.numel()
+        return Batch.windows(self.windows[start : start + self.rows])
 
     def state_dict(self) -> dict:
         return {"drawn": self.drawn}
@@ -380,7 +386,11 @@ def _one_sgd_step(inner: dict, rows: int, windows: torch.Tensor) -> tuple[dict, 
 
 def test_gradient_accumulation_and_checkpointing_change_memory_not_the_step() -> None:
     _, tokenizer, _ = load_base()
-    windows, _ = TokenBatcher(load_texts("builtin:arithmetic"), tokenizer, 48, 8, 0).next_batch()
+    windows = (
+        TokenBatcher(builtin_texts("arithmetic", BUILTIN_COUNT, 0), tokenizer, 48, 8, 0)
+        .next_batch()
+        .input_ids
+    )
     reference, tokens = _one_sgd_step({"batch_size": 8}, 8, windows)
     # two batches of 4 full windows: their mean loss is the mean over all 8, so one SGD step
     # moves the weights the same way (fp32 sums in another order: a few eps of the weights)

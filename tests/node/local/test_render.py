@@ -1,0 +1,121 @@
+"""Rendering examples: the chat template round trip and the completion-only loss mask."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from node.local.basemodel import ASSET_DIR, load_tokenizer
+from node.local.data import DataError
+from node.local.render import Renderer
+from node.local.sources import Example
+
+# ChatML, as many instruct models write it; the tiny embedded tokenizer has no template
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return load_tokenizer(ASSET_DIR)
+
+
+@pytest.fixture(scope="module")
+def chat(plain):
+    tokenizer = copy.deepcopy(plain)
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def chat_example(*turns: tuple[str, str]) -> Example:
+    return Example("test", messages=turns)
+
+
+def test_prompt_completion_mask_by_hand(plain):
+    """Without a template: prompt tokens out of the loss, completion and EOS in it."""
+    renderer = Renderer(plain, max_length=64)
+    out = renderer.tokenize(Example("t", prompt="12+30=", completion="42"))
+    prompt_ids = plain("12+30=", add_special_tokens=False)["input_ids"]
+    answer_ids = plain("42", add_special_tokens=False)["input_ids"]
+    assert plain("12+30=42", add_special_tokens=False)["input_ids"] == prompt_ids + answer_ids
+    assert list(out.ids) == [*prompt_ids, *answer_ids, plain.eos_token_id]
+    assert list(out.trained) == [False] * len(prompt_ids) + [True] * (len(answer_ids) + 1)
+    assert out.trained.count(True) >= 2 and not out.truncated
+    full = Renderer(plain, max_length=64, loss="full").tokenize(
+        Example("t", prompt="12+30=", completion="42")
+    )
+    assert full.ids == out.ids and all(full.trained)
+
+
+def test_hand_computed_mask_of_a_known_sentence(plain):
+    """Checked against the tokenizer's own pieces: 'Q: sky? A:' then ' blue'."""
+    renderer = Renderer(plain, max_length=64)
+    out = renderer.tokenize(Example("t", prompt="Q: sky? A:", completion=" blue"))
+    pieces = plain.convert_ids_to_tokens(list(out.ids))
+    trained = [p for p, t in zip(pieces, out.trained, strict=True) if t]
+    untrained = [p for p, t in zip(pieces, out.trained, strict=True) if not t]
+    assert plain.convert_tokens_to_string(untrained) == "Q: sky? A:"
+    assert plain.convert_tokens_to_string(trained[:-1]) == " blue"
+    assert trained[-1] == plain.eos_token
+
+
+def test_chat_template_round_trip(chat):
+    example = chat_example(
+        ("system", "Be brief."),
+        ("user", "Capital of Peru?"),
+        ("assistant", "Lima"),
+        ("user", "And Chile?"),
+        ("assistant", "Santiago"),
+    )
+    renderer = Renderer(chat, max_length=256)
+    rendered = chat.apply_chat_template(
+        [{"role": r, "content": c} for r, c in example.messages or ()], tokenize=False
+    )
+    assert renderer.text(example) == rendered
+    out = renderer.tokenize(example)
+    assert chat.decode(list(out.ids)) == rendered  # nothing lost or added on the way
+    # only the two assistant turns (each with its end-of-turn marker) are in the loss
+    trained = chat.decode([t for t, k in zip(out.ids, out.trained, strict=True) if k])
+    assert trained == "Lima<|im_end|>\nSantiago<|im_end|>\n"
+    assert "Capital" not in trained and "Be brief" not in trained
+
+
+def test_prompt_completion_goes_through_the_template(chat):
+    renderer = Renderer(chat, max_length=256)
+    example = Example("t", prompt="Capital of Peru?", completion=" Lima")
+    assert renderer.text(example) == (
+        "<|im_start|>user\nCapital of Peru?<|im_end|>\n<|im_start|>assistant\nLima<|im_end|>\n"
+    )
+    prompt, answer = renderer.prompt_and_answer(example) or ("", "")
+    assert prompt.endswith("<|im_start|>assistant\n") and answer == "Lima"
+
+
+def test_answers_for_exact_match(plain):
+    renderer = Renderer(plain, max_length=64)
+    assert renderer.prompt_and_answer(Example("t", text="12+30=42", cue=6)) == ("12+30=", "42")
+    assert renderer.prompt_and_answer(Example("t", text="no answer")) is None
+
+
+def test_truncation_is_flagged_and_chat_without_template_refused(plain):
+    out = Renderer(plain, max_length=4).tokenize(Example("t", text="one two three four five six"))
+    assert len(out.ids) == 4 and out.truncated
+    with pytest.raises(DataError, match="chat template"):
+        Renderer(plain, max_length=64).tokenize(chat_example(("user", "a"), ("assistant", "b")))
+    with pytest.raises(DataError, match="loss must be"):
+        Renderer(plain, max_length=64, loss="prompt")
+
+
+def test_template_that_rewrites_history_is_refused(chat):
+    tokenizer = copy.deepcopy(chat)
+    # drops earlier assistant turns when more follow: prefixes no longer line up
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    example = chat_example(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
+    with pytest.raises(DataError, match="turn by turn"):
+        Renderer(tokenizer, max_length=64).tokenize(example)
