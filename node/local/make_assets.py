@@ -43,6 +43,14 @@ def corpus(seed: int = SEED) -> list[str]:
     return texts
 
 
+# "role: content" lines; an assistant turn ends with EOS, so chat data teaches the model to stop
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}" + "<|endoftext|>" + "{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def write_tokenizer(texts: list[str], out_dir: Path) -> None:
     """Train a byte-level BPE on texts and save it as a fast tokenizer directory."""
     tokenizer = Tokenizer(models.BPE())
@@ -65,6 +73,7 @@ def write_tokenizer(texts: list[str], out_dir: Path) -> None:
         "pad_token": PAD,
         "model_max_length": MAX_POSITIONS,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     _write_json(out_dir / "tokenizer_config.json", config)
     _write_json(out_dir / "special_tokens_map.json", {"eos_token": EOS, "pad_token": PAD})

@@ -207,14 +207,14 @@ class Swarm:
         forked: bool | None = None,
         netns: str = "",
     ) -> Proc:
-        """Start a volunteer on a built-in task."""
+        """Start a volunteer on a built-in task (or on the data spec `task`, when it is one)."""
         return self.spawn(
             name,
             "join",
             "--initial-peers",
             self.maddr,
             "--data",
-            f"builtin:{task}",
+            task if ":" in task or "/" in task else f"builtin:{task}",
             "--workdir",
             str(self.tmp / name),
             "--rounds",

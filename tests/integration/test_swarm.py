@@ -30,9 +30,27 @@ from node.config import load_config  # noqa: E402
 from node.engine.state import decode_state  # noqa: E402
 from node.local.basemodel import export_base  # noqa: E402
 from node.local.build import build_local_model  # noqa: E402
+from node.local.data import builtin_texts, split_cue  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 TASKS = ("arithmetic", "dates", "code")
+CHAT = "dates-chat.jsonl"  # v1's data: the dates task as chat records
+
+
+def _data(swarm: Swarm, i: int) -> str:
+    """Volunteer i's --data: v1 brings chat records, the others a built-in task."""
+    return str(swarm.tmp / CHAT) if i == 1 else f"builtin:{TASKS[i]}"
+
+
+def _write_chat(path: Path) -> None:
+    """Built-in dates texts as user/assistant turns (question up to the cue, answer after)."""
+    rows = []
+    for text in builtin_texts("dates", 400, seed=0):
+        cue = split_cue("dates", text)
+        assert cue is not None
+        turns = [("user", text[:cue]), ("assistant", text[cue:].strip())]
+        rows.append({"messages": [{"role": r, "content": c} for r, c in turns]})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _reports(workdir: Path) -> list[dict]:
@@ -76,15 +94,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     swarm = Swarm(tmp_path_factory.mktemp("swarm"))
     try:
         swarm.start_coordinator("--http-port", "0", "--report-to", "tensorboard")
-        # v0 also logs to TensorBoard, v1 trains in bf16 autocast, v2 on an NF4 (QLoRA) base:
-        # all in the same run, and they still end bit-identical (the test below)
+        # v0 also logs to TensorBoard, v1 trains in bf16 autocast on chat records, v2 on an
+        # NF4 (QLoRA) base: all in the same run, and they still end bit-identical (below)
+        _write_chat(swarm.tmp / CHAT)
         extra = {
             0: ["--report-to", "tensorboard"],
             1: ["--precision", "bf16", "--device", "cpu"],
             2: ["--quantize", "4bit"],
         }
-        for i, task in enumerate(TASKS):
-            swarm.join(f"v{i}", task, 3, *extra.get(i, []))
+        for i in range(3):
+            swarm.join(f"v{i}", _data(swarm, i), 3, *extra.get(i, []))
         codes = [swarm.wait(f"v{i}", 240) for i in range(3)]
         assert codes == [0, 0, 0], "\n".join(swarm.log(f"v{i}") for i in range(3))
         yield swarm
@@ -109,12 +128,22 @@ def test_volunteers_end_on_identical_adapters(trained: Swarm) -> None:
         assert max(r["group_size"] for r in reports) == 3
 
 
+def test_chat_volunteer_shows_its_data_and_reports_exact_match(trained: Swarm) -> None:
+    log = trained.log("v1")
+    assert "data: 380 examples (380 chat)" in log  # 1 in 20 held out and "0 truncated" in log
+    # the first example as the template renders it, answer and EOS included
+    assert re.search(
+        r"as the model reads it:\nuser: date: .* =>\nassistant: .+<\|endoftext\|>", log
+    )
+    assert all(r["eval_exact"] is not None for r in _reports(trained.tmp / "v1"))
+
+
 def test_loss_after_last_round_is_below_round_zero(trained: Swarm) -> None:
     # one shared adapter serves three different tasks: the group objective is their mean
     config = load_config(trained.config)
     before, after = [], []
-    for i, task in enumerate(TASKS):
-        before.append(build_local_model(config, f"builtin:{task}").eval_loss())  # B=0: the base
+    for i in range(3):
+        before.append(build_local_model(config, _data(trained, i)).eval_loss())  # B=0: the base
         after.append(_reports(trained.tmp / f"v{i}")[-1]["eval_loss"])
     print("eval loss per task before/after:", list(zip(TASKS, before, after, strict=True)))
     assert sum(after) < sum(before), f"mean eval loss {sum(after) / 3:.4f} >= {sum(before) / 3:.4f}"
@@ -191,7 +220,7 @@ def test_status_page_json_is_what_status_json_shows(trained: Swarm) -> None:
     # the history has every volunteer's rounds, with the numbers their metrics files hold
     for i in range(3):
         reports = _reports(trained.tmp / f"v{i}")
-        mine = [p for p in page["history"] if p["task"] == f"builtin:{TASKS[i]}"]
+        mine = [p for p in page["history"] if p["task"] == _data(trained, i)[:64]]
         assert [p["round"] for p in mine] == [1, 2, 3]
         assert mine[-1]["eval_loss"] == pytest.approx(reports[-1]["eval_loss"], rel=1e-6)
         assert 0 < mine[-1]["inner_s"] <= mine[-1]["wall_s"]
@@ -236,7 +265,7 @@ def test_status_page_renders_its_plots_and_peers_in_a_browser(
         live = [p["peer_id"] for p in json.loads(response.read())["peers"]]
     assert sorted(re.findall(r'<tr data-peer="(\w+)"', dom)) == sorted(live)
     series = dict(re.findall(r'<svg id="plot-([\w-]+)"[^>]* data-series="(\d+)"', dom))
-    assert series["eval"] == series["loss"] == "3", series  # one curve per volunteer
+    assert series["eval"] == series["loss"] == series["exact"] == "3", series  # one per volunteer
     assert series["time"] == "4", series  # inner, matchmaking, transfer, other
     others = ("cluster", "cluster-loss", "util", "bytes")
     assert all(int(series[p]) >= 1 for p in others), series
@@ -258,9 +287,13 @@ def test_tensorboard_logs_of_a_volunteer_and_of_the_coordinator(trained: Swarm) 
     reports = _reports(trained.tmp / "v0")
     assert [step for step, _ in mine["loss/eval"]] == [1, 2, 3]
     assert mine["loss/eval"][-1][1] == pytest.approx(reports[-1]["eval_loss"], rel=1e-6)
+    exact = reports[-1]["eval_exact"]  # a share of 32 held-out built-in prompts
+    assert [step for step, _ in mine["eval/exact_match"]] == [1, 2, 3]
+    assert 0 <= exact <= 1 and mine["eval/exact_match"][-1][1] == pytest.approx(exact, abs=1e-6)
     assert {"time/utilization", "bytes/sent", "group/size"} <= set(mine)
     swarm = scalars(trained.tmp / "coord")
     assert len([t for t in swarm if t.startswith("peer_eval/")]) == 3
+    assert len([t for t in swarm if t.startswith("peer_exact/")]) == 3
     assert [step for step, _ in swarm["cluster_eval/run-wide"]] == [1]  # rounds 2-3 pending
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -113,7 +114,8 @@ def test_padded_rows_hold_one_example_each(base):
 
 
 def test_summary_counts_truncated_and_dropped(base):
-    _, tokenizer = base
+    tokenizer = copy.deepcopy(base[1])
+    tokenizer.chat_template = None  # prompt + completion as plain text: lengths are easy to see
     renderer = Renderer(tokenizer, max_length=8)
     long_prompt = Example("t", prompt="one two three four five six seven eight", completion=" x")
     short = Example("t", prompt="1+1=", completion="2")

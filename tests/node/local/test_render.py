@@ -11,7 +11,7 @@ from node.local.data import DataError
 from node.local.render import Renderer
 from node.local.sources import Example
 
-# ChatML, as many instruct models write it; the tiny embedded tokenizer has no template
+# ChatML, as many instruct models write it
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -19,8 +19,16 @@ CHATML = (
 
 
 @pytest.fixture(scope="module")
-def plain():
+def embedded():
     return load_tokenizer(ASSET_DIR)
+
+
+@pytest.fixture(scope="module")
+def plain(embedded):
+    """The embedded tokenizer without its chat template, as many base models come."""
+    tokenizer = copy.deepcopy(embedded)
+    tokenizer.chat_template = None
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +127,15 @@ def test_template_that_rewrites_history_is_refused(chat):
     example = chat_example(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
     with pytest.raises(DataError, match="turn by turn"):
         Renderer(tokenizer, max_length=64).tokenize(example)
+
+
+def test_embedded_template_trains_the_answer_and_its_end(embedded):
+    """The embedded base's own "role: content" template: the answer and the EOS that ends
+    it are in the loss, the question and the role names are not."""
+    renderer = Renderer(embedded, max_length=64)
+    example = chat_example(("user", "2+2?"), ("assistant", "4"))
+    assert renderer.text(example) == "user: 2+2?\nassistant: 4<|endoftext|>\n"
+    out = renderer.tokenize(example)
+    trained = embedded.decode([t for t, k in zip(out.ids, out.trained, strict=True) if k])
+    assert trained == " 4<|endoftext|>\n"
+    assert renderer.prompt_and_answer(example) == ("user: 2+2?\nassistant:", "4")

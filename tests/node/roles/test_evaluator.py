@@ -40,12 +40,12 @@ def test_eval_reports_loss_exact_and_samples_against_the_base(trained, capsys):
     base, tuned = result["base model"], result[str(adapter)]
     assert tuned["loss"] < base["loss"] - 0.5  # it learned these very pairs
     assert tuned["exact"] > base["exact"]
-    assert len(tuned["samples"]) == 2 and tuned["samples"][0]["reference"] == " elppa"
+    assert len(tuned["samples"]) == 2 and tuned["samples"][0]["reference"] == "elppa"
     judged = [is_exact(s["completion"], s["reference"]) for s in tuned["samples"]]
     assert judged == [s["exact"] for s in tuned["samples"]]
     assert main([*args, "--samples", "1"]) == 0
     table = capsys.readouterr().out
-    assert "loss/token" in table and "base model" in table and "reference: ' elppa'" in table
+    assert "loss/token" in table and "base model" in table and "reference: 'elppa'" in table
 
 
 def test_exact_match_rule():
