@@ -27,7 +27,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     config = parse_config({"inner": {"lr": 0.01, "batch_size": 8, "seq_len": 64}})
     local = build_local_model(config, str(data))
-    local.trainer.train_steps(20)  # measured: exact 0% -> 100%, loss 2.98 -> 0.03
+    local.trainer.train_steps(45)  # measured: exact 0% -> 42%, loss 4.73 -> 0.36
     local.model.save_pretrained(str(root / "adapter"))
     return data, root / "adapter"
 
