@@ -182,7 +182,8 @@ def start_swarm(
     rounds: int,
     extra: tuple[str, ...] = (),
 ) -> tuple[str, list[Path]]:
-    """Start a coordinator and one volunteer per task (vol1, vol2, ...) under `workdir`, each
+    """Start a coordinator and one volunteer per task (vol1, vol2, ...; a built-in task's name,
+    or any data spec) under `workdir`, each
     volunteer with `extra` join arguments; returns the coordinator's multiaddr and the
     volunteers' work dirs."""
     coord = procs.start(
@@ -209,7 +210,7 @@ def start_swarm(
                 "--initial-peers",
                 maddr,
                 "--data",
-                f"builtin:{task}",
+                task if ":" in task or "/" in task else f"builtin:{task}",
                 "--workdir",
                 str(vol),
                 "--rounds",

@@ -1,0 +1,308 @@
+"""Real fine-tuning: a pretrained model, three real tasks, and four ways to spend the same steps.
+
+The base is SmolLM2-135M-Instruct (`bench/make_smollm2.py --out DIR`, passed as --model). The
+tasks are chat records built from data that ships on this machine, written by nobody here:
+- codes: "What is the ISO 3166 alpha-3 code of Germany?" -> "DEU" (Debian iso-codes,
+  /usr/share/iso-codes/json/iso_3166-1.json);
+- german: "What is Germany called in German?" -> "Deutschland" (the iso-codes German
+  translations, /usr/share/locale/de/LC_MESSAGES/iso_3166-1.mo);
+- unicode: "What is the Unicode name of the character 'é'?" -> "LATIN SMALL LETTER E WITH
+  ACUTE" (the Unicode Character Database shipped in CPython's unicodedata).
+One example in five is held out. Compared, each scored by `swarmtune eval` on every task's
+held-out examples: the base model; each volunteer alone (the same inner loop, its own task,
+the same steps); the swarm's pulled adapter (a coordinator and one volunteer per task on
+loopback, real processes); one centralized run on the pooled data with the swarm's total steps.
+Then steps/s and peak memory of fp32 and bf16 autocast, gradient checkpointing off and on, at
+max_length 512.
+
+Run:  .venv/bin/python bench/finetune.py --model /tmp/smollm2-135m [--rounds 6] [--steps 10]
+Writes bench/out/finetune.json and the `finetune` section of bench/RESULTS.md (not --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gettext
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from results_md import replace_section  # noqa: E402
+
+OUT = ROOT / "bench" / "out" / "finetune.json"
+ISO = Path("/usr/share/iso-codes/json/iso_3166-1.json")
+GERMAN = Path("/usr/share/locale/de/LC_MESSAGES/iso_3166-1.mo")
+TASKS = ("codes", "german", "unicode")
+HELD_OUT = 5  # one example in five
+INNER = {"batch_size": 4, "seq_len": 128, "lr": 0.001}
+
+
+def chat(question: str, answer: str) -> dict[str, Any]:
+    turns = [("user", question), ("assistant", answer)]
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+def task_rows() -> dict[str, list[dict[str, Any]]]:
+    """Every task's records, in a fixed order."""
+    countries = json.loads(ISO.read_text())["3166-1"]
+    with GERMAN.open("rb") as handle:
+        german = gettext.GNUTranslations(handle)
+    chars = [chr(c) for c in range(0xC0, 0x250)] + [chr(c) for c in range(0x391, 0x3CA)]
+    return {
+        "codes": [
+            chat(f"What is the ISO 3166 alpha-3 code of {c['name']}?", c["alpha_3"])
+            for c in countries
+        ],
+        "german": [
+            chat(f"What is {c['name']} called in German?", german.gettext(c["name"]))
+            for c in countries
+            if german.gettext(c["name"]) != c["name"]
+        ],
+        "unicode": [
+            chat(f"What is the Unicode name of the character '{ch}'?", unicodedata.name(ch))
+            for ch in chars
+            if unicodedata.name(ch, "")
+        ],
+    }
+
+
+def write_tasks(folder: Path) -> dict[str, dict[str, Any]]:
+    """train/held-out jsonl per task, and the pooled training file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info, pooled = {}, []
+    for task, rows in task_rows().items():
+        train = [r for i, r in enumerate(rows) if i % HELD_OUT]
+        held = rows[::HELD_OUT]
+        for name, part in (("train", train), ("eval", held)):
+            (folder / f"{task}-{name}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in part)
+            )
+        pooled += train
+        info[task] = {"train": len(train), "eval": len(held)}
+    (folder / "pooled-train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pooled))
+    return info
+
+
+def run_config(model: str, steps: int) -> dict[str, Any]:
+    return {
+        "run_id": "finetune-bench",
+        "base_model": model,
+        "inner": {"steps": steps, **INNER},
+        "averaging": {"matchmaking_time": 5.0},
+    }
+
+
+def train_alone(model: str, data: Path, steps: int, out: Path) -> dict[str, Any]:
+    """The volunteer's inner loop with no swarm: `steps` AdamW steps, then save the adapter."""
+    from node.config import parse_config  # noqa: PLC0415
+    from node.local.build import build_local_model  # noqa: PLC0415
+
+    config = parse_config(run_config(model, steps))
+    local = build_local_model(config, str(data), model_path=model, data_seed=1)
+    start = time.perf_counter()
+    result = local.trainer.train_steps(steps)
+    seconds = time.perf_counter() - start
+    local.model.save_pretrained(str(out))
+    return {"loss_first": result.loss_first, "loss_last": result.loss_last, "seconds": seconds}
+
+
+def run_swarm(model: str, folder: Path, rounds: int, steps: int, work: Path) -> Path:
+    """Coordinator + one volunteer per task as processes; returns the pulled adapter's dir."""
+    from node.roles.demo import Processes, start_swarm  # noqa: PLC0415
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "run.yaml").write_text(json.dumps(run_config(model, steps)))
+    data = [str(folder / f"{t}-train.jsonl") for t in TASKS]
+    extra = ("--model", model, "--wait-for", str(len(TASKS)), "--eval-every", str(rounds))
+    procs = Processes()
+    try:
+        maddr, vols = start_swarm(procs, work / "run.yaml", work, data, rounds, extra)
+        codes = [procs.procs[v.name].wait() for v in vols]
+        assert not any(codes), f"volunteers failed: {codes}"
+        out = work / "pulled"
+        cli = [sys.executable, "-m", "cli", "pull", "--initial-peers", maddr, "--out", str(out)]
+        subprocess.run(cli, check=True, cwd=ROOT)
+    finally:
+        procs.stop_all()
+    return out
+
+
+def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict, dict]:
+    """Every adapter (and the base) on every task's held-out file, with `swarmtune eval`'s own
+    scoring (node/roles/evaluator.py), the base loaded once: (scores, samples)."""
+    from peft import PeftModel  # noqa: PLC0415
+
+    from node.local.basemodel import load_base  # noqa: PLC0415
+    from node.local.packing import fixed_batches, tokenize_all  # noqa: PLC0415
+    from node.local.render import Renderer  # noqa: PLC0415
+    from node.local.sources import load_examples  # noqa: PLC0415
+    from node.roles.evaluator import BATCH, score  # noqa: PLC0415
+
+    base, tokenizer, _ = load_base(model)
+    scores: dict[str, dict[str, Any]] = {"base model": {}, **{name: {} for name in adapters}}
+    samples: dict[str, Any] = {}
+    for task in TASKS:
+        examples = load_examples(str(folder / f"{task}-eval.jsonl"))
+        renderer = Renderer(tokenizer, 512, "completion")
+        tokens, _ = tokenize_all(examples, renderer)
+        batches = fixed_batches(tokens, 512, BATCH, len(tokens), tokenizer.pad_token_id or 0)
+        runs = {"base model": None, **adapters}
+        for name, adapter in runs.items():
+            scored = base if adapter is None else PeftModel.from_pretrained(base, str(adapter))
+            result = score(scored.eval(), renderer, examples, batches)
+            if adapter is not None:
+                base = scored.unload()  # the plain base again, for the next adapter
+            scores[name][task] = {"loss": result.loss, "exact": result.exact}
+            samples[f"{name} / {task}"] = [s.__dict__ for s in result.samples[:3]]
+            print(name, task, scores[name][task], flush=True)
+    return scores, samples
+
+
+def speed_probe(model: str, data: str, precision: str, checkpointing: bool, steps: int) -> None:
+    """One configuration in a process of its own (peak RSS is per process): prints JSON."""
+    import torch  # noqa: PLC0415
+
+    from node.config import parse_config  # noqa: PLC0415
+    from node.local.build import build_local_model  # noqa: PLC0415
+
+    inner = {**INNER, "seq_len": 512, "gradient_checkpointing": checkpointing}
+    config = parse_config({"run_id": "speed", "inner": {"steps": steps, **inner}})
+    local = build_local_model(config, data, model_path=model, precision=precision)
+    local.trainer.train_steps(1)  # warm-up
+    start = time.perf_counter()
+    result = local.trainer.train_steps(steps)
+    rate = steps / (time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    evaluated = local.eval_loss()
+    print(json.dumps({"steps_per_s": rate, "peak_rss_gib": peak, "eval_loss": evaluated,
+                      "tokens_per_step": result.tokens / steps, "threads": torch.get_num_threads()}))  # fmt: skip
+
+
+def speeds(model: str, data: Path, steps: int) -> list[dict[str, Any]]:
+    rows = []
+    for precision in ("fp32", "bf16"):
+        for checkpointing in (False, True):
+            cli = [sys.executable, __file__, "--speed-probe", precision, str(int(checkpointing))]
+            cli += ["--model", model, "--data", str(data), "--steps", str(steps)]
+            done = subprocess.run(cli, check=True, capture_output=True, text=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append({"precision": precision, "checkpointing": checkpointing, **row})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def render(data: dict[str, Any]) -> str:
+    tasks = data["tasks"]
+    lines = [
+        "## Real fine-tuning: SmolLM2, three real tasks (bench/finetune.py)",
+        "",
+        f"Measured {data['date']} on {data['machine']}; command: `{data['command']}`.",
+        f"Base {data['model']}; LoRA r=8 on all projections; inner AdamW lr {INNER['lr']}, "
+        f"batch {INNER['batch_size']} rows of {INNER['seq_len']} tokens (whole examples "
+        f"packed), completion-only loss, chat template; {data['rounds']} rounds of H="
+        f"{data['steps']}, so {data['rounds'] * data['steps']} steps per volunteer. Held-out "
+        "examples per task: "
+        + ", ".join(f"{t} {tasks[t]['eval']} (train {tasks[t]['train']})" for t in TASKS)
+        + ". Exact: the greedy completion begins with the reference answer.",
+        "",
+        "| adapter | " + " | ".join(f"{t} exact | {t} loss" for t in TASKS) + " | mean exact |",
+        "|---|" + "---|---|" * len(TASKS) + "---|",
+    ]
+    for name, per_task in data["scores"].items():
+        cells = [f"{per_task[t]['exact']:.1%} | {per_task[t]['loss']:.3f}" for t in TASKS]
+        mean = sum(per_task[t]["exact"] for t in TASKS) / len(TASKS)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.1%} |")
+    lines += [
+        "",
+        "Speed at max_length 512 (rows of 512 packed tokens, batch 4), one process each, "
+        "torch threads as shown:",
+        "",
+        "| precision | checkpointing | steps/s | peak RSS GiB | eval loss | threads |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["speed"]:
+        lines.append(
+            f"| {r['precision']} | {'on' if r['checkpointing'] else 'off'} | "
+            f"{r['steps_per_s']:.3f} | {r['peak_rss_gib']:.2f} | {r['eval_loss']:.4f} | "
+            f"{r['threads']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="SmolLM2 dir from bench/make_smollm2.py")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10, help="H, inner steps per round")
+    parser.add_argument("--speed-steps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 steps; no RESULTS")
+    parser.add_argument("--speed-probe", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.speed_probe:
+        speed_probe(
+            args.model, args.data, args.speed_probe[0], args.speed_probe[1] == "1", args.steps
+        )
+        return
+    if args.quick:
+        args.rounds, args.steps, args.speed_steps = 1, 2, 1
+    total = args.rounds * args.steps
+    with tempfile.TemporaryDirectory(prefix="finetune-") as tmp:
+        work = Path(tmp)
+        tasks = write_tasks(work / "data")
+        print("tasks:", tasks, flush=True)
+        adapters: dict[str, Path] = {}
+        runs: dict[str, Any] = {}
+        for task in TASKS:
+            out = work / f"alone-{task}"
+            runs[f"alone-{task}"] = train_alone(
+                args.model, work / "data" / f"{task}-train.jsonl", total, out
+            )
+            adapters[f"{task} volunteer alone ({total} steps)"] = out
+            print(task, runs[f"alone-{task}"], flush=True)
+        out = work / "central"
+        runs["central"] = train_alone(
+            args.model, work / "data" / "pooled-train.jsonl", total * len(TASKS), out
+        )
+        adapters[f"centralized, pooled data ({total * len(TASKS)} steps)"] = out
+        print("central", runs["central"], flush=True)
+        started = time.perf_counter()
+        adapters[f"swarm, pulled ({len(TASKS)} volunteers x {total} steps)"] = run_swarm(
+            args.model, work / "data", args.rounds, args.steps, work / "swarm"
+        )
+        runs["swarm_seconds"] = time.perf_counter() - started
+        scores, samples = score_all(args.model, adapters, work / "data")
+        speed = speeds(args.model, work / "data" / "pooled-train.jsonl", args.speed_steps)
+    data = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, no GPU",
+        "command": "bench/finetune.py " + " ".join(sys.argv[1:]),
+        "model": Path(args.model).name,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "tasks": tasks,
+        "scores": scores,
+        "runs": runs,
+        "samples": samples,
+        "speed": speed,
+    }
+    print(render(data))
+    if not args.quick:
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(data, indent=2))
+        replace_section("finetune", render(data))
+
+
+if __name__ == "__main__":
+    main()
