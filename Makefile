@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench bench-ghbm bench-clusters bench-attacks bench-overlap bench-outer bench-outer-real clean
+.PHONY: install demo test test-fast lint bench bench-ghbm bench-clusters bench-attacks bench-overlap bench-outer bench-outer-real bench-finetune clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench-outer: $(STAMP)
 # the study's methods at its tuned lrs on real peers, beside the simulator (after bench-outer)
 bench-outer-real: $(STAMP)
 	$(BIN)/python bench/outer_real.py
+
+# real fine-tuning on SmolLM2 (MODEL=DIR from bench/make_smollm2.py; about 40 min on 2 cores)
+bench-finetune: $(STAMP)
+	$(BIN)/python bench/finetune.py --model $(or $(MODEL),/tmp/smollm2-135m)
 
 # MODEL=DIR also measures a local HF model dir (README, "Base model")
 bench-overlap: $(STAMP)

@@ -22,15 +22,18 @@ Writes bench/out/finetune.json and the `finetune` section of bench/RESULTS.md (n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gettext
 import json
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import unicodedata
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +97,12 @@ def write_tasks(folder: Path) -> dict[str, dict[str, Any]]:
     return info
 
 
-def run_config(model: str, steps: int) -> dict[str, Any]:
+def run_config(model: str, steps: int, matchmaking: float = 5.0) -> dict[str, Any]:
     return {
         "run_id": "finetune-bench",
         "base_model": model,
         "inner": {"steps": steps, **INNER},
-        "averaging": {"matchmaking_time": 5.0},
+        "averaging": {"matchmaking_time": matchmaking},
     }
 
 
@@ -117,12 +120,17 @@ def train_alone(model: str, data: Path, steps: int, out: Path) -> dict[str, Any]
     return {"loss_first": result.loss_first, "loss_last": result.loss_last, "seconds": seconds}
 
 
-def run_swarm(model: str, folder: Path, rounds: int, steps: int, work: Path) -> Path:
-    """Coordinator + one volunteer per task as processes; returns the pulled adapter's dir."""
+def run_swarm(
+    model: str, folder: Path, rounds: int, steps: int, work: Path, matchmaking: float
+) -> tuple[Path, dict[str, Any]]:
+    """Coordinator + one volunteer per task as processes: (the pulled adapter's dir, each
+    volunteer's round outcomes)."""
     from node.roles.demo import Processes, start_swarm  # noqa: PLC0415
 
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "run.yaml").write_text(json.dumps(run_config(model, steps)))
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / "run.yaml").write_text(json.dumps(run_config(model, steps, matchmaking)))
     data = [str(folder / f"{t}-train.jsonl") for t in TASKS]
     extra = ("--model", model, "--wait-for", str(len(TASKS)), "--eval-every", str(rounds))
     procs = Processes()
@@ -135,7 +143,11 @@ def run_swarm(model: str, folder: Path, rounds: int, steps: int, work: Path) -> 
         subprocess.run(cli, check=True, cwd=ROOT)
     finally:
         procs.stop_all()
-    return out
+    outcomes = {}
+    for task, vol in zip(TASKS, vols, strict=True):
+        reports = [json.loads(x) for x in (vol / "metrics.jsonl").read_text().splitlines()]
+        outcomes[task] = [r["outcome"] for r in reports]
+    return out, outcomes
 
 
 def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict, dict]:
@@ -223,6 +235,17 @@ def render(data: dict[str, Any]) -> str:
         cells = [f"{per_task[t]['exact']:.1%} | {per_task[t]['loss']:.3f}" for t in TASKS]
         mean = sum(per_task[t]["exact"] for t in TASKS) / len(TASKS)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.1%} |")
+    rounds = data["runs"].get("swarm_rounds", {})
+    if rounds:
+        counted = [
+            f"{t} " + ", ".join(f"{n} {o}" for o, n in sorted(Counter(rounds[t]).items()))
+            for t in TASKS
+        ]
+        lines += [
+            "",
+            f"Swarm rounds per volunteer (matchmaking_time {data['matchmaking']:g} s, default "
+            "outer step and aggregator): " + "; ".join(counted) + ".",
+        ]
     lines += [
         "",
         "Speed at max_length 512 (rows of 512 packed tokens, batch 4), one process each, "
@@ -247,6 +270,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="H, inner steps per round")
     parser.add_argument("--speed-steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 round of 2 steps; no RESULTS")
+    parser.add_argument(
+        "--matchmaking",
+        type=float,
+        default=30.0,
+        help="averaging.matchmaking_time: how long members wait for each other (three volunteers"
+        " on 2 shared cores finish H steps up to ~30 s apart)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="keep data, adapters and speeds here; a rerun reuses them"
+    )
     parser.add_argument("--speed-probe", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -258,32 +291,42 @@ def main() -> None:
     if args.quick:
         args.rounds, args.steps, args.speed_steps = 1, 2, 1
     total = args.rounds * args.steps
-    with tempfile.TemporaryDirectory(prefix="finetune-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="finetune-")))
+        else:
+            work = args.workdir
+            work.mkdir(parents=True, exist_ok=True)
         tasks = write_tasks(work / "data")
         print("tasks:", tasks, flush=True)
+        saved = work / "runs.json"  # what earlier runs in --workdir measured (their adapters stay)
+        runs: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
         adapters: dict[str, Path] = {}
-        runs: dict[str, Any] = {}
-        for task in TASKS:
-            out = work / f"alone-{task}"
-            runs[f"alone-{task}"] = train_alone(
-                args.model, work / "data" / f"{task}-train.jsonl", total, out
-            )
-            adapters[f"{task} volunteer alone ({total} steps)"] = out
-            print(task, runs[f"alone-{task}"], flush=True)
-        out = work / "central"
-        runs["central"] = train_alone(
-            args.model, work / "data" / "pooled-train.jsonl", total * len(TASKS), out
-        )
-        adapters[f"centralized, pooled data ({total * len(TASKS)} steps)"] = out
-        print("central", runs["central"], flush=True)
+        jobs = [(f"alone-{t}", f"{t}-train.jsonl", total) for t in TASKS]
+        jobs.append(("central", "pooled-train.jsonl", total * len(TASKS)))
+        for key, data_file, steps in jobs:
+            out = work / key
+            if not (key in runs and (out / "adapter_model.safetensors").exists()):
+                runs[key] = train_alone(args.model, work / "data" / data_file, steps, out)
+                saved.write_text(json.dumps(runs))
+            print(key, runs[key], flush=True)
+            name = "centralized, pooled data" if key == "central" else f"{key[6:]} volunteer alone"
+            adapters[f"{name} ({steps} steps)"] = out
         started = time.perf_counter()
-        adapters[f"swarm, pulled ({len(TASKS)} volunteers x {total} steps)"] = run_swarm(
-            args.model, work / "data", args.rounds, args.steps, work / "swarm"
+        swarm_dir = work / f"swarm-mm{args.matchmaking:g}"
+        pulled, outcomes = run_swarm(
+            args.model, work / "data", args.rounds, args.steps, swarm_dir, args.matchmaking
         )
+        adapters[f"swarm, pulled ({len(TASKS)} volunteers x {total} steps)"] = pulled
         runs["swarm_seconds"] = time.perf_counter() - started
+        runs["swarm_rounds"] = outcomes
         scores, samples = score_all(args.model, adapters, work / "data")
-        speed = speeds(args.model, work / "data" / "pooled-train.jsonl", args.speed_steps)
+        speed_file = work / "speed.json"
+        if speed_file.exists():
+            speed = json.loads(speed_file.read_text())
+        else:
+            speed = speeds(args.model, work / "data" / "pooled-train.jsonl", args.speed_steps)
+            speed_file.write_text(json.dumps(speed))
     data = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, no GPU",
@@ -291,6 +334,7 @@ def main() -> None:
         "model": Path(args.model).name,
         "rounds": args.rounds,
         "steps": args.steps,
+        "matchmaking": args.matchmaking,
         "tasks": tasks,
         "scores": scores,
         "runs": runs,
