@@ -62,6 +62,30 @@ def _wait(swarm: Swarm, name: str, rounds: int, timeout: float) -> None:
         time.sleep(0.3)
 
 
+def _together(swarm: Swarm, ids: dict[str, str], after: int) -> list[int]:
+    """Rounds past `after` that v1 and v2 averaged in one group: each names the other among
+    its round's members (with three volunteers, groups of two form too)."""
+    ours, theirs = _metrics(swarm.tmp / "v1"), _metrics(swarm.tmp / "v2")
+    return [
+        r
+        for r in ours
+        if r > after
+        and r in theirs
+        and ids["v2"] in ours[r]["members"]  # type: ignore[operator]
+        and ids["v1"] in theirs[r]["members"]  # type: ignore[operator]
+    ]
+
+
+def _wait_together(swarm: Swarm, ids: dict[str, str], after: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while not (rounds := _together(swarm, ids, after)):
+        for name in ("v1", "v2"):
+            assert swarm.procs[name].poll() is None, swarm.log(name)
+        assert time.monotonic() < deadline, f"v1 and v2 never averaged together past {after}"
+        time.sleep(0.3)
+    return rounds
+
+
 def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
     homes: Homes, tmp_path: Path
 ) -> None:
@@ -78,8 +102,11 @@ def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
         swarm.join("v3", "code", 1000, *joined, "--port", str(RELAY_PORT), "--serve-relay",
                    netns=homes.pub)  # fmt: skip
         _wait_line(swarm, "v3", "joined run", timeout=60)
+        ids = {
+            v: swarm.cli("id", "--workdir", str(tmp_path / v)).stdout.strip() for v in ("v1", "v2")
+        }
         swarm.maddr = towards[1]
-        swarm.join("v1", "dates", 20, *joined, netns=homes.home(1))
+        swarm.join("v1", "dates", 1000, *joined, netns=homes.home(1))
         swarm.maddr = v3
         swarm.join("v2", "arithmetic", 1000, *joined, netns=homes.home(2))
         _wait(swarm, "v1", 2, timeout=120)
@@ -91,47 +118,31 @@ def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
             assert "could not dial" in first, first
         first = swarm.log("v3").splitlines()[0]
         assert "reachability: direct" in first and "relays for volunteers" in first, first
+        # the two homes averaged together, through the coordinator, and agreed
+        _wait_together(swarm, ids, -1, timeout=120)
         os.killpg(swarm.procs["v1"].pid, signal.SIGKILL)  # its helpers go with its group
         swarm.procs["v1"].wait(timeout=30)
         before = _metrics(tmp_path / "v1")
-        _wait(swarm, "v2", max(before), timeout=60)
+        averaged = _together(swarm, ids, -1)
         theirs = _metrics(tmp_path / "v2")
-        # rounds both averaged (v2, joining through v3, can start a round late, fall back, or
-        # sync to a later round first and have no record of the earliest ones)
-        averaged = [
-            r
-            for r in before
-            if r in theirs and before[r]["group_size"] >= 2 <= theirs[r]["group_size"]
-        ]
-        assert averaged, (before, theirs)
         assert all(before[r]["digest"] == theirs[r]["digest"] for r in averaged)
 
-        # v2 goes on alone for a round, so the restarted v1 must fetch v2's state, which only
-        # the coordinator can pass on (both are behind NAT)
+        # v2 goes on without v1, so the restarted v1 must fetch a newer state, which only the
+        # coordinator can pass on to it (v1 is behind NAT)
         _wait(swarm, "v2", max(before) + 1, timeout=90)
         swarm.maddr = towards[1]
-        swarm.join("v1", "dates", 4, *joined, netns=homes.home(1))
+        swarm.join("v1", "dates", 8, *joined, netns=homes.home(1))
         assert swarm.wait("v1", timeout=240) == 0, swarm.log("v1")
         done = max(before) + 1  # metrics count rounds from 0, the log and checkpoints from 1
         assert f"resumed from checkpoint at round {done}" in swarm.log("v1")
         assert "synced to the group's state" in swarm.log("v1"), swarm.log("v1")
-        ours = _metrics(tmp_path / "v1")
-        last = max(ours)
-        _wait(swarm, "v2", last, timeout=60)
-        theirs = _metrics(tmp_path / "v2")
-        # after the restart they averaged together again, through the coordinator (v2 may have
-        # synced past a round of v1's, averaged by v1 with v3: such a round is not compared)
-        together = [
-            r
-            for r in ours
-            if r > max(before)
-            and r in theirs
-            and ours[r]["group_size"] >= 2 <= theirs[r]["group_size"]
-        ]
-        assert together, ours
-        # (every round both averaged, not necessarily v1's last: a restarted peer that runs
-        # behind the others can end on a round whose group had already finished)
+        # after the restart they averaged together again, through the coordinator, and agreed
+        _wait(swarm, "v2", max(_metrics(tmp_path / "v1")), timeout=60)
+        together = _together(swarm, ids, max(before))
+        assert together, (_metrics(tmp_path / "v1"), _metrics(tmp_path / "v2"))
+        ours, theirs = _metrics(tmp_path / "v1"), _metrics(tmp_path / "v2")
         assert all(ours[r]["digest"] == theirs[r]["digest"] for r in together)
+        last = max(_metrics(tmp_path / "v1"))
         swarm.kill("v2", signal.SIGINT)  # Ctrl+C: it leaves cleanly
         assert swarm.wait("v2", timeout=60) == 0, swarm.log("v2")
         swarm.kill("v3", signal.SIGINT)
