@@ -1,7 +1,8 @@
-"""One inner step's model inputs, whatever cut them: windows, packed rows or padded rows."""
+"""One inner step's model inputs (windows, packed or padded rows), and the seeded stream of them."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -42,3 +43,37 @@ class Batch:
         if self.attention_mask is not None:
             out["attention_mask"] = self.attention_mask
         return out
+
+
+class SeededStream:
+    """A batch stream whose batch k is drawn by a generator seeded with (seed, k): its whole
+    state is k, so a resumed peer continues the exact stream it would have seen."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.batches_drawn = 0
+
+    def next_generator(self) -> torch.Generator:
+        """The generator of the next batch (and the position moves on by one)."""
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, self.batches_drawn))
+        self.batches_drawn += 1
+        return generator
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the batch stream (JSON-serialisable)."""
+        return {"seed": self.seed, "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at a position saved by state_dict; the seed must match."""
+        if state.get("seed") != self.seed:
+            raise ValueError(f"batcher state is for seed {state.get('seed')}, not {self.seed}")
+        batches_drawn = state.get("batches_drawn")
+        if not isinstance(batches_drawn, int) or batches_drawn < 0:
+            raise ValueError(f"bad batches_drawn in batcher state: {batches_drawn!r}")
+        self.batches_drawn = batches_drawn
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The generator seed of batch `index` of a stream seeded with `seed`."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # manual_seed wants a non-negative int64

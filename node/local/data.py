@@ -10,14 +10,13 @@ vectors trained on them differ by task and clustering has a ground truth.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from node.local.batch import Batch
+from node.local.batch import Batch, SeededStream
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_COUNT = 2000
@@ -154,7 +153,7 @@ def _check_length(stream: torch.Tensor, seq_len: int) -> None:
         raise DataError(f"data has {stream.numel()} tokens; need at least {seq_len + 1}")
 
 
-class TokenBatcher:
+class TokenBatcher(SeededStream):
     """Random [batch_size, seq_len] windows from one EOS-joined token stream.
 
     Batch k's offsets come from a torch.Generator seeded with hash(seed, k), so the state is
@@ -173,36 +172,16 @@ class TokenBatcher:
             raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
         self.stream = _token_stream(texts, tokenizer)
         _check_length(self.stream, seq_len)
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.batches_drawn = 0
+        super().__init__(seed)
+        self.seq_len, self.batch_size = seq_len, batch_size
 
     def next_batch(self) -> Batch:
         """Next [batch_size, seq_len] windows, every token in the loss."""
-        generator = torch.Generator().manual_seed(batch_seed(self.seed, self.batches_drawn))
+        generator = self.next_generator()
         high = self.stream.numel() - self.seq_len + 1
         offsets = torch.randint(0, high, (self.batch_size,), generator=generator)
         batch = torch.stack([self.stream[o : o + self.seq_len] for o in offsets.tolist()])
-        self.batches_drawn += 1
         return Batch.windows(batch)
-
-    def state_dict(self) -> dict[str, int]:
-        """Position in the batch stream (JSON-serialisable)."""
-        return {"seed": self.seed, "batches_drawn": self.batches_drawn}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at a position saved by state_dict; the seed must match."""
-        if state.get("seed") != self.seed:
-            raise ValueError(f"batcher state is for seed {state.get('seed')}, not {self.seed}")
-        batches_drawn = state.get("batches_drawn")
-        if not isinstance(batches_drawn, int) or batches_drawn < 0:
-            raise ValueError(f"bad batches_drawn in batcher state: {batches_drawn!r}")
-        self.batches_drawn = batches_drawn
-
-
-def batch_seed(seed: int, index: int) -> int:
-    """The generator seed of batch `index` of a stream seeded with `seed`."""
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1  # manual_seed wants a non-negative int64
 
 
 def eval_batches(

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from node.local.batch import Batch
-from node.local.data import DataError, batch_seed
+from node.local.batch import Batch, SeededStream
+from node.local.data import DataError
 from node.local.render import Renderer, Tokenized
 from node.local.sources import Example
 
@@ -96,7 +96,7 @@ def _rows_batch(rows: list[list[Tokenized]], pad_id: int, packed: bool) -> Batch
     return Batch(ids, labels, attention_mask=mask, tokens=tokens)
 
 
-class ExampleBatcher:
+class ExampleBatcher(SeededStream):
     """Random batches of whole examples, packed (default) or one per padded row."""
 
     def __init__(
@@ -117,13 +117,11 @@ class ExampleBatcher:
         if max(len(t.ids) for t in examples) > seq_len:
             raise DataError(f"an example is longer than seq_len {seq_len}; truncate it first")
         self.examples, self.seq_len, self.batch_size = list(examples), seq_len, batch_size
-        self.seed, self.pad_id, self.packed = seed, pad_id, packed
-        self.batches_drawn = 0
+        super().__init__(seed)
+        self.pad_id, self.packed = pad_id, packed
 
     def next_batch(self) -> Batch:
-        generator = torch.Generator().manual_seed(batch_seed(self.seed, self.batches_drawn))
-        self.batches_drawn += 1
-        draws = _draws(len(self.examples), generator)
+        draws = _draws(len(self.examples), self.next_generator())
         if not self.packed:
             singles = [[self.examples[next(draws)]] for _ in range(self.batch_size)]
             return _rows_batch(singles, self.pad_id, packed=False)
@@ -140,19 +138,6 @@ class ExampleBatcher:
             row.append(example)
             used += len(example.ids)
         return _rows_batch(rows, self.pad_id, packed=True)
-
-    def state_dict(self) -> dict[str, int]:
-        """Position in the batch stream (JSON-serialisable)."""
-        return {"seed": self.seed, "batches_drawn": self.batches_drawn}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at a position saved by state_dict; the seed must match."""
-        if state.get("seed") != self.seed:
-            raise ValueError(f"batcher state is for seed {state.get('seed')}, not {self.seed}")
-        batches_drawn = state.get("batches_drawn")
-        if not isinstance(batches_drawn, int) or batches_drawn < 0:
-            raise ValueError(f"bad batches_drawn in batcher state: {batches_drawn!r}")
-        self.batches_drawn = batches_drawn
 
 
 def _draws(n: int, generator: torch.Generator, chunk: int = 64):  # noqa: ANN202
