@@ -156,8 +156,7 @@ def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict
     from peft import PeftModel  # noqa: PLC0415
 
     from node.local.basemodel import load_base  # noqa: PLC0415
-    from node.local.packing import fixed_batches, tokenize_all  # noqa: PLC0415
-    from node.local.render import Renderer  # noqa: PLC0415
+    from node.local.evaluate import scoring_set  # noqa: PLC0415
     from node.local.sources import load_examples  # noqa: PLC0415
     from node.roles.evaluator import BATCH, score  # noqa: PLC0415
 
@@ -166,9 +165,7 @@ def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict
     samples: dict[str, Any] = {}
     for task in TASKS:
         examples = load_examples(str(folder / f"{task}-eval.jsonl"))
-        renderer = Renderer(tokenizer, 512, "completion")
-        tokens, _ = tokenize_all(examples, renderer)
-        batches = fixed_batches(tokens, 512, BATCH, len(tokens), tokenizer.pad_token_id or 0)
+        renderer, batches, _ = scoring_set(tokenizer, examples, 512, BATCH)
         runs = {"base model": None, **adapters}
         for name, adapter in runs.items():
             scored = base if adapter is None else PeftModel.from_pretrained(base, str(adapter))

@@ -12,8 +12,8 @@ from node.config import RunConfig
 from node.local.basemodel import load_base, resolve_target_modules
 from node.local.batch import Batch
 from node.local.data import BUILTIN_PREFIX, builtin_eval_texts, split_cue
-from node.local.evaluate import exact_rate, greedy_samples
-from node.local.packing import DataSummary, ExampleBatcher, fixed_batches, tokenize_all
+from node.local.evaluate import exact_rate, greedy_samples, scoring_set
+from node.local.packing import DataSummary, ExampleBatcher, tokenize_all
 from node.local.render import Renderer
 from node.local.sources import Example, load_examples
 from node.local.trainer import InnerTrainer, attach_lora
@@ -91,11 +91,11 @@ def build_local_model(
     inner = config.inner
     renderer = Renderer(tokenizer, inner.seq_len, loss)
     tokens, summary = tokenize_all(train, renderer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id  # load_tokenizer sets one (EOS where the model has none)
     batches = ExampleBatcher(tokens, inner.seq_len, inner.batch_size, data_seed, pad, packed)
-    judge = Renderer(tokenizer, inner.seq_len, "completion")  # eval: completion loss always
-    eval_tokens, _ = tokenize_all(held_out, judge)
-    eval_set = fixed_batches(eval_tokens, inner.seq_len, inner.batch_size, EVAL_BATCHES, pad)
+    judge, eval_set, _ = scoring_set(
+        tokenizer, held_out, inner.seq_len, inner.batch_size, EVAL_BATCHES
+    )
     trainer = InnerTrainer(model, inner, batches, stop=stop, precision=precision)
     first = renderer.text(train[0])
     return LocalModel(

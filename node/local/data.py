@@ -126,6 +126,13 @@ def split_cue(task: str, text: str) -> int | None:
     return cue if cue is not None and 0 < cue < len(text) else None
 
 
+def data_spec(task_or_spec: str) -> str:
+    """A `--data` value from a built-in task's name, or the spec itself when it is one."""
+    if ":" in task_or_spec or "/" in task_or_spec:
+        return task_or_spec
+    return f"{BUILTIN_PREFIX}{task_or_spec}"
+
+
 def builtin_texts(task: str, n: int, seed: int) -> list[str]:
     """n examples of a built-in task; the same (task, n, seed) always gives the same list."""
     if task not in _GENERATORS:

@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from node.local.batch import Batch
+from node.local.packing import DataSummary, fixed_batches, tokenize_all
 from node.local.render import Renderer
 from node.local.sources import Example
 
@@ -28,6 +31,22 @@ class Sample:
     reference: str
     completion: str
     exact: bool
+
+
+def scoring_set(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int,
+    batch_size: int,
+    n_batches: int | None = None,
+) -> tuple[Renderer, list[Batch], DataSummary]:
+    """Held-out examples as fixed batches with the completion-only loss (whatever loss the
+    volunteer trains with), and the renderer that prompts them; n_batches None: all."""
+    renderer = Renderer(tokenizer, max_length, "completion")
+    tokens, summary = tokenize_all(examples, renderer)
+    n = len(tokens) if n_batches is None else n_batches
+    batches = fixed_batches(tokens, max_length, batch_size, n, tokenizer.pad_token_id)
+    return renderer, batches, summary
 
 
 def _normal(text: str) -> str:
@@ -49,7 +68,7 @@ def greedy_samples(
 ) -> list[Sample]:
     """Greedy completions of every example that has a reference answer."""
     tokenizer = renderer.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id  # load_tokenizer sets one (EOS where the model has none)
     device = next(model.parameters()).device
     cases = []
     for example in examples:

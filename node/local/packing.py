@@ -10,7 +10,7 @@ resumed peer continues the exact stream it would have seen.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +53,7 @@ def tokenize_all(
     for example in examples:
         tokens = renderer.tokenize(example)
         truncated += tokens.truncated
-        if not any(tokens.trained[1:]):
+        if not tokens.loss_count:
             dropped += 1
             continue
         kept.append(tokens)
@@ -65,7 +65,7 @@ def tokenize_all(
         truncated=truncated,
         dropped=dropped,
         tokens=sum(len(t.ids) for t in kept),
-        loss_tokens=sum(sum(t.trained[1:]) for t in kept),
+        loss_tokens=sum(t.loss_count for t in kept),
         max_length=renderer.max_length,
     )
     return kept, summary
@@ -125,19 +125,25 @@ class ExampleBatcher(SeededStream):
         if not self.packed:
             singles = [[self.examples[next(draws)]] for _ in range(self.batch_size)]
             return _rows_batch(singles, self.pad_id, packed=False)
-        rows: list[list[Tokenized]] = []
-        row: list[Tokenized] = []
-        used = 0
-        while len(rows) < self.batch_size:
-            example = self.examples[next(draws)]
-            if row and used + len(example.ids) > self.seq_len:
-                rows.append(row)
-                row, used = [], 0
-                if len(rows) == self.batch_size:
-                    break  # the example that did not fit is left out of this batch
-            row.append(example)
-            used += len(example.ids)
-        return _rows_batch(rows, self.pad_id, packed=True)
+        examples = (self.examples[i] for i in draws)
+        return _rows_batch(_pack(examples, self.seq_len, self.batch_size), self.pad_id, True)
+
+
+def _pack(examples: Iterable[Tokenized], seq_len: int, max_rows: int) -> list[list[Tokenized]]:
+    """Whole examples, in order, into rows of at most seq_len tokens; at most max_rows rows
+    (the example that did not fit once they are full is left out)."""
+    rows: list[list[Tokenized]] = []
+    row: list[Tokenized] = []
+    used = 0
+    for example in examples:
+        if row and used + len(example.ids) > seq_len:
+            rows.append(row)
+            row, used = [], 0
+            if len(rows) == max_rows:
+                return rows
+        row.append(example)
+        used += len(example.ids)
+    return [*rows, row] if row else rows
 
 
 def _draws(n: int, generator: torch.Generator, chunk: int = 64):  # noqa: ANN202
@@ -150,16 +156,7 @@ def fixed_batches(
     examples: Sequence[Tokenized], seq_len: int, batch_size: int, n_batches: int, pad_id: int
 ) -> list[Batch]:
     """Held-out batches: examples in order, packed into at most n_batches batches."""
-    rows: list[list[Tokenized]] = [[]]
-    used = 0
-    for example in examples:
-        if rows[-1] and used + len(example.ids) > seq_len:
-            if len(rows) == batch_size * n_batches:
-                break
-            rows.append([])
-            used = 0
-        rows[-1].append(example)
-        used += len(example.ids)
+    rows = _pack(examples, seq_len, batch_size * n_batches)
     return [
         _rows_batch(rows[i : i + batch_size], pad_id, packed=True)
         for i in range(0, len(rows), batch_size)

@@ -28,6 +28,12 @@ class Tokenized:
     trained: tuple[bool, ...]
     truncated: bool = False
 
+    @property
+    def loss_count(self) -> int:
+        """Tokens that will be labels: an example's first token never is (nothing of it
+        precedes it)."""
+        return sum(self.trained[1:])
+
 
 class Renderer:
     """Renders and tokenizes Examples for one tokenizer, length limit and loss mode."""

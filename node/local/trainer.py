@@ -68,6 +68,14 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(**batch.inputs()).loss
 
 
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches: list[Batch]) -> float:
+    """Mean loss per token in the loss over fixed batches, on the model's device, in fp32."""
+    device = next(model.parameters()).device
+    total = sum(float(lm_loss(model, b.to(device))) * b.tokens for b in batches)
+    return total / max(sum(b.tokens for b in batches), 1)
+
+
 AUTOCAST: dict[str, torch.dtype | None] = {
     "fp32": None,
     "bf16": torch.bfloat16,
@@ -194,13 +202,11 @@ class InnerTrainer:
         dtype = AUTOCAST[self.precision]
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    @torch.no_grad()
     def eval_loss(self, batches: list[Batch]) -> float:
         """Mean loss per token over fixed held-out batches, in fp32 (comparable across
         volunteers)."""
         self.model.eval()
-        total = sum(float(lm_loss(self.model, b.to(self.device))) * b.tokens for b in batches)
-        return total / max(sum(b.tokens for b in batches), 1)
+        return mean_loss(self.model, batches)
 
     def state_dict(self) -> dict[str, Any]:
         """Local-only state: AdamW moments and the data stream position."""

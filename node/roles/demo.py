@@ -17,7 +17,7 @@ from typing import IO
 
 from aggregation.taskvec import adjusted_rand_index
 from node.config import load_config
-from node.local.data import BUILTIN_TASKS
+from node.local.data import BUILTIN_TASKS, data_spec
 from protocols.sockets import remove_stale_hivemind_sockets
 from protocols.swarm import SwarmError
 
@@ -210,7 +210,7 @@ def start_swarm(
                 "--initial-peers",
                 maddr,
                 "--data",
-                task if ":" in task or "/" in task else f"builtin:{task}",
+                data_spec(task),
                 "--workdir",
                 str(vol),
                 "--rounds",

@@ -22,12 +22,12 @@ from peft import PeftModel
 from node.adapters.adapter import AdapterError
 from node.adapters.merge import read_adapter
 from node.local.basemodel import load_base
+from node.local.batch import Batch
 from node.local.data import DataError
-from node.local.evaluate import Sample, exact_rate, greedy_samples
-from node.local.packing import fixed_batches, tokenize_all
+from node.local.evaluate import Sample, exact_rate, greedy_samples, scoring_set
 from node.local.render import Renderer
-from node.local.sources import load_examples
-from node.local.trainer import lm_loss
+from node.local.sources import Example, load_examples
+from node.local.trainer import mean_loss
 
 log = logging.getLogger("swarmtune.eval")
 BATCH = 8
@@ -57,17 +57,12 @@ class Scores:
     samples: list[Sample]
 
 
-@torch.no_grad()
-def completion_loss(model: torch.nn.Module, batches: list) -> float:  # type: ignore[type-arg]
-    """Mean loss per completion token over fixed batches."""
-    device = next(model.parameters()).device
-    total = sum(float(lm_loss(model, b.to(device))) * b.tokens for b in batches)
-    return total / max(sum(b.tokens for b in batches), 1)
-
-
-def score(model: torch.nn.Module, renderer: Renderer, examples: list, batches: list) -> Scores:  # type: ignore[type-arg]
+def score(
+    model: torch.nn.Module, renderer: Renderer, examples: list[Example], batches: list[Batch]
+) -> Scores:
+    """Completion loss and greedy exact match of one model on prepared held-out examples."""
     samples = greedy_samples(model, renderer, examples)
-    return Scores(completion_loss(model, batches), exact_rate(samples), samples)
+    return Scores(mean_loss(model, batches), exact_rate(samples), samples)
 
 
 def evaluate(options: EvalOptions) -> int:
@@ -88,7 +83,7 @@ def evaluate(options: EvalOptions) -> int:
     return _evaluate_dir(options, options.adapter, examples, str(options.adapter))
 
 
-def _evaluate_dir(options: EvalOptions, adapter: Path, examples: list, label: str) -> int:  # type: ignore[type-arg]
+def _evaluate_dir(options: EvalOptions, adapter: Path, examples: list[Example], label: str) -> int:
     read = read_adapter(adapter)  # one clear line for a missing or broken adapter
     base, tokenizer, fingerprint = load_base(options.model, device=options.device)
     if read.fingerprint is not None and read.fingerprint != fingerprint:
@@ -97,10 +92,8 @@ def _evaluate_dir(options: EvalOptions, adapter: Path, examples: list, label: st
             f"({fingerprint[:12]}…)"
         )
     limit = getattr(base.config, "max_position_embeddings", None) or options.max_length
-    renderer = Renderer(tokenizer, min(options.max_length, limit), "completion")
-    tokens, summary = tokenize_all(examples, renderer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = fixed_batches(tokens, renderer.max_length, BATCH, len(tokens), pad)
+    length = min(options.max_length, limit)
+    renderer, batches, summary = scoring_set(tokenizer, examples, length, BATCH)
     log.info(summary.line())
     model = PeftModel.from_pretrained(base, str(adapter))
     model.eval()

@@ -24,6 +24,9 @@ from typing import Any, Protocol
 ROOT = Path(__file__).resolve().parents[2]
 # as the CLI does: plain PEFT loads below must not ask the Hugging Face Hub about "embedded"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(ROOT))
+from node.local.data import data_spec  # noqa: E402
+
 FAST_CONFIG = """run_id: {run_id}
 inner: {{steps: 10, batch_size: 8, seq_len: 48}}
 averaging: {{matchmaking_time: 2.0}}
@@ -214,7 +217,7 @@ class Swarm:
             "--initial-peers",
             self.maddr,
             "--data",
-            task if ":" in task or "/" in task else f"builtin:{task}",
+            data_spec(task),
             "--workdir",
             str(self.tmp / name),
             "--rounds",
