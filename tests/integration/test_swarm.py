@@ -102,8 +102,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
             1: ["--precision", "bf16", "--device", "cpu"],
             2: ["--quantize", "4bit"],
         }
+        # --wait-for 3: the chat volunteer reads its file through `datasets` and arrives a few
+        # seconds later; without it, it can miss round 1 and offer a stale start in round 2
         for i in range(3):
-            swarm.join(f"v{i}", _data(swarm, i), 3, *extra.get(i, []))
+            swarm.join(f"v{i}", _data(swarm, i), 3, "--wait-for", "3", *extra.get(i, []))
         codes = [swarm.wait(f"v{i}", 240) for i in range(3)]
         assert codes == [0, 0, 0], "\n".join(swarm.log(f"v{i}") for i in range(3))
         yield swarm
