@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import faulthandler
 import io
 import logging
@@ -12,7 +13,11 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 DESCRIPTION = """Peer-to-peer DiLoCo fine-tuning of LoRA adapters over a hivemind DHT.
 
@@ -26,15 +31,37 @@ DESCRIPTION = """Peer-to-peer DiLoCo fine-tuning of LoRA adapters over a hivemin
 """
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a bad one is argparse's one-line error)."""
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= low (a bad one is argparse's one-line error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0..65535 (0: any free port)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
     return value
+
+
+class UsageError(ValueError):
+    """Options that are wrong together (argparse checks each alone): exit 2, one line."""
 
 
 def _peers_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -51,7 +78,7 @@ def _net_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="IPv4 address to listen on (0.0.0.0: every interface)"
     )
-    parser.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any)")
+    parser.add_argument("--port", type=_port, default=0, help="TCP port to listen on (0: any)")
     parser.add_argument(
         "--announce",
         nargs="+",
@@ -93,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _net_args(boot)
     boot.add_argument(
         "--http-port",
-        type=int,
+        type=_port,
         metavar="PORT",
         help="serve a live status page (and its JSON at /api/status) on this port; 0: any",
     )
@@ -132,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("swarm-volunteer"),
         help="checkpoints, identity and metrics; restart with the same dir to resume",
     )
-    join.add_argument("--rounds", type=int, default=1_000_000, help="exit 0 after this many rounds")
+    join.add_argument(
+        "--rounds", type=_positive_int, default=1_000_000, help="exit 0 after this many rounds"
+    )
     join.add_argument(
         "--model",
         help="a causal LM: a local Hugging Face model dir, or a hub id (org/name) taken from"
@@ -194,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--reachability",
         choices=["auto", "direct", "relay"],
         default="auto",
-        help="how others reach this peer: auto (default) asks the coordinator to dial it back and"
-        " falls back to its relay; direct (others can dial us); relay (always through the"
-        " coordinator's relay, e.g. behind NAT)",
+        help="how others reach this peer: auto (default) asks the peer it joined through (the"
+        " first of --initial-peers) to dial it back and falls back to relaying through that"
+        " peer; direct (others can dial us); relay (always through that peer, e.g. behind NAT)",
     )
     join.add_argument(
         "--serve-relay",
@@ -218,13 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = sub.add_parser(
         "revoke", help="token runs: withdraw a volunteer's ticket (members drop it next round)"
     )
-    revoke.add_argument("peer_id", metavar="PEER_ID")
+    revoke.add_argument("peer_id", metavar="PEER_ID", help="the volunteer to withdraw")
     revoke.add_argument(
         "--workdir", type=Path, default=Path("swarm-coordinator"), help="the coordinator's"
     )
 
     ident = sub.add_parser("id", help="print the peer id a work dir's identity has")
-    ident.add_argument("--workdir", type=Path, default=Path("swarm-volunteer"))
+    ident.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("swarm-volunteer"),
+        help="the volunteer's work dir (its identity lives there)",
+    )
 
     pull = sub.add_parser("pull", help="download an adapter as a PEFT directory")
     _peers_arg(pull)
@@ -240,10 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", type=Path, help="a PEFT adapter directory (or --initial-peers)")
     ev.add_argument("--data", required=True, help="examples to score, as `join --data` reads them")
     ev.add_argument("--model", help="the adapter's base: a local dir or hub id (default: embedded)")
-    ev.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    ev.add_argument("--max-length", type=int, default=512, help="tokens per example (default 512)")
-    ev.add_argument("--max-examples", type=int, default=200, help="score the first N (default 200)")
-    ev.add_argument("--samples", type=int, default=3, help="rendered samples to show (default 3)")
+    ev.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="where to run the model (default auto: CUDA, then MPS, then the CPU)",
+    )
+    ev.add_argument(
+        "--max-length", type=_positive_int, default=512, help="tokens per example (default 512)"
+    )
+    ev.add_argument(
+        "--max-examples", type=_positive_int, default=200, help="score the first N (default 200)"
+    )
+    ev.add_argument(
+        "--samples", type=_int_at_least(0), default=3, help="rendered samples to show (default 3)"
+    )
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     status = sub.add_parser("status", help="peers, rounds, losses and adapters of a run")
@@ -253,8 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     demo = sub.add_parser("demo", help="a whole swarm on 127.0.0.1, then pull its adapter")
-    demo.add_argument("--peers", type=int, help="volunteers (default 3; 8 with --clustered)")
-    demo.add_argument("--rounds", type=int, help="DiLoCo rounds (default 6; 8 with --clustered)")
+    demo.add_argument(
+        "--peers", type=_positive_int, help="volunteers (default 3; 8 with --clustered)"
+    )
+    demo.add_argument(
+        "--rounds", type=_positive_int, help="DiLoCo rounds (default 6; 8 with --clustered)"
+    )
     demo.add_argument(
         "--clustered",
         action="store_true",
@@ -272,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--config", type=Path, required=True, help="simulator YAML (configs/sim/)")
     sim.add_argument("--out", type=Path, default=Path("sim-out"), help="output directory")
-    sim.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    sim.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)"
+    )
 
     merge = sub.add_parser(
         "merge",
@@ -282,14 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
         " dare_ties work on dense dW and are re-factorised by truncated SVD to --rank (default:"
         " the largest input rank), reporting the energy kept.",
     )
-    merge.add_argument("adapters", nargs="+", type=Path, metavar="ADAPTER_DIR")
+    merge.add_argument(
+        "adapters", nargs="+", type=Path, metavar="ADAPTER_DIR", help="PEFT adapter dirs to merge"
+    )
     merge.add_argument(
         "--method", required=True, help="cat, linear, task_arithmetic, ties, dare_linear, dare_ties"
     )
     merge.add_argument(
         "--weights", nargs="+", type=float, help="one weight per adapter (default 1 each)"
     )
-    merge.add_argument("--rank", type=int, help="target rank of the merged factors")
+    merge.add_argument("--rank", type=_positive_int, help="target rank of the merged factors")
     merge.add_argument(
         "--density", type=float, default=0.2, help="TIES: fraction of entries kept (0.2)"
     )
@@ -336,54 +389,30 @@ def _setup_logging(verbose: bool) -> None:
     hf_logging.set_verbosity_error()
 
 
+def _options(cls: type[T], args: argparse.Namespace, **converted: Any) -> T:
+    """A role's options dataclass from the parsed arguments, by name: each field takes the
+    option of the same name, or its `converted` value."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **converted})
+
+
 def dispatch(args: argparse.Namespace) -> int:
     """Run one subcommand."""
     if args.command == "bootstrap":
         from node.roles.coordinator import BootstrapOptions, bootstrap
 
-        if args.http_port is not None and not 0 <= args.http_port <= 65535:
-            raise SystemExit("swarmtune bootstrap: error: --http-port must be in 0..65535")
-        return bootstrap(
-            BootstrapOptions(
-                args.config,
-                args.workdir,
-                args.host,
-                args.port,
-                args.addr_file,
-                args.announce,
-                args.http_host,
-                args.http_port,
-                args.report_to,
-            )
-        )
+        return bootstrap(_options(BootstrapOptions, args))
     if args.command == "join":
         from node.roles.admit import load_ticket
         from node.roles.volunteer import JoinOptions, join
 
         return join(
-            JoinOptions(
-                args.initial_peers,
-                args.data,
-                args.workdir,
-                args.rounds,
-                args.model,
-                args.quantize,
-                args.config,
-                args.host,
-                args.port,
-                load_ticket(args.ticket) if args.ticket else "",
-                args.report_to,
-                args.announce,
-                None if args.overlap is None else args.overlap == "on",
-                args.eval_every,
-                args.reachability,
-                args.serve_relay,
-                args.threads,
-                args.wait_for,
-                args.device,
-                args.precision,
-                args.loss,
-                args.packing == "on",
+            _options(
+                JoinOptions,
+                args,
+                ticket=load_ticket(args.ticket) if args.ticket else "",
+                overlap=None if args.overlap is None else args.overlap == "on",
+                packing=args.packing == "on",
             )
         )
     if args.command in ("admit", "revoke", "id"):
@@ -391,24 +420,12 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from node.roles.evaluator import EvalOptions, evaluate
 
-        return evaluate(
-            EvalOptions(
-                args.data,
-                args.adapter,
-                args.initial_peers,
-                args.model,
-                args.device,
-                args.max_length,
-                args.max_examples,
-                args.samples,
-                args.json,
-            )
-        )
+        return evaluate(_options(EvalOptions, args, as_json=args.json))
     if args.command == "pull":
         from node.roles.consumer import pull
 
         if args.out is None and not args.list:
-            raise SystemExit("swarmtune pull: error: --out is required (or --list)")
+            raise UsageError("--out is required (or --list)")
         return pull(args.initial_peers, args.out, args.adapter, args.list)
     if args.command == "status":
         from node.roles.consumer import status
@@ -437,7 +454,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from node.config import load_sim_config
         from node.roles.simulate import simulate, summary_lines
 
-        torch.set_num_threads(max(args.threads, 1))
+        torch.set_num_threads(args.threads)
         config = load_sim_config(args.config)
         curves = simulate(
             config, args.out, args.config.stem, progress=logging.getLogger("sim").info
@@ -471,8 +488,6 @@ def _check_merge_args(args: argparse.Namespace) -> None:
 
     if not 0 < args.density <= 1 or not 0 <= args.drop < 1:
         raise AdapterError("--density must be in (0, 1] and --drop in [0, 1)")
-    if args.rank is not None and args.rank < 1:
-        raise AdapterError("--rank must be >= 1")
     if args.weights is not None and len(args.weights) != len(args.adapters):
         raise AdapterError(f"--weights needs {len(args.adapters)} values, got {len(args.weights)}")
 
@@ -485,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return dispatch(args)
-    except USER_ERRORS as exc:
+    except USER_ERRORS + (UsageError,) as exc:
         print(f"swarmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from node.config import ConfigError
 from node.engine.state import StateError
 from node.local.basemodel import BaseModelError
 from node.local.data import DataError
+from node.local.trainer import TrainingDiverged
 from protocols.swarm import SwarmError
 from protocols.transfer import TransferError
 
@@ -15,5 +16,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DataError,
     StateError,
     SwarmError,
+    TrainingDiverged,
     TransferError,
 )

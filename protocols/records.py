@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
@@ -33,12 +33,25 @@ HEX64 = r"^[0-9a-f]{64}$"
 _OWNER = re.compile(rb"^\[owner:.+\]$", re.DOTALL)
 
 
+# a field this version does not know (from a newer peer) is ignored, not a reason to drop the
+# whole record: records still have bounded sizes (MAX_RECORD_BYTES) and typed known fields
+RECORD_CONFIG = ConfigDict(extra="ignore")
+Record = TypeVar("Record", bound=BaseModel)
+
+
+def with_fields(record: Record, **fields: Any) -> Record:
+    """A copy of `record` with `fields` changed, validated as a record read from the DHT would
+    be (pydantic's model_copy skips validation: a NaN written that way only failed later, in
+    every other peer's validator, where no one saw it)."""
+    return type(record).model_validate({**record.model_dump(), **fields})
+
+
 class AdapterOffer(BaseModel):
     """An adapter bundle this peer serves: blob name, round, sha256 and size of the bundle, and
     the digest of the group state it is the adapter of (what its round certificate names;
     empty for adapters the coordinator makes itself)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = RECORD_CONFIG
     round: int = Field(ge=0)
     sha256: str = Field(pattern=HEX64)
     size: int = Field(ge=1, le=1 << 34)
@@ -50,7 +63,7 @@ class VoteRecord(BaseModel):
     certificate's body and its signature by the record's identity key
     (protocols/certificates.py)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = RECORD_CONFIG
     body: str = Field(pattern=HEX64)
     sig: str = Field(min_length=1, max_length=1024)
 
@@ -58,7 +71,7 @@ class VoteRecord(BaseModel):
 class PeerRecord(BaseModel):
     """A peer's heartbeat: role, group state it holds, progress, and what it offers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = RECORD_CONFIG
     peer_id: str = Field(min_length=10, max_length=128)
     role: Literal["coordinator", "volunteer"]
     round: int = Field(0, ge=0)
@@ -113,7 +126,7 @@ class PeerRecord(BaseModel):
 class ManifestRecord(BaseModel):
     """The run manifest as stored; node/ validates `config` against its RunConfig."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = RECORD_CONFIG
     run_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{2,63}$")
     base_fingerprint: str = Field(pattern=HEX64)
     target_modules: list[str] = Field(min_length=1, max_length=64)
@@ -125,7 +138,7 @@ class ManifestRecord(BaseModel):
 class SignatureRecord(BaseModel):
     """A volunteer's task signature: a shared-seed sketch of its local task vector."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = RECORD_CONFIG
     peer_id: str = Field(min_length=10, max_length=128)
     round: int = Field(ge=0)
     values: list[float] = Field(min_length=1, max_length=4096)
@@ -141,7 +154,7 @@ class SignatureRecord(BaseModel):
 class ClusterRecord(BaseModel):
     """The coordinator's versioned assignment of volunteers to clusters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = RECORD_CONFIG
     version: int = Field(ge=1)
     round: int = Field(ge=0)
     effective_round: int = Field(0, ge=0)  # members switch groups when they reach this round
@@ -152,7 +165,7 @@ class ClusterRecord(BaseModel):
 class RevocationRecord(BaseModel):
     """Peer ids whose admission tickets the coordinator revoked (token runs)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = RECORD_CONFIG
     version: int = Field(ge=0)
     revoked: list[str] = Field(default_factory=list, max_length=1000)
 

@@ -43,6 +43,7 @@ from protocols.records import (
     owner_subkey,
     parse_peer_records,
     peers_key,
+    with_fields,
 )
 from protocols.runner import LoopThread
 from protocols.sockets import remove_stale_hivemind_sockets
@@ -218,6 +219,7 @@ class SwarmNode:
         self.run_id = run_id
         self.coordinator = ""  # the manifest's coordinator, once known (set_run)
         self.dropped_records = 0  # records in the last read that lied (parse_peer_records)
+        self.store_failure = ""  # why storing our record last failed ("": it worked)
         self.relay_service = relay_service
         self.relay_maddr = ""  # the relay's multiaddr while we are reached through it
         self.reach = "direct"
@@ -622,25 +624,42 @@ class SwarmNode:
     def _store_record(self) -> None:
         if self._record is None or self.run_id is None:
             return
-        self._record = self._record.model_copy(
-            update={
-                "stored_at": time.time(),
-                "reach": self.reach,
-                "relay": self.relay_maddr,
-                "serves_relay": self.relay_service,
-                **self._record_key,
-            }
+        self._record = with_fields(
+            self._record,
+            stored_at=time.time(),
+            reach=self.reach,
+            relay=self.relay_maddr,
+            serves_relay=self.relay_service,
+            **self._record_key,
         )
-        self.dht.store(
+        future = self.dht.store(
             peers_key(self.run_id),
             self._record.model_dump(),
             expiration_time=get_dht_time() + PEER_TTL,
             subkey=owner_subkey(self.signer),
             return_future=True,
         )
+        future.add_done_callback(self._record_stored)
+
+    def _record_stored(self, future: Any) -> None:
+        """Say when storing our record starts failing, and when it works again (not every
+        beat): while it fails, other peers see none of this peer's progress."""
+        try:
+            why = "" if future.result() else "no DHT peer accepted it"
+        except Exception as exc:  # noqa: BLE001 - whatever the DHT raised is the reason
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if why == self.store_failure or self._stop.is_set():
+            return
+        if why:
+            log.warning("storing our peer record failed (%s): other peers do not see this"
+                        " peer's progress until a store succeeds", why)  # fmt: skip
+        else:
+            log.info("our peer record is stored again")
+        self.store_failure = why
 
     def _beat(self) -> None:
         next_store = time.monotonic() + PEER_TTL / 3
+        last = ""
         while not self._stop.wait(RELAY_CHECK_S):
             try:
                 if time.monotonic() >= next_store:  # by the clock: a slow check cannot delay it
@@ -649,8 +668,13 @@ class SwarmNode:
                 if self.reach == "relay":
                     self.peers()  # who else is relayed (other peers learn it from their reads)
                 self._connect_relayed()
+                last = ""
             except Exception as exc:  # noqa: BLE001 - the heartbeat must outlive a bad beat
-                log.debug("heartbeat: %s", exc)
+                if self._stop.is_set():
+                    break
+                if str(exc) != last:  # once per kind of failure, not once per beat
+                    log.warning("heartbeat: %s: %s", type(exc).__name__, exc)
+                last = str(exc)
 
     def serve_tickets(self, grant: Grant) -> None:
         """Answer ticket requests (`admission.policy: address`) with `grant(peer, address)`."""

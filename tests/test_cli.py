@@ -1,5 +1,6 @@
 """The CLI explains itself and turns bad input into one line (in-process, no network)."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -23,19 +24,35 @@ SUBCOMMANDS = [
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
-def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_subcommand_explains_each_of_its_options(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args([command, "--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    assert f"swarmtune {command}" in out and "--" in out
+    sub = _subparser(command)
+    assert sub.description or sub.format_usage() != out  # it says what the command does
+    unexplained = [a.option_strings or a.dest for a in sub._actions if not a.help]
+    assert not unexplained, unexplained
+    for action in sub._actions:  # and its help shows every option
+        assert all(flag in out for flag in action.option_strings), action.option_strings
 
 
-def test_top_level_help_lists_roles(capsys: pytest.CaptureFixture[str]) -> None:
+def _subparser(command: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def test_top_level_help_gives_each_subcommand_a_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
-    out = capsys.readouterr().out
-    assert all(word in out for word in ("bootstrap", "join", "pull", "demo"))
+    lines = capsys.readouterr().out.splitlines()
+    for command in SUBCOMMANDS:  # "    join   take part in a run ..."
+        assert any(line.split()[:1] == [command] and len(line.split()) > 2 for line in lines), (
+            command
+        )
 
 
 def test_bad_config_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -144,3 +161,54 @@ def test_bad_join_scheduling_flags_are_one_line_exit_2(
         main(args)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exited.value.code == 2 and err.startswith("swarmtune join: error:") and problem in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [*JOIN, "--data", "builtin:dates", "--port", "70000"],
+        [*JOIN, "--data", "builtin:dates", "--rounds", "0"],
+        [*JOIN, "--data", "builtin:dates", "--threads", "0"],
+        ["bootstrap", "--config", "configs/run.yaml", "--http-port", "65536"],
+        ["demo", "--peers", "-1"],
+        ["simulate", "--config", "x.yaml", "--out", "o", "--threads", "0"],
+        ["eval", "--data", "builtin:dates", "--adapter", "a", "--max-length", "0"],
+        ["merge", "a", "b", "--method", "cat", "--out", "m", "--rank", "0"],
+    ],
+)
+def test_an_out_of_range_number_is_argparses_one_line_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and err[-1].startswith(f"swarmtune {argv[0]}: error: argument")
+
+
+def test_options_wrong_together_are_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["pull", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmSomething"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "swarmtune pull: error: --out is required (or --list)"
+
+
+def test_role_options_are_built_by_name_from_the_parsed_arguments() -> None:
+    import dataclasses
+
+    from cli import _options
+    from node.roles.coordinator import BootstrapOptions
+    from node.roles.evaluator import EvalOptions
+    from node.roles.volunteer import JoinOptions
+
+    parser = build_parser()
+    args = parser.parse_args([*JOIN, "--data", "d.jsonl", "--port", "4000", "--wait-for", "3"])
+    join = _options(JoinOptions, args, ticket="", overlap=None, packing=True)
+    assert (join.port, join.wait_for, join.data, join.rounds) == (4000, 3, "d.jsonl", 1_000_000)
+    # every field of each role's options has an option of that name, or is converted
+    for cls, command, converted in (
+        (JoinOptions, "join", {"ticket", "overlap", "packing"}),
+        (BootstrapOptions, "bootstrap", set()),
+        (EvalOptions, "eval", {"as_json"}),
+    ):
+        dests = {a.dest for a in _subparser(command)._actions}
+        missing = {f.name for f in dataclasses.fields(cls)} - dests - converted
+        assert not missing, (command, missing)

@@ -21,7 +21,7 @@ from protocols.certificates import (
     encode_chain,
 )
 from protocols.identity import owns
-from protocols.records import AdapterOffer, PeerRecord, VoteRecord
+from protocols.records import AdapterOffer, PeerRecord, VoteRecord, with_fields
 from protocols.swarm import SwarmNode
 from protocols.transfer import TransferError
 
@@ -52,7 +52,7 @@ class HivemindTransport:
         self.make_averager = make_averager
         self.averager = make_averager(prefix)
         self.peer = node.peer_id
-        self.record = role_record.model_copy(update={"ticket": ticket})
+        self.record = with_fields(role_record, ticket=ticket)
         self.offers = offers
         # three matchmaking windows, plus room for one retry after hivemind's known race (a
         # follower gives up on its leader while the leader counts it in; the leader's one-number
@@ -85,7 +85,7 @@ class HivemindTransport:
 
     def update_record(self, **fields: Any) -> None:
         """Change fields of our heartbeat record (stored with the next announcement)."""
-        self.record = self.record.model_copy(update=fields)
+        self.record = with_fields(self.record, **fields)
 
     def keep_out(self, peers: dict[str, str]) -> None:
         """Peers the group bans this round (refused in matchmaking, excluded if let in)."""

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import logging
+import pickle
 import re
 import shutil
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -220,7 +222,9 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     """The tokenizer in model_dir, loaded offline, with pad set to EOS where it has none."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as err:  # broken tokenizer files raise many types
+    except Exception as err:
+        if not _bad_files(err):
+            raise
         raise BaseModelError(f"cannot load tokenizer from {model_dir}: {_one_line(err)}") from None
     if tokenizer.eos_token is None:
         raise BaseModelError(f"tokenizer in {model_dir} has no EOS token")
@@ -232,7 +236,9 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 def _load_config(model_dir: Path) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as err:  # bad JSON and unknown model types raise different types
+    except Exception as err:
+        if not _bad_files(err):
+            raise
         raise BaseModelError(f"cannot read model config in {model_dir}: {_one_line(err)}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise BaseModelError(
@@ -259,8 +265,27 @@ def _load_model(
         kwargs["device_map"] = {"": torch.cuda.current_device() if on_cuda else "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, **kwargs)
-    except Exception as err:  # corrupt files raise library-specific types
+    except Exception as err:
+        if not _bad_files(err, BAD_WEIGHTS):
+            raise
         raise BaseModelError(f"cannot load weights from {model_dir}: {_one_line(err)}") from None
+
+
+# What unreadable or inconsistent files raise from json, transformers, torch and safetensors.
+# The Rust tokenizers library raises Exception itself; anything else (AttributeError, TypeError,
+# ...) is a bug of ours and keeps its traceback instead of reading as "corrupt files".
+BAD_FILES: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    KeyError,
+    EOFError,
+    SafetensorError,
+)
+BAD_WEIGHTS = (*BAD_FILES, RuntimeError, pickle.UnpicklingError)  # torch's zip reader, shapes
+
+
+def _bad_files(err: BaseException, kinds: tuple[type[BaseException], ...] = BAD_FILES) -> bool:
+    return isinstance(err, kinds) or type(err) is Exception
 
 
 def _one_line(err: BaseException) -> str:

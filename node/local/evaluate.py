@@ -64,7 +64,7 @@ def greedy_samples(
     model: torch.nn.Module,
     renderer: Renderer,
     examples: Sequence[Example],
-    batch_size: int = 8,
+    batch_size: int = 16,
 ) -> list[Sample]:
     """Greedy completions of every example that has a reference answer."""
     tokenizer = renderer.tokenizer

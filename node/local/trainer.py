@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -85,6 +86,22 @@ AUTOCAST: dict[str, torch.dtype | None] = {
 
 class RoundAbandoned(Exception):
     """The inner loop was asked to stop (Ctrl+C); the round's partial work is dropped."""
+
+
+class TrainingDiverged(ValueError):
+    """A loss came out NaN or infinite: the round stops before the step that would spread it
+    into the adapter, its update is never sent, and the last checkpoint stays as it was."""
+
+
+def check_finite(value: float, what: str) -> float:
+    """`value`, or TrainingDiverged naming `what` when it is NaN or infinite."""
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"{what} is {value}: stopping before it reaches the adapter (nothing of this round is"
+            " sent; the last checkpoint is kept). Lower inner.lr or inner.max_grad_norm, use"
+            " --precision bf16 rather than fp16, or check the data"
+        )
+    return value
 
 
 class InnerTrainer:
@@ -178,6 +195,7 @@ class InnerTrainer:
                 self.scaler.scale(part).backward()
                 loss += part.detach().float()
                 tokens += batch.tokens
+            check_finite(float(loss), f"the loss at inner step {j + 1} of {steps}")
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(self._trainable.values(), self.inner.max_grad_norm)
             self.scaler.step(self.optimizer)
@@ -206,7 +224,7 @@ class InnerTrainer:
         """Mean loss per token over fixed held-out batches, in fp32 (comparable across
         volunteers)."""
         self.model.eval()
-        return mean_loss(self.model, batches)
+        return check_finite(mean_loss(self.model, batches), "the held-out loss")
 
     def state_dict(self) -> dict[str, Any]:
         """Local-only state: AdamW moments and the data stream position."""

@@ -35,6 +35,7 @@ from protocols.records import (
     peers_key,
     revoked_key,
     signatures_key,
+    with_fields,
 )
 from protocols.swarm import SwarmError, SwarmNode, address_kind
 from protocols.transfer import TransferError
@@ -218,7 +219,7 @@ class Coordinator:
         sha = hashlib.sha256(merged).hexdigest()
         adapters = dict(self.record.adapters)
         adapters["merged"] = AdapterOffer(round=newest, sha256=sha, size=len(merged))
-        self.record = self.record.model_copy(update={"adapters": adapters})
+        self.record = with_fields(self.record, adapters=adapters)
         self.node.set_record(self.record)
         self.merged_round = newest
         log.info(
@@ -255,7 +256,7 @@ class Coordinator:
             adapters[offer.name] = AdapterOffer(
                 round=offer.round, sha256=offer.sha256, size=len(bundle), state=offer.state
             )
-            self.record = self.record.model_copy(update={"adapters": adapters})
+            self.record = with_fields(self.record, adapters=adapters)
             self.node.set_record(self.record)
             log.info(
                 "adapter %s round %d mirrored (sha256 %s…, %d votes)",

@@ -36,8 +36,12 @@ def test_bad_sim_config_is_one_clear_line(tmp_path: Path, text: str, expected: s
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
-def test_configs_dir_is_not_empty() -> None:
-    assert len(list(CONFIG_DIR.rglob("*.yaml"))) >= 2
+def test_every_shipped_config_loads_with_its_loader() -> None:
+    shipped = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert {p.name for p in shipped} >= {"run.yaml", "demo.yaml", "quick.yaml"}
+    for path in shipped:  # configs/sim/ are simulator configs; the rest run configs
+        loaded = load_sim_config(path) if path.parent.name == "sim" else load_config(path)
+        assert loaded is not None, path
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """DHT record validation: signed, owner-protected, size-bounded, schema-checked (real DHT peers)."""
 
+import logging
 import time
 
 import pytest
@@ -9,6 +10,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from pydantic import ValidationError
 
 from protocols.identity import Identity
 from protocols.records import (
@@ -18,6 +20,7 @@ from protocols.records import (
     identity_proof,
     parse_peer_records,
     peers_key,
+    with_fields,
 )
 
 RUN = "records-test"
@@ -172,3 +175,48 @@ def test_oversized_record_is_rejected_before_parsing() -> None:
     assert len(record(big).value) > MAX_RECORD_BYTES
     assert not validator.validate(record(big))
     assert validator.validate(DHTRecord(b"other", subkey, b"\x00" * 100_000, 0.0))
+
+
+def test_a_newer_peers_extra_fields_are_ignored_not_a_dropped_record(peers) -> None:
+    first, second, signers = peers
+    newer = {**_record(1, signers, round=41), "field_of_a_later_version": [1, 2]}
+    assert second.store(
+        peers_key(RUN), newer, get_dht_time() + 60, subkey=signers[1].local_public_key
+    )
+    assert _stored(first)[IDS[1].peer_id].round == 41
+
+
+def test_a_record_is_validated_when_written() -> None:
+    record = PeerRecord(peer_id="a" * 20, role="volunteer")
+    assert with_fields(record, round=3, loss=1.5).round == 3
+    with pytest.raises(ValidationError, match="finite"):
+        with_fields(record, loss=float("nan"))  # model_copy let this through before
+    with pytest.raises(ValidationError):
+        with_fields(record, eval_exact=1.5)
+
+
+class _Future:
+    def __init__(self, result: object) -> None:
+        self._result = result
+
+    def result(self) -> object:
+        if isinstance(self._result, Exception):
+            raise self._result
+        return self._result
+
+
+def test_a_refused_store_is_logged_once_and_its_recovery_too(caplog) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from protocols.swarm import SwarmNode
+
+    node = SimpleNamespace(store_failure="", _stop=threading.Event())
+    caplog.set_level("INFO", logger="swarmtune")
+    outcomes = [True, False, False, TimeoutError("no reply"), True, True]
+    for outcome in outcomes:
+        SwarmNode._record_stored(node, _Future(outcome))  # type: ignore[arg-type]
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in said] == [logging.WARNING, logging.WARNING, logging.INFO], said
+    assert "no DHT peer accepted it" in said[0][1] and "no reply" in said[1][1]
+    assert node.store_failure == ""

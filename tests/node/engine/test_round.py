@@ -142,10 +142,19 @@ def test_a_stale_member_is_kept_out_and_does_not_void_the_round() -> None:
 
 def test_group_continues_without_a_member_that_left() -> None:
     hub = InMemoryHub(expected=3, timeout=1.5)
-    peers = [_peer(hub, f"p{i}", _local(t, i)) for i, t in enumerate(TASKS)]
+    reports: list[list[RoundReport]] = [[], [], []]
+    peers = [_peer(hub, f"p{i}", _local(t, i), reports=reports[i]) for i, t in enumerate(TASKS)]
     states = _run_all(peers, [3, 3, 1])
     assert states[0].round == states[1].round == 3
     assert states[0].digest() == states[1].digest()
+    # the two that stayed averaged together in every round (a run of fallbacks that the final
+    # resync papered over would end on one digest too)
+    for mine in reports[:2]:
+        assert [(r.outcome, r.group_size) for r in mine] == [
+            ("averaged", 3),
+            ("averaged", 2),
+            ("averaged", 2),
+        ], mine
 
 
 def test_restarted_peer_resumes_from_checkpoint_and_catches_up(tmp_path: Path) -> None:
@@ -485,3 +494,30 @@ def test_a_group_below_min_group_size_applies_no_update_and_its_members_still_ag
     assert all(torch.equal(states[0].params[k], start[k]) for k in start)  # fedavg: no step
     assert all(p.counts.rejections == 2 and p.counts.resyncs == 0 for p in peers)
     assert all(p.ledger.claim is not None for p in peers)
+
+
+def test_a_nan_loss_stops_the_peer_with_one_line_and_keeps_its_checkpoint(tmp_path: Path) -> None:
+    from node.errors import USER_ERRORS
+    from node.local.trainer import TrainingDiverged
+
+    hub = InMemoryHub(expected=1)
+    local = _local("dates", 0)
+    peer = _peer(hub, "p0", local, tmp_path)
+    saved = peer.run(1, settle_s=0.0)
+    with torch.no_grad():  # a base weight gone bad (not in the state): every loss is NaN
+        next(
+            p for n, p in local.model.named_parameters() if "lora_" not in n and p.dim() == 1
+        ).fill_(float("nan"))
+    with pytest.raises(TrainingDiverged) as caught:
+        peer.run(2, settle_s=0.0)
+    message = str(caught.value)
+    assert "inner step 1 of 4" in message and "nan" in message and "\n" not in message
+    assert isinstance(caught.value, USER_ERRORS)  # the CLI prints it as one line, exit 2
+    # no optimizer step ran on the NaN gradients, and the checkpoint is the last good round
+    after = local.trainer.get_params()
+    assert all(torch.equal(after[n], t) for n, t in saved.params.items())
+    shapes = {n: t.shape for n, t in saved.params.items()}
+    loaded = Checkpoint(tmp_path).load(shapes)
+    assert loaded is not None and loaded[0].digest() == saved.digest() and saved.round == 1
+    with pytest.raises(TrainingDiverged, match="held-out loss"):
+        local.eval_loss()
