@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
+MAKEFLAGS += --jobs=2
 
-.PHONY: install demo test test-fast lint bench bench-ghbm bench-clusters bench-attacks bench-overlap bench-outer bench-outer-real bench-finetune clean
+.PHONY: install demo test system-packages test-fast lint bench bench-ghbm bench-clusters bench-attacks bench-overlap bench-outer bench-outer-real bench-finetune clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,13 +23,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/swarmtune demo --out ./demo-adapter
 
-test: $(STAMP)
+# the Debian packages some tests drive (Chromium for the status page, iptables for the firewall
+# test) install while pip installs the Python side: prerequisites run side by side (--jobs=2)
+test: $(STAMP) system-packages
+	# in-process tests on both cores; then the real-peer tests (marked slow, all in
+	# tests/integration) one at a time: each starts a swarm of processes that needs the cores,
+	# and one beside it starves its rounds
+	$(BIN)/python -m pytest -q -rs -n 2 -m "not slow"
+	$(BIN)/python -m pytest -q -rs -m slow tests/integration
+
+system-packages:
 	.ci/ensure-browser
 	.ci/ensure-iptables
-	# in-process tests on both cores; then the real-peer tests (marked slow) one at a time: each
-	# starts a swarm of processes that needs the cores, and one beside it starves its rounds
-	$(BIN)/python -m pytest -q -rs -n 2 -m "not slow"
-	$(BIN)/python -m pytest -q -rs -m slow
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"

@@ -15,7 +15,10 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from aggregation.merge import MergeOptions
 
 T = TypeVar("T")
 
@@ -336,21 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "adapters", nargs="+", type=Path, metavar="ADAPTER_DIR", help="PEFT adapter dirs to merge"
     )
-    merge.add_argument(
-        "--method", required=True, help="cat, linear, task_arithmetic, ties, dare_linear, dare_ties"
-    )
+    from aggregation.merge import MERGE_METHODS
+
+    merge.add_argument("--method", required=True, help=f"one of {', '.join(MERGE_METHODS)}")
     merge.add_argument(
         "--weights", nargs="+", type=float, help="one weight per adapter (default 1 each)"
     )
     merge.add_argument("--rank", type=_positive_int, help="target rank of the merged factors")
-    merge.add_argument(
-        "--density", type=float, default=0.2, help="TIES: fraction of entries kept (0.2)"
-    )
-    merge.add_argument("--drop", type=float, default=0.5, help="DARE: drop probability (0.5)")
-    merge.add_argument(
-        "--scale", type=float, default=1.0, help="task arithmetic / TIES / DARE lambda (1.0)"
-    )
-    merge.add_argument("--seed", type=int, default=0, help="DARE seed (0)")
+    merge.add_argument("--density", type=float, help="TIES: fraction of entries kept (0.2)")
+    merge.add_argument("--drop", type=float, help="DARE: drop probability (0.5)")
+    merge.add_argument("--scale", type=float, help="task arithmetic / TIES / DARE lambda (1.0)")
+    merge.add_argument("--seed", type=int, help="DARE seed (0)")
     merge.add_argument(
         "--out", type=Path, required=True, help="new directory for the merged adapter"
     )
@@ -439,11 +438,10 @@ def dispatch(args: argparse.Namespace) -> int:
         demo = DemoOptions(peers, rounds, args.out, args.config, args.workdir, args.clustered)
         return run_demo(demo)
     if args.command == "merge":
-        from aggregation.merge import MergeOptions
         from node.adapters.merge import merge_dirs
 
         _check_merge_args(args)
-        options = MergeOptions(args.density, args.drop, args.seed, args.scale)
+        options = _merge_options(args)
         merged = merge_dirs(args.adapters, args.method, args.out, args.weights, args.rank, options)
         kept = f"; SVD energy kept >= {min(merged.energy.values()):.4f}" if merged.energy else ""
         print(f"merged {len(args.adapters)} adapters with {args.method} into {args.out}{kept}")
@@ -483,10 +481,29 @@ def _admission(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_options(args: argparse.Namespace) -> MergeOptions:
+    """MergeOptions from the options given (the method reads them; _check_merge_args)."""
+    from aggregation.merge import MergeOptions
+
+    given = {o: getattr(args, o) for o in ("density", "drop", "seed", "scale")}
+    return MergeOptions(**{o: v for o, v in given.items() if v is not None})
+
+
 def _check_merge_args(args: argparse.Namespace) -> None:
+    from aggregation.merge import MERGE_METHODS
     from node.adapters.adapter import AdapterError
 
-    if not 0 < args.density <= 1 or not 0 <= args.drop < 1:
+    if args.method not in MERGE_METHODS:
+        known = ", ".join(MERGE_METHODS)
+        raise AdapterError(f"unknown merge method {args.method!r}; known: {known}")
+    method = MERGE_METHODS[args.method]
+    unread = [o for o in ("density", "drop", "seed", "scale") if getattr(args, o) is not None]
+    unread = [o for o in unread if o not in method.options]
+    if unread:  # an option the method would silently ignore
+        reads = ", ".join(f"--{o}" for o in method.options) or "none of them"
+        raise AdapterError(f"{args.method} does not use --{unread[0]} (it reads: {reads})")
+    options = _merge_options(args)
+    if not 0 < options.density <= 1 or not 0 <= options.drop < 1:
         raise AdapterError("--density must be in (0, 1] and --drop in [0, 1)")
     if args.weights is not None and len(args.weights) != len(args.adapters):
         raise AdapterError(f"--weights needs {len(args.adapters)} values, got {len(args.weights)}")

@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from aggregation.outer import FedAvgOuter, RoundContext, Tensors, _copy, register_outer
+from aggregation.outer import RoundContext, Tensors, _copy
 from aggregation.params import Params
 
 AUTO_EMA = 0.5  # weight of the newest round in the participation estimate
@@ -207,23 +207,3 @@ class PeerMomentum:
         self.anchor = _copy(state.get("anchor") or {})
         self.anchor_round = int(state.get("anchor_round", -1)) if self.anchor else -1
         self._tau, self._fixed = 1.0, None
-
-
-def make_peer_momentum(
-    name: str, beta: float, tau: int | Literal["auto"] = "auto"
-) -> PeerMomentum | None:
-    """The per-peer state an outer-optimizer name needs, or None for group-only optimizers.
-
-    tau defaults to "auto" (rounds since the last participation, ~1/C); a fixed tau should be 1/C.
-    """
-    if name in ("local-ghbm", "fedhbm"):
-        return PeerMomentum(name, beta, tau)  # type: ignore[arg-type]
-    return None
-
-
-register_outer("ghbm", lambda **kw: GHBMOuter(form="local", **kw))
-register_outer("ghbm-server", lambda **kw: GHBMOuter(form="server", **kw))
-# LocalGHBM and FedHBM put their momentum in the inner loop (PeerMomentum); the group step is
-# plain averaging with the outer lr, as in the reference implementation.
-register_outer("local-ghbm", lambda lr=1.0, **_: FedAvgOuter(lr))
-register_outer("fedhbm", lambda lr=1.0, **_: FedAvgOuter(lr))

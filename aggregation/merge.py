@@ -19,6 +19,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -37,20 +38,48 @@ class MergeOptions:
 
 MergeResult = LoraFactors | torch.Tensor
 MergeFn = Callable[[Sequence[LoraFactors], Sequence[float], MergeOptions, str], MergeResult]
-MERGE_METHODS: dict[str, MergeFn] = {}
-EXACT_METHODS = {"cat", "linear", "task_arithmetic"}
+Option = Literal["density", "drop", "seed", "scale"]  # MergeOptions' fields
 
 
-def register(name: str) -> Callable[[MergeFn], MergeFn]:
-    """Add a merge method under a unique name."""
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method and the facts the rest of the code asks about it: whether its result is
+    exactly the weighted sum (factors, no SVD), whether its weights form a mean (so cluster
+    sizes weigh the clusters, node/clusters/clusterer.py), and which MergeOptions it reads
+    (the CLI refuses the others rather than ignore them)."""
+
+    fn: MergeFn
+    exact: bool
+    weighted_mean: bool
+    options: tuple[Option, ...]
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def register(
+    name: str,
+    *,
+    exact: bool = False,
+    weighted_mean: bool = False,
+    options: tuple[Option, ...] = (),
+) -> Callable[[MergeFn], MergeFn]:
+    """Add a merge method under a unique name, with its facts."""
 
     def add(fn: MergeFn) -> MergeFn:
         if name in MERGE_METHODS:
             raise KeyError(f"merge method {name!r} already registered")
-        MERGE_METHODS[name] = fn
+        MERGE_METHODS[name] = MergeMethod(fn, exact, weighted_mean, options)
         return fn
 
     return add
+
+
+def merge_method(name: str) -> MergeMethod:
+    """The method called `name`; KeyError listing the known ones otherwise."""
+    if name not in MERGE_METHODS:
+        raise KeyError(f"unknown merge method {name!r}; known: {sorted(MERGE_METHODS)}")
+    return MERGE_METHODS[name]
 
 
 def cat_factors(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
@@ -60,7 +89,7 @@ def cat_factors(factors: Sequence[LoraFactors], weights: Sequence[float]) -> Lor
     return LoraFactors(a, b, 1.0)
 
 
-@register("cat")
+@register("cat", exact=True)
 def merge_cat(
     factors: Sequence[LoraFactors], weights: Sequence[float], opts: MergeOptions, module: str
 ) -> MergeResult:
@@ -68,7 +97,7 @@ def merge_cat(
     return cat_factors(factors, weights)
 
 
-@register("linear")
+@register("linear", exact=True, weighted_mean=True)
 def merge_linear(
     factors: Sequence[LoraFactors], weights: Sequence[float], opts: MergeOptions, module: str
 ) -> MergeResult:
@@ -77,7 +106,7 @@ def merge_linear(
     return cat_factors(factors, [w / total for w in weights])
 
 
-@register("task_arithmetic")
+@register("task_arithmetic", exact=True, options=("scale",))
 def merge_task_arithmetic(
     factors: Sequence[LoraFactors], weights: Sequence[float], opts: MergeOptions, module: str
 ) -> MergeResult:
@@ -117,7 +146,7 @@ def _weighted_dense(factors: Sequence[LoraFactors], weights: Sequence[float]) ->
     return [w * f.delta_w() for f, w in zip(factors, weights, strict=True)]
 
 
-@register("ties")
+@register("ties", options=("density", "scale"))
 def merge_ties(
     factors: Sequence[LoraFactors], weights: Sequence[float], opts: MergeOptions, module: str
 ) -> MergeResult:
@@ -133,7 +162,7 @@ def _dare(
     return [dare_drop(d, opts.drop, opts.seed, f"{module}/{i}") for i, d in enumerate(dense)]
 
 
-@register("dare_linear")
+@register("dare_linear", weighted_mean=True, options=("drop", "seed", "scale"))
 def merge_dare_linear(
     factors: Sequence[LoraFactors], weights: Sequence[float], opts: MergeOptions, module: str
 ) -> MergeResult:
@@ -142,7 +171,7 @@ def merge_dare_linear(
     return opts.scale * torch.stack(_dare(factors, weights, opts, module)).sum(dim=0) / total
 
 
-@register("dare_ties")
+@register("dare_ties", options=("drop", "seed", "scale"))
 def merge_dare_ties(
     factors: Sequence[LoraFactors], weights: Sequence[float], opts: MergeOptions, module: str
 ) -> MergeResult:
@@ -188,8 +217,7 @@ def merge_adapters(
 ) -> MergedAdapter:
     """Merge every module with `method`; dense results (and exact ones when `rank` is given)
     are re-factorised to `rank` (default: the largest input rank)."""
-    if method not in MERGE_METHODS:
-        raise KeyError(f"unknown merge method {method!r}; known: {sorted(MERGE_METHODS)}")
+    merge_fn = merge_method(method).fn
     if len(adapters) < 1:
         raise ValueError("need at least one adapter to merge")
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
@@ -201,7 +229,7 @@ def merge_adapters(
     energy: dict[str, float] = {}
     for name in sorted(adapters[0]):
         factors = [a[name] for a in adapters]
-        result = MERGE_METHODS[method](factors, weights, opts, name)
+        result = merge_fn(factors, weights, opts, name)
         target = rank or max(f.rank for f in factors)
         if isinstance(result, torch.Tensor) or (rank is not None and result.rank > rank):
             result, energy[name] = refactor(result, target)

@@ -7,14 +7,14 @@
   m <- b1*m + (1-b1)*Delta; v <- b2*v + (1-b2)*Delta^2 (Adam) or
   v <- v - (1-b2)*Delta^2*sign(v - Delta^2) (Yogi); theta <- theta - lr*m/(sqrt(v)+eps),
   with v initialised to eps^2 and no bias correction, as in the paper.
-GHBM and its variants live in aggregation/ghbm.py. Every optimizer is a small class with
+GHBM and its variants live in aggregation/ghbm.py; aggregation/methods.py names them all. Every optimizer is a small class with
 step / state_dict / load_state_dict; inputs are never mutated, so every group member computes
 the same theta^t from the same Delta.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -161,29 +161,3 @@ class AdaptiveOuter(_ServerOnly):
         self.lr, self.eps = float(state["lr"]), float(state["eps"])
         self.beta1, self.beta2 = float(state["beta1"]), float(state["beta2"])
         self.m, self.v = _copy(state.get("m", {})), _copy(state.get("v", {}))
-
-
-OUTER_OPTIMIZERS: dict[str, Callable[..., OuterOptimizer]] = {
-    "fedavg": FedAvgOuter,
-    "average": FedAvgOuter,
-    "fedavgm": lambda **kw: MomentumOuter(nesterov=False, **kw),
-    "nesterov": lambda **kw: MomentumOuter(nesterov=True, **kw),
-    "fedadam": lambda **kw: AdaptiveOuter(yogi=False, **kw),
-    "fedyogi": lambda **kw: AdaptiveOuter(yogi=True, **kw),
-}
-
-
-def register_outer(name: str, factory: Callable[..., OuterOptimizer]) -> None:
-    """Add an outer optimizer to the registry (names are unique)."""
-    if name in OUTER_OPTIMIZERS:
-        raise KeyError(f"outer optimizer {name!r} already registered")
-    OUTER_OPTIMIZERS[name] = factory
-
-
-def make_outer(name: str, **hyperparameters: Any) -> OuterOptimizer:
-    """Build an outer optimizer by registry name."""
-    import aggregation.ghbm  # noqa: F401 - registers the GHBM family
-
-    if name not in OUTER_OPTIMIZERS:
-        raise KeyError(f"unknown outer optimizer {name!r}; known: {sorted(OUTER_OPTIMIZERS)}")
-    return OUTER_OPTIMIZERS[name](**hyperparameters)

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aggregation.merge import MERGE_METHODS
+from aggregation.methods import OUTER_METHODS, OuterMethod
 
 
 class ConfigError(ValueError):
@@ -48,31 +51,14 @@ class InnerSettings(_Strict):
     gradient_checkpointing: bool = False
 
 
-OuterName = Literal[
-    "nesterov",
-    "average",
-    "fedavg",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "ghbm",
-    "ghbm-server",
-    "local-ghbm",
-    "fedhbm",
-]
-# Per-method defaults: DiLoCo's Nesterov (lr 0.7, mu 0.9), the GHBM paper (server lr 1, beta 0.9;
-# FedHBM beta 1 as in its reference code), Reddi et al. 2021 for the adaptive ones.
-_DEFAULT_LR = {"nesterov": 0.7, "fedadam": 0.01, "fedyogi": 0.01}
-_DEFAULT_MOMENTUM = {"fedhbm": 1.0}
-
-
 class OuterSettings(_Strict):
-    """Outer optimizer applied to the averaged pseudo-gradient (aggregation/outer.py, ghbm.py)."""
+    """Outer optimizer applied to the averaged pseudo-gradient (aggregation/methods.py names
+    each, with its defaults; outer.py and ghbm.py hold the math)."""
 
     # the outer-optimizer study (bench/RESULTS.md, "Outer-optimizer study"): with one task per
     # volunteer, partial participation and AdamW inner steps, plain averaging did best;
     # momentum paid off only with plain-SGD inner steps. The README says when to pick which
-    name: OuterName = "fedavg"
+    name: str = "fedavg"  # a name of aggregation/methods.py's OUTER_METHODS
     lr: float | None = Field(None, gt=0, le=10)
     momentum: float | None = Field(None, ge=0, le=1)
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -82,46 +68,56 @@ class OuterSettings(_Strict):
     tau: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] = 1
     tau_max: int = Field(20, ge=1, le=1000)
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in OUTER_METHODS:
+            raise ValueError(f"unknown outer optimizer {name!r}; known: {', '.join(OUTER_METHODS)}")
+        return name
+
     @model_validator(mode="before")
     @classmethod
     def _per_peer_tau_is_auto(cls, data: object) -> object:
-        """local-ghbm / fedhbm without a tau get "auto": the rounds since the peer last took part,
-        ~1/C as in the GHBM paper (tau 1 would count all that displacement as one round's)."""
-        if isinstance(data, dict) and data.get("name") in ("local-ghbm", "fedhbm"):
+        """Per-peer methods (local-ghbm, fedhbm) without a tau get "auto": the rounds since the
+        peer last took part, ~1/C as in the GHBM paper (tau 1 would count all that displacement
+        as one round's)."""
+        method = OUTER_METHODS.get(data.get("name", "")) if isinstance(data, dict) else None
+        if isinstance(data, dict) and method is not None and method.per_peer:
             return {"tau": "auto", **data}
         return data
 
     @property
+    def method(self) -> OuterMethod:
+        """The descriptor of the configured optimizer."""
+        return OUTER_METHODS[self.name]
+
+    @property
     def effective_lr(self) -> float:
         """The configured outer lr, or the method's default."""
-        return self.lr if self.lr is not None else _DEFAULT_LR.get(self.name, 1.0)
+        return self.lr if self.lr is not None else self.method.lr
 
     @property
     def effective_momentum(self) -> float:
         """The configured momentum / GHBM beta, or the method's default."""
         if self.momentum is not None:
             return self.momentum
-        return _DEFAULT_MOMENTUM.get(self.name, 0.9)
+        return self.method.momentum
 
     def label(self) -> str:
         """A short name for plots and tables, e.g. `nesterov lr 0.7` or `ghbm lr 1 tau 3`."""
         text = f"{self.name} lr {self.effective_lr:g}"
-        return text + (f" tau {self.tau}" if self.name.startswith("ghbm") else "")
+        return text + (f" tau {self.tau}" if "tau" in self.method.params else "")
 
     def hyperparameters(self) -> dict[str, float | int | str]:
-        """Keyword arguments for aggregation.outer.make_outer."""
-        lr, mu = self.effective_lr, self.effective_momentum
-        if self.name in ("average", "fedavg", "local-ghbm", "fedhbm"):
-            return {"lr": lr}
-        if self.name in ("fedadam", "fedyogi"):
-            return {"lr": lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
-        if self.name in ("ghbm", "ghbm-server"):
-            return {"lr": lr, "beta": mu, "tau": self.tau, "tau_max": self.tau_max}
-        return {"lr": lr, "momentum": mu}
+        """Keyword arguments for aggregation.methods.make_outer: the ones the method takes."""
+        mu = self.effective_momentum
+        values = {"lr": self.effective_lr, "momentum": mu, "beta": mu, "beta1": self.beta1,
+                  "beta2": self.beta2, "eps": self.eps, "tau": self.tau, "tau_max": self.tau_max}  # fmt: skip
+        return {name: values[name] for name in self.method.params}
 
     @model_validator(mode="after")
     def _momentum_below_one(self) -> OuterSettings:
-        if self.name in ("nesterov", "fedavgm") and self.effective_momentum >= 1:
+        if self.method.heavy_ball and self.effective_momentum >= 1:
             raise ValueError(f"momentum must be < 1 for {self.name}")
         return self
 
@@ -181,10 +177,15 @@ class ClusteringSettings(_Strict):
     clusters: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] = "auto"
     sketch_k: int = Field(6, ge=2, le=32)
     merge_every: int = Field(2, ge=1, le=100_000)
-    merge_method: Literal[
-        "cat", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"
-    ] = "linear"
+    merge_method: str = "linear"  # a name of aggregation/merge.py's MERGE_METHODS
     merge_rank: int | None = Field(None, ge=1, le=4096)
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known_merge(cls, name: str) -> str:
+        if name not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {name!r}; known: {', '.join(MERGE_METHODS)}")
+        return name
 
 
 def max_round_weight(config: RunConfig) -> float:

@@ -212,3 +212,15 @@ def test_role_options_are_built_by_name_from_the_parsed_arguments() -> None:
         dests = {a.dest for a in _subparser(command)._actions}
         missing = {f.name for f in dataclasses.fields(cls)} - dests - converted
         assert not missing, (command, missing)
+
+
+def test_a_merge_option_the_method_does_not_read_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["merge", "a", "b", "--method", "cat", "--out", str(tmp_path / "m"), "--density", "0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "swarmtune merge: error: cat does not use --density (it reads: none of them)"
+    assert main([*argv[:4], "ties", *argv[5:]]) == 2  # ties reads it: the dirs are what is bad
+    assert "does not use" not in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -50,3 +50,38 @@ def test_aggregation_imports_only_torch_and_stdlib() -> None:
     for path in (ROOT / "aggregation").rglob("*.py"):
         extra = _imported_roots(path) - allowed
         assert not extra, f"{path.name} imports {sorted(extra)}"
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Project modules `path` imports when it runs (anywhere in it, functions included; not
+    under `if TYPE_CHECKING:`), as dotted names."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for stmt in block.body
+        for node in ast.walk(stmt)
+    }
+    found: set[str] = set()
+    for item in ast.walk(tree):
+        if id(item) in typing_only:
+            continue
+        if isinstance(item, ast.Import):
+            found.update(alias.name for alias in item.names)
+        elif isinstance(item, ast.ImportFrom) and item.module and item.level == 0:
+            found.add(item.module)
+            found.update(f"{item.module}.{alias.name}" for alias in item.names)
+    return {name for name in found if name.split(".")[0] in {*FORBIDDEN, "cli"}}
+
+
+def test_no_two_modules_import_each_other() -> None:
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts): path
+        for package in FORBIDDEN
+        for path in (ROOT / package).rglob("*.py")
+        if path.name != "__init__.py"
+    }
+    graph = {name: _runtime_imports(path) & set(modules) for name, path in modules.items()}
+    cycles = sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph[b])
+    assert not cycles, cycles

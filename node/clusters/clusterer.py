@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from aggregation.merge import MergeOptions, merge_adapters
+from aggregation.merge import MergeOptions, merge_adapters, merge_method
 from aggregation.params import Params
 from aggregation.taskvec import (
     LoraFactors,
@@ -167,12 +167,10 @@ class Clusterer:
         return self.record
 
 
-SIZE_WEIGHTED = {"linear", "dare_linear"}  # merge methods that form a weighted mean
-
-
 def merge_weights(names: list[str], sizes: Mapping[str, float], method: str) -> list[float]:
     """Per-cluster merge weights: sizes for the weighted means, 1 each for every other method."""
-    return [float(sizes[n]) if method in SIZE_WEIGHTED else 1.0 for n in names]
+    mean = merge_method(method).weighted_mean
+    return [float(sizes[n]) if mean else 1.0 for n in names]
 
 
 def merge_bundles(

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from aggregation.outer import OuterOptimizer, RoundContext, make_outer
+from aggregation.methods import make_outer
+from aggregation.outer import OuterOptimizer, RoundContext
 from node.config import RunConfig
 from node.engine.state import MAX_OFFENDERS, GroupState, StateError
 

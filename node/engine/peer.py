@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from aggregation.ghbm import make_peer_momentum
+from aggregation.methods import make_peer_momentum
 from aggregation.params import Params
 from node.config import RunConfig
 from node.engine.certify import Candidate, Ledger, NotCertified, candidates, verify_chain

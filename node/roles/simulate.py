@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aggregation.ghbm import PeerMomentum, make_peer_momentum
+from aggregation.ghbm import PeerMomentum
+from aggregation.methods import make_peer_momentum
 from aggregation.params import Params
 from node.config import SimConfig
 from node.engine.round import (

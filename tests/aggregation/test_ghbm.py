@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from aggregation.ghbm import GHBMOuter, PeerMomentum, tau_from_participation
-from aggregation.outer import RoundContext, make_outer
+from aggregation.methods import make_outer
+from aggregation.outer import RoundContext
 
 CTX = RoundContext()
 EPS32 = torch.finfo(torch.float32).eps

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from aggregation.outer import FedAvgOuter, MomentumOuter, RoundContext, make_outer
+from aggregation.methods import make_outer
+from aggregation.outer import FedAvgOuter, MomentumOuter, RoundContext
 
 CTX = RoundContext()
 EPS32 = torch.finfo(torch.float32).eps
@@ -148,3 +149,21 @@ def test_every_stateful_outer_round_trips_its_state(name: str) -> None:
     grad = _random_params(40)
     out_a, out_b = a.step(theta, grad, CTX), b.step(theta, grad, CTX)
     assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)
+
+
+def test_every_method_builds_from_exactly_what_its_descriptor_names() -> None:
+    from aggregation.methods import OUTER_METHODS, make_peer_momentum
+    from node.config import OuterSettings
+
+    for name, method in OUTER_METHODS.items():
+        settings = OuterSettings(name=name)
+        assert set(settings.hyperparameters()) == set(method.params), name
+        make_outer(name, **settings.hyperparameters())
+        momentum = make_peer_momentum(name, settings.effective_momentum, settings.tau)
+        assert (momentum is not None) == method.per_peer, name
+    # a value the method would not use is refused, not thrown away (local-ghbm / fedhbm
+    # used to take any keyword and keep only lr)
+    with pytest.raises(TypeError, match="beta"):
+        make_outer("fedhbm", lr=1.0, beta=0.9)
+    with pytest.raises(TypeError, match="momentum"):
+        make_outer("fedavg", lr=1.0, momentum=0.9)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregation.ghbm import make_peer_momentum
+from aggregation.methods import make_peer_momentum
 from node.config import ConfigError, RunConfig, SimConfig, load_config, load_sim_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
