@@ -5,7 +5,7 @@ Two parts, both on this machine:
 - simulator, groups of 4 with 1 attacker and 8 with 2 (8 real peers do not fit on 2 cores):
   the daemon's round code (node/engine/round.py: selection, weight bound, bans, aggregation,
   outer step) with every member in one group every round. The hostile members' contributions
-  are aggregation/adversaries.py's forgeries. "trusting mean" is the round as it was before
+  are tests/attackers/adversaries.py's forgeries. "trusting mean" is the round as it was before
   the defences: no weight bound, no admission, and what a liar sends is averaged (the old
   hivemind all-reduce kept a malformed member's tensor, and its reducers were trusted).
   "defended" is today's round with the robust default: what the real exchange excludes
@@ -43,7 +43,6 @@ import torch  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 import node.engine.round as round_code  # noqa: E402
-from aggregation.adversaries import ADVERSARIES, ALIE, Adversary  # noqa: E402
 from node.config import SimConfig, parse_config  # noqa: E402
 from node.engine.round import LocalUpdate  # noqa: E402
 from node.engine.transport import AveragingFailed, GroupResult  # noqa: E402
@@ -51,6 +50,7 @@ from node.local.data import BUILTIN_TASKS  # noqa: E402
 from node.roles.admit import admit, peer_id  # noqa: E402
 from node.roles.demo import Processes, _wait_for_file  # noqa: E402
 from node.roles.simulate import Simulation  # noqa: E402
+from tests.attackers.adversaries import ADVERSARIES, ALIE, Adversary  # noqa: E402
 
 ATTACKS = sorted(ADVERSARIES)
 HOSTILE = ROOT / "bench" / "hostile_join.py"

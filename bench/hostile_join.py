@@ -23,10 +23,10 @@ import torch  # noqa: E402
 
 import cli  # noqa: E402
 import node.roles.volunteer as volunteer  # noqa: E402
-from aggregation.adversaries import ADVERSARIES, Adversary  # noqa: E402
 from protocols.admission import Gate  # noqa: E402
 from protocols.averaging import GatherOutcome, MemberMeta  # noqa: E402
-from protocols.hostile import HostileAverager  # noqa: E402
+from tests.attackers.adversaries import ADVERSARIES, Adversary  # noqa: E402
+from tests.attackers.averager import HostileAverager  # noqa: E402
 
 
 def make_attacker(adversary: Adversary) -> type[HostileAverager]:

@@ -284,7 +284,6 @@ class SimConfig(_Strict):
     eval_every: int = Field(1, ge=1)
     eval_batches: int = Field(2, ge=1, le=1000)
     keep_inner_state: bool = False
-    target_loss: float | None = Field(None, gt=0)
     # outer optimizers to run side by side on the same clients and seeds (default: run.outer)
     compare: list[OuterSettings] = Field(default_factory=list, max_length=16)
 

@@ -365,12 +365,12 @@ class GroupAverager:
         )
 
     def _revealed(self, blob: bytes) -> bytes:
-        """What we serve once the group formed: the committed blob (protocols/hostile.py
+        """What we serve once the group formed: the committed blob (tests/attackers/averager.py
         overrides this to test what members do with a liar)."""
         return blob
 
     def _gathered(self, meta: MemberMeta) -> dict[str, Any]:
-        """What we tell the group in matchmaking (overridden in protocols/hostile.py)."""
+        """What we tell the group in matchmaking (overridden in tests/attackers/averager.py)."""
         return meta.gather()
 
     def _publish(self, name: str, blob: bytes) -> None:

@@ -79,10 +79,6 @@ class SimResult:
     seconds: float = 0.0
     outcomes: dict[str, int] = field(default_factory=dict)  # averaged / no-group / rejected
 
-    def rounds_to(self, target: float) -> int | None:
-        """First round whose mean eval loss is at or below target, if any."""
-        return next((int(r["round"]) for r in self.rows if r["eval_loss"] <= target), None)
-
 
 def task_mixtures(config: SimConfig, tasks: list[str], seed: int) -> list[dict[str, float]]:
     """Each client's task proportions: one task (round robin), Dirichlet(alpha), or uniform."""

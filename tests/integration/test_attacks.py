@@ -1,4 +1,4 @@
-"""Every adversary of aggregation/adversaries.py against three honest members on real peers
+"""Every adversary of tests/attackers/adversaries.py against three honest members on real peers
 (127.0.0.1), through the real exchange: the honest members end bit-identical, and their
 robust aggregate stays within the documented bound of the honest mean (aggregation/robust.py,
 `influence_bound`), whatever the attacker sends."""
@@ -13,7 +13,6 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
 
-from aggregation.adversaries import ADVERSARIES
 from aggregation.params import weighted_mean
 from aggregation.robust import bound_norms, centered_clip, influence_bound
 from node.config import parse_config
@@ -21,8 +20,9 @@ from node.engine.round import combine, select_contributions
 from node.engine.transport import GroupResult
 from protocols.admission import Gate, issue_ticket
 from protocols.averaging import GatherOutcome, GroupAverager, MemberMeta
-from protocols.hostile import HostileAverager
 from protocols.swarm import SwarmNode
+from tests.attackers.adversaries import ADVERSARIES
+from tests.attackers.averager import HostileAverager
 from tests.integration.parallel import run_members
 
 pytestmark = pytest.mark.slow

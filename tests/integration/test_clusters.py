@@ -63,7 +63,11 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
         assert "into `merged`" in swarm.log("coord")
         for i in range(4):  # the switch from the run-wide group to the clusters cost no round
             reports = _reports(tmp_path / f"v{i}")
-            assert all(r["outcome"] != "rejected" and not r["excluded"] for r in reports), reports
+            # (its first two rounds in its cluster included; a later round can still lose a
+            # fetch on a loaded machine, which is counted, and resynced, like any other)
+            first = next(n for n, r in enumerate(reports) if r["group_size"] == 2)
+            switch = reports[: first + 2]
+            assert all(r["outcome"] != "rejected" and not r["excluded"] for r in switch), reports
             # averaging in its cluster (a partner that started a round later may have finished
             # its fixed number of rounds before this one's last round)
             in_cluster = [r for r in reports[-3:] if r["outcome"] == "averaged"]

@@ -161,7 +161,12 @@ def test_sigkilled_peers_leave_no_process_and_resume_at_once_with_their_identity
         drawn = local["local"]["batches"]["batches_drawn"]
         assert after["local"]["batches"]["batches_drawn"] == drawn + INNER_STEPS
         report = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
-        assert report["round"] == after["round"] - 1 and report["resyncs"] >= 1
+        assert report["resyncs"] >= 1
+        if report["round"] != after["round"] - 1:
+            # v1 and v2 went on during that round: at the end v0 adopted their newer state
+            # (Peer.finish), which is saved without a round report of its own
+            assert report["round"] < after["round"] - 1, (report["round"], after["round"])
+            assert f"synced to the group's state at round {after['round']}" in log, log
 
         survivors = _sigkill_main_only(swarm, "coord")
         assert not survivors, [(p.pid, p.name()) for p in survivors]

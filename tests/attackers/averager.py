@@ -1,5 +1,5 @@
 """A group averager that lies, for tests and bench/attacks.py: it sends an adversary's forgery
-(aggregation/adversaries.py) through the real exchange, so that honest members meet it exactly
+(tests/attackers/adversaries.py) through the real exchange, so that honest members meet it exactly
 as they would meet a modified volunteer on the network."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from aggregation.adversaries import Forgery
 from protocols.averaging import GroupAverager, MemberMeta, encode_contribution
+from tests.attackers.adversaries import Forgery
 
 
 class HostileAverager(GroupAverager):

@@ -2,7 +2,7 @@
 
 Each adversary turns what a hostile member knows (its own honest pseudo-gradient, and for the
 omniscient attacks the honest members' ones) into what it sends: a delta, a claimed weight,
-and for the protocol-level attacks a flag that protocols/hostile.py acts on. They are written
+and for the protocol-level attacks a flag that tests/attackers/averager.py acts on. They are written
 from the papers' definitions:
 
 - weight inflation: claims weight 1e9 (and sends -20x its delta) to own the weighted mean;
