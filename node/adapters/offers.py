@@ -59,6 +59,17 @@ def vouched_offers(
     records: Mapping[str, PeerRecord], coordinator: str, may_vote: MayVote
 ) -> dict[str, Offer]:
     """Per adapter name, the newest proven offer (module docstring)."""
+    return {
+        name: ranked[0] for name, ranked in proven_offers(records, coordinator, may_vote).items()
+    }
+
+
+def proven_offers(
+    records: Mapping[str, PeerRecord], coordinator: str, may_vote: MayVote
+) -> dict[str, list[Offer]]:
+    """Per adapter name, every proven offer, newest round first (one per round: the sha256
+    most of that round's providers hold). A consumer falls back to an older one when the
+    newest one's providers are gone (volunteers that just left still have live records)."""
     proven: dict[str, list[tuple[str, int, str, int, str, tuple[Vote, ...], int]]] = {}
     names = {name for r in records.values() for name in r.adapters}
     for name in sorted(names):
@@ -75,18 +86,19 @@ def vouched_offers(
             if pid == coordinator or (votes is not None and record.role == "volunteer"):
                 entry = (pid, offer.round, offer.sha256, offer.size, offer.state)
                 proven.setdefault(name, []).append((*entry, votes or (), max(len(holders), 1)))
-    best: dict[str, Offer] = {}
+    ranked: dict[str, list[Offer]] = {}
     for name, entries in proven.items():
-        top = max(e[1] for e in entries)
-        level = [e for e in entries if e[1] == top]
-        counts = Counter(e[2] for e in level)
-        sha = min(counts, key=lambda s: (-counts[s], s))
-        chosen = [e for e in level if e[2] == sha]
-        votes = max((e[5] for e in chosen), key=len)
-        providers = tuple(sorted(e[0] for e in chosen))
-        first = chosen[0]
-        best[name] = Offer(name, top, sha, first[3], providers, first[4], votes, first[6])
-    return best
+        for top in sorted({e[1] for e in entries}, reverse=True):
+            level = [e for e in entries if e[1] == top]
+            counts = Counter(e[2] for e in level)
+            sha = min(counts, key=lambda s: (-counts[s], s))
+            chosen = [e for e in level if e[2] == sha]
+            votes = max((e[5] for e in chosen), key=len)
+            providers = tuple(sorted(e[0] for e in chosen))
+            first = chosen[0]
+            ranked_offer = Offer(name, top, sha, first[3], providers, first[4], votes, first[6])
+            ranked.setdefault(name, []).append(ranked_offer)
+    return ranked
 
 
 def check_bundle(

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 from node.adapters.adapter import AdapterError
-from node.adapters.offers import Offer, run_may_vote, verified_bundle, vouched_offers
+from node.adapters.offers import (
+    Offer,
+    proven_offers,
+    run_may_vote,
+    verified_bundle,
+    vouched_offers,
+)
 from node.clusters.clusterer import read_assignment
 from node.engine.certify import MayVote
 from node.watch.snapshot import snapshot
@@ -61,6 +68,28 @@ def download(
     raise SwarmError(f"no provider served adapter {offer.name!r} intact: " + "; ".join(errors))
 
 
+def download_newest(
+    node: SwarmNode, offers: list[Offer], out: Path, may_vote: MayVote, manifest: ManifestRecord
+) -> tuple[Offer, dict[str, float], str]:
+    """The newest of `offers` (newest first) that a provider serves intact, saying on stderr
+    when an older one is taken; SwarmError with the newest's reasons when none is."""
+    first_error: SwarmError | None = None
+    for offer in offers:
+        try:
+            stats, verified = download(node, offer, out, may_vote, manifest)
+        except SwarmError as exc:
+            first_error = first_error or exc
+            continue
+        if offer is not offers[0]:
+            print(
+                f"round {offers[0].round}: {first_error}; took round {offer.round} instead",
+                file=sys.stderr,
+            )
+        return offer, stats, verified
+    assert first_error is not None
+    raise first_error
+
+
 def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool) -> int:
     """Entry point of `swarmtune pull`."""
     if not list_only and out is not None and out.exists() and any(out.iterdir()):
@@ -68,18 +97,17 @@ def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool)
     node, manifest = connect(initial_peers)
     try:
         may_vote = run_may_vote(manifest)
-        offers = vouched_offers(node.peers(), manifest.coordinator, may_vote)
+        ranked = proven_offers(node.peers(), manifest.coordinator, may_vote)
         if list_only:
-            print(format_offers(offers))
+            print(format_offers({n: offers[0] for n, offers in ranked.items()}))
             return 0
-        if name not in offers:
-            known = ", ".join(sorted(offers)) or "none yet"
+        if name not in ranked:
+            known = ", ".join(sorted(ranked)) or "none yet"
             raise SwarmError(
                 f"no adapter named {name!r} on offer in run {manifest.run_id} (on offer: {known})"
             )
-        offer = offers[name]
         assert out is not None
-        stats, verified = download(node, offer, out, may_vote, manifest)
+        offer, stats, verified = download_newest(node, ranked[name], out, may_vote, manifest)
         print(
             f"pulled adapter {name!r} (run {manifest.run_id}, round {offer.round}, sha256 "
             f"{offer.sha256[:12]}…, {offer.size / 1e6:.2f} MB in {stats.get('seconds', 0):.2f}s)"

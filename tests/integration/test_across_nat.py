@@ -86,6 +86,12 @@ def _wait_together(swarm: Swarm, ids: dict[str, str], after: int, timeout: float
     return rounds
 
 
+def _mirrored(log: str, at_least: int) -> bool:
+    """Whether the coordinator's log says it mirrored the global adapter of a round >= that."""
+    found = re.findall(r"adapter global round (\d+) mirrored", log)
+    return any(int(n) >= at_least for n in found)
+
+
 def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
     homes: Homes, tmp_path: Path
 ) -> None:
@@ -142,6 +148,12 @@ def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
         ours, theirs = _metrics(tmp_path / "v1"), _metrics(tmp_path / "v2")
         assert all(ours[r]["digest"] == theirs[r]["digest"] for r in together)
         last = max(_metrics(tmp_path / "v1"))
+        # the coordinator mirrors the adapter of that round (or a newer one) before the
+        # volunteers leave: the consumer below pulls it from the coordinator alone
+        deadline = time.monotonic() + 60
+        while not _mirrored(swarm.log("coord"), last + 1):
+            assert time.monotonic() < deadline, swarm.log("coord")
+            time.sleep(0.3)
         swarm.kill("v2", signal.SIGINT)  # Ctrl+C: it leaves cleanly
         assert swarm.wait("v2", timeout=60) == 0, swarm.log("v2")
         swarm.kill("v3", signal.SIGINT)

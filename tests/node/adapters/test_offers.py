@@ -89,3 +89,39 @@ def test_a_coordinator_made_adapter_may_have_its_own_ranks_over_the_runs_targets
     assert set(adapter_files(_bundle(merged), MADE, MANIFEST)) == set(ADAPTER_FILES)
     with pytest.raises(AdapterError):  # but not other modules
         adapter_files(_bundle(_config(target_modules=["lm_head"])), MADE, MANIFEST)
+
+
+def test_pull_takes_the_newest_offer_some_provider_still_serves(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    # volunteers that just left keep live records for a while: the newest round's providers
+    # may all be gone while the coordinator still serves the round before
+    from node.roles import consumer
+    from protocols.swarm import SwarmError
+
+    offers = [
+        Offer("global", 6, "a" * 64, 10, ("v1", "v2")),
+        Offer("global", 5, "b" * 64, 10, ("coord",)),
+        Offer("global", 4, "c" * 64, 10, ("coord",)),
+    ]
+    tried: list[int] = []
+
+    def download(_node, offer, _out, _may_vote, _manifest):  # noqa: ANN001, ANN202
+        tried.append(offer.round)
+        if offer.round == 6:
+            raise SwarmError("no provider served adapter 'global' intact: v1: gone; v2: gone")
+        return {"seconds": 0.1}, "the coordinator's own offer"
+
+    monkeypatch.setattr(consumer, "download", download)
+    taken, _, verified = consumer.download_newest(None, offers, tmp_path, None, None)
+    assert taken.round == 5 and tried == [6, 5] and verified == "the coordinator's own offer"
+    err = capsys.readouterr().err
+    assert "round 6: no provider served adapter 'global' intact" in err
+    assert "took round 5 instead" in err
+
+    def nobody(*_):  # noqa: ANN002, ANN202
+        raise SwarmError(f"round {_[1].round}: gone")
+
+    monkeypatch.setattr(consumer, "download", nobody)
+    with pytest.raises(SwarmError, match="round 6: gone"):  # the newest's reasons
+        consumer.download_newest(None, offers, tmp_path, None, None)
