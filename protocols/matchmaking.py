@@ -81,6 +81,8 @@ class GatedAverager(DecentralizedAverager):
         type(self)._own = self  # runs in the averager's process only
         super().run()
 
+    # get_stub, _shutdown and _matchmaking.target_group_size are hivemind internals (pinned
+    # 1.1.12; tests/protocols/test_hivemind_internals.py checks each)
     @classmethod
     def get_stub(cls, p2p: P2P, peer: PeerID, *, namespace: str | None = None) -> StubBase:
         stub = super().get_stub(p2p, peer, namespace=namespace)

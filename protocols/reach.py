@@ -90,6 +90,7 @@ class CircuitAddr:
 async def connect_through(p2p: P2P, peer: PeerID, relay_maddr: str) -> None:
     """Open a relayed connection to `peer` (which holds a reservation on that relay); streams
     to it then use that connection. Raises P2PDaemonError (or its ControlFailure) if not."""
+    # private hivemind name (pinned 1.1.12; tests/protocols/test_hivemind_internals.py)
     await p2p._client.connect(peer, [CircuitAddr(relay_maddr)])  # noqa: SLF001 - no public API
 
 
@@ -107,6 +108,7 @@ def p2pd_args(original: Any) -> Any:
 
 def install_p2pd_args() -> None:
     """Apply p2pd_args to hivemind's P2P once per process (forked DHT processes inherit it)."""
+    # private hivemind name (pinned 1.1.12; tests/protocols/test_hivemind_internals.py)
     current = P2P._make_process_args  # noqa: SLF001 - hivemind has no option for this flag
     if not getattr(current, "swarmtune_wrapped", False):
         P2P._make_process_args = staticmethod(p2pd_args(current))  # noqa: SLF001
