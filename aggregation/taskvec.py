@@ -201,6 +201,26 @@ def auto_cluster(similarity: torch.Tensor, max_k: int | None = None) -> list[int
     return best_labels
 
 
+def absorb_small_clusters(
+    similarity: torch.Tensor, labels: Sequence[int], min_size: int
+) -> list[int]:
+    """Merge every cluster smaller than `min_size` into the cluster it is most similar to
+    (average linkage), smallest first, until none is left or one cluster remains. A cluster of
+    one honest volunteer and one stranger who copied its signature belongs to the stranger;
+    inside a larger cluster the stranger is one member among several (docs/design.md, 8)."""
+    n = len(labels)
+    clusters = [[i for i in range(n) if labels[i] == g] for g in sorted(set(labels))]
+    while len(clusters) > 1:
+        small = min(range(len(clusters)), key=lambda c: (len(clusters[c]), min(clusters[c])))
+        if len(clusters[small]) >= min_size:
+            break
+        members = clusters.pop(small)
+        links = [float(similarity[members][:, other].mean()) for other in clusters]
+        into = max(range(len(clusters)), key=lambda c: (links[c], -min(clusters[c])))
+        clusters[into] = sorted(clusters[into] + members)
+    return _labels(clusters, n)
+
+
 def adjusted_rand_index(truth: Sequence[object], labels: Sequence[object]) -> float:
     """ARI between two labelings (1.0 = identical partitions, ~0 = chance)."""
     n = len(truth)

@@ -4,8 +4,8 @@ are not earned").
 A coordinator and three honest volunteers on a clustered run (arithmetic, capitals, capitals:
 the arithmetic volunteer is its task's only one), and bench/capture_join.py, which trains
 honestly through the warm-up, then publishes the arithmetic volunteer's task signature as its
-own and sends ATTACK's forgeries. Each run is measured clean (no attacker), attacked at the
-default `min_group_size` (2) and attacked at `min_group_size: 3`. Per row: whether the
+own and sends ATTACK's forgeries. Runs: clean and attacked at the defaults, attacked with
+`averaging.min_group_size: 3`, attacked and clean with `clustering.min_cluster_size: 3`. Per row: whether the
 attacker was clustered with its victim, the victim's final eval loss and how its rounds went,
 the other honest volunteers' mean final eval loss.
 
@@ -36,13 +36,18 @@ from node.roles.demo import Processes, _wait_for_file  # noqa: E402
 TASKS = ["arithmetic", "capitals", "capitals"]  # the first is the victim
 
 
-def config(min_group_size: int) -> dict[str, Any]:
+def config(min_group_size: int, min_cluster_size: int) -> dict[str, Any]:
     return {
         "run_id": "cluster-capture",
         "inner": {"steps": 10, "batch_size": 8, "seq_len": 48},
         "outer": {"name": "fedavg"},
         "averaging": {"matchmaking_time": 2.0, "min_group_size": min_group_size},
-        "clustering": {"enabled": True, "warmup_rounds": 2, "merge_every": 2},
+        "clustering": {
+            "enabled": True,
+            "warmup_rounds": 2,
+            "merge_every": 2,
+            "min_cluster_size": min_cluster_size,
+        },
     }
 
 
@@ -56,10 +61,10 @@ def _cluster(vol: Path) -> int | None:
     return json.loads(path.read_text())["cluster"] if path.exists() else None
 
 
-def run(attack: str | None, min_group_size: int, rounds: int, workdir: Path) -> dict[str, Any]:
+def run(attack: str | None, sizes: tuple[int, int], rounds: int, workdir: Path) -> dict[str, Any]:
     """One run; the row's numbers."""
     workdir.mkdir(parents=True)
-    (workdir / "run.yaml").write_text(json.dumps(config(min_group_size)))
+    (workdir / "run.yaml").write_text(json.dumps(config(*sizes)))
     vols = [workdir / f"vol{i + 1}" for i in range(len(TASKS))]
     victim = peer_id(vols[0])  # its identity is made here, and kept by its join
     procs = Processes()
@@ -141,15 +146,17 @@ def main() -> None:
     if args.render:
         replace_section("cluster-capture", render(json.loads(saved.read_text())))
         return
-    runs = {
-        "clean (min_group_size 2)": (None, 2),
-        "attacked (min_group_size 2, the default)": (args.attack, 2),
-        "attacked (min_group_size 3)": (args.attack, 3),
+    runs = {  # (attack, (min_group_size, min_cluster_size))
+        "clean, defaults": (None, (2, 1)),
+        "attacked, defaults": (args.attack, (2, 1)),
+        "attacked, min_group_size 3": (args.attack, (3, 1)),
+        "attacked, min_cluster_size 3": (args.attack, (2, 3)),
+        "clean, min_cluster_size 3": (None, (2, 3)),
     }
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="swarmtune-cluster-capture-") as tmp:
-        for i, (name, (attack, size)) in enumerate(runs.items()):
-            rows[name] = run(attack, size, args.rounds, Path(tmp) / f"run{i}")
+        for i, (name, (attack, sizes)) in enumerate(runs.items()):
+            rows[name] = run(attack, sizes, args.rounds, Path(tmp) / f"run{i}")
             print(f"{name}: {json.dumps(rows[name])}", flush=True)
     results = {
         "rows": rows,

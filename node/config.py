@@ -179,6 +179,9 @@ class ClusteringSettings(_Strict):
     merge_every: int = Field(2, ge=1, le=100_000)
     merge_method: str = "linear"  # a name of aggregation/merge.py's MERGE_METHODS
     merge_rank: int | None = Field(None, ge=1, le=4096)
+    # a cluster smaller than this joins its most similar cluster: 3 keeps a stranger who copied
+    # one volunteer's task signature from owning half of a pair with it (README, Security)
+    min_cluster_size: int = Field(1, ge=1, le=1000)
 
     @field_validator("merge_method")
     @classmethod

@@ -26,6 +26,7 @@ from aggregation.merge import MergeOptions, merge_adapters, merge_method
 from aggregation.params import Params
 from aggregation.taskvec import (
     LoraFactors,
+    absorb_small_clusters,
     agglomerate,
     auto_cluster,
     cosine_matrix,
@@ -129,6 +130,7 @@ def cluster_signatures(
         labels = auto_cluster(similarity)
     else:
         labels = agglomerate(similarity, k=min(settings.clusters, len(peers)))
+    labels = absorb_small_clusters(similarity, labels, settings.min_cluster_size)
     return dict(zip(peers, labels, strict=True))
 
 

@@ -265,3 +265,24 @@ def test_the_change_sketch_is_the_difference_of_sketches_when_folded_too() -> No
     # float32 roundings of the same float64 values: a few eps32 of the largest of them
     scale = max(float(e.abs().max()) for e in ends)
     torch.testing.assert_close(change, reference, rtol=0, atol=4 * EPS32 * scale)
+
+
+def test_small_clusters_join_the_cluster_they_are_most_similar_to() -> None:
+    from aggregation.taskvec import absorb_small_clusters
+
+    # items 0-1: a pair (a volunteer and its signature's copy); 2-4 and 5-7: two triples; the
+    # pair is closer to the first triple
+    close = torch.full((8, 8), 0.0)
+    for group in ([0, 1], [2, 3, 4], [5, 6, 7]):
+        for i in group:
+            for j in group:
+                close[i, j] = 1.0
+    close[0:2, 2:5] = close[2:5, 0:2] = 0.5
+    close[0:2, 5:8] = close[5:8, 0:2] = 0.1
+    labels = [0, 0, 1, 1, 1, 2, 2, 2]
+    assert absorb_small_clusters(close, labels, 1) == labels  # the default leaves them be
+    assert absorb_small_clusters(close, labels, 2) == labels
+    assert absorb_small_clusters(close, labels, 3) == [0, 0, 0, 0, 0, 1, 1, 1]
+    # nothing may be left alone: the last clusters still merge when every one is too small
+    assert absorb_small_clusters(close, labels, 4) == [0] * 8
+    assert absorb_small_clusters(close[:2, :2], [0, 1], 3) == [0, 0]
