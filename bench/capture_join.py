@@ -24,6 +24,7 @@ import hostile_join  # noqa: E402
 from node.clusters import member  # noqa: E402
 from node.clusters.clusterer import verified_signatures  # noqa: E402
 from protocols.records import SignatureRecord, peers_key, signatures_key  # noqa: E402
+from tests.attackers.adversaries import ADVERSARIES  # noqa: E402
 
 log = logging.getLogger("swarmtune.capture")
 
@@ -58,6 +59,13 @@ def copying(victim: str) -> type[member.ClusterMember]:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[1] not in ADVERSARIES:
+        print(
+            "usage: bench/capture_join.py VICTIM_PEER_ID ATTACK [join arguments...]; attacks: "
+            + ", ".join(sorted(ADVERSARIES)),
+            file=sys.stderr,
+        )
+        return 2
     victim, rest = argv[0], argv[1:]
     member.ClusterMember = copying(victim)  # type: ignore[misc]
     import node.roles.volunteer as volunteer

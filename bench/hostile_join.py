@@ -54,6 +54,13 @@ def make_attacker(adversary: Adversary) -> type[HostileAverager]:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) < 1 or argv[0] not in ADVERSARIES:
+        print(
+            "usage: bench/hostile_join.py ATTACK [join arguments...]; attacks: "
+            + ", ".join(sorted(ADVERSARIES)),
+            file=sys.stderr,
+        )
+        return 2
     attack, join_args = argv[0], argv[1:]
     volunteer.GroupAverager = make_attacker(ADVERSARIES[attack]())  # type: ignore[misc]
 
