@@ -34,33 +34,24 @@ DESCRIPTION = """Peer-to-peer DiLoCo fine-tuning of LoRA adapters over a hivemin
 """
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """argparse type: an integer >= low (a bad one is argparse's one-line error, exit 2)."""
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in low..high (a bad one is argparse's one-line error, exit 2)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            bound = f"in {low}..{high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
         return value
 
     return parse
 
 
-_positive_int = _int_at_least(1)
-
-
-def _port(text: str) -> int:
-    """argparse type: a TCP port, 0..65535 (0: any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
-    return value
+_positive_int = _int_in(1)
+_port = _int_in(0, 65535)  # 0: any free port
 
 
 class UsageError(ValueError):
@@ -290,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-examples", type=_positive_int, default=200, help="score the first N (default 200)"
     )
     ev.add_argument(
-        "--samples", type=_int_at_least(0), default=3, help="rendered samples to show (default 3)"
+        "--samples", type=_int_in(0), default=3, help="rendered samples to show (default 3)"
     )
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
@@ -440,7 +431,6 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "merge":
         from node.adapters.merge import merge_dirs
 
-        _check_merge_args(args)
         options = _merge_options(args)
         merged = merge_dirs(args.adapters, args.method, args.out, args.weights, args.rank, options)
         kept = f"; SVD energy kept >= {min(merged.energy.values()):.4f}" if merged.energy else ""
@@ -482,31 +472,27 @@ def _admission(args: argparse.Namespace) -> int:
 
 
 def _merge_options(args: argparse.Namespace) -> MergeOptions:
-    """MergeOptions from the options given (the method reads them; _check_merge_args)."""
-    from aggregation.merge import MergeOptions
-
-    given = {o: getattr(args, o) for o in ("density", "drop", "seed", "scale")}
-    return MergeOptions(**{o: v for o, v in given.items() if v is not None})
-
-
-def _check_merge_args(args: argparse.Namespace) -> None:
-    from aggregation.merge import MERGE_METHODS
+    """The method's MergeOptions from the options given; AdapterError for a bad method, an
+    option the method would ignore, or a value out of range."""
+    from aggregation.merge import MergeOptions, merge_method
     from node.adapters.adapter import AdapterError
 
-    if args.method not in MERGE_METHODS:
-        known = ", ".join(MERGE_METHODS)
-        raise AdapterError(f"unknown merge method {args.method!r}; known: {known}")
-    method = MERGE_METHODS[args.method]
-    unread = [o for o in ("density", "drop", "seed", "scale") if getattr(args, o) is not None]
-    unread = [o for o in unread if o not in method.options]
+    try:
+        method = merge_method(args.method)
+    except KeyError as exc:
+        raise AdapterError(exc.args[0]) from None
+    names = [f.name for f in dataclasses.fields(MergeOptions)]
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    unread = [n for n in given if n not in method.options]
     if unread:  # an option the method would silently ignore
         reads = ", ".join(f"--{o}" for o in method.options) or "none of them"
         raise AdapterError(f"{args.method} does not use --{unread[0]} (it reads: {reads})")
-    options = _merge_options(args)
+    options = MergeOptions(**given)
     if not 0 < options.density <= 1 or not 0 <= options.drop < 1:
         raise AdapterError("--density must be in (0, 1] and --drop in [0, 1)")
     if args.weights is not None and len(args.weights) != len(args.adapters):
         raise AdapterError(f"--weights needs {len(args.adapters)} values, got {len(args.weights)}")
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:

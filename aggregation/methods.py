@@ -32,7 +32,6 @@ class OuterMethod:
     lr: float = 1.0  # default outer lr
     momentum: float = 0.9  # default momentum / GHBM beta, where the method takes one
     per_peer: bool = False
-    summary: str = ""
 
     @property
     def heavy_ball(self) -> bool:
@@ -41,65 +40,21 @@ class OuterMethod:
 
 
 _GHBM = ("lr", "beta", "tau", "tau_max")
+_ADAPTIVE = ("lr", "beta1", "beta2", "eps")
 OUTER_METHODS: dict[str, OuterMethod] = {
     m.name: m
     for m in (
-        OuterMethod("fedavg", FedAvgOuter, ("lr",), summary="theta - lr*Delta; lr 1 averages"),
-        OuterMethod("average", FedAvgOuter, ("lr",), summary="fedavg under another name"),
-        OuterMethod(
-            "fedavgm",
-            partial(MomentumOuter, nesterov=False),
-            ("lr", "momentum"),
-            summary="heavy ball on Delta (Hsu et al. 2019)",
-        ),  # fmt: skip
-        OuterMethod(
-            "nesterov",
-            partial(MomentumOuter, nesterov=True),
-            ("lr", "momentum"),
-            lr=0.7,
-            summary="DiLoCo's outer Nesterov (lr 0.7, momentum 0.9)",
-        ),  # fmt: skip
-        OuterMethod(
-            "fedadam",
-            partial(AdaptiveOuter, yogi=False),
-            ("lr", "beta1", "beta2", "eps"),
-            lr=0.01,
-            summary="Adam on Delta (Reddi et al. 2021)",
-        ),  # fmt: skip
-        OuterMethod(
-            "fedyogi",
-            partial(AdaptiveOuter, yogi=True),
-            ("lr", "beta1", "beta2", "eps"),
-            lr=0.01,
-            summary="Yogi on Delta (Reddi et al. 2021)",
-        ),  # fmt: skip
-        OuterMethod(
-            "ghbm",
-            partial(GHBMOuter, form="local"),
-            _GHBM,
-            summary="GHBM, momentum applied in the inner steps (Zaccone et al. 2025)",
-        ),  # fmt: skip
-        OuterMethod(
-            "ghbm-server",
-            partial(GHBMOuter, form="server"),
-            _GHBM,
-            summary="GHBM applied at the group step",
-        ),  # fmt: skip
-        OuterMethod(
-            "local-ghbm",
-            FedAvgOuter,
-            ("lr",),
-            per_peer=True,
-            summary="per-peer GHBM anchored at the last global state it received",
-        ),  # fmt: skip
-        OuterMethod(
-            "fedhbm",
-            FedAvgOuter,
-            ("lr",),
-            momentum=1.0,
-            per_peer=True,
-            summary="per-peer GHBM anchored at its own last local state",
-        ),  # fmt: skip
+        OuterMethod("fedavg", FedAvgOuter, ("lr",)),  # theta - lr*Delta; lr 1 averages
+        OuterMethod("average", FedAvgOuter, ("lr",)),  # fedavg under another name
+        OuterMethod("fedavgm", partial(MomentumOuter, nesterov=False), ("lr", "momentum")),
+        OuterMethod("nesterov", partial(MomentumOuter, nesterov=True), ("lr", "momentum"), lr=0.7),
+        OuterMethod("fedadam", partial(AdaptiveOuter, yogi=False), _ADAPTIVE, lr=0.01),
+        OuterMethod("fedyogi", partial(AdaptiveOuter, yogi=True), _ADAPTIVE, lr=0.01),
+        OuterMethod("ghbm", partial(GHBMOuter, form="local"), _GHBM),  # in the inner steps
+        OuterMethod("ghbm-server", partial(GHBMOuter, form="server"), _GHBM),  # at the group step
+        # per-peer GHBM, anchored at the last global state it received / its own last state
+        OuterMethod("local-ghbm", FedAvgOuter, ("lr",), per_peer=True),
+        OuterMethod("fedhbm", FedAvgOuter, ("lr",), momentum=1.0, per_peer=True),
     )
 }
 

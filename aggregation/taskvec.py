@@ -205,9 +205,8 @@ def absorb_small_clusters(
     similarity: torch.Tensor, labels: Sequence[int], min_size: int
 ) -> list[int]:
     """Merge every cluster smaller than `min_size` into the cluster it is most similar to
-    (average linkage), smallest first, until none is left or one cluster remains. A cluster of
-    one honest volunteer and one stranger who copied its signature belongs to the stranger;
-    inside a larger cluster the stranger is one member among several (docs/design.md, 8)."""
+    (average linkage), smallest first, until none is left or one cluster remains (a cluster of
+    one can never vouch for its rounds; docs/design.md, 8, for what it does not defend)."""
     n = len(labels)
     clusters = [[i for i in range(n) if labels[i] == g] for g in sorted(set(labels))]
     while len(clusters) > 1:

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 from node.roles.admit import peer_id  # noqa: E402
-from node.roles.demo import Processes, _wait_for_file  # noqa: E402
+from node.roles.demo import Processes, start_swarm  # noqa: E402
 
 TASKS = ["arithmetic", "capitals", "capitals"]  # the first is the victim
 
@@ -65,27 +65,19 @@ def run(attack: str | None, sizes: tuple[int, int], rounds: int, workdir: Path) 
     """One run; the row's numbers."""
     workdir.mkdir(parents=True)
     (workdir / "run.yaml").write_text(json.dumps(config(*sizes)))
-    vols = [workdir / f"vol{i + 1}" for i in range(len(TASKS))]
-    victim = peer_id(vols[0])  # its identity is made here, and kept by its join
+    victim = peer_id(workdir / "vol1")  # start_swarm's first volunteer: it keeps this identity
     procs = Processes()
     try:
-        coord = procs.start(
-            "coord",
-            ["bootstrap", "--config", str(workdir / "run.yaml"), "--workdir", str(workdir / "c")]
-            + ["--addr-file", str(workdir / "addr")],
-        )
-        maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
-        total = len(vols) + (attack is not None)
-        common = ["--initial-peers", maddr, "--threads", "1", "--wait-for", str(total)]
-        for task, vol in zip(TASKS, vols, strict=True):
-            args = ["--data", f"builtin:{task}", "--workdir", str(vol), "--rounds", str(rounds)]
-            procs.start(vol.name, ["join", *common, *args])
+        total = len(TASKS) + (attack is not None)
+        wait = ("--wait-for", str(total))
+        maddr, vols = start_swarm(procs, workdir / "run.yaml", workdir, TASKS, rounds, wait)
         if attack is not None:
             # the attacker trains on the victim's task during the warm-up, like an honest peer
             args = ["--data", f"builtin:{TASKS[0]}", "--workdir", str(workdir / "attacker")]
-            args += ["--rounds", str(rounds + 10)]
+            args += ["--rounds", str(rounds + 10), "--initial-peers", maddr, "--threads", "1"]
+            args += list(wait)
             program = [str(ROOT / "bench" / "capture_join.py"), victim, attack]
-            procs.start("attacker", [*common, *args], program=program)
+            procs.start("attacker", args, program=program)
         codes = [procs.procs[v.name].wait(timeout=120 + 40 * rounds) for v in vols]
     finally:
         procs.stop_all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -51,6 +52,13 @@ class InnerSettings(_Strict):
     gradient_checkpointing: bool = False
 
 
+def _registered(name: str, table: Mapping[str, object], what: str) -> str:
+    """`name` if `table` (a registry of aggregation/) has it, else the error listing its names."""
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(table)}")
+    return name
+
+
 class OuterSettings(_Strict):
     """Outer optimizer applied to the averaged pseudo-gradient (aggregation/methods.py names
     each, with its defaults; outer.py and ghbm.py hold the math)."""
@@ -71,9 +79,7 @@ class OuterSettings(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in OUTER_METHODS:
-            raise ValueError(f"unknown outer optimizer {name!r}; known: {', '.join(OUTER_METHODS)}")
-        return name
+        return _registered(name, OUTER_METHODS, "outer optimizer")
 
     @model_validator(mode="before")
     @classmethod
@@ -179,16 +185,14 @@ class ClusteringSettings(_Strict):
     merge_every: int = Field(2, ge=1, le=100_000)
     merge_method: str = "linear"  # a name of aggregation/merge.py's MERGE_METHODS
     merge_rank: int | None = Field(None, ge=1, le=4096)
-    # a cluster smaller than this joins its most similar cluster: 3 keeps a stranger who copied
-    # one volunteer's task signature from owning half of a pair with it (README, Security)
+    # a cluster smaller than this joins its most similar cluster (2+: no cluster of one, whose
+    # rounds nobody can vouch for; it does not stop a copied task signature: README, Security)
     min_cluster_size: int = Field(1, ge=1, le=1000)
 
     @field_validator("merge_method")
     @classmethod
     def _known_merge(cls, name: str) -> str:
-        if name not in MERGE_METHODS:
-            raise ValueError(f"unknown merge method {name!r}; known: {', '.join(MERGE_METHODS)}")
-        return name
+        return _registered(name, MERGE_METHODS, "merge method")
 
 
 def max_round_weight(config: RunConfig) -> float:

@@ -195,14 +195,14 @@ class InnerTrainer:
                 self.scaler.scale(part).backward()
                 loss += part.detach().float()
                 tokens += batch.tokens
-            check_finite(float(loss), f"the loss at inner step {j + 1} of {steps}")
+            value = check_finite(float(loss), f"the loss at inner step {j + 1} of {steps}")
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(self._trainable.values(), self.inner.max_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if after_step is not None:
                 after_step(j)
-            losses.append(float(loss))
+            losses.append(value)
         self.model.eval()
         return InnerResult(
             steps,
