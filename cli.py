@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate",
         help="K virtual clients with partial participation in one process (no network)",
-        description="Runs K virtual clients through the daemon's round code on the in-memory"
-        " transport; writes rounds.csv, summary.json and eval_loss.png to --out.",
+        description="Runs K virtual clients through the daemon's round code (inner phase,"
+        " the in-memory transport's all-gather, conclude_round); writes rounds.csv, summary.json and eval_loss.png to --out.",
     )
     sim.add_argument("--config", type=Path, required=True, help="simulator YAML (configs/sim/)")
     sim.add_argument("--out", type=Path, default=Path("sim-out"), help="output directory")

@@ -274,7 +274,7 @@ class HeterogeneitySettings(_Strict):
 
 
 class SimConfig(_Strict):
-    """`swarmtune simulate`: K virtual clients on the daemon's round code (in-memory transport)."""
+    """`swarmtune simulate`: K virtual clients on the daemon's round code, one after another."""
 
     run: RunConfig = RunConfig()
     clients: int = Field(100, ge=1, le=10_000)

@@ -20,13 +20,15 @@ from node.config import RunConfig
 from node.engine.certify import Candidate, Ledger, NotCertified, candidates, verify_chain
 from node.engine.checkpoint import Checkpoint
 from node.engine.outer_state import check_outer, state_cap
-from node.engine.overlap import InFlight, run_overlapped
+from node.engine.overlap import AHEAD, InFlight
 from node.engine.round import (
     LocalUpdate,
     RoundReport,
+    conclude_round,
+    eager_origin,
     inner_phase,
+    restamp,
     round_start,
-    run_round,
 )
 from node.engine.state import GroupState, StateError, check_params
 from node.engine.transport import StateUnavailable, Transport
@@ -210,24 +212,29 @@ class Peer:
         return witnessed
 
     def run(self, rounds: int, settle_s: float = 0.0) -> GroupState:
-        """Run `rounds` rounds (or until stop is set), checkpointing and announcing each."""
-        if self.overlap:
-            return run_overlapped(self, rounds, settle_s)
+        """Run `rounds` rounds (or until stop is set), checkpointing and announcing each. The
+        one round loop of the daemon, synchronous or overlapped (node/engine/overlap.py)."""
         state = self.start()
+        following: LocalUpdate | None = None  # overlapped: the next round's update, computed
         members: tuple[str, ...] = ()
-        for _ in range(rounds):
+        for done in range(rounds):
             if self.stop.is_set():
                 break
+            eager = self.overlap and done + 1 < rounds  # no compute past the last round
             try:
-                state, report = self.one_round(state)
+                state, report, following = self.advance(state, following, eager)
             except Exception as exc:
                 self.abandon(exc, state)
                 break
             members = report.members + report.excluded
-            if members:
-                # let the group announce before the next sync picks a consensus, so a member
-                # that diverged this round is resynced before the next one, not after it
-                self.await_members(state.round, members, self.config.averaging.matchmaking_time)
+            if not report.concluded:  # alone, or left with our own update: probably diverged
+                members = tuple(
+                    p for p in self.transport.announcements() if p != self.transport.peer
+                )
+            # let the group announce this round before the next sync picks a consensus, so a
+            # member that diverged is resynced before the next round, not after it (members
+            # conclude the same exchange together: usually milliseconds)
+            self.await_members(state.round, members, self.config.averaging.matchmaking_time)
         if members:
             self.await_members(state.round, members, settle_s)
         return self.finish(state)
@@ -268,22 +275,43 @@ class Peer:
                 return
 
     def one_round(self, state: GroupState) -> tuple[GroupState, RoundReport]:
-        """Sync, train, aggregate, then save, report and announce (in that order, so that what
-        others read about this peer is never a round behind its state)."""
+        """One synchronous round from `state`: the boundary (sync), train, exchange, conclude."""
+        concluded, report, _ = self.advance(state, None, eager=False)
+        return concluded, report
+
+    def advance(
+        self, state: GroupState, following: LocalUpdate | None, eager: bool
+    ) -> tuple[GroupState, RoundReport, LocalUpdate | None]:
+        """One round from `state`: the boundary (a group move, the resync check, bans), then
+        this round's update (`following`, computed during the last exchange, else a fresh
+        compute) goes to the exchange on its own thread; with `eager` the next round's update
+        is computed while it is in flight, from the eager point. Then the round is concluded,
+        saved, reported and announced (in that order, so that what others read about this
+        peer is never a round behind its state). Returns the concluded state, the report and
+        the next round's update (None unless `eager`)."""
         started = time.perf_counter()
-        state, _ = self.boundary(state)
-        known = max(len(self.transport.announcements()), 1)
-        concluded, report = run_round(
-            state,
-            self.trainer,
-            self.transport,
-            self.config,
-            self.momentum,
-            known,
-            # on its own thread only so that a stop does not wait for the exchange to time out
-            answer_of=lambda update: InFlight(self.transport, update, 0.0).wait(self.stop),
-        )
-        return concluded, self.finish_round(concluded, report, started)
+        state, moved = self.boundary(state)
+        if moved and following is not None:
+            log.info("round %d: dropping the eager compute of the group we left", state.round + 1)
+            following = None
+        compute_s = 0.0
+        if following is None:  # (re)starting the pipeline: this compute is not overlapped
+            update, ahead = self.compute(state), 0.0
+            compute_s += update.inner.seconds
+        else:  # computed a whole compute before the others of a synchronous group are here
+            update, ahead = restamp(following, state), AHEAD * following.inner.seconds
+        # on its own thread also when nothing overlaps it: a stop does not wait for the
+        # exchange to time out
+        flight = InFlight(self.transport, update, ahead)
+        following = None
+        if eager:
+            following = self.compute(state, eager_origin(state, update.delta, self.config))
+            compute_s += following.inner.seconds
+        answer = flight.wait(self.stop)
+        concluded, report = conclude_round(state, update, answer, self.config)
+        self.trainer.set_params(concluded.params)
+        report = self.finish_round(concluded, report, started, self.overlap, compute_s)
+        return concluded, report, following
 
     def abandon(self, exc: Exception, state: GroupState) -> None:
         """End the round in progress after `exc`, keeping `state` (the last checkpoint), when

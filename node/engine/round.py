@@ -32,7 +32,7 @@ from aggregation.robust import Tensors, bound_norms, centered_clip, without_empt
 from node.config import RunConfig, max_round_weight
 from node.engine.outer_state import load_outer
 from node.engine.state import GroupState
-from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, Transport
+from node.engine.transport import AveragingFailed, GroupResult, MemberMeta
 from node.engine.trust import banned, record_offences
 from node.local.trainer import InnerResult, InnerTrainer
 
@@ -325,31 +325,4 @@ def conclude_round(
             (m.peer, m.sha256, float(m.weight)) for m in chosen if outcome == "averaged"
         ),
     )
-    return new_state, report
-
-
-def run_round(
-    state: GroupState,
-    trainer: InnerTrainer,
-    transport: Transport,
-    config: RunConfig,
-    momentum: PeerMomentum | None = None,
-    known: int = 1,
-    answer_of: Callable[[LocalUpdate], GroupResult | AveragingFailed] | None = None,
-) -> tuple[GroupState, RoundReport]:
-    """Advance the group state by one DiLoCo round; inputs are not mutated. `answer_of` runs
-    the exchange (the daemon waits for it on a thread it can stop); default: the transport's,
-    here."""
-    start = round_start(state, config)
-    update = inner_phase(state, start, trainer, transport.peer, config, momentum, known)
-    answer: GroupResult | AveragingFailed
-    if answer_of is not None:
-        answer = answer_of(update)
-    else:
-        try:
-            answer = transport.exchange(update.delta, update.meta)
-        except AveragingFailed as exc:
-            answer = exc
-    new_state, report = conclude_round(state, update, answer, config)
-    trainer.set_params(new_state.params)
     return new_state, report

@@ -131,6 +131,14 @@ class InMemoryHub:
             raise AveragingFailed(f"round {meta.round}: nobody else came")
         return self._view(members, meta)
 
+    def gathered(self, updates: list[tuple[Params, MemberMeta]], viewer: str) -> GroupResult:
+        """The all-gather of members that are all here at once, as `viewer` sees it: the
+        simulator's sequential rounds, with the same copies and injected faults as `contribute`."""
+        group = {meta.peer: (delta, meta) for delta, meta in updates}
+        if len(group) < 2:
+            raise AveragingFailed("nobody else came")
+        return self._view(group, group[viewer][1])
+
     def _view(self, group: dict[str, tuple[Params, MemberMeta]], mine: MemberMeta) -> GroupResult:
         lost = set(self.lost.get(mine.round, set()))
         receiver, sender = self.hidden.get(mine.round, ("", ""))

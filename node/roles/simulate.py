@@ -2,17 +2,19 @@
 
 Each round samples round(C*K) clients without replacement: uniformly, or (`sampling: balanced`)
 dealt from shuffled decks of all K, so that participations stay within one of each other. Every
-sampled client runs
-node.engine.round.inner_phase (the daemon's inner loop, GHBM hooks and per-peer momentum included) on
-its own data. The transport is an in-process all-gather; from there on the round is
-node.engine.round.conclude_round, the function the daemon uses after its exchange (selection,
-fallback, outer step, report). One shared LoRA model is reused: a client is its data stream,
-its per-peer momentum and (optionally) its AdamW moments, swapped in when sampled.
+sampled client runs node.engine.round.inner_phase (the daemon's inner loop, GHBM hooks and
+per-peer momentum included) on its own data. The exchange is the in-memory transport's
+all-gather (InMemoryHub.gathered); from there on the round is node.engine.round.conclude_round,
+the function the daemon uses after its exchange (selection, fallback, outer step, report). A
+peer's sync, certificates and checkpoints are not simulated: every sampled client starts from
+the one current state. One shared LoRA model is reused: a client is its data stream, its
+per-peer momentum and (optionally) its AdamW moments, swapped in when sampled.
 
 With `averaging.overlap`, a client that took part in the previous round computes as an
-overlapped daemon peer does: from the eager point of the state before the previous round and
-its own previous Delta, with that state's GHBM correction (node/engine/overlap.py). A client
-that sat the previous round out starts from the current state, like a peer that (re)joins.
+overlapped daemon peer does (Peer.advance, node/engine/peer.py): from the eager point of the
+state before the previous round and its own previous Delta, with that state's GHBM correction.
+A client that sat the previous round out starts from the current state, like a peer that
+(re)joins.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from node.engine.round import (
     round_start,
 )
 from node.engine.state import GroupState
-from node.engine.transport import AveragingFailed, GroupResult
+from node.engine.transport import AveragingFailed, GroupResult, InMemoryHub
 from node.local.basemodel import load_base, resolve_target_modules
 from node.local.data import (
     BUILTIN_TASKS,
@@ -189,6 +191,7 @@ class Simulation:
         self.reports: list[RoundReport] = []  # seen from each round's first member
         self.previous: GroupState | None = None  # the state the last round started from
         self.previous_start: RoundStart | None = None
+        self.hub = InMemoryHub(expected=len(self.clients))  # the in-memory transport's exchange
 
     def evaluate(self) -> dict[str, float]:
         """Eval loss of the current global adapter on every task, and their mean."""
@@ -267,11 +270,12 @@ class Simulation:
         return row
 
     def gather(self, updates: list[LocalUpdate]) -> GroupResult | AveragingFailed:
-        """The in-process all-gather of the members' updates (bench/attacks.py overrides it
-        to put hostile members in the group)."""
+        """The in-memory transport's all-gather of the members' updates, seen from the first
+        (`hub` injects lost contributions; bench/attacks.py overrides this to put hostile
+        members in the group)."""
         if len(updates) < 2:
             return AveragingFailed("a single client was sampled")
-        return GroupResult([u.meta for u in updates], {u.meta.peer: u.delta for u in updates})
+        return self.hub.gathered([(u.delta, u.meta) for u in updates], updates[0].meta.peer)
 
     def run(self, progress: Callable[[str], None] | None = None) -> SimResult:
         """All rounds; eval every `eval_every` rounds and after the last."""
