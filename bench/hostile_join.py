@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import cli  # noqa: E402
 import node.roles.volunteer as volunteer  # noqa: E402
 from protocols.admission import Gate  # noqa: E402
-from protocols.averaging import GatherOutcome, MemberMeta  # noqa: E402
+from protocols.group import GroupResult, MemberMeta  # noqa: E402
 from tests.attackers.adversaries import ADVERSARIES, Adversary  # noqa: E402
 from tests.attackers.averager import HostileAverager  # noqa: E402
 
@@ -43,7 +43,7 @@ def make_attacker(adversary: Adversary) -> type[HostileAverager]:
             timeout: float,
             moved_on: Callable[[], bool] = lambda: False,
             **options: Any,
-        ) -> GatherOutcome:
+        ) -> GroupResult:
             own = {k: v.clone() for k, v in tensors.items()}
             self.forgery = adversary.forge(own, self.last_honest, meta.weight, gen)
             out = super().exchange(tensors, meta, timeout, moved_on, **options)

@@ -21,7 +21,8 @@ from typing import Any
 
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-TICKET_MAX = 2048
+from protocols.group import TICKET_MAX
+
 PREFIX = "st1"
 CLOCK_SKEW_S = 300.0  # a ticket issued "in the future" by this much is still accepted
 _OWNER = ("[owner:", "]")

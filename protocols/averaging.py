@@ -33,7 +33,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,7 +45,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from aggregation.codec import from_int8_blocks, int8_blocks, n_blocks
-from protocols.admission import TICKET_MAX, Gate
+from protocols.admission import Gate
+from protocols.group import GroupResult, MemberMeta, finite_number, parse_member
 from protocols.matchmaking import GatedAverager, RefusedSet
 from protocols.swarm import SwarmNode
 from protocols.transfer import OtherBlob, TransferError
@@ -78,75 +78,6 @@ _STEP_FAILURES = (
 
 class AveragingError(RuntimeError):
     """No group formed in time; one line."""
-
-
-@dataclass(frozen=True)
-class MemberMeta:
-    """What each member tells its group (all-gathered): who, which round and start state, its
-    weight, the sha256 and size of its contribution blob, and how many peers it knows of."""
-
-    peer: str
-    round: int
-    start_digest: str
-    weight: float
-    sha256: str = ""
-    size: int = 0
-    known: int = 1  # volunteers this member knows of (for GHBM tau = auto)
-    ticket: str = ""  # admission ticket (token runs), protocols/admission.py
-
-    def gather(self) -> dict[str, Any]:
-        """The wire form sent through hivemind's all-gather."""
-        return {
-            "round": self.round,
-            "start": self.start_digest,
-            "weight": self.weight,
-            "sha256": self.sha256,
-            "size": self.size,
-            "known": self.known,
-            "ticket": self.ticket,
-        }
-
-
-def parse_member(peer_id: str, raw: Any) -> MemberMeta | None:
-    """MemberMeta from untrusted gathered data, or None when malformed."""
-    if not isinstance(raw, dict):
-        return None
-    start, sha, size, known = raw.get("start"), raw.get("sha256"), raw.get("size"), raw.get("known")
-    if not (
-        isinstance(start, str) and len(start) <= 64 and isinstance(sha, str) and len(sha) == 64
-    ):
-        return None
-    if not all(finite_number(raw.get(k)) for k in ("round", "weight")) or raw["weight"] < 0:
-        return None
-    if not (isinstance(size, int) and 0 < size <= 1 << 34):
-        return None
-    if not (isinstance(known, int) and 1 <= known <= 1_000_000):
-        known = 1
-    ticket = raw.get("ticket", "")
-    if not (isinstance(ticket, str) and len(ticket) <= TICKET_MAX):
-        return None
-    weight = float(raw["weight"])
-    return MemberMeta(peer_id, int(raw["round"]), start, weight, sha, size, known, ticket)
-
-
-@dataclass
-class GatherOutcome:
-    """Every member's parsed metadata (None if malformed; the weight is the one its own blob
-    claims), the contributions that arrived intact (this peer's own included), why the others
-    are missing, which of those served something provably bad, and this peer's costs."""
-
-    members: dict[str, MemberMeta | None]
-    contributions: dict[str, dict[str, torch.Tensor]]
-    missing: dict[str, str]
-    offences: set[str]  # missing because of what the member itself served (not the network)
-    bytes_sent: int
-    bytes_received: int
-    matchmaking_s: float
-    transfer_s: float
-    attempts: int = 1
-    # committed in matchmaking, then not served to us (refused, cut off, timed out); a sha256
-    # other than the committed one is not counted here, since a leader can alter that
-    withheld: set[str] = field(default_factory=set)
 
 
 def group_bits(round_: int, start_digest: str) -> str:
@@ -320,7 +251,7 @@ class GroupAverager:
         moved_on: Callable[[], bool] = lambda: False,
         window: float | None = None,
         expected: int = 0,
-    ) -> GatherOutcome:
+    ) -> GroupResult:
         """Publish `tensors`, join a group of meta's round and start state within `timeout`
         seconds (failed attempts are retried), then fetch every other member's contribution.
         While still looking for a group, `moved_on()` (polled) says the group already finished
@@ -340,8 +271,8 @@ class GroupAverager:
         members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
         contributions, missing, offences, received, withheld = self._fetch_all(members, meta)
         contributions[meta.peer] = decode_contribution(blob, self.shapes, self.codec)[0]
-        return GatherOutcome(
-            members,
+        return GroupResult(
+            [m for m in members.values() if m is not None],
             contributions,
             missing,
             offences,
@@ -508,8 +439,3 @@ def _signal_handlers_kept() -> Iterator[None]:
         for signum, handler in saved.items():
             if handler is not None:
                 signal.signal(signum, handler)
-
-
-def finite_number(value: Any) -> bool:
-    """True for an int/float that is finite (gathered metadata is untrusted)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

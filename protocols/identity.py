@@ -20,10 +20,10 @@ import multihash
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from hivemind.proto import crypto_pb2
 
 MAX_KEY_CHARS = 1024  # base64 of a DER RSA public key up to 4096 bits
 MAX_SIG_CHARS = 1024
+RSA_KEY = 0  # libp2p's KeyType enum: RSA = 0 (Ed25519 = 1, Secp256k1 = 2, ECDSA = 3)
 
 
 class IdentityError(ValueError):
@@ -34,9 +34,55 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(blob: bytes, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while at < len(blob) and shift < 64:
+        byte = blob[at]
+        value, at, shift = value | (byte & 0x7F) << shift, at + 1, shift + 7
+        if not byte & 0x80:
+            return value, at
+    raise ValueError("truncated or overlong varint")
+
+
+def key_message(key_type: int, data: bytes) -> bytes:
+    """libp2p's PublicKey / PrivateKey protobuf message (crypto.proto: field 1 `Type`, a varint;
+    field 2 `Data`, bytes), as go-libp2p and hivemind write it: both fields, in that order."""
+    return b"\x08" + _varint(key_type) + b"\x12" + _varint(len(data)) + data
+
+
+def parse_key_message(blob: bytes) -> tuple[int, bytes]:
+    """(key type, key bytes) of a libp2p key message; ValueError for anything else."""
+    fields: dict[int, int | bytes] = {}
+    at = 0
+    while at < len(blob):
+        tag, at = _read_varint(blob, at)
+        if tag == 0x08:
+            fields[1], at = _read_varint(blob, at)
+        elif tag == 0x12:
+            size, at = _read_varint(blob, at)
+            if at + size > len(blob):
+                raise ValueError("key data runs past the end of the message")
+            fields[2], at = blob[at : at + size], at + size
+        else:
+            raise ValueError(f"unexpected field tag {tag} in a libp2p key message")
+    key_type, data = fields.get(1), fields.get(2)
+    if not isinstance(key_type, int) or not isinstance(data, bytes):
+        raise ValueError("a libp2p key message needs a type and data")
+    return key_type, data
+
+
 def peer_id_of_key(public_der: bytes) -> str:
     """The base58 libp2p peer id of an RSA public key (DER SubjectPublicKeyInfo)."""
-    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=public_der).SerializeToString()
+    encoded = key_message(RSA_KEY, public_der)
     digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))
     return base58.b58encode(digest).decode("ascii")
 
@@ -64,11 +110,11 @@ class Identity:
     def load(cls, path: Path) -> Identity:
         """The identity in a libp2p key file (what hivemind's P2P.generate_identity writes)."""
         try:
-            proto = crypto_pb2.PrivateKey.FromString(path.read_bytes())
-            key = serialization.load_der_private_key(proto.data, password=None)
+            key_type, der = parse_key_message(path.read_bytes())
+            key = serialization.load_der_private_key(der, password=None)
         except (OSError, ValueError, TypeError) as exc:
             raise IdentityError(f"{path} is not a libp2p identity key ({exc})") from None
-        if proto.key_type != crypto_pb2.RSA or not isinstance(key, rsa.RSAPrivateKey):
+        if key_type != RSA_KEY or not isinstance(key, rsa.RSAPrivateKey):
             raise IdentityError(f"{path} is not an RSA libp2p identity key")
         return cls(key)
 
@@ -84,9 +130,7 @@ class Identity:
             serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption(),
         )
-        path.write_bytes(
-            crypto_pb2.PrivateKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
-        )
+        path.write_bytes(key_message(RSA_KEY, der))
         path.chmod(0o400)
 
     def sign(self, purpose: str, data: bytes) -> Signed:

@@ -1,10 +1,10 @@
-"""DHT key schema and record validation for one run.
+"""DHT key schema and the records of one run (no hivemind here: protocols/validator.py is
+the DHT's check of every stored record against these schemas).
 
 Keys live under the run id: `<run>_manifest`, `<run>_clusters` and `<run>_revoked` (one
-record each, owned by the coordinator), `<run>_peers` and `<run>_signatures` (one record per peer, subkey = the
-owner's public key). Every record under these
-keys must be signed by its owner (hivemind's RSASignatureValidator checks the signature; this
-validator requires the owner marker), be at most MAX_RECORD_BYTES, and match its schema.
+record each, owned by the coordinator), `<run>_peers` and `<run>_signatures` (one record per
+peer, subkey = the owner's public key). Every record under these keys must be signed by its
+owner, be at most MAX_RECORD_BYTES, and match its schema.
 """
 
 from __future__ import annotations
@@ -15,10 +15,6 @@ import math
 import re
 from typing import Any, Literal, TypeVar
 
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.utils import MSGPackSerializer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from protocols.identity import Identity, Signed, verify
@@ -30,7 +26,7 @@ PEER_TTL = 90.0
 # a relay's address as a peer record names it: IPv4/IPv6/DNS, TCP, then its peer id
 RELAY_MADDR = r"^(/(ip4|ip6|dns|dns4|dns6)/[^/]{1,253}/tcp/[0-9]{1,5}/p2p/[1-9A-HJ-NP-Za-km-z]+)?$"
 HEX64 = r"^[0-9a-f]{64}$"
-_OWNER = re.compile(rb"^\[owner:.+\]$", re.DOTALL)
+OWNER_SUBKEY = re.compile(rb"^\[owner:.+\]$", re.DOTALL)
 
 
 # a field this version does not know (from a newer peer) is ignored, not a reason to drop the
@@ -195,44 +191,6 @@ def peers_key(run_id: str) -> str:
     return f"{run_id}_peers"
 
 
-class RunRecordValidator(RecordValidatorBase):
-    """Rejects unsigned, oversized or schema-violating records under this run's keys."""
-
-    def __init__(self, run_id: str) -> None:
-        self._schemas: dict[bytes, type[BaseModel]] = {
-            DHTID.generate(source=manifest_key(run_id)).to_bytes(): ManifestRecord,
-            DHTID.generate(source=peers_key(run_id)).to_bytes(): PeerRecord,
-            DHTID.generate(source=signatures_key(run_id)).to_bytes(): SignatureRecord,
-            DHTID.generate(source=clusters_key(run_id)).to_bytes(): ClusterRecord,
-            DHTID.generate(source=revoked_key(run_id)).to_bytes(): RevocationRecord,
-        }
-
-    def validate(self, record: DHTRecord) -> bool:
-        """True for other keys; for ours: owner-protected subkey, bounded size, valid schema."""
-        schema = self._schemas.get(record.key)
-        if schema is None:
-            return True
-        if len(record.value) > MAX_RECORD_BYTES or record.subkey is None:
-            return False
-        subkey = MSGPackSerializer.loads(record.subkey)
-        if not isinstance(subkey, bytes) or not _OWNER.match(subkey):
-            return False
-        try:
-            schema.model_validate(MSGPackSerializer.loads(record.value))
-        except (ValidationError, ValueError, TypeError):
-            return False
-        return True
-
-    @property
-    def priority(self) -> int:
-        """Run after RSASignatureValidator (priority 10) has stripped the signature."""
-        return 5
-
-    def merge_with(self, other: RecordValidatorBase) -> bool:
-        """Each run keeps its own validator."""
-        return False
-
-
 KEY_PURPOSE = "records-key"
 
 
@@ -279,8 +237,3 @@ def parse_peer_records(
             continue
         records[record.peer_id] = record
     return records, lies
-
-
-def owner_subkey(validator: RSASignatureValidator) -> bytes:
-    """The subkey that marks a record as owned (and signed) by this peer."""
-    return validator.local_public_key

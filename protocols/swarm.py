@@ -37,10 +37,8 @@ from protocols.records import (
     RELAY_MADDR,
     ManifestRecord,
     PeerRecord,
-    RunRecordValidator,
     identity_proof,
     manifest_key,
-    owner_subkey,
     parse_peer_records,
     peers_key,
     with_fields,
@@ -58,6 +56,7 @@ from protocols.transfer import (
     pass_on_blob,
     refuse,
 )
+from protocols.validator import RunRecordValidator, owner_subkey
 
 log = logging.getLogger("swarmtune.swarm")
 DHT_GET_TIMEOUT = 10.0

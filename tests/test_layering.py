@@ -85,3 +85,38 @@ def test_no_two_modules_import_each_other() -> None:
     graph = {name: _runtime_imports(path) & set(modules) for name, path in modules.items()}
     cycles = sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph[b])
     assert not cycles, cycles
+
+
+# what runs without a network: the round engine (all but its hivemind transport), the
+# simulator, and the wire's schemas, signatures and group types they read
+WITHOUT_HIVEMIND = [
+    *sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for path in (ROOT / "node" / "engine").glob("*.py")
+        if path.stem not in ("__init__", "swarm_transport")
+    ),
+    "node.roles.simulate",
+    "protocols.records",
+    "protocols.certificates",
+    "protocols.identity",
+    "protocols.group",
+]
+
+
+def test_the_engine_and_the_simulator_load_no_hivemind() -> None:
+    # direct imports (above) cannot see what an imported module imports in turn: import them
+    # in a fresh interpreter and look at what got loaded
+    import subprocess
+    import sys
+
+    probe = (
+        "import importlib, sys\n"
+        f"for name in {WITHOUT_HIVEMIND!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('hivemind.')}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

@@ -131,16 +131,7 @@ class HivemindTransport:
                 meta.round + 1,
                 peer[-8:],
             )
-        return GroupResult(
-            [m for m in out.members.values() if m is not None],
-            out.contributions,
-            out.missing,
-            out.offences,
-            out.bytes_sent,
-            out.bytes_received,
-            out.matchmaking_s,
-            out.transfer_s,
-        )
+        return out
 
     def expected_members(self, refused: set[str], start: str, round_: int) -> int:
         """How many volunteers (ourselves included) may join this round's group (which starts

@@ -16,8 +16,8 @@ from typing import Protocol
 from aggregation.params import Params
 from node.engine.certify import Candidate, Claim
 from node.engine.state import GroupState, decode_state, encode_state
-from protocols.averaging import MemberMeta
 from protocols.certificates import Certificate, Vote
+from protocols.group import GroupResult, MemberMeta
 
 __all__ = [
     "AveragingFailed",
@@ -34,21 +34,6 @@ class AveragingFailed(RuntimeError):
 
 class StateUnavailable(RuntimeError):
     """No provider served an intact copy of an announced state."""
-
-
-@dataclass
-class GroupResult:
-    """A formed group: every member's metadata, the contributions that arrived intact (this
-    peer's own included), why the others did not, and this peer's costs."""
-
-    members: list[MemberMeta]
-    contributions: dict[str, Params]
-    missing: dict[str, str] = field(default_factory=dict)
-    offences: set[str] = field(default_factory=set)  # missing for what they themselves served
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    matchmaking_s: float = 0.0
-    transfer_s: float = 0.0
 
 
 class Transport(Protocol):

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from protocols.averaging import GroupAverager, MemberMeta, encode_contribution
+from protocols.averaging import GroupAverager, encode_contribution
+from protocols.group import MemberMeta
 from tests.attackers.adversaries import Forgery
 
 

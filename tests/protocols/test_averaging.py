@@ -11,13 +11,12 @@ from safetensors.torch import save as st_save
 from aggregation.codec import from_int8_blocks, int8_blocks
 from protocols.averaging import (
     GroupAverager,
-    MemberMeta,
     check_header,
     decode_contribution,
     encode_contribution,
     group_bits,
-    parse_member,
 )
+from protocols.group import MemberMeta, parse_member
 from protocols.swarm import SwarmNode
 
 

@@ -16,12 +16,12 @@ from protocols.identity import Identity
 from protocols.records import (
     MAX_RECORD_BYTES,
     PeerRecord,
-    RunRecordValidator,
     identity_proof,
     parse_peer_records,
     peers_key,
     with_fields,
 )
+from protocols.validator import RunRecordValidator
 
 RUN = "records-test"
 
