@@ -37,7 +37,8 @@ def copying(victim: str) -> type[member.ClusterMember]:
         def before_round(self, state):  # noqa: ANN001, ANN202
             run = self.manifest.run_id
             found = verified_signatures(
-                self.node.get_owned(peers_key(run)), self.node.get_owned(signatures_key(run))
+                self.node.records.get_owned(peers_key(run)),
+                self.node.records.get_owned(signatures_key(run)),
             )
             theirs = found.get(victim)
             if theirs is not None:

@@ -56,7 +56,7 @@ def forge_once(node: SwarmNode, run: str, args: argparse.Namespace, done: set[in
     """Announce a forgery of the newest honest state, once per honest round."""
     honest = {  # (other forgers call their task "forger")
         p: r
-        for p, r in node.peers().items()
+        for p, r in node.records.peers().items()
         if r.role == "volunteer" and r.digest and p != node.peer_id and r.task != "forger"
     }
     if not honest:
@@ -64,9 +64,9 @@ def forge_once(node: SwarmNode, run: str, args: argparse.Namespace, done: set[in
     source = max(honest.values(), key=lambda r: r.round)
     if source.round in done:
         return
-    state = decode_state(node.fetch(source.peer_id, "state", timeout=30))
-    chain = decode_chain(node.fetch(source.peer_id, "chain", timeout=30))
-    bundle = negated_bundle(node.fetch(source.peer_id, "adapter:global", timeout=30))
+    state = decode_state(node.routes.fetch(source.peer_id, "state", timeout=30))
+    chain = decode_chain(node.routes.fetch(source.peer_id, "chain", timeout=30))
+    bundle = negated_bundle(node.routes.fetch(source.peer_id, "adapter:global", timeout=30))
     forged = negated(state, state.round + args.ahead)
     body = round_body(run, state.digest(), forged, [(node.peer_id, "", 1.0)])
     vote = sign_body(node.identity, body, node.peer_id)
@@ -91,7 +91,7 @@ def forge_once(node: SwarmNode, run: str, args: argparse.Namespace, done: set[in
         adapters={"global": offer},
         task="forger",
     )
-    node.set_record(record)
+    node.records.set_record(record)
     done.add(source.round)
     line = {"honest_round": state.round, "forged_round": forged.round, "digest": forged.digest()}
     say(args, line)

@@ -118,9 +118,11 @@ def blob_fetch(server: SwarmNode, client: SwarmNode, size: int, chunk: int) -> f
     transfer.CHUNK_SIZE = chunk  # both ends run in this process: one module, one setting
     stats: dict[str, float] = {}
     started = time.perf_counter()
-    got = client.fetch(server.peer_id, "bench", expected_sha256=sha, timeout=300, stats=stats)
+    got = client.routes.fetch(
+        server.peer_id, "bench", expected_sha256=sha, timeout=300, stats=stats
+    )
     seconds = time.perf_counter() - started
-    assert got == data and stats["direct"] == (1 if client.direct else 0), stats
+    assert got == data and stats["direct"] == (1 if client.routes.direct else 0), stats
     return seconds
 
 

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from hivemind import DHT
 from hivemind.averaging.allreduce import AllreduceException
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.matchmaking import MatchmakingException
@@ -48,7 +49,7 @@ from aggregation.codec import from_int8_blocks, int8_blocks, n_blocks
 from protocols.admission import Gate
 from protocols.group import GroupResult, MemberMeta, finite_number, parse_member
 from protocols.matchmaking import GatedAverager, RefusedSet
-from protocols.swarm import SwarmNode
+from protocols.routing import BlobRouter
 from protocols.transfer import OtherBlob, TransferError
 
 ROUND_BITS, DIGEST_BITS = 20, 12
@@ -185,7 +186,8 @@ class GroupAverager:
 
     def __init__(
         self,
-        node: SwarmNode,
+        dht: DHT,
+        routes: BlobRouter,
         prefix: str,
         template: Mapping[str, torch.Tensor],
         *,
@@ -199,7 +201,7 @@ class GroupAverager:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
         self.codec = codec
-        self.node = node
+        self.routes = routes  # our blobs served (routes.server), others' fetched
         self.prefix = prefix
         self.shapes = {k: tuple(template[k].shape) for k in sorted(template)}
         # the values plus a safetensors header (names, shapes): a bound on any honest blob
@@ -213,7 +215,7 @@ class GroupAverager:
         with _signal_handlers_kept():
             self.averager = GatedAverager(
                 [torch.zeros(1)],
-                node.dht,
+                dht,
                 prefix=prefix,
                 start=True,
                 initial_group_bits="0" * (ROUND_BITS + DIGEST_BITS),
@@ -307,8 +309,8 @@ class GroupAverager:
     def _publish(self, name: str, blob: bytes) -> None:
         # the previous round's blob stays up until now: slow members may still be fetching it
         if self._published is not None and self._published != name:
-            self.node.blobs.unpublish(self._published)
-        self.node.blobs.publish(name, blob)
+            self.routes.server.unpublish(self._published)
+        self.routes.server.publish(name, blob)
         self._published = name
 
     def _form_group(
@@ -372,7 +374,7 @@ class GroupAverager:
             }
         )
         name = f"contribution:{self.prefix}:{mine.round}"
-        blobs = self.node.fetch_many(
+        blobs = self.routes.fetch_many(
             {p: (name, m.sha256, m.size) for p, m in wanted.items()}, self.transfer_timeout
         )
         found: dict[str, dict[str, torch.Tensor]] = {}
@@ -401,7 +403,7 @@ class GroupAverager:
     def shutdown(self) -> None:
         """Stop the averager process and stop serving our contribution."""
         if self._published is not None:
-            self.node.blobs.unpublish(self._published)
+            self.routes.server.unpublish(self._published)
         if self.averager.is_alive():
             self.averager.shutdown()
 

@@ -142,6 +142,10 @@ class BlobServer:
         with self._lock:
             self._blobs[name] = entry
 
+    def enable_direct(self, server: DirectServer) -> None:
+        """Hand large blobs to direct TCP connections through `server` from now on."""
+        self.direct = server
+
     def unpublish(self, name: str) -> None:
         """Stop serving `name`; a no-op if it is not published."""
         with self._lock:

@@ -82,12 +82,12 @@ class ClusterMember:
         clusters yet; a volunteer arriving later publishes it at once."""
         self.prepare()
         self.rounds_seen += 1
-        raw = self.node.get_owned(clusters_key(self.manifest.run_id))
+        raw = self.node.records.get_owned(clusters_key(self.manifest.run_id))
         assignment = read_assignment(raw, self.manifest.coordinator_key)
         if self.rounds_seen > self.settings.warmup_rounds or assignment is not None:
             record = self.signature.record(self.node.peer_id, state.round)
             if record is not None:
-                self.node.store_owned(
+                self.node.records.store_owned(
                     signatures_key(self.manifest.run_id), record.model_dump(), PEER_TTL
                 )
         if assignment is not None and assignment.version > self.version:

@@ -81,7 +81,7 @@ class HivemindTransport:
         previous.shutdown()
         self.cluster = cluster
         self.update_record(cluster=cluster, digest="")
-        self.node.set_record(self.record)
+        self.node.records.set_record(self.record)
 
     def update_record(self, **fields: Any) -> None:
         """Change fields of our heartbeat record (stored with the next announcement)."""
@@ -175,7 +175,7 @@ class HivemindTransport:
             self.node.blobs.publish(f"cert:{name}", encode_chain(proof))
         vote = VoteRecord(body=claim.body_sha, sig=claim.vote.sig) if claim is not None else None
         self.update_record(round=state.round, digest=state.digest(), adapters=offers, vote=vote)
-        self.node.set_record(self.record)
+        self.node.records.set_record(self.record)
 
     def _admitted(self, peer: str, ticket: str) -> bool:
         if peer in self._revoked or peer in self.banned:
@@ -187,7 +187,7 @@ class HivemindTransport:
         take part: admitted, not revoked, not banned by our group."""
         return {
             pid: r
-            for pid, r in self.node.peers().items()
+            for pid, r in self.node.records.peers().items()
             if r.role == "volunteer"
             and r.digest
             and (self.cluster < 0 or r.cluster == self.cluster)
@@ -216,10 +216,10 @@ class HivemindTransport:
             if provider == self.peer:
                 continue
             try:
-                blob = self.node.fetch(provider, "state", timeout=60, max_size=max_bytes)
+                blob = self.node.routes.fetch(provider, "state", timeout=60, max_size=max_bytes)
                 state = decode_state(blob)
                 chain = decode_chain(
-                    self.node.fetch(provider, "chain", timeout=30, max_size=MAX_CHAIN_BYTES)
+                    self.node.routes.fetch(provider, "chain", timeout=30, max_size=MAX_CHAIN_BYTES)
                 )
                 return state, chain
             except (TransferError, StateError, CertificateError, TimeoutError) as exc:

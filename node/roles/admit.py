@@ -90,7 +90,7 @@ def load_ticket(value: str) -> str:
 def read_revocations(node: SwarmNode, run_id: str, coordinator_key: str) -> set[str]:
     """Peers whose tickets the run's coordinator revoked, from its DHT record (nobody else
     can write under the coordinator's owner subkey)."""
-    raw = node.get_owned(revoked_key(run_id)).get(coordinator_key.encode())
+    raw = node.records.get_owned(revoked_key(run_id)).get(coordinator_key.encode())
     try:
         return set(RevocationRecord.model_validate(raw).revoked)
     except ValidationError:

@@ -32,7 +32,7 @@ def connect(initial_peers: list[str]) -> tuple[SwarmNode, ManifestRecord]:
     node = SwarmNode(initial_peers=initial_peers)
     try:
         manifest = node.fetch_manifest(initial_peers[0])
-        node.set_run(manifest.run_id, manifest.coordinator)
+        node.records.set_run(manifest.run_id, manifest.coordinator)
     except BaseException:
         node.shutdown()
         raise
@@ -41,7 +41,7 @@ def connect(initial_peers: list[str]) -> tuple[SwarmNode, ManifestRecord]:
 
 def fetch_certificate(node: SwarmNode, provider: str, name: str) -> Certificate | None:
     """The round certificate a provider serves with adapter `name` (None if it has none)."""
-    chain = decode_chain(node.fetch(provider, f"cert:{name}", timeout=30))
+    chain = decode_chain(node.routes.fetch(provider, f"cert:{name}", timeout=30))
     return chain[-1] if chain else None
 
 
@@ -55,7 +55,7 @@ def download(
     for provider in offer.providers:
         stats: dict[str, float] = {}
         try:
-            bundle = node.fetch(
+            bundle = node.routes.fetch(
                 provider, f"adapter:{offer.name}", expected_sha256=offer.sha256, stats=stats
             )
             cert = fetch_certificate(node, provider, offer.name) if offer.state else None
@@ -97,7 +97,7 @@ def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool)
     node, manifest = connect(initial_peers)
     try:
         may_vote = run_may_vote(manifest)
-        ranked = proven_offers(node.peers(), manifest.coordinator, may_vote)
+        ranked = proven_offers(node.records.peers(), manifest.coordinator, may_vote)
         if list_only:
             print(format_offers({n: offers[0] for n, offers in ranked.items()}))
             return 0
@@ -171,16 +171,16 @@ def status(initial_peers: list[str], as_json: bool = False) -> int:
     """Entry point of `swarmtune status`: tables, or the status page's JSON (no history)."""
     node, manifest = connect(initial_peers)
     try:
-        records = node.peers()
+        records = node.records.peers()
         clustered = bool(manifest.config.get("clustering", {}).get("enabled"))
         clusters = None
         if clustered:
-            raw = node.get_owned(clusters_key(manifest.run_id))
+            raw = node.records.get_owned(clusters_key(manifest.run_id))
             clusters = read_assignment(raw, manifest.coordinator_key)
         offers = vouched_offers(records, manifest.coordinator, run_may_vote(manifest))
         if as_json:
             view = snapshot(manifest, records, clusters, offers, time.time())
-            view["dropped_records"] = node.dropped_records
+            view["dropped_records"] = node.records.dropped_records
             print(json.dumps(view, indent=1))
             return 0
         print(
@@ -190,7 +190,7 @@ def status(initial_peers: list[str], as_json: bool = False) -> int:
         print(
             f"outer {manifest.config['outer']['name']}  inner steps "
             f"{manifest.config['inner']['steps']}  peers {len(records)}  records dropped"
-            f" {node.dropped_records} (not signed by their peer, or a false coordinator)\n"
+            f" {node.records.dropped_records} (not signed by their peer, or a false coordinator)\n"
         )
         print(format_peers(records) + "\n")
         if clustered:

@@ -115,7 +115,7 @@ class Coordinator:
 
     def tick(self) -> None:
         """One pass: report membership changes, update the status view, mirror newer adapters."""
-        records = self.node.peers()
+        records = self.node.records.peers()
         records.setdefault(self.node.peer_id, self.record)
         peers = {pid: r for pid, r in records.items() if pid != self.node.peer_id}
         for pid in sorted(set(peers) - self.known):
@@ -150,7 +150,7 @@ class Coordinator:
                 log.info("ticket of %s revoked", peer[-8:])
         self.revoked = revoked
         record = RevocationRecord(version=len(revoked), revoked=revoked[-1000:])
-        self.node.store_owned(
+        self.node.records.store_owned(
             revoked_key(self.manifest.run_id), record.model_dump(), 2 * MANIFEST_REFRESH
         )
 
@@ -159,7 +159,8 @@ class Coordinator:
         assert self.clusterer is not None
         run = self.manifest.run_id
         signatures = verified_signatures(
-            self.node.get_owned(peers_key(run)), self.node.get_owned(signatures_key(run))
+            self.node.records.get_owned(peers_key(run)),
+            self.node.records.get_owned(signatures_key(run)),
         )
         live_signatures = {p: s for p, s in signatures.items() if p in live}
         if self.first_partition_waits(live, live_signatures):
@@ -193,7 +194,9 @@ class Coordinator:
         """(Re)store the current assignment, signed by the coordinator."""
         if self.clusterer is not None and self.clusterer.record is not None:
             record = self.clusterer.record.model_dump()
-            self.node.store_owned(clusters_key(self.manifest.run_id), record, MANIFEST_REFRESH * 2)
+            self.node.records.store_owned(
+                clusters_key(self.manifest.run_id), record, MANIFEST_REFRESH * 2
+            )
 
     def maybe_merge(self) -> None:
         """Every merge_every rounds, merge the clusters' adapters into `merged`."""
@@ -220,7 +223,7 @@ class Coordinator:
         adapters = dict(self.record.adapters)
         adapters["merged"] = AdapterOffer(round=newest, sha256=sha, size=len(merged))
         self.record = with_fields(self.record, adapters=adapters)
-        self.node.set_record(self.record)
+        self.node.records.set_record(self.record)
         self.merged_round = newest
         log.info(
             "merged %d cluster adapters (%s) at round %d into `merged` (sha256 %s…)",
@@ -237,7 +240,7 @@ class Coordinator:
             if self.stop.is_set():
                 return
             try:
-                bundle = self.node.fetch(
+                bundle = self.node.routes.fetch(
                     provider,
                     f"adapter:{offer.name}",
                     expected_sha256=offer.sha256,
@@ -257,7 +260,7 @@ class Coordinator:
                 round=offer.round, sha256=offer.sha256, size=len(bundle), state=offer.state
             )
             self.record = with_fields(self.record, adapters=adapters)
-            self.node.set_record(self.record)
+            self.node.records.set_record(self.record)
             log.info(
                 "adapter %s round %d mirrored (sha256 %s…, %d votes)",
                 offer.name,
@@ -270,7 +273,7 @@ class Coordinator:
 
     def serve(self) -> None:
         """Run until stopped, refreshing the manifest well before it expires."""
-        self.node.set_record(self.record)
+        self.node.records.set_record(self.record)
         since_manifest = 0.0
         while not self.stop.wait(MIRROR_INTERVAL):
             self.tick()
@@ -313,8 +316,8 @@ def bootstrap(options: BootstrapOptions) -> int:
     server: StatusServer | None = None
     coordinator: Coordinator | None = None
     try:
-        manifest = make_manifest(options, node.peer_id, node.owner_key)
-        node.set_run(manifest.run_id, node.peer_id)  # no other record may claim our role
+        manifest = make_manifest(options, node.peer_id, node.records.owner_key)
+        node.records.set_run(manifest.run_id, node.peer_id)  # no other record may claim our role
         if config.averaging.direct_tcp:  # the adapters it mirrors and serves
             node.enable_direct()
         node.publish_manifest(manifest)

@@ -213,7 +213,8 @@ class Volunteer:
         """An averager for one group prefix (the run-wide group, or a cluster's)."""
         averaging = self.config.averaging
         return GroupAverager(
-            self.node,
+            self.node.dht,
+            self.node.routes,
             prefix,
             self.local.trainer.get_params(),
             codec=averaging.codec,
@@ -308,7 +309,7 @@ class Volunteer:
         """Before leaving, wait (bounded) until the coordinator serves our final adapter."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.peer.stop.is_set():
-            for record in self.node.peers().values():
+            for record in self.node.records.peers().values():
                 offer = record.adapters.get(self.adapter_name)
                 if record.role == "coordinator" and offer is not None and offer.round >= round_:
                     log.info("the coordinator now serves the round %d adapter", round_)
@@ -344,7 +345,7 @@ def join(options: JoinOptions) -> int:
     stop = threading.Event()
     try:
         manifest = node.fetch_manifest(options.initial_peers[0])
-        node.set_run(manifest.run_id, manifest.coordinator)
+        node.records.set_run(manifest.run_id, manifest.coordinator)
         policy = parse_config(manifest.config).admission.policy
         if policy == "address" and not options.ticket:  # the coordinator prices identities
             options = dataclasses.replace(options, ticket=node.ask_ticket(manifest.coordinator))

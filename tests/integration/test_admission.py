@@ -29,7 +29,9 @@ def _transport(node: SwarmNode, gate: Gate, ticket: str, revoked) -> HivemindTra
     template = {k: torch.zeros(s) for k, s in SHAPES.items()}
 
     def make(prefix: str) -> GroupAverager:
-        return GroupAverager(node, prefix, template, matchmaking_time=2.0, gate=gate)
+        return GroupAverager(
+            node.dht, node.routes, prefix, template, matchmaking_time=2.0, gate=gate
+        )
 
     record = PeerRecord(peer_id=node.peer_id, role="volunteer")
     transport = HivemindTransport(
@@ -62,10 +64,10 @@ def test_unadmitted_and_revoked_peers_never_average(tmp_path: Path) -> None:
         for i in range(4)
     ]
     admitted, stranger = nodes[:3], nodes[3]
-    gates = [Gate(coordinator.owner_key, RUN) for _ in nodes]
+    gates = [Gate(coordinator.records.owner_key, RUN) for _ in nodes]
 
     def revoked_for(node: SwarmNode):  # type: ignore[no-untyped-def]
-        return lambda: read_revocations(node, RUN, coordinator.owner_key)
+        return lambda: read_revocations(node, RUN, coordinator.records.owner_key)
 
     tickets = [issue_ticket(key, RUN, n.peer_id, 3600) for n in admitted]
     # the stranger presents a genuine ticket, but one issued to someone else
@@ -94,11 +96,11 @@ def test_unadmitted_and_revoked_peers_never_average(tmp_path: Path) -> None:
 
         # the coordinator revokes v2; members reread the list before their next exchange
         record = RevocationRecord(version=1, revoked=[admitted[2].peer_id])
-        coordinator.store_owned(revoked_key(RUN), record.model_dump(), 600)
+        coordinator.records.store_owned(revoked_key(RUN), record.model_dump(), 600)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if all(
-                admitted[2].peer_id in read_revocations(n, RUN, coordinator.owner_key)
+                admitted[2].peer_id in read_revocations(n, RUN, coordinator.records.owner_key)
                 for n in admitted[:2]
             ):
                 break

@@ -46,7 +46,14 @@ class Group:
         self.nodes = [first, *(SwarmNode(initial_peers=first.maddrs()) for _ in range(3))]
         template = {k: torch.zeros(s) for k, s in SHAPES.items()}
         self.averagers: list[GroupAverager] = [
-            cls(node, f"{RUN}_global", template, matchmaking_time=2.0, gate=Gate(COORDINATOR, RUN))
+            cls(
+                node.dht,
+                node.routes,
+                f"{RUN}_global",
+                template,
+                matchmaking_time=2.0,
+                gate=Gate(COORDINATOR, RUN),
+            )
             for cls, node in zip([GroupAverager] * 3 + [HostileAverager], self.nodes, strict=True)
         ]
         self.tickets = [issue_ticket(KEY, RUN, n.peer_id, 3600) for n in self.nodes]

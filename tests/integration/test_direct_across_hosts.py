@@ -46,7 +46,7 @@ server = info["maddr"].rsplit("/p2p/", 1)[1]
 outcomes = []
 for _ in range(2):
     stats = {{}}
-    got = node.fetch(server, "big", expected_sha256=info["sha"], stats=stats, timeout=60)
+    got = node.routes.fetch(server, "big", expected_sha256=info["sha"], stats=stats, timeout=60)
     assert len(got) == 2 << 20
     outcomes.append(stats["direct"])
 print("OUTCOMES", json.dumps(outcomes), flush=True)

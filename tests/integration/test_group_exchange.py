@@ -52,7 +52,9 @@ def _transport(
     template = template or {k: torch.zeros(s) for k, s in SHAPES.items()}
 
     def make(group_prefix: str) -> GroupAverager:
-        return GroupAverager(node, group_prefix, template, codec=codec, matchmaking_time=2.0)
+        return GroupAverager(
+            node.dht, node.routes, group_prefix, template, codec=codec, matchmaking_time=2.0
+        )
 
     record = PeerRecord(peer_id=node.peer_id, role="volunteer")
     transport = HivemindTransport(node, make, prefix, role_record=record)
@@ -151,7 +153,7 @@ def test_contributions_over_direct_tcp_give_identical_results(nodes: list[SwarmN
         for t in transports:
             t.averager.shutdown()
         for node in nodes:  # the other tests of the module use the p2p streams
-            node.direct = False
+            node.routes.direct = False
             if node.blobs.direct is not None:
                 node.blobs.direct.close()
                 node.blobs.direct = None
@@ -176,7 +178,7 @@ def test_a_peer_whose_direct_path_failed_is_fetched_over_the_stream_from_then_on
         outcomes = []
         for _ in range(2):
             stats: dict[str, float] = {}
-            got = client.fetch(
+            got = client.routes.fetch(
                 server.peer_id, "big", expected_sha256=hashlib.sha256(data).hexdigest(), stats=stats
             )
             assert got == data
@@ -187,8 +189,8 @@ def test_a_peer_whose_direct_path_failed_is_fetched_over_the_stream_from_then_on
         for node in (server, client):
             if node.blobs.direct is not None:
                 node.blobs.direct.close()  # (closing twice is harmless)
-            node.direct, node.blobs.direct = False, None
-            node._no_direct.clear()
+            node.routes.direct, node.blobs.direct = False, None
+            node.routes._no_direct.clear()
 
 
 def test_a_member_of_another_round_is_kept_out_of_the_group(nodes: list[SwarmNode]) -> None:
@@ -218,7 +220,7 @@ def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times(
     import hashlib
     import json
 
-    from protocols import swarm
+    from protocols import routing
     from protocols.transfer import TransferError, write_frame
 
     server, client = nodes[:2]
@@ -238,9 +240,9 @@ def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times(
 
     server.blobs._send = cut_short
     try:
-        assert client.fetch_many(wanted, timeout=10)[server.peer_id] == data
-        cuts["left"] = swarm.TRUNCATED_RETRIES + 1  # a peer that always cuts: given up on
-        failed = client.fetch_many(wanted, timeout=10)[server.peer_id]
+        assert client.routes.fetch_many(wanted, timeout=10)[server.peer_id] == data
+        cuts["left"] = routing.TRUNCATED_RETRIES + 1  # a peer that always cuts: given up on
+        failed = client.routes.fetch_many(wanted, timeout=10)[server.peer_id]
         assert isinstance(failed, TransferError) and "ended early" in str(failed)
         assert cuts["left"] == 0
     finally:

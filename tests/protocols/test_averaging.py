@@ -29,8 +29,8 @@ def test_opening_an_averager_keeps_our_signal_handlers() -> None:
     previous = signal.signal(signal.SIGINT, handler)
     node = SwarmNode(initial_peers=[])
     try:
-        averager = GroupAverager(node, "sigtest_global", {"w": torch.zeros(3)})
-        again = GroupAverager(node, "sigtest_cluster0", {"w": torch.zeros(3)})
+        averager = GroupAverager(node.dht, node.routes, "sigtest_global", {"w": torch.zeros(3)})
+        again = GroupAverager(node.dht, node.routes, "sigtest_cluster0", {"w": torch.zeros(3)})
         assert signal.getsignal(signal.SIGINT) is handler
         averager.shutdown()
         again.shutdown()

@@ -17,6 +17,7 @@ import pytest
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
+from protocols.identity import Identity
 from protocols.reach import (
     CircuitAddr,
     DialBackServer,
@@ -25,6 +26,7 @@ from protocols.reach import (
     p2pd_args,
 )
 from protocols.records import PeerRecord
+from protocols.routing import BlobRouter
 from protocols.runner import LoopThread
 from protocols.swarm import SwarmError, SwarmNode
 from protocols.transfer import (
@@ -193,12 +195,15 @@ def test_a_relay_passes_on_only_for_peers_connected_to_it_directly() -> None:
                 ),
             ]
 
-    node = object.__new__(SwarmNode)  # only the fields _pass_on reads before any transfer
-    node.p2p = Daemon()
-    node._relayed = {circuit_peer: ""}  # noqa: SLF001 - a record saying so changes nothing
+    # a record saying that circuit_peer is relayed through us changes nothing
+    claims = {circuit_peer: PeerRecord(peer_id=circuit_peer, role="volunteer", reach="relay",
+                                       relay=f"/ip4/10.77.1.1/tcp/7000/p2p/{PEER}")}  # fmt: skip
+    router = BlobRouter(Daemon(), None, PEER, lambda age: claims, [], relay_service=True)  # type: ignore[arg-type]
+    router.learn()
+    assert router.routes(circuit_peer) == [""]  # the record is read: we would ask it directly
     for peer in (circuit_peer, "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5M", "not-an-id"):
         answer = _Captured()
-        asyncio.run(node._pass_on(peer, "contribution:x:1", answer))  # noqa: SLF001
+        asyncio.run(router._pass_on(peer, "contribution:x:1", answer))  # type: ignore[arg-type]  # noqa: SLF001
         header = json.loads(bytes(answer.data[4:]))
         assert header["ok"] is False and "not a peer relayed here" in header["error"]
 
@@ -206,13 +211,20 @@ def test_a_relay_passes_on_only_for_peers_connected_to_it_directly() -> None:
 def test_a_forged_record_cannot_route_a_peer_s_blobs_away_for_good() -> None:
     """Records are self-reported: the relay a record names is tried first, then every other
     relay we know, then the peer itself."""
-    coordinator, attacker = "/ip4/10.77.1.1/tcp/1/p2p/QmC", "/p2p/QmAttacker"
-    node = object.__new__(SwarmNode)
-    node._relay_routes = [coordinator, attacker]  # noqa: SLF001
-    node._relayed = {"QmVictim": attacker, "QmThroughUs": ""}  # noqa: SLF001
-    assert node._routes("QmVictim") == [attacker, coordinator, ""]  # noqa: SLF001
-    assert node._routes("QmDirect") == ["", coordinator, attacker]  # noqa: SLF001
-    assert node._routes("QmThroughUs") == [""]  # noqa: SLF001
+    victim, attacker, through_us, direct, ours = (Identity.generate().peer_id for _ in range(5))
+    coordinator = f"/ip4/10.77.1.1/tcp/1/p2p/{ours}"  # our initial peer, which relays
+    records = {
+        attacker: PeerRecord(peer_id=attacker, role="volunteer", serves_relay=True),
+        victim: PeerRecord(peer_id=victim, role="volunteer", reach="relay",
+                           relay=f"/ip4/192.0.2.9/tcp/1/p2p/{attacker}"),
+        through_us: PeerRecord(peer_id=through_us, role="volunteer", reach="relay",
+                               relay=f"/ip4/192.0.2.9/tcp/1/p2p/{PEER}"),
+    }  # fmt: skip
+    router = BlobRouter(None, None, PEER, lambda age: records, [coordinator])  # type: ignore[arg-type]
+    router.learn()
+    assert router.routes(victim) == [f"/p2p/{attacker}", coordinator, ""]
+    assert router.routes(direct) == ["", coordinator, f"/p2p/{attacker}"]
+    assert router.routes(through_us) == [""]
 
 
 class _Captured:
@@ -233,16 +245,16 @@ def test_a_volunteer_reaches_relayed_peers_only_through_relays_it_knows() -> Non
     of our initial peers, and we dial the address we know for it."""
     coordinator = "QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
     ours = f"/ip4/10.77.1.1/tcp/31337/p2p/{coordinator}"
-    node = object.__new__(SwarmNode)
-    node.peer_id = PEER
-    node._relays = {coordinator: ours}  # noqa: SLF001
     records = {
         "QmA": PeerRecord(peer_id="QmA0000000", role="volunteer", reach="relay",
                           relay=f"/ip4/192.0.2.66/tcp/80/p2p/{coordinator}"),
         "QmB": PeerRecord(peer_id="QmB0000000", role="volunteer", reach="relay",
                           relay="/ip4/192.0.2.66/tcp/80/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"),
     }  # fmt: skip
-    assert node._relays_of(records, node._known_relays(records)) == {"QmA": ours}  # noqa: SLF001
+    router = BlobRouter(None, None, PEER, lambda age: records, [ours])  # type: ignore[arg-type]
+    router.learn()
+    assert router.routes("QmA") == [ours, ""]  # at the address we know, then the peer itself
+    assert router.routes("QmB") == ["", ours]  # its relay is none we know: not dialed
 
 
 def test_a_public_volunteer_that_serves_as_relay_is_used_by_peer_id_only() -> None:
@@ -250,9 +262,6 @@ def test_a_public_volunteer_that_serves_as_relay_is_used_by_peer_id_only() -> No
     id (p2pd finds it); a relayed peer claiming to relay is not."""
     public = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
     nated = "QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
-    node = object.__new__(SwarmNode)
-    node.peer_id = PEER
-    node._relays = {}  # noqa: SLF001
     records = {
         public: PeerRecord(peer_id=public, role="volunteer", reach="direct", serves_relay=True),
         nated: PeerRecord(peer_id=nated, role="volunteer", reach="relay", serves_relay=True,
@@ -260,8 +269,11 @@ def test_a_public_volunteer_that_serves_as_relay_is_used_by_peer_id_only() -> No
         "QmBehindNated": PeerRecord(peer_id="QmBehindNated", role="volunteer", reach="relay",
                                     relay=f"/ip4/192.0.2.1/tcp/5/p2p/{nated}"),
     }  # fmt: skip
-    # `nated` says it relays, but it is relayed itself: QmBehindNated cannot be reached
-    assert node._relays_of(records, node._known_relays(records)) == {nated: f"/p2p/{public}"}  # noqa: SLF001
+    router = BlobRouter(None, None, PEER, lambda age: records, [])  # type: ignore[arg-type]
+    router.learn()
+    # `nated` says it relays, but it is relayed itself: QmBehindNated cannot be reached that way
+    assert router.routes(nated) == [f"/p2p/{public}", ""]
+    assert router.routes("QmBehindNated") == ["", f"/p2p/{public}"]
     by_id = CircuitAddr(f"/p2p/{PEER}")
     assert by_id.to_bytes().hex() == "a503" + "26" + PEER_MULTIHASH + "a202"
 
@@ -285,7 +297,7 @@ def test_a_fetch_falls_back_to_the_next_route_and_keeps_the_retryable_error(
 ) -> None:
     """_fetch_by_routes asks each route in turn: a refusing relay is not the end; when all
     fail, an "unknown blob" error (which fetch_many retries) wins over other failures."""
-    import protocols.swarm as swarm_module
+    import protocols.routing as routing_module
 
     asked: list[tuple[str, str]] = []
 
@@ -299,10 +311,8 @@ def test_a_fetch_falls_back_to_the_next_route_and_keeps_the_retryable_error(
 
     attacker, coordinator = PEER, "QmNq9XgSP4R4cSBCXDBbjV3nv6mLUJD2yNNJ8ckiSQzb9Z"
     victim = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
-    monkeypatch.setattr(swarm_module, "fetch_blob", fake_fetch)
-    node = object.__new__(SwarmNode)
-    node.p2p = None
-    node.direct, node._no_direct = False, set()  # noqa: SLF001
+    monkeypatch.setattr(routing_module, "fetch_blob", fake_fetch)
+    node = BlobRouter(None, None, PEER, lambda age: {}, [])  # type: ignore[arg-type]
     routes = [f"/p2p/{attacker}", f"/ip4/10.77.1.1/tcp/1/p2p/{coordinator}", ""]
     got = asyncio.run(node._fetch_by_routes(routes, victim, "x", None, 10.0, 1 << 20, None))  # noqa: SLF001
     assert got == b"the blob"

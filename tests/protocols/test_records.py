@@ -206,17 +206,14 @@ class _Future:
 
 
 def test_a_refused_store_is_logged_once_and_its_recovery_too(caplog) -> None:
-    import threading
-    from types import SimpleNamespace
+    from protocols.record_store import RecordStore
 
-    from protocols.swarm import SwarmNode
-
-    node = SimpleNamespace(store_failure="", _stop=threading.Event())
+    store = RecordStore(None, RSASignatureValidator(RSAPrivateKey()), IDS[0], RUN)  # type: ignore[arg-type]
     caplog.set_level("INFO", logger="swarmtune")
     outcomes = [True, False, False, TimeoutError("no reply"), True, True]
     for outcome in outcomes:
-        SwarmNode._record_stored(node, _Future(outcome))  # type: ignore[arg-type]
+        store._record_stored(_Future(outcome))  # noqa: SLF001
     said = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert [level for level, _ in said] == [logging.WARNING, logging.WARNING, logging.INFO], said
     assert "no DHT peer accepted it" in said[0][1] and "no reply" in said[1][1]
-    assert node.store_failure == ""
+    assert store.store_failure == ""

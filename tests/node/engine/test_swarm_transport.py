@@ -25,6 +25,7 @@ class _Node:
 
     def __init__(self) -> None:
         self.stored: list[PeerRecord] = []
+        self.records = self  # the record store's two calls, recorded here
 
     def set_record(self, record: PeerRecord) -> None:
         self.stored.append(record)
@@ -57,7 +58,7 @@ def test_expected_members_are_the_live_volunteers_not_ahead_of_us_at_a_strange_s
         "QmG": PeerRecord(peer_id="QmG0000000000", role="volunteer", round=9, digest=other),
     }
     node = _Node()
-    node.peers = lambda: records  # type: ignore[attr-defined]
+    node.records.peers = lambda: records  # type: ignore[attr-defined]
     record = PeerRecord(peer_id=PEER, role="volunteer")
     transport = HivemindTransport(node, _Averager, "run_global", role_record=record)  # type: ignore[arg-type]
     transport._held = {earlier, digest}  # the states we announced so far
@@ -100,7 +101,7 @@ def test_a_first_round_started_together_closes_its_group_from_membership() -> No
     windows = {}
     for together in (False, True):
         node = _Node()
-        node.peers = lambda: records  # type: ignore[attr-defined]
+        node.records.peers = lambda: records  # type: ignore[attr-defined]
         record = PeerRecord(peer_id=PEER, role="volunteer")
         transport = HivemindTransport(
             node,  # type: ignore[arg-type]
@@ -153,6 +154,6 @@ def test_only_a_vouched_state_ahead_cancels_our_matchmaking() -> None:
         ([record(0, vote=True), record(1, vote=True, forged=True)], False),  # a key not its own
         ([record(0, vote=True), record(1, vote=True)], True),  # two of four: a quorum
     ]:
-        node.peers = lambda records=records: {r.peer_id: r for r in records}  # type: ignore[attr-defined]
+        node.records.peers = lambda records=records: {r.peer_id: r for r in records}  # type: ignore[attr-defined]
         assert transport._moved_on(3) is moved
     assert not transport._moved_on(9)  # not past our own round

@@ -20,7 +20,8 @@ from node.roles.admit import (
 from node.roles.volunteer import admission_gate, ticket_warning
 from protocols.admission import Gate
 from protocols.records import ManifestRecord
-from protocols.swarm import SwarmError, identity_peer_id, load_or_create_key, owner_subkey
+from protocols.swarm import SwarmError, identity_peer_id, load_or_create_key
+from protocols.validator import owner_subkey
 
 PEER = "QmVxunteerAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 

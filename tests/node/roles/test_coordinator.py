@@ -46,6 +46,7 @@ class _Node:
 
     def __init__(self) -> None:
         self.stored: list[tuple[str, dict]] = []
+        self.records = self  # the record store's one call, recorded here
 
     def store_owned(self, key: str, value: dict, ttl: float) -> None:
         self.stored.append((key, value))
