@@ -14,6 +14,8 @@ from protocols.swarm import (
     rank_maddrs,
 )
 
+pytestmark = pytest.mark.p2pd  # starts hivemind's p2p daemon (make test-fast skips these)
+
 PEER = "/p2p/12D3KooWCe2jZ4NuUHKqfCDaD21NQqJAuCSs7KgW5aNqJkPhwt4t"
 
 

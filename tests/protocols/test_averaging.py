@@ -19,6 +19,8 @@ from protocols.averaging import (
 from protocols.group import MemberMeta, parse_member
 from protocols.swarm import SwarmNode
 
+pytestmark = pytest.mark.p2pd  # starts hivemind's p2p daemon (make test-fast skips these)
+
 
 def test_opening_an_averager_keeps_our_signal_handlers() -> None:
     # hivemind sets SIGINT to SIG_IGN while starting its averager process and never restores it;

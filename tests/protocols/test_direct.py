@@ -27,6 +27,8 @@ from protocols.direct import (
 from protocols.runner import LoopThread
 from protocols.transfer import BlobServer, fetch_blob
 
+pytestmark = pytest.mark.p2pd  # starts hivemind's p2p daemon (make test-fast skips these)
+
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 

@@ -38,6 +38,8 @@ from protocols.transfer import (
     refuse,
 )
 
+pytestmark = pytest.mark.p2pd  # starts hivemind's p2p daemon (make test-fast skips these)
+
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 PEER = "12D3KooWJrfJBNRJJVr3VX9RXmSMuVxxtppw3jPFZuUe3dQEiUXH"
 # that peer id's identity multihash (0x00, length 0x24, protobuf public key), from its base58

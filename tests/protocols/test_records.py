@@ -23,6 +23,8 @@ from protocols.records import (
 )
 from protocols.validator import RunRecordValidator
 
+pytestmark = pytest.mark.p2pd  # starts hivemind's p2p daemon (make test-fast skips these)
+
 RUN = "records-test"
 
 

@@ -26,6 +26,8 @@ from protocols.transfer import (
     write_dir_atomically,
 )
 
+pytestmark = pytest.mark.p2pd  # starts hivemind's p2p daemon (make test-fast skips these)
+
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 # A well-formed peer id that no daemon in this test owns.
