@@ -28,6 +28,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
 
 from protocols.admission import Gate
+from protocols.hivemind_private import set_target_group_size, step_control
 
 log = logging.getLogger("swarmtune.matchmaking")
 
@@ -81,8 +82,9 @@ class GatedAverager(DecentralizedAverager):
         type(self)._own = self  # runs in the averager's process only
         super().run()
 
-    # get_stub, _shutdown and _matchmaking.target_group_size are hivemind internals (pinned
-    # 1.1.12; tests/protocols/test_hivemind_internals.py checks each)
+    # get_stub, _shutdown and run override hivemind internals (pinned 1.1.12 in pyproject.toml;
+    # tests/protocols/test_hivemind_internals.py checks each); the other private names we use
+    # live in protocols/hivemind_private.py
     @classmethod
     def get_stub(cls, p2p: P2P, peer: PeerID, *, namespace: str | None = None) -> StubBase:
         stub = super().get_stub(p2p, peer, namespace=namespace)
@@ -117,9 +119,9 @@ class GatedAverager(DecentralizedAverager):
             return
         expected = self.expected.value
         # hivemind's leader assembles its group as soon as target_group_size members are in
-        self._matchmaking.target_group_size = expected if expected >= 2 else None
+        set_target_group_size(self, expected if expected >= 2 else None)
         async for response in super().rpc_join_group(request, context):
-            step = self._matchmaking.step_control
+            step = step_control(self)
             if response.code == averaging_pb2.ACCEPTED and step is not None:
                 response.gathered.append(step.data_for_gather)  # our ticket, for the follower
             yield response

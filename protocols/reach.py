@@ -16,7 +16,7 @@ A peer nobody can dial runs in relay mode (docs/design.md, 10. Across the intern
 
 Three things in hivemind 1.1.12's p2pd that this module works around:
 - With `-autoRelay` p2pd also discovers relays in the background, and go-libp2p then waits out a
-  3-minute boot delay before it reserves a slot on a relay it was given. `p2pd_args` turns
+  3-minute boot delay before it reserves a slot on a relay it was given. `p2pd_args` (protocols/hivemind_private.py) turns
   discovery off whenever static relays are given (measured: reservation at once, not 180 s).
 - The relay it runs applies libp2p's default limits to each relayed connection (128 KiB and 2
   minutes, seen resetting a 16 MiB transfer at exactly 131072 bytes), whatever its
@@ -39,6 +39,7 @@ from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.utils.multiaddr import Multiaddr
 
+from protocols.hivemind_private import daemon_connect
 from protocols.transfer import TransferError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -90,28 +91,7 @@ class CircuitAddr:
 async def connect_through(p2p: P2P, peer: PeerID, relay_maddr: str) -> None:
     """Open a relayed connection to `peer` (which holds a reservation on that relay); streams
     to it then use that connection. Raises P2PDaemonError (or its ControlFailure) if not."""
-    # private hivemind name (pinned 1.1.12; tests/protocols/test_hivemind_internals.py)
-    await p2p._client.connect(peer, [CircuitAddr(relay_maddr)])  # noqa: SLF001 - no public API
-
-
-def p2pd_args(original: Any) -> Any:
-    """Wrap hivemind's p2pd argument builder: static relays without background discovery."""
-
-    def build(*args: Any, **kwargs: Any) -> list[str]:
-        if kwargs.get("autoRelay") and kwargs.get("trustedRelays"):
-            kwargs["relayDiscovery"] = False
-        return original(*args, **kwargs)
-
-    build.swarmtune_wrapped = True  # type: ignore[attr-defined]
-    return build
-
-
-def install_p2pd_args() -> None:
-    """Apply p2pd_args to hivemind's P2P once per process (forked DHT processes inherit it)."""
-    # private hivemind name (pinned 1.1.12; tests/protocols/test_hivemind_internals.py)
-    current = P2P._make_process_args  # noqa: SLF001 - hivemind has no option for this flag
-    if not getattr(current, "swarmtune_wrapped", False):
-        P2P._make_process_args = staticmethod(p2pd_args(current))  # noqa: SLF001
+    await daemon_connect(p2p, peer, [CircuitAddr(relay_maddr)])
 
 
 async def _write(writer: asyncio.StreamWriter, payload: dict[str, Any]) -> None:

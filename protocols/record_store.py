@@ -71,10 +71,26 @@ class RecordStore:
         if not ok:
             log.warning("manifest was not stored in the DHT (no peers accepted it yet)")
 
-    def set_record(self, record: PeerRecord) -> None:
-        """Replace this peer's heartbeat record and store it now."""
+    def set_record(self, record: PeerRecord, store: bool = True) -> None:
+        """Make `record` this peer's heartbeat record (the role's: it says what the peer is);
+        stored now, or with the next update that stores."""
         self._record = record
-        self.store_record()
+        if store:
+            self.store_record()
+
+    @property
+    def record(self) -> PeerRecord | None:
+        """Our heartbeat record as last set or updated."""
+        return self._record
+
+    def update_record(self, store: bool = True, **fields: Any) -> None:
+        """Change fields of our record (validated: protocols/records.py, with_fields); stored
+        now, or (store=False) with the next update that stores or the next heartbeat."""
+        if self._record is None:
+            raise RuntimeError("update_record before set_record")
+        self._record = with_fields(self._record, **fields)
+        if store:
+            self.store_record()
 
     def store_record(self) -> None:
         """Store our heartbeat record again (with a fresh time stamp); the heartbeat calls it."""

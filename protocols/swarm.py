@@ -14,18 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
 from protocols import lifeline
+from protocols.hivemind_private import QuietDHT, install_p2pd_args
 from protocols.identity import Identity, IdentityError
 from protocols.reach import (
     REACH_MODES,
     DialBackServer,
     ask_dial_back,
-    install_p2pd_args,
 )
 from protocols.record_store import RecordStore
 from protocols.records import (
@@ -367,19 +366,6 @@ class SwarmNode:
         self.dht.shutdown()
         if self._scratch is not None:
             self._scratch.cleanup()
-
-
-class QuietDHT(DHT):
-    """hivemind's DHT process, ending with one line instead of a traceback when its pipe from
-    the main process breaks mid-request: a terminal's Ctrl+C stops the main process while a
-    thread of it (an overlapped exchange) still hands the DHT a request, and the request's
-    shared pipe end can no longer be fetched from the exiting process."""
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except (EOFError, ConnectionError) as exc:
-            log.info("DHT process: the main process went away mid-request (%r); ending", exc)
 
 
 def _quiet_disconnects(loop: Any, context: dict[str, Any]) -> None:

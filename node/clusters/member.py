@@ -64,11 +64,7 @@ class ClusterMember:
         self.signature = TaskSignature(config.lora.alpha / config.lora.rank, self.settings.sketch_k)
         self.version = 0
         self.pending: ClusterRecord | None = None
-
-    @property
-    def cluster(self) -> int:
-        """This peer's current cluster (-1 before the first assignment)."""
-        return self.transport.cluster
+        self.cluster = -1  # this peer's current cluster (-1 before the first assignment)
 
     def prepare(self) -> None:
         """Compute the task signature (before the first round)."""
@@ -112,6 +108,7 @@ class ClusterMember:
     def move_to(self, cluster: int) -> None:
         """Average with `cluster` from this round on."""
         self.transport.switch_group(group_prefix(self.manifest.run_id, cluster), cluster)
+        self.cluster = cluster
         log.info(
             "moved to cluster %d (assignment v%d); taking its state from its members",
             cluster,

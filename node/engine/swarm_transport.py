@@ -21,7 +21,7 @@ from protocols.certificates import (
     encode_chain,
 )
 from protocols.identity import owns
-from protocols.records import AdapterOffer, PeerRecord, VoteRecord, with_fields
+from protocols.records import AdapterOffer, PeerRecord, VoteRecord
 from protocols.swarm import SwarmNode
 from protocols.transfer import TransferError
 
@@ -37,7 +37,6 @@ class HivemindTransport:
         make_averager: Callable[[str], GroupAverager],
         prefix: str,
         *,
-        role_record: PeerRecord,
         offers: Callable[[GroupState], dict[str, AdapterOffer]] | None = None,
         ticket: str = "",
         revoked: Callable[[], set[str]] | None = None,
@@ -52,7 +51,6 @@ class HivemindTransport:
         self.make_averager = make_averager
         self.averager = make_averager(prefix)
         self.peer = node.peer_id
-        self.record = with_fields(role_record, ticket=ticket)
         self.offers = offers
         # three matchmaking windows, plus room for one retry after hivemind's known race (a
         # follower gives up on its leader while the leader counts it in; the leader's one-number
@@ -80,12 +78,11 @@ class HivemindTransport:
         self.refused_before += previous.refused_joins
         previous.shutdown()
         self.cluster = cluster
-        self.update_record(cluster=cluster, digest="")
-        self.node.records.set_record(self.record)
+        self.node.records.update_record(cluster=cluster, digest="")
 
-    def update_record(self, **fields: Any) -> None:
-        """Change fields of our heartbeat record (stored with the next announcement)."""
-        self.record = with_fields(self.record, **fields)
+    def close(self) -> None:
+        """Stop the averager (the node is closed by whoever started it)."""
+        self.averager.shutdown()
 
     def keep_out(self, peers: dict[str, str]) -> None:
         """Peers the group bans this round (refused in matchmaking, excluded if let in)."""
@@ -169,13 +166,15 @@ class HivemindTransport:
         self._held.add(state.digest())
         chain = list(chain or [])
         self.node.blobs.publish("chain", encode_chain(chain))
-        offers = self.offers(state) if self.offers is not None else self.record.adapters
+        offers = self.offers(state) if self.offers is not None else {}
         proof = chain[-1:] if chain and chain[-1].body.new == state.digest() else []
         for name in offers:  # what `pull` checks an adapter against
             self.node.blobs.publish(f"cert:{name}", encode_chain(proof))
         vote = VoteRecord(body=claim.body_sha, sig=claim.vote.sig) if claim is not None else None
-        self.update_record(round=state.round, digest=state.digest(), adapters=offers, vote=vote)
-        self.node.records.set_record(self.record)
+        announced: dict[str, Any] = {"round": state.round, "digest": state.digest(), "vote": vote}
+        if self.offers is not None:
+            announced["adapters"] = offers
+        self.node.records.update_record(**announced)
 
     def _admitted(self, peer: str, ticket: str) -> bool:
         if peer in self._revoked or peer in self.banned:

@@ -116,6 +116,34 @@ class InMemoryHub:
             raise AveragingFailed(f"round {meta.round}: nobody else came")
         return self._view(members, meta)
 
+    def announce(
+        self, peer: str, state: GroupState, claim: Claim | None, chain: list[Certificate]
+    ) -> None:
+        """`peer` serves `state` with `chain`, and votes for it with `claim` (None: no vote)."""
+        with self._lock:
+            self.states[peer] = state
+            self.chains[peer] = chain
+            if claim is None:
+                self.claims.pop(peer, None)
+            else:
+                self.claims[peer] = claim
+                self.keys.setdefault(peer, claim.vote.key)
+
+    def served(self) -> dict[str, tuple[GroupState, list[Certificate]]]:
+        """Every member's last announced state and its chain."""
+        with self._lock:
+            return {p: (s, list(self.chains.get(p, []))) for p, s in self.states.items()}
+
+    def votes(self) -> dict[str, Claim]:
+        """Every member's vote for the state it announced."""
+        with self._lock:
+            return dict(self.claims)
+
+    def key_of(self, peer: str) -> str | None:
+        """The key `peer` first voted with."""
+        with self._lock:
+            return self.keys.get(peer)
+
     def gathered(self, updates: list[tuple[Params, MemberMeta]], viewer: str) -> GroupResult:
         """The all-gather of members that are all here at once, as `viewer` sees it: the
         simulator's sequential rounds, with the same copies and injected faults as `contribute`."""
@@ -155,40 +183,26 @@ class InMemoryTransport:
         self, state: GroupState, claim: Claim | None = None, chain: list[Certificate] | None = None
     ) -> None:
         """Offer this state, its chain and our vote to others."""
-        with self.hub._lock:
-            self.hub.states[self.peer] = state
-            self.hub.chains[self.peer] = list(chain or [])
-            if claim is None:
-                self.hub.claims.pop(self.peer, None)
-            else:
-                self.hub.claims[self.peer] = claim
-                self.hub.keys.setdefault(self.peer, claim.vote.key)
+        self.hub.announce(self.peer, state, claim, list(chain or []))
 
     def announcements(self) -> dict[str, tuple[int, str]]:
         """(round, digest) that every member announced last."""
-        with self.hub._lock:
-            return {p: (s.round, s.digest()) for p, s in self.hub.states.items()}
+        return {p: (s.round, s.digest()) for p, (s, _) in self.hub.served().items()}
 
     def claims(self) -> dict[str, Claim]:
         """Every member's vote for the state it announced."""
-        with self.hub._lock:
-            return dict(self.hub.claims)
+        return self.hub.votes()
 
     def may_vote(self, vote: Vote) -> bool:
         """In process, a member's key is the one it first voted with."""
-        with self.hub._lock:
-            return self.hub.keys.get(vote.peer) == vote.key
+        return self.hub.key_of(vote.peer) == vote.key
 
     def fetch_state(
         self, candidate: Candidate, max_bytes: int
     ) -> tuple[GroupState, list[Certificate]]:
         """A provider's state and chain, through the wire encoding (as the swarm's would)."""
-        with self.hub._lock:
-            held = [
-                (self.hub.states[p], self.hub.chains.get(p, []))
-                for p in candidate.providers
-                if p in self.hub.states and p != self.peer
-            ]
+        served = self.hub.served()
+        held = [served[p] for p in candidate.providers if p in served and p != self.peer]
         if not held:
             raise StateUnavailable(f"no provider serves round {candidate.round}")
         state, chain = held[0]

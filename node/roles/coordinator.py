@@ -67,8 +67,13 @@ class Coordinator:
     """Keeps the manifest alive, watches peers join and leave, mirrors the newest adapters."""
 
     def __init__(
-        self, node: SwarmNode, manifest: ManifestRecord, workdir: Path | None = None
+        self,
+        node: SwarmNode,
+        manifest: ManifestRecord,
+        workdir: Path | None = None,
+        swarm_log: SwarmLog | None = None,
     ) -> None:
+        """`swarm_log`: TensorBoard event files of the swarm's rounds (--report-to)."""
         self.node = node
         self.manifest = manifest
         self.workdir = workdir
@@ -82,7 +87,7 @@ class Coordinator:
         self.merged_round = -1
         self.first_signature_at: float | None = None
         self.history = History(workdir / FILE_NAME if workdir is not None else None)
-        self.swarm_log: SwarmLog | None = None  # set by --report-to tensorboard
+        self.swarm_log = swarm_log
         self.view_lock = threading.Lock()
         # what the status page shows, rebuilt every tick
         self.view = snapshot(manifest, {}, None, {}, time.time())
@@ -325,9 +330,9 @@ def bootstrap(options: BootstrapOptions) -> int:
         if config.admission.policy == "address":  # tickets on request, priced by address
             ledger = AddressLedger(options.workdir, config.admission.identities_per_address)
             node.serve_tickets(ledger.grant)
-        coordinator = Coordinator(node, manifest, options.workdir)
-        if options.report_to == "tensorboard":
-            coordinator.swarm_log = SwarmLog(options.workdir)
+        tensorboard = options.report_to == "tensorboard"
+        swarm_log = SwarmLog(options.workdir) if tensorboard else None
+        coordinator = Coordinator(node, manifest, options.workdir, swarm_log)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: coordinator.stop.set())
         announce(node, manifest, options.addr_file, options.workdir)

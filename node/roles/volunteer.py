@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -12,6 +13,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 from node.adapters.adapter import Provenance, adapter_files
 from node.clusters.clusterer import TaskSignature
@@ -161,15 +164,24 @@ class Volunteer:
         self.threads = ThreadShare(options.threads)
         self.threads.adjust()
         self.scalars = ScalarLog(options.workdir) if options.report_to == "tensorboard" else None
-        record = PeerRecord(peer_id=node.peer_id, role="volunteer", task=options.data[:64])
+        # our heartbeat record is ours: the transport adds what it announces, report() the rest
+        record = PeerRecord(
+            peer_id=node.peer_id, role="volunteer", task=options.data[:64], ticket=options.ticket
+        )
+        node.records.set_record(record, store=False)  # stored with our first announcement
+        self.totals = {"tokens": 0, "bytes_sent": 0, "bytes_received": 0}
+        revoked = (
+            functools.partial(read_revocations, node, manifest.run_id, manifest.coordinator_key)
+            if gate is not None
+            else None
+        )
         self.transport = HivemindTransport(
             node,
-            self.make_averager,
+            functools.partial(make_averager, node, self.config, local.trainer.get_params(), gate),
             group_prefix(manifest.run_id, -1),
-            role_record=record,
             offers=self.offer_adapter,
             ticket=options.ticket,
-            revoked=self.revoked,
+            revoked=revoked,
             started_together=options.wait_for > 1,
             admit=gate.check if gate is not None else None,
         )
@@ -209,31 +221,10 @@ class Volunteer:
             trainer.set_params(saved_params)
             trainer.load_state_dict(saved_local)
 
-    def make_averager(self, prefix: str) -> GroupAverager:
-        """An averager for one group prefix (the run-wide group, or a cluster's)."""
-        averaging = self.config.averaging
-        return GroupAverager(
-            self.node.dht,
-            self.node.routes,
-            prefix,
-            self.local.trainer.get_params(),
-            codec=averaging.codec,
-            matchmaking_time=averaging.matchmaking_time,
-            allreduce_timeout=averaging.allreduce_timeout,
-            min_group_size=averaging.min_group_size,
-            gate=self.gate,
-        )
-
-    def revoked(self) -> set[str]:
-        """Peers whose tickets the coordinator revoked (token runs; reread every round)."""
-        if self.gate is None:
-            return set()
-        return read_revocations(self.node, self.manifest.run_id, self.manifest.coordinator_key)
-
     @property
     def adapter_name(self) -> str:
         """What this peer's group adapter is called: `global`, or `cluster-<id>` once assigned."""
-        cluster = self.transport.cluster
+        cluster = self.member.cluster if self.member is not None else -1
         return "global" if cluster < 0 else f"cluster-{cluster}"
 
     def offer_adapter(self, state: GroupState) -> dict[str, AdapterOffer]:
@@ -271,15 +262,15 @@ class Volunteer:
             handle.write(json.dumps(line) + "\n")
         if self.scalars is not None:  # step = the round the group state reached
             self.scalars.write(report.round + 1, round_scalars(report))
-        record = self.transport.record
-        self.transport.update_record(
+        for total in self.totals:
+            self.totals[total] += getattr(report, total)
+        self.node.records.update_record(
+            store=False,  # stored with the announcement that follows every report
             loss=report.loss_mean,
             eval_loss=report.eval_loss,
             eval_exact=report.eval_exact,
             group_size=report.group_size,
-            tokens=record.tokens + report.tokens,
-            bytes_sent=record.bytes_sent + report.bytes_sent,
-            bytes_received=record.bytes_received + report.bytes_received,
+            **self.totals,
             fallbacks=report.fallbacks,
             rejections=report.rejections,
             exclusions=report.exclusions,
@@ -320,9 +311,31 @@ class Volunteer:
 
     def close(self) -> None:
         """Stop the averager and the event log (the node is closed by the caller)."""
-        self.transport.averager.shutdown()
+        self.transport.close()
         if self.scalars is not None:
             self.scalars.close()
+
+
+def make_averager(
+    node: SwarmNode,
+    config: RunConfig,
+    template: dict[str, torch.Tensor],
+    gate: Gate | None,
+    prefix: str,
+) -> GroupAverager:
+    """An averager for one group prefix (the run-wide group, or a cluster's)."""
+    averaging = config.averaging
+    return GroupAverager(
+        node.dht,
+        node.routes,
+        prefix,
+        template,
+        codec=averaging.codec,
+        matchmaking_time=averaging.matchmaking_time,
+        allreduce_timeout=averaging.allreduce_timeout,
+        min_group_size=averaging.min_group_size,
+        gate=gate,
+    )
 
 
 def join(options: JoinOptions) -> int:

@@ -33,10 +33,10 @@ def _transport(node: SwarmNode, gate: Gate, ticket: str, revoked) -> HivemindTra
             node.dht, node.routes, prefix, template, matchmaking_time=2.0, gate=gate
         )
 
-    record = PeerRecord(peer_id=node.peer_id, role="volunteer")
-    transport = HivemindTransport(
-        node, make, f"{RUN}_global", role_record=record, ticket=ticket, revoked=revoked
+    node.records.set_record(
+        PeerRecord(peer_id=node.peer_id, role="volunteer", ticket=ticket), store=False
     )
+    transport = HivemindTransport(node, make, f"{RUN}_global", ticket=ticket, revoked=revoked)
     # no heartbeat records here: tell it what they would say (the three admitted members take
     # part, less any it refuses: the revoked one), so a group closes once they are in instead
     # of waiting out a doubled first window

@@ -56,8 +56,8 @@ def _transport(
             node.dht, node.routes, group_prefix, template, codec=codec, matchmaking_time=2.0
         )
 
-    record = PeerRecord(peer_id=node.peer_id, role="volunteer")
-    transport = HivemindTransport(node, make, prefix, role_record=record)
+    node.records.set_record(PeerRecord(peer_id=node.peer_id, role="volunteer"), store=False)
+    transport = HivemindTransport(node, make, prefix)
     # these peers publish no heartbeat records, so tell each how many of them take part (what
     # the records would say in a run): the group then closes as soon as they are all in,
     # instead of waiting out a window that is doubled for a first round

@@ -219,7 +219,7 @@ def test_the_dht_process_ends_quietly_when_its_pipe_from_the_main_process_breaks
     # thread was handing the DHT a request; the DHT process printed a traceback on its way out
     from hivemind.dht import DHT
 
-    from protocols.swarm import QuietDHT
+    from protocols.hivemind_private import QuietDHT
 
     def broken(self: DHT) -> None:
         raise error

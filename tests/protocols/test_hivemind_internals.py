@@ -15,8 +15,8 @@ from hivemind.p2p import P2P
 
 # (where we use it, the object that must have it, the name, what it must be)
 PATCHED = [
-    ("protocols/reach.py: relay flag for p2pd", P2P, "_make_process_args", "callable"),
-    ("protocols/reach.py: relayed connect", P2P, "_client", "instance attribute"),
+    ("protocols/hivemind_private.py: relay flag for p2pd", P2P, "_make_process_args", "callable"),
+    ("protocols/hivemind_private.py: relayed connect", P2P, "_client", "instance attribute"),
     (
         "protocols/matchmaking.py: checked leader stub",
         DecentralizedAverager,
@@ -26,18 +26,24 @@ PATCHED = [
     ("protocols/matchmaking.py: quiet shutdown", DecentralizedAverager, "_shutdown", "coroutine"),
     ("protocols/matchmaking.py: run override", DecentralizedAverager, "run", "callable"),
     (
-        "protocols/matchmaking.py: close a full group",
+        "protocols/hivemind_private.py: close a full group",
         DecentralizedAverager,
         "_matchmaking",
         "instance attribute",
     ),  # fmt: skip
     (
-        "protocols/matchmaking.py: close a full group",
+        "protocols/hivemind_private.py: close a full group",
         Matchmaking,
         "target_group_size",
         "instance attribute",
     ),  # fmt: skip
-    ("protocols/swarm.py: QuietDHT", DHT, "run", "callable"),
+    (
+        "protocols/hivemind_private.py: our ticket in join answers",
+        Matchmaking,
+        "step_control",
+        "instance attribute",
+    ),  # fmt: skip
+    ("protocols/hivemind_private.py: QuietDHT", DHT, "run", "callable"),
 ]
 
 

@@ -17,13 +17,13 @@ import pytest
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
+from protocols.hivemind_private import p2pd_args
 from protocols.identity import Identity
 from protocols.reach import (
     CircuitAddr,
     DialBackServer,
     ask_dial_back,
     observed_ip,
-    p2pd_args,
 )
 from protocols.records import PeerRecord
 from protocols.routing import BlobRouter

@@ -213,7 +213,9 @@ def _member(cluster: int, tmp_path: Path) -> ClusterMember:
     config = parse_config({"clustering": {"enabled": True}})
     node = SimpleNamespace(peer_id="QmPeer")
     manifest = SimpleNamespace(run_id="run", coordinator_key="[owner:c]")
-    return ClusterMember(node, manifest, config, _Transport(cluster), tmp_path, lambda s: None)  # type: ignore[arg-type]
+    member = ClusterMember(node, manifest, config, _Transport(cluster), tmp_path, lambda s: None)  # type: ignore[arg-type]
+    member.cluster = cluster  # where an earlier assignment put it
+    return member
 
 
 def _assignment(version: int, effective: int) -> ClusterRecord:

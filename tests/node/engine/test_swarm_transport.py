@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils.crypto import RSAPrivateKey
 
 from node.engine.swarm_transport import HivemindTransport
+from protocols.identity import Identity
+from protocols.record_store import RecordStore
 from protocols.records import PeerRecord
+
+SIGNER, ID = RSASignatureValidator(RSAPrivateKey()), Identity.generate()
 
 PEER = "QmTestPeer0000000000"
 
@@ -20,21 +28,41 @@ class _Averager:
         self.closed = True
 
 
-class _Node:
-    peer_id = PEER
+class _Stored:
+    def result(self) -> bool:
+        return True
+
+    def add_done_callback(self, callback: Callable[[_Stored], None]) -> None:
+        callback(self)
+
+
+class _DHT:
+    """What the record store hands the DHT: every stored peer record, as it would arrive."""
 
     def __init__(self) -> None:
         self.stored: list[PeerRecord] = []
-        self.records = self  # the record store's two calls, recorded here
 
-    def set_record(self, record: PeerRecord) -> None:
-        self.stored.append(record)
+    def store(self, key: str, value: dict, **_: object) -> _Stored:
+        self.stored.append(PeerRecord.model_validate(value))
+        return _Stored()
+
+
+class _Node:
+    peer_id = PEER
+
+    def __init__(self, record: PeerRecord | None = None) -> None:
+        self.dht = _DHT()
+        self.records = RecordStore(self.dht, SIGNER, ID, "run")  # type: ignore[arg-type]
+        self.records.set_record(record or PeerRecord(peer_id=PEER, role="volunteer"), store=False)
+
+    @property
+    def stored(self) -> list[PeerRecord]:
+        return self.dht.stored
 
 
 def test_switching_group_withdraws_the_old_groups_state() -> None:
-    node = _Node()
-    record = PeerRecord(peer_id=PEER, role="volunteer", round=7, digest="ab" * 32)
-    transport = HivemindTransport(node, _Averager, "run_global", role_record=record)  # type: ignore[arg-type]
+    node = _Node(PeerRecord(peer_id=PEER, role="volunteer", round=7, digest="ab" * 32))
+    transport = HivemindTransport(node, _Averager, "run_global")  # type: ignore[arg-type]
     first = transport.averager
     transport.switch_group("run_cluster3", 3)
     assert first.closed and transport.averager.prefix == "run_cluster3"
@@ -58,9 +86,8 @@ def test_expected_members_are_the_live_volunteers_not_ahead_of_us_at_a_strange_s
         "QmG": PeerRecord(peer_id="QmG0000000000", role="volunteer", round=9, digest=other),
     }
     node = _Node()
-    node.records.peers = lambda: records  # type: ignore[attr-defined]
-    record = PeerRecord(peer_id=PEER, role="volunteer")
-    transport = HivemindTransport(node, _Averager, "run_global", role_record=record)  # type: ignore[arg-type]
+    node.records.peers = lambda: records  # type: ignore[method-assign]
+    transport = HivemindTransport(node, _Averager, "run_global")  # type: ignore[arg-type]
     transport._held = {earlier, digest}  # the states we announced so far
     # A and E (at our state), B (our round, another state: it missed a group and resyncs), C
     # (behind: it may catch up), ourselves; not the coordinator, not F (no state: it is moving
@@ -101,13 +128,11 @@ def test_a_first_round_started_together_closes_its_group_from_membership() -> No
     windows = {}
     for together in (False, True):
         node = _Node()
-        node.records.peers = lambda: records  # type: ignore[attr-defined]
-        record = PeerRecord(peer_id=PEER, role="volunteer")
+        node.records.peers = lambda: records  # type: ignore[method-assign]
         transport = HivemindTransport(
             node,  # type: ignore[arg-type]
             _Recording,  # type: ignore[arg-type]
             "run_global",
-            role_record=record,
             started_together=together,
         )
         with pytest.raises(AveragingFailed):
@@ -142,18 +167,13 @@ def test_only_a_vouched_state_ahead_cancels_our_matchmaking() -> None:
         )
 
     node = _Node()
-    transport = HivemindTransport(
-        node,
-        _Averager,
-        "run_global",
-        role_record=PeerRecord(peer_id=PEER, role="volunteer"),  # type: ignore[arg-type]
-    )
+    transport = HivemindTransport(node, _Averager, "run_global")  # type: ignore[arg-type]
     for records, moved in [
         ([record(0, vote=False)], False),  # announced, unvouched
         ([record(0, vote=True)], False),  # its own word only
         ([record(0, vote=True), record(1, vote=True, forged=True)], False),  # a key not its own
         ([record(0, vote=True), record(1, vote=True)], True),  # two of four: a quorum
     ]:
-        node.records.peers = lambda records=records: {r.peer_id: r for r in records}  # type: ignore[attr-defined]
+        node.records.peers = lambda records=records: {r.peer_id: r for r in records}  # type: ignore[misc]
         assert transport._moved_on(3) is moved
     assert not transport._moved_on(9)  # not past our own round
