@@ -37,13 +37,17 @@ class HivemindTransport:
         make_averager: Callable[[str], GroupAverager],
         prefix: str,
         *,
-        offers: Callable[[GroupState], dict[str, AdapterOffer]] | None = None,
+        offers: Callable[[GroupState, int], dict[str, AdapterOffer]] | None = None,
         ticket: str = "",
         revoked: Callable[[], set[str]] | None = None,
         started_together: bool = False,
         admit: Callable[[str, str], str | None] | None = None,
     ) -> None:
-        """`started_together`: the volunteer waits for the run's volunteers before its first
+        """The node's record store must hold our record (the role sets it): announcing a state
+        adds to it what we announce. `offers(state, cluster)`: publishes the state's adapter
+        under our group's name and returns the offers for our record. `revoked()`: peers the
+        coordinator revoked, reread every round. `ticket`: sent with our metadata.
+        `started_together`: the volunteer waits for the run's volunteers before its first
         round (join --wait-for), so every member expected then has announced already.
         `admit(peer, ticket)`: None when the ticket admits the peer, else why not (token runs:
         protocols.admission.Gate.check); peers it refuses neither count nor vouch."""
@@ -166,7 +170,7 @@ class HivemindTransport:
         self._held.add(state.digest())
         chain = list(chain or [])
         self.node.blobs.publish("chain", encode_chain(chain))
-        offers = self.offers(state) if self.offers is not None else {}
+        offers = self.offers(state, self.cluster) if self.offers is not None else {}
         proof = chain[-1:] if chain and chain[-1].body.new == state.digest() else []
         for name in offers:  # what `pull` checks an adapter against
             self.node.blobs.publish(f"cert:{name}", encode_chain(proof))

@@ -35,7 +35,7 @@ from protocols.admission import Gate, TicketError, read_ticket
 from protocols.averaging import GroupAverager
 from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
 from protocols.swarm import SwarmError, SwarmNode
-from protocols.transfer import pack_files
+from protocols.transfer import BlobServer, pack_files
 
 log = logging.getLogger("swarmtune.join")
 HANDOFF_TIMEOUT = 20.0
@@ -145,6 +145,39 @@ def progress_line(report: RoundReport) -> str:
     )
 
 
+class AdapterShelf:
+    """What a volunteer serves as its group's adapter: the state's LoRA tensors as a PEFT
+    bundle, under the group's name (`global`, or `cluster-<id>`)."""
+
+    def __init__(
+        self, blobs: BlobServer, local: LocalModel, manifest: ManifestRecord, model: str
+    ) -> None:
+        self.blobs, self.local, self.manifest, self.model = blobs, local, manifest, model
+        self.outer = parse_config(manifest.config).outer.name
+        self.group = 1  # members of the last round, for the adapter's provenance
+
+    def note_group(self, size: int) -> None:
+        """The last round's group size (written into the next bundle's provenance)."""
+        self.group = size
+
+    def offer(self, state: GroupState, cluster: int) -> dict[str, AdapterOffer]:
+        """Serve `state`'s adapter under its group's name; returns the offer for our record."""
+        provenance = Provenance(
+            self.manifest.run_id,
+            state.round,
+            self.group,
+            self.outer,
+            self.manifest.base_fingerprint,
+            self.model,
+        )
+        bundle = pack_files(adapter_files(self.local.trainer, state.params, provenance))
+        name = "global" if cluster < 0 else f"cluster-{cluster}"
+        self.blobs.publish(f"adapter:{name}", bundle)
+        sha = hashlib.sha256(bundle).hexdigest()
+        offer = AdapterOffer(round=state.round, sha256=sha, size=len(bundle), state=state.digest())
+        return {name: offer}
+
+
 class Volunteer:
     """Wires a LocalModel to the swarm: averaging, announcements, adapter offers, metrics."""
 
@@ -170,6 +203,7 @@ class Volunteer:
         )
         node.records.set_record(record, store=False)  # stored with our first announcement
         self.totals = {"tokens": 0, "bytes_sent": 0, "bytes_received": 0}
+        self.shelf = AdapterShelf(node.blobs, local, manifest, options.model or "embedded")
         revoked = (
             functools.partial(read_revocations, node, manifest.run_id, manifest.coordinator_key)
             if gate is not None
@@ -179,13 +213,12 @@ class Volunteer:
             node,
             functools.partial(make_averager, node, self.config, local.trainer.get_params(), gate),
             group_prefix(manifest.run_id, -1),
-            offers=self.offer_adapter,
+            offers=self.shelf.offer,
             ticket=options.ticket,
             revoked=revoked,
             started_together=options.wait_for > 1,
             admit=gate.check if gate is not None else None,
         )
-        self.last_group = 1
         self.initial = local.trainer.get_params()  # the seeded round-0 adapter
         self.member: ClusterMember | None = None
         if self.config.clustering.enabled:
@@ -227,23 +260,6 @@ class Volunteer:
         cluster = self.member.cluster if self.member is not None else -1
         return "global" if cluster < 0 else f"cluster-{cluster}"
 
-    def offer_adapter(self, state: GroupState) -> dict[str, AdapterOffer]:
-        """Serve the group's current adapter under its name; returns the offer for our record."""
-        provenance = Provenance(
-            self.manifest.run_id,
-            state.round,
-            self.last_group,
-            self.config.outer.name,
-            self.manifest.base_fingerprint,
-            self.options.model or "embedded",
-        )
-        bundle = pack_files(adapter_files(self.local.trainer, state.params, provenance))
-        name = self.adapter_name
-        self.node.blobs.publish(f"adapter:{name}", bundle)
-        sha = hashlib.sha256(bundle).hexdigest()
-        offer = AdapterOffer(round=state.round, sha256=sha, size=len(bundle), state=state.digest())
-        return {name: offer}
-
     def report(self, report: RoundReport) -> None:
         """Progress line, metrics file, and the numbers status shows."""
         log.info(progress_line(report))
@@ -254,7 +270,7 @@ class Volunteer:
             if warning is not None and (time.time() >= expires or not self.warned_expiry):
                 log.warning(warning)  # once before it expires, every round after
                 self.warned_expiry = True
-        self.last_group = report.group_size
+        self.shelf.note_group(report.group_size)
         with open(self.options.workdir / "metrics.jsonl", "a") as handle:
             refused = self.transport.refused_joins  # join requests our averagers turned away
             line = {**asdict(report), "refused": refused, "time": time.time()}  # time: the end

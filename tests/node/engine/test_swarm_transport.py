@@ -9,10 +9,12 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
 
+from node.engine.state import GroupState
 from node.engine.swarm_transport import HivemindTransport
 from protocols.identity import Identity
 from protocols.record_store import RecordStore
-from protocols.records import PeerRecord
+from protocols.records import AdapterOffer, PeerRecord
+from protocols.transfer import BlobServer
 
 SIGNER, ID = RSASignatureValidator(RSAPrivateKey()), Identity.generate()
 
@@ -177,3 +179,23 @@ def test_only_a_vouched_state_ahead_cancels_our_matchmaking() -> None:
         node.records.peers = lambda records=records: {r.peer_id: r for r in records}  # type: ignore[misc]
         assert transport._moved_on(3) is moved
     assert not transport._moved_on(9)  # not past our own round
+
+
+def test_an_announcement_adds_to_the_roles_record_what_it_announces() -> None:
+    role = PeerRecord(peer_id=PEER, role="volunteer", task="builtin:capitals", ticket="st1.x")
+    node = _Node(role)
+    offered: list[tuple[int, int]] = []
+
+    def offers(state: GroupState, cluster: int) -> dict[str, AdapterOffer]:
+        offered.append((state.round, cluster))
+        return {"global": AdapterOffer(round=state.round, sha256="ab" * 32, size=10)}
+
+    transport = HivemindTransport(node, _Averager, "run_global", offers=offers)  # type: ignore[arg-type]
+    node.blobs = BlobServer(None)  # type: ignore[attr-defined,arg-type]  # serves nothing here
+    state = GroupState(3, {"w": torch.ones(2)})
+    transport.announce_state(state)
+    stored = node.stored[-1]
+    assert (stored.round, stored.digest, stored.vote) == (3, state.digest(), None)
+    assert stored.adapters["global"].round == 3 and offered == [(3, -1)]
+    # the role's own fields stay as the role set them
+    assert (stored.task, stored.ticket, stored.role) == ("builtin:capitals", "st1.x", "volunteer")
