@@ -351,7 +351,11 @@ class GroupAverager:
     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], set[str], int, set[str]]:
         """Every other member's contribution, fetched in parallel and checked; (found, missing
         with reasons, offenders, bytes received, withheld). A member's weight is replaced by
-        the one its own blob claims."""
+        the one its own blob claims. Nothing is fetched from a member of another round or start
+        state (the round names those: node/engine/round.py, select_contributions, decides what
+        enters the aggregate), nor from one we must not take bytes from: refused (revoked or
+        banned), unadmitted, or declaring more bytes than an adapter has; those are missing,
+        with the reason."""
         wanted = {
             p: m for p, m in members.items() if p != mine.peer and m is not None and _same(m, mine)
         }
@@ -366,13 +370,6 @@ class GroupAverager:
             if why is not None:
                 missing[peer] = why
                 del wanted[peer]
-        missing.update(
-            {
-                p: f"round {m.round} / another start state"
-                for p, m in members.items()
-                if m is not None and p != mine.peer and not _same(m, mine)
-            }
-        )
         name = f"contribution:{self.prefix}:{mine.round}"
         blobs = self.routes.fetch_many(
             {p: (name, m.sha256, m.size) for p, m in wanted.items()}, self.transfer_timeout
