@@ -41,6 +41,7 @@ class RecordStore:
         self.run_id = run_id
         self.coordinator = ""  # the manifest's coordinator, once known (set_run)
         self.dropped_records = 0  # records in the last read that lied (parse_peer_records)
+        self.unreadable_records = 0  # and those that were no peer record we can read
         self.store_failure = ""  # why storing our record last failed ("": it worked)
         self._record: PeerRecord | None = None
         self._reach: dict[str, Any] = {}  # how others reach us, stamped on every store
@@ -129,7 +130,7 @@ class RecordStore:
         if self.run_id is None:
             return {}
         found = self._get(peers_key(self.run_id))
-        records, self.dropped_records = parse_peer_records(
+        records, self.dropped_records, self.unreadable_records = parse_peer_records(
             found.value if found is not None else None, self.coordinator
         )
         if found is not None:

@@ -215,17 +215,20 @@ def speaks_for(record: PeerRecord, owner: Any) -> bool:
 
 def parse_peer_records(
     raw: dict[Any, Any] | None, coordinator: str = ""
-) -> tuple[dict[str, PeerRecord], int]:
-    """peer_id -> PeerRecord from a DHT get() dictionary, and how many records were dropped for
+) -> tuple[dict[str, PeerRecord], int, int]:
+    """peer_id -> PeerRecord from a DHT get() dictionary; how many records were dropped for
     lying: one whose peer id did not sign the owner key it is stored under (a record cannot
     speak for another peer), or, once the manifest names the `coordinator`, one that claims
-    that role for another peer. Malformed entries are dropped without counting."""
+    that role for another peer; and how many could not be read as a peer record (another
+    version's schema, or garbage that got past the DHT's validator), which `status` shows."""
     records: dict[str, PeerRecord] = {}
-    lies = 0
+    lies = unreadable = 0
     for owner, entry in (raw or {}).items():
         try:
             record = PeerRecord.model_validate(entry.value)
-        except (ValidationError, AttributeError):
+        except (ValidationError, AttributeError) as exc:
+            log.debug("an unreadable peer record: %s", str(exc).splitlines()[0])
+            unreadable += 1
             continue
         if not speaks_for(record, owner):
             log.debug("dropped a record that %s did not sign", record.peer_id[-8:])
@@ -236,4 +239,4 @@ def parse_peer_records(
             lies += 1
             continue
         records[record.peer_id] = record
-    return records, lies
+    return records, lies, unreadable

@@ -181,6 +181,7 @@ def status(initial_peers: list[str], as_json: bool = False) -> int:
         if as_json:
             view = snapshot(manifest, records, clusters, offers, time.time())
             view["dropped_records"] = node.records.dropped_records
+            view["unreadable_records"] = node.records.unreadable_records
             print(json.dumps(view, indent=1))
             return 0
         print(
@@ -190,7 +191,8 @@ def status(initial_peers: list[str], as_json: bool = False) -> int:
         print(
             f"outer {manifest.config['outer']['name']}  inner steps "
             f"{manifest.config['inner']['steps']}  peers {len(records)}  records dropped"
-            f" {node.records.dropped_records} (not signed by their peer, or a false coordinator)\n"
+            f" {node.records.dropped_records} (not signed by their peer, or a false coordinator),"
+            f" unreadable {node.records.unreadable_records} (no peer record this version reads)\n"
         )
         print(format_peers(records) + "\n")
         if clustered:

@@ -219,6 +219,7 @@ def test_status_page_json_is_what_status_json_shows(trained: Swarm) -> None:
     assert sorted(r[0] for r in _peer_rows(page).values()) == ["coordinator"] + ["volunteer"] * 3
     assert page["adapters"] == status["adapters"] and page["adapters"][0]["name"] == "global"
     assert status["dropped_records"] == 0  # every record here is its peer's own
+    assert status["unreadable_records"] == 0  # and every one reads as a peer record
     # the history has every volunteer's rounds, with the numbers their metrics files hold
     for i in range(3):
         reports = _reports(trained.tmp / f"v{i}")

@@ -130,9 +130,9 @@ def test_a_coordinator_record_from_any_peer_but_the_manifests_is_dropped_and_cou
     )
     found = first.get(peers_key(RUN), latest=True)
     assert found is not None
-    unchecked, _ = parse_peer_records(found.value)  # who does not know the manifest yet
+    unchecked, _, _ = parse_peer_records(found.value)  # who does not know the manifest yet
     assert unchecked[IDS[1].peer_id].role == "coordinator"
-    checked, lies = parse_peer_records(found.value, coordinator=IDS[0].peer_id)
+    checked, lies, _ = parse_peer_records(found.value, coordinator=IDS[0].peer_id)
     assert IDS[1].peer_id not in checked and lies >= 1
     # the real coordinator's record under that role stays
     real = _record(0, signers, round=6)
@@ -141,7 +141,7 @@ def test_a_coordinator_record_from_any_peer_but_the_manifests_is_dropped_and_cou
         peers_key(RUN), real, get_dht_time() + 60, subkey=signers[0].local_public_key
     )
     found = first.get(peers_key(RUN), latest=True)
-    checked, _ = parse_peer_records(found.value, coordinator=IDS[0].peer_id)
+    checked, _, _ = parse_peer_records(found.value, coordinator=IDS[0].peer_id)
     assert checked[IDS[0].peer_id].role == "coordinator"
 
 
@@ -219,3 +219,16 @@ def test_a_refused_store_is_logged_once_and_its_recovery_too(caplog) -> None:
     assert [level for level, _ in said] == [logging.WARNING, logging.WARNING, logging.INFO], said
     assert "no DHT peer accepted it" in said[0][1] and "no reply" in said[1][1]
     assert store.store_failure == ""
+
+
+def test_a_record_nobody_can_read_is_counted_not_silently_dropped() -> None:
+    from types import SimpleNamespace
+
+    owner = b"[owner:somebody]"
+    raw = {
+        owner: SimpleNamespace(value={"peer_id": "QmX", "role": "a role we do not know"}),
+        b"[owner:other]": SimpleNamespace(value=b"garbage"),
+        b"[owner:third]": "no value at all",
+    }
+    records, lies, unreadable = parse_peer_records(raw)
+    assert (records, lies, unreadable) == ({}, 0, 3)
