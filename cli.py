@@ -180,8 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="QLoRA: load the base in NF4 (4bit-dq: also quantize the block scales); CPU or CUDA",
     )
     join.add_argument(
-        "--config", type=Path, help="refuse to join unless the run's LoRA matches this"
+        "--expect-config",
+        type=Path,
+        help="a run config YAML: refuse to join unless the run's LoRA setup matches it",
     )
+    # the old name of --expect-config (every other command's --config is the config it runs)
+    join.add_argument("--config", dest="old_config", type=Path, help=argparse.SUPPRESS)
     join.add_argument(
         "--threads",
         type=_positive_int,
@@ -386,6 +390,18 @@ def _options(cls: type[T], args: argparse.Namespace, **converted: Any) -> T:
     return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **converted})
 
 
+def _expect_config(args: argparse.Namespace) -> Path | None:
+    """join's --expect-config, or its old name --config, which says it was renamed."""
+    if args.old_config is not None:
+        if args.expect_config is not None:
+            raise UsageError("--config is the old name of --expect-config: give only one")
+        logging.getLogger("swarmtune").warning(
+            "join --config is now --expect-config (the run config to check the run against)"
+        )
+        return Path(args.old_config)
+    return args.expect_config
+
+
 def dispatch(args: argparse.Namespace) -> int:
     """Run one subcommand."""
     if args.command == "bootstrap":
@@ -401,6 +417,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 JoinOptions,
                 args,
                 ticket=load_ticket(args.ticket) if args.ticket else "",
+                expect_config=_expect_config(args),
                 overlap=None if args.overlap is None else args.overlap == "on",
                 packing=args.packing == "on",
             )

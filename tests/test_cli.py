@@ -34,8 +34,9 @@ def test_every_subcommand_explains_each_of_its_options(
     sub = _subparser(command)
     unexplained = [a.option_strings or a.dest for a in sub._actions if not a.help]
     assert not unexplained, unexplained
-    for action in sub._actions:  # and its help shows every option
-        assert all(flag in out for flag in action.option_strings), action.option_strings
+    for action in sub._actions:  # and its help shows every option (but a renamed one's old name)
+        if action.help != argparse.SUPPRESS:
+            assert all(flag in out for flag in action.option_strings), action.option_strings
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
@@ -200,11 +201,11 @@ def test_role_options_are_built_by_name_from_the_parsed_arguments() -> None:
 
     parser = build_parser()
     args = parser.parse_args([*JOIN, "--data", "d.jsonl", "--port", "4000", "--wait-for", "3"])
-    join = _options(JoinOptions, args, ticket="", overlap=None, packing=True)
+    join = _options(JoinOptions, args, ticket="", overlap=None, packing=True, expect_config=None)
     assert (join.port, join.wait_for, join.data, join.rounds) == (4000, 3, "d.jsonl", 1_000_000)
     # every field of each role's options has an option of that name, or is converted
     for cls, command, converted in (
-        (JoinOptions, "join", {"ticket", "overlap", "packing"}),
+        (JoinOptions, "join", {"ticket", "overlap", "packing", "expect_config"}),
         (BootstrapOptions, "bootstrap", set()),
         (EvalOptions, "eval", {"as_json"}),
     ):
@@ -223,3 +224,19 @@ def test_a_merge_option_the_method_does_not_read_is_refused(
     assert main([*argv[:4], "ties", *argv[5:]]) == 2  # ties reads it: the dirs are what is bad
     assert "does not use" not in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_join_checks_the_run_against_expect_config_and_its_old_name_says_so(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli import _expect_config
+
+    parser = build_parser()
+    new = parser.parse_args([*JOIN, "--data", "d.jsonl", "--expect-config", "run.yaml"])
+    assert _expect_config(new) == Path("run.yaml") and not caplog.records
+    old = parser.parse_args([*JOIN, "--data", "d.jsonl", "--config", "run.yaml"])
+    assert _expect_config(old) == Path("run.yaml")
+    assert "now --expect-config" in caplog.records[-1].getMessage()
+    both = [*JOIN, "--data", "d.jsonl", "--config", "a.yaml", "--expect-config", "b.yaml"]
+    assert main(both) == 2
+    assert "give only one" in capsys.readouterr().err

@@ -51,7 +51,7 @@ class JoinOptions:
     rounds: int
     model: str | None = None
     quantize: str | None = None
-    config: Path | None = None
+    expect_config: Path | None = None  # refuse a run whose LoRA setup differs from this
     host: str = "127.0.0.1"
     port: int = 0
     ticket: str = ""  # admission ticket for token runs (`swarmtune admit`)
@@ -356,7 +356,7 @@ def make_averager(
 
 def join(options: JoinOptions) -> int:
     """Entry point of `swarmtune join`; returns the exit code."""
-    own = load_config(options.config) if options.config else None
+    own = load_config(options.expect_config) if options.expect_config else None
     load_examples(options.data)  # unreadable data fails here, before any network activity
     check_local_base(options.model, options.quantize)  # and so does a wrong --model dir
     resolve_device(options.device)  # and a --device this machine does not have
