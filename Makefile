@@ -39,8 +39,12 @@ system-packages:
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow and not p2pd"
 
+# mypy reads the packages under the names they install as (swarmtune.*), through a tree of links
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy aggregation protocols node cli.py
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	mkdir -p $(VENV)/typecheck/swarmtune
+	for d in aggregation protocols node cli.py; do ln -sfn $(CURDIR)/$$d $(VENV)/typecheck/swarmtune/$$d; done
+	cd $(VENV)/typecheck && ../bin/mypy -p swarmtune --config-file $(CURDIR)/pyproject.toml
 
 bench: $(STAMP)
 	$(BIN)/python bench/swarm_bench.py

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from aggregation.merge import MergeOptions
+    from swarmtune.aggregation.merge import MergeOptions
 
 T = TypeVar("T")
 
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "adapters", nargs="+", type=Path, metavar="ADAPTER_DIR", help="PEFT adapter dirs to merge"
     )
-    from aggregation.merge import MERGE_METHODS
+    from swarmtune.aggregation.merge import MERGE_METHODS
 
     merge.add_argument("--method", required=True, help=f"one of {', '.join(MERGE_METHODS)}")
     merge.add_argument(
@@ -405,12 +405,12 @@ def _expect_config(args: argparse.Namespace) -> Path | None:
 def dispatch(args: argparse.Namespace) -> int:
     """Run one subcommand."""
     if args.command == "bootstrap":
-        from node.roles.coordinator import BootstrapOptions, bootstrap
+        from swarmtune.node.roles.coordinator import BootstrapOptions, bootstrap
 
         return bootstrap(_options(BootstrapOptions, args))
     if args.command == "join":
-        from node.roles.admit import load_ticket
-        from node.roles.volunteer import JoinOptions, join
+        from swarmtune.node.roles.admit import load_ticket
+        from swarmtune.node.roles.volunteer import JoinOptions, join
 
         return join(
             _options(
@@ -425,28 +425,28 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command in ("admit", "revoke", "id"):
         return _admission(args)
     if args.command == "eval":
-        from node.roles.evaluator import EvalOptions, evaluate
+        from swarmtune.node.roles.evaluator import EvalOptions, evaluate
 
         return evaluate(_options(EvalOptions, args, as_json=args.json))
     if args.command == "pull":
-        from node.roles.consumer import pull
+        from swarmtune.node.roles.consumer import pull
 
         if args.out is None and not args.list:
             raise UsageError("--out is required (or --list)")
         return pull(args.initial_peers, args.out, args.adapter, args.list)
     if args.command == "status":
-        from node.roles.consumer import status
+        from swarmtune.node.roles.consumer import status
 
         return status(args.initial_peers, args.json)
     if args.command == "demo":
-        from node.roles.demo import DemoOptions, run_demo
+        from swarmtune.node.roles.demo import DemoOptions, run_demo
 
         peers = args.peers or (8 if args.clustered else 3)
         rounds = args.rounds or (8 if args.clustered else 6)
         demo = DemoOptions(peers, rounds, args.out, args.config, args.workdir, args.clustered)
         return run_demo(demo)
     if args.command == "merge":
-        from node.adapters.merge import merge_dirs
+        from swarmtune.node.adapters.merge import merge_dirs
 
         options = _merge_options(args)
         merged = merge_dirs(args.adapters, args.method, args.out, args.weights, args.rank, options)
@@ -455,9 +455,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "simulate":
         import torch
-
-        from node.config import load_sim_config
-        from node.roles.simulate import simulate, summary_lines
+        from swarmtune.node.config import load_sim_config
+        from swarmtune.node.roles.simulate import simulate, summary_lines
 
         torch.set_num_threads(args.threads)
         config = load_sim_config(args.config)
@@ -467,14 +466,14 @@ def dispatch(args: argparse.Namespace) -> int:
         print("\n".join(summary_lines(curves)))
         print(f"wrote {args.out}/rounds.csv, summary.json and eval_loss.png")
         return 0
-    from node.local.basemodel import export_base
+    from swarmtune.node.local.basemodel import export_base
 
     print(f"exported the embedded base model to {export_base(args.out)}")
     return 0
 
 
 def _admission(args: argparse.Namespace) -> int:
-    from node.roles import admit
+    from swarmtune.node.roles import admit
 
     if args.command == "id":
         print(admit.peer_id(args.workdir))
@@ -491,8 +490,8 @@ def _admission(args: argparse.Namespace) -> int:
 def _merge_options(args: argparse.Namespace) -> MergeOptions:
     """The method's MergeOptions from the options given; AdapterError for a bad method, an
     option the method would ignore, or a value out of range."""
-    from aggregation.merge import MergeOptions, merge_method
-    from node.adapters.adapter import AdapterError
+    from swarmtune.aggregation.merge import MergeOptions, merge_method
+    from swarmtune.node.adapters.adapter import AdapterError
 
     try:
         method = merge_method(args.method)
@@ -516,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: one clear line on bad input, no traceback."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from node.errors import USER_ERRORS
+    from swarmtune.node.errors import USER_ERRORS
 
     try:
         return dispatch(args)
@@ -546,7 +545,7 @@ def leave(code: int) -> None:
 
 
 def run() -> None:
-    """`swarmtune ...` and `python -m cli ...`: main(), then leave(). An argparse error or a
+    """`swarmtune ...` and `python -m swarmtune.cli ...`: main(), then leave(). An argparse error or a
     crash raises out of main() and ends through the interpreter as usual."""
     leave(main())
 

@@ -29,8 +29,8 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from aggregation.outer import RoundContext, Tensors, _copy
-from aggregation.params import Params
+from swarmtune.aggregation.outer import RoundContext, Tensors, _copy
+from swarmtune.aggregation.params import Params
 
 AUTO_EMA = 0.5  # weight of the newest round in the participation estimate
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
-from aggregation.taskvec import Adapter, LoraFactors
+from swarmtune.aggregation.taskvec import Adapter, LoraFactors
 
 
 @dataclass(frozen=True)

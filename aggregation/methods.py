@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-from aggregation.ghbm import GHBMOuter, PeerMomentum
-from aggregation.outer import AdaptiveOuter, FedAvgOuter, MomentumOuter, OuterOptimizer
+from swarmtune.aggregation.ghbm import GHBMOuter, PeerMomentum
+from swarmtune.aggregation.outer import AdaptiveOuter, FedAvgOuter, MomentumOuter, OuterOptimizer
 
 
 @dataclass(frozen=True)

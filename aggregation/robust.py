@@ -67,8 +67,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-
-from aggregation.params import Params
+from swarmtune.aggregation.params import Params
 
 Tensors = Mapping[str, torch.Tensor]
 NORM_BITS = 30

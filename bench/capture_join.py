@@ -20,10 +20,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import hostile_join  # noqa: E402
-
-from node.clusters import member  # noqa: E402
-from node.clusters.clusterer import verified_signatures  # noqa: E402
-from protocols.records import SignatureRecord, peers_key, signatures_key  # noqa: E402
+from swarmtune.node.clusters import member  # noqa: E402
+from swarmtune.node.clusters.clusterer import verified_signatures  # noqa: E402
+from swarmtune.protocols.records import SignatureRecord, peers_key, signatures_key  # noqa: E402
 
 log = logging.getLogger("swarmtune.capture")
 
@@ -67,7 +66,7 @@ def main(argv: list[str]) -> int:
         return 2
     victim, rest = argv[0], argv[1:]
     member.ClusterMember = copying(victim)  # type: ignore[misc]
-    import node.roles.volunteer as volunteer
+    import swarmtune.node.roles.volunteer as volunteer
 
     volunteer.ClusterMember = member.ClusterMember  # type: ignore[misc]
     return hostile_join.main(rest)

@@ -24,13 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from results_md import replace_section  # noqa: E402
-
-from node.config import parse_config  # noqa: E402
-from node.engine.certify import Claim, candidates, round_body, verify_chain  # noqa: E402
-from node.engine.state import GroupState  # noqa: E402
-from node.local.build import build_local_model  # noqa: E402
-from protocols.certificates import MAX_CHAIN, Certificate, sign_body  # noqa: E402
-from protocols.identity import Identity, owns  # noqa: E402
+from swarmtune.node.config import parse_config  # noqa: E402
+from swarmtune.node.engine.certify import Claim, candidates, round_body, verify_chain  # noqa: E402
+from swarmtune.node.engine.state import GroupState  # noqa: E402
+from swarmtune.node.local.build import build_local_model  # noqa: E402
+from swarmtune.protocols.certificates import MAX_CHAIN, Certificate, sign_body  # noqa: E402
+from swarmtune.protocols.identity import Identity, owns  # noqa: E402
 
 
 def smollm_shaped() -> dict[str, torch.Tensor]:

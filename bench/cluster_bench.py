@@ -28,15 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
-
-from aggregation.merge import MergeOptions, cat_factors, merge_adapters  # noqa: E402
-from aggregation.taskvec import LoraFactors, adjusted_rand_index  # noqa: E402
-from node.clusters.clusterer import TaskSignature, cluster_signatures, lora_modules  # noqa: E402
-from node.config import ClusteringSettings, SimConfig  # noqa: E402
-from node.engine.state import GroupState  # noqa: E402
-from node.local.basemodel import load_base  # noqa: E402
-from node.local.trainer import lm_loss  # noqa: E402
-from node.roles.simulate import Simulation  # noqa: E402
+from swarmtune.aggregation.merge import MergeOptions, cat_factors, merge_adapters  # noqa: E402
+from swarmtune.aggregation.taskvec import LoraFactors, adjusted_rand_index  # noqa: E402
+from swarmtune.node.clusters.clusterer import TaskSignature, cluster_signatures, lora_modules  # noqa: E402
+from swarmtune.node.config import ClusteringSettings, SimConfig  # noqa: E402
+from swarmtune.node.engine.state import GroupState  # noqa: E402
+from swarmtune.node.local.basemodel import load_base  # noqa: E402
+from swarmtune.node.local.trainer import lm_loss  # noqa: E402
+from swarmtune.node.roles.simulate import Simulation  # noqa: E402
 
 TASKS = ["arithmetic", "reverse", "capitals", "dates"]
 METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]

@@ -25,12 +25,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from results_md import replace_section  # noqa: E402
-
-from aggregation.taskvec import factor_average_error  # noqa: E402
-from node.clusters.clusterer import lora_modules  # noqa: E402
-from node.config import SimConfig  # noqa: E402
-from node.engine.transport import GroupResult  # noqa: E402
-from node.roles.simulate import Simulation  # noqa: E402
+from swarmtune.aggregation.taskvec import factor_average_error  # noqa: E402
+from swarmtune.node.clusters.clusterer import lora_modules  # noqa: E402
+from swarmtune.node.config import SimConfig  # noqa: E402
+from swarmtune.node.engine.transport import GroupResult  # noqa: E402
+from swarmtune.node.roles.simulate import Simulation  # noqa: E402
 
 TASKS = ["arithmetic", "capitals", "dates", "code"]
 

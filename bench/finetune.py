@@ -108,8 +108,8 @@ def run_config(model: str, steps: int, matchmaking: float = 5.0) -> dict[str, An
 
 def train_alone(model: str, data: Path, steps: int, out: Path) -> dict[str, Any]:
     """The volunteer's inner loop with no swarm: `steps` AdamW steps, then save the adapter."""
-    from node.config import parse_config  # noqa: PLC0415
-    from node.local.build import build_local_model  # noqa: PLC0415
+    from swarmtune.node.config import parse_config  # noqa: PLC0415
+    from swarmtune.node.local.build import build_local_model  # noqa: PLC0415
 
     config = parse_config(run_config(model, steps))
     local = build_local_model(config, str(data), model_path=model, data_seed=1)
@@ -125,7 +125,7 @@ def run_swarm(
 ) -> tuple[Path, dict[str, Any]]:
     """Coordinator + one volunteer per task as processes: (the pulled adapter's dir, each
     volunteer's round outcomes)."""
-    from node.roles.demo import Processes, start_swarm  # noqa: PLC0415
+    from swarmtune.node.roles.demo import Processes, start_swarm  # noqa: PLC0415
 
     if work.exists():
         shutil.rmtree(work)
@@ -139,7 +139,16 @@ def run_swarm(
         codes = [procs.procs[v.name].wait() for v in vols]
         assert not any(codes), f"volunteers failed: {codes}"
         out = work / "pulled"
-        cli = [sys.executable, "-m", "cli", "pull", "--initial-peers", maddr, "--out", str(out)]
+        cli = [
+            sys.executable,
+            "-m",
+            "swarmtune.cli",
+            "pull",
+            "--initial-peers",
+            maddr,
+            "--out",
+            str(out),
+        ]
         subprocess.run(cli, check=True, cwd=ROOT)
     finally:
         procs.stop_all()
@@ -154,11 +163,10 @@ def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict
     """Every adapter (and the base) on every task's held-out file, with `swarmtune eval`'s own
     scoring (node/roles/evaluator.py), the base loaded once: (scores, samples)."""
     from peft import PeftModel  # noqa: PLC0415
-
-    from node.local.basemodel import load_base  # noqa: PLC0415
-    from node.local.evaluate import scoring_set  # noqa: PLC0415
-    from node.local.sources import load_examples  # noqa: PLC0415
-    from node.roles.evaluator import BATCH, score  # noqa: PLC0415
+    from swarmtune.node.local.basemodel import load_base  # noqa: PLC0415
+    from swarmtune.node.local.evaluate import scoring_set  # noqa: PLC0415
+    from swarmtune.node.local.sources import load_examples  # noqa: PLC0415
+    from swarmtune.node.roles.evaluator import BATCH, score  # noqa: PLC0415
 
     base, tokenizer, _ = load_base(model)
     scores: dict[str, dict[str, Any]] = {"base model": {}, **{name: {} for name in adapters}}
@@ -181,9 +189,8 @@ def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict
 def speed_probe(model: str, data: str, precision: str, checkpointing: bool, steps: int) -> None:
     """One configuration in a process of its own (peak RSS is per process): prints JSON."""
     import torch  # noqa: PLC0415
-
-    from node.config import parse_config  # noqa: PLC0415
-    from node.local.build import build_local_model  # noqa: PLC0415
+    from swarmtune.node.config import parse_config  # noqa: PLC0415
+    from swarmtune.node.local.build import build_local_model  # noqa: PLC0415
 
     inner = {**INNER, "seq_len": 512, "gradient_checkpointing": checkpointing}
     config = parse_config({"run_id": "speed", "inner": {"steps": steps, **inner}})

@@ -25,11 +25,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
-from node.config import parse_config  # noqa: E402
-from node.engine.peer import Peer  # noqa: E402
-from node.engine.transport import InMemoryHub, InMemoryTransport  # noqa: E402
-from node.local.build import build_local_model  # noqa: E402
+from swarmtune.node.config import parse_config  # noqa: E402
+from swarmtune.node.engine.peer import Peer  # noqa: E402
+from swarmtune.node.engine.transport import InMemoryHub, InMemoryTransport  # noqa: E402
+from swarmtune.node.local.build import build_local_model  # noqa: E402
 
 RESULTS: list[bool] = []
 DEVICE = "cuda"  # --device cpu: a dry run of every check's code on a machine without a GPU

@@ -33,9 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
-
-from node.config import SimConfig  # noqa: E402
-from node.roles.simulate import Simulation  # noqa: E402
+from swarmtune.node.config import SimConfig  # noqa: E402
+from swarmtune.node.roles.simulate import Simulation  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "outer"
 TUNE_SEED = 100  # held out: only the lr choice sees it

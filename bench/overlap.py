@@ -31,10 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
 from swarm_bench import run_swarm, summarize_swarm  # noqa: E402
-
-from node.config import SimConfig, parse_config  # noqa: E402
-from node.local.data import BUILTIN_TASKS  # noqa: E402
-from node.roles.simulate import Simulation  # noqa: E402
+from swarmtune.node.config import SimConfig, parse_config  # noqa: E402
+from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402
+from swarmtune.node.roles.simulate import Simulation  # noqa: E402
 
 TASKS = list(BUILTIN_TASKS[:4])
 SIM_BATCH = {"batch_size": 8, "seq_len": 48}  # as bench/attacks.py: a step ~2x cheaper than 64

@@ -24,8 +24,8 @@ SETTINGS = (None, "4bit", "4bit-dq")
 CHILD = """
 import json, sys, time, torch
 torch.set_num_threads({threads})
-from node.config import parse_config
-from node.local.build import build_local_model
+from swarmtune.node.config import parse_config
+from swarmtune.node.local.build import build_local_model
 config = parse_config({{"run_id": "qlora-bench", "inner": {{"batch_size": {batch}, "seq_len": {seq}}}}})
 t0 = time.perf_counter()
 local = build_local_model(config, "builtin:arithmetic", model_path={model!r}, quantize={quantize!r})

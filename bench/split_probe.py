@@ -28,13 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aggregation.params import weighted_mean  # noqa: E402
-from aggregation.robust import norm_of  # noqa: E402
-from node.config import SimConfig  # noqa: E402
-from node.engine.round import round_start  # noqa: E402
-from node.engine.state import GroupState  # noqa: E402
-from node.roles import simulate  # noqa: E402
-from node.roles.simulate import Simulation  # noqa: E402
+from swarmtune.aggregation.params import weighted_mean  # noqa: E402
+from swarmtune.aggregation.robust import norm_of  # noqa: E402
+from swarmtune.node.config import SimConfig  # noqa: E402
+from swarmtune.node.engine.round import round_start  # noqa: E402
+from swarmtune.node.engine.state import GroupState  # noqa: E402
+from swarmtune.node.roles import simulate  # noqa: E402
+from swarmtune.node.roles.simulate import Simulation  # noqa: E402
 
 SPLITS = {
     "one task per client": {"kind": "task"},

@@ -35,11 +35,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from results_md import replace_section  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-
-from node.adapters.adapter import adapter_digest  # noqa: E402
-from node.engine.state import decode_state  # noqa: E402
-from node.local.data import BUILTIN_TASKS  # noqa: E402
-from node.roles.demo import Processes, _wait_for_file  # noqa: E402
+from swarmtune.node.adapters.adapter import adapter_digest  # noqa: E402
+from swarmtune.node.engine.state import decode_state  # noqa: E402
+from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402
+from swarmtune.node.roles.demo import Processes, _wait_for_file  # noqa: E402
 
 TASKS = list(BUILTIN_TASKS[:3])
 CONFIG = {
@@ -89,7 +88,11 @@ def run(attack: str | None, defended: bool, rounds: int, workdir: Path) -> dict[
         time.sleep(1.5)  # the forger announces a forgery of the last state too
         out = workdir / "pulled"
         # the undefended side pulls as `pull` did before round certificates
-        program = ["-m", "cli", "pull"] if defended else [str(ROOT / "bench" / "trusting_pull.py")]
+        program = (
+            ["-m", "swarmtune.cli", "pull"]
+            if defended
+            else [str(ROOT / "bench" / "trusting_pull.py")]
+        )
         pulled = subprocess.run(
             [sys.executable, *program, "--initial-peers", maddr, "--out", str(out)],
             capture_output=True,

@@ -24,12 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
-
-from node.config import RunConfig, parse_config  # noqa: E402
-from node.local.build import build_local_model  # noqa: E402
-from node.local.data import BUILTIN_TASKS  # noqa: E402
-from node.roles.demo import Processes, start_swarm  # noqa: E402
-from protocols.lifeline import descendants  # noqa: E402
+from swarmtune.node.config import RunConfig, parse_config  # noqa: E402
+from swarmtune.node.local.build import build_local_model  # noqa: E402
+from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402
+from swarmtune.node.roles.demo import Processes, start_swarm  # noqa: E402
+from swarmtune.protocols.lifeline import descendants  # noqa: E402
 
 STAGES = ("inner_s", "matchmaking_s", "transfer_s", "outer_s", "checkpoint_s")
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
-from node.config import parse_config
-from node.local.build import build_local_model
+from swarmtune.node.config import parse_config
+from swarmtune.node.local.build import build_local_model
 m = build_local_model(parse_config({{"run_id": "threads-bench"}}), "builtin:arithmetic", data_seed=1)
 m.trainer.train_steps(2)  # warm up
 open({ready!r}, "a").write("x")

@@ -32,9 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from hivemind.p2p import PeerID  # noqa: E402
 from results_md import replace_section  # noqa: E402
-
-from protocols import transfer  # noqa: E402
-from protocols.swarm import SwarmNode  # noqa: E402
+from swarmtune.protocols import transfer  # noqa: E402
+from swarmtune.protocols.swarm import SwarmNode  # noqa: E402
 
 RAW_PROTOCOL = "swarmtune.bench.raw"
 

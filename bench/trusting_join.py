@@ -12,8 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
-import node.engine.certify as certify  # noqa: E402
+import swarmtune.node.engine.certify as certify  # noqa: E402
+from swarmtune import cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

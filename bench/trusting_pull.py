@@ -16,10 +16,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
-import node.roles.consumer as consumer  # noqa: E402
-from node.adapters.offers import Offer  # noqa: E402
-from protocols.records import PeerRecord  # noqa: E402
+import swarmtune.node.roles.consumer as consumer  # noqa: E402
+from swarmtune import cli  # noqa: E402
+from swarmtune.node.adapters.offers import Offer  # noqa: E402
+from swarmtune.protocols.records import PeerRecord  # noqa: E402
 
 
 def newest_offers(records: Mapping[str, PeerRecord], *_: Any) -> dict[str, Offer]:

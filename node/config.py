@@ -8,9 +8,8 @@ from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from aggregation.merge import MERGE_METHODS
-from aggregation.methods import OUTER_METHODS, OuterMethod
+from swarmtune.aggregation.merge import MERGE_METHODS
+from swarmtune.aggregation.methods import OUTER_METHODS, OuterMethod
 
 
 class ConfigError(ValueError):

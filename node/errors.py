@@ -1,13 +1,13 @@
 """Errors that mean bad input, not a bug: the CLI prints them as one line."""
 
-from node.adapters.adapter import AdapterError
-from node.config import ConfigError
-from node.engine.state import StateError
-from node.local.basemodel import BaseModelError
-from node.local.data import DataError
-from node.local.trainer import TrainingDiverged
-from protocols.swarm import SwarmError
-from protocols.transfer import TransferError
+from swarmtune.node.adapters.adapter import AdapterError
+from swarmtune.node.config import ConfigError
+from swarmtune.node.engine.state import StateError
+from swarmtune.node.local.basemodel import BaseModelError
+from swarmtune.node.local.data import DataError
+from swarmtune.node.local.trainer import TrainingDiverged
+from swarmtune.protocols.swarm import SwarmError
+from swarmtune.protocols.transfer import TransferError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     AdapterError,

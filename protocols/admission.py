@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
-
-from protocols.group import TICKET_MAX
+from swarmtune.protocols.group import TICKET_MAX
 
 PREFIX = "st1"
 CLOCK_SKEW_S = 300.0  # a ticket issued "in the future" by this much is still accepted

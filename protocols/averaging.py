@@ -44,13 +44,12 @@ from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.utils import get_dht_time
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-
-from aggregation.codec import from_int8_blocks, int8_blocks, n_blocks
-from protocols.admission import Gate
-from protocols.group import GroupResult, MemberMeta, finite_number, parse_member
-from protocols.matchmaking import GatedAverager, RefusedSet
-from protocols.routing import BlobRouter
-from protocols.transfer import OtherBlob, TransferError
+from swarmtune.aggregation.codec import from_int8_blocks, int8_blocks, n_blocks
+from swarmtune.protocols.admission import Gate
+from swarmtune.protocols.group import GroupResult, MemberMeta, finite_number, parse_member
+from swarmtune.protocols.matchmaking import GatedAverager, RefusedSet
+from swarmtune.protocols.routing import BlobRouter
+from swarmtune.protocols.transfer import OtherBlob, TransferError
 
 ROUND_BITS, DIGEST_BITS = 20, 12
 POLL_S = 0.5

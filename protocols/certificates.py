@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from protocols.identity import MAX_KEY_CHARS, MAX_SIG_CHARS, Identity, Signed, signed_with
-from protocols.records import HEX64
+from swarmtune.protocols.identity import MAX_KEY_CHARS, MAX_SIG_CHARS, Identity, Signed, signed_with
+from swarmtune.protocols.records import HEX64
 
 PURPOSE = "round-certificate/v1"
 MAX_CHAIN = 64  # certificates a peer keeps and serves with its state

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregation.params import Params
+from swarmtune.aggregation.params import Params
 
 TICKET_MAX = 2048  # characters of an admission ticket (protocols/admission.py)
 

@@ -11,9 +11,8 @@ from typing import Any
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
-
-from protocols.identity import Identity
-from protocols.records import (
+from swarmtune.protocols.identity import Identity
+from swarmtune.protocols.records import (
     PEER_TTL,
     ManifestRecord,
     PeerRecord,
@@ -23,7 +22,7 @@ from protocols.records import (
     peers_key,
     with_fields,
 )
-from protocols.validator import RunRecordValidator, owner_subkey
+from swarmtune.protocols.validator import RunRecordValidator, owner_subkey
 
 log = logging.getLogger("swarmtune.swarm")
 DHT_GET_TIMEOUT = 10.0

@@ -15,12 +15,11 @@ from typing import Any
 
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
-
-from protocols.direct import DirectServer
-from protocols.reach import connect_through, observed_ip
-from protocols.records import PeerRecord
-from protocols.runner import LoopThread
-from protocols.transfer import (
+from swarmtune.protocols.direct import DirectServer
+from swarmtune.protocols.reach import connect_through, observed_ip
+from swarmtune.protocols.records import PeerRecord
+from swarmtune.protocols.runner import LoopThread
+from swarmtune.protocols.transfer import (
     MAX_PASSED_ON,
     VIA,
     BlobServer,

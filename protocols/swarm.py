@@ -17,31 +17,30 @@ from typing import Any
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
-
-from protocols import lifeline
-from protocols.hivemind_private import QuietDHT, install_p2pd_args
-from protocols.identity import Identity, IdentityError
-from protocols.reach import (
+from swarmtune.protocols import lifeline
+from swarmtune.protocols.hivemind_private import QuietDHT, install_p2pd_args
+from swarmtune.protocols.identity import Identity, IdentityError
+from swarmtune.protocols.reach import (
     REACH_MODES,
     DialBackServer,
     ask_dial_back,
 )
-from protocols.record_store import RecordStore
-from protocols.records import (
+from swarmtune.protocols.record_store import RecordStore
+from swarmtune.protocols.records import (
     PEER_TTL,
     RELAY_MADDR,
     ManifestRecord,
 )
-from protocols.routing import RELAY_CHECK_S, BlobRouter
-from protocols.routing import peer_id_of as multiaddr_peer
-from protocols.runner import LoopThread
-from protocols.sockets import remove_stale_hivemind_sockets
-from protocols.ticket_desk import Grant, TicketDesk, TicketDeskError, ask_ticket
-from protocols.transfer import (
+from swarmtune.protocols.routing import RELAY_CHECK_S, BlobRouter
+from swarmtune.protocols.routing import peer_id_of as multiaddr_peer
+from swarmtune.protocols.runner import LoopThread
+from swarmtune.protocols.sockets import remove_stale_hivemind_sockets
+from swarmtune.protocols.ticket_desk import Grant, TicketDesk, TicketDeskError, ask_ticket
+from swarmtune.protocols.transfer import (
     TransferError,
     fetch_blob,
 )
-from protocols.validator import RunRecordValidator
+from swarmtune.protocols.validator import RunRecordValidator
 
 log = logging.getLogger("swarmtune.swarm")
 

@@ -4,8 +4,7 @@ import argparse
 from pathlib import Path
 
 import pytest
-
-from cli import build_parser, main
+from swarmtune.cli import build_parser, main
 
 SUBCOMMANDS = [
     "bootstrap",
@@ -76,7 +75,7 @@ def test_export_base_refuses_non_empty_dir(
 def test_clustered_demo_puts_two_volunteers_on_each_of_four_tasks() -> None:
     from collections import Counter
 
-    from node.roles.demo import DemoOptions
+    from swarmtune.node.roles.demo import DemoOptions
 
     tasks = [DemoOptions(clustered=True).task_of(i) for i in range(8)]
     assert sorted(Counter(tasks).values()) == [2, 2, 2, 2]
@@ -88,12 +87,12 @@ JOIN = ["join", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmSomething"]
 
 def _no_network(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
     """Make starting a DHT peer in `join` raise `error` instead of touching the network."""
-    import node.roles.volunteer
+    import swarmtune.node.roles.volunteer
 
     def refuse(**_: object) -> None:
         raise error
 
-    monkeypatch.setattr(node.roles.volunteer, "SwarmNode", refuse)
+    monkeypatch.setattr(swarmtune.node.roles.volunteer, "SwarmNode", refuse)
 
 
 @pytest.mark.parametrize("broken", ["missing", "no-weights", "bad-config", "no-tokenizer"])
@@ -103,7 +102,7 @@ def test_join_refuses_a_model_dir_that_is_not_a_model_before_any_network(
     capsys: pytest.CaptureFixture[str],
     broken: str,
 ) -> None:
-    from node.local.basemodel import export_base
+    from swarmtune.node.local.basemodel import export_base
 
     _no_network(monkeypatch, AssertionError("join started a DHT peer before checking --model"))
     model = tmp_path / "not-a-model"
@@ -127,8 +126,8 @@ def test_join_refuses_a_model_dir_that_is_not_a_model_before_any_network(
 def test_join_accepts_a_real_model_dir_up_to_the_network(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from node.local.basemodel import export_base
-    from protocols.swarm import SwarmError
+    from swarmtune.node.local.basemodel import export_base
+    from swarmtune.protocols.swarm import SwarmError
 
     _no_network(monkeypatch, SwarmError("network reached"))
     model = export_base(tmp_path / "model")
@@ -194,10 +193,10 @@ def test_options_wrong_together_are_one_line_exit_2(capsys: pytest.CaptureFixtur
 def test_role_options_are_built_by_name_from_the_parsed_arguments() -> None:
     import dataclasses
 
-    from cli import _options
-    from node.roles.coordinator import BootstrapOptions
-    from node.roles.evaluator import EvalOptions
-    from node.roles.volunteer import JoinOptions
+    from swarmtune.cli import _options
+    from swarmtune.node.roles.coordinator import BootstrapOptions
+    from swarmtune.node.roles.evaluator import EvalOptions
+    from swarmtune.node.roles.volunteer import JoinOptions
 
     parser = build_parser()
     args = parser.parse_args([*JOIN, "--data", "d.jsonl", "--port", "4000", "--wait-for", "3"])
@@ -229,7 +228,7 @@ def test_a_merge_option_the_method_does_not_read_is_refused(
 def test_join_checks_the_run_against_expect_config_and_its_old_name_says_so(
     caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from cli import _expect_config
+    from swarmtune.cli import _expect_config
 
     parser = build_parser()
     new = parser.parse_args([*JOIN, "--data", "d.jsonl", "--expect-config", "run.yaml"])

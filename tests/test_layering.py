@@ -24,14 +24,47 @@ FORBIDDEN = {
 }
 
 
+def _root(name: str) -> str:
+    """The top-level name an import reaches: for our own modules, the folder under swarmtune."""
+    parts = name.split(".")
+    return parts[1] if parts[0] == "swarmtune" and len(parts) > 1 else parts[0]
+
+
 def _imported_roots(path: Path) -> set[str]:
     roots: set[str] = set()
     for item in ast.walk(ast.parse(path.read_text())):
         if isinstance(item, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in item.names)
+            roots.update(_root(alias.name) for alias in item.names)
         elif isinstance(item, ast.ImportFrom) and item.module and item.level == 0:
-            roots.add(item.module.split(".")[0])
+            roots.add(_root(item.module))
+            if item.module == "swarmtune":  # from swarmtune import cli
+                roots.update(alias.name for alias in item.names)
     return roots
+
+
+def _bare_imports(path: Path) -> set[str]:
+    """Imports of our packages by their folder name instead of through swarmtune."""
+    ours = {*FORBIDDEN, "cli"}
+    found: set[str] = set()
+    for item in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(item, ast.Import):
+            names = [alias.name for alias in item.names]
+        elif isinstance(item, ast.ImportFrom) and item.module and item.level == 0:
+            names = [item.module]
+        found.update(n for n in names if n.split(".")[0] in ours)
+    return found
+
+
+def test_everything_imports_our_packages_through_the_swarmtune_namespace() -> None:
+    # what is installed is swarmtune.node, swarmtune.cli, ...: an import by the bare folder
+    # name would work only from the repository's root, and load a second copy of the module
+    files = [
+        ROOT / "cli.py",
+        *(p for d in (*FORBIDDEN, "tests", "bench") for p in (ROOT / d).rglob("*.py")),
+    ]
+    bare = {str(p.relative_to(ROOT)): sorted(_bare_imports(p)) for p in files if _bare_imports(p)}
+    assert not bare, bare
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -72,7 +105,8 @@ def _runtime_imports(path: Path) -> set[str]:
         elif isinstance(item, ast.ImportFrom) and item.module and item.level == 0:
             found.add(item.module)
             found.update(f"{item.module}.{alias.name}" for alias in item.names)
-    return {name for name in found if name.split(".")[0] in {*FORBIDDEN, "cli"}}
+    ours = {n.removeprefix("swarmtune.") for n in found if n.startswith("swarmtune.")}
+    return {name for name in ours if name.split(".")[0] in {*FORBIDDEN, "cli"}}
 
 
 def test_no_two_modules_import_each_other() -> None:
@@ -91,15 +125,15 @@ def test_no_two_modules_import_each_other() -> None:
 # simulator, and the wire's schemas, signatures and group types they read
 WITHOUT_HIVEMIND = [
     *sorted(
-        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        "swarmtune." + ".".join(path.relative_to(ROOT).with_suffix("").parts)
         for path in (ROOT / "node" / "engine").glob("*.py")
         if path.stem not in ("__init__", "swarm_transport")
     ),
-    "node.roles.simulate",
-    "protocols.records",
-    "protocols.certificates",
-    "protocols.identity",
-    "protocols.group",
+    "swarmtune.node.roles.simulate",
+    "swarmtune.protocols.records",
+    "swarmtune.protocols.certificates",
+    "swarmtune.protocols.identity",
+    "swarmtune.protocols.group",
 ]
 
 

@@ -11,13 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save as st_save
-
-from aggregation.params import state_hash
+from swarmtune.aggregation.params import state_hash
 
 if TYPE_CHECKING:  # peft costs seconds to import; `pull` and `status` never need it
     from peft import PeftModel
-
-    from node.local.trainer import InnerTrainer
+    from swarmtune.node.local.trainer import InnerTrainer
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 _PEFT_NAME = re.compile(r"\.lora_([AB])\.[^.]+\.weight$")

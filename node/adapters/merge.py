@@ -20,11 +20,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-
-from aggregation.merge import MergedAdapter, MergeOptions, merge_adapters
-from aggregation.taskvec import LoraFactors
-from node.adapters.adapter import AdapterError, ModelCard, peft_dir_files
-from protocols.transfer import write_dir_atomically
+from swarmtune.aggregation.merge import MergedAdapter, MergeOptions, merge_adapters
+from swarmtune.aggregation.taskvec import LoraFactors
+from swarmtune.node.adapters.adapter import AdapterError, ModelCard, peft_dir_files
+from swarmtune.protocols.transfer import write_dir_atomically
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(\.[^.]+)?\.weight$")
 PEFT_PREFIX = "base_model.model."

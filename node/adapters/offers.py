@@ -17,15 +17,14 @@ from dataclasses import dataclass
 
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-
-from node.adapters.adapter import ADAPTER_FILES, AdapterError, adapter_digest
-from node.config import parse_config
-from node.engine.certify import MayVote, candidates, certified_votes, claims_of, quorum
-from protocols.admission import Gate
-from protocols.certificates import Certificate, Vote
-from protocols.identity import owns
-from protocols.records import ManifestRecord, PeerRecord
-from protocols.transfer import unpack_files
+from swarmtune.node.adapters.adapter import ADAPTER_FILES, AdapterError, adapter_digest
+from swarmtune.node.config import parse_config
+from swarmtune.node.engine.certify import MayVote, candidates, certified_votes, claims_of, quorum
+from swarmtune.protocols.admission import Gate
+from swarmtune.protocols.certificates import Certificate, Vote
+from swarmtune.protocols.identity import owns
+from swarmtune.protocols.records import ManifestRecord, PeerRecord
+from swarmtune.protocols.transfer import unpack_files
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-
-from aggregation.merge import MergeOptions, merge_adapters, merge_method
-from aggregation.params import Params
-from aggregation.taskvec import (
+from swarmtune.aggregation.merge import MergeOptions, merge_adapters, merge_method
+from swarmtune.aggregation.params import Params
+from swarmtune.aggregation.taskvec import (
     LoraFactors,
     absorb_small_clusters,
     agglomerate,
@@ -33,10 +32,10 @@ from aggregation.taskvec import (
     sketch_change,
     stable_ids,
 )
-from node.adapters.merge import lora_parts, output_files, parse_adapter
-from node.config import ClusteringSettings
-from protocols.records import ClusterRecord, PeerRecord, SignatureRecord, speaks_for
-from protocols.transfer import pack_files, unpack_files
+from swarmtune.node.adapters.merge import lora_parts, output_files, parse_adapter
+from swarmtune.node.config import ClusteringSettings
+from swarmtune.protocols.records import ClusterRecord, PeerRecord, SignatureRecord, speaks_for
+from swarmtune.protocols.transfer import pack_files, unpack_files
 
 log = logging.getLogger("swarmtune.clusters")
 SIGNATURE_SEED = 20261123  # shared by every peer, so sketches are comparable

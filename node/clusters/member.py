@@ -22,19 +22,19 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from node.clusters.clusterer import TaskSignature, read_assignment
-from node.config import RunConfig
-from node.engine.checkpoint import atomic_write
-from node.engine.state import GroupState
-from node.engine.swarm_transport import HivemindTransport
-from protocols.records import (
+from swarmtune.node.clusters.clusterer import TaskSignature, read_assignment
+from swarmtune.node.config import RunConfig
+from swarmtune.node.engine.checkpoint import atomic_write
+from swarmtune.node.engine.state import GroupState
+from swarmtune.node.engine.swarm_transport import HivemindTransport
+from swarmtune.protocols.records import (
     PEER_TTL,
     ClusterRecord,
     ManifestRecord,
     clusters_key,
     signatures_key,
 )
-from protocols.swarm import SwarmNode
+from swarmtune.protocols.swarm import SwarmNode
 
 log = logging.getLogger("swarmtune.cluster")
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from node.adapters.adapter import adapter_digest
-from node.engine.state import GroupState
-from protocols.certificates import MAX_CHAIN, Body, Certificate, Vote, sign_body
-from protocols.identity import Identity
-from protocols.records import PeerRecord
+from swarmtune.node.adapters.adapter import adapter_digest
+from swarmtune.node.engine.state import GroupState
+from swarmtune.protocols.certificates import MAX_CHAIN, Body, Certificate, Vote, sign_body
+from swarmtune.protocols.identity import Identity
+from swarmtune.protocols.records import PeerRecord
 
 # whose votes count: True when the vote's key is its peer's, and the peer is admitted (its
 # ticket, in token runs), not revoked and not banned

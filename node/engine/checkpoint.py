@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from node.engine.state import GroupState, StateError, decode_state, encode_state
+from swarmtune.node.engine.state import GroupState, StateError, decode_state, encode_state
 
 log = logging.getLogger("swarmtune.checkpoint")
 _TEMP_MARK = ".tmp-"

@@ -17,11 +17,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-
-from aggregation.methods import make_outer
-from aggregation.outer import OuterOptimizer, RoundContext
-from node.config import RunConfig
-from node.engine.state import MAX_OFFENDERS, GroupState, StateError
+from swarmtune.aggregation.methods import make_outer
+from swarmtune.aggregation.outer import OuterOptimizer, RoundContext
+from swarmtune.node.config import RunConfig
+from swarmtune.node.engine.state import MAX_OFFENDERS, GroupState, StateError
 
 HEADER_ROOM = 1 << 20  # safetensors header and the round's scalars
 OFFENCE_ROOM = MAX_OFFENDERS * (128 + 64 * 12)  # the largest offence record decode_state takes

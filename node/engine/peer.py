@@ -14,14 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from aggregation.methods import make_peer_momentum
-from aggregation.params import Params
-from node.config import RunConfig
-from node.engine.certify import Candidate, Ledger, NotCertified, candidates, verify_chain
-from node.engine.checkpoint import Checkpoint
-from node.engine.outer_state import check_outer, state_cap
-from node.engine.overlap import AHEAD, InFlight
-from node.engine.round import (
+from swarmtune.aggregation.methods import make_peer_momentum
+from swarmtune.aggregation.params import Params
+from swarmtune.node.config import RunConfig
+from swarmtune.node.engine.certify import Candidate, Ledger, NotCertified, candidates, verify_chain
+from swarmtune.node.engine.checkpoint import Checkpoint
+from swarmtune.node.engine.outer_state import check_outer, state_cap
+from swarmtune.node.engine.overlap import AHEAD, InFlight
+from swarmtune.node.engine.round import (
     LocalUpdate,
     RoundReport,
     conclude_round,
@@ -30,12 +30,12 @@ from node.engine.round import (
     restamp,
     round_start,
 )
-from node.engine.state import GroupState, StateError, check_params
-from node.engine.transport import StateUnavailable, Transport
-from node.engine.trust import banned
-from node.local.trainer import InnerTrainer, RoundAbandoned
-from protocols.certificates import Vote
-from protocols.identity import Identity
+from swarmtune.node.engine.state import GroupState, StateError, check_params
+from swarmtune.node.engine.transport import StateUnavailable, Transport
+from swarmtune.node.engine.trust import banned
+from swarmtune.node.local.trainer import InnerTrainer, RoundAbandoned
+from swarmtune.protocols.certificates import Vote
+from swarmtune.protocols.identity import Identity
 
 log = logging.getLogger("swarmtune.peer")
 

@@ -24,17 +24,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
-from aggregation.ghbm import PeerMomentum
-from aggregation.outer import RoundContext
-from aggregation.params import Params, pseudo_gradient, weighted_mean
-from aggregation.robust import Tensors, bound_norms, centered_clip, without_empty
-from node.config import RunConfig, max_round_weight
-from node.engine.outer_state import load_outer
-from node.engine.state import GroupState
-from node.engine.transport import AveragingFailed, GroupResult, MemberMeta
-from node.engine.trust import banned, record_offences
-from node.local.trainer import InnerResult, InnerTrainer
+from swarmtune.aggregation.ghbm import PeerMomentum
+from swarmtune.aggregation.outer import RoundContext
+from swarmtune.aggregation.params import Params, pseudo_gradient, weighted_mean
+from swarmtune.aggregation.robust import Tensors, bound_norms, centered_clip, without_empty
+from swarmtune.node.config import RunConfig, max_round_weight
+from swarmtune.node.engine.outer_state import load_outer
+from swarmtune.node.engine.state import GroupState
+from swarmtune.node.engine.transport import AveragingFailed, GroupResult, MemberMeta
+from swarmtune.node.engine.trust import banned, record_offences
+from swarmtune.node.local.trainer import InnerResult, InnerTrainer
 
 log = logging.getLogger("swarmtune.round")
 Outcome = Literal["averaged", "no-group", "rejected", "too-small"]

@@ -7,12 +7,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aggregation.params import Params
-from node.engine.certify import Candidate, Claim, candidates, claims_of
-from node.engine.state import GroupState, StateError, decode_state, encode_state
-from node.engine.transport import AveragingFailed, GroupResult, MemberMeta, StateUnavailable
-from protocols.averaging import AveragingError, GroupAverager
-from protocols.certificates import (
+from swarmtune.aggregation.params import Params
+from swarmtune.node.engine.certify import Candidate, Claim, candidates, claims_of
+from swarmtune.node.engine.state import GroupState, StateError, decode_state, encode_state
+from swarmtune.node.engine.transport import (
+    AveragingFailed,
+    GroupResult,
+    MemberMeta,
+    StateUnavailable,
+)
+from swarmtune.protocols.averaging import AveragingError, GroupAverager
+from swarmtune.protocols.certificates import (
     MAX_CHAIN_BYTES,
     Certificate,
     CertificateError,
@@ -20,10 +25,10 @@ from protocols.certificates import (
     decode_chain,
     encode_chain,
 )
-from protocols.identity import owns
-from protocols.records import AdapterOffer, PeerRecord, VoteRecord
-from protocols.swarm import SwarmNode
-from protocols.transfer import TransferError
+from swarmtune.protocols.identity import owns
+from swarmtune.protocols.records import AdapterOffer, PeerRecord, VoteRecord
+from swarmtune.protocols.swarm import SwarmNode
+from swarmtune.protocols.transfer import TransferError
 
 log = logging.getLogger("swarmtune.round")
 

@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from aggregation.params import Params
-from node.engine.certify import Candidate, Claim
-from node.engine.state import GroupState, decode_state, encode_state
-from protocols.certificates import Certificate, Vote
-from protocols.group import GroupResult, MemberMeta
+from swarmtune.aggregation.params import Params
+from swarmtune.node.engine.certify import Candidate, Claim
+from swarmtune.node.engine.state import GroupState, decode_state, encode_state
+from swarmtune.protocols.certificates import Certificate, Vote
+from swarmtune.protocols.group import GroupResult, MemberMeta
 
 __all__ = [
     "AveragingFailed",

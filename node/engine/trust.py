@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from node.config import AdmissionSettings
+from swarmtune.node.config import AdmissionSettings
 
 
 def record_offences(

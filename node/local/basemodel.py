@@ -34,7 +34,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.pytorch_utils import Conv1D
 
 if TYPE_CHECKING:
-    from node.config import RunConfig
+    from swarmtune.node.config import RunConfig
 
 log = logging.getLogger("swarmtune.base")
 ASSET_DIR: Path = Path(__file__).resolve().parents[1] / "assets"
@@ -132,7 +132,7 @@ def load_base(
     if embedded and fingerprint != EMBEDDED_FINGERPRINT:
         raise BaseModelError(
             f"embedded base model in {ASSET_DIR} does not match EMBEDDED_FINGERPRINT; "
-            "reinstall swarmtune (or regenerate with python -m node.local.make_assets)"
+            "reinstall swarmtune (or regenerate with python -m swarmtune.node.local.make_assets)"
         )
     if quantize is not None:
         del model  # free the fp32 copy before the quantized load

@@ -6,17 +6,16 @@ import threading
 from dataclasses import dataclass, field
 
 from peft import PeftModel
+from swarmtune.node.config import RunConfig
+from swarmtune.node.local.basemodel import load_base, resolve_target_modules
+from swarmtune.node.local.batch import Batch
+from swarmtune.node.local.data import BUILTIN_PREFIX, builtin_eval_texts, split_cue
+from swarmtune.node.local.evaluate import exact_rate, greedy_samples, scoring_set
+from swarmtune.node.local.packing import DataSummary, ExampleBatcher, tokenize_all
+from swarmtune.node.local.render import Renderer
+from swarmtune.node.local.sources import Example, load_examples
+from swarmtune.node.local.trainer import InnerTrainer, attach_lora
 from transformers import PreTrainedTokenizerBase
-
-from node.config import RunConfig
-from node.local.basemodel import load_base, resolve_target_modules
-from node.local.batch import Batch
-from node.local.data import BUILTIN_PREFIX, builtin_eval_texts, split_cue
-from node.local.evaluate import exact_rate, greedy_samples, scoring_set
-from node.local.packing import DataSummary, ExampleBatcher, tokenize_all
-from node.local.render import Renderer
-from node.local.sources import Example, load_examples
-from node.local.trainer import InnerTrainer, attach_lora
 
 EVAL_BATCHES = 4
 EXACT_EXAMPLES = 32  # held-out prompts completed greedily at every evaluation

@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from swarmtune.node.local.batch import Batch
+from swarmtune.node.local.packing import DataSummary, fixed_batches, tokenize_all
+from swarmtune.node.local.render import Renderer
+from swarmtune.node.local.sources import Example
 from transformers import PreTrainedTokenizerBase
-
-from node.local.batch import Batch
-from node.local.packing import DataSummary, fixed_batches, tokenize_all
-from node.local.render import Renderer
-from node.local.sources import Example
 
 EXTRA_TOKENS = 4  # generated beyond the reference's own length
 MAX_NEW_TOKENS = 256

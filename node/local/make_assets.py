@@ -1,4 +1,4 @@
-"""Regenerate the embedded base model in node/assets/ (`python -m node.local.make_assets`).
+"""Regenerate the embedded base model in node/assets/ (`python -m swarmtune.node.local.make_assets`).
 
 Deterministic from SEED: a byte-level BPE tokenizer trained on the bundled corpus, a tiny
 Llama initialised from the seed and briefly pre-trained on a mixture of all built-in tasks,
@@ -17,11 +17,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from swarmtune.node.local.basemodel import (
+    ASSET_DIR,
+    WEIGHTS_FILE,
+    load_tokenizer,
+    weights_fingerprint,
+)
+from swarmtune.node.local.data import BUILTIN_TASKS, TokenBatcher, builtin_texts
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
-
-from node.local.basemodel import ASSET_DIR, WEIGHTS_FILE, load_tokenizer, weights_fingerprint
-from node.local.data import BUILTIN_TASKS, TokenBatcher, builtin_texts
 
 SEED = 20240611
 CORPUS_PER_TASK = 2000

@@ -14,11 +14,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from node.local.batch import Batch, SeededStream
-from node.local.data import DataError
-from node.local.render import Renderer, Tokenized
-from node.local.sources import Example
+from swarmtune.node.local.batch import Batch, SeededStream
+from swarmtune.node.local.data import DataError
+from swarmtune.node.local.render import Renderer, Tokenized
+from swarmtune.node.local.sources import Example
 
 IGNORE = -100  # label of a token outside the loss (transformers' convention)
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from swarmtune.node.local.data import DataError
+from swarmtune.node.local.sources import Example
 from transformers import PreTrainedTokenizerBase
-
-from node.local.data import DataError
-from node.local.sources import Example
 
 LOSSES = ("completion", "full")
 

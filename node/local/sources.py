@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.local.data import BUILTIN_COUNT, BUILTIN_PREFIX, DataError, builtin_texts, split_cue
+from swarmtune.node.local.data import (
+    BUILTIN_COUNT,
+    BUILTIN_PREFIX,
+    DataError,
+    builtin_texts,
+    split_cue,
+)
 
 HF_PREFIX = "hf:"
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}

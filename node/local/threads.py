@@ -16,16 +16,17 @@ import os
 from pathlib import Path
 
 import torch
-
-from protocols.lifeline import parents
+from swarmtune.protocols.lifeline import parents
 
 log = logging.getLogger("swarmtune.threads")
 
 
 def is_join(argv: list[str]) -> bool:
-    """True for the command line of a volunteer: `swarmtune join ...` or `python -m cli join`."""
+    """True for the command line of a volunteer: `swarmtune join ...` or `python -m swarmtune.cli join`."""
     for i, arg in enumerate(argv):
-        program = Path(arg).name == "swarmtune" or (arg == "cli" and argv[i - 1 : i] == ["-m"])
+        program = Path(arg).name == "swarmtune" or (
+            arg == "swarmtune.cli" and argv[i - 1 : i] == ["-m"]
+        )
         if program:  # its subcommand is the first argument that is not an option
             return next((a for a in argv[i + 1 :] if not a.startswith("-")), "") == "join"
     return False

@@ -11,11 +11,10 @@ from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from swarmtune.aggregation.params import Params, clone_params
+from swarmtune.node.config import InnerSettings, LoraSettings
+from swarmtune.node.local.batch import Batch
 from transformers import PreTrainedModel
-
-from aggregation.params import Params, clone_params
-from node.config import InnerSettings, LoraSettings
-from node.local.batch import Batch
 
 
 class Batches(Protocol):

@@ -14,12 +14,11 @@ import re
 from pathlib import Path
 
 from pydantic import ValidationError
-
-from node.config import parse_config
-from node.engine.checkpoint import atomic_write, set_aside
-from protocols.admission import issue_ticket, read_ticket
-from protocols.records import RevocationRecord, revoked_key
-from protocols.swarm import SwarmError, SwarmNode, identity_peer_id, load_or_create_key
+from swarmtune.node.config import parse_config
+from swarmtune.node.engine.checkpoint import atomic_write, set_aside
+from swarmtune.protocols.admission import issue_ticket, read_ticket
+from swarmtune.protocols.records import RevocationRecord, revoked_key
+from swarmtune.protocols.swarm import SwarmError, SwarmNode, identity_peer_id, load_or_create_key
 
 MANIFEST_FILE = "manifest.json"
 REVOKED_FILE = "revoked.txt"

@@ -8,21 +8,21 @@ import sys
 import time
 from pathlib import Path
 
-from node.adapters.adapter import AdapterError
-from node.adapters.offers import (
+from swarmtune.node.adapters.adapter import AdapterError
+from swarmtune.node.adapters.offers import (
     Offer,
     proven_offers,
     run_may_vote,
     verified_bundle,
     vouched_offers,
 )
-from node.clusters.clusterer import read_assignment
-from node.engine.certify import MayVote
-from node.watch.snapshot import snapshot
-from protocols.certificates import Certificate, CertificateError, decode_chain
-from protocols.records import ClusterRecord, ManifestRecord, PeerRecord, clusters_key
-from protocols.swarm import SwarmError, SwarmNode
-from protocols.transfer import TransferError, write_dir_atomically
+from swarmtune.node.clusters.clusterer import read_assignment
+from swarmtune.node.engine.certify import MayVote
+from swarmtune.node.watch.snapshot import snapshot
+from swarmtune.protocols.certificates import Certificate, CertificateError, decode_chain
+from swarmtune.protocols.records import ClusterRecord, ManifestRecord, PeerRecord, clusters_key
+from swarmtune.protocols.swarm import SwarmError, SwarmNode
+from swarmtune.protocols.transfer import TransferError, write_dir_atomically
 
 log = logging.getLogger("swarmtune.pull")
 

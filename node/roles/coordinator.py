@@ -13,20 +13,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.adapters.adapter import AdapterError
-from node.adapters.offers import Offer, run_may_vote, verified_bundle, vouched_offers
-from node.clusters.clusterer import Clusterer, merge_bundles, verified_signatures
-from node.config import load_config, parse_config
-from node.engine.certify import certified_votes
-from node.engine.checkpoint import atomic_write
-from node.local.basemodel import load_base, resolve_target_modules
-from node.roles.admit import AddressLedger, read_revoked, save_manifest
-from node.roles.consumer import fetch_certificate
-from node.watch.history import FILE_NAME, History
-from node.watch.snapshot import PAGE_FILE, snapshot
-from node.watch.tensorboard import SwarmLog
-from protocols.certificates import CertificateError, encode_chain
-from protocols.records import (
+from swarmtune.node.adapters.adapter import AdapterError
+from swarmtune.node.adapters.offers import Offer, run_may_vote, verified_bundle, vouched_offers
+from swarmtune.node.clusters.clusterer import Clusterer, merge_bundles, verified_signatures
+from swarmtune.node.config import load_config, parse_config
+from swarmtune.node.engine.certify import certified_votes
+from swarmtune.node.engine.checkpoint import atomic_write
+from swarmtune.node.local.basemodel import load_base, resolve_target_modules
+from swarmtune.node.roles.admit import AddressLedger, read_revoked, save_manifest
+from swarmtune.node.roles.consumer import fetch_certificate
+from swarmtune.node.watch.history import FILE_NAME, History
+from swarmtune.node.watch.snapshot import PAGE_FILE, snapshot
+from swarmtune.node.watch.tensorboard import SwarmLog
+from swarmtune.protocols.certificates import CertificateError, encode_chain
+from swarmtune.protocols.records import (
     AdapterOffer,
     ManifestRecord,
     PeerRecord,
@@ -37,9 +37,9 @@ from protocols.records import (
     signatures_key,
     with_fields,
 )
-from protocols.swarm import SwarmError, SwarmNode, address_kind
-from protocols.transfer import TransferError
-from protocols.web import StatusServer
+from swarmtune.protocols.swarm import SwarmError, SwarmNode, address_kind
+from swarmtune.protocols.transfer import TransferError
+from swarmtune.protocols.web import StatusServer
 
 log = logging.getLogger("swarmtune.bootstrap")
 MIRROR_INTERVAL = 1.0

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from aggregation.taskvec import adjusted_rand_index
-from node.config import load_config
-from node.local.data import BUILTIN_TASKS, data_spec
-from protocols.sockets import remove_stale_hivemind_sockets
-from protocols.swarm import SwarmError
+from swarmtune.aggregation.taskvec import adjusted_rand_index
+from swarmtune.node.config import load_config
+from swarmtune.node.local.data import BUILTIN_TASKS, data_spec
+from swarmtune.protocols.sockets import remove_stale_hivemind_sockets
+from swarmtune.protocols.swarm import SwarmError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEMO_CONFIG = CONFIGS / "demo.yaml"
@@ -54,11 +54,11 @@ class Processes:
     def start(
         self, name: str, args: list[str], program: list[str] | None = None
     ) -> subprocess.Popen[str]:
-        """Run `python -m cli ARGS` (or `python PROGRAM ARGS`), echoing its lines as
+        """Run `python -m swarmtune.cli ARGS` (or `python PROGRAM ARGS`), echoing its lines as
         `[name] ...`."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
-            [sys.executable, *(program or ["-m", "cli"]), *args],
+            [sys.executable, *(program or ["-m", "swarmtune.cli"]), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -259,7 +259,7 @@ def run_demo(options: DemoOptions) -> int:
             [
                 sys.executable,
                 "-m",
-                "cli",
+                "swarmtune.cli",
                 "pull",
                 "--initial-peers",
                 maddr,

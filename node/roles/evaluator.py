@@ -18,16 +18,15 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-
-from node.adapters.adapter import AdapterError
-from node.adapters.merge import read_adapter
-from node.local.basemodel import load_base
-from node.local.batch import Batch
-from node.local.data import DataError
-from node.local.evaluate import Sample, exact_rate, greedy_samples, scoring_set
-from node.local.render import Renderer
-from node.local.sources import Example, load_examples
-from node.local.trainer import mean_loss
+from swarmtune.node.adapters.adapter import AdapterError
+from swarmtune.node.adapters.merge import read_adapter
+from swarmtune.node.local.basemodel import load_base
+from swarmtune.node.local.batch import Batch
+from swarmtune.node.local.data import DataError
+from swarmtune.node.local.evaluate import Sample, exact_rate, greedy_samples, scoring_set
+from swarmtune.node.local.render import Renderer
+from swarmtune.node.local.sources import Example, load_examples
+from swarmtune.node.local.trainer import mean_loss
 
 log = logging.getLogger("swarmtune.eval")
 BATCH = 8
@@ -74,7 +73,7 @@ def evaluate(options: EvalOptions) -> int:
     examples = load_examples(options.data)[: options.max_examples]
     if options.initial_peers is not None:
         with tempfile.TemporaryDirectory(prefix="swarmtune-eval-") as tmp:
-            from node.roles.consumer import pull  # noqa: PLC0415 - only this path needs the DHT
+            from swarmtune.node.roles.consumer import pull  # noqa: PLC0415 - only this path needs the DHT
 
             with contextlib.redirect_stdout(sys.stderr):  # stdout: the report (or its JSON)
                 pull(options.initial_peers, Path(tmp) / "global", "global", False)

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aggregation.ghbm import PeerMomentum
-from aggregation.methods import make_peer_momentum
-from aggregation.params import Params
-from node.config import SimConfig
-from node.engine.round import (
+from swarmtune.aggregation.ghbm import PeerMomentum
+from swarmtune.aggregation.methods import make_peer_momentum
+from swarmtune.aggregation.params import Params
+from swarmtune.node.config import SimConfig
+from swarmtune.node.engine.round import (
     LocalUpdate,
     RoundReport,
     RoundStart,
@@ -44,17 +44,17 @@ from node.engine.round import (
     restamp,
     round_start,
 )
-from node.engine.state import GroupState
-from node.engine.transport import AveragingFailed, GroupResult, InMemoryHub
-from node.local.basemodel import load_base, resolve_target_modules
-from node.local.data import (
+from swarmtune.node.engine.state import GroupState
+from swarmtune.node.engine.transport import AveragingFailed, GroupResult, InMemoryHub
+from swarmtune.node.local.basemodel import load_base, resolve_target_modules
+from swarmtune.node.local.data import (
     BUILTIN_TASKS,
     TokenBatcher,
     builtin_eval_texts,
     builtin_texts,
     eval_batches,
 )
-from node.local.trainer import InnerTrainer, attach_lora
+from swarmtune.node.local.trainer import InnerTrainer, attach_lora
 
 log = logging.getLogger("swarmtune.simulate")
 

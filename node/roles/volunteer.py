@@ -15,27 +15,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
-from node.adapters.adapter import Provenance, adapter_files
-from node.clusters.clusterer import TaskSignature
-from node.clusters.member import ClusterMember, group_prefix
-from node.config import RunConfig, load_config, parse_config
-from node.engine.checkpoint import Checkpoint
-from node.engine.peer import Peer
-from node.engine.round import RoundReport
-from node.engine.state import GroupState
-from node.engine.swarm_transport import HivemindTransport
-from node.local.basemodel import check_local_base, resolve_device
-from node.local.build import LocalModel, build_local_model
-from node.local.sources import load_examples
-from node.local.threads import ThreadShare
-from node.roles.admit import read_revocations
-from node.watch.tensorboard import ScalarLog, round_scalars
-from protocols.admission import Gate, TicketError, read_ticket
-from protocols.averaging import GroupAverager
-from protocols.records import AdapterOffer, ManifestRecord, PeerRecord
-from protocols.swarm import SwarmError, SwarmNode
-from protocols.transfer import BlobServer, pack_files
+from swarmtune.node.adapters.adapter import Provenance, adapter_files
+from swarmtune.node.clusters.clusterer import TaskSignature
+from swarmtune.node.clusters.member import ClusterMember, group_prefix
+from swarmtune.node.config import RunConfig, load_config, parse_config
+from swarmtune.node.engine.checkpoint import Checkpoint
+from swarmtune.node.engine.peer import Peer
+from swarmtune.node.engine.round import RoundReport
+from swarmtune.node.engine.state import GroupState
+from swarmtune.node.engine.swarm_transport import HivemindTransport
+from swarmtune.node.local.basemodel import check_local_base, resolve_device
+from swarmtune.node.local.build import LocalModel, build_local_model
+from swarmtune.node.local.sources import load_examples
+from swarmtune.node.local.threads import ThreadShare
+from swarmtune.node.roles.admit import read_revocations
+from swarmtune.node.watch.tensorboard import ScalarLog, round_scalars
+from swarmtune.protocols.admission import Gate, TicketError, read_ticket
+from swarmtune.protocols.averaging import GroupAverager
+from swarmtune.protocols.records import AdapterOffer, ManifestRecord, PeerRecord
+from swarmtune.protocols.swarm import SwarmError, SwarmNode
+from swarmtune.protocols.transfer import BlobServer, pack_files
 
 log = logging.getLogger("swarmtune.join")
 HANDOFF_TIMEOUT = 20.0

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from node.engine.checkpoint import atomic_write
-from protocols.records import PeerRecord
+from swarmtune.node.engine.checkpoint import atomic_write
+from swarmtune.protocols.records import PeerRecord
 
 log = logging.getLogger("swarmtune.watch")
 MAX_POINTS = 20_000  # ~100 volunteers x 200 rounds; a point is ~400 bytes as JSON

@@ -7,9 +7,9 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
-from node.adapters.offers import Offer
-from node.config import parse_config
-from protocols.records import ClusterRecord, ManifestRecord, PeerRecord
+from swarmtune.node.adapters.offers import Offer
+from swarmtune.node.config import parse_config
+from swarmtune.protocols.records import ClusterRecord, ManifestRecord, PeerRecord
 
 PAGE_FILE = Path(__file__).with_name("page.html")  # the status page, self-contained
 

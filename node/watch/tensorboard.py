@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from protocols.swarm import SwarmError
+from swarmtune.protocols.swarm import SwarmError
 
 REPORT_TO = ("tensorboard",)
 LOG_DIR = "tensorboard"

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from aggregation.codec import BLOCK, from_int8_blocks, int8_blocks, n_blocks
+from swarmtune.aggregation.codec import BLOCK, from_int8_blocks, int8_blocks, n_blocks
 
 
 def _reference(values: list[float], block: int) -> tuple[list[int], list[float]]:

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
-from aggregation.ghbm import GHBMOuter, PeerMomentum, tau_from_participation
-from aggregation.methods import make_outer
-from aggregation.outer import RoundContext
+from swarmtune.aggregation.ghbm import GHBMOuter, PeerMomentum, tau_from_participation
+from swarmtune.aggregation.methods import make_outer
+from swarmtune.aggregation.outer import RoundContext
 
 CTX = RoundContext()
 EPS32 = torch.finfo(torch.float32).eps

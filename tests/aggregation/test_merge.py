@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from aggregation.merge import (
+from swarmtune.aggregation.merge import (
     MERGE_METHODS,
     MergeOptions,
     dare_drop,
@@ -14,7 +13,7 @@ from aggregation.merge import (
     register,
     trim_top,
 )
-from aggregation.taskvec import LoraFactors
+from swarmtune.aggregation.taskvec import LoraFactors
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps

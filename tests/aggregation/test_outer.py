@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-
-from aggregation.methods import make_outer
-from aggregation.outer import FedAvgOuter, MomentumOuter, RoundContext
+from swarmtune.aggregation.methods import make_outer
+from swarmtune.aggregation.outer import FedAvgOuter, MomentumOuter, RoundContext
 
 CTX = RoundContext()
 EPS32 = torch.finfo(torch.float32).eps
@@ -152,8 +151,8 @@ def test_every_stateful_outer_round_trips_its_state(name: str) -> None:
 
 
 def test_every_method_builds_from_exactly_what_its_descriptor_names() -> None:
-    from aggregation.methods import OUTER_METHODS, make_peer_momentum
-    from node.config import OuterSettings
+    from swarmtune.aggregation.methods import OUTER_METHODS, make_peer_momentum
+    from swarmtune.node.config import OuterSettings
 
     for name, method in OUTER_METHODS.items():
         settings = OuterSettings(name=name)

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from aggregation.params import pseudo_gradient, state_hash, weighted_mean
+from swarmtune.aggregation.params import pseudo_gradient, state_hash, weighted_mean
 
 
 def _p(*values: float) -> dict[str, torch.Tensor]:

@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-
-from aggregation.params import weighted_mean
-from aggregation.robust import (
+from swarmtune.aggregation.params import weighted_mean
+from swarmtune.aggregation.robust import (
     TAU_FLOOR,
     bound_norms,
     centered_clip,

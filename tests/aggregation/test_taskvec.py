@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from aggregation.taskvec import (
+from swarmtune.aggregation.taskvec import (
     SIGNATURE_DIM,
     LoraFactors,
     adapter_cosine,
@@ -222,7 +221,7 @@ def test_stable_ids_keep_cluster_numbers_across_versions() -> None:
 def test_factor_average_error_matches_its_two_member_closed_form_and_vanishes_for_a_shared_a() -> (
     None
 ):
-    from aggregation.taskvec import LoraFactors, factor_average_error
+    from swarmtune.aggregation.taskvec import LoraFactors, factor_average_error
 
     gen = torch.Generator().manual_seed(3)
     a1, a2 = torch.randn(4, 12, generator=gen), torch.randn(4, 12, generator=gen)
@@ -268,7 +267,7 @@ def test_the_change_sketch_is_the_difference_of_sketches_when_folded_too() -> No
 
 
 def test_small_clusters_join_the_cluster_they_are_most_similar_to() -> None:
-    from aggregation.taskvec import absorb_small_clusters
+    from swarmtune.aggregation.taskvec import absorb_small_clusters
 
     # items 0-1: a pair (a volunteer and its signature's copy); 2-4 and 5-7: two triples; the
     # pair is closer to the first triple

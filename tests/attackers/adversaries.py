@@ -28,8 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from aggregation.params import Params
+from swarmtune.aggregation.params import Params
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # as the CLI does: plain PEFT loads below must not ask the Hugging Face Hub about "embedded"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(ROOT))
-from node.local.data import data_spec  # noqa: E402
+from swarmtune.node.local.data import data_spec  # noqa: E402
 
 FAST_CONFIG = """run_id: {run_id}
 inner: {{steps: 10, batch_size: 8, seq_len: 48}}
@@ -166,7 +166,7 @@ class Swarm:
             proc = Zygote.fork(list(args), path, path, exit_file, netns)
         else:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", *args],
+                [sys.executable, "-m", "swarmtune.cli", *args],
                 cwd=ROOT,
                 stdout=open(path, "ab"),  # noqa: SIM115 - the child holds it
                 stderr=subprocess.STDOUT,
@@ -233,7 +233,7 @@ class Swarm:
         """Run a short CLI command to completion."""
         if not self.forked:
             return subprocess.run(
-                [sys.executable, "-m", "cli", *args],
+                [sys.executable, "-m", "swarmtune.cli", *args],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from swarmtune.node.engine.round import select_contributions
+from swarmtune.node.engine.swarm_transport import HivemindTransport
+from swarmtune.node.engine.transport import GroupResult, MemberMeta
+from swarmtune.node.roles.admit import read_revocations
+from swarmtune.protocols.admission import Gate, issue_ticket
+from swarmtune.protocols.averaging import GroupAverager
+from swarmtune.protocols.records import PeerRecord, RevocationRecord, revoked_key
+from swarmtune.protocols.swarm import SwarmNode, load_or_create_key
 
-from node.engine.round import select_contributions
-from node.engine.swarm_transport import HivemindTransport
-from node.engine.transport import GroupResult, MemberMeta
-from node.roles.admit import read_revocations
-from protocols.admission import Gate, issue_ticket
-from protocols.averaging import GroupAverager
-from protocols.records import PeerRecord, RevocationRecord, revoked_key
-from protocols.swarm import SwarmNode, load_or_create_key
 from tests.integration.parallel import run_members
 
 pytestmark = pytest.mark.slow

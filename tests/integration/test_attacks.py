@@ -12,15 +12,15 @@ import pytest
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
+from swarmtune.aggregation.params import weighted_mean
+from swarmtune.aggregation.robust import bound_norms, centered_clip, influence_bound
+from swarmtune.node.config import parse_config
+from swarmtune.node.engine.round import combine, select_contributions
+from swarmtune.protocols.admission import Gate, issue_ticket
+from swarmtune.protocols.averaging import GroupAverager
+from swarmtune.protocols.group import GroupResult, MemberMeta
+from swarmtune.protocols.swarm import SwarmNode
 
-from aggregation.params import weighted_mean
-from aggregation.robust import bound_norms, centered_clip, influence_bound
-from node.config import parse_config
-from node.engine.round import combine, select_contributions
-from protocols.admission import Gate, issue_ticket
-from protocols.averaging import GroupAverager
-from protocols.group import GroupResult, MemberMeta
-from protocols.swarm import SwarmNode
 from tests.attackers.adversaries import ADVERSARIES
 from tests.attackers.averager import HostileAverager
 from tests.integration.parallel import run_members

@@ -17,9 +17,8 @@ from swarm_harness import (  # noqa: E402
     assert_lora_weights_are_the_files,
     load_with_plain_peft,
 )
-
-from aggregation.taskvec import adjusted_rand_index  # noqa: E402
-from node.local.basemodel import export_base  # noqa: E402
+from swarmtune.aggregation.taskvec import adjusted_rand_index  # noqa: E402
+from swarmtune.node.local.basemodel import export_base  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 CLUSTERED = """run_id: itest-clusters

@@ -21,9 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from swarm_harness import ROOT, Swarm  # noqa: E402
-
-from node.engine.checkpoint import Checkpoint  # noqa: E402
-from node.engine.state import decode_state  # noqa: E402
+from swarmtune.node.engine.checkpoint import Checkpoint  # noqa: E402
+from swarmtune.node.engine.state import decode_state  # noqa: E402
 
 INNER_STEPS = 10  # swarm_harness.FAST_CONFIG
 GONE_WITHIN_S = 15.0  # torch_shm_manager exits 2 s after its last client hung up
@@ -70,7 +69,7 @@ def _sigkill_main_only(swarm: Swarm, name: str) -> list[psutil.Process]:
 
 FORKING_PARENT = """
 import os, subprocess, time
-from protocols import lifeline
+from swarmtune.protocols import lifeline
 lifeline.install()
 if os.fork() == 0:  # like hivemind's DHT process, which then starts p2pd
     sleeper = subprocess.Popen(["sleep", "120"])

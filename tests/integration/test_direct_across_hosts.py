@@ -24,7 +24,7 @@ HOST1, HOST2 = "192.168.11.2", "192.168.12.2"
 SERVER = """
 import hashlib, json, sys, time
 sys.path.insert(0, {root!r})
-from protocols.swarm import SwarmNode
+from swarmtune.protocols.swarm import SwarmNode
 node = SwarmNode(initial_peers=[], host={host!r})
 node.enable_direct()
 data = bytes(range(256)) * (8 << 10)  # 2 MiB
@@ -38,7 +38,7 @@ time.sleep(120)
 CLIENT = """
 import json, sys
 sys.path.insert(0, {root!r})
-from protocols.swarm import SwarmNode
+from swarmtune.protocols.swarm import SwarmNode
 info = json.load(open({info!r}))
 node = SwarmNode(initial_peers=[info["maddr"]], host={host!r})
 node.enable_direct()

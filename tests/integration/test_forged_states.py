@@ -20,9 +20,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from swarm_harness import ENV, ROOT, Swarm  # noqa: E402
-
-from node.adapters.adapter import adapter_digest  # noqa: E402
-from node.engine.state import decode_state  # noqa: E402
+from swarmtune.node.adapters.adapter import adapter_digest  # noqa: E402
+from swarmtune.node.engine.state import decode_state  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 ROUNDS = 5

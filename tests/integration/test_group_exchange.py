@@ -11,16 +11,16 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from swarmtune.aggregation.codec import from_int8_blocks, int8_blocks
+from swarmtune.aggregation.outer import FedAvgOuter, RoundContext
+from swarmtune.aggregation.params import weighted_mean
+from swarmtune.node.engine.round import select_contributions
+from swarmtune.node.engine.swarm_transport import HivemindTransport
+from swarmtune.node.engine.transport import AveragingFailed, GroupResult, MemberMeta
+from swarmtune.protocols.averaging import GroupAverager
+from swarmtune.protocols.records import PeerRecord
+from swarmtune.protocols.swarm import SwarmNode
 
-from aggregation.codec import from_int8_blocks, int8_blocks
-from aggregation.outer import FedAvgOuter, RoundContext
-from aggregation.params import weighted_mean
-from node.engine.round import select_contributions
-from node.engine.swarm_transport import HivemindTransport
-from node.engine.transport import AveragingFailed, GroupResult, MemberMeta
-from protocols.averaging import GroupAverager
-from protocols.records import PeerRecord
-from protocols.swarm import SwarmNode
 from tests.integration.parallel import run_members
 
 pytestmark = pytest.mark.slow
@@ -220,8 +220,8 @@ def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times(
     import hashlib
     import json
 
-    from protocols import routing
-    from protocols.transfer import TransferError, write_frame
+    from swarmtune.protocols import routing
+    from swarmtune.protocols.transfer import TransferError, write_frame
 
     server, client = nodes[:2]
     data = b"contribution bytes" * 1000
@@ -253,8 +253,8 @@ def test_a_stream_that_ends_early_is_fetched_again_a_bounded_number_of_times(
 def _trained_members(freeze_a: bool) -> tuple[float, dict, list[dict], dict]:
     """Three peers' LoRA from one seeded init, 4 inner steps each on its own task: the scaling,
     the start and end points (trainable tensors) and the frozen tensors (A, under FFA-LoRA)."""
-    from node.config import parse_config
-    from node.local.build import build_local_model
+    from swarmtune.node.config import parse_config
+    from swarmtune.node.local.build import build_local_model
 
     config = parse_config(
         {

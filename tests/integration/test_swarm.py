@@ -24,13 +24,12 @@ from swarm_harness import (  # noqa: E402
     assert_lora_weights_are_the_files,
     load_with_plain_peft,
 )
-
-from cli import main  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.engine.state import decode_state  # noqa: E402
-from node.local.basemodel import export_base  # noqa: E402
-from node.local.build import build_local_model  # noqa: E402
-from node.local.data import builtin_texts, split_cue  # noqa: E402
+from swarmtune.cli import main  # noqa: E402
+from swarmtune.node.config import load_config  # noqa: E402
+from swarmtune.node.engine.state import decode_state  # noqa: E402
+from swarmtune.node.local.basemodel import export_base  # noqa: E402
+from swarmtune.node.local.build import build_local_model  # noqa: E402
+from swarmtune.node.local.data import builtin_texts, split_cue  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 TASKS = ("arithmetic", "dates", "code")

@@ -3,9 +3,8 @@
 from pathlib import Path
 
 import pytest
-
-from aggregation.methods import make_peer_momentum
-from node.config import ConfigError, RunConfig, SimConfig, load_config, load_sim_config
+from swarmtune.aggregation.methods import make_peer_momentum
+from swarmtune.node.config import ConfigError, RunConfig, SimConfig, load_config, load_sim_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-
-from protocols.swarm import (
+from swarmtune.protocols.swarm import (
     SwarmError,
     SwarmNode,
     address_kind,

@@ -7,8 +7,7 @@ import multiprocessing as mp
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
-
-from protocols.admission import (
+from swarmtune.protocols.admission import (
     CLOCK_SKEW_S,
     Gate,
     TicketError,
@@ -16,7 +15,7 @@ from protocols.admission import (
     public_key_of,
     read_ticket,
 )
-from protocols.matchmaking import RefusedSet
+from swarmtune.protocols.matchmaking import RefusedSet
 
 KEY = RSAPrivateKey()
 COORDINATOR = RSASignatureValidator(KEY).local_public_key.decode()
@@ -106,7 +105,7 @@ def _join_request(ticket: object) -> object:
 
 
 def _leader(refused: RefusedSet):  # type: ignore[no-untyped-def]
-    from protocols.matchmaking import GatedAverager
+    from swarmtune.protocols.matchmaking import GatedAverager
 
     leader = GatedAverager.__new__(GatedAverager)  # the refusal path needs no running averager
     leader.gate, leader.refused = Gate(COORDINATOR, "run-a"), refused
@@ -129,8 +128,7 @@ def _answer(leader, peer_id, request) -> list:  # type: ignore[no-untyped-def]
 def test_a_leader_refuses_and_counts_every_unadmitted_revoked_or_malformed_join() -> None:
     from hivemind.p2p import PeerID
     from hivemind.proto import averaging_pb2
-
-    from protocols.admission import issue_ticket as issue
+    from swarmtune.protocols.admission import issue_ticket as issue
 
     peer_id = PeerID.from_base58("QmX4e7geuVFGHwzj6d3h963dW33VgsSQtHYR1n8DzKdkUK")
     peer = peer_id.to_base58()
@@ -179,8 +177,7 @@ def test_a_follower_leaves_a_leader_it_would_refuse_before_the_group_forms() -> 
 
     from hivemind.p2p import PeerID
     from hivemind.proto import averaging_pb2
-
-    from protocols.matchmaking import _CheckedLeader
+    from swarmtune.protocols.matchmaking import _CheckedLeader
 
     leader_id = PeerID.from_base58("QmX4e7geuVFGHwzj6d3h963dW33VgsSQtHYR1n8DzKdkUK")
     leader = leader_id.to_base58()

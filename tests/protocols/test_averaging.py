@@ -7,17 +7,16 @@ import signal
 import pytest
 import torch
 from safetensors.torch import save as st_save
-
-from aggregation.codec import from_int8_blocks, int8_blocks
-from protocols.averaging import (
+from swarmtune.aggregation.codec import from_int8_blocks, int8_blocks
+from swarmtune.protocols.averaging import (
     GroupAverager,
     check_header,
     decode_contribution,
     encode_contribution,
     group_bits,
 )
-from protocols.group import MemberMeta, parse_member
-from protocols.swarm import SwarmNode
+from swarmtune.protocols.group import MemberMeta, parse_member
+from swarmtune.protocols.swarm import SwarmNode
 
 pytestmark = pytest.mark.p2pd  # starts hivemind's p2p daemon (make test-fast skips these)
 
@@ -195,7 +194,7 @@ def test_an_averager_stopping_after_p2pd_is_gone_ends_quietly(
 ) -> None:
     import asyncio
 
-    from protocols.matchmaking import GatedAverager
+    from swarmtune.protocols.matchmaking import GatedAverager
 
     averager = object.__new__(GatedAverager)  # only what _shutdown reads
     averager.client_mode, averager.prefix, averager._running_groups = False, "run_global", {}
@@ -218,8 +217,7 @@ def test_the_dht_process_ends_quietly_when_its_pipe_from_the_main_process_breaks
     # seen in a full test run: a Ctrl+C ended the main process while an overlapped exchange
     # thread was handing the DHT a request; the DHT process printed a traceback on its way out
     from hivemind.dht import DHT
-
-    from protocols.hivemind_private import QuietDHT
+    from swarmtune.protocols.hivemind_private import QuietDHT
 
     def broken(self: DHT) -> None:
         raise error

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 from hivemind.p2p import P2P
-
-from protocols import direct as direct_module
-from protocols.direct import (
+from swarmtune.protocols import direct as direct_module
+from swarmtune.protocols.direct import (
     DIRECT_MIN,
     MAX_TOKENS,
     TOKEN_BYTES,
@@ -24,8 +23,8 @@ from protocols.direct import (
     fetch_direct,
     parse_offer,
 )
-from protocols.runner import LoopThread
-from protocols.transfer import BlobServer, fetch_blob
+from swarmtune.protocols.runner import LoopThread
+from swarmtune.protocols.transfer import BlobServer, fetch_blob
 
 pytestmark = pytest.mark.p2pd  # starts hivemind's p2p daemon (make test-fast skips these)
 

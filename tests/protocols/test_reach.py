@@ -16,20 +16,19 @@ from typing import Any
 import pytest
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
-
-from protocols.hivemind_private import p2pd_args
-from protocols.identity import Identity
-from protocols.reach import (
+from swarmtune.protocols.hivemind_private import p2pd_args
+from swarmtune.protocols.identity import Identity
+from swarmtune.protocols.reach import (
     CircuitAddr,
     DialBackServer,
     ask_dial_back,
     observed_ip,
 )
-from protocols.records import PeerRecord
-from protocols.routing import BlobRouter
-from protocols.runner import LoopThread
-from protocols.swarm import SwarmError, SwarmNode
-from protocols.transfer import (
+from swarmtune.protocols.records import PeerRecord
+from swarmtune.protocols.routing import BlobRouter
+from swarmtune.protocols.runner import LoopThread
+from swarmtune.protocols.swarm import SwarmError, SwarmNode
+from swarmtune.protocols.transfer import (
     CHUNK_SIZE,
     BlobServer,
     TransferError,
@@ -299,7 +298,7 @@ def test_a_fetch_falls_back_to_the_next_route_and_keeps_the_retryable_error(
 ) -> None:
     """_fetch_by_routes asks each route in turn: a refusing relay is not the end; when all
     fail, an "unknown blob" error (which fetch_many retries) wins over other failures."""
-    import protocols.routing as routing_module
+    import swarmtune.protocols.routing as routing_module
 
     asked: list[tuple[str, str]] = []
 

@@ -11,9 +11,8 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic import ValidationError
-
-from protocols.identity import Identity
-from protocols.records import (
+from swarmtune.protocols.identity import Identity
+from swarmtune.protocols.records import (
     MAX_RECORD_BYTES,
     PeerRecord,
     identity_proof,
@@ -21,7 +20,7 @@ from protocols.records import (
     peers_key,
     with_fields,
 )
-from protocols.validator import RunRecordValidator
+from swarmtune.protocols.validator import RunRecordValidator
 
 pytestmark = pytest.mark.p2pd  # starts hivemind's p2p daemon (make test-fast skips these)
 
@@ -208,7 +207,7 @@ class _Future:
 
 
 def test_a_refused_store_is_logged_once_and_its_recovery_too(caplog) -> None:
-    from protocols.record_store import RecordStore
+    from swarmtune.protocols.record_store import RecordStore
 
     store = RecordStore(None, RSASignatureValidator(RSAPrivateKey()), IDS[0], RUN)  # type: ignore[arg-type]
     caplog.set_level("INFO", logger="swarmtune")

@@ -8,8 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
-from protocols.runner import LoopThread
+from swarmtune.protocols.runner import LoopThread
 
 
 @pytest.fixture

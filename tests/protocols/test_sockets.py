@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from protocols.sockets import remove_stale_hivemind_sockets
+from swarmtune.protocols.sockets import remove_stale_hivemind_sockets
 
 
 def _stale_socket(path: Path) -> None:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 from hivemind.p2p import P2P, PeerID
-
-from protocols.runner import LoopThread
-from protocols.transfer import (
+from swarmtune.protocols.runner import LoopThread
+from swarmtune.protocols.transfer import (
     CHUNK_SIZE,
     PROTOCOL,
     BlobServer,

@@ -9,8 +9,7 @@ import urllib.request
 from collections.abc import Mapping
 
 import pytest
-
-from protocols.web import StatusServer
+from swarmtune.protocols.web import StatusServer
 
 
 def _get(url: str) -> tuple[int, str, bytes]:

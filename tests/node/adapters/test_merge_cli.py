@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from swarmtune.cli import main
+from swarmtune.node.adapters.adapter import AdapterError
+from swarmtune.node.adapters.merge import check_same_base, read_adapter
+from swarmtune.node.local.basemodel import export_base
 from transformers import AutoModelForCausalLM
-
-from cli import main
-from node.adapters.adapter import AdapterError
-from node.adapters.merge import check_same_base, read_adapter
-from node.local.basemodel import export_base
 
 TARGETS = ["q_proj", "v_proj"]
 EPS32 = torch.finfo(torch.float32).eps

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from node.adapters.adapter import ADAPTER_FILES, AdapterError
-from node.adapters.offers import Offer, adapter_files
-from node.config import parse_config
-from protocols.records import ManifestRecord
+from swarmtune.node.adapters.adapter import ADAPTER_FILES, AdapterError
+from swarmtune.node.adapters.offers import Offer, adapter_files
+from swarmtune.node.config import parse_config
+from swarmtune.protocols.records import ManifestRecord
 
 TARGETS = ["q_proj", "v_proj"]
 MANIFEST = ManifestRecord(  # the run's LoRA: r 8, alpha 16 over TARGETS
@@ -96,8 +95,8 @@ def test_pull_takes_the_newest_offer_some_provider_still_serves(
 ) -> None:
     # volunteers that just left keep live records for a while: the newest round's providers
     # may all be gone while the coordinator still serves the round before
-    from node.roles import consumer
-    from protocols.swarm import SwarmError
+    from swarmtune.node.roles import consumer
+    from swarmtune.protocols.swarm import SwarmError
 
     offers = [
         Offer("global", 6, "a" * 64, 10, ("v1", "v2")),

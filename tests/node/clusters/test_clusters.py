@@ -7,11 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from aggregation.merge import MergeOptions, merge_adapters
-from aggregation.taskvec import SIGNATURE_DIM, adjusted_rand_index
-from node.adapters.merge import parse_adapter
-from node.clusters.clusterer import (
+from swarmtune.aggregation.merge import MergeOptions, merge_adapters
+from swarmtune.aggregation.taskvec import SIGNATURE_DIM, adjusted_rand_index
+from swarmtune.node.adapters.merge import parse_adapter
+from swarmtune.node.clusters.clusterer import (
     Clusterer,
     TaskSignature,
     lora_modules,
@@ -19,12 +18,12 @@ from node.clusters.clusterer import (
     read_assignment,
     verified_signatures,
 )
-from node.clusters.member import ClusterMember
-from node.config import ClusteringSettings, parse_config
-from node.engine.state import GroupState
-from protocols.identity import Identity
-from protocols.records import ClusterRecord, PeerRecord, SignatureRecord, identity_proof
-from protocols.transfer import pack_files, unpack_files
+from swarmtune.node.clusters.member import ClusterMember
+from swarmtune.node.config import ClusteringSettings, parse_config
+from swarmtune.node.engine.state import GroupState
+from swarmtune.protocols.identity import Identity
+from swarmtune.protocols.records import ClusterRecord, PeerRecord, SignatureRecord, identity_proof
+from swarmtune.protocols.transfer import pack_files, unpack_files
 
 MODULES = ["base_model.model.layers.0.q_proj", "base_model.model.layers.0.v_proj"]
 EPS32 = torch.finfo(torch.float32).eps

@@ -10,24 +10,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from aggregation.outer import RoundContext
-from node.config import RunConfig, parse_config
-from node.engine.certify import Claim, round_body
-from node.engine.checkpoint import Checkpoint
-from node.engine.outer_state import (
+from swarmtune.aggregation.outer import RoundContext
+from swarmtune.node.config import RunConfig, parse_config
+from swarmtune.node.engine.certify import Claim, round_body
+from swarmtune.node.engine.checkpoint import Checkpoint
+from swarmtune.node.engine.outer_state import (
     HEADER_ROOM,
     OFFENCE_ROOM,
     check_outer,
     load_outer,
     state_cap,
 )
-from node.engine.peer import Peer
-from node.engine.round import outer_phase
-from node.engine.state import GroupState, StateError, encode_state
-from node.engine.transport import InMemoryHub, InMemoryTransport
-from protocols.certificates import Certificate, sign_body
-from protocols.identity import Identity
+from swarmtune.node.engine.peer import Peer
+from swarmtune.node.engine.round import outer_phase
+from swarmtune.node.engine.state import GroupState, StateError, encode_state
+from swarmtune.node.engine.transport import InMemoryHub, InMemoryTransport
+from swarmtune.protocols.certificates import Certificate, sign_body
+from swarmtune.protocols.identity import Identity
+
 from tests.node.engine.test_round import CONFIG, TASKS, _local, _peer, _run_all
 
 NESTEROV = CONFIG.model_copy(

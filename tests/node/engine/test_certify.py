@@ -7,8 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-
-from node.engine.certify import (
+from swarmtune.node.engine.certify import (
     Claim,
     NotCertified,
     candidates,
@@ -16,9 +15,15 @@ from node.engine.certify import (
     round_body,
     verify_chain,
 )
-from node.engine.state import GroupState
-from protocols.certificates import Certificate, Vote, decode_chain, encode_chain, sign_body
-from protocols.identity import Identity, owns
+from swarmtune.node.engine.state import GroupState
+from swarmtune.protocols.certificates import (
+    Certificate,
+    Vote,
+    decode_chain,
+    encode_chain,
+    sign_body,
+)
+from swarmtune.protocols.identity import Identity, owns
 
 RUN = "cert-test"
 IDS = [Identity.generate() for _ in range(5)]
@@ -169,7 +174,7 @@ def test_candidates_need_a_quorum_then_prefer_round_votes_and_smaller_digest() -
 
 
 def test_a_peer_behind_a_full_chain_needs_a_majority() -> None:
-    from protocols.certificates import MAX_CHAIN
+    from swarmtune.protocols.certificates import MAX_CHAIN
 
     states = [_state(r, 0.01 * r) for r in range(MAX_CHAIN + 2)]
     full = [_link(states[r], states[r + 1], [0, 1, 2]) for r in range(1, MAX_CHAIN + 1)]

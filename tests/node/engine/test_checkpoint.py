@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-
-from node.config import parse_config
-from node.engine.checkpoint import Checkpoint, remove_dead_temps
-from node.engine.peer import Peer
-from node.engine.state import GroupState
-from node.engine.transport import InMemoryHub, InMemoryTransport
-from node.local.build import LocalModel, build_local_model
+from swarmtune.node.config import parse_config
+from swarmtune.node.engine.checkpoint import Checkpoint, remove_dead_temps
+from swarmtune.node.engine.peer import Peer
+from swarmtune.node.engine.state import GroupState
+from swarmtune.node.engine.transport import InMemoryHub, InMemoryTransport
+from swarmtune.node.local.build import LocalModel, build_local_model
 
 # nesterov keeps a momentum buffer in the group state
 CONFIG = parse_config(

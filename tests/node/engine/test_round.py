@@ -7,19 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from node.config import RunConfig, parse_config
-from node.engine.checkpoint import Checkpoint
-from node.engine.peer import Peer
-from node.engine.round import (
+from swarmtune.node.config import RunConfig, parse_config
+from swarmtune.node.engine.checkpoint import Checkpoint
+from swarmtune.node.engine.peer import Peer
+from swarmtune.node.engine.round import (
     RoundReport,
     combine,
     group_context,
     select_contributions,
 )
-from node.engine.state import GroupState
-from node.engine.transport import GroupResult, InMemoryHub, InMemoryTransport, MemberMeta
-from node.local.build import LocalModel, build_local_model
+from swarmtune.node.engine.state import GroupState
+from swarmtune.node.engine.transport import GroupResult, InMemoryHub, InMemoryTransport, MemberMeta
+from swarmtune.node.local.build import LocalModel, build_local_model
 
 CONFIG = parse_config(
     {"inner": {"steps": 4, "batch_size": 4, "seq_len": 32}, "averaging": {"codec": "fp32"}}
@@ -497,8 +496,8 @@ def test_a_group_below_min_group_size_applies_no_update_and_its_members_still_ag
 
 
 def test_a_nan_loss_stops_the_peer_with_one_line_and_keeps_its_checkpoint(tmp_path: Path) -> None:
-    from node.errors import USER_ERRORS
-    from node.local.trainer import TrainingDiverged
+    from swarmtune.node.errors import USER_ERRORS
+    from swarmtune.node.local.trainer import TrainingDiverged
 
     hub = InMemoryHub(expected=1)
     local = _local("dates", 0)

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
-from aggregation.ghbm import GHBMOuter
-from aggregation.outer import MomentumOuter, RoundContext
-from node.engine.state import GroupState, StateError, decode_state, encode_state
+from swarmtune.aggregation.ghbm import GHBMOuter
+from swarmtune.aggregation.outer import MomentumOuter, RoundContext
+from swarmtune.node.engine.state import GroupState, StateError, decode_state, encode_state
 
 
 def _state() -> GroupState:

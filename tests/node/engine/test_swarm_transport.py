@@ -8,13 +8,12 @@ import pytest
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
-
-from node.engine.state import GroupState
-from node.engine.swarm_transport import HivemindTransport
-from protocols.identity import Identity
-from protocols.record_store import RecordStore
-from protocols.records import AdapterOffer, PeerRecord
-from protocols.transfer import BlobServer
+from swarmtune.node.engine.state import GroupState
+from swarmtune.node.engine.swarm_transport import HivemindTransport
+from swarmtune.protocols.identity import Identity
+from swarmtune.protocols.record_store import RecordStore
+from swarmtune.protocols.records import AdapterOffer, PeerRecord
+from swarmtune.protocols.transfer import BlobServer
 
 SIGNER, ID = RSASignatureValidator(RSAPrivateKey()), Identity.generate()
 
@@ -112,7 +111,7 @@ class _Recording(_Averager):
         pass
 
     def exchange(self, delta, meta, **kwargs):  # noqa: ANN001, ANN003, ANN201
-        from protocols.averaging import AveragingError
+        from swarmtune.protocols.averaging import AveragingError
 
         self.asked.append(kwargs)
         raise AveragingError("no group (test)")
@@ -121,7 +120,7 @@ class _Recording(_Averager):
 def test_a_first_round_started_together_closes_its_group_from_membership() -> None:
     # join --wait-for: every volunteer of the first round has announced already, so the first
     # group needs no doubled window; otherwise it waits for members still loading
-    from node.engine.transport import AveragingFailed, MemberMeta
+    from swarmtune.node.engine.transport import AveragingFailed, MemberMeta
 
     records = {
         f"Qm{c}": PeerRecord(peer_id=f"Qm{c}000000000", role="volunteer", digest="ab" * 32)
@@ -147,11 +146,11 @@ def test_a_first_round_started_together_closes_its_group_from_membership() -> No
 def test_only_a_vouched_state_ahead_cancels_our_matchmaking() -> None:
     # an announcement of a higher round with nothing behind it used to cancel every honest
     # member's matchmaking ("moved on"); now it takes a quorum of valid votes
-    from node.engine.certify import round_body
-    from node.engine.state import GroupState
-    from protocols.certificates import sign_body
-    from protocols.identity import Identity
-    from protocols.records import VoteRecord
+    from swarmtune.node.engine.certify import round_body
+    from swarmtune.node.engine.state import GroupState
+    from swarmtune.protocols.certificates import sign_body
+    from swarmtune.protocols.identity import Identity
+    from swarmtune.protocols.records import VoteRecord
 
     ids = [Identity.generate() for _ in range(3)]
     ahead = GroupState(9, {"w": torch.ones(2)})

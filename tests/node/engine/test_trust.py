@@ -4,13 +4,12 @@ every member."""
 from __future__ import annotations
 
 import torch
-
-from node.config import AdmissionSettings, parse_config
-from node.engine.round import LocalUpdate, conclude_round
-from node.engine.state import GroupState, decode_state, encode_state
-from node.engine.transport import GroupResult, MemberMeta
-from node.engine.trust import banned, record_offences
-from node.local.trainer import InnerResult
+from swarmtune.node.config import AdmissionSettings, parse_config
+from swarmtune.node.engine.round import LocalUpdate, conclude_round
+from swarmtune.node.engine.state import GroupState, decode_state, encode_state
+from swarmtune.node.engine.transport import GroupResult, MemberMeta
+from swarmtune.node.engine.trust import banned, record_offences
+from swarmtune.node.local.trainer import InnerResult
 
 SETTINGS = AdmissionSettings(ban_after=3, ban_rounds=10)
 CONFIG = parse_config({"inner": {"steps": 2, "batch_size": 2, "seq_len": 8}})

@@ -11,10 +11,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-from node.local import basemodel
-from node.local.basemodel import (
+from swarmtune.node.local import basemodel
+from swarmtune.node.local.basemodel import (
     ASSET_DIR,
     EMBEDDED,
     EMBEDDED_FINGERPRINT,
@@ -25,14 +23,15 @@ from node.local.basemodel import (
     load_base,
     weights_fingerprint,
 )
-from node.local.batch import Batch
-from node.local.data import (
+from swarmtune.node.local.batch import Batch
+from swarmtune.node.local.data import (
     BUILTIN_COUNT,
     TokenBatcher,
     builtin_eval_texts,
     builtin_texts,
     eval_batches,
 )
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 LLAMA_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -153,9 +152,8 @@ def test_bad_quantization_and_an_old_bitsandbytes_on_cpu_are_one_clear_error(mon
 @pytest.mark.parametrize("quantize", ["4bit", "4bit-dq"])
 def test_a_4bit_base_on_cpu_keeps_the_fp32_fingerprint_and_trains_lora(quantize, monkeypatch):
     import bitsandbytes as bnb
-
-    from node.config import parse_config
-    from node.local.build import build_local_model
+    from swarmtune.node.config import parse_config
+    from swarmtune.node.local.build import build_local_model
 
     # as on a CPU with AVX512-BF16, where bitsandbytes' in-place repacking at the first eval
     # fails on these layer sizes: every CPU must take the dequantize-then-matmul path
@@ -218,9 +216,9 @@ def test_asset_files_are_what_export_copies():
 
 
 def test_ffa_lora_trains_and_sends_only_b_while_a_stays_the_shared_seeded_one():
-    from node.adapters.adapter import adapter_tensors
-    from node.config import ConfigError, parse_config
-    from node.local.build import build_local_model
+    from swarmtune.node.adapters.adapter import adapter_tensors
+    from swarmtune.node.config import ConfigError, parse_config
+    from swarmtune.node.local.build import build_local_model
 
     config = parse_config(
         {
@@ -249,10 +247,9 @@ def test_saving_an_adapter_asks_the_hub_nothing(monkeypatch: pytest.MonkeyPatch)
     # PEFT's default ("auto") asks the Hugging Face Hub about the base model's config.json on
     # every save: a network call at run time (and a stall where DNS times out)
     import huggingface_hub
-
-    from node.adapters.adapter import adapter_tensors
-    from node.config import parse_config
-    from node.local.build import build_local_model
+    from swarmtune.node.adapters.adapter import adapter_tensors
+    from swarmtune.node.config import parse_config
+    from swarmtune.node.local.build import build_local_model
 
     asked: list[tuple[object, ...]] = []
 
@@ -273,8 +270,8 @@ def test_saving_an_adapter_asks_the_hub_nothing(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_plain_sgd_inner_steps_are_a_working_control() -> None:
-    from node.config import parse_config
-    from node.local.build import build_local_model
+    from swarmtune.node.config import parse_config
+    from swarmtune.node.local.build import build_local_model
 
     config = parse_config(
         {
@@ -322,8 +319,8 @@ def test_a_hub_id_resolves_from_the_local_cache_with_the_same_fingerprint(
 
 
 def test_bf16_autocast_trains_while_weights_and_moments_stay_fp32() -> None:
-    from node.config import parse_config
-    from node.local.build import build_local_model
+    from swarmtune.node.config import parse_config
+    from swarmtune.node.local.build import build_local_model
 
     config = parse_config({"inner": {"steps": 12, "batch_size": 8, "seq_len": 48, "lr": 3e-3}})
     local = build_local_model(config, "builtin:arithmetic", precision="bf16")
@@ -374,8 +371,8 @@ class _Fixed:
 
 
 def _one_sgd_step(inner: dict, rows: int, windows: torch.Tensor) -> tuple[dict, int]:
-    from node.config import parse_config
-    from node.local.build import build_local_model
+    from swarmtune.node.config import parse_config
+    from swarmtune.node.local.build import build_local_model
 
     config = parse_config({"inner": {"optimizer": "sgd", "lr": 0.5, "seq_len": 48, **inner}})
     local = build_local_model(config, "builtin:arithmetic")
@@ -403,8 +400,8 @@ def test_gradient_accumulation_and_checkpointing_change_memory_not_the_step() ->
         torch.testing.assert_close(accumulated[name], value, rtol=0, atol=atol)
         torch.testing.assert_close(checkpointed[name], value, rtol=0, atol=atol)
     # and the step was a real one: the weights moved by far more than that tolerance
-    from node.config import parse_config
-    from node.local.build import build_local_model
+    from swarmtune.node.config import parse_config
+    from swarmtune.node.local.build import build_local_model
 
     start = build_local_model(parse_config({}), "builtin:arithmetic").trainer.get_params()
     moved = max(float((reference[k] - start[k]).abs().max()) for k in start)

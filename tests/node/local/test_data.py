@@ -7,9 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-
-from node.local.basemodel import ASSET_DIR, load_tokenizer
-from node.local.data import (
+from swarmtune.node.local.basemodel import ASSET_DIR, load_tokenizer
+from swarmtune.node.local.data import (
     BUILTIN_TASKS,
     DataError,
     TokenBatcher,

@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-
-from node.local.basemodel import ASSET_DIR, load_base
-from node.local.data import DataError
-from node.local.packing import IGNORE, ExampleBatcher, fixed_batches, tokenize_all
-from node.local.render import Renderer, Tokenized
-from node.local.sources import Example
+from swarmtune.node.local.basemodel import ASSET_DIR, load_base
+from swarmtune.node.local.data import DataError
+from swarmtune.node.local.packing import IGNORE, ExampleBatcher, fixed_batches, tokenize_all
+from swarmtune.node.local.render import Renderer, Tokenized
+from swarmtune.node.local.sources import Example
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-
-from node.local.basemodel import ASSET_DIR, load_tokenizer
-from node.local.data import DataError
-from node.local.render import Renderer
-from node.local.sources import Example
+from swarmtune.node.local.basemodel import ASSET_DIR, load_tokenizer
+from swarmtune.node.local.data import DataError
+from swarmtune.node.local.render import Renderer
+from swarmtune.node.local.sources import Example
 
 # ChatML, as many instruct models write it
 CHATML = (

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from node.local.data import DataError
-from node.local.sources import Example, load_examples
+from swarmtune.node.local.data import DataError
+from swarmtune.node.local.sources import Example, load_examples
 
 CHAT = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yo."}]}
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from node.local import threads
-from node.local.threads import ThreadShare, is_join, volunteers_here
+from swarmtune.node.local import threads
+from swarmtune.node.local.threads import ThreadShare, is_join, volunteers_here
 
 
 @pytest.mark.parametrize(
@@ -16,12 +15,12 @@ from node.local.threads import ThreadShare, is_join, volunteers_here
     [
         (["/v/bin/python3", "/v/bin/swarmtune", "join", "--data", "builtin:code"], True),
         (["swarmtune", "join"], True),
-        (["python", "-m", "cli", "join", "--initial-peers", "X"], True),
-        (["python", "-m", "cli", "bootstrap"], False),
+        (["python", "-m", "swarmtune.cli", "join", "--initial-peers", "X"], True),
+        (["python", "-m", "swarmtune.cli", "bootstrap"], False),
         (["/v/bin/swarmtune", "bootstrap", "--workdir", "join"], False),
         (["/v/bin/swarmtune", "-v", "join"], True),
         (["/v/bin/swarmtune", "status"], False),
-        (["python", "cli", "join"], False),  # not `-m cli`
+        (["python", "swarmtune.cli", "join"], False),  # not `-m swarmtune.cli`
         (["vim", "join"], False),
         ([], False),
     ],
@@ -42,7 +41,7 @@ def test_volunteers_are_counted_from_proc_without_their_forked_helpers(tmp_path:
     _process(tmp_path, 10, 1, *volunteer)
     _process(tmp_path, 20, 10, *volunteer)  # its DHT process (forked: same command line)
     _process(tmp_path, 21, 10, *volunteer)  # its averager
-    _process(tmp_path, 11, 1, "python", "-m", "cli", "join")
+    _process(tmp_path, 11, 1, "python", "-m", "swarmtune.cli", "join")
     _process(tmp_path, 12, 1, "/v/bin/python3", "/v/bin/swarmtune", "bootstrap")
     _process(tmp_path, 13, 12, "bash")
     (tmp_path / "self").mkdir()  # not a pid

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
-
-from cli import main
-from node.config import RunConfig
-from node.roles.admit import (
+from swarmtune.cli import main
+from swarmtune.node.config import RunConfig
+from swarmtune.node.roles.admit import (
     AddressLedger,
     admit,
     load_ticket,
@@ -17,11 +16,11 @@ from node.roles.admit import (
     revoke,
     save_manifest,
 )
-from node.roles.volunteer import admission_gate, ticket_warning
-from protocols.admission import Gate
-from protocols.records import ManifestRecord
-from protocols.swarm import SwarmError, identity_peer_id, load_or_create_key
-from protocols.validator import owner_subkey
+from swarmtune.node.roles.volunteer import admission_gate, ticket_warning
+from swarmtune.protocols.admission import Gate
+from swarmtune.protocols.records import ManifestRecord
+from swarmtune.protocols.swarm import SwarmError, identity_peer_id, load_or_create_key
+from swarmtune.protocols.validator import owner_subkey
 
 PEER = "QmVxunteerAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 

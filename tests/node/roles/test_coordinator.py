@@ -6,8 +6,7 @@ import threading
 import time
 
 import pytest
-
-from node.roles.coordinator import serve_until_stopped
+from swarmtune.node.roles.coordinator import serve_until_stopped
 
 
 class _Blocked:
@@ -53,9 +52,10 @@ class _Node:
 
 
 def test_revocations_are_published_when_the_list_changes(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from node.roles.admit import revoke
-    from node.roles.coordinator import Coordinator
-    from protocols.records import RevocationRecord
+    from swarmtune.node.roles.admit import revoke
+    from swarmtune.node.roles.coordinator import Coordinator
+    from swarmtune.protocols.records import RevocationRecord
+
     from tests.node.roles.test_admit import PEER, _coordinator
 
     manifest = _coordinator(tmp_path)
@@ -71,7 +71,7 @@ def test_revocations_are_published_when_the_list_changes(tmp_path) -> None:  # t
 
 
 def test_the_coordinator_says_who_can_dial_each_address() -> None:
-    from node.roles.coordinator import address_lines
+    from swarmtune.node.roles.coordinator import address_lines
 
     peer = "/p2p/12D3KooWCe2jZ4NuUHKqfCDaD21NQqJAuCSs7KgW5aNqJkPhwt4t"
     local = address_lines([f"/ip4/127.0.0.1/tcp/31337{peer}"])

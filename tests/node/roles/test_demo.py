@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from node.roles.demo import wait_all
+from swarmtune.node.roles.demo import wait_all
 
 
 def _python(code: str) -> subprocess.Popen[str]:

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from cli import main
-from node.config import parse_config
-from node.local.build import build_local_model
-from node.local.evaluate import is_exact
+from swarmtune.cli import main
+from swarmtune.node.config import parse_config
+from swarmtune.node.local.build import build_local_model
+from swarmtune.node.local.evaluate import is_exact
 
 # 12 made-up facts the base cannot know (it was pre-trained on the built-in tasks only)
 WORDS = "apple river planet garden window silver button orange pencil rocket castle dragon"

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cli import main
-from node.config import SimConfig
-from node.roles.simulate import Simulation, client_texts, deal, simulate, task_mixtures
+from swarmtune.cli import main
+from swarmtune.node.config import SimConfig
+from swarmtune.node.roles.simulate import Simulation, client_texts, deal, simulate, task_mixtures
 
 TASKS = ["arithmetic", "reverse", "capitals", "dates", "code"]
 
@@ -181,8 +180,8 @@ def test_a_short_seeded_run_matches_its_stored_losses() -> None:
 
 
 def test_a_token_balanced_iid_split_gives_every_task_an_equal_share_of_tokens() -> None:
-    from node.local.basemodel import ASSET_DIR, load_tokenizer
-    from node.roles.simulate import mean_tokens, text_shares
+    from swarmtune.node.local.basemodel import ASSET_DIR, load_tokenizer
+    from swarmtune.node.roles.simulate import mean_tokens, text_shares
 
     tokenizer = load_tokenizer(ASSET_DIR)
     lengths = mean_tokens(TASKS, tokenizer)

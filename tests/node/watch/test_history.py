@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from node.watch.history import History
-from protocols.records import PeerRecord
+from swarmtune.node.watch.history import History
+from swarmtune.protocols.records import PeerRecord
 
 
 def _record(peer: str, round_: int, sent: int = 0, role: str = "volunteer") -> PeerRecord:

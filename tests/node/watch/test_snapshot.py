@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from node.adapters.offers import Offer
-from node.config import parse_config
-from node.watch.snapshot import snapshot
-from protocols.records import AdapterOffer, ClusterRecord, ManifestRecord, PeerRecord
+from swarmtune.node.adapters.offers import Offer
+from swarmtune.node.config import parse_config
+from swarmtune.node.watch.snapshot import snapshot
+from swarmtune.protocols.records import AdapterOffer, ClusterRecord, ManifestRecord, PeerRecord
 
 SHA = "ab" * 32
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from swarmtune.node.engine.round import RoundReport
+from swarmtune.node.watch.tensorboard import ScalarLog, SwarmLog, round_aggregates, round_scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from node.engine.round import RoundReport
-from node.watch.tensorboard import ScalarLog, SwarmLog, round_aggregates, round_scalars
 
 
 def _read(logdir: Path) -> dict[str, list[tuple[int, float]]]:
