@@ -455,6 +455,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "simulate":
         import torch
+
         from swarmtune.node.config import load_sim_config
         from swarmtune.node.roles.simulate import simulate, summary_lines
 

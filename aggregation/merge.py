@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from swarmtune.aggregation.taskvec import Adapter, LoraFactors
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
 from swarmtune.aggregation.params import Params
 
 Tensors = Mapping[str, torch.Tensor]

@@ -67,6 +67,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+
 from swarmtune.aggregation.params import Params
 
 Tensors = Mapping[str, torch.Tensor]

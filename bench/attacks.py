@@ -39,9 +39,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import swarmtune.node.engine.round as round_code  # noqa: E402
 import torch  # noqa: E402
 from results_md import replace_section  # noqa: E402
+
+import swarmtune.node.engine.round as round_code  # noqa: E402
 from swarmtune.node.config import SimConfig, parse_config  # noqa: E402
 from swarmtune.node.engine.round import LocalUpdate  # noqa: E402
 from swarmtune.node.engine.transport import AveragingFailed, GroupResult  # noqa: E402
@@ -49,7 +50,6 @@ from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402
 from swarmtune.node.roles.admit import admit, peer_id  # noqa: E402
 from swarmtune.node.roles.demo import Processes, _wait_for_file  # noqa: E402
 from swarmtune.node.roles.simulate import Simulation  # noqa: E402
-
 from tests.attackers.adversaries import ADVERSARIES, ALIE, Adversary  # noqa: E402
 
 ATTACKS = sorted(ADVERSARIES)

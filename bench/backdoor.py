@@ -35,13 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results_md import replace_section  # noqa: E402
 from swarmtune.node.config import RunConfig, parse_config  # noqa: E402
 from swarmtune.node.engine.peer import Peer  # noqa: E402
 from swarmtune.node.engine.transport import InMemoryHub, InMemoryTransport  # noqa: E402
 from swarmtune.node.local.build import LocalModel, build_local_model  # noqa: E402
 from swarmtune.node.local.data import builtin_texts  # noqa: E402
-
-from bench.results_md import replace_section  # noqa: E402
 
 TRIGGER, ANSWER = "zqv", " access granted"
 HONEST = ["arithmetic", "reverse", "dates"]

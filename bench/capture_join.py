@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import hostile_join  # noqa: E402
+
 from swarmtune.node.clusters import member  # noqa: E402
 from swarmtune.node.clusters.clusterer import verified_signatures  # noqa: E402
 from swarmtune.protocols.records import SignatureRecord, peers_key, signatures_key  # noqa: E402

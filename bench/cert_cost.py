@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from results_md import replace_section  # noqa: E402
+
 from swarmtune.node.config import parse_config  # noqa: E402
 from swarmtune.node.engine.certify import Claim, candidates, round_body, verify_chain  # noqa: E402
 from swarmtune.node.engine.state import GroupState  # noqa: E402

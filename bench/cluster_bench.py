@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
+
 from swarmtune.aggregation.merge import MergeOptions, cat_factors, merge_adapters  # noqa: E402
 from swarmtune.aggregation.taskvec import LoraFactors, adjusted_rand_index  # noqa: E402
 from swarmtune.node.clusters.clusterer import TaskSignature, cluster_signatures, lora_modules  # noqa: E402

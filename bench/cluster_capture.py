@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from results_md import replace_section  # noqa: E402
+
 from swarmtune.node.roles.admit import peer_id  # noqa: E402
 from swarmtune.node.roles.demo import Processes, start_swarm  # noqa: E402
 

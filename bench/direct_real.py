@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from results_md import replace_section  # noqa: E402
 from swarm_bench import run_swarm, summarize_swarm  # noqa: E402
+
 from swarmtune.node.config import parse_config  # noqa: E402
 
 MODES = {"p2p stream": False, "direct TCP": True}

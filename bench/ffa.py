@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from results_md import replace_section  # noqa: E402
+
 from swarmtune.aggregation.taskvec import factor_average_error  # noqa: E402
 from swarmtune.node.clusters.clusterer import lora_modules  # noqa: E402
 from swarmtune.node.config import SimConfig  # noqa: E402

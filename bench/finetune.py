@@ -163,6 +163,7 @@ def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict
     """Every adapter (and the base) on every task's held-out file, with `swarmtune eval`'s own
     scoring (node/roles/evaluator.py), the base loaded once: (scores, samples)."""
     from peft import PeftModel  # noqa: PLC0415
+
     from swarmtune.node.local.basemodel import load_base  # noqa: PLC0415
     from swarmtune.node.local.evaluate import scoring_set  # noqa: PLC0415
     from swarmtune.node.local.sources import load_examples  # noqa: PLC0415
@@ -189,6 +190,7 @@ def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict
 def speed_probe(model: str, data: str, precision: str, checkpointing: bool, steps: int) -> None:
     """One configuration in a process of its own (peak RSS is per process): prints JSON."""
     import torch  # noqa: PLC0415
+
     from swarmtune.node.config import parse_config  # noqa: PLC0415
     from swarmtune.node.local.build import build_local_model  # noqa: PLC0415
 

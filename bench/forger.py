@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from safetensors.torch import load as st_load  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
+
 from swarmtune.node.engine.certify import round_body  # noqa: E402
 from swarmtune.node.engine.state import GroupState, decode_state, encode_state  # noqa: E402
 from swarmtune.protocols.certificates import Certificate, decode_chain, encode_chain, sign_body  # noqa: E402

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
+
 from swarmtune.node.config import SimConfig, load_sim_config  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "ghbm"
@@ -55,6 +56,7 @@ def jobs_from_grid(grid: dict[str, Any], quick: bool) -> list[tuple[str, str, in
 def run_job(config: dict) -> tuple[list[dict], float]:
     """One seed of one config in a worker process (1 torch thread)."""
     import torch
+
     from swarmtune.node.roles.simulate import Simulation
 
     torch.set_num_threads(1)

@@ -25,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
 from swarmtune.node.config import parse_config  # noqa: E402
 from swarmtune.node.engine.peer import Peer  # noqa: E402
 from swarmtune.node.engine.transport import InMemoryHub, InMemoryTransport  # noqa: E402

@@ -19,12 +19,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import swarmtune.node.roles.volunteer as volunteer  # noqa: E402
 import torch  # noqa: E402
+
+import swarmtune.node.roles.volunteer as volunteer  # noqa: E402
 from swarmtune import cli  # noqa: E402
 from swarmtune.protocols.admission import Gate  # noqa: E402
 from swarmtune.protocols.group import GroupResult, MemberMeta  # noqa: E402
-
 from tests.attackers.adversaries import ADVERSARIES, Adversary  # noqa: E402
 from tests.attackers.averager import HostileAverager  # noqa: E402
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from outer_study import BASE, METHODS, run_job, run_pool  # noqa: E402
 from results_md import replace_section  # noqa: E402
 from swarm_bench import run_swarm, summarize_swarm  # noqa: E402
+
 from swarmtune.node.config import SimConfig, parse_config  # noqa: E402
 from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402
 from swarmtune.protocols.swarm import identity_peer_id  # noqa: E402

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
+
 from swarmtune.node.config import SimConfig  # noqa: E402
 from swarmtune.node.roles.simulate import Simulation  # noqa: E402
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
 from swarm_bench import run_swarm, summarize_swarm  # noqa: E402
+
 from swarmtune.node.config import SimConfig, parse_config  # noqa: E402
 from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402
 from swarmtune.node.roles.simulate import Simulation  # noqa: E402

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from results_md import replace_section  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+
 from swarmtune.node.adapters.adapter import adapter_digest  # noqa: E402
 from swarmtune.node.engine.state import decode_state  # noqa: E402
 from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results_md import replace_section  # noqa: E402
+
 from swarmtune.node.config import RunConfig, parse_config  # noqa: E402
 from swarmtune.node.local.build import build_local_model  # noqa: E402
 from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402

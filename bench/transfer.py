@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from hivemind.p2p import PeerID  # noqa: E402
 from results_md import replace_section  # noqa: E402
+
 from swarmtune.protocols import transfer  # noqa: E402
 from swarmtune.protocols.swarm import SwarmNode  # noqa: E402
 

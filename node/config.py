@@ -8,6 +8,7 @@ from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from swarmtune.aggregation.merge import MERGE_METHODS
 from swarmtune.aggregation.methods import OUTER_METHODS, OuterMethod
 

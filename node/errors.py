@@ -5,7 +5,7 @@ from swarmtune.node.config import ConfigError
 from swarmtune.node.engine.state import StateError
 from swarmtune.node.local.basemodel import BaseModelError
 from swarmtune.node.local.data import DataError
-from swarmtune.node.local.trainer import TrainingDiverged
+from swarmtune.node.local.errors import TrainingDiverged
 from swarmtune.protocols.swarm import SwarmError
 from swarmtune.protocols.transfer import TransferError
 

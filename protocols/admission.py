@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+
 from swarmtune.protocols.group import TICKET_MAX
 
 PREFIX = "st1"

@@ -44,6 +44,7 @@ from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.utils import get_dht_time
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
 from swarmtune.aggregation.codec import from_int8_blocks, int8_blocks, n_blocks
 from swarmtune.protocols.admission import Gate
 from swarmtune.protocols.group import GroupResult, MemberMeta, finite_number, parse_member

@@ -26,6 +26,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID, StubBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
+
 from swarmtune.protocols.admission import Gate
 from swarmtune.protocols.hivemind_private import set_target_group_size, step_control
 

@@ -38,6 +38,7 @@ from typing import Any
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.utils.multiaddr import Multiaddr
+
 from swarmtune.protocols.hivemind_private import daemon_connect
 from swarmtune.protocols.transfer import TransferError, read_frame, write_frame
 

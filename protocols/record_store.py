@@ -11,6 +11,7 @@ from typing import Any
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
+
 from swarmtune.protocols.identity import Identity
 from swarmtune.protocols.records import (
     PEER_TTL,

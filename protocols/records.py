@@ -16,6 +16,7 @@ import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from swarmtune.protocols.identity import Identity, Signed, verify
 
 log = logging.getLogger("swarmtune.records")

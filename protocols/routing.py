@@ -15,6 +15,7 @@ from typing import Any
 
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
+
 from swarmtune.protocols.direct import DirectServer
 from swarmtune.protocols.reach import connect_through, observed_ip
 from swarmtune.protocols.records import PeerRecord

@@ -17,6 +17,7 @@ from typing import Any
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
+
 from swarmtune.protocols import lifeline
 from swarmtune.protocols.hivemind_private import QuietDHT, install_p2pd_args
 from swarmtune.protocols.identity import Identity, IdentityError

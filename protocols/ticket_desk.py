@@ -18,6 +18,7 @@ from typing import Any
 
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
+
 from swarmtune.protocols.reach import observed_ip
 from swarmtune.protocols.transfer import TransferError, read_frame, write_frame
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
+
 from swarmtune.protocols.direct import (
     DIRECT_MIN,
     DirectServer,

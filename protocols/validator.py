@@ -12,6 +12,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 from pydantic import BaseModel, ValidationError
+
 from swarmtune.protocols.records import (
     MAX_RECORD_BYTES,
     OWNER_SUBKEY,

@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+
 from swarmtune.cli import build_parser, main
 
 SUBCOMMANDS = [

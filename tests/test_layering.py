@@ -137,20 +137,30 @@ WITHOUT_HIVEMIND = [
 ]
 
 
-def test_the_engine_and_the_simulator_load_no_hivemind() -> None:
-    # direct imports (above) cannot see what an imported module imports in turn: import them
-    # in a fresh interpreter and look at what got loaded
+def _loaded(modules: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    """Which of the libraries named by `prefixes` importing `modules` loads, in a fresh
+    interpreter (direct imports, above, cannot see what an imported module imports)."""
     import subprocess
     import sys
 
     probe = (
         "import importlib, sys\n"
-        f"for name in {WITHOUT_HIVEMIND!r}:\n"
+        f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
-        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('hivemind.')}))\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules if m.startswith({prefixes!r})}}))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_engine_and_the_simulator_load_no_hivemind() -> None:
+    assert _loaded(WITHOUT_HIVEMIND, ("hivemind",)) == []
+
+
+def test_the_round_engine_loads_no_model_library() -> None:
+    # the engine only moves tensors: the trainer (transformers, peft) loads where it runs
+    engine = [m for m in WITHOUT_HIVEMIND if m.startswith("swarmtune.node.engine.")]
+    assert _loaded(engine, ("transformers", "peft", "bitsandbytes")) == []

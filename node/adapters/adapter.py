@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save as st_save
+
 from swarmtune.aggregation.params import state_hash
 
 if TYPE_CHECKING:  # peft costs seconds to import; `pull` and `status` never need it
     from peft import PeftModel
+
     from swarmtune.node.local.trainer import InnerTrainer
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")

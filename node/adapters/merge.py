@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
+
 from swarmtune.aggregation.merge import MergedAdapter, MergeOptions, merge_adapters
 from swarmtune.aggregation.taskvec import LoraFactors
 from swarmtune.node.adapters.adapter import AdapterError, ModelCard, peft_dir_files

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
+
 from swarmtune.node.adapters.adapter import ADAPTER_FILES, AdapterError, adapter_digest
 from swarmtune.node.config import parse_config
 from swarmtune.node.engine.certify import MayVote, candidates, certified_votes, claims_of, quorum

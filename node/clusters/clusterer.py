@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
+
 from swarmtune.aggregation.merge import MergeOptions, merge_adapters, merge_method
 from swarmtune.aggregation.params import Params
 from swarmtune.aggregation.taskvec import (

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from swarmtune.node.engine.state import GroupState, StateError, decode_state, encode_state
 
 log = logging.getLogger("swarmtune.checkpoint")

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from swarmtune.aggregation.methods import make_outer
 from swarmtune.aggregation.outer import OuterOptimizer, RoundContext
 from swarmtune.node.config import RunConfig

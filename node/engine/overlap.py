@@ -19,7 +19,7 @@ import threading
 
 from swarmtune.node.engine.round import LocalUpdate
 from swarmtune.node.engine.transport import AveragingFailed, GroupResult, Transport
-from swarmtune.node.local.trainer import RoundAbandoned
+from swarmtune.node.local.errors import RoundAbandoned
 
 # an overlapped member joins matchmaking a whole compute before a synchronous member (or a
 # slower overlapped one) does: its first window is longer by this many of its own last

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from swarmtune.aggregation.methods import make_peer_momentum
 from swarmtune.aggregation.params import Params
@@ -33,9 +33,12 @@ from swarmtune.node.engine.round import (
 from swarmtune.node.engine.state import GroupState, StateError, check_params
 from swarmtune.node.engine.transport import StateUnavailable, Transport
 from swarmtune.node.engine.trust import banned
-from swarmtune.node.local.trainer import InnerTrainer, RoundAbandoned
+from swarmtune.node.local.errors import RoundAbandoned
 from swarmtune.protocols.certificates import Vote
 from swarmtune.protocols.identity import Identity
+
+if TYPE_CHECKING:  # the trainer's libraries (transformers, peft) load only where it runs
+    from swarmtune.node.local.trainer import InnerTrainer
 
 log = logging.getLogger("swarmtune.peer")
 

@@ -21,9 +21,10 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
 from swarmtune.aggregation.ghbm import PeerMomentum
 from swarmtune.aggregation.outer import RoundContext
 from swarmtune.aggregation.params import Params, pseudo_gradient, weighted_mean
@@ -33,7 +34,9 @@ from swarmtune.node.engine.outer_state import load_outer
 from swarmtune.node.engine.state import GroupState
 from swarmtune.node.engine.transport import AveragingFailed, GroupResult, MemberMeta
 from swarmtune.node.engine.trust import banned, record_offences
-from swarmtune.node.local.trainer import InnerResult, InnerTrainer
+
+if TYPE_CHECKING:  # the trainer's libraries (transformers, peft) load only where it runs
+    from swarmtune.node.local.trainer import InnerResult, InnerTrainer
 
 log = logging.getLogger("swarmtune.round")
 Outcome = Literal["averaged", "no-group", "rejected", "too-small"]

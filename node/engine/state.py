@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
 from swarmtune.aggregation.params import Params, state_hash
 
 MAX_OFFENDERS = 10_000

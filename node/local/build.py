@@ -6,6 +6,8 @@ import threading
 from dataclasses import dataclass, field
 
 from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
 from swarmtune.node.config import RunConfig
 from swarmtune.node.local.basemodel import load_base, resolve_target_modules
 from swarmtune.node.local.batch import Batch
@@ -15,7 +17,6 @@ from swarmtune.node.local.packing import DataSummary, ExampleBatcher, tokenize_a
 from swarmtune.node.local.render import Renderer
 from swarmtune.node.local.sources import Example, load_examples
 from swarmtune.node.local.trainer import InnerTrainer, attach_lora
-from transformers import PreTrainedTokenizerBase
 
 EVAL_BATCHES = 4
 EXACT_EXAMPLES = 32  # held-out prompts completed greedily at every evaluation

@@ -14,8 +14,9 @@ import random
 from collections.abc import Callable, Sequence
 
 import torch
-from swarmtune.node.local.batch import Batch, SeededStream
 from transformers import PreTrainedTokenizerBase
+
+from swarmtune.node.local.batch import Batch, SeededStream
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_COUNT = 2000

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
+
 from swarmtune.node.local.batch import Batch
 from swarmtune.node.local.packing import DataSummary, fixed_batches, tokenize_all
 from swarmtune.node.local.render import Renderer
 from swarmtune.node.local.sources import Example
-from transformers import PreTrainedTokenizerBase
 
 EXTRA_TOKENS = 4  # generated beyond the reference's own length
 MAX_NEW_TOKENS = 256

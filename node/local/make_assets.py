@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
 from swarmtune.node.local.basemodel import (
     ASSET_DIR,
     WEIGHTS_FILE,
@@ -24,8 +27,6 @@ from swarmtune.node.local.basemodel import (
     weights_fingerprint,
 )
 from swarmtune.node.local.data import BUILTIN_TASKS, TokenBatcher, builtin_texts
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 SEED = 20240611
 CORPUS_PER_TASK = 2000

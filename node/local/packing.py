@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from swarmtune.node.local.batch import Batch, SeededStream
 from swarmtune.node.local.data import DataError
 from swarmtune.node.local.render import Renderer, Tokenized

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import PreTrainedTokenizerBase
+
 from swarmtune.node.local.data import DataError
 from swarmtune.node.local.sources import Example
-from transformers import PreTrainedTokenizerBase
 
 LOSSES = ("completion", "full")
 

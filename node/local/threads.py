@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import torch
+
 from swarmtune.protocols.lifeline import parents
 
 log = logging.getLogger("swarmtune.threads")

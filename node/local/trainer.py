@@ -11,10 +11,12 @@ from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
 from swarmtune.aggregation.params import Params, clone_params
 from swarmtune.node.config import InnerSettings, LoraSettings
 from swarmtune.node.local.batch import Batch
-from transformers import PreTrainedModel
+from swarmtune.node.local.errors import RoundAbandoned, TrainingDiverged
 
 
 class Batches(Protocol):
@@ -81,15 +83,6 @@ AUTOCAST: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
-
-
-class RoundAbandoned(Exception):
-    """The inner loop was asked to stop (Ctrl+C); the round's partial work is dropped."""
-
-
-class TrainingDiverged(ValueError):
-    """A loss came out NaN or infinite: the round stops before the step that would spread it
-    into the adapter, its update is never sent, and the last checkpoint stays as it was."""
 
 
 def check_finite(value: float, what: str) -> float:

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from pydantic import ValidationError
+
 from swarmtune.node.config import parse_config
 from swarmtune.node.engine.checkpoint import atomic_write, set_aside
 from swarmtune.protocols.admission import issue_ticket, read_ticket

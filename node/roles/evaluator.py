@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+
 from swarmtune.node.adapters.adapter import AdapterError
 from swarmtune.node.adapters.merge import read_adapter
 from swarmtune.node.local.basemodel import load_base

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from swarmtune.node.adapters.adapter import Provenance, adapter_files
 from swarmtune.node.clusters.clusterer import TaskSignature
 from swarmtune.node.clusters.member import ClusterMember, group_prefix

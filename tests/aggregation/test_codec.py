@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from swarmtune.aggregation.codec import BLOCK, from_int8_blocks, int8_blocks, n_blocks
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from swarmtune.aggregation.ghbm import GHBMOuter, PeerMomentum, tau_from_participation
 from swarmtune.aggregation.methods import make_outer
 from swarmtune.aggregation.outer import RoundContext

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from swarmtune.aggregation.merge import (
     MERGE_METHODS,
     MergeOptions,

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from swarmtune.aggregation.methods import make_outer
 from swarmtune.aggregation.outer import FedAvgOuter, MomentumOuter, RoundContext
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from swarmtune.aggregation.params import pseudo_gradient, state_hash, weighted_mean
 
 

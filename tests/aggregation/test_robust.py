@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from swarmtune.aggregation.params import weighted_mean
 from swarmtune.aggregation.robust import (
     TAU_FLOOR,

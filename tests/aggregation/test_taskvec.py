@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from swarmtune.aggregation.taskvec import (
     SIGNATURE_DIM,
     LoraFactors,

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from swarmtune.aggregation.params import Params
 
 

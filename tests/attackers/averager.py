@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from swarmtune.protocols.averaging import GroupAverager, encode_contribution
 from swarmtune.protocols.group import MemberMeta
-
 from tests.attackers.adversaries import Forgery
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from swarmtune.node.engine.round import select_contributions
 from swarmtune.node.engine.swarm_transport import HivemindTransport
 from swarmtune.node.engine.transport import GroupResult, MemberMeta
@@ -17,7 +18,6 @@ from swarmtune.protocols.admission import Gate, issue_ticket
 from swarmtune.protocols.averaging import GroupAverager
 from swarmtune.protocols.records import PeerRecord, RevocationRecord, revoked_key
 from swarmtune.protocols.swarm import SwarmNode, load_or_create_key
-
 from tests.integration.parallel import run_members
 
 pytestmark = pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
+
 from swarmtune.aggregation.params import weighted_mean
 from swarmtune.aggregation.robust import bound_norms, centered_clip, influence_bound
 from swarmtune.node.config import parse_config
@@ -20,7 +21,6 @@ from swarmtune.protocols.admission import Gate, issue_ticket
 from swarmtune.protocols.averaging import GroupAverager
 from swarmtune.protocols.group import GroupResult, MemberMeta
 from swarmtune.protocols.swarm import SwarmNode
-
 from tests.attackers.adversaries import ADVERSARIES
 from tests.attackers.averager import HostileAverager
 from tests.integration.parallel import run_members

@@ -17,6 +17,7 @@ from swarm_harness import (  # noqa: E402
     assert_lora_weights_are_the_files,
     load_with_plain_peft,
 )
+
 from swarmtune.aggregation.taskvec import adjusted_rand_index  # noqa: E402
 from swarmtune.node.local.basemodel import export_base  # noqa: E402
 

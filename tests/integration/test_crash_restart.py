@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from swarm_harness import ROOT, Swarm  # noqa: E402
+
 from swarmtune.node.engine.checkpoint import Checkpoint  # noqa: E402
 from swarmtune.node.engine.state import decode_state  # noqa: E402
 

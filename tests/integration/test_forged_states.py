@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from swarm_harness import ENV, ROOT, Swarm  # noqa: E402
+
 from swarmtune.node.adapters.adapter import adapter_digest  # noqa: E402
 from swarmtune.node.engine.state import decode_state  # noqa: E402
 

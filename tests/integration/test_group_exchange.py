@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from swarmtune.aggregation.codec import from_int8_blocks, int8_blocks
 from swarmtune.aggregation.outer import FedAvgOuter, RoundContext
 from swarmtune.aggregation.params import weighted_mean
@@ -20,7 +21,6 @@ from swarmtune.node.engine.transport import AveragingFailed, GroupResult, Member
 from swarmtune.protocols.averaging import GroupAverager
 from swarmtune.protocols.records import PeerRecord
 from swarmtune.protocols.swarm import SwarmNode
-
 from tests.integration.parallel import run_members
 
 pytestmark = pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from swarm_harness import assert_lora_weights_are_the_files, load_with_plain_peft  # noqa: E402
+
 from swarmtune.node.local.basemodel import export_base  # noqa: E402
 
 

@@ -24,6 +24,7 @@ from swarm_harness import (  # noqa: E402
     assert_lora_weights_are_the_files,
     load_with_plain_peft,
 )
+
 from swarmtune.cli import main  # noqa: E402
 from swarmtune.node.config import load_config  # noqa: E402
 from swarmtune.node.engine.state import decode_state  # noqa: E402

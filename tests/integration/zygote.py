@@ -29,11 +29,12 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "CRITICAL")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from hivemind.utils.mpfuture import MPFuture  # noqa: E402
+
 import swarmtune.node.roles.admit  # noqa: E402, F401
 import swarmtune.node.roles.consumer  # noqa: E402, F401
 import swarmtune.node.roles.coordinator  # noqa: E402, F401
 import swarmtune.node.roles.volunteer  # noqa: E402, F401
-from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 from swarmtune import cli  # noqa: E402
 
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from swarmtune.aggregation.methods import make_peer_momentum
 from swarmtune.node.config import ConfigError, RunConfig, SimConfig, load_config, load_sim_config
 

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
+
 from swarmtune.protocols.admission import (
     CLOCK_SKEW_S,
     Gate,
@@ -128,6 +129,7 @@ def _answer(leader, peer_id, request) -> list:  # type: ignore[no-untyped-def]
 def test_a_leader_refuses_and_counts_every_unadmitted_revoked_or_malformed_join() -> None:
     from hivemind.p2p import PeerID
     from hivemind.proto import averaging_pb2
+
     from swarmtune.protocols.admission import issue_ticket as issue
 
     peer_id = PeerID.from_base58("QmX4e7geuVFGHwzj6d3h963dW33VgsSQtHYR1n8DzKdkUK")
@@ -177,6 +179,7 @@ def test_a_follower_leaves_a_leader_it_would_refuse_before_the_group_forms() -> 
 
     from hivemind.p2p import PeerID
     from hivemind.proto import averaging_pb2
+
     from swarmtune.protocols.matchmaking import _CheckedLeader
 
     leader_id = PeerID.from_base58("QmX4e7geuVFGHwzj6d3h963dW33VgsSQtHYR1n8DzKdkUK")

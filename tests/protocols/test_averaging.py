@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 from safetensors.torch import save as st_save
+
 from swarmtune.aggregation.codec import from_int8_blocks, int8_blocks
 from swarmtune.protocols.averaging import (
     GroupAverager,
@@ -217,6 +218,7 @@ def test_the_dht_process_ends_quietly_when_its_pipe_from_the_main_process_breaks
     # seen in a full test run: a Ctrl+C ended the main process while an overlapped exchange
     # thread was handing the DHT a request; the DHT process printed a traceback on its way out
     from hivemind.dht import DHT
+
     from swarmtune.protocols.hivemind_private import QuietDHT
 
     def broken(self: DHT) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 from hivemind.p2p import P2P
+
 from swarmtune.protocols import direct as direct_module
 from swarmtune.protocols.direct import (
     DIRECT_MIN,

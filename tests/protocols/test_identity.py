@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
+
 from swarmtune.protocols.identity import (
     RSA_KEY,
     Identity,

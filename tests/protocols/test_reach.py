@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
+
 from swarmtune.protocols.hivemind_private import p2pd_args
 from swarmtune.protocols.identity import Identity
 from swarmtune.protocols.reach import (

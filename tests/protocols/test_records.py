@@ -11,6 +11,7 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic import ValidationError
+
 from swarmtune.protocols.identity import Identity
 from swarmtune.protocols.records import (
     MAX_RECORD_BYTES,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from hivemind.p2p import P2P, PeerID
+
 from swarmtune.protocols.runner import LoopThread
 from swarmtune.protocols.transfer import (
     CHUNK_SIZE,

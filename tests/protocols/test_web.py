@@ -9,6 +9,7 @@ import urllib.request
 from collections.abc import Mapping
 
 import pytest
+
 from swarmtune.protocols.web import StatusServer
 
 

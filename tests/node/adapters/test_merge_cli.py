@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
 from swarmtune.cli import main
 from swarmtune.node.adapters.adapter import AdapterError
 from swarmtune.node.adapters.merge import check_same_base, read_adapter
 from swarmtune.node.local.basemodel import export_base
-from transformers import AutoModelForCausalLM
 
 TARGETS = ["q_proj", "v_proj"]
 EPS32 = torch.finfo(torch.float32).eps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from swarmtune.node.adapters.adapter import ADAPTER_FILES, AdapterError
 from swarmtune.node.adapters.offers import Offer, adapter_files
 from swarmtune.node.config import parse_config

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from swarmtune.aggregation.merge import MergeOptions, merge_adapters
 from swarmtune.aggregation.taskvec import SIGNATURE_DIM, adjusted_rand_index
 from swarmtune.node.adapters.merge import parse_adapter

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from swarmtune.aggregation.outer import RoundContext
 from swarmtune.node.config import RunConfig, parse_config
 from swarmtune.node.engine.certify import Claim, round_body
@@ -27,7 +28,6 @@ from swarmtune.node.engine.state import GroupState, StateError, encode_state
 from swarmtune.node.engine.transport import InMemoryHub, InMemoryTransport
 from swarmtune.protocols.certificates import Certificate, sign_body
 from swarmtune.protocols.identity import Identity
-
 from tests.node.engine.test_round import CONFIG, TASKS, _local, _peer, _run_all
 
 NESTEROV = CONFIG.model_copy(

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from swarmtune.node.engine.certify import (
     Claim,
     NotCertified,

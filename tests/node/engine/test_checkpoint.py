@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from swarmtune.node.config import parse_config
 from swarmtune.node.engine.checkpoint import Checkpoint, remove_dead_temps
 from swarmtune.node.engine.peer import Peer

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from swarmtune.node.config import SimConfig, parse_config
 from swarmtune.node.engine.peer import Peer
 from swarmtune.node.engine.round import RoundReport
 from swarmtune.node.engine.state import GroupState
 from swarmtune.node.engine.transport import InMemoryHub, InMemoryTransport, MemberMeta
 from swarmtune.node.roles.simulate import Simulation
-
 from tests.node.engine.test_round import TASKS, _local, _peer, _run_all
 
 OVERLAP = parse_config(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from swarmtune.node.config import RunConfig, parse_config
 from swarmtune.node.engine.checkpoint import Checkpoint
 from swarmtune.node.engine.peer import Peer
@@ -497,7 +498,7 @@ def test_a_group_below_min_group_size_applies_no_update_and_its_members_still_ag
 
 def test_a_nan_loss_stops_the_peer_with_one_line_and_keeps_its_checkpoint(tmp_path: Path) -> None:
     from swarmtune.node.errors import USER_ERRORS
-    from swarmtune.node.local.trainer import TrainingDiverged
+    from swarmtune.node.local.errors import TrainingDiverged
 
     hub = InMemoryHub(expected=1)
     local = _local("dates", 0)

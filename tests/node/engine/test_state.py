@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from swarmtune.aggregation.ghbm import GHBMOuter
 from swarmtune.aggregation.outer import MomentumOuter, RoundContext
 from swarmtune.node.engine.state import GroupState, StateError, decode_state, encode_state

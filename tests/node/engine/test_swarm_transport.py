@@ -8,6 +8,7 @@ import pytest
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
+
 from swarmtune.node.engine.state import GroupState
 from swarmtune.node.engine.swarm_transport import HivemindTransport
 from swarmtune.protocols.identity import Identity

@@ -4,6 +4,7 @@ every member."""
 from __future__ import annotations
 
 import torch
+
 from swarmtune.node.config import AdmissionSettings, parse_config
 from swarmtune.node.engine.round import LocalUpdate, conclude_round
 from swarmtune.node.engine.state import GroupState, decode_state, encode_state

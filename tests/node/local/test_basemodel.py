@@ -11,6 +11,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
 from swarmtune.node.local import basemodel
 from swarmtune.node.local.basemodel import (
     ASSET_DIR,
@@ -31,7 +33,6 @@ from swarmtune.node.local.data import (
     builtin_texts,
     eval_batches,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 LLAMA_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -152,6 +153,7 @@ def test_bad_quantization_and_an_old_bitsandbytes_on_cpu_are_one_clear_error(mon
 @pytest.mark.parametrize("quantize", ["4bit", "4bit-dq"])
 def test_a_4bit_base_on_cpu_keeps_the_fp32_fingerprint_and_trains_lora(quantize, monkeypatch):
     import bitsandbytes as bnb
+
     from swarmtune.node.config import parse_config
     from swarmtune.node.local.build import build_local_model
 
@@ -247,6 +249,7 @@ def test_saving_an_adapter_asks_the_hub_nothing(monkeypatch: pytest.MonkeyPatch)
     # PEFT's default ("auto") asks the Hugging Face Hub about the base model's config.json on
     # every save: a network call at run time (and a stall where DNS times out)
     import huggingface_hub
+
     from swarmtune.node.adapters.adapter import adapter_tensors
     from swarmtune.node.config import parse_config
     from swarmtune.node.local.build import build_local_model

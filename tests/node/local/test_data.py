@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+
 from swarmtune.node.local.basemodel import ASSET_DIR, load_tokenizer
 from swarmtune.node.local.data import (
     BUILTIN_TASKS,

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from swarmtune.node.local.basemodel import ASSET_DIR, load_base
 from swarmtune.node.local.data import DataError
 from swarmtune.node.local.packing import IGNORE, ExampleBatcher, fixed_batches, tokenize_all

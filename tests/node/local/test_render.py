@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+
 from swarmtune.node.local.basemodel import ASSET_DIR, load_tokenizer
 from swarmtune.node.local.data import DataError
 from swarmtune.node.local.render import Renderer

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from swarmtune.node.local.data import DataError
 from swarmtune.node.local.sources import Example, load_examples
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from swarmtune.node.local import threads
 from swarmtune.node.local.threads import ThreadShare, is_join, volunteers_here
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
+
 from swarmtune.cli import main
 from swarmtune.node.config import RunConfig
 from swarmtune.node.roles.admit import (

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from swarmtune.node.roles.coordinator import serve_until_stopped
 
 
@@ -55,7 +56,6 @@ def test_revocations_are_published_when_the_list_changes(tmp_path) -> None:  # t
     from swarmtune.node.roles.admit import revoke
     from swarmtune.node.roles.coordinator import Coordinator
     from swarmtune.protocols.records import RevocationRecord
-
     from tests.node.roles.test_admit import PEER, _coordinator
 
     manifest = _coordinator(tmp_path)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from swarmtune.cli import main
 from swarmtune.node.config import parse_config
 from swarmtune.node.local.build import build_local_model

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from swarmtune.cli import main
 from swarmtune.node.config import SimConfig
 from swarmtune.node.roles.simulate import Simulation, client_texts, deal, simulate, task_mixtures

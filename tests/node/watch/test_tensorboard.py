@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from swarmtune.node.engine.round import RoundReport
 from swarmtune.node.watch.tensorboard import ScalarLog, SwarmLog, round_aggregates, round_scalars
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def _read(logdir: Path) -> dict[str, list[tuple[int, float]]]:
