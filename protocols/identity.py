@@ -34,7 +34,8 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """An unsigned protobuf/multiformats varint: 7 bits a byte, low bits first."""
     out = bytearray()
     while True:
         low, value = value & 0x7F, value >> 7
@@ -43,7 +44,7 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(blob: bytes, at: int) -> tuple[int, int]:
+def _readvarint(blob: bytes, at: int) -> tuple[int, int]:
     value, shift = 0, 0
     while at < len(blob) and shift < 64:
         byte = blob[at]
@@ -56,7 +57,7 @@ def _read_varint(blob: bytes, at: int) -> tuple[int, int]:
 def key_message(key_type: int, data: bytes) -> bytes:
     """libp2p's PublicKey / PrivateKey protobuf message (crypto.proto: field 1 `Type`, a varint;
     field 2 `Data`, bytes), as go-libp2p and hivemind write it: both fields, in that order."""
-    return b"\x08" + _varint(key_type) + b"\x12" + _varint(len(data)) + data
+    return b"\x08" + varint(key_type) + b"\x12" + varint(len(data)) + data
 
 
 def parse_key_message(blob: bytes) -> tuple[int, bytes]:
@@ -64,11 +65,11 @@ def parse_key_message(blob: bytes) -> tuple[int, bytes]:
     fields: dict[int, int | bytes] = {}
     at = 0
     while at < len(blob):
-        tag, at = _read_varint(blob, at)
+        tag, at = _readvarint(blob, at)
         if tag == 0x08:
-            fields[1], at = _read_varint(blob, at)
+            fields[1], at = _readvarint(blob, at)
         elif tag == 0x12:
-            size, at = _read_varint(blob, at)
+            size, at = _readvarint(blob, at)
             if at + size > len(blob):
                 raise ValueError("key data runs past the end of the message")
             fields[2], at = blob[at : at + size], at + size

@@ -40,6 +40,7 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarmtune.protocols.hivemind_private import daemon_connect
+from swarmtune.protocols.identity import varint
 from swarmtune.protocols.transfer import TransferError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,6 @@ MAX_FRAME = 1024
 _P2P_CODE, _CIRCUIT_CODE = 421, 290  # multicodec table: p2p, p2p-circuit
 
 REACH_MODES = ("auto", "direct", "relay")
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 class CircuitAddr:
@@ -74,10 +66,10 @@ class CircuitAddr:
         multihash = PeerID.from_base58(relay_id).to_bytes()
         self._bytes = (
             (Multiaddr(base).to_bytes() if base else b"")  # "": p2pd knows where the relay is
-            + _varint(_P2P_CODE)
-            + _varint(len(multihash))
+            + varint(_P2P_CODE)
+            + varint(len(multihash))
             + multihash
-            + _varint(_CIRCUIT_CODE)
+            + varint(_CIRCUIT_CODE)
         )
         self._text = f"{relay_maddr}/p2p-circuit"
 
