@@ -16,6 +16,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import swarmtune.node.adapters.offers as offers  # noqa: E402
 import swarmtune.node.roles.consumer as consumer  # noqa: E402
 from swarmtune import cli  # noqa: E402
 from swarmtune.node.adapters.offers import Offer  # noqa: E402
@@ -36,8 +37,12 @@ def newest_offers(records: Mapping[str, PeerRecord], *_: Any) -> dict[str, Offer
 
 
 def main(argv: list[str]) -> int:
-    consumer.vouched_offers = newest_offers  # type: ignore[assignment]
-    consumer.check_bundle = lambda *_: "nothing (the pull before round certificates)"  # type: ignore[assignment]
+    # what `pull` calls since it falls back to older proven offers (2026-12-06); patching the
+    # function it called before left this baseline pulling through the defended path
+    consumer.proven_offers = lambda records, *_: {  # type: ignore[assignment]
+        name: [offer] for name, offer in newest_offers(records).items()
+    }
+    offers.check_bundle = lambda *_: "nothing (the pull before round certificates)"  # type: ignore[assignment]
     return cli.main(["pull", *argv])
 
 
