@@ -120,7 +120,9 @@ def run(attack: str | None, defended: bool, rounds: int, workdir: Path) -> dict[
     )
     if pulled.returncode == 0:
         tensors = load_file(out / "adapter_model.safetensors")
-        honest = {adapter_digest(s.params) for s in states}
+        # the adapters of the volunteers' final states, unless a state is a forgery (trusting
+        # volunteers may end on one, and then the forger's offer matches their adapter)
+        honest = {adapter_digest(s.params) for s in states if s.digest() not in forged_digests}
         found = re.search(r"round (\d+),", pulled.stdout)
         served = "honest" if adapter_digest(tensors) in honest else "not an honest state's"
         served += f", round {found.group(1) if found else '?'}"
