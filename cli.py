@@ -398,7 +398,7 @@ def _expect_config(args: argparse.Namespace) -> Path | None:
         logging.getLogger("swarmtune").warning(
             "join --config is now --expect-config (the run config to check the run against)"
         )
-        return Path(args.old_config)
+        return args.old_config
     return args.expect_config
 
 

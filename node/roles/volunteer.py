@@ -145,6 +145,11 @@ def progress_line(report: RoundReport) -> str:
     )
 
 
+def adapter_name(cluster: int) -> str:
+    """What a group's adapter is called: `global`, or `cluster-<id>` once assigned."""
+    return "global" if cluster < 0 else f"cluster-{cluster}"
+
+
 class AdapterShelf:
     """What a volunteer serves as its group's adapter: the state's LoRA tensors as a PEFT
     bundle, under the group's name (`global`, or `cluster-<id>`)."""
@@ -171,7 +176,7 @@ class AdapterShelf:
             self.model,
         )
         bundle = pack_files(adapter_files(self.local.trainer, state.params, provenance))
-        name = "global" if cluster < 0 else f"cluster-{cluster}"
+        name = adapter_name(cluster)
         self.blobs.publish(f"adapter:{name}", bundle)
         sha = hashlib.sha256(bundle).hexdigest()
         offer = AdapterOffer(round=state.round, sha256=sha, size=len(bundle), state=state.digest())
@@ -257,8 +262,7 @@ class Volunteer:
     @property
     def adapter_name(self) -> str:
         """What this peer's group adapter is called: `global`, or `cluster-<id>` once assigned."""
-        cluster = self.member.cluster if self.member is not None else -1
-        return "global" if cluster < 0 else f"cluster-{cluster}"
+        return adapter_name(self.member.cluster if self.member is not None else -1)
 
     def report(self, report: RoundReport) -> None:
         """Progress line, metrics file, and the numbers status shows."""
