@@ -16,6 +16,9 @@ Then steps/s and peak memory of fp32 and bf16 autocast, gradient checkpointing o
 max_length 512.
 
 Run:  .venv/bin/python bench/finetune.py --model /tmp/smollm2-135m [--rounds 6] [--steps 10]
+      [--outer NAME[:LR[:MOMENTUM]] ...] [--weight steps|tokens] [--workdir DIR]
+With --workdir, a rerun reuses the adapters and scores already there and adds a row for each
+new swarm run (outer optimizer and weight), so they are compared side by side.
 Writes bench/out/finetune.json and the `finetune` section of bench/RESULTS.md (not --quick).
 """
 
@@ -97,13 +100,38 @@ def write_tasks(folder: Path) -> dict[str, dict[str, Any]]:
     return info
 
 
-def run_config(model: str, steps: int, matchmaking: float = 5.0) -> dict[str, Any]:
-    return {
+def run_config(
+    model: str, steps: int, matchmaking: float = 5.0, swarm: Swarm | None = None
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
         "run_id": "finetune-bench",
         "base_model": model,
         "inner": {"steps": steps, **INNER},
         "averaging": {"matchmaking_time": matchmaking},
     }
+    if swarm is not None:
+        config["outer"] = swarm.outer
+        config["averaging"]["weight"] = swarm.weight
+    return config
+
+
+class Swarm:
+    """One way to run the swarm: its outer optimizer (`NAME[:LR[:MOMENTUM]]`, e.g. `fedavg`,
+    `nesterov:0.7:0.9`) and its members' weight (`steps` or `tokens`)."""
+
+    def __init__(self, outer: str, weight: str, matchmaking: float) -> None:
+        name, *numbers = outer.split(":")
+        self.outer: dict[str, Any] = {"name": name}
+        for field, value in zip(("lr", "momentum"), numbers, strict=False):
+            self.outer[field] = float(value)
+        self.weight, self.matchmaking = weight, matchmaking
+        self.key = "-".join([outer.replace(":", "-"), weight, f"mm{matchmaking:g}"])
+
+    def label(self) -> str:
+        from swarmtune.node.config import OuterSettings  # noqa: PLC0415
+
+        outer = OuterSettings.model_validate(self.outer)
+        return f"{outer.label()}, weight {self.weight}"
 
 
 def train_alone(model: str, data: Path, steps: int, out: Path) -> dict[str, Any]:
@@ -121,7 +149,7 @@ def train_alone(model: str, data: Path, steps: int, out: Path) -> dict[str, Any]
 
 
 def run_swarm(
-    model: str, folder: Path, rounds: int, steps: int, work: Path, matchmaking: float
+    model: str, folder: Path, rounds: int, steps: int, work: Path, swarm: Swarm
 ) -> tuple[Path, dict[str, Any]]:
     """Coordinator + one volunteer per task as processes: (the pulled adapter's dir, each
     volunteer's round outcomes)."""
@@ -130,7 +158,7 @@ def run_swarm(
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    (work / "run.yaml").write_text(json.dumps(run_config(model, steps, matchmaking)))
+    (work / "run.yaml").write_text(json.dumps(run_config(model, steps, swarm.matchmaking, swarm)))
     data = [str(folder / f"{t}-train.jsonl") for t in TASKS]
     extra = ("--model", model, "--wait-for", str(len(TASKS)), "--eval-every", str(rounds))
     procs = Processes()
@@ -159,9 +187,12 @@ def run_swarm(
     return out, outcomes
 
 
-def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict, dict]:
+def score_all(
+    model: str, adapters: dict[str, Path], folder: Path, cache: Path
+) -> tuple[dict, dict]:
     """Every adapter (and the base) on every task's held-out file, with `swarmtune eval`'s own
-    scoring (node/roles/evaluator.py), the base loaded once: (scores, samples)."""
+    scoring (node/roles/evaluator.py), the base loaded once: (scores, samples). An adapter
+    whose file has not changed since `cache` scored it is not scored again."""
     from peft import PeftModel  # noqa: PLC0415
 
     from swarmtune.node.local.basemodel import load_base  # noqa: PLC0415
@@ -169,13 +200,24 @@ def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict
     from swarmtune.node.local.sources import load_examples  # noqa: PLC0415
     from swarmtune.node.roles.evaluator import BATCH, score  # noqa: PLC0415
 
-    base, tokenizer, _ = load_base(model)
-    scores: dict[str, dict[str, Any]] = {"base model": {}, **{name: {} for name in adapters}}
+    def stamp(adapter: Path | None) -> str:
+        if adapter is None:
+            return f"base {model}"
+        return f"{adapter} {(adapter / 'adapter_model.safetensors').stat().st_mtime_ns}"
+
+    runs: dict[str, Path | None] = {"base model": None, **adapters}
+    kept = json.loads(cache.read_text()) if cache.exists() else {}
+    scores: dict[str, dict[str, Any]] = {name: {} for name in runs}
     samples: dict[str, Any] = {}
-    for task in TASKS:
+    for name, adapter in list(runs.items()):
+        if stamp(adapter) in kept:
+            scores[name] = kept[stamp(adapter)]["scores"]
+            samples.update({f"{name} / {t}": v for t, v in kept[stamp(adapter)]["samples"].items()})
+            del runs[name]
+    base, tokenizer, _ = load_base(model)
+    for task in TASKS if runs else ():
         examples = load_examples(str(folder / f"{task}-eval.jsonl"))
         renderer, batches, _ = scoring_set(tokenizer, examples, 512, BATCH)
-        runs = {"base model": None, **adapters}
         for name, adapter in runs.items():
             scored = base if adapter is None else PeftModel.from_pretrained(base, str(adapter))
             result = score(scored.eval(), renderer, examples, batches)
@@ -184,6 +226,10 @@ def score_all(model: str, adapters: dict[str, Path], folder: Path) -> tuple[dict
             scores[name][task] = {"loss": result.loss, "exact": result.exact}
             samples[f"{name} / {task}"] = [s.__dict__ for s in result.samples[:3]]
             print(name, task, scores[name][task], flush=True)
+    for name, adapter in runs.items():
+        mine = {t: samples[f"{name} / {t}"] for t in TASKS}
+        kept[stamp(adapter)] = {"scores": scores[name], "samples": mine}
+    cache.write_text(json.dumps(kept))
     return scores, samples
 
 
@@ -241,16 +287,18 @@ def render(data: dict[str, Any]) -> str:
         cells = [f"{per_task[t]['exact']:.1%} | {per_task[t]['loss']:.3f}" for t in TASKS]
         mean = sum(per_task[t]["exact"] for t in TASKS) / len(TASKS)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.1%} |")
-    rounds = data["runs"].get("swarm_rounds", {})
-    if rounds:
+    for swarm in data["runs"].get("swarms", {}).values():
+        rounds = swarm["rounds"]
         counted = [
             f"{t} " + ", ".join(f"{n} {o}" for o, n in sorted(Counter(rounds[t]).items()))
             for t in TASKS
         ]
         lines += [
             "",
-            f"Swarm rounds per volunteer (matchmaking_time {data['matchmaking']:g} s, default "
-            "outer step and aggregator): " + "; ".join(counted) + ".",
+            f"Swarm {swarm['label']} (matchmaking_time {swarm['matchmaking']:g} s, default "
+            f"aggregator), {swarm['seconds']:.0f} s: rounds per volunteer "
+            + "; ".join(counted)
+            + ".",
         ]
     lines += [
         "",
@@ -282,6 +330,18 @@ def main() -> None:
         default=30.0,
         help="averaging.matchmaking_time: how long members wait for each other (three volunteers"
         " on 2 shared cores finish H steps up to ~30 s apart)",
+    )
+    parser.add_argument(
+        "--outer",
+        action="append",
+        help="the swarm's outer optimizer, NAME[:LR[:MOMENTUM]] (e.g. nesterov:0.7:0.9); give it"
+        " again for another swarm run beside it (default: the run config's, fedavg)",
+    )
+    parser.add_argument(
+        "--weight",
+        choices=("steps", "tokens"),
+        default="steps",
+        help="averaging.weight of the swarm runs",
     )
     parser.add_argument(
         "--workdir", type=Path, help="keep data, adapters and speeds here; a rerun reuses them"
@@ -318,15 +378,24 @@ def main() -> None:
             print(key, runs[key], flush=True)
             name = "centralized, pooled data" if key == "central" else f"{key[6:]} volunteer alone"
             adapters[f"{name} ({steps} steps)"] = out
-        started = time.perf_counter()
-        swarm_dir = work / f"swarm-mm{args.matchmaking:g}"
-        pulled, outcomes = run_swarm(
-            args.model, work / "data", args.rounds, args.steps, swarm_dir, args.matchmaking
-        )
-        adapters[f"swarm, pulled ({len(TASKS)} volunteers x {total} steps)"] = pulled
-        runs["swarm_seconds"] = time.perf_counter() - started
-        runs["swarm_rounds"] = outcomes
-        scores, samples = score_all(args.model, adapters, work / "data")
+        swarms = runs.setdefault("swarms", {})  # every swarm run kept in --workdir, side by side
+        for outer in args.outer or ["fedavg"]:
+            swarm = Swarm(outer, args.weight, args.matchmaking)
+            pulled = work / f"swarm-{swarm.key}" / "pulled"
+            if swarm.key in swarms and (pulled / "adapter_model.safetensors").exists():
+                continue
+            started = time.perf_counter()
+            pulled, outcomes = run_swarm(
+                args.model, work / "data", args.rounds, args.steps, pulled.parent, swarm
+            )
+            swarms[swarm.key] = {"label": swarm.label(), "rounds": outcomes,
+                                 "seconds": time.perf_counter() - started,
+                                 "matchmaking": args.matchmaking}  # fmt: skip
+            saved.write_text(json.dumps(runs))
+        for key, swarm_run in swarms.items():
+            name = f"swarm, pulled, {swarm_run['label']} ({len(TASKS)} x {total} steps)"
+            adapters[name] = work / f"swarm-{key}" / "pulled"
+        scores, samples = score_all(args.model, adapters, work / "data", work / "scores.json")
         speed_file = work / "speed.json"
         if speed_file.exists():
             speed = json.loads(speed_file.read_text())

@@ -139,7 +139,12 @@ class AveragingSettings(_Strict):
     min_group_size: int = Field(2, ge=2, le=1024)
     # contributions on the wire: fp32, fp16, or int8 with an fp32 absmax per 64 values
     codec: Literal["fp32", "fp16", "int8"] = "fp32"
-    # centered-clip: bounded influence (aggregation/robust.py); mean: the token-weighted mean
+    # a member's weight in the aggregate: `steps`, the inner steps it trained this round (equal
+    # work, equal say), or `tokens`, the tokens in its loss. With AdamW inner steps a member's
+    # Delta_i is about as long after H steps whatever its batches held, so token weights hand a
+    # task with long answers most of the shared adapter (bench/RESULTS.md, "Real fine-tuning")
+    weight: Literal["steps", "tokens"] = "steps"
+    # centered-clip: bounded influence (aggregation/robust.py); mean: the weighted mean
     aggregator: Literal["mean", "centered-clip"] = "centered-clip"
     clip_scale: float = Field(2.0, gt=0, le=1000)  # tau = clip_scale x median distance
     clip_iterations: int = Field(3, ge=1, le=100)
@@ -196,9 +201,11 @@ class ClusteringSettings(_Strict):
 
 
 def max_round_weight(config: RunConfig) -> float:
-    """The most tokens one member can have seen in one round: H steps of full batches (each
-    step grad_accum of them)."""
+    """The largest weight one member can claim for one round: H steps (`averaging.weight:
+    steps`), or the tokens of H steps of full batches, each step grad_accum of them (`tokens`)."""
     inner = config.inner
+    if config.averaging.weight == "steps":
+        return float(inner.steps)
     return float(inner.steps * inner.grad_accum * inner.batch_size * inner.seq_len)
 
 

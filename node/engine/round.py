@@ -1,7 +1,7 @@
 """One DiLoCo round (docs/design.md, "The round"), the same code for the simulator and the daemon.
 
 1. start from the group's theta^{t-1}; 2. H inner AdamW steps; 3. Delta_i = theta^{t-1} - theta_i;
-4. the transport all-gathers the group's Delta_i; every member takes the token-weighted mean of
+4. the transport all-gathers the group's Delta_i; every member takes the weighted mean of
 the same contributions in the same order (float64 accumulation), so all end bit-identical;
 5. outer step. Outer optimizers that act inside the inner loop (GHBM's local correction, the
 per-peer LocalGHBM/FedHBM momentum) get a hook after every inner step.
@@ -103,7 +103,7 @@ def select_contributions(
 ) -> tuple[list[MemberMeta], dict[str, str]]:
     """The members whose contributions enter the aggregate (sorted by peer id; this peer
     included), and every other member with the reason it was left out. A weight above what one
-    round can produce (`max_weight` tokens) is a rejected contribution, never a bigger vote;
+    round can produce (`max_weight`, node/config.py) is a rejected contribution, never a bigger vote;
     `banned` members (node/engine/trust.py) are left out whatever they sent."""
     present = {m.peer for m in group.members}
     excluded = {**group.missing, **{p: w for p, w in (banned or {}).items() if p in present}}
@@ -118,7 +118,7 @@ def select_contributions(
         elif not member.weight > 0:
             excluded[member.peer] = "zero weight"
         elif member.weight > max_weight:
-            excluded[member.peer] = f"weight {member.weight:g} > {max_weight:g} (H full batches)"
+            excluded[member.peer] = f"weight {member.weight:g} > {max_weight:g} (one round's most)"
         else:
             chosen.append(member)
     return chosen, excluded
@@ -194,7 +194,8 @@ def inner_phase(
     if momentum is not None:
         momentum.end_round(final, state.round)
     delta = pseudo_gradient(origin, final)
-    meta = MemberMeta(peer, state.round, start.digest, float(inner.tokens), known=known)
+    weight = inner.steps if config.averaging.weight == "steps" else inner.tokens
+    meta = MemberMeta(peer, state.round, start.digest, float(weight), known=known)
     return LocalUpdate(delta, meta, inner)
 
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from swarmtune.node.config import RunConfig, parse_config
+from swarmtune.node.config import RunConfig, max_round_weight, parse_config
 from swarmtune.node.engine.checkpoint import Checkpoint
 from swarmtune.node.engine.peer import Peer
 from swarmtune.node.engine.round import (
     RoundReport,
     combine,
     group_context,
+    inner_phase,
+    round_start,
     select_contributions,
 )
 from swarmtune.node.engine.state import GroupState
@@ -219,6 +222,41 @@ def test_a_weight_above_one_rounds_tokens_is_excluded_not_a_bigger_vote() -> Non
     group = GroupResult(members, {p: {"w": torch.zeros(1)} for p in "ab"})
     chosen, excluded = select_contributions(group, members[0], max_weight=4 * 4 * 32)
     assert [m.peer for m in chosen] == ["a"] and "weight" in excluded["b"]
+
+
+def _chat_file(path: Path, answer: str) -> str:
+    turns = [{"role": "user", "content": f"question {i}"} for i in range(40)]
+    rows = [{"messages": [t, {"role": "assistant", "content": answer}]} for t in turns]
+    path.write_text("".join(f"{json.dumps(r)}\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("weight", ["steps", "tokens"])
+def test_a_members_weight_is_its_steps_unless_the_run_weighs_tokens(
+    tmp_path: Path, weight: str
+) -> None:
+    """Two volunteers with chat data whose answers differ in length, completion-only loss:
+    by default each weighs its H steps (equal work, equal say); `averaging.weight: tokens`
+    weighs the tokens in its loss, and both bounds follow."""
+    config = CONFIG.model_copy(
+        update={"averaging": CONFIG.averaging.model_copy(update={"weight": weight})}
+    )
+    files = [_chat_file(tmp_path / "short.jsonl", "yes"), _chat_file(tmp_path / "long.jsonl",
+             " ".join(["a much longer answer with many words"] * 3))]  # fmt: skip
+    weights, tokens = [], []
+    for i, data in enumerate(files):
+        local = build_local_model(config, data, data_seed=i)
+        state = GroupState(0, local.trainer.get_params(), {})
+        update = inner_phase(state, round_start(state, config), local.trainer, f"p{i}", config)
+        weights.append(update.meta.weight)
+        tokens.append(update.inner.tokens)
+    assert tokens[1] > 2 * tokens[0]  # the long answers really put more tokens in the loss
+    if weight == "steps":
+        assert weights == [config.inner.steps] * 2 == [max_round_weight(config)] * 2
+    else:
+        assert weights == [float(t) for t in tokens]
+        inner = config.inner
+        assert max_round_weight(config) == inner.steps * inner.batch_size * inner.seq_len
 
 
 GHBM = parse_config(
