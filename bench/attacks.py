@@ -299,6 +299,12 @@ def main() -> None:
         help="only one attacker behind this many identities each (e.g. 1 2 4 8), 4 honest",
     )
     parser.add_argument(
+        "--sybils-real",
+        type=int,
+        nargs="+",
+        help="only the Sybils on real peers, open and address admission (e.g. 1 2 4 8)",
+    )
+    parser.add_argument(
         "--alie-z",
         type=float,
         nargs="+",
@@ -334,6 +340,9 @@ def main() -> None:
         return
     if args.sybils:
         sybils(args.sybils, args.sim_rounds)
+        return
+    if args.sybils_real:
+        sybils_real(args.sybils_real, args.real_rounds)
         return
     if args.pair:
         pair(args.sim_rounds)
@@ -530,6 +539,103 @@ def sybils(counts: list[int], rounds: int, attack: str = "sign-flip") -> None:
         print(f"sybils {k}: {json.dumps(row)}", flush=True)
         lines.append(f"| {k} | {k}/{4 + k} | {_cells(row, clean)} |")
     replace_section("attacks-sybils", "\n".join(lines))
+    print("\n".join(lines))
+
+
+SYBIL_HOST = "127.0.0.66"  # every identity of the one attacker: one address (loopback /8)
+
+
+def run_sybils_real(k: int, policy: str, rounds: int, workdir: Path) -> dict[str, Any]:
+    """Real peers: coordinator + 4 honest volunteers, each on its own loopback address
+    (127.0.0.11-14; libp2p dials from its listening address, so the coordinator sees each), and
+    one attacker with k identities, every one on 127.0.0.66 sending sign-flip. Under `address`
+    admission the coordinator hands a ticket to one identity per address; an identity it refuses
+    exits at join (exit 2) and never averages."""
+    workdir.mkdir(parents=True)
+    config = {
+        "run_id": "sybil-bench",
+        **RUN,
+        "averaging": {"matchmaking_time": 5.0, **ROBUST},
+        "admission": {"policy": policy},
+    }
+    parse_config(config)
+    (workdir / "run.yaml").write_text(json.dumps(config))
+    honest = [workdir / f"honest{i + 1}" for i in range(4)]
+    sybils = [workdir / f"sybil{j + 1}" for j in range(k)]
+    procs = Processes()
+    try:
+        coord = procs.start(
+            "coord",
+            ["bootstrap", "--config", str(workdir / "run.yaml"), "--workdir", str(workdir / "c")]
+            + ["--addr-file", str(workdir / "addr")],
+        )
+        maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
+        common = ["--initial-peers", maddr, "--rounds", str(rounds), "--threads", "1"]
+        for j, vol in enumerate(sybils):  # first, so that they are in from round 0
+            args = ["--data", f"builtin:{TASKS[j % 4]}", "--workdir", str(vol), *common]
+            procs.start(
+                vol.name, ["sign-flip", *args, "--host", SYBIL_HOST], program=[str(HOSTILE)]
+            )
+        for i, vol in enumerate(honest):
+            args = ["--data", f"builtin:{TASKS[i]}", "--workdir", str(vol), *common]
+            procs.start(vol.name, ["join", *args, "--host", f"127.0.0.{11 + i}", "--wait-for", "4"])
+        timeout = 120 + 60 * rounds
+        codes = {v.name: procs.procs[v.name].wait(timeout=timeout) for v in honest}
+        sybil_codes = [procs.procs[v.name].poll() for v in sybils]
+    finally:
+        procs.stop_all()
+    hostile_ids = {peer_id(v) for v in sybils}
+    metrics = [
+        [json.loads(x) for x in (v / "metrics.jsonl").read_text().splitlines()] for v in honest
+    ]
+    finals = [m[-1] for m in metrics if m]
+    counted = [  # hostile contributions that entered an honest member's aggregate
+        len(hostile_ids & (set(r["members"]) - set(r["excluded"]))) for m in metrics for r in m
+    ]
+    return {
+        "exit_codes": codes,
+        "sybils_refused": sum(1 for c in sybil_codes if c == 2),
+        "eval_loss": sum(f["eval_loss"] for f in finals) / max(len(finals), 1),
+        "averaged": sum(1 for m in metrics for r in m if r["outcome"] == "averaged"),
+        "hostile_per_round": max(counted, default=0),
+        "rounds": min(len(m) for m in metrics),
+    }
+
+
+def sybils_real(counts: list[int], rounds: int) -> None:
+    """The Sybil table on real peers, under `open` and under `address` admission."""
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="swarmtune-sybils-") as tmp:
+        for policy in ("open", "address"):
+            rows[policy] = {}
+            for k in [0, *counts]:
+                rows[policy][k] = run_sybils_real(k, policy, rounds, Path(tmp) / f"{policy}-{k}")
+                print(f"sybils {policy} {k}: {json.dumps(rows[policy][k])}", flush=True)
+    lines = [
+        f"### Sybils on real peers: one attacker, k identities, 4 honest volunteers, {rounds}"
+        " rounds",
+        "",
+        "Coordinator + 4 honest volunteers (one built-in task each, each on its own loopback"
+        " address) + k identities of one attacker, all on one address, each sending sign-flip;"
+        " the defended default. `open`: every identity is a member; `address`"
+        " (`identities_per_address: 1`): the coordinator hands one ticket per address, the other"
+        f" identities are refused at join. {reproduce()}",
+        "",
+        "| identities | open: honest eval | open: hostile members per round | address: honest"
+        " eval | address: identities refused | address: hostile members per round |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in [0, *counts]:
+        o, a = rows["open"][k], rows["address"][k]
+        cells = [
+            f"{o['eval_loss']:.4f} ({_verdict(o['eval_loss'], rows['open'][0]['eval_loss'])})",
+            str(o["hostile_per_round"]),
+            f"{a['eval_loss']:.4f} ({_verdict(a['eval_loss'], rows['address'][0]['eval_loss'])})",
+            f"{a['sybils_refused']} of {k}",
+            str(a["hostile_per_round"]),
+        ]
+        lines.append(f"| {k or '0 (clean)'} | " + " | ".join(cells) + " |")
+    replace_section("attacks-sybils-real", "\n".join(lines))
     print("\n".join(lines))
 
 

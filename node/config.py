@@ -50,6 +50,11 @@ class InnerSettings(_Strict):
     grad_accum: int = Field(1, ge=1, le=1024)
     # recompute activations in the backward pass: less memory, about a third more compute
     gradient_checkpointing: bool = False
+    # the round's deadline: a member stops its inner steps once this many seconds of them have
+    # passed (after at least one), short of `steps` if it is slow, and contributes what it
+    # trained; contributions are rescaled by their step counts (aggregation/steps.py), so a
+    # slow member still counts as one member. null: always `steps` steps (docs/design.md, 3)
+    deadline_s: float | None = Field(None, gt=0, le=86_400)
 
 
 def _registered(name: str, table: Mapping[str, object], what: str) -> str:
@@ -224,9 +229,14 @@ class RunConfig(_Strict):
     clustering: ClusteringSettings = ClusteringSettings()
 
     @model_validator(mode="after")
-    def _clusters_need_both_factors(self) -> RunConfig:
+    def _settings_agree(self) -> RunConfig:
         if self.clustering.enabled and self.lora.freeze_a:
             raise ValueError("lora.freeze_a cannot be combined with clustering yet")
+        if self.inner.deadline_s is not None and self.averaging.weight != "steps":
+            raise ValueError(
+                "inner.deadline_s needs averaging.weight: steps (contributions are rescaled by"
+                " their step counts)"
+            )
         return self
 
 

@@ -34,6 +34,9 @@ from swarmtune.protocols.transfer import (
 log = logging.getLogger("swarmtune.swarm")
 UNKNOWN_RETRY_S = 0.2
 RELAY_CHECK_S = 5.0  # how old the records behind the routes may be; relayed links rechecked
+# at fetch time the routes may come from a read this old: the heartbeat relearns them every
+# RELAY_CHECK_S, so a round's fetches never wait on a DHT read of their own
+FETCH_ROUTES_AGE_S = 30.0
 PASS_ON_TIMEOUT = 300.0  # one blob passed on by a relay, start to end
 MAX_PASSING_ON = 8  # blobs a relay passes on at once
 REVEAL_WAIT_S = 5.0  # how long a member may take to serve its blob once its group formed
@@ -136,7 +139,7 @@ class BlobRouter:
     ) -> bytes:
         """A blob from a peer (streamed, chunked, sha-checked), refused when its header says it
         is over `max_size` bytes (and cut off if it sends more than its header said)."""
-        self.learn()
+        self.learn(FETCH_ROUTES_AGE_S)
         fetch = self._fetch(peer_id, name, expected_sha256, timeout, max_size, stats)
         return self.loop.run(fetch, timeout=timeout + 5)
 
@@ -233,7 +236,7 @@ class BlobRouter:
 
         if not wanted:
             return {}
-        self.learn()
+        self.learn(FETCH_ROUTES_AGE_S)
         results = self.loop.run(every(), timeout=timeout + 5)
         return dict(zip(wanted, results, strict=True))
 

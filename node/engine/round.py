@@ -29,6 +29,7 @@ from swarmtune.aggregation.ghbm import PeerMomentum
 from swarmtune.aggregation.outer import RoundContext
 from swarmtune.aggregation.params import Params, pseudo_gradient, weighted_mean
 from swarmtune.aggregation.robust import Tensors, bound_norms, centered_clip, without_empty
+from swarmtune.aggregation.steps import normalize_steps
 from swarmtune.node.config import RunConfig, max_round_weight
 from swarmtune.node.engine.outer_state import load_outer
 from swarmtune.node.engine.state import GroupState
@@ -82,6 +83,7 @@ class RoundReport:
     start_digest: str = ""  # the group state the round started from
     # (peer, sha256, weight) of every aggregated contribution: what a round certificate names
     contributions: tuple[tuple[str, str, float], ...] = ()
+    steps: int = 0  # inner steps trained (H, or fewer when the round's deadline came first)
 
     @property
     def verified(self) -> bool:
@@ -187,7 +189,9 @@ def inner_phase(
 
     trainer.set_params(origin)
     hooked = fixed is not None or per_iterate is not None
-    inner = trainer.train_steps(steps, after_step if hooked else None)
+    limit = config.inner.deadline_s
+    deadline = None if limit is None else time.monotonic() + limit
+    inner = trainer.train_steps(steps, after_step if hooked else None, deadline=deadline)
     final = trainer.get_params()
     if observe is not None:  # e.g. the cluster bench's task signatures
         observe(origin, final)
@@ -233,9 +237,13 @@ def outer_phase(
 def combine(
     contributions: Sequence[Tensors], weights: Sequence[float], config: RunConfig
 ) -> Params:
-    """The group update from the chosen contributions: zero updates dropped and norms bounded
-    (unless the run averages plainly), then the configured aggregator."""
+    """The group update from the chosen contributions: under `averaging.weight: steps` each
+    rescaled to the members' mean step count with equal weights (aggregation/steps.py; a no-op
+    when all trained H steps), zero updates dropped and norms bounded (unless the run averages
+    plainly), then the configured aggregator."""
     settings = config.averaging
+    if settings.weight == "steps":
+        contributions, weights = normalize_steps(contributions, weights)
     if settings.norm_bound is not None or settings.aggregator == "centered-clip":
         contributions, weights = without_empty(contributions, weights)
     if settings.norm_bound is not None:
@@ -309,6 +317,7 @@ def conclude_round(
         loss_mean=inner.loss_mean,
         loss_last=inner.loss_last,
         tokens=inner.tokens,
+        steps=inner.steps,
         group_size=max(len(chosen), 1),
         outcome=outcome,
         problem=problem,

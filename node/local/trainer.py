@@ -29,7 +29,8 @@ class Batches(Protocol):
 
 @dataclass(frozen=True)
 class InnerResult:
-    """What H inner steps produced: mean/first/last loss, tokens seen (the peer's weight), time."""
+    """What the inner steps produced: steps taken (H, or fewer at a deadline), mean/first/last
+    loss, tokens in the loss, time."""
 
     steps: int
     loss_first: float
@@ -169,13 +170,18 @@ class InnerTrainer:
         for name, p in self._trainable.items():
             p.sub_(shift[name].to(p.device, p.dtype))
 
-    def train_steps(self, steps: int, after_step: Any = None) -> InnerResult:
-        """Run `steps` AdamW steps; after_step(j) may adjust parameters (e.g. GHBM correction)."""
+    def train_steps(
+        self, steps: int, after_step: Any = None, deadline: float | None = None
+    ) -> InnerResult:
+        """Run `steps` AdamW steps, or fewer once time.monotonic() passed `deadline` (at least
+        one); after_step(j) may adjust parameters (e.g. GHBM correction)."""
         self.model.train()
         losses: list[float] = []
         tokens = 0
         start = time.perf_counter()
         for j in range(steps):
+            if j > 0 and deadline is not None and time.monotonic() >= deadline:
+                break
             if self.stop is not None and self.stop.is_set():
                 raise RoundAbandoned(f"stopped after {j} of {steps} inner steps")
             self.optimizer.zero_grad(set_to_none=True)
@@ -197,7 +203,7 @@ class InnerTrainer:
             losses.append(value)
         self.model.eval()
         return InnerResult(
-            steps,
+            len(losses),
             losses[0],
             losses[-1],
             sum(losses) / len(losses),

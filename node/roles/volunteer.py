@@ -121,8 +121,9 @@ def check_compatible(manifest: ManifestRecord, local: LocalModel, own: RunConfig
         )
 
 
-def progress_line(report: RoundReport) -> str:
+def progress_line(report: RoundReport, steps: int = 0) -> str:
     """One human line per round; a round that did not apply its group's aggregate says so,
+    a round whose deadline stopped the inner steps short of `steps` (H) says how many it took,
     and the running totals of fallbacks, rejections and resyncs are always shown."""
     eval_part = ""
     if report.eval_loss is not None:
@@ -133,11 +134,12 @@ def progress_line(report: RoundReport) -> str:
         status = " [too-small: nothing aggregated]"
     resynced = " [resynced]" if report.resynced else ""
     tau = f" | ghbm tau {report.tau}" if report.tau is not None else ""
+    short = f" ({report.steps} of {steps} steps: deadline)" if 0 < report.steps < steps else ""
     return (
         f"round {report.round + 1}: loss {report.loss_first:.3f} -> {report.loss_last:.3f}"
         f"{eval_part} | group {report.group_size}{status}{resynced}"
         f" | sent {report.bytes_sent / 1e6:.2f} MB recv {report.bytes_received / 1e6:.2f} MB"
-        f" | inner {report.inner_s:.1f}s matchmaking {report.matchmaking_s:.1f}s"
+        f" | inner {report.inner_s:.1f}s{short} matchmaking {report.matchmaking_s:.1f}s"
         f" exchange {report.transfer_s:.2f}s{' (overlapped)' if report.overlapped else ''} outer {report.outer_s:.3f}s"
         f" checkpoint {report.checkpoint_s:.3f}s{tau}"
         f" | fallbacks {report.fallbacks} rejected {report.rejections}"
@@ -266,7 +268,7 @@ class Volunteer:
 
     def report(self, report: RoundReport) -> None:
         """Progress line, metrics file, and the numbers status shows."""
-        log.info(progress_line(report))
+        log.info(progress_line(report, self.config.inner.steps))
         self.threads.adjust()  # other volunteers on this machine may have come or gone
         if self.gate is not None:
             expires = read_ticket(self.options.ticket).expires

@@ -54,6 +54,12 @@ def test_every_shipped_config_loads_with_its_loader() -> None:
         ("averaging:\n  codec: int3\n", "averaging.codec"),
         ("- a list\n", "expected a mapping"),
         ("inner: [unclosed\n", "not valid YAML at line"),
+        (
+            "inner: {deadline_s: 30}\naveraging: {weight: tokens}\n",
+            "inner.deadline_s needs averaging.weight: steps",
+        ),
+        ("inner: {deadline_s: 0}\n", "inner.deadline_s: Input should be greater than 0"),
+        ("averaging: {weight: examples}\n", "averaging.weight"),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,48 @@ def test_a_members_weight_is_its_steps_unless_the_run_weighs_tokens(
         assert weights == [float(t) for t in tokens]
         inner = config.inner
         assert max_round_weight(config) == inner.steps * inner.batch_size * inner.seq_len
+
+
+def test_a_deadline_stops_a_slow_member_short_of_h_and_the_group_still_agrees() -> None:
+    """`inner.deadline_s`: a member that sleeps 2 s after each step (a device ~50x slower)
+    stops at the deadline with fewer steps; the fast ones train all H; everyone averages the
+    step-normalised contributions and ends on one digest. Without a deadline a step always
+    completes H (the trainer's own check)."""
+    config = CONFIG.model_copy(
+        update={"inner": CONFIG.inner.model_copy(update={"deadline_s": 5.0, "steps": 4})}
+    )
+    hub = InMemoryHub(expected=3)
+    locals_ = [build_local_model(config, f"builtin:{t}", data_seed=i) for i, t in enumerate(TASKS)]
+    slow = locals_[2].trainer
+    train_steps = slow.train_steps
+
+    def sleepy(steps: int, after_step: object = None, deadline: float | None = None) -> object:
+        def hook(j: int) -> None:
+            if callable(after_step):
+                after_step(j)
+            time.sleep(2.0)
+
+        return train_steps(steps, hook, deadline=deadline)
+
+    slow.train_steps = sleepy  # type: ignore[method-assign]
+    reports: list[RoundReport] = []
+    peers = [
+        _peer(hub, f"p{i}", lo, reports=reports, config=config) for i, lo in enumerate(locals_)
+    ]
+    finals = _run_all(peers, [1, 1, 1])
+    assert len({s.digest() for s in finals}) == 1
+    assert all(r.outcome == "averaged" for r in reports), [r.problem for r in reports]
+    steps = sorted(r.steps for r in reports)
+    assert steps[-2:] == [4, 4] and 1 <= steps[0] < 4, steps  # the slow one stopped early
+    weights = sorted(w for _, _, w in reports[0].contributions)
+    assert weights == [float(s) for s in steps]  # each claimed what it trained
+
+
+def test_without_a_deadline_the_trainer_always_takes_h_steps_and_with_one_at_least_one() -> None:
+    local = _local("arithmetic", 0)
+    assert local.trainer.train_steps(3).steps == 3
+    assert local.trainer.train_steps(3, deadline=time.monotonic() - 1).steps == 1
+    assert local.trainer.train_steps(3, deadline=time.monotonic() + 3600).steps == 3
 
 
 GHBM = parse_config(

@@ -1,0 +1,57 @@
+"""Contributions trained for different numbers of inner steps (a round with a deadline).
+
+A member stopped by the round's deadline after tau_i of H steps sends a Delta_i that is about
+tau_i / H of a full round's. Averaged as they come, weighed by their steps, a member at a
+quarter of the others' speed counts about (1/4)^2 = 1/16 of a fast one: the aggregate drifts
+towards the fast members' data, and a norm bound keyed to the median norm treats its short
+Delta_i as a short one, not as a slow one.
+
+FedNova (Wang, Liu, Liang, Joshi, Poor, NeurIPS 2020, arXiv 2007.07481) normalises instead.
+With plain local steps its update is
+
+    tau_eff * sum_i p_i * Delta_i / tau_i,     tau_eff = sum_i p_i * tau_i,
+
+each member's per-step progress, weighed by its share p_i of the data, scaled back up to the
+members' average number of steps. Here every member has the same share (p_i = 1 / n: DiLoCo's
+plain mean, `averaging.weight: steps`), so `normalize_steps` rescales each Delta_i to
+tau_eff / tau_i of itself and gives every member the same weight; the robust rules
+(aggregation/robust.py) then see contributions of one scale, so a slow honest member is neither
+clipped for being short nor outvoted for being slow. With AdamW inner steps a Delta_i grows
+about linearly with the steps taken (each step moves every coordinate by up to lr), which is
+what the rescaling assumes.
+
+When every member trained the same number of steps every factor is exactly 1 and the
+contributions are returned as they are: rounds without a deadline are bit-identical to the
+plain weighted mean.
+
+A member's step count is its own claim (bounded by H, node/engine/round.py): one that claims a
+single step has its Delta_i scaled up H-fold, which the norm bound then cuts to the median norm,
+the same length any other member may send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from swarmtune.aggregation.robust import Tensors
+
+
+def normalize_steps(
+    contributions: Sequence[Tensors], steps: Sequence[float]
+) -> tuple[list[Tensors], list[float]]:
+    """(each Delta_i rescaled by tau_eff / tau_i, equal weights), tau_eff the mean of `steps`."""
+    if len(contributions) != len(steps):
+        raise ValueError(f"{len(contributions)} contributions, {len(steps)} step counts")
+    if any(not tau > 0 for tau in steps):
+        raise ValueError(f"step counts must be positive: {list(steps)}")
+    if not contributions:
+        return [], []
+    tau_eff = sum(float(tau) for tau in steps) / len(steps)
+    scaled: list[Tensors] = []
+    for delta, tau in zip(contributions, steps, strict=True):
+        factor = tau_eff / float(tau)
+        if factor == 1.0:
+            scaled.append(delta)
+        else:
+            scaled.append({k: (v.double() * factor).to(v.dtype) for k, v in delta.items()})
+    return scaled, [tau_eff] * len(steps)

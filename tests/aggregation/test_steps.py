@@ -1,0 +1,55 @@
+"""Step normalisation (aggregation/steps.py) against FedNova's update, written out."""
+
+import pytest
+import torch
+
+from swarmtune.aggregation.params import weighted_mean
+from swarmtune.aggregation.steps import normalize_steps
+
+
+def _deltas(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {"a": torch.randn(6, 4, generator=gen) * 1e-3, "b": torch.randn(9, generator=gen)}
+        for _ in range(n)
+    ]
+
+
+def test_the_normalised_mean_is_fednovas_update_with_equal_shares() -> None:
+    deltas, steps = _deltas(4, seed=1), [20.0, 20.0, 5.0, 12.0]
+    scaled, weights = normalize_steps(deltas, steps)
+    got = weighted_mean(scaled, weights)
+    # FedNova, p_i = 1/n: tau_eff * sum_i p_i Delta_i / tau_i, tau_eff = sum_i p_i tau_i
+    n = len(deltas)
+    tau_eff = sum(steps) / n
+    for key in got:
+        want = tau_eff * sum(d[key].double() / t for d, t in zip(deltas, steps, strict=True)) / n
+        scale = float(want.abs().max())
+        eps = torch.finfo(deltas[0][key].dtype).eps
+        assert torch.allclose(got[key].double(), want, rtol=0, atol=8 * eps * scale)
+
+
+def test_a_slow_member_counts_as_much_as_a_fast_one_on_one_gradient() -> None:
+    # plain local steps on one fixed gradient g: Delta_i = tau_i * lr * g; normalised, every
+    # member sends tau_eff * lr * g, whatever its speed
+    g = {"w": torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)}
+    steps = [20.0, 20.0, 20.0, 5.0]
+    deltas = [{"w": t * 0.01 * g["w"]} for t in steps]
+    scaled, weights = normalize_steps(deltas, steps)
+    tau_eff = sum(steps) / 4
+    for s in scaled:
+        assert torch.allclose(s["w"], tau_eff * 0.01 * g["w"], rtol=1e-12, atol=0)
+    assert weights == [tau_eff] * 4
+
+
+def test_equal_steps_leave_every_contribution_untouched() -> None:
+    deltas = _deltas(3, seed=2)
+    scaled, weights = normalize_steps(deltas, [20, 20, 20])
+    assert all(s is d for s, d in zip(scaled, deltas, strict=True))
+    assert weighted_mean(scaled, weights)["a"].equal(weighted_mean(deltas, [20, 20, 20])["a"])
+
+
+@pytest.mark.parametrize("steps", [[20, 0], [20, -1], [20, float("nan")], [20]])
+def test_bad_step_counts_are_refused(steps: list[float]) -> None:
+    with pytest.raises(ValueError):
+        normalize_steps(_deltas(2), steps)
