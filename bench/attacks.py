@@ -48,7 +48,7 @@ from swarmtune.node.engine.round import LocalUpdate  # noqa: E402
 from swarmtune.node.engine.transport import AveragingFailed, GroupResult  # noqa: E402
 from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402
 from swarmtune.node.roles.admit import admit, peer_id  # noqa: E402
-from swarmtune.node.roles.demo import Processes, _wait_for_file  # noqa: E402
+from swarmtune.node.roles.demo import Processes, start_coordinator  # noqa: E402
 from swarmtune.node.roles.simulate import Simulation  # noqa: E402
 from tests.attackers.adversaries import ADVERSARIES, ALIE, Adversary  # noqa: E402
 
@@ -220,12 +220,7 @@ def run_real(attack: str | None, aggregator: str, rounds: int, workdir: Path) ->
     (workdir / "run.yaml").write_text(json.dumps(config))
     procs = Processes()
     try:
-        coord = procs.start(
-            "coord",
-            ["bootstrap", "--config", str(workdir / "run.yaml"), "--workdir", str(workdir / "c")]
-            + ["--addr-file", str(workdir / "addr")],
-        )
-        maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
+        maddr = start_coordinator(procs, workdir / "run.yaml", workdir / "c", workdir / "addr")
         vols = [workdir / f"vol{i + 1}" for i in range(4)]
         for index, (task, vol) in enumerate(zip(TASKS, vols, strict=True)):
             hostile = attack is not None and index == 3
@@ -564,12 +559,7 @@ def run_sybils_real(k: int, policy: str, rounds: int, workdir: Path) -> dict[str
     sybils = [workdir / f"sybil{j + 1}" for j in range(k)]
     procs = Processes()
     try:
-        coord = procs.start(
-            "coord",
-            ["bootstrap", "--config", str(workdir / "run.yaml"), "--workdir", str(workdir / "c")]
-            + ["--addr-file", str(workdir / "addr")],
-        )
-        maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
+        maddr = start_coordinator(procs, workdir / "run.yaml", workdir / "c", workdir / "addr")
         common = ["--initial-peers", maddr, "--rounds", str(rounds), "--threads", "1"]
         for j, vol in enumerate(sybils):  # first, so that they are in from round 0
             args = ["--data", f"builtin:{TASKS[j % 4]}", "--workdir", str(vol), *common]

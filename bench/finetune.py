@@ -134,13 +134,15 @@ class Swarm:
         return f"{outer.label()}, weight {self.weight}"
 
 
-def train_alone(model: str, data: Path, steps: int, out: Path) -> dict[str, Any]:
+def train_alone(
+    model: str, data: Path, steps: int, out: Path, precision: str = "fp32"
+) -> dict[str, Any]:
     """The volunteer's inner loop with no swarm: `steps` AdamW steps, then save the adapter."""
     from swarmtune.node.config import parse_config  # noqa: PLC0415
     from swarmtune.node.local.build import build_local_model  # noqa: PLC0415
 
     config = parse_config(run_config(model, steps))
-    local = build_local_model(config, str(data), model_path=model, data_seed=1)
+    local = build_local_model(config, str(data), model_path=model, data_seed=1, precision=precision)
     start = time.perf_counter()
     result = local.trainer.train_steps(steps)
     seconds = time.perf_counter() - start
@@ -368,15 +370,21 @@ def main() -> None:
         saved = work / "runs.json"  # what earlier runs in --workdir measured (their adapters stay)
         runs: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
         adapters: dict[str, Path] = {}
-        jobs = [(f"alone-{t}", f"{t}-train.jsonl", total) for t in TASKS]
-        jobs.append(("central", "pooled-train.jsonl", total * len(TASKS)))
-        for key, data_file, steps in jobs:
+        jobs = [(f"alone-{t}", f"{t}-train.jsonl", total, "fp32") for t in TASKS]
+        jobs.append(("central", "pooled-train.jsonl", total * len(TASKS), "fp32"))
+        # bf16 autocast over a whole run: the codes volunteer again, same data order and steps
+        jobs.append(("alone-codes-bf16", "codes-train.jsonl", total, "bf16"))
+        for key, data_file, steps, precision in jobs:
             out = work / key
             if not (key in runs and (out / "adapter_model.safetensors").exists()):
-                runs[key] = train_alone(args.model, work / "data" / data_file, steps, out)
+                runs[key] = train_alone(
+                    args.model, work / "data" / data_file, steps, out, precision
+                )
                 saved.write_text(json.dumps(runs))
             print(key, runs[key], flush=True)
             name = "centralized, pooled data" if key == "central" else f"{key[6:]} volunteer alone"
+            if precision != "fp32":
+                name = f"codes volunteer alone, {precision} autocast"
             adapters[f"{name} ({steps} steps)"] = out
         swarms = runs.setdefault("swarms", {})  # every swarm run kept in --workdir, side by side
         for outer in args.outer or ["fedavg"]:

@@ -39,7 +39,7 @@ from safetensors.torch import load_file  # noqa: E402
 from swarmtune.node.adapters.adapter import adapter_digest  # noqa: E402
 from swarmtune.node.engine.state import decode_state  # noqa: E402
 from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402
-from swarmtune.node.roles.demo import Processes, _wait_for_file  # noqa: E402
+from swarmtune.node.roles.demo import Processes, start_coordinator  # noqa: E402
 
 TASKS = list(BUILTIN_TASKS[:3])
 CONFIG = {
@@ -66,12 +66,7 @@ def run(attack: str | None, defended: bool, rounds: int, workdir: Path) -> dict[
     procs = Processes()
     forged: list[dict] = []
     try:
-        coord = procs.start(
-            "coord",
-            ["bootstrap", "--config", str(workdir / "run.yaml"), "--workdir", str(workdir / "c")]
-            + ["--addr-file", str(workdir / "addr")],
-        )
-        maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
+        maddr = start_coordinator(procs, workdir / "run.yaml", workdir / "c", workdir / "addr")
         vols = [workdir / f"vol{i + 1}" for i in range(len(TASKS))]
         if attack is not None:  # it starts slower than a volunteer, and forges as soon as it can
             forger_args = ["--initial-peers", maddr, "--run", CONFIG["run_id"]]

@@ -38,7 +38,7 @@ from results_md import replace_section  # noqa: E402
 from swarmtune.node.config import parse_config  # noqa: E402
 from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402
 from swarmtune.node.roles.admit import peer_id  # noqa: E402
-from swarmtune.node.roles.demo import Processes, _wait_for_file  # noqa: E402
+from swarmtune.node.roles.demo import Processes, start_coordinator  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "stragglers.json"
 SLOW = ROOT / "bench" / "slow_join.py"
@@ -61,12 +61,7 @@ def run(
     vols = [work / f"vol{i + 1}" for i in range(4)]
     started = time.perf_counter()
     try:
-        coord = procs.start(
-            "coord",
-            ["bootstrap", "--config", str(work / "run.yaml"), "--workdir", str(work / "c")]
-            + ["--addr-file", str(work / "addr")],
-        )
-        maddr = _wait_for_file(work / "addr", coord, timeout=120)
+        maddr = start_coordinator(procs, work / "run.yaml", work / "c", work / "addr")
         for i, (task, vol) in enumerate(zip(TASKS, vols, strict=True)):
             args = ["--initial-peers", maddr, "--data", f"builtin:{task}", "--workdir", str(vol)]
             args += ["--rounds", str(rounds), "--threads", "1", "--wait-for", "4"]

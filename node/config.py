@@ -311,6 +311,14 @@ class SimConfig(_Strict):
     # outer optimizers to run side by side on the same clients and seeds (default: run.outer)
     compare: list[OuterSettings] = Field(default_factory=list, max_length=16)
 
+    @model_validator(mode="after")
+    def _no_deadline(self) -> SimConfig:
+        # clients train one after another on one machine: a wall-clock deadline would make a
+        # study's numbers depend on the machine's speed
+        if self.run.inner.deadline_s is not None:
+            raise ValueError("run.inner.deadline_s: the simulator trains H steps per client")
+        return self
+
     def variants(self) -> dict[str, SimConfig]:
         """label -> this config with one outer optimizer (just itself when compare is empty)."""
         if not self.compare:

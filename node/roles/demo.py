@@ -174,6 +174,16 @@ def cluster_summary(workdirs: list[Path], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def start_coordinator(
+    procs: Processes, config: Path, coord_dir: Path, addr_file: Path, *extra: str
+) -> str:
+    """Start `swarmtune bootstrap` as "coord" (`extra`: more of its arguments) and return its
+    multiaddr once it wrote `addr_file`."""
+    args = ["bootstrap", "--config", str(config), "--workdir", str(coord_dir)]
+    coord = procs.start("coord", [*args, "--addr-file", str(addr_file), *extra])
+    return _wait_for_file(addr_file, coord, timeout=120)
+
+
 def start_swarm(
     procs: Processes,
     config: Path,
@@ -186,21 +196,10 @@ def start_swarm(
     or any data spec) under `workdir`, each
     volunteer with `extra` join arguments; returns the coordinator's multiaddr and the
     volunteers' work dirs."""
-    coord = procs.start(
-        "coord",
-        [
-            "bootstrap",
-            "--config",
-            str(config),
-            "--workdir",
-            str(workdir / "coord"),
-            "--addr-file",
-            str(workdir / "addr"),
-            "--http-port",  # the status page, to watch the run live (its URL is logged)
-            "0",
-        ],
+    # --http-port 0: the status page, to watch the run live (its URL is logged)
+    maddr = start_coordinator(
+        procs, config, workdir / "coord", workdir / "addr", "--http-port", "0"
     )
-    maddr = _wait_for_file(workdir / "addr", coord, timeout=120)
     volunteers = [workdir / f"vol{i + 1}" for i in range(len(tasks))]
     for task, vol in zip(tasks, volunteers, strict=True):
         procs.start(

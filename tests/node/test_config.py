@@ -26,6 +26,7 @@ def test_every_config_file_loads(path: Path) -> None:
         ("run: {outer: {name: ghbm, tau: 0}}\n", "run.outer.tau"),
         ("run: {outer: {name: ghbm, tau: sometimes}}\n", "run.outer.tau"),
         ("run: {outer: {name: fedavgm, momentum: 1.0}}\n", "momentum must be < 1"),
+        ("run: {inner: {deadline_s: 10}}\n", "the simulator trains H steps per client"),
     ],
 )
 def test_bad_sim_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
