@@ -79,15 +79,19 @@ def build_local_model(
     precision: str = "fp32",
     loss: str = "completion",
     packed: bool = True,
+    examples: list[Example] | None = None,
 ) -> LocalModel:
     """Load the base on `device`, attach the manifest's LoRA (seeded), and batch the peer's
     data; `precision` autocasts the forward pass; `stop` abandons the inner loop at its next
     step once set; `loss` and `packed` say how examples are trained (node/local/render.py,
-    node/local/packing.py)."""
+    node/local/packing.py); `examples`: the data, already read from `data_spec` (a file's
+    examples do not depend on the seed; built-in texts do, and are generated here)."""
     base, tokenizer, fingerprint = load_base(model_path, quantize=quantize, device=device)
     targets = target_modules or resolve_target_modules(config, base)
     model = attach_lora(base, config.lora, targets, seed=config.seed)
-    train, held_out = split_eval(data_spec, load_examples(data_spec, seed=data_seed))
+    if examples is None or data_spec.startswith(BUILTIN_PREFIX):
+        examples = load_examples(data_spec, seed=data_seed)
+    train, held_out = split_eval(data_spec, examples)
     inner = config.inner
     renderer = Renderer(tokenizer, inner.seq_len, loss)
     tokens, summary = tokenize_all(train, renderer)

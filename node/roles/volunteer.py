@@ -363,7 +363,7 @@ def make_averager(
 def join(options: JoinOptions) -> int:
     """Entry point of `swarmtune join`; returns the exit code."""
     own = load_config(options.expect_config) if options.expect_config else None
-    load_examples(options.data)  # unreadable data fails here, before any network activity
+    examples = load_examples(options.data)  # unreadable data fails here, before any network
     check_local_base(options.model, options.quantize)  # and so does a wrong --model dir
     resolve_device(options.device)  # and a --device this machine does not have
     options.workdir.mkdir(parents=True, exist_ok=True)
@@ -402,6 +402,7 @@ def join(options: JoinOptions) -> int:
             precision=options.precision,
             loss=options.loss,
             packed=options.packing,
+            examples=examples,  # read once
         )
         if local.summary is not None:
             log.info(local.summary.line())

@@ -130,3 +130,21 @@ def test_bad_json_and_bad_paths(tmp_path):
 
 def test_example_kind():
     assert Example("x", text="t").kind == "text"
+
+
+def test_a_volunteer_reads_its_data_once(tmp_path):
+    """`join` reads the data before going online (bad data fails early) and hands those
+    examples to the model builder, which then does not read the file again."""
+    from swarmtune.node.config import parse_config
+    from swarmtune.node.local.build import build_local_model
+
+    path = tmp_path / "chat.jsonl"
+    rows = [{"prompt": f"q{i}?", "completion": f" a{i}"} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_examples(str(path))
+    path.unlink()  # a second read would fail now
+    config = parse_config({"inner": {"steps": 1, "batch_size": 2, "seq_len": 32}})
+    local = build_local_model(config, str(path), examples=examples)
+    assert local.trainer.train_steps(1).steps == 1
+    with pytest.raises(DataError, match="does not exist"):
+        build_local_model(config, str(path))
