@@ -300,6 +300,13 @@ def main() -> None:
         help="only the Sybils on real peers, open and address admission (e.g. 1 2 4 8)",
     )
     parser.add_argument(
+        "--sybil-policies",
+        nargs="+",
+        choices=("open", "address"),
+        default=["open", "address"],
+        help="with --sybils-real: run these admission policies (the other's saved rows stay)",
+    )
+    parser.add_argument(
         "--alie-z",
         type=float,
         nargs="+",
@@ -337,7 +344,7 @@ def main() -> None:
         sybils(args.sybils, args.sim_rounds)
         return
     if args.sybils_real:
-        sybils_real(args.sybils_real, args.real_rounds)
+        sybils_real(args.sybils_real, args.real_rounds, args.sybil_policies)
         return
     if args.pair:
         pair(args.sim_rounds)
@@ -592,15 +599,25 @@ def run_sybils_real(k: int, policy: str, rounds: int, workdir: Path) -> dict[str
     }
 
 
-def sybils_real(counts: list[int], rounds: int) -> None:
-    """The Sybil table on real peers, under `open` and under `address` admission."""
-    rows: dict[str, dict[int, dict[str, Any]]] = {}
+SYBILS_REAL = ROOT / "bench" / "out" / "sybils_real.json"
+
+
+def sybils_real(counts: list[int], rounds: int, policies: list[str]) -> None:
+    """The Sybil table on real peers, under `open` and under `address` admission; runs the
+    given policies and keeps the other's rows from bench/out/sybils_real.json."""
+    saved = json.loads(SYBILS_REAL.read_text()) if SYBILS_REAL.exists() else {}
+    rows: dict[str, dict[int, dict[str, Any]]] = {
+        policy: {int(k): row for k, row in saved.get(policy, {}).items()}
+        for policy in ("open", "address")
+    }
     with tempfile.TemporaryDirectory(prefix="swarmtune-sybils-") as tmp:
-        for policy in ("open", "address"):
+        for policy in policies:
             rows[policy] = {}
             for k in [0, *counts]:
                 rows[policy][k] = run_sybils_real(k, policy, rounds, Path(tmp) / f"{policy}-{k}")
                 print(f"sybils {policy} {k}: {json.dumps(rows[policy][k])}", flush=True)
+                SYBILS_REAL.parent.mkdir(parents=True, exist_ok=True)
+                SYBILS_REAL.write_text(json.dumps(rows, indent=1))
     lines = [
         f"### Sybils on real peers: one attacker, k identities, 4 honest volunteers, {rounds}"
         " rounds",

@@ -34,6 +34,11 @@ class TicketDeskError(RuntimeError):
     """No ticket came back; one line saying why."""
 
 
+class DeskUnanswered(TicketDeskError):
+    """The request got no answer (the stream failed or timed out), as opposed to a refusal:
+    worth asking again (a coordinator busy with many joins at once)."""
+
+
 class TicketDesk:
     """The coordinator's side: answers ticket requests with `grant(peer, address)`."""
 
@@ -68,13 +73,13 @@ async def ask_ticket(p2p: P2P, coordinator: PeerID) -> str:
     try:
         _, reader, writer = await p2p.call_binary_stream_handler(coordinator, TICKET_PROTOCOL)
     except (P2PDaemonError, OSError) as exc:
-        raise TicketDeskError(f"the coordinator hands out no tickets: {str(exc)[:120]}") from None
+        raise DeskUnanswered(f"the coordinator hands out no tickets: {str(exc)[:120]}") from None
     try:
         await write_frame(writer, b"{}")
         raw = await asyncio.wait_for(read_frame(reader, MAX_FRAME, "ticket"), REQUEST_TIMEOUT)
         answer = json.loads(raw)
     except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
-        raise TicketDeskError(f"no ticket from the coordinator ({type(exc).__name__})") from None
+        raise DeskUnanswered(f"no ticket from the coordinator ({type(exc).__name__})") from None
     except TransferError as exc:
         raise TicketDeskError(f"no ticket from the coordinator ({exc})") from None
     finally:
