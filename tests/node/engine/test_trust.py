@@ -38,9 +38,9 @@ def test_offences_spread_wider_than_the_window_do_not_ban_and_old_ones_expire() 
     assert record_offences(record, set(), 40, SETTINGS) == {}
 
 
-def _update(peer: str, delta: float, weight: float = 16.0) -> LocalUpdate:
-    meta = MemberMeta(peer, 3, "d" * 64, weight)
-    inner = InnerResult(2, 1.0, 0.9, 0.95, int(weight), 0.1)
+def _update(peer: str, delta: float, weight: float = 2.0) -> LocalUpdate:
+    meta = MemberMeta(peer, 3, "d" * 64, weight)  # an honest weight: its H = 2 steps
+    inner = InnerResult(2, 1.0, 0.9, 0.95, 16, 0.1)
     return LocalUpdate({"w": torch.full((4,), delta)}, meta, inner)
 
 
