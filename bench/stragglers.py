@@ -46,17 +46,19 @@ TASKS = list(BUILTIN_TASKS[:4])
 
 
 def run(
-    rounds: int, steps: int, factor: float, deadline: float | None, matchmaking: float, work: Path
+    args: argparse.Namespace, factor: float, deadline: float | None, work: Path
 ) -> dict[str, Any]:
     """One swarm; per-volunteer metrics (vol4 is the slow one when factor > 1)."""
     work.mkdir(parents=True)
-    inner: dict[str, Any] = {"steps": steps, "batch_size": 8, "seq_len": 48}
+    rounds = args.rounds
+    inner: dict[str, Any] = {"steps": args.steps, "batch_size": 8, "seq_len": 48}
     if deadline is not None:
         inner["deadline_s"] = deadline
     config = {"run_id": "straggler-bench", "inner": inner,
-              "averaging": {"matchmaking_time": matchmaking}}  # fmt: skip
+              "averaging": {"matchmaking_time": args.matchmaking, "overlap": args.overlap}}  # fmt: skip
     parse_config(config)
     (work / "run.yaml").write_text(json.dumps(config))
+    every = str(args.eval_every)
     procs = Processes()
     vols = [work / f"vol{i + 1}" for i in range(4)]
     started = time.perf_counter()
@@ -65,7 +67,7 @@ def run(
         for i, (task, vol) in enumerate(zip(TASKS, vols, strict=True)):
             args = ["--initial-peers", maddr, "--data", f"builtin:{task}", "--workdir", str(vol)]
             args += ["--rounds", str(rounds), "--threads", "1", "--wait-for", "4"]
-            args += ["--eval-every", "1"]
+            args += ["--eval-every", every]
             if i == 3 and factor > 1:
                 procs.start(vol.name, [str(factor), *args], program=[str(SLOW)])
             else:
@@ -85,11 +87,14 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     fast, slow = metrics[:3], metrics[3]
     inner = sum(r["inner_s"] for m in fast for r in m)
     wall = sum(r["wall_s"] for m in fast for r in m)
-    finals = [m[-1]["eval_loss"] for m in metrics]
-    curve, clock = [], 0.0  # the fast members' mean eval after each round, at the round's end
+    finals = [
+        next(r["eval_loss"] for r in reversed(m) if r["eval_loss"] is not None) for m in metrics
+    ]
+    curve, clock = [], 0.0  # the fast members' mean eval after each evaluated round, at its end
     for i in range(min(len(m) for m in fast)):
         clock += sum(m[i]["wall_s"] for m in fast) / len(fast)
-        curve.append((clock, sum(m[i]["eval_loss"] for m in fast) / len(fast)))
+        if all(m[i]["eval_loss"] is not None for m in fast):
+            curve.append((clock, sum(m[i]["eval_loss"] for m in fast) / len(fast)))
     return {
         "round_s": wall / max(sum(len(m) for m in fast), 1),
         "utilization": inner / wall if wall else 0.0,
@@ -115,11 +120,13 @@ def render(data: dict[str, Any]) -> str:
     runs, args = data["runs"], data["args"]
     lines = [
         f"### Stragglers on real peers: 4 volunteers, one {args['factor']:g}x slower,"
-        f" H={args['steps']}, {args['rounds']} rounds",
+        f" H={args['steps']}, {args['rounds']} rounds"
+        + (", overlapped rounds" if args["overlap"] else ""),
         "",
         f"Measured {data['date']} on {data['machine']}; command: `{data['command']}`. Built-in"
         " tasks, embedded base, batch 8 x 48 tokens, 1 torch thread per volunteer, matchmaking_time"
-        f" {args['matchmaking']:g} s. The slow volunteer sleeps after each inner step"
+        f" {args['matchmaking']:g} s, held-out eval every {args['eval_every']} rounds, overlapped"
+        f" rounds {'on' if args['overlap'] else 'off'}. The slow volunteer sleeps after each inner step"
         " (bench/slow_join.py). `deadline`: `inner.deadline_s`"
         f" = {data['deadline_s']:.1f} s, 1.1 x the fast volunteers' mean H-step time in `even`.",
         "",
@@ -152,6 +159,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--factor", type=float, default=4.0)
+    parser.add_argument("--eval-every", type=int, default=1, help="held-out eval every N rounds")
+    parser.add_argument("--overlap", action="store_true", help="averaging.overlap: true")
     parser.add_argument("--matchmaking", type=float, default=30.0,
                         help="averaging.matchmaking_time (long enough to wait for the slow one)")  # fmt: skip
     args = parser.parse_args()
@@ -168,8 +177,7 @@ def main() -> None:
                 fast = runs["even"]
                 deadline = 1.1 * fast["inner_total"] / fast["fast_rounds"]
             work = Path(tmp) / name
-            result = run(args.rounds, args.steps, factor, deadline if name == "deadline" else None,
-                         args.matchmaking, work)  # fmt: skip
+            result = run(args, factor, deadline if name == "deadline" else None, work)
             result["slow_peer"] = peer_id(work / "vol4")
             runs[name] = summarize(result)
             runs[name]["inner_total"] = sum(r["inner_s"] for m in result["metrics"][:3] for r in m)
@@ -188,7 +196,7 @@ def main() -> None:
     OUT.write_text(json.dumps(data, indent=2))
     text = render(data)
     print(text)
-    replace_section("stragglers", text)
+    replace_section("stragglers-overlap" if args.overlap else "stragglers", text)
 
 
 if __name__ == "__main__":
