@@ -119,19 +119,26 @@ class Swarm:
     """One way to run the swarm: its outer optimizer (`NAME[:LR[:MOMENTUM]]`, e.g. `fedavg`,
     `nesterov:0.7:0.9`) and its members' weight (`steps` or `tokens`)."""
 
-    def __init__(self, outer: str, weight: str, matchmaking: float) -> None:
+    def __init__(
+        self, outer: str, weight: str, matchmaking: float, rounds: int = 6, steps: int = 10
+    ) -> None:
         name, *numbers = outer.split(":")
         self.outer: dict[str, Any] = {"name": name}
         for field, value in zip(("lr", "momentum"), numbers, strict=False):
             self.outer[field] = float(value)
         self.weight, self.matchmaking = weight, matchmaking
         self.key = "-".join([outer.replace(":", "-"), weight, f"mm{matchmaking:g}"])
+        # the same steps per volunteer cut into other rounds (the default 6 x 10 keeps the key
+        # and label it had before the shape was recorded)
+        self.shape = "" if (rounds, steps) == (6, 10) else f"{rounds} rounds of H={steps}"
+        if self.shape:
+            self.key += f"-r{rounds}h{steps}"
 
     def label(self) -> str:
         from swarmtune.node.config import OuterSettings  # noqa: PLC0415
 
         outer = OuterSettings.model_validate(self.outer)
-        return f"{outer.label()}, weight {self.weight}"
+        return f"{outer.label()}, weight {self.weight}" + (f", {self.shape}" if self.shape else "")
 
 
 def train_alone(
@@ -376,10 +383,15 @@ def main() -> None:
         jobs.append(("alone-codes-bf16", "codes-train.jsonl", total, "bf16"))
         for key, data_file, steps, precision in jobs:
             out = work / key
+            if key in runs and runs[key].get("steps", steps) != steps:
+                raise SystemExit(
+                    f"bench/finetune.py: {out} was trained for {runs[key]['steps']} steps, this"
+                    f" run needs {steps} (rounds x steps must stay the same in one --workdir)"
+                )
             if not (key in runs and (out / "adapter_model.safetensors").exists()):
                 runs[key] = train_alone(
                     args.model, work / "data" / data_file, steps, out, precision
-                )
+                ) | {"steps": steps}
                 saved.write_text(json.dumps(runs))
             print(key, runs[key], flush=True)
             name = "centralized, pooled data" if key == "central" else f"{key[6:]} volunteer alone"
@@ -388,7 +400,7 @@ def main() -> None:
             adapters[f"{name} ({steps} steps)"] = out
         swarms = runs.setdefault("swarms", {})  # every swarm run kept in --workdir, side by side
         for outer in args.outer or ["fedavg"]:
-            swarm = Swarm(outer, args.weight, args.matchmaking)
+            swarm = Swarm(outer, args.weight, args.matchmaking, args.rounds, args.steps)
             pulled = work / f"swarm-{swarm.key}" / "pulled"
             if swarm.key in swarms and (pulled / "adapter_model.safetensors").exists():
                 continue
