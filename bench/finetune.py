@@ -283,8 +283,8 @@ def render(data: dict[str, Any]) -> str:
         f"Measured {data['date']} on {data['machine']}; command: `{data['command']}`.",
         f"Base {data['model']}; LoRA r=8 on all projections; inner AdamW lr {INNER['lr']}, "
         f"batch {INNER['batch_size']} rows of {INNER['seq_len']} tokens (whole examples "
-        f"packed), completion-only loss, chat template; {data['rounds']} rounds of H="
-        f"{data['steps']}, so {data['rounds'] * data['steps']} steps per volunteer. Held-out "
+        f"packed), completion-only loss, chat template; {data['rounds'] * data['steps']} steps"
+        " per volunteer (swarm rows: 6 rounds of H=10 unless the row says otherwise). Held-out "
         "examples per task: "
         + ", ".join(f"{t} {tasks[t]['eval']} (train {tasks[t]['train']})" for t in TASKS)
         + ". Exact: the greedy completion begins with the reference answer.",
