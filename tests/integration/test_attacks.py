@@ -16,7 +16,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 from swarmtune.aggregation.params import weighted_mean
 from swarmtune.aggregation.robust import bound_norms, centered_clip, influence_bound
 from swarmtune.node.config import parse_config
-from swarmtune.node.engine.round import combine, select_contributions
+from swarmtune.node.engine.round import LocalUpdate, RoundReport, combine, conclude_round
+from swarmtune.node.engine.state import GroupState
+from swarmtune.node.local.trainer import InnerResult
 from swarmtune.protocols.admission import Gate, issue_ticket
 from swarmtune.protocols.averaging import GroupAverager
 from swarmtune.protocols.group import GroupResult, MemberMeta
@@ -28,10 +30,10 @@ from tests.integration.parallel import run_members
 pytestmark = pytest.mark.slow
 RUN = "attack-test"
 SHAPES = {"q.lora_A": (4, 48), "q.lora_B": (48, 4), "v.lora_A": (4, 48)}
-WEIGHT = 256.0  # every honest member saw full batches
+WEIGHT = 4.0  # every honest member trained its H = 4 steps (the most a round can claim)
 CONFIG = parse_config(
     {
-        "inner": {"steps": 4, "batch_size": 4, "seq_len": 16},  # max weight 256
+        "inner": {"steps": 4, "batch_size": 4, "seq_len": 16},
         "averaging": {"aggregator": "centered-clip"},
         "admission": {"policy": "token"},
     }
@@ -81,6 +83,17 @@ def _deltas(seed: int) -> list[dict[str, torch.Tensor]]:
     ]
 
 
+def _conclude(
+    out: GroupResult, delta: dict[str, torch.Tensor], meta: MemberMeta
+) -> tuple[GroupState, RoundReport, dict[str, torch.Tensor]]:
+    """The product's own end of a round (node/engine/round.py) from a zero start state, so the
+    applied aggregate is exactly minus the new state (fedavg, lr 1: 0 - a = -a in any float)."""
+    start = GroupState(meta.round, {k: torch.zeros(s) for k, s in SHAPES.items()}, {})
+    update = LocalUpdate(delta, meta, InnerResult(4, 1.0, 1.0, 1.0, 256, 0.0))
+    state, report = conclude_round(start, update, out, CONFIG)
+    return state, report, {k: -v for k, v in state.params.items()}
+
+
 def _norm(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a))
 
@@ -108,28 +121,28 @@ def test_an_attacker_moves_the_honest_result_at_most_the_documented_bound(
     )
 
     honest_mean = weighted_mean(deltas[:3], [WEIGHT] * 3)
-    aggregates = []
+    digests = []
     for i in range(3):
         out = outcomes[i]
         assert isinstance(out, GroupResult), (i, out)
-        chosen, excluded = select_contributions(out, metas[i], WEIGHT)
+        state, report, aggregate = _conclude(out, deltas[i], metas[i])
+        assert report.outcome == "averaged", report.problem
+        digests.append(state.digest())
+        chosen = [m for m in (out.member(p) for p in report.members) if m is not None]
         contributions = [out.contributions[m.peer] for m in chosen]
         weights = [m.weight for m in chosen]
-        aggregate = combine(contributions, weights, CONFIG)
-        aggregates.append(aggregate)
         attacker = group.nodes[3].peer_id
         if name in ("weight-inflation", "equivocation", "malformed-metadata", "unadmitted"):
-            assert attacker not in {m.peer for m in chosen}, excluded
-            assert set(chosen_peer.peer for chosen_peer in chosen) == {
-                n.peer_id for n in group.nodes[:3]
-            }
+            assert attacker not in report.members, report.excluded
+            assert set(report.members) == {n.peer_id for n in group.nodes[:3]}
         if name == "withholding":  # committed, never served: named, and only it
-            assert out.withheld == {attacker} and attacker in excluded, out.missing
+            assert out.withheld == {attacker} and attacker in report.excluded, out.missing
         else:
             assert attacker not in out.withheld
-        if name == "weight-inflation":  # claimed by its own blob (an offence, round.py)
+        if name == "weight-inflation":  # claimed by its own blob: excluded, and an offence
             member = out.member(attacker)
-            assert member is not None and member.weight == 1e9 and "weight" in excluded[attacker]
+            assert member is not None and member.weight == 1e9
+            assert attacker in report.offenders and state.offences == {attacker: [round_]}
         # the bound of aggregation/robust.py, from what the round saw: norms bounded first,
         # then CenteredClip, whose pull is bounded around the (bounded) honest members' mean
         bounded, _ = bound_norms(contributions, weights, CONFIG.averaging.norm_bound or 0.0)
@@ -146,8 +159,7 @@ def test_an_attacker_moves_the_honest_result_at_most_the_documented_bound(
         if name in ("sign-flip", "ipm", "noise-50x"):  # the plain mean visibly fails
             plain = weighted_mean(contributions, weights)
             assert _norm(plain, honest_mean) > 2 * _norm(aggregate, honest_mean)
-    for other in aggregates[1:]:
-        assert all(torch.equal(aggregates[0][k], other[k]) for k in SHAPES)
+    assert len(set(digests)) == 1  # the honest members end on one state
 
 
 def test_half_the_group_sending_zeros_no_longer_removes_the_honest_progress(group: Group) -> None:
@@ -172,11 +184,8 @@ def test_half_the_group_sending_zeros_no_longer_removes_the_honest_progress(grou
     for i in range(2):
         out = outcomes[i]
         assert isinstance(out, GroupResult), (i, out)
-        chosen, _ = select_contributions(out, metas[i], WEIGHT)
-        assert len(chosen) == 4  # all four averaged: nothing was excluded
-        aggregate = combine(
-            [out.contributions[m.peer] for m in chosen], [m.weight for m in chosen], CONFIG
-        )
+        _, report, aggregate = _conclude(out, sent[i], metas[i])
+        assert len(report.members) == 4  # all four averaged: nothing was excluded
         # the zeros are dropped: the same bits as the two real updates alone, far from zero
         assert all(torch.equal(aggregate[k], honest_alone[k]) for k in SHAPES)
         assert _norm(aggregate, zeros) > 0.5 * _norm(honest_alone, zeros)
