@@ -1,7 +1,7 @@
 """Pseudo-gradients, weighted means and state fingerprints over named fp32 tensors.
 
 DiLoCo (Douillard et al. 2023, arXiv 2311.08105), section 2: the pseudo-gradient of peer i is
-Delta_i = theta^{t-1} - theta_i^{t,H}; the group aggregate is the token-weighted mean.
+Delta_i = theta^{t-1} - theta_i^{t,H}; the group aggregate is the weighted mean.
 """
 
 from __future__ import annotations

@@ -14,7 +14,14 @@ With plain local steps its update is
 each member's per-step progress, weighed by its share p_i of the data, scaled back up to the
 members' average number of steps. Here every member has the same share (p_i = 1 / n: DiLoCo's
 plain mean, `averaging.weight: steps`), so `normalize_steps` rescales each Delta_i to
-tau_eff / tau_i of itself and gives every member the same weight; the robust rules
+tau_eff / tau_i of itself and gives every member the same weight. One change: tau_eff is the
+median of the step counts, not their mean, because the counts are the members' own claims:
+with the mean, identities that claim one step each would shrink every honest Delta; the median
+is decided by the members holding more than half of the group, like every other median of
+aggregation/robust.py. For an even count it is the upper middle claim: claims are at most H,
+so at an exact half-half tie a coalition can at most scale the other half's shorter Deltas up
+to H steps' worth (which the norm bound then limits), never shrink a full member's. The robust
+rules
 (aggregation/robust.py) then see contributions of one scale, so a slow honest member is neither
 clipped for being short nor outvoted for being slow. With AdamW inner steps a Delta_i grows
 about linearly with the steps taken (each step moves every coordinate by up to lr), which is
@@ -24,9 +31,11 @@ When every member trained the same number of steps every factor is exactly 1 and
 contributions are returned as they are: rounds without a deadline are bit-identical to the
 plain weighted mean.
 
-A member's step count is its own claim (bounded by H, node/engine/round.py): one that claims a
-single step has its Delta_i scaled up H-fold, which the norm bound then cuts to the median norm,
-the same length any other member may send.
+A member's step count is its own claim, checked by the round (node/engine/round.py): a whole
+number from 1 to H, anything else an offence. One that claims a single step has its Delta_i
+scaled up at most H-fold, which the norm bound (`averaging.norm_bound`, on by default) then
+cuts to the median norm, the same length any other member may send; under the plain mean
+without a norm bound nothing cuts it, as nothing cuts a long Delta there.
 """
 
 from __future__ import annotations
@@ -39,14 +48,15 @@ from swarmtune.aggregation.robust import Tensors
 def normalize_steps(
     contributions: Sequence[Tensors], steps: Sequence[float]
 ) -> tuple[list[Tensors], list[float]]:
-    """(each Delta_i rescaled by tau_eff / tau_i, equal weights), tau_eff the mean of `steps`."""
+    """(each Delta_i rescaled by tau_eff / tau_i, equal weights), tau_eff the median of `steps`
+    (the upper middle value for an even count: one of the claims, exactly)."""
     if len(contributions) != len(steps):
         raise ValueError(f"{len(contributions)} contributions, {len(steps)} step counts")
-    if any(not tau > 0 for tau in steps):
-        raise ValueError(f"step counts must be positive: {list(steps)}")
+    if any(not tau >= 1 for tau in steps):
+        raise ValueError(f"step counts must be at least 1: {list(steps)}")
     if not contributions:
         return [], []
-    tau_eff = sum(float(tau) for tau in steps) / len(steps)
+    tau_eff = float(sorted(steps)[len(steps) // 2])
     scaled: list[Tensors] = []
     for delta, tau in zip(contributions, steps, strict=True):
         factor = tau_eff / float(tau)

@@ -65,13 +65,13 @@ def run(
     try:
         maddr = start_coordinator(procs, work / "run.yaml", work / "c", work / "addr")
         for i, (task, vol) in enumerate(zip(TASKS, vols, strict=True)):
-            args = ["--initial-peers", maddr, "--data", f"builtin:{task}", "--workdir", str(vol)]
-            args += ["--rounds", str(rounds), "--threads", "1", "--wait-for", "4"]
-            args += ["--eval-every", every]
+            join = ["--initial-peers", maddr, "--data", f"builtin:{task}", "--workdir", str(vol)]
+            join += ["--rounds", str(rounds), "--threads", "1", "--wait-for", "4"]
+            join += ["--eval-every", every]
             if i == 3 and factor > 1:
-                procs.start(vol.name, [str(factor), *args], program=[str(SLOW)])
+                procs.start(vol.name, [str(factor), *join], program=[str(SLOW)])
             else:
-                procs.start(vol.name, ["join", *args])
+                procs.start(vol.name, ["join", *join])
         codes = [procs.procs[v.name].wait(timeout=300 + 120 * rounds) for v in vols]
         assert not any(codes), f"volunteers failed: {codes}"
     finally:

@@ -73,7 +73,7 @@ async def ask_ticket(p2p: P2P, coordinator: PeerID) -> str:
     try:
         _, reader, writer = await p2p.call_binary_stream_handler(coordinator, TICKET_PROTOCOL)
     except (P2PDaemonError, OSError) as exc:
-        raise DeskUnanswered(f"the coordinator hands out no tickets: {str(exc)[:120]}") from None
+        raise TicketDeskError(f"the coordinator hands out no tickets: {str(exc)[:120]}") from None
     try:
         await write_frame(writer, b"{}")
         raw = await asyncio.wait_for(read_frame(reader, MAX_FRAME, "ticket"), REQUEST_TIMEOUT)

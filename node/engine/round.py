@@ -97,16 +97,25 @@ class RoundReport:
         return self.outcome in ("averaged", "too-small")
 
 
+def whole_steps(weight: float) -> bool:
+    """True for a step count a member can have trained: a whole number, at least 1 (under
+    `averaging.weight: steps` any other claim is an offence: a claim near 0 would be rescaled
+    by a huge factor, aggregation/steps.py)."""
+    return weight >= 1 and float(weight).is_integer()
+
+
 def select_contributions(
     group: GroupResult,
     mine: MemberMeta,
     max_weight: float = float("inf"),
     banned: Mapping[str, str] | None = None,
+    steps: bool = False,
 ) -> tuple[list[MemberMeta], dict[str, str]]:
     """The members whose contributions enter the aggregate (sorted by peer id; this peer
     included), and every other member with the reason it was left out. A weight above what one
-    round can produce (`max_weight`, node/config.py) is a rejected contribution, never a bigger vote;
-    `banned` members (node/engine/trust.py) are left out whatever they sent."""
+    round can produce (`max_weight`, node/config.py), or with `steps` one that is not a whole
+    number of steps, is a rejected contribution, never a bigger or smaller vote; `banned`
+    members (node/engine/trust.py) are left out whatever they sent."""
     present = {m.peer for m in group.members}
     excluded = {**group.missing, **{p: w for p, w in (banned or {}).items() if p in present}}
     chosen = []
@@ -121,6 +130,8 @@ def select_contributions(
             excluded[member.peer] = "zero weight"
         elif member.weight > max_weight:
             excluded[member.peer] = f"weight {member.weight:g} > {max_weight:g} (one round's most)"
+        elif steps and not whole_steps(member.weight):
+            excluded[member.peer] = f"weight {member.weight:g} is not a whole number of steps"
         else:
             chosen.append(member)
     return chosen, excluded
@@ -237,15 +248,15 @@ def outer_phase(
 def combine(
     contributions: Sequence[Tensors], weights: Sequence[float], config: RunConfig
 ) -> Params:
-    """The group update from the chosen contributions: under `averaging.weight: steps` each
-    rescaled to the members' mean step count with equal weights (aggregation/steps.py; a no-op
-    when all trained H steps), zero updates dropped and norms bounded (unless the run averages
-    plainly), then the configured aggregator."""
+    """The group update from the chosen contributions: zero updates dropped (unless the run
+    averages plainly); under `averaging.weight: steps` each rescaled to the members' median step
+    count with equal weights (aggregation/steps.py; a no-op when all trained H steps); norms
+    bounded; then the configured aggregator."""
     settings = config.averaging
-    if settings.weight == "steps":
-        contributions, weights = normalize_steps(contributions, weights)
     if settings.norm_bound is not None or settings.aggregator == "centered-clip":
         contributions, weights = without_empty(contributions, weights)
+    if settings.weight == "steps":
+        contributions, weights = normalize_steps(contributions, weights)
     if settings.norm_bound is not None:
         contributions, _ = bound_norms(contributions, weights, settings.norm_bound)
     if settings.aggregator == "centered-clip":
@@ -283,10 +294,14 @@ def conclude_round(
     else:
         max_weight = max_round_weight(config)
         kept_out = banned(state.offences, state.round, config.admission)
-        chosen, excluded = select_contributions(group, mine, max_weight, kept_out)
+        steps = config.averaging.weight == "steps"
+        chosen, excluded = select_contributions(group, mine, max_weight, kept_out, steps)
         # only weights the member's own blob claimed count (the rest were relayed by a leader)
         over = {
-            m.peer for m in group.members if m.peer in group.contributions and m.weight > max_weight
+            m.peer
+            for m in group.members
+            if m.peer in group.contributions
+            and (m.weight > max_weight or (steps and m.weight > 0 and not whole_steps(m.weight)))
         }
         offenders = (group.offences | over) - set(kept_out) - {mine.peer}
         outcome, problem = "averaged", ""

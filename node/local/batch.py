@@ -10,7 +10,8 @@ import torch
 
 @dataclass(frozen=True)
 class Batch:
-    """Model inputs of one step and the number of tokens in its loss (the peer's weight)."""
+    """Model inputs of one step and the number of tokens in its loss (the peer's weight under
+    `averaging.weight: tokens`)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor

@@ -20,7 +20,7 @@ def test_pseudo_gradient_rejects_mismatched_names() -> None:
         pseudo_gradient({"a": torch.zeros(1)}, {"b": torch.zeros(1)})
 
 
-def test_weighted_mean_uses_token_weights() -> None:
+def test_weighted_mean_uses_the_members_weights() -> None:
     mean = weighted_mean([_p(0.0, 4.0), _p(4.0, 0.0)], [1.0, 3.0])
     assert torch.equal(mean["w"], torch.tensor([3.0, 1.0]))  # small integers: exact in float64
 

@@ -15,13 +15,14 @@ def _deltas(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def test_the_normalised_mean_is_fednovas_update_with_equal_shares() -> None:
-    deltas, steps = _deltas(4, seed=1), [20.0, 20.0, 5.0, 12.0]
+def test_the_normalised_mean_is_fednovas_update_with_equal_shares_at_the_median() -> None:
+    deltas, steps = _deltas(4, seed=1), [20.0, 5.0, 20.0, 12.0]
     scaled, weights = normalize_steps(deltas, steps)
     got = weighted_mean(scaled, weights)
-    # FedNova, p_i = 1/n: tau_eff * sum_i p_i Delta_i / tau_i, tau_eff = sum_i p_i tau_i
+    # FedNova, p_i = 1/n: tau_eff * sum_i p_i Delta_i / tau_i, with tau_eff the upper median of
+    # the claims (20 of 5, 12, 20, 20) in place of their mean
     n = len(deltas)
-    tau_eff = sum(steps) / n
+    tau_eff = 20.0
     for key in got:
         want = tau_eff * sum(d[key].double() / t for d, t in zip(deltas, steps, strict=True)) / n
         scale = float(want.abs().max())
@@ -36,7 +37,7 @@ def test_a_slow_member_counts_as_much_as_a_fast_one_on_one_gradient() -> None:
     steps = [20.0, 20.0, 20.0, 5.0]
     deltas = [{"w": t * 0.01 * g["w"]} for t in steps]
     scaled, weights = normalize_steps(deltas, steps)
-    tau_eff = sum(steps) / 4
+    tau_eff = 20.0  # the median claim
     for s in scaled:
         assert torch.allclose(s["w"], tau_eff * 0.01 * g["w"], rtol=1e-12, atol=0)
     assert weights == [tau_eff] * 4
@@ -49,7 +50,15 @@ def test_equal_steps_leave_every_contribution_untouched() -> None:
     assert weighted_mean(scaled, weights)["a"].equal(weighted_mean(deltas, [20, 20, 20])["a"])
 
 
-@pytest.mark.parametrize("steps", [[20, 0], [20, -1], [20, float("nan")], [20]])
+def test_identities_claiming_one_step_do_not_shrink_the_honest_contributions() -> None:
+    # with the mean of the claims, two of five identities claiming 1 step would scale every
+    # honest Delta by 0.62; the median is the honest members' 20
+    deltas = _deltas(5, seed=3)
+    scaled, _ = normalize_steps(deltas, [20, 20, 20, 1, 1])
+    assert all(scaled[i] is deltas[i] for i in range(3))
+
+
+@pytest.mark.parametrize("steps", [[20, 0], [20, -1], [20, 0.5], [20, float("nan")], [20]])
 def test_bad_step_counts_are_refused(steps: list[float]) -> None:
     with pytest.raises(ValueError):
         normalize_steps(_deltas(2), steps)

@@ -81,6 +81,20 @@ class WeightInflation(Adversary):
         return Forgery(_scale(own, -20.0), 1e9)
 
 
+class WeightDeflation(Adversary):
+    """Claims a weight near zero: under step weights a contribution is rescaled by the median
+    step count over its own (aggregation/steps.py), so an unchecked claim of 1e-300 steps turned
+    every member's aggregate into NaN (found in review); the round now refuses any claim that is
+    not a whole number of steps, as an offence."""
+
+    name = "weight-deflation"
+
+    def forge(
+        self, own: Params, honest: Sequence[Params], weight: float, gen: torch.Generator
+    ) -> Forgery:
+        return Forgery(_scale(own, -20.0), 1e-300)
+
+
 class SignFlip(Adversary):
     """-10x its honest delta at its honest weight; the protocol-level attacks below send the
     same delta and differ only in how they lie about it."""
@@ -178,6 +192,7 @@ ADVERSARIES: dict[str, type[Adversary]] = {
     cls.name: cls
     for cls in (
         WeightInflation,
+        WeightDeflation,
         SignFlip,
         GaussianNoise,
         ALIE,

@@ -132,16 +132,17 @@ def test_an_attacker_moves_the_honest_result_at_most_the_documented_bound(
         contributions = [out.contributions[m.peer] for m in chosen]
         weights = [m.weight for m in chosen]
         attacker = group.nodes[3].peer_id
-        if name in ("weight-inflation", "equivocation", "malformed-metadata", "unadmitted"):
+        excluded_kinds = ("weight-inflation", "weight-deflation", "equivocation")
+        if name in (*excluded_kinds, "malformed-metadata", "unadmitted"):
             assert attacker not in report.members, report.excluded
             assert set(report.members) == {n.peer_id for n in group.nodes[:3]}
         if name == "withholding":  # committed, never served: named, and only it
             assert out.withheld == {attacker} and attacker in report.excluded, out.missing
         else:
             assert attacker not in out.withheld
-        if name == "weight-inflation":  # claimed by its own blob: excluded, and an offence
+        if name in ("weight-inflation", "weight-deflation"):  # its own blob's claim: an offence
             member = out.member(attacker)
-            assert member is not None and member.weight == 1e9
+            assert member is not None and member.weight == (1e9 if "infl" in name else 1e-300)
             assert attacker in report.offenders and state.offences == {attacker: [round_]}
         # the bound of aggregation/robust.py, from what the round saw: norms bounded first,
         # then CenteredClip, whose pull is bounded around the (bounded) honest members' mean

@@ -218,7 +218,7 @@ def test_contributions_are_chosen_by_round_state_arrival_and_weight() -> None:
     assert excluded["g"] == "stream ended early" and "no contribution" in excluded["f"]
 
 
-def test_a_weight_above_one_rounds_tokens_is_excluded_not_a_bigger_vote() -> None:
+def test_a_weight_above_what_one_round_can_produce_is_excluded_not_a_bigger_vote() -> None:
     members = [_meta("a", 100.0), _meta("b", 1e9)]
     group = GroupResult(members, {p: {"w": torch.zeros(1)} for p in "ab"})
     chosen, excluded = select_contributions(group, members[0], max_weight=4 * 4 * 32)
@@ -293,6 +293,43 @@ def test_a_deadline_stops_a_slow_member_short_of_h_and_the_group_still_agrees() 
     assert steps[-2:] == [4, 4] and 1 <= steps[0] < 4, steps  # the slow one stopped early
     weights = sorted(w for _, _, w in reports[0].contributions)
     assert weights == [float(s) for s in steps]  # each claimed what it trained
+
+
+@pytest.mark.parametrize("weight", ["steps", "tokens"])
+def test_combine_rescales_by_steps_before_the_robust_rules(weight: str) -> None:
+    """A member that trained a quarter of the steps and sent a quarter of the Delta counts as a
+    full member under step weights (the aggregate is exactly d, norm bound and CenteredClip
+    included); under token weights it is averaged as it came."""
+    d = {"w": torch.tensor([0.5, -1.0, 2.0, 0.25])}
+    config = CONFIG.model_copy(
+        update={"averaging": CONFIG.averaging.model_copy(update={"weight": weight})}
+    )
+    got = combine([d, {"w": d["w"] * 0.25}], [4.0, 1.0], config)
+    if weight == "steps":
+        assert torch.equal(got["w"].to(d["w"].dtype), d["w"])
+    else:
+        assert not torch.allclose(got["w"].double(), d["w"].double())
+
+
+@pytest.mark.parametrize("claimed", [1e-300, 0.5, 2.5])
+def test_a_weight_that_is_not_a_whole_number_of_steps_is_excluded_and_an_offence(
+    claimed: float,
+) -> None:
+    """Found in review: a claim near 0 was rescaled ~1e300-fold and made every member's
+    aggregate NaN. Under step weights a claim must be a whole number from 1 to H."""
+    from swarmtune.node.engine.round import LocalUpdate, conclude_round
+    from swarmtune.node.local.trainer import InnerResult
+
+    steps = CONFIG.inner.steps
+    deltas = {p: {"w": torch.full((3,), 0.01 * (i + 1))} for i, p in enumerate("abcz")}
+    metas = [_meta(p, float(steps)) for p in "abc"] + [_meta("z", claimed)]
+    group = GroupResult(metas, deltas)
+    start = GroupState(0, {"w": torch.zeros(3)}, {})
+    mine = LocalUpdate(deltas["a"], metas[0], InnerResult(steps, 1.0, 1.0, 1.0, 1, 0.0))
+    state, report = conclude_round(start, mine, group, CONFIG)
+    assert report.outcome == "averaged" and set(report.members) == {"a", "b", "c"}
+    assert "z" in report.excluded and state.offences == {"z": [0]}
+    assert torch.isfinite(state.params["w"]).all()
 
 
 def test_without_a_deadline_the_trainer_always_takes_h_steps_and_with_one_at_least_one() -> None:
