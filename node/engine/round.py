@@ -104,6 +104,16 @@ def whole_steps(weight: float) -> bool:
     return weight >= 1 and float(weight).is_integer()
 
 
+def weight_problem(weight: float, max_weight: float, steps: bool) -> str | None:
+    """Why a positive claimed weight is one no honest member sends (an offence), or None: above
+    what one round can produce, or with `steps` not a whole number of steps."""
+    if weight > max_weight:
+        return f"weight {weight:g} > {max_weight:g} (one round's most)"
+    if steps and weight > 0 and not whole_steps(weight):
+        return f"weight {weight:g} is not a whole number of steps"
+    return None
+
+
 def select_contributions(
     group: GroupResult,
     mine: MemberMeta,
@@ -128,10 +138,8 @@ def select_contributions(
             excluded[member.peer] = "no contribution"
         elif not member.weight > 0:
             excluded[member.peer] = "zero weight"
-        elif member.weight > max_weight:
-            excluded[member.peer] = f"weight {member.weight:g} > {max_weight:g} (one round's most)"
-        elif steps and not whole_steps(member.weight):
-            excluded[member.peer] = f"weight {member.weight:g} is not a whole number of steps"
+        elif (problem := weight_problem(member.weight, max_weight, steps)) is not None:
+            excluded[member.peer] = problem
         else:
             chosen.append(member)
     return chosen, excluded
@@ -300,8 +308,7 @@ def conclude_round(
         over = {
             m.peer
             for m in group.members
-            if m.peer in group.contributions
-            and (m.weight > max_weight or (steps and m.weight > 0 and not whole_steps(m.weight)))
+            if m.peer in group.contributions and weight_problem(m.weight, max_weight, steps)
         }
         offenders = (group.offences | over) - set(kept_out) - {mine.peer}
         outcome, problem = "averaged", ""
