@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -47,6 +48,29 @@ def _reports(workdir: Path) -> list[dict]:
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _brief(reports: list[dict]) -> list[tuple]:
+    keys = ("round", "outcome", "group_size", "excluded", "problem")
+    return [tuple(r.get(k) for k in keys) for r in reports]
+
+
+def _gathered(report: dict) -> int:
+    """How many members the group a round formed had: aggregated or left out (a rejected
+    round aggregated nobody, itself included)."""
+    return len(set(report["members"]) | set(report["excluded"])) + (report["outcome"] == "rejected")
+
+
+def _exclusions(log: str) -> list[tuple[int, str]]:
+    """(0-based round, reason) of every contribution a volunteer's log says it left out."""
+    found = re.findall(r"round (\d+): excluded \S+: (.*)", log)
+    return [(int(n) - 1, why) for n, why in found]
+
+
+def _network(why: str) -> bool:
+    """A contribution lost in transfer (its blob did not arrive in time, or a stream broke),
+    not one refused for what it was (protocols/transfer.py's TransferError messages)."""
+    return any(word in why for word in ("timed out", "unreachable", "unknown blob", "truncated"))
+
+
 def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
     tmp_path: Path,
 ) -> None:
@@ -63,11 +87,19 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
         assert "into `merged`" in swarm.log("coord")
         for i in range(4):  # the switch from the run-wide group to the clusters cost no round
             reports = _reports(tmp_path / f"v{i}")
-            # (its first two rounds in its cluster included; a later round can still lose a
-            # fetch on a loaded machine, which is counted, and resynced, like any other)
-            first = next(n for n, r in enumerate(reports) if r["group_size"] == 2)
+            reasons = _exclusions(swarm.log(f"v{i}"))
+            pair = {r["round"] for r in reports if _gathered(r) == 2}
+            first = min(pair)  # its first round in its cluster, and the one after it
             switch = reports[: first + 2]
-            assert all(r["outcome"] != "rejected" and not r["excluded"] for r in switch), reports
+            brief = (i, _brief(switch), reasons)
+            # every round up to then formed its group: four before the switch, the pair after
+            assert [_gathered(r) for r in switch] == [4] * first + [2, 2], brief
+            # nobody was left out for holding another state (the switch is synchronised); a
+            # fetch that a loaded machine lost is counted like in any other round, not a cost
+            # of the switch
+            assert not any(round_ < first + 2 and not _network(why) for round_, why in reasons), (
+                brief
+            )
             # averaging in its cluster (a partner that started a round later may have finished
             # its fixed number of rounds before this one's last round)
             in_cluster = [r for r in reports[-3:] if r["outcome"] == "averaged"]
