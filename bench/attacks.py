@@ -8,9 +8,11 @@ Two parts, both on this machine:
   are tests/attackers/adversaries.py's forgeries. "trusting mean" is the round as it was before
   the defences: no weight bound, no admission, and what a liar sends is averaged (the old
   hivemind all-reduce kept a malformed member's tensor, and its reducers were trusted).
-  "defended" is today's round with the robust default: what the real exchange excludes
-  (malformed metadata, bytes that do not match their commitment, no ticket) is excluded as
-  the real-peer tests show it is (tests/integration/test_attacks.py).
+  A trusting member weighs what each member claims (`weight: tokens`, the old default), so the
+  step-weight checks are off there too. "defended" is today's round with the robust default:
+  what the real exchange excludes (malformed metadata, bytes that do not match their
+  commitment, no ticket) is excluded as the real-peer tests show it is
+  (tests/integration/test_attacks.py).
 - real peers, group of 4 with 1 attacker: coordinator + 3 honest volunteers + 1 volunteer run
   by bench/hostile_join.py, as separate processes on 127.0.0.1, once with `aggregator: mean`
   and once with `centered-clip`; token admission, so the unadmitted attacker is real too.
@@ -63,7 +65,9 @@ OUTERS: dict[str, dict[str, Any]] = {
     "nesterov": {"name": "nesterov", "lr": 0.7, "momentum": 0.9},
 }
 ROBUST = {"aggregator": "centered-clip", "norm_bound": 1.0}  # the defaults, spelled out
-PLAIN = {"aggregator": "mean", "norm_bound": None}
+# the trusting baseline also takes each member's weight as it comes: tokens, as before the
+# step-weight default (whose whole-step check and median rescaling are defences too)
+PLAIN = {"aggregator": "mean", "norm_bound": None, "weight": "tokens"}
 
 
 def reproduce() -> str:
