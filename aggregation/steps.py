@@ -27,6 +27,15 @@ clipped for being short nor outvoted for being slow. With AdamW inner steps a De
 about linearly with the steps taken (each step moves every coordinate by up to lr), which is
 what the rescaling assumes.
 
+`inner.deadline_s: auto` sets the deadline from the group instead of by hand: each member
+tells its group how many seconds its inner steps took per step (`step_s`), and the next round's
+deadline is H times the median of those (`agreed_deadline`; the upper middle one for an even
+count). With one member at a quarter of the others' speed among four, the median is a fast
+member's: the fast ones train their H steps in about the deadline and the slow one stops there,
+short of H. The times are claims too; the upper median keeps a minority from moving the
+deadline outside the range of the honest members' times, and at an exact half-half tie it errs
+towards the longer deadline, that is towards plain H-step rounds.
+
 When every member trained the same number of steps every factor is exactly 1 and the
 contributions are returned as they are: rounds without a deadline are bit-identical to the
 plain weighted mean.
@@ -40,6 +49,7 @@ without a norm bound nothing cuts it, as nothing cuts a long Delta there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from swarmtune.aggregation.robust import Tensors
@@ -65,3 +75,13 @@ def normalize_steps(
         else:
             scaled.append({k: (v.double() * factor).to(v.dtype) for k, v in delta.items()})
     return scaled, [tau_eff] * len(steps)
+
+
+def agreed_deadline(step_seconds: Sequence[float], steps: int) -> float | None:
+    """The next round's deadline under `inner.deadline_s: auto`: `steps` times the median of the
+    members' seconds per inner step (the upper middle value for an even count); values that are
+    not positive and finite (a member that did not say) are left out; None when none is left."""
+    known = sorted(s for s in step_seconds if math.isfinite(s) and s > 0)
+    if not known:
+        return None
+    return steps * known[len(known) // 2]

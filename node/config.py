@@ -53,8 +53,14 @@ class InnerSettings(_Strict):
     # the round's deadline: a member stops its inner steps once this many seconds of them have
     # passed (after at least one), short of `steps` if it is slow, and contributes what it
     # trained; contributions are rescaled by their step counts (aggregation/steps.py), so a
-    # slow member still counts as one member. null: always `steps` steps (docs/design.md, 3)
-    deadline_s: float | None = Field(None, gt=0, le=86_400)
+    # slow member still counts as one member. `auto`: no deadline in a peer's first round, then
+    # H x the median of its last group's seconds per step (aggregation/steps.py). null: always
+    # `steps` steps (docs/design.md, 3)
+    deadline_s: Annotated[float, Field(gt=0, le=86_400)] | Literal["auto"] | None = None
+
+    def fixed_deadline(self) -> float | None:
+        """The deadline in seconds when the config names one (not `auto`, not null)."""
+        return self.deadline_s if isinstance(self.deadline_s, float) else None
 
 
 def _registered(name: str, table: Mapping[str, object], what: str) -> str:

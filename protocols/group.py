@@ -15,6 +15,7 @@ from typing import Any
 from swarmtune.aggregation.params import Params
 
 TICKET_MAX = 2048  # characters of an admission ticket (protocols/admission.py)
+STEP_S_MAX = 86_400.0  # a longer claimed inner step is not believed (one round's longest deadline)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class MemberMeta:
     size: int = 0
     known: int = 1  # volunteers this member knows of (for GHBM tau = auto)
     ticket: str = ""  # admission ticket (token runs), protocols/admission.py
+    step_s: float = 0.0  # its seconds per inner step this round (0: not said), for a deadline
 
     def gather(self) -> dict[str, Any]:
         """The wire form sent through hivemind's all-gather."""
@@ -41,6 +43,7 @@ class MemberMeta:
             "size": self.size,
             "known": self.known,
             "ticket": self.ticket,
+            "step_s": self.step_s,
         }
 
 
@@ -62,8 +65,13 @@ def parse_member(peer_id: str, raw: Any) -> MemberMeta | None:
     ticket = raw.get("ticket", "")
     if not (isinstance(ticket, str) and len(ticket) <= TICKET_MAX):
         return None
+    step_s = raw.get("step_s", 0.0)
+    if not (finite_number(step_s) and 0 <= step_s <= STEP_S_MAX):
+        step_s = 0.0  # said badly, or not at all (a member of an older version): not counted
     weight = float(raw["weight"])
-    return MemberMeta(peer_id, int(raw["round"]), start, weight, sha, size, known, ticket)
+    return MemberMeta(
+        peer_id, int(raw["round"]), start, weight, sha, size, known, ticket, float(step_s)
+    )
 
 
 @dataclass

@@ -102,6 +102,7 @@ class Peer:
         # each exchange in flight during the next compute (node/engine/overlap.py)
         self.overlap = config.averaging.overlap if overlap is None else overlap
         self.banned: dict[str, str] = {}  # peers the group keeps out this round, with why
+        self.deadline_s: float | None = None  # `inner.deadline_s: auto`: the group's last say
         outer = config.outer
         self.momentum = make_peer_momentum(outer.name, outer.effective_momentum, outer.tau)
         # what this peer vouches for and which states it may adopt (node/engine/certify.py)
@@ -353,6 +354,7 @@ class Peer:
             self.momentum,
             known,
             origin=origin,
+            deadline_s=self.deadline_s,
         )
 
     def finish_round(
@@ -367,6 +369,8 @@ class Peer:
         self.counts.fallbacks += report.outcome == "no-group"
         self.counts.rejections += report.outcome in ("rejected", "too-small")
         self.counts.exclusions += len(report.excluded)
+        if report.next_deadline_s is not None:
+            self.deadline_s = report.next_deadline_s
         if report.concluded:
             self.ledger.conclude(report.start_digest, state, report.contributions)
         else:

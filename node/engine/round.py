@@ -29,7 +29,7 @@ from swarmtune.aggregation.ghbm import PeerMomentum
 from swarmtune.aggregation.outer import RoundContext
 from swarmtune.aggregation.params import Params, pseudo_gradient, weighted_mean
 from swarmtune.aggregation.robust import Tensors, bound_norms, centered_clip, without_empty
-from swarmtune.aggregation.steps import normalize_steps
+from swarmtune.aggregation.steps import agreed_deadline, normalize_steps
 from swarmtune.node.config import RunConfig, max_round_weight
 from swarmtune.node.engine.outer_state import load_outer
 from swarmtune.node.engine.state import GroupState
@@ -84,6 +84,9 @@ class RoundReport:
     # (peer, sha256, weight) of every aggregated contribution: what a round certificate names
     contributions: tuple[tuple[str, str, float], ...] = ()
     steps: int = 0  # inner steps trained (H, or fewer when the round's deadline came first)
+    # under `inner.deadline_s: auto`, the deadline the group's step times give the next round
+    # (aggregation/steps.py, agreed_deadline); None when this round did not average
+    next_deadline_s: float | None = None
 
     @property
     def verified(self) -> bool:
@@ -185,10 +188,13 @@ def inner_phase(
     known: int = 1,
     observe: Callable[[Params, Params], None] | None = None,
     origin: Params | None = None,
+    deadline_s: float | None = None,
 ) -> LocalUpdate:
     """Steps 1-3: H inner steps from theta^{t-1} (with any per-step momentum), then Delta_i.
     `origin` starts the steps elsewhere (an overlapped round's eager point, `eager_origin`):
-    Delta_i is then measured from it, and the metadata still names `state`."""
+    Delta_i is then measured from it, and the metadata still names `state`. `deadline_s` is
+    this round's deadline under `inner.deadline_s: auto` (the group's, `agreed_deadline`);
+    otherwise the config's."""
     steps = config.inner.steps
     origin = state.params if origin is None else origin
     fixed, per_iterate = start.correction, None
@@ -208,7 +214,7 @@ def inner_phase(
 
     trainer.set_params(origin)
     hooked = fixed is not None or per_iterate is not None
-    limit = config.inner.deadline_s
+    limit = config.inner.fixed_deadline() if deadline_s is None else deadline_s
     deadline = None if limit is None else time.monotonic() + limit
     inner = trainer.train_steps(steps, after_step if hooked else None, deadline=deadline)
     final = trainer.get_params()
@@ -218,7 +224,8 @@ def inner_phase(
         momentum.end_round(final, state.round)
     delta = pseudo_gradient(origin, final)
     weight = inner.steps if config.averaging.weight == "steps" else inner.tokens
-    meta = MemberMeta(peer, state.round, start.digest, float(weight), known=known)
+    step_s = inner.seconds / inner.steps
+    meta = MemberMeta(peer, state.round, start.digest, float(weight), known=known, step_s=step_s)
     return LocalUpdate(delta, meta, inner)
 
 
@@ -358,5 +365,15 @@ def conclude_round(
         contributions=tuple(
             (m.peer, m.sha256, float(m.weight)) for m in chosen if outcome == "averaged"
         ),
+        next_deadline_s=next_deadline(chosen, config) if outcome == "averaged" else None,
     )
     return new_state, report
+
+
+def next_deadline(chosen: Sequence[MemberMeta], config: RunConfig) -> float | None:
+    """Under `inner.deadline_s: auto`, the next round's deadline from the step times of the
+    members whose contributions this round aggregated (each member of the group computes it
+    from the same gathered metadata); None otherwise."""
+    if config.inner.deadline_s != "auto":
+        return None
+    return agreed_deadline([m.step_s for m in chosen], config.inner.steps)

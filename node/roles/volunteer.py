@@ -134,6 +134,8 @@ def progress_line(report: RoundReport, steps: int = 0) -> str:
         status = " [too-small: nothing aggregated]"
     resynced = " [resynced]" if report.resynced else ""
     tau = f" | ghbm tau {report.tau}" if report.tau is not None else ""
+    if report.next_deadline_s is not None:  # inner.deadline_s: auto
+        tau += f" | next deadline {report.next_deadline_s:.1f}s"
     short = f" ({report.steps} of {steps} steps: deadline)" if 0 < report.steps < steps else ""
     return (
         f"round {report.round + 1}: loss {report.loss_first:.3f} -> {report.loss_last:.3f}"

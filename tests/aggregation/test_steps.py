@@ -1,10 +1,12 @@
 """Step normalisation (aggregation/steps.py) against FedNova's update, written out."""
 
+import statistics
+
 import pytest
 import torch
 
 from swarmtune.aggregation.params import weighted_mean
-from swarmtune.aggregation.steps import normalize_steps
+from swarmtune.aggregation.steps import agreed_deadline, normalize_steps
 
 
 def _deltas(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -62,3 +64,19 @@ def test_identities_claiming_one_step_do_not_shrink_the_honest_contributions() -
 def test_bad_step_counts_are_refused(steps: list[float]) -> None:
     with pytest.raises(ValueError):
         normalize_steps(_deltas(2), steps)
+
+
+def test_the_agreed_deadline_is_h_times_the_upper_median_step_time() -> None:
+    times = [0.21, 0.2, 0.9, 0.19]  # one member at about a quarter of the others' speed
+    assert agreed_deadline(times, 20) == 20 * statistics.median_high(times) == 20 * 0.21
+    assert agreed_deadline([0.2, 0.8], 10) == 10 * 0.8  # a pair: the longer of the two
+    # a member that did not say (0) or said nonsense is left out; nobody left: no deadline
+    assert agreed_deadline([0.2, 0.0, float("nan"), -1.0, 0.3], 10) == 10 * 0.3
+    assert agreed_deadline([0.0, float("inf")], 10) is None
+
+
+def test_a_minority_cannot_move_the_deadline_outside_the_honest_times() -> None:
+    honest = [0.2, 0.25, 0.3]
+    for claim in (1e-9, 1e6):
+        got = agreed_deadline([*honest, claim, claim], 10)
+        assert got is not None and 10 * min(honest) <= got <= 10 * max(honest)

@@ -3,9 +3,17 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from swarmtune.aggregation.methods import make_peer_momentum
-from swarmtune.node.config import ConfigError, RunConfig, SimConfig, load_config, load_sim_config
+from swarmtune.node.config import (
+    ConfigError,
+    RunConfig,
+    SimConfig,
+    load_config,
+    load_sim_config,
+    parse_config,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -27,6 +35,7 @@ def test_every_config_file_loads(path: Path) -> None:
         ("run: {outer: {name: ghbm, tau: sometimes}}\n", "run.outer.tau"),
         ("run: {outer: {name: fedavgm, momentum: 1.0}}\n", "momentum must be < 1"),
         ("run: {inner: {deadline_s: 10}}\n", "the simulator trains H steps per client"),
+        ("run: {inner: {deadline_s: auto}}\n", "the simulator trains H steps per client"),
     ],
 )
 def test_bad_sim_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
@@ -60,6 +69,11 @@ def test_every_shipped_config_loads_with_its_loader() -> None:
             "inner.deadline_s needs averaging.weight: steps",
         ),
         ("inner: {deadline_s: 0}\n", "inner.deadline_s: Input should be greater than 0"),
+        (
+            "inner: {deadline_s: auto}\naveraging: {weight: tokens}\n",
+            "inner.deadline_s needs averaging.weight: steps",
+        ),
+        ("inner: {deadline_s: soon}\n", "inner.deadline_s"),
         ("averaging: {weight: examples}\n", "averaging.weight"),
     ],
 )
@@ -94,3 +108,10 @@ def test_per_peer_momentum_defaults_to_tau_auto(tmp_path: Path, outer: str, tau:
     assert settings.tau == tau
     momentum = make_peer_momentum(settings.name, settings.effective_momentum, settings.tau)
     assert momentum is None or momentum.tau_setting == tau
+
+
+@pytest.mark.parametrize("text,fixed", [("30", 30.0), ("2.5", 2.5), ("auto", None), ("null", None)])
+def test_a_deadline_is_seconds_auto_or_none(text: str, fixed: float | None) -> None:
+    config = parse_config({"inner": {"deadline_s": yaml.safe_load(text)}}, "run.yaml")
+    assert config.inner.fixed_deadline() == fixed
+    assert (config.inner.deadline_s == "auto") == (text == "auto")

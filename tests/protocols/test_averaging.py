@@ -162,6 +162,12 @@ def test_gathered_metadata_is_parsed_defensively() -> None:
     ]:
         assert parse_member("p", bad) is None
     assert parse_member("p", {**good.gather(), "known": 10**9}).known == 1
+    # a step time said badly (or by a member that does not say it) counts as not said
+    timed = MemberMeta("p", 3, "ab" * 32, 10.0, "0" * 64, 100, 4, step_s=0.25)
+    assert parse_member("p", timed.gather()) == timed
+    without = {k: v for k, v in timed.gather().items() if k != "step_s"}
+    for raw in [without, *({**timed.gather(), "step_s": v} for v in (-1, "1", 1e9, math.inf))]:
+        assert parse_member("p", raw).step_s == 0.0
 
 
 def test_group_bits_separate_rounds_and_start_states() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,13 @@ from swarmtune.node.engine.round import (
     select_contributions,
 )
 from swarmtune.node.engine.state import GroupState
-from swarmtune.node.engine.transport import GroupResult, InMemoryHub, InMemoryTransport, MemberMeta
+from swarmtune.node.engine.transport import (
+    AveragingFailed,
+    GroupResult,
+    InMemoryHub,
+    InMemoryTransport,
+    MemberMeta,
+)
 from swarmtune.node.local.build import LocalModel, build_local_model
 
 CONFIG = parse_config(
@@ -260,6 +267,21 @@ def test_a_members_weight_is_its_steps_unless_the_run_weighs_tokens(
         assert max_round_weight(config) == inner.steps * inner.batch_size * inner.seq_len
 
 
+def _slowed(trainer: object, sleep_s: float) -> None:
+    """Make `trainer` sleep `sleep_s` after each inner step (a slower device)."""
+    train_steps = trainer.train_steps  # type: ignore[attr-defined]
+
+    def sleepy(steps: int, after_step: object = None, deadline: float | None = None) -> object:
+        def hook(j: int) -> None:
+            if callable(after_step):
+                after_step(j)
+            time.sleep(sleep_s)
+
+        return train_steps(steps, hook, deadline=deadline)
+
+    trainer.train_steps = sleepy  # type: ignore[attr-defined]
+
+
 def test_a_deadline_stops_a_slow_member_short_of_h_and_the_group_still_agrees() -> None:
     """`inner.deadline_s`: a member that sleeps 2 s after each step (a device ~50x slower)
     stops at the deadline with fewer steps; the fast ones train all H; everyone averages the
@@ -270,18 +292,7 @@ def test_a_deadline_stops_a_slow_member_short_of_h_and_the_group_still_agrees() 
     )
     hub = InMemoryHub(expected=3)
     locals_ = [build_local_model(config, f"builtin:{t}", data_seed=i) for i, t in enumerate(TASKS)]
-    slow = locals_[2].trainer
-    train_steps = slow.train_steps
-
-    def sleepy(steps: int, after_step: object = None, deadline: float | None = None) -> object:
-        def hook(j: int) -> None:
-            if callable(after_step):
-                after_step(j)
-            time.sleep(2.0)
-
-        return train_steps(steps, hook, deadline=deadline)
-
-    slow.train_steps = sleepy  # type: ignore[method-assign]
+    _slowed(locals_[2].trainer, 2.0)
     reports: list[RoundReport] = []
     peers = [
         _peer(hub, f"p{i}", lo, reports=reports, config=config) for i, lo in enumerate(locals_)
@@ -293,6 +304,60 @@ def test_a_deadline_stops_a_slow_member_short_of_h_and_the_group_still_agrees() 
     assert steps[-2:] == [4, 4] and 1 <= steps[0] < 4, steps  # the slow one stopped early
     weights = sorted(w for _, _, w in reports[0].contributions)
     assert weights == [float(s) for s in steps]  # each claimed what it trained
+
+
+def test_an_automatic_deadline_comes_from_the_groups_step_times() -> None:
+    """`inner.deadline_s: auto`: the first round has no deadline (every member trains H and
+    says how long its steps took); the group then agrees on H x the median step time, a fast
+    member's, so in the next round the member that sleeps 1 s per step stops after one step
+    while the group still averages to one digest."""
+    config = CONFIG.model_copy(
+        update={"inner": CONFIG.inner.model_copy(update={"deadline_s": "auto", "steps": 4})}
+    )
+    hub = InMemoryHub(expected=3)
+    locals_ = [build_local_model(config, f"builtin:{t}", data_seed=i) for i, t in enumerate(TASKS)]
+    _slowed(locals_[2].trainer, 1.0)
+    reports: list[list[RoundReport]] = [[], [], []]
+    peers = [
+        _peer(hub, f"p{i}", lo, reports=reports[i], config=config) for i, lo in enumerate(locals_)
+    ]
+    finals = _run_all(peers, [2, 2, 2])
+    assert len({s.digest() for s in finals}) == 1
+    rounds = list(zip(*reports, strict=True))
+    assert all(r.outcome == "averaged" for one in rounds for r in one)
+    assert [r.steps for r in rounds[0]] == [4, 4, 4]  # no deadline before the group said
+    deadlines = {r.next_deadline_s for r in rounds[0]}
+    assert len(deadlines) == 1  # every member derived the same one from the same metadata
+    (deadline,) = deadlines
+    assert deadline is not None and deadline < 4 * 1.0  # a fast member's H steps, not the slow's
+    assert rounds[1][2].steps == 1  # its first step alone outlasts the deadline
+    assert rounds[0][2].inner_s > 4 * 1.0 > 2 * rounds[1][2].inner_s
+
+
+def test_the_agreed_deadline_is_h_times_the_median_of_the_aggregated_members_step_times() -> None:
+    """conclude_round gives the next deadline only under `auto`, only for an averaged round,
+    and only from the members it aggregated (an excluded member's claim does not count)."""
+    from swarmtune.node.engine.round import LocalUpdate, conclude_round
+    from swarmtune.node.local.trainer import InnerResult
+
+    steps = CONFIG.inner.steps
+    auto = CONFIG.model_copy(
+        update={"inner": CONFIG.inner.model_copy(update={"deadline_s": "auto"})}
+    )
+    times = {"a": 0.2, "b": 0.3, "c": 1.5, "z": 1e4}
+    metas = [
+        MemberMeta(p, 0, "d", float(steps) if p != "z" else 0.5, step_s=t) for p, t in times.items()
+    ]
+    deltas = {p: {"w": torch.full((3,), 0.01)} for p in times}
+    start = GroupState(0, {"w": torch.zeros(3)}, {})
+    mine = LocalUpdate(deltas["a"], metas[0], InnerResult(steps, 1.0, 1.0, 1.0, 1, 0.2))
+    _, report = conclude_round(start, mine, GroupResult(metas, deltas), auto)
+    assert "z" in report.excluded
+    assert report.next_deadline_s == steps * statistics.median_high([0.2, 0.3, 1.5])
+    _, fixed = conclude_round(start, mine, GroupResult(metas, deltas), CONFIG)
+    assert fixed.next_deadline_s is None
+    _, alone = conclude_round(start, mine, AveragingFailed("no group"), auto)
+    assert alone.next_deadline_s is None
 
 
 @pytest.mark.parametrize("weight", ["steps", "tokens"])
