@@ -8,7 +8,9 @@ long (it sleeps the difference, so it does not slow the others on the shared cor
   `inner.deadline_s`): matchmaking waits up to `averaging.matchmaking_time` for it;
 - `deadline`: the same, with `inner.deadline_s` set to the fast volunteers' mean H-step time
   measured in `even` (x 1.1): each member trains until then (at most H steps) and contributions
-  are rescaled by their step counts (aggregation/steps.py).
+  are rescaled by their step counts (aggregation/steps.py);
+- `auto`: the same with `inner.deadline_s: auto`: no deadline in the first round, then H x the
+  group's median seconds per step, agreed from the members' gathered step times.
 Reported per run: wall seconds per round and the fast volunteers' utilization (inner seconds
 over wall seconds), the slow volunteer's steps per round and how many of its contributions
 entered the fast members' aggregates, and the mean held-out eval loss of the volunteers after
@@ -46,7 +48,7 @@ TASKS = list(BUILTIN_TASKS[:4])
 
 
 def run(
-    args: argparse.Namespace, factor: float, deadline: float | None, work: Path
+    args: argparse.Namespace, factor: float, deadline: float | str | None, work: Path
 ) -> dict[str, Any]:
     """One swarm; per-volunteer metrics (vol4 is the slow one when factor > 1)."""
     work.mkdir(parents=True)
@@ -107,6 +109,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "eval_loss": sum(finals) / len(finals),
         "curve": curve,
         "seconds": result["seconds"],
+        # `auto`: the deadlines the fast members' groups agreed (None in the other runs)
+        "agreed_s": [r.get("next_deadline_s") for r in fast[0]],
     }
 
 
@@ -128,7 +132,9 @@ def render(data: dict[str, Any]) -> str:
         f" {args['matchmaking']:g} s, held-out eval every {args['eval_every']} rounds, overlapped"
         f" rounds {'on' if args['overlap'] else 'off'}. The slow volunteer sleeps after each inner step"
         " (bench/slow_join.py). `deadline`: `inner.deadline_s`"
-        f" = {data['deadline_s']:.1f} s, 1.1 x the fast volunteers' mean H-step time in `even`.",
+        f" = {data['deadline_s']:.1f} s, 1.1 x the fast volunteers' mean H-step time in `even`;"
+        " `auto`: `inner.deadline_s: auto` (none in the first round, then H x the group's median"
+        " step time).",
         "",
         "| run | s per round (fast) | fast utilization | slow volunteer's steps per round |"
         " its contributions counted (fast rounds) | rounds averaged | mean eval loss |"
@@ -142,6 +148,13 @@ def render(data: dict[str, Any]) -> str:
             f" {r['slow_counted']} of {r['fast_rounds']} | {r['averaged']} of"
             f" {r['rounds_total']} | {r['eval_loss']:.4f} | {r['seconds']:.0f} |"
         )
+    agreed = [d for d in runs.get("auto", {}).get("agreed_s", []) if d is not None]
+    if agreed:
+        lines += [
+            "",
+            f"`auto`: the deadlines vol1's groups agreed, round by round:"
+            f" {', '.join(f'{d:.1f}' for d in agreed)} s.",
+        ]
     if "wait" in runs and "deadline" in runs:
         budget = runs["deadline"]["curve"][-1][0]
         lines += [
@@ -170,6 +183,7 @@ def main() -> None:
             ("even", 1.0),
             ("wait", args.factor),
             ("deadline", args.factor),
+            ("auto", args.factor),
         ]
         deadline = None
         for name, factor in plan:
@@ -177,7 +191,8 @@ def main() -> None:
                 fast = runs["even"]
                 deadline = 1.1 * fast["inner_total"] / fast["fast_rounds"]
             work = Path(tmp) / name
-            result = run(args, factor, deadline if name == "deadline" else None, work)
+            given = {"deadline": deadline, "auto": "auto"}.get(name)
+            result = run(args, factor, given, work)
             result["slow_peer"] = peer_id(work / "vol4")
             runs[name] = summarize(result)
             runs[name]["inner_total"] = sum(r["inner_s"] for m in result["metrics"][:3] for r in m)
