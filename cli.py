@@ -261,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="download an adapter as a PEFT directory")
     _peers_arg(pull)
     pull.add_argument("--out", type=Path, help="new directory for the adapter")
-    pull.add_argument("--adapter", default="global", help="adapter name (default: global)")
+    pull.add_argument(
+        "--adapter",
+        default="global",
+        help="adapter name (default: global); `library`: every cluster adapter, routed (PEFT Arrow)",
+    )
     pull.add_argument("--list", action="store_true", help="only list adapters on offer")
 
     ev = sub.add_parser(

@@ -5,7 +5,9 @@ the simulator: warm-up rounds in one group while each client sketches its task s
 clustering (the coordinator's code) on those signatures; then DiLoCo rounds inside each
 cluster. The same clients and steps without clustering give the single global DiLoCo adapter.
 Every cluster adapter is merged with each method; every adapter is evaluated per task as
-dense base + dW on the task's held-out set. Writes bench/out/clusters/results.json,
+dense base + dW on the task's held-out set. The routed library (`pull --adapter library`) is
+evaluated as plain PEFT's Arrow model over the cluster adapters' PEFT directories (written by
+the product's own adapter export), with top k = 1 and with the library's default k. Writes bench/out/clusters/results.json,
 bench/clusters.png and the `clusters` section of bench/RESULTS.md.
 
     .venv/bin/python bench/cluster_bench.py [--quick]
@@ -19,6 +21,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +34,8 @@ from results_md import replace_section  # noqa: E402
 
 from swarmtune.aggregation.merge import MergeOptions, cat_factors, merge_adapters  # noqa: E402
 from swarmtune.aggregation.taskvec import LoraFactors, adjusted_rand_index  # noqa: E402
+from swarmtune.node.adapters.adapter import Provenance, adapter_files  # noqa: E402
+from swarmtune.node.adapters.library import top_k, write_library  # noqa: E402
 from swarmtune.node.clusters.clusterer import TaskSignature, cluster_signatures, lora_modules  # noqa: E402
 from swarmtune.node.config import ClusteringSettings, SimConfig  # noqa: E402
 from swarmtune.node.engine.state import GroupState  # noqa: E402
@@ -166,6 +171,8 @@ def run_seed(
                 for name, f in merged.modules.items()
             }
         )
+    for k in sorted({1, top_k(len(cluster_states))}):
+        losses[f"library arrow top-{k}"] = arrow_losses(sim, cluster_states, k)
     return {
         "seed": seed,
         "ari": adjusted_rand_index(truth, found),
@@ -174,6 +181,29 @@ def run_seed(
         "losses": losses,
         "energy": energy,
     }
+
+
+@torch.no_grad()
+def arrow_losses(sim: Simulation, states: dict[int, GroupState], k: int) -> dict[str, float]:
+    """Per-task eval loss of the routed library of `states` (one expert per cluster), loaded as
+    its README says: plain PEFT's create_arrow_model over the library's directories."""
+    from peft import ArrowConfig, create_arrow_model
+
+    with tempfile.TemporaryDirectory(prefix="swarmtune-library-") as tmp:
+        adapters = {}
+        for c, state in sorted(states.items()):
+            provenance = Provenance("bench", state.round, 1, OUTER, "", "embedded")
+            files = adapter_files(sim.trainer, state.params, provenance)
+            adapters[f"cluster-{c}"] = files, {"round": state.round}
+        write_library(Path(tmp) / "lib", "bench", adapters)
+        dirs = [str(Path(tmp) / "lib" / name) for name in adapters]
+        base, _, _ = load_base(None)
+        routed = create_arrow_model(base, dirs, ArrowConfig(top_k=k, router_temperature=1.0))
+        routed.eval()
+        return {
+            task: sum(float(lm_loss(routed, b)) for b in batches) / len(batches)
+            for task, batches in sim.eval_sets.items()
+        }
 
 
 def render(results: list[dict], meta: dict) -> str:

@@ -155,12 +155,14 @@ def render(data: dict[str, Any]) -> str:
             f"`auto`: the deadlines vol1's groups agreed, round by round:"
             f" {', '.join(f'{d:.1f}' for d in agreed)} s.",
         ]
-    if "wait" in runs and "deadline" in runs:
-        budget = runs["deadline"]["curve"][-1][0]
+    for name in ("deadline", "auto"):
+        if "wait" not in runs or name not in runs:
+            continue
+        budget = runs[name]["curve"][-1][0]
         lines += [
             "",
-            f"At the `deadline` run's last round ({budget:.0f} s of rounds), the fast volunteers'"
-            f" mean eval loss was {runs['deadline']['curve'][-1][1]:.4f} with the deadline and"
+            f"At the `{name}` run's last round ({budget:.0f} s of rounds), the fast volunteers'"
+            f" mean eval loss was {runs[name]['curve'][-1][1]:.4f} with `{name}` and"
             f" {eval_at(runs['wait']['curve'], budget):.4f} waiting for the straggler (its last"
             " eval by then).",
         ]

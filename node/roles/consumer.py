@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from swarmtune.node.adapters.adapter import AdapterError
+from swarmtune.node.adapters.library import library_members, write_library
 from swarmtune.node.adapters.offers import (
     Offer,
     proven_offers,
@@ -45,12 +46,11 @@ def fetch_certificate(node: SwarmNode, provider: str, name: str) -> Certificate 
     return chain[-1] if chain else None
 
 
-def download(
-    node: SwarmNode, offer: Offer, out: Path, may_vote: MayVote, manifest: ManifestRecord
-) -> tuple[dict[str, float], str]:
-    """Fetch the bundle from the first provider that serves it intact and proven, then write its
-    adapter files (and nothing else) atomically; returns the transfer stats and what was
-    verified."""
+def fetch_verified(
+    node: SwarmNode, offer: Offer, may_vote: MayVote, manifest: ManifestRecord
+) -> tuple[dict[str, bytes], dict[str, float], str]:
+    """The adapter files of the first provider that serves `offer` intact and proven, with the
+    transfer stats and what was verified."""
     errors: list[str] = []
     for provider in offer.providers:
         stats: dict[str, float] = {}
@@ -63,20 +63,20 @@ def download(
         except (TransferError, TimeoutError, AdapterError, CertificateError) as exc:
             errors.append(f"{provider[-8:]}: {exc}")
             continue
-        write_dir_atomically(files, out)
-        return stats, verified
+        return files, stats, verified
     raise SwarmError(f"no provider served adapter {offer.name!r} intact: " + "; ".join(errors))
 
 
-def download_newest(
-    node: SwarmNode, offers: list[Offer], out: Path, may_vote: MayVote, manifest: ManifestRecord
-) -> tuple[Offer, dict[str, float], str]:
-    """The newest of `offers` (newest first) that a provider serves intact, saying on stderr
-    when an older one is taken; SwarmError with the newest's reasons when none is."""
+def newest_verified(
+    node: SwarmNode, offers: list[Offer], may_vote: MayVote, manifest: ManifestRecord
+) -> tuple[Offer, dict[str, bytes], dict[str, float], str]:
+    """The newest of `offers` (newest first) that a provider serves intact and proven, with its
+    files, transfer stats and what was verified, saying on stderr when an older one is taken;
+    SwarmError with the newest's reasons when none is."""
     first_error: SwarmError | None = None
     for offer in offers:
         try:
-            stats, verified = download(node, offer, out, may_vote, manifest)
+            files, stats, verified = fetch_verified(node, offer, may_vote, manifest)
         except SwarmError as exc:
             first_error = first_error or exc
             continue
@@ -85,9 +85,18 @@ def download_newest(
                 f"round {offers[0].round}: {first_error}; took round {offer.round} instead",
                 file=sys.stderr,
             )
-        return offer, stats, verified
+        return offer, files, stats, verified
     assert first_error is not None
     raise first_error
+
+
+def download_newest(
+    node: SwarmNode, offers: list[Offer], out: Path, may_vote: MayVote, manifest: ManifestRecord
+) -> tuple[Offer, dict[str, float], str]:
+    """`newest_verified`, its adapter files (and nothing else) written to `out` atomically."""
+    offer, files, stats, verified = newest_verified(node, offers, may_vote, manifest)
+    write_dir_atomically(files, out)
+    return offer, stats, verified
 
 
 def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool) -> int:
@@ -101,6 +110,9 @@ def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool)
         if list_only:
             print(format_offers({n: offers[0] for n, offers in ranked.items()}))
             return 0
+        if name == "library":
+            assert out is not None
+            return pull_library(node, ranked, out, may_vote, manifest)
         if name not in ranked:
             known = ", ".join(sorted(ranked)) or "none yet"
             raise SwarmError(
@@ -116,6 +128,35 @@ def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool)
         return 0
     finally:
         node.shutdown()
+
+
+def pull_library(
+    node: SwarmNode,
+    ranked: dict[str, list[Offer]],
+    out: Path,
+    may_vote: MayVote,
+    manifest: ManifestRecord,
+) -> int:
+    """`pull --adapter library`: every cluster adapter on offer (the newest proven one of each),
+    verified, as one routed library (node/adapters/library.py)."""
+    names = library_members(list(ranked))
+    if not names:
+        known = ", ".join(sorted(ranked)) or "none yet"
+        raise SwarmError(
+            f"no cluster adapters on offer in run {manifest.run_id}: a library needs a"
+            f" clustered run (on offer: {known})"
+        )
+    adapters: dict[str, tuple[dict[str, bytes], dict[str, object]]] = {}
+    for name in names:
+        offer, files, _, verified = newest_verified(node, ranked[name], may_vote, manifest)
+        adapters[name] = files, {"round": offer.round, "sha256": offer.sha256, "verified": verified}
+        print(f"{name}: round {offer.round}, sha256 {offer.sha256[:12]}…; verified: {verified}")
+    write_library(out, manifest.run_id, adapters)
+    print(
+        f"pulled a library of {len(names)} cluster adapters (run {manifest.run_id}) into {out},"
+        f" routed by PEFT's Arrow: see {out / 'README.md'}"
+    )
+    return 0
 
 
 def format_offers(offers: dict[str, Offer]) -> str:

@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from peft import ArrowConfig, create_arrow_model
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 from swarm_harness import (  # noqa: E402
@@ -107,10 +110,11 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
 
         # with the volunteers gone the coordinator serves the adapters on a quiet machine
         pull = ("pull", "--initial-peers", swarm.maddr)
-        status, merged, cluster = swarm.cli_many(
+        status, merged, cluster, library = swarm.cli_many(
             ("status", "--initial-peers", swarm.maddr),
             (*pull, "--adapter", "merged", "--out", str(tmp_path / "m")),
             (*pull, "--adapter", f"cluster-{labels[0]}", "--out", str(tmp_path / "c")),
+            (*pull, "--adapter", "library", "--out", str(tmp_path / "lib")),
         )
         assert "clusters (assignment v" in status.stdout
         names = {f"cluster-{c}" for c in labels} | {"merged"}
@@ -118,6 +122,15 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
         assert merged.returncode == 0, merged.stderr
         assert "ties" in (tmp_path / "m" / "README.md").read_text()
         assert cluster.returncode == 0 and (tmp_path / "c" / "adapter_model.safetensors").exists()
+        # the library holds every cluster's adapter, each the bytes a single pull of it gives
+        assert library.returncode == 0, library.stderr
+        listing = json.loads((tmp_path / "lib" / "library.json").read_text())
+        assert sorted(e["dir"] for e in listing["adapters"]) == sorted(
+            f"cluster-{c}" for c in set(labels)
+        )
+        single = (tmp_path / "c" / "adapter_model.safetensors").read_bytes()
+        same = tmp_path / "lib" / f"cluster-{labels[0]}" / "adapter_model.safetensors"
+        assert same.read_bytes() == single, library.stdout
 
         # the capitals cluster comes back (restarted from its work dirs) and a newcomer joins it;
         # they start up while the pulled adapters are checked
@@ -128,6 +141,12 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
         for adapter in (tmp_path / "m", tmp_path / "c"):  # plain PEFT takes both, every key
             model = load_with_plain_peft(base, adapter)
             assert_lora_weights_are_the_files(model, adapter)
+        experts = [str(tmp_path / "lib" / e["dir"]) for e in listing["adapters"]]
+        routed = create_arrow_model(
+            AutoModelForCausalLM.from_pretrained(base), experts, ArrowConfig(top_k=2)
+        )
+        with torch.no_grad():
+            assert torch.isfinite(routed(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()
         _wait_for(lambda: _cluster_of(tmp_path / "late") is not None, 240, "the late cluster")
         assert _cluster_of(tmp_path / "late") == labels[2]
         swarm.kill("coord", signal.SIGTERM)

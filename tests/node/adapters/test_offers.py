@@ -106,15 +106,16 @@ def test_pull_takes_the_newest_offer_some_provider_still_serves(
     ]
     tried: list[int] = []
 
-    def download(_node, offer, _out, _may_vote, _manifest):  # noqa: ANN001, ANN202
+    def fetch(_node, offer, _may_vote, _manifest):  # noqa: ANN001, ANN202
         tried.append(offer.round)
         if offer.round == 6:
             raise SwarmError("no provider served adapter 'global' intact: v1: gone; v2: gone")
-        return {"seconds": 0.1}, "the coordinator's own offer"
+        return {"README.md": b"round 5"}, {"seconds": 0.1}, "the coordinator's own offer"
 
-    monkeypatch.setattr(consumer, "download", download)
+    monkeypatch.setattr(consumer, "fetch_verified", fetch)
     taken, _, verified = consumer.download_newest(None, offers, tmp_path, None, None)
     assert taken.round == 5 and tried == [6, 5] and verified == "the coordinator's own offer"
+    assert (tmp_path / "README.md").read_bytes() == b"round 5"
     err = capsys.readouterr().err
     assert "round 6: no provider served adapter 'global' intact" in err
     assert "took round 5 instead" in err
@@ -122,6 +123,6 @@ def test_pull_takes_the_newest_offer_some_provider_still_serves(
     def nobody(*_):  # noqa: ANN002, ANN202
         raise SwarmError(f"round {_[1].round}: gone")
 
-    monkeypatch.setattr(consumer, "download", nobody)
+    monkeypatch.setattr(consumer, "fetch_verified", nobody)
     with pytest.raises(SwarmError, match="round 6: gone"):  # the newest's reasons
         consumer.download_newest(None, offers, tmp_path, None, None)
