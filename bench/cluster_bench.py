@@ -16,6 +16,7 @@ bench/clusters.png and the `clusters` section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -194,7 +195,8 @@ def arrow_losses(sim: Simulation, states: dict[int, GroupState], k: int) -> dict
         for c, state in sorted(states.items()):
             provenance = Provenance("bench", state.round, 1, OUTER, "", "embedded")
             files = adapter_files(sim.trainer, state.params, provenance)
-            adapters[f"cluster-{c}"] = files, {"round": state.round}
+            sha = hashlib.sha256(files["adapter_model.safetensors"]).hexdigest()
+            adapters[f"cluster-{c}"] = files, {"round": state.round, "sha256": sha}
         write_library(Path(tmp) / "lib", "bench", adapters)
         dirs = [str(Path(tmp) / "lib" / name) for name in adapters]
         base, _, _ = load_base(None)
