@@ -36,7 +36,7 @@ from results_md import replace_section  # noqa: E402
 from swarmtune.aggregation.merge import MergeOptions, cat_factors, merge_adapters  # noqa: E402
 from swarmtune.aggregation.taskvec import LoraFactors, adjusted_rand_index  # noqa: E402
 from swarmtune.node.adapters.adapter import Provenance, adapter_files  # noqa: E402
-from swarmtune.node.adapters.library import top_k, write_library  # noqa: E402
+from swarmtune.node.adapters.library import token_losses, top_k, write_library  # noqa: E402
 from swarmtune.node.clusters.clusterer import TaskSignature, cluster_signatures, lora_modules  # noqa: E402
 from swarmtune.node.config import ClusteringSettings, SimConfig  # noqa: E402
 from swarmtune.node.engine.state import GroupState  # noqa: E402
@@ -174,6 +174,8 @@ def run_seed(
         )
     for k in sorted({1, top_k(len(cluster_states))}):
         losses[f"library arrow top-{k}"] = arrow_losses(sim, cluster_states, k)
+    own_cluster = {task: f"cluster-{found[truth.index(task)]}" for task in TASKS}
+    routing = routing_losses(sim, cluster_states, global_state, own_cluster)
     return {
         "seed": seed,
         "ari": adjusted_rand_index(truth, found),
@@ -181,6 +183,7 @@ def run_seed(
         "tasks": truth,
         "losses": losses,
         "energy": energy,
+        "routing": routing,
     }
 
 
@@ -191,14 +194,8 @@ def arrow_losses(sim: Simulation, states: dict[int, GroupState], k: int) -> dict
     from peft import ArrowConfig, create_arrow_model
 
     with tempfile.TemporaryDirectory(prefix="swarmtune-library-") as tmp:
-        adapters = {}
-        for c, state in sorted(states.items()):
-            provenance = Provenance("bench", state.round, 1, OUTER, "", "embedded")
-            files = adapter_files(sim.trainer, state.params, provenance)
-            sha = hashlib.sha256(files["adapter_model.safetensors"]).hexdigest()
-            adapters[f"cluster-{c}"] = files, {"round": state.round, "sha256": sha}
-        write_library(Path(tmp) / "lib", "bench", adapters)
-        dirs = [str(Path(tmp) / "lib" / name) for name in adapters]
+        named = {f"cluster-{c}": state for c, state in sorted(states.items())}
+        dirs = _library(sim, named, Path(tmp) / "lib")
         base, _, _ = load_base(None)
         routed = create_arrow_model(base, dirs, ArrowConfig(top_k=k, router_temperature=1.0))
         routed.eval()
@@ -206,6 +203,74 @@ def arrow_losses(sim: Simulation, states: dict[int, GroupState], k: int) -> dict
             task: sum(float(lm_loss(routed, b)) for b in batches) / len(batches)
             for task, batches in sim.eval_sets.items()
         }
+
+
+def _library(sim: Simulation, states: dict[str, GroupState], where: Path) -> list[str]:
+    """`states` as PEFT adapter directories under `where` (the library's layout)."""
+    adapters = {}
+    for name, state in states.items():
+        provenance = Provenance("bench", state.round, 1, OUTER, "", "embedded")
+        files = adapter_files(sim.trainer, state.params, provenance)
+        sha = hashlib.sha256(files["adapter_model.safetensors"]).hexdigest()
+        adapters[name] = files, {"round": state.round, "sha256": sha}
+    write_library(where, "bench", adapters)
+    return [str(where / name) for name in adapters]
+
+
+@torch.no_grad()
+def routing_losses(
+    sim: Simulation,
+    clusters: dict[int, GroupState],
+    global_state: GroupState,
+    own: dict[str, str],
+) -> dict[str, dict[str, float]]:
+    """Per task, the mean loss on the second half of each held-out window, where routing by the
+    prompt is fair: the prompt-routed library picks each window's expert by its loss on the
+    first half (`route_by_prompt`), then is scored on the rest, as are the global adapter, the
+    task's own cluster adapter (an oracle router) and Arrow (top 3). Also the share of windows
+    routed to the task's own cluster."""
+    from peft import ArrowConfig, PeftModel, create_arrow_model
+
+    experts = [f"cluster-{c}" for c in sorted(clusters)]
+    with tempfile.TemporaryDirectory(prefix="swarmtune-routing-") as tmp:
+        states = {f"cluster-{c}": clusters[c] for c in sorted(clusters)}
+        states["global"] = global_state
+        dirs = _library(sim, states, Path(tmp) / "lib")
+        model = PeftModel.from_pretrained(load_base(None)[0], dirs[0], adapter_name=experts[0])
+        for name, where in zip([*experts[1:], "global"], dirs[1:], strict=True):
+            model.load_adapter(where, adapter_name=name)
+        model.eval()
+        arrow = create_arrow_model(
+            load_base(None)[0], dirs[:-1], ArrowConfig(top_k=top_k(len(experts)))
+        )
+        arrow.eval()
+        rows: dict[str, dict[str, float]] = {}
+        for task, batches in sim.eval_sets.items():
+            sums: dict[str, float] = {}
+            windows = hits = 0
+            for batch in batches:
+                ids = batch.input_ids
+                half = ids.shape[1] // 2 - 1  # losses[:, :half] predict the first half
+                per = {}
+                for name in [*experts, "global"]:
+                    model.set_adapter(name)
+                    per[name] = token_losses(model, ids)
+                per["arrow"] = token_losses(arrow, ids)
+                choice = torch.stack([per[e][:, :half].mean(1) for e in experts], 1).argmin(1)
+                routed = torch.stack([per[experts[int(i)]][r] for r, i in enumerate(choice)])
+                second = {
+                    "global": per["global"],
+                    "own cluster (oracle router)": per[own[task]],
+                    "library arrow top-3": per["arrow"],
+                    "library routed by prompt": routed,
+                }
+                for row, losses in second.items():
+                    sums[row] = sums.get(row, 0.0) + float(losses[:, half:].mean(1).sum())
+                windows += ids.shape[0]
+                hits += sum(experts[int(i)] == own[task] for i in choice)
+            rows[task] = {row: total / windows for row, total in sums.items()}
+            rows[task]["routed to own cluster"] = hits / windows
+        return rows
 
 
 def render(results: list[dict], meta: dict) -> str:
@@ -238,6 +303,22 @@ def render(results: list[dict], meta: dict) -> str:
             + " | ".join(f"{v:.4f}" for v in per_task)
             + f" | {statistics.mean(per_task):.4f} | {normalized:.3f} |"
         )
+    if all("routing" in r for r in results):
+        lines += [
+            "",
+            "Routing, on the second half of each held-out window (the first half is the prompt the"
+            " prompt router picks its expert by; every row is scored on the same second halves):",
+            "",
+            "| adapter | " + " | ".join(TASKS) + " | mean |",
+            "|---|" + "---|" * (len(TASKS) + 1),
+        ]
+        for row in results[0]["routing"][TASKS[0]]:
+            per_task = [statistics.mean(r["routing"][t][row] for r in results) for t in TASKS]
+            share = row == "routed to own cluster"
+            cells = [f"{v:.0%}" if share else f"{v:.4f}" for v in per_task]
+            mean = statistics.mean(per_task)
+            lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean:.0%} |" if share
+                         else f"| {row} | " + " | ".join(cells) + f" | {mean:.4f} |")  # fmt: skip
     energy = {m: statistics.mean(r["energy"][m] for r in results) for m in METHODS}
     lines += [
         "",

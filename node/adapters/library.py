@@ -8,6 +8,11 @@ token and per LoRA layer, ranks the experts by how well their top right singular
 prototype of what each expert does to its input) matches the token's hidden state, and mixes
 the top k with softmax weights. It needs no data at routing time and no training: a library
 can be routed as soon as the run has clusters. Nothing here changes the adapters' bytes.
+
+Arrow chooses per token from the weights alone. The other router here chooses per request
+from the request itself: `route_by_prompt` runs the prompt through every expert and takes the
+one that predicts the prompt's own tokens best (lowest next-token loss), one forward pass of
+the prompt per expert; the README shows it in plain PEFT too.
 """
 
 from __future__ import annotations
@@ -16,10 +21,16 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from swarmtune.protocols.transfer import write_dir_atomically
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 LIBRARY_FILE = "library.json"
 TOP_K = 3  # PEFT's default; a library of fewer experts routes among all of them
@@ -51,7 +62,8 @@ per token by PEFT's Arrow router (no training, no data needed to route).
 |---|---|---|
 {rows}
 
-Load it with plain PEFT (0.17 or newer), from inside this directory:
+Load it with plain PEFT (a version with Arrow: swarmtune installs 0.21), from inside this
+directory:
 
 ```python
 from peft import ArrowConfig, create_arrow_model
@@ -65,8 +77,51 @@ model = create_arrow_model(
 )
 ```
 
+Or route each request to one expert, the one that predicts the prompt itself best (one
+forward pass of the prompt per expert):
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("PATH/TO/BASE")  # a fresh copy of the base
+names = [{dirs}]
+model = PeftModel.from_pretrained(base, names[0], adapter_name=names[0])
+for name in names[1:]:
+    model.load_adapter(name, adapter_name=name)
+
+def route(input_ids):  # input_ids: the tokenized prompt, shape (1, n)
+    losses = {{}}
+    for name in names:
+        model.set_adapter(name)
+        losses[name] = model(input_ids=input_ids, labels=input_ids).loss.item()
+    model.set_adapter(min(losses, key=losses.get))
+```
+
 Each `cluster-N` directory also loads on its own with `PeftModel.from_pretrained`.
 """
+
+
+@torch.no_grad()
+def token_losses(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """(rows, n - 1): each row's next-token cross-entropy at every position."""
+    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), input_ids[:, 1:], reduction="none"
+    )
+
+
+@torch.no_grad()
+def route_by_prompt(model: PeftModel, experts: Sequence[str], input_ids: torch.Tensor) -> list[str]:
+    """For each row of `input_ids` (prompts of equal length), the expert (an adapter name
+    loaded in `model`) with the lowest mean next-token loss on it. Leaves the last expert
+    active."""
+    scores = []
+    for name in experts:
+        model.set_adapter(name)
+        scores.append(token_losses(model, input_ids).mean(dim=1))
+    best = torch.stack(scores, dim=1).argmin(dim=1)
+    return [experts[int(i)] for i in best]
 
 
 def write_library(

@@ -12,7 +12,13 @@ import torch
 from peft import ArrowConfig, LoraConfig, PeftModel, create_arrow_model, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from swarmtune.node.adapters.library import library_members, top_k, write_library
+from swarmtune.node.adapters.library import (
+    library_members,
+    route_by_prompt,
+    token_losses,
+    top_k,
+    write_library,
+)
 from swarmtune.node.local.basemodel import export_base
 
 TARGETS = ["q_proj", "v_proj"]
@@ -120,3 +126,49 @@ def test_a_library_is_written_whole_or_not_at_all(made: dict) -> None:
     (taken / "x").mkdir(parents=True)
     with pytest.raises(FileExistsError):
         write_library(taken, "run-x", {"cluster-0": (made["files"][0], _info(0))})
+
+
+def _damaging(base_dir: Path, where: Path) -> dict[str, bytes]:
+    """An adapter whose large random update wrecks every prediction."""
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+    )
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(3.0 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(where)
+    return {f.name: f.read_bytes() for f in where.iterdir() if f.is_file()}
+
+
+def test_prompt_routing_picks_the_expert_that_predicts_the_prompt_and_the_readme_agrees(
+    made: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrecking expert beside a mild one: every prompt goes to the mild one, in either order;
+    the per-token losses average to transformers' own loss; and the README's plain-PEFT routing
+    code, run as written, activates the same expert."""
+    out = made["root"] / "routed"
+    wreck = _damaging(made["base"], made["root"] / "wreck")
+    write_library(
+        out, "run-x", {"cluster-0": (wreck, _info(0)), "cluster-1": (made["files"][0], _info(1))}
+    )
+    base = AutoModelForCausalLM.from_pretrained(made["base"])
+    model = PeftModel.from_pretrained(base, out / "cluster-0", adapter_name="cluster-0")
+    model.load_adapter(out / "cluster-1", adapter_name="cluster-1")
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2], [4, 4, 8, 1, 12, 6, 9]])
+    assert route_by_prompt(model, ["cluster-0", "cluster-1"], ids) == ["cluster-1"] * 2
+    assert route_by_prompt(model, ["cluster-1", "cluster-0"], ids) == ["cluster-1"] * 2
+    model.set_adapter("cluster-0")
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids).loss
+    got = token_losses(model, ids).mean()
+    assert torch.allclose(got, want, rtol=0, atol=64 * EPS32 * max(float(want), 1.0))
+    blocks = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)
+    code = blocks[1].replace('"PATH/TO/BASE"', repr(str(made["base"])))
+    monkeypatch.chdir(out)
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 (the README's own code, as a user would paste it)
+    scope["route"](ids[:1])
+    assert scope["model"].active_adapter == "cluster-1"
