@@ -132,7 +132,7 @@ def render(data: dict[str, Any]) -> str:
         f" {args['matchmaking']:g} s, held-out eval every {args['eval_every']} rounds, overlapped"
         f" rounds {'on' if args['overlap'] else 'off'}. The slow volunteer sleeps after each inner step"
         " (bench/slow_join.py). `deadline`: `inner.deadline_s`"
-        f" = {data['deadline_s']:.1f} s, 1.1 x the fast volunteers' mean H-step time in `even`;"
+        f" = {data['deadline_s'] or 0:.1f} s, 1.1 x the fast volunteers' mean H-step time in `even`;"
         " `auto`: `inner.deadline_s: auto` (none in the first round, then H x the group's median"
         " step time).",
         "",
@@ -178,7 +178,15 @@ def main() -> None:
     parser.add_argument("--overlap", action="store_true", help="averaging.overlap: true")
     parser.add_argument("--matchmaking", type=float, default=30.0,
                         help="averaging.matchmaking_time (long enough to wait for the slow one)")  # fmt: skip
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        choices=["even", "wait", "deadline", "auto"],
+        help="only these runs (`deadline` needs `even`); printed, RESULTS.md left as it is",
+    )
     args = parser.parse_args()
+    if args.runs and "deadline" in args.runs and "even" not in args.runs:
+        parser.error("--runs deadline needs even (its deadline is measured there)")
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="swarmtune-stragglers-") as tmp:
         plan: list[tuple[str, float]] = [
@@ -187,6 +195,7 @@ def main() -> None:
             ("deadline", args.factor),
             ("auto", args.factor),
         ]
+        plan = [(name, f) for name, f in plan if not args.runs or name in args.runs]
         deadline = None
         for name, factor in plan:
             if name == "deadline":
@@ -209,10 +218,12 @@ def main() -> None:
         "deadline_s": deadline,
         "runs": runs,
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(data, indent=2))
     text = render(data)
     print(text)
+    if args.runs:
+        return
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(data, indent=2))
     replace_section("stragglers-overlap" if args.overlap else "stragglers", text)
 
 
