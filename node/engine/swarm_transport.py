@@ -78,6 +78,11 @@ class HivemindTransport:
         self._held: set[str] = set()  # digests of the states we announced
         self.banned: dict[str, str] = {}
         self.refused_before = 0  # join requests refused by averagers we closed
+        # peers we waited a whole window for and that did not come, with the announcement they
+        # had then: not waited for again until they announce something else (a dead member's
+        # record outlives it by up to PEER_TTL; waiting for it every round cost a full window
+        # per round until it expired, bench/churn.py)
+        self.no_shows: dict[str, tuple[int, str]] = {}
 
     def switch_group(self, prefix: str, cluster: int) -> None:
         """Average under `prefix` from the next round on, and say so in our record. The state
@@ -114,6 +119,7 @@ class HivemindTransport:
         window = self.first_window
         if ahead > 0:
             window = max(window or 0.0, self.averager.matchmaking_time + ahead)
+        expected = self.expected_peers(set(refused), meta.start_digest, meta.round)
         try:
             out = self.averager.exchange(
                 delta,
@@ -123,13 +129,12 @@ class HivemindTransport:
                 window=window,
                 # peers that start together reach their first exchange seconds apart: the
                 # first round after (re)joining waits its window instead of closing early
-                expected=0
-                if self.first_window
-                else self.expected_members(set(refused), meta.start_digest, meta.round),
+                expected=0 if self.first_window else len(expected),
             )
             self.first_window = None
         except AveragingError as exc:
             raise AveragingFailed(str(exc)) from None
+        self._note_no_shows(expected, {m.peer for m in out.members} | set(out.missing))
         for peer in sorted(out.withheld):  # (not refused later: relayed honest peers miss
             # the reveal window too, and refusing them split a NATed run for good)
             log.warning(
@@ -139,24 +144,34 @@ class HivemindTransport:
             )
         return out
 
-    def expected_members(self, refused: set[str], start: str, round_: int) -> int:
-        """How many volunteers (ourselves included) may join this round's group (which starts
+    def _note_no_shows(self, expected: set[str], came: set[str]) -> None:
+        """After a group formed without some of the peers we expected (so it waited out its
+        window for them): remember what they announced, and stop expecting them until they
+        announce anything else (a restart, a resync, the next round)."""
+        came = came | {self.peer}
+        if len(came) < 2:  # no group at all says nothing about any one peer
+            return
+        announced = self.announcements()
+        for peer in expected - came:
+            if peer in announced:
+                self.no_shows[peer] = announced[peer]
+
+    def expected_peers(self, refused: set[str], start: str, round_: int) -> set[str]:
+        """The volunteers (ourselves included) that may join this round's group (which starts
         from `start`, at `round_`): every live volunteer of our group that announced a state of
         this round or an earlier one (it is behind, or missed a group, and may catch up within
         the window; counting only those already at our state would close every group before a
         late joiner's announcement arrives, and it would never catch up), or a later state we
         held. A state ahead of ours that we never held is not waited for: a stranger announcing
         one would otherwise hold every group for its full window. A member that died still
-        counts until its record expires; the window then closes without it."""
-        return len(
-            {
-                p
-                for p, (r, digest) in self.announcements().items()
-                if r <= round_ or digest in self._held | {start}
-            }
-            - refused
-            | {self.peer}
-        )
+        counts until a group formed without it once; from then on it is a no-show
+        (`no_shows`) until it announces something else, or its record expires."""
+        return {
+            p
+            for p, (r, digest) in self.announcements().items()
+            if (r <= round_ or digest in self._held | {start})
+            and self.no_shows.get(p) != (r, digest)
+        } - refused | {self.peer}
 
     def _moved_on(self, round_: int) -> bool:
         """True once a quorum of our group vouches for a state past `round_` (that round's group
