@@ -82,7 +82,7 @@ class HivemindTransport:
         # had then: not waited for again until they announce something else (a dead member's
         # record outlives it by up to PEER_TTL; waiting for it every round cost a full window
         # per round until it expired, bench/churn.py)
-        self.no_shows: dict[str, tuple[int, str]] = {}
+        self.no_shows: dict[str, tuple[int, str, float]] = {}
 
     def switch_group(self, prefix: str, cluster: int) -> None:
         """Average under `prefix` from the next round on, and say so in our record. The state
@@ -120,16 +120,30 @@ class HivemindTransport:
         if ahead > 0:
             window = max(window or 0.0, self.averager.matchmaking_time + ahead)
         expected = self.expected_peers(set(refused), meta.start_digest, meta.round)
+        counted = self.first_window is None
+
+        def poll() -> bool:
+            """Polled while matchmaking: did the group finish without us? And a peer that
+            (re)announced since we counted (a restart the records had not shown yet) is
+            waited for from now on."""
+            members = self._members()  # one read of the records per poll
+            if counted:
+                fresh = self._expected_in(members, set(refused), meta.start_digest, meta.round)
+                if fresh - expected - {self.peer}:
+                    expected.update(fresh)
+                    self.averager.expect(len(expected))
+            return self._moved_on(meta.round, members)
+
         try:
             out = self.averager.exchange(
                 delta,
                 dataclasses.replace(meta, ticket=self.ticket),
                 timeout=self.timeout + ahead,
-                moved_on=lambda: self._moved_on(meta.round),
+                moved_on=poll,
                 window=window,
                 # peers that start together reach their first exchange seconds apart: the
                 # first round after (re)joining waits its window instead of closing early
-                expected=0 if self.first_window else len(expected),
+                expected=len(expected) if counted else 0,
             )
             self.first_window = None
         except AveragingError as exc:
@@ -146,17 +160,23 @@ class HivemindTransport:
 
     def _note_no_shows(self, expected: set[str], came: set[str]) -> None:
         """After a group formed without some of the peers we expected (so it waited out its
-        window for them): remember what they announced, and stop expecting them until they
-        announce anything else (a restart, a resync, the next round)."""
+        window for them): remember the record they had, and stop expecting them until they
+        store another (a restart, a resync, the next round: every store has a new time)."""
         came = came | {self.peer}
         if len(came) < 2:  # no group at all says nothing about any one peer
             return
-        announced = self.announcements()
+        members = self._members()
         for peer in expected - came:
-            if peer in announced:
-                self.no_shows[peer] = announced[peer]
+            if peer in members:
+                self.no_shows[peer] = _announced(members[peer])
 
     def expected_peers(self, refused: set[str], start: str, round_: int) -> set[str]:
+        """`_expected_in` the records as they are now."""
+        return self._expected_in(self._members(), refused, start, round_)
+
+    def _expected_in(
+        self, members: dict[str, PeerRecord], refused: set[str], start: str, round_: int
+    ) -> set[str]:
         """The volunteers (ourselves included) that may join this round's group (which starts
         from `start`, at `round_`): every live volunteer of our group that announced a state of
         this round or an earlier one (it is behind, or missed a group, and may catch up within
@@ -168,15 +188,15 @@ class HivemindTransport:
         (`no_shows`) until it announces something else, or its record expires."""
         return {
             p
-            for p, (r, digest) in self.announcements().items()
-            if (r <= round_ or digest in self._held | {start})
-            and self.no_shows.get(p) != (r, digest)
+            for p, r in members.items()
+            if (r.round <= round_ or r.digest in self._held | {start})
+            and self.no_shows.get(p) != _announced(r)
         } - refused | {self.peer}
 
-    def _moved_on(self, round_: int) -> bool:
+    def _moved_on(self, round_: int, members: dict[str, PeerRecord]) -> bool:
         """True once a quorum of our group vouches for a state past `round_` (that round's group
-        has formed and finished without us); an announcement alone never cancels a round."""
-        members = self._members()  # one read of the records: this is polled in matchmaking
+        has formed and finished without us); an announcement alone never cancels a round.
+        `members`: the records as just read (`_members`)."""
         population = len(set(members) | {self.peer})
         found = candidates(claims_of(members), population, self.may_vote)
         return bool(found) and found[0].round > round_
@@ -248,3 +268,9 @@ class HivemindTransport:
             except (TransferError, StateError, CertificateError, TimeoutError) as exc:
                 errors.append(f"{provider[-8:]}: {str(exc)[:80]}")  # try the next provider
         raise StateUnavailable("no provider served the state: " + "; ".join(errors or ["none"]))
+
+
+def _announced(record: PeerRecord) -> tuple[int, str, float]:
+    """What identifies one stored record of a peer: its state and when it stored it (a dead
+    peer's record never changes; a live or restarted peer stores a new one each round)."""
+    return record.round, record.digest, record.stored_at
