@@ -25,8 +25,9 @@ TARGETS = ["q_proj", "v_proj"]
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def _adapter_files(base_dir: Path, seed: int, where: Path) -> dict[str, bytes]:
-    """A plain PEFT adapter on the embedded base, random LoRA factors, as its files."""
+def _adapter_files(base_dir: Path, seed: int, where: Path, scale: float = 0.2) -> dict[str, bytes]:
+    """A plain PEFT adapter on the embedded base, random LoRA factors (x `scale`), as its files
+    (a large scale makes an adapter that wrecks every prediction)."""
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir),
         LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
@@ -35,7 +36,7 @@ def _adapter_files(base_dir: Path, seed: int, where: Path) -> dict[str, bytes]:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
     model.save_pretrained(where)
     return {f.name: f.read_bytes() for f in where.iterdir() if f.is_file()}
 
@@ -128,21 +129,6 @@ def test_a_library_is_written_whole_or_not_at_all(made: dict) -> None:
         write_library(taken, "run-x", {"cluster-0": (made["files"][0], _info(0))})
 
 
-def _damaging(base_dir: Path, where: Path) -> dict[str, bytes]:
-    """An adapter whose large random update wrecks every prediction."""
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base_dir),
-        LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
-    )
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(3.0 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(where)
-    return {f.name: f.read_bytes() for f in where.iterdir() if f.is_file()}
-
-
 def test_prompt_routing_picks_the_expert_that_predicts_the_prompt_and_the_readme_agrees(
     made: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,7 +136,7 @@ def test_prompt_routing_picks_the_expert_that_predicts_the_prompt_and_the_readme
     the per-token losses average to transformers' own loss; and the README's plain-PEFT routing
     code, run as written, activates the same expert."""
     out = made["root"] / "routed"
-    wreck = _damaging(made["base"], made["root"] / "wreck")
+    wreck = _adapter_files(made["base"], 7, made["root"] / "wreck", scale=3.0)
     write_library(
         out, "run-x", {"cluster-0": (wreck, _info(0)), "cluster-1": (made["files"][0], _info(1))}
     )
