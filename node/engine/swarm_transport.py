@@ -78,8 +78,8 @@ class HivemindTransport:
         self._held: set[str] = set()  # digests of the states we announced
         self.banned: dict[str, str] = {}
         self.refused_before = 0  # join requests refused by averagers we closed
-        # peers we waited a whole window for and that did not come, with the announcement they
-        # had then: not waited for again until they announce something else (a dead member's
+        # peers we waited a whole window for and that did not come, with the record they had
+        # then: not waited for again until they store another (a dead member's
         # record outlives it by up to PEER_TTL; waiting for it every round cost a full window
         # per round until it expired, bench/churn.py)
         self.no_shows: dict[str, tuple[int, str, float]] = {}
@@ -185,7 +185,7 @@ class HivemindTransport:
         held. A state ahead of ours that we never held is not waited for: a stranger announcing
         one would otherwise hold every group for its full window. A member that died still
         counts until a group formed without it once; from then on it is a no-show
-        (`no_shows`) until it announces something else, or its record expires."""
+        (`no_shows`) until it stores another record, or its record expires."""
         return {
             p
             for p, r in members.items()
