@@ -77,11 +77,15 @@ def normalize_steps(
     return scaled, [tau_eff] * len(steps)
 
 
+DEADLINE_MAX_S = 86_400.0  # the longest deadline a run config may set, and auto may agree
+
+
 def agreed_deadline(step_seconds: Sequence[float], steps: int) -> float | None:
     """The next round's deadline under `inner.deadline_s: auto`: `steps` times the median of the
-    members' seconds per inner step (the upper middle value for an even count); values that are
-    not positive and finite (a member that did not say) are left out; None when none is left."""
+    members' seconds per inner step (the upper middle value for an even count), at most
+    DEADLINE_MAX_S; values that are not positive and finite (a member that did not say) are
+    left out; None when none is left."""
     known = sorted(s for s in step_seconds if math.isfinite(s) and s > 0)
     if not known:
         return None
-    return steps * known[len(known) // 2]
+    return min(steps * known[len(known) // 2], DEADLINE_MAX_S)

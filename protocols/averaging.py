@@ -47,7 +47,13 @@ from safetensors.torch import save as st_save
 
 from swarmtune.aggregation.codec import from_int8_blocks, int8_blocks, n_blocks
 from swarmtune.protocols.admission import Gate
-from swarmtune.protocols.group import GroupResult, MemberMeta, finite_number, parse_member
+from swarmtune.protocols.group import (
+    GroupResult,
+    MemberMeta,
+    finite_number,
+    parse_member,
+    parse_step_s,
+)
 from swarmtune.protocols.matchmaking import GatedAverager, RefusedSet
 from swarmtune.protocols.routing import BlobRouter
 from swarmtune.protocols.transfer import OtherBlob, TransferError
@@ -97,11 +103,13 @@ def encode_contribution(
     tensors: Mapping[str, torch.Tensor], meta: MemberMeta, codec: str = "fp32"
 ) -> bytes:
     """Named tensors -> safetensors bytes in the codec's dtype (no pickle: peers are untrusted).
-    The header carries who made it, for which round and start state, and its weight: fetched
+    The header carries who made it, for which round and start state, its weight and its
+    seconds per inner step: fetched
     from the member itself over an authenticated stream, these are the member's own claims
     (the group's gathered metadata is relayed by its leader and could be altered on the way)."""
     header = {"peer": meta.peer, "round": meta.round, "start": meta.start_digest}
     header["weight"] = meta.weight
+    header["step_s"] = meta.step_s
     payload: dict[str, torch.Tensor] = {}
     if codec == "int8":
         parts = [int8_blocks(tensors[name]) for name in sorted(tensors)]
@@ -273,6 +281,7 @@ class GroupAverager:
         members = {str(p): parse_member(str(p), raw) for p, raw in gathered.items()}
         contributions, missing, offences, received, withheld = self._fetch_all(members, meta)
         contributions[meta.peer] = decode_contribution(blob, self.shapes, self.codec)[0]
+        members[meta.peer] = meta  # our own entry as we sent it, not as the leader relayed it
         return GroupResult(
             [m for m in members.values() if m is not None],
             contributions,
@@ -355,8 +364,8 @@ class GroupAverager:
         self, members: dict[str, MemberMeta | None], mine: MemberMeta
     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], set[str], int, set[str]]:
         """Every other member's contribution, fetched in parallel and checked; (found, missing
-        with reasons, offenders, bytes received, withheld). A member's weight is replaced by
-        the one its own blob claims. Nothing is fetched from a member of another round or start
+        with reasons, offenders, bytes received, withheld). A member's weight and step time are
+        replaced by the ones its own blob claims. Nothing is fetched from a member of another round or start
         state (the round names those: node/engine/round.py, select_contributions, decides what
         enters the aggregate), nor from one we must not take bytes from: refused (revoked or
         banned), unadmitted, or declaring more bytes than an adapter has; those are missing,
@@ -399,7 +408,11 @@ class GroupAverager:
                 missing[peer], offences = why, offences | {peer}
                 continue
             found[peer] = tensors
-            members[peer] = dataclasses.replace(wanted[peer], weight=float(header["weight"]))
+            members[peer] = dataclasses.replace(
+                wanted[peer],
+                weight=float(header["weight"]),
+                step_s=parse_step_s(header.get("step_s")),
+            )
         return found, missing, offences, received, withheld
 
     def shutdown(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from swarmtune.aggregation.params import Params
 
 TICKET_MAX = 2048  # characters of an admission ticket (protocols/admission.py)
-STEP_S_MAX = 86_400.0  # a longer claimed inner step is not believed (one round's longest deadline)
+STEP_S_MAX = 86_400.0  # seconds: a longer claimed inner step is not believed
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,17 @@ def parse_member(peer_id: str, raw: Any) -> MemberMeta | None:
     ticket = raw.get("ticket", "")
     if not (isinstance(ticket, str) and len(ticket) <= TICKET_MAX):
         return None
-    step_s = raw.get("step_s", 0.0)
-    if not (finite_number(step_s) and 0 <= step_s <= STEP_S_MAX):
-        step_s = 0.0  # said badly, or not at all (a member of an older version): not counted
     weight = float(raw["weight"])
-    return MemberMeta(
-        peer_id, int(raw["round"]), start, weight, sha, size, known, ticket, float(step_s)
-    )
+    step_s = parse_step_s(raw.get("step_s"))
+    return MemberMeta(peer_id, int(raw["round"]), start, weight, sha, size, known, ticket, step_s)
+
+
+def parse_step_s(value: Any) -> float:
+    """A member's claimed seconds per inner step, or 0.0 (not counted) when it said it badly or
+    not at all (a member of an older version)."""
+    if finite_number(value) and 0 <= value <= STEP_S_MAX:
+        return float(value)
+    return 0.0
 
 
 @dataclass

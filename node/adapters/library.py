@@ -18,6 +18,7 @@ the prompt per expert; the README shows it in plain PEFT too.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -62,7 +63,7 @@ per token by PEFT's Arrow router (no training, no data needed to route).
 |---|---|---|
 {rows}
 
-Load it with plain PEFT (a version with Arrow: swarmtune installs 0.21), from inside this
+Load it with plain PEFT (0.21 or newer, as swarmtune requires), from inside this
 directory:
 
 ```python
@@ -81,6 +82,7 @@ Or route each request to one expert, the one that predicts the prompt itself bes
 forward pass of the prompt per expert):
 
 ```python
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -90,6 +92,7 @@ model = PeftModel.from_pretrained(base, names[0], adapter_name=names[0])
 for name in names[1:]:
     model.load_adapter(name, adapter_name=name)
 
+@torch.no_grad()
 def route(input_ids):  # input_ids: the tokenized prompt, shape (1, n)
     losses = {{}}
     for name in names:
@@ -142,12 +145,29 @@ def write_library(
             entries.append({"dir": name, **info})
         listing = {"run_id": run_id, "router": "arrow", "top_k": top_k(len(entries))}
         listing["adapters"] = entries
-        (tmp / LIBRARY_FILE).write_text(json.dumps(listing, indent=1) + "\n")
-        (tmp / "README.md").write_text(readme(run_id, entries))
+        _write_synced(tmp / LIBRARY_FILE, (json.dumps(listing, indent=1) + "\n").encode())
+        _write_synced(tmp / "README.md", readme(run_id, entries).encode())
         tmp.chmod(0o755)
+        _sync_dir(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
+        _sync_dir(out.parent)  # the rename itself survives a power loss
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

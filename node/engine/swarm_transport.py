@@ -119,7 +119,8 @@ class HivemindTransport:
         window = self.first_window
         if ahead > 0:
             window = max(window or 0.0, self.averager.matchmaking_time + ahead)
-        expected = self.expected_peers(set(refused), meta.start_digest, meta.round)
+        seen = self._members()  # the records as last read before the group formed
+        expected = self._expected_in(seen, set(refused), meta.start_digest, meta.round)
         counted = self.first_window is None
 
         def poll() -> bool:
@@ -127,6 +128,8 @@ class HivemindTransport:
             (re)announced since we counted (a restart the records had not shown yet) is
             waited for from now on."""
             members = self._members()  # one read of the records per poll
+            seen.clear()
+            seen.update(members)
             if counted:
                 fresh = self._expected_in(members, set(refused), meta.start_digest, meta.round)
                 if fresh - expected - {self.peer}:
@@ -148,7 +151,7 @@ class HivemindTransport:
             self.first_window = None
         except AveragingError as exc:
             raise AveragingFailed(str(exc)) from None
-        self._note_no_shows(expected, {m.peer for m in out.members} | set(out.missing))
+        self._note_no_shows(expected, {m.peer for m in out.members} | set(out.missing), seen)
         for peer in sorted(out.withheld):  # (not refused later: relayed honest peers miss
             # the reveal window too, and refusing them split a NATed run for good)
             log.warning(
@@ -158,17 +161,19 @@ class HivemindTransport:
             )
         return out
 
-    def _note_no_shows(self, expected: set[str], came: set[str]) -> None:
+    def _note_no_shows(
+        self, expected: set[str], came: set[str], seen: dict[str, PeerRecord]
+    ) -> None:
         """After a group formed without some of the peers we expected (so it waited out its
-        window for them): remember the record they had, and stop expecting them until they
-        store another (a restart, a resync, the next round: every store has a new time)."""
+        window for them): remember the record we had last seen of each before the group formed
+        (`seen`), and stop expecting it until it stores another (a restart, a resync, the next
+        round: every store has a new time; one stored since then already is another)."""
         came = came | {self.peer}
         if len(came) < 2:  # no group at all says nothing about any one peer
             return
-        members = self._members()
         for peer in expected - came:
-            if peer in members:
-                self.no_shows[peer] = _announced(members[peer])
+            if peer in seen:
+                self.no_shows[peer] = _announced(seen[peer])
 
     def expected_peers(self, refused: set[str], start: str, round_: int) -> set[str]:
         """`_expected_in` the records as they are now."""

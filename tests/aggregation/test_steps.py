@@ -73,6 +73,7 @@ def test_the_agreed_deadline_is_h_times_the_upper_median_step_time() -> None:
     # a member that did not say (0) or said nonsense is left out; nobody left: no deadline
     assert agreed_deadline([0.2, 0.0, float("nan"), -1.0, 0.3], 10) == 10 * 0.3
     assert agreed_deadline([0.0, float("inf")], 10) is None
+    assert agreed_deadline([80_000.0, 90_000.0], 20) == 86_400.0  # never past the config's most
 
 
 def test_a_minority_cannot_move_the_deadline_outside_the_honest_times() -> None:

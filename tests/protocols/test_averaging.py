@@ -49,8 +49,66 @@ def test_contribution_round_trip_is_exact_and_carries_its_claims() -> None:
     tensors = {k: torch.randn(s) for k, s in SHAPES.items()}
     back, header = decode_contribution(encode_contribution(tensors, META), SHAPES)
     assert all(torch.equal(back[k], tensors[k]) for k in SHAPES)
-    assert header == {"peer": "QmPeerA", "round": 4, "start": "ab" * 32, "weight": 640.0}
+    assert header == {
+        "peer": "QmPeerA",
+        "round": 4,
+        "start": "ab" * 32,
+        "weight": 640.0,
+        "step_s": 0.0,
+    }
     assert check_header(header, META) is None
+
+
+class _Routes:
+    """Serves each member's own blob, as the real routes fetch it from the member itself."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+
+    def fetch_many(self, wanted: dict, timeout: float) -> dict[str, bytes]:
+        return {peer: self.blobs[peer] for peer in wanted}
+
+
+class _Gate:
+    def expect(self, members: int) -> None:
+        pass
+
+
+def test_weights_and_step_times_come_from_each_members_own_blob_not_the_leader() -> None:
+    """Found in review: `inner.deadline_s: auto` took every member's step time from the metadata
+    the group's leader relays, so a hostile leader could set the whole group's next deadline
+    (one inner step per round, or none). A member's weight and step time now come from the
+    header of the blob fetched from that member, and our own entry is the one we sent."""
+    import dataclasses
+
+    tensors = {k: torch.randn(s) for k, s in SHAPES.items()}
+    honest = MemberMeta("QmPeerB", 4, "ab" * 32, 10.0, step_s=0.3)
+    blob = encode_contribution(tensors, honest)
+    ours = MemberMeta("QmPeerA", 4, "ab" * 32, 10.0, step_s=0.25)
+    averager = object.__new__(GroupAverager)  # no processes: matchmaking is replaced below
+    averager.shapes, averager.codec, averager.prefix = SHAPES, "fp32", "run"
+    averager.refused, averager.gate, averager.max_blob = {}, None, 1 << 20
+    averager.transfer_timeout, averager.averager = 5.0, _Gate()
+    averager.routes = _Routes({"QmPeerB": blob})
+    averager._published = None
+
+    def relayed(meta: MemberMeta, *_: object) -> tuple[dict, float, int]:
+        forged = {  # what a hostile leader relays: both step times tiny, weights changed
+            "QmPeerA": {**meta.gather(), "step_s": 1e-9, "weight": 1.0},
+            "QmPeerB": {
+                **dataclasses.replace(honest, sha256=meta.sha256, size=len(blob)).gather(),
+                "step_s": 1e-9,
+                "weight": 1.0,
+            },  # fmt: skip
+        }
+        forged["QmPeerB"]["sha256"] = __import__("hashlib").sha256(blob).hexdigest()
+        return forged, 0.0, 1
+
+    averager._form_group = relayed  # type: ignore[method-assign]
+    averager._publish = lambda name, data: None  # type: ignore[method-assign]
+    group = averager.exchange(tensors, ours, timeout=5.0)
+    got = {m.peer: (m.weight, m.step_s) for m in group.members}
+    assert got == {"QmPeerA": (10.0, 0.25), "QmPeerB": (10.0, 0.3)}
 
 
 @pytest.mark.parametrize(

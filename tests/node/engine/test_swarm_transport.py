@@ -110,6 +110,7 @@ class _Forming(_Averager):
         self.came: list[str] = []
         self.expected: list[int] = []
         self.during: Callable[[], None] = lambda: None
+        self.after: Callable[[], None] = lambda: None  # once the group formed
 
     def set_refused(self, refused: dict) -> None:
         pass
@@ -123,6 +124,7 @@ class _Forming(_Averager):
         self.expected.append(kwargs["expected"])
         self.during()
         kwargs["moved_on"]()
+        self.after()
         members = [MemberMeta(p, meta.round, meta.start_digest, 1.0) for p in [PEER, *self.came]]
         return GroupResult(members, {})
 
@@ -161,6 +163,19 @@ def test_a_member_that_did_not_come_is_not_waited_for_again_until_it_announces_a
         peer_id="QmDead0000000000", role="volunteer", round=6, digest="cd" * 32
     )  # or it announces the state it synced to
     assert "QmDead" in transport.expected_peers(set(), digest, 6)
+    # a peer that stores a new record only after the group formed (a live one, a moment late)
+    # is a no-show by the record we had seen, so its new one is expected next round
+    late = PeerRecord(peer_id="QmLate0000000000", role="volunteer", round=4, digest=digest)
+    records["QmLate"] = late
+    averager.during = lambda: None
+    averager.came = ["QmA", "QmB", "QmDead"]
+
+    def stores_again() -> None:
+        records["QmLate"] = late.model_copy(update={"stored_at": 2.0})
+
+    averager.after = stores_again
+    transport.exchange({}, meta)
+    assert "QmLate" in transport.expected_peers(set(), digest, 4)
     # a round in which no group formed says nothing about any one peer
     fresh = HivemindTransport(node, _Forming, "run_global", started_together=True)  # type: ignore[arg-type]
     fresh.averager.came = []
