@@ -109,6 +109,12 @@ def pull(initial_peers: list[str], out: Path | None, name: str, list_only: bool)
         ranked = proven_offers(node.records.peers(), manifest.coordinator, may_vote)
         if list_only:
             print(format_offers({n: offers[0] for n, offers in ranked.items()}))
+            experts = library_members(list(ranked))
+            if experts:
+                print(
+                    f"library: all {len(experts)} cluster adapters at once, routed"
+                    " (pull --adapter library)"
+                )
             return 0
         if name == "library":
             assert out is not None

@@ -110,13 +110,15 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
 
         # with the volunteers gone the coordinator serves the adapters on a quiet machine
         pull = ("pull", "--initial-peers", swarm.maddr)
-        status, merged, cluster, library = swarm.cli_many(
+        status, merged, cluster, library, listed = swarm.cli_many(
             ("status", "--initial-peers", swarm.maddr),
             (*pull, "--adapter", "merged", "--out", str(tmp_path / "m")),
             (*pull, "--adapter", f"cluster-{labels[0]}", "--out", str(tmp_path / "c")),
             (*pull, "--adapter", "library", "--out", str(tmp_path / "lib")),
+            (*pull, "--list"),
         )
         assert "clusters (assignment v" in status.stdout
+        assert "pull --adapter library" in listed.stdout, listed.stdout
         names = {f"cluster-{c}" for c in labels} | {"merged"}
         assert all(name in status.stdout for name in names), status.stdout  # its offers table
         assert merged.returncode == 0, merged.stderr
