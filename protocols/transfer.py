@@ -496,10 +496,10 @@ def write_dir_atomically(files: Mapping[str, bytes], out_dir: Path) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        _fsync_dir(tmp_dir)
+        fsync_dir(tmp_dir)
         _rename_into_place(tmp_dir, out_dir)
         renamed = True
-        _fsync_dir(out_dir.parent)  # makes the rename itself durable
+        fsync_dir(out_dir.parent)  # makes the rename itself durable
     except BaseException:
         shutil.rmtree(out_dir if renamed else tmp_dir, ignore_errors=True)
         raise
@@ -516,7 +516,8 @@ def _rename_into_place(tmp_dir: Path, out_dir: Path) -> None:
         raise
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it, new files) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

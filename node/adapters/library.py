@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from swarmtune.protocols.transfer import write_dir_atomically
+from swarmtune.protocols.transfer import fsync_dir, write_dir_atomically
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -148,11 +148,11 @@ def write_library(
         _write_synced(tmp / LIBRARY_FILE, (json.dumps(listing, indent=1) + "\n").encode())
         _write_synced(tmp / "README.md", readme(run_id, entries).encode())
         tmp.chmod(0o755)
-        _sync_dir(tmp)
+        fsync_dir(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
-        _sync_dir(out.parent)  # the rename itself survives a power loss
+        fsync_dir(out.parent)  # the rename itself survives a power loss
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -163,11 +163,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
