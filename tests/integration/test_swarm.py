@@ -20,6 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from swarm_harness import (  # noqa: E402
+    FAST_CONFIG,
     Swarm,
     assert_lora_weights_are_the_files,
     load_with_plain_peft,
@@ -91,7 +92,15 @@ def _left_in_group(pid: int, within: float = 15.0) -> list[str]:
 def trained(tmp_path_factory: pytest.TempPathFactory):
     """A coordinator and 3 volunteers (one on a 4-bit base, one training in bf16 autocast) that
     ran 3 rounds; the coordinator stays up."""
-    swarm = Swarm(tmp_path_factory.mktemp("swarm"))
+    # bf16 autocast on a CPU without native bf16 (AVX2 only, as here) trains ~8x slower than
+    # fp32: v1 reaches each round seconds after the others, so the window waits for it (rounds
+    # after the first still close the moment all three are in)
+    swarm = Swarm(
+        tmp_path_factory.mktemp("swarm"),
+        config_text=FAST_CONFIG.format(run_id="itest-run").replace(
+            "matchmaking_time: 2.0", "matchmaking_time: 10.0"
+        ),
+    )
     try:
         swarm.start_coordinator("--http-port", "0", "--report-to", "tensorboard")
         # v0 also logs to TensorBoard, v1 trains in bf16 autocast on chat records, v2 on an
