@@ -55,8 +55,8 @@ from swarmtune.protocols.group import (
     parse_step_s,
 )
 from swarmtune.protocols.matchmaking import GatedAverager, RefusedSet
-from swarmtune.protocols.routing import BlobRouter
-from swarmtune.protocols.transfer import OtherBlob, TransferError
+from swarmtune.protocols.routing import SUSPECT_WAIT_S, BlobRouter
+from swarmtune.protocols.transfer import NotServed, TransferError
 
 ROUND_BITS, DIGEST_BITS = 20, 12
 POLL_S = 0.5
@@ -189,6 +189,9 @@ def check_header(header: Mapping[str, Any], member: MemberMeta) -> str | None:
     return None
 
 
+SUSPECT_ROUNDS = 100  # how long a withholder stays suspected without withholding again
+
+
 class GroupAverager:
     """Forms groups under one prefix and all-gathers the members' contributions."""
 
@@ -219,6 +222,9 @@ class GroupAverager:
         self._published: str | None = None
         self.gate = gate  # token runs: members without a valid ticket are refused
         self.refused: dict[str, str] = {}  # revoked or banned peers, with the reason
+        # peer -> the last round it committed a contribution and did not serve it: it gets
+        # SUSPECT_WAIT_S, not the full reveal wait, until it serves one again
+        self.suspects: dict[str, int] = {}
         self._refused_shared = RefusedSet()
         with _signal_handlers_kept():
             self.averager = GatedAverager(
@@ -359,8 +365,10 @@ class GroupAverager:
         self, members: dict[str, MemberMeta | None], mine: MemberMeta
     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], set[str], int, set[str]]:
         """Every other member's contribution, fetched in parallel and checked; (found, missing
-        with reasons, offenders, bytes received, withheld). A member's weight and step time are
-        replaced by the ones its own blob claims. Nothing is fetched from a member of another round or start
+        with reasons, offenders, bytes received, withheld: those that answered and did not
+        serve what they committed). A member's weight and step time are
+        replaced by the ones its own blob claims. A withholder waits SUSPECT_WAIT_S, not the
+        full reveal wait, in the rounds after, until it serves again: it costs one wait. Nothing is fetched from a member of another round or start
         state (the round names those: node/engine/round.py, select_contributions, decides what
         enters the aggregate), nor from one we must not take bytes from: refused (revoked or
         banned), unadmitted, or declaring more bytes than an adapter has; those are missing,
@@ -381,7 +389,9 @@ class GroupAverager:
                 del wanted[peer]
         name = f"contribution:{self.prefix}:{mine.round}"
         blobs = self.routes.fetch_many(
-            {p: (name, m.sha256, m.size) for p, m in wanted.items()}, self.transfer_timeout
+            {p: (name, m.sha256, m.size) for p, m in wanted.items()},
+            self.transfer_timeout,
+            {p: SUSPECT_WAIT_S for p in wanted if p in self.suspects},
         )
         found: dict[str, dict[str, torch.Tensor]] = {}
         offences: set[str] = set()
@@ -390,9 +400,10 @@ class GroupAverager:
         for peer, blob in blobs.items():
             if isinstance(blob, TransferError):  # the network, or a leader that altered the sha
                 missing[peer] = str(blob)[:160]
-                if not isinstance(blob, OtherBlob):
+                if isinstance(blob, NotServed):  # it answered, and did not serve what it committed
                     withheld.add(peer)
                 continue
+            self.suspects.pop(peer, None)  # it served: its next reveal gets the full wait again
             received += len(blob)
             try:  # these bytes came from `peer` itself and match the group's commitment
                 tensors, header = decode_contribution(blob, self.shapes, self.codec)
@@ -408,7 +419,14 @@ class GroupAverager:
                 weight=float(header["weight"]),
                 step_s=parse_step_s(header.get("step_s")),
             )
+        self._suspect(withheld, mine.round)
         return found, missing, offences, received, withheld
+
+    def _suspect(self, withheld: set[str], round_: int) -> None:
+        """Remember this round's withholders; forget any that has not withheld for
+        SUSPECT_ROUNDS rounds (a Sybil's throwaway identities must not pile up)."""
+        self.suspects.update(dict.fromkeys(withheld, round_))
+        self.suspects = {p: r for p, r in self.suspects.items() if r > round_ - SUSPECT_ROUNDS}
 
     def shutdown(self) -> None:
         """Stop the averager process and stop serving our contribution."""

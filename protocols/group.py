@@ -94,8 +94,10 @@ class GroupResult:
     matchmaking_s: float = 0.0
     transfer_s: float = 0.0
     attempts: int = 1
-    # committed in matchmaking, then not served to us (refused, cut off, timed out); a sha256
-    # other than the committed one is not counted here, since a leader can alter that
+    # committed in matchmaking, then not served to us: the member answered "unknown blob"
+    # until the reveal wait ended. A network failure is not counted here (a relayed honest
+    # member can miss the wait), nor a sha256 other than the committed one (a leader can
+    # alter that)
     withheld: set[str] = field(default_factory=set)
 
     def member(self, peer: str) -> MemberMeta | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from hivemind.p2p import P2P, PeerID
@@ -24,6 +24,7 @@ from swarmtune.protocols.transfer import (
     MAX_PASSED_ON,
     VIA,
     BlobServer,
+    NotServed,
     StreamEndedEarly,
     TransferError,
     fetch_blob,
@@ -40,6 +41,9 @@ FETCH_ROUTES_AGE_S = 30.0
 PASS_ON_TIMEOUT = 300.0  # one blob passed on by a relay, start to end
 MAX_PASSING_ON = 8  # blobs a relay passes on at once
 REVEAL_WAIT_S = 5.0  # how long a member may take to serve its blob once its group formed
+# ...and one that answered "unknown blob" through a whole earlier wait (a withholder): a blob
+# is published the moment its group formed, so this covers the members' skew in learning that
+SUSPECT_WAIT_S = 1.0
 TRUNCATED_RETRIES = 2  # fresh streams after one ended early (the sha256 checks every attempt)
 
 
@@ -203,17 +207,23 @@ class BlobRouter:
         raise failure
 
     def fetch_many(
-        self, wanted: dict[str, tuple[str, str, int]], timeout: float
+        self,
+        wanted: dict[str, tuple[str, str, int]],
+        timeout: float,
+        waits: Mapping[str, float] | None = None,
     ) -> dict[str, bytes | TransferError]:
         """Blobs from several peers at once: peer -> (name, sha256, size) in; peer -> the
         verified bytes or the TransferError that says why not, out. A blob its peer does not
-        serve yet is asked for again for REVEAL_WAIT_S (a member that withholds its blob costs
-        the others that much, once per round); a stream that ended early, up to
-        TRUNCATED_RETRIES more times within that window."""
+        serve yet is asked for again for REVEAL_WAIT_S, or for `waits[peer]` seconds where
+        given (the averager shortens it for a peer that withheld before); a stream that ended
+        early, up to TRUNCATED_RETRIES more times within that window. A peer that still
+        answers "unknown blob" at the end gets a NotServed error."""
 
-        reveal_by = time.monotonic() + min(timeout, REVEAL_WAIT_S)
+        started = time.monotonic()
+        waits = waits or {}
 
         async def one(peer: str, name: str, sha: str, size: int) -> bytes | TransferError:
+            reveal_by = started + min(timeout, waits.get(peer, REVEAL_WAIT_S))
             cut_short = 0
             while True:
                 try:
@@ -224,11 +234,10 @@ class BlobRouter:
                     # reset (seen on loopback under load) is worth another try or two
                     truncated = isinstance(exc, StreamEndedEarly)
                     cut_short += truncated
-                    retry = "unknown blob" in str(exc) or (
-                        truncated and cut_short <= TRUNCATED_RETRIES
-                    )
+                    unknown = "unknown blob" in str(exc)
+                    retry = unknown or (truncated and cut_short <= TRUNCATED_RETRIES)
                     if not retry or time.monotonic() >= reveal_by:
-                        return exc
+                        return NotServed(str(exc)) if unknown else exc
                 await asyncio.sleep(UNKNOWN_RETRY_S)
 
         async def every() -> list[bytes | TransferError]:

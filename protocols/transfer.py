@@ -68,6 +68,11 @@ class StreamEndedEarly(TransferError):
     """The stream closed before the whole blob arrived (a reset: worth a fresh stream)."""
 
 
+class NotServed(TransferError):
+    """The peer answered, but does not serve the blob (still "unknown blob" when the wait for
+    it ended): for a group member that committed to it, withholding."""
+
+
 class OtherBlob(TransferError):
     """The peer serves the blob under another sha256 than the one we expect (which whoever
     relayed the expectation, such as a group's leader, may have altered)."""

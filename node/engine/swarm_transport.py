@@ -27,6 +27,7 @@ from swarmtune.protocols.certificates import (
 )
 from swarmtune.protocols.identity import owns
 from swarmtune.protocols.records import AdapterOffer, PeerRecord, VoteRecord
+from swarmtune.protocols.routing import REVEAL_WAIT_S, SUSPECT_WAIT_S
 from swarmtune.protocols.swarm import SwarmNode
 from swarmtune.protocols.transfer import TransferError
 
@@ -130,12 +131,15 @@ class HivemindTransport:
             self.first_window = None
         except AveragingError as exc:
             raise AveragingFailed(str(exc)) from None
-        for peer in sorted(out.withheld):  # (not refused later: relayed honest peers miss
-            # the reveal window too, and refusing them split a NATed run for good)
+        for peer in sorted(out.withheld):  # not refused in matchmaking (refusals that members
+            # do not agree on split groups): its next reveals get a short wait instead
             log.warning(
-                "round %d: %s committed a contribution and did not serve it",
+                "round %d: %s committed a contribution and did not serve it"
+                " (it gets %g s to serve, not %g s, until it does)",
                 meta.round + 1,
                 peer[-8:],
+                SUSPECT_WAIT_S,
+                REVEAL_WAIT_S,
             )
         return out
 
@@ -231,5 +235,5 @@ class HivemindTransport:
                 )
                 return state, chain
             except (TransferError, StateError, CertificateError, TimeoutError) as exc:
-                errors.append(f"{provider[-8:]}: {str(exc)[:80]}")  # try the next provider
+                errors.append(f"{provider[-8:]}: {str(exc)[:240]}")  # try the next provider
         raise StateUnavailable("no provider served the state: " + "; ".join(errors or ["none"]))

@@ -1,6 +1,8 @@
 """GroupAverager side effects on the hosting process (real DHT on 127.0.0.1), and how its helper
 processes (averager, DHT) end when a Ctrl+C takes p2pd or the main process away first."""
 
+import dataclasses
+import hashlib
 import math
 import signal
 
@@ -18,6 +20,7 @@ from swarmtune.protocols.averaging import (
 )
 from swarmtune.protocols.group import MemberMeta, parse_member
 from swarmtune.protocols.swarm import SwarmNode
+from swarmtune.protocols.transfer import TransferError
 
 pytestmark = pytest.mark.p2pd  # starts hivemind's p2p daemon (make test-fast skips these)
 
@@ -60,13 +63,30 @@ def test_contribution_round_trip_is_exact_and_carries_its_claims() -> None:
 
 
 class _Routes:
-    """Serves each member's own blob, as the real routes fetch it from the member itself."""
+    """Serves each member's own blob, as the real routes fetch it from the member itself (or
+    the error it is set to give); remembers the reveal waits it was asked to use."""
 
-    def __init__(self, blobs: dict[str, bytes]) -> None:
+    def __init__(self, blobs: dict[str, bytes | TransferError]) -> None:
         self.blobs = blobs
+        self.waits: dict[str, float] = {}
 
-    def fetch_many(self, wanted: dict, timeout: float) -> dict[str, bytes]:
+    def fetch_many(
+        self, wanted: dict, timeout: float, waits: dict[str, float] | None = None
+    ) -> dict[str, bytes | TransferError]:
+        self.waits = dict(waits or {})
         return {peer: self.blobs[peer] for peer in wanted}
+
+
+def _bare_averager(routes: _Routes) -> GroupAverager:
+    """A GroupAverager without processes (matchmaking is replaced by each test)."""
+    averager = object.__new__(GroupAverager)
+    averager.shapes, averager.codec, averager.prefix = SHAPES, "fp32", "run"
+    averager.refused, averager.gate, averager.max_blob = {}, None, 1 << 20
+    averager.transfer_timeout, averager.averager = 5.0, _Gate()
+    averager.routes, averager.suspects = routes, {}
+    averager._published = None
+    averager._publish = lambda name, data: None  # type: ignore[method-assign]
+    return averager
 
 
 class _Gate:
@@ -79,18 +99,11 @@ def test_weights_and_step_times_come_from_each_members_own_blob_not_the_leader()
     the group's leader relays, so a hostile leader could set the whole group's next deadline
     (one inner step per round, or none). A member's weight and step time now come from the
     header of the blob fetched from that member, and our own entry is the one we sent."""
-    import dataclasses
-
     tensors = {k: torch.randn(s) for k, s in SHAPES.items()}
     honest = MemberMeta("QmPeerB", 4, "ab" * 32, 10.0, step_s=0.3)
     blob = encode_contribution(tensors, honest)
     ours = MemberMeta("QmPeerA", 4, "ab" * 32, 10.0, step_s=0.25)
-    averager = object.__new__(GroupAverager)  # no processes: matchmaking is replaced below
-    averager.shapes, averager.codec, averager.prefix = SHAPES, "fp32", "run"
-    averager.refused, averager.gate, averager.max_blob = {}, None, 1 << 20
-    averager.transfer_timeout, averager.averager = 5.0, _Gate()
-    averager.routes = _Routes({"QmPeerB": blob})
-    averager._published = None
+    averager = _bare_averager(_Routes({"QmPeerB": blob}))
 
     def relayed(meta: MemberMeta, *_: object) -> tuple[dict, float, int]:
         forged = {  # what a hostile leader relays: both step times tiny, weights changed
@@ -101,14 +114,51 @@ def test_weights_and_step_times_come_from_each_members_own_blob_not_the_leader()
                 "weight": 1.0,
             },  # fmt: skip
         }
-        forged["QmPeerB"]["sha256"] = __import__("hashlib").sha256(blob).hexdigest()
+        forged["QmPeerB"]["sha256"] = hashlib.sha256(blob).hexdigest()
         return forged, 0.0, 1
 
     averager._form_group = relayed  # type: ignore[method-assign]
-    averager._publish = lambda name, data: None  # type: ignore[method-assign]
     group = averager.exchange(tensors, ours, timeout=5.0)
     got = {m.peer: (m.weight, m.step_s) for m in group.members}
     assert got == {"QmPeerA": (10.0, 0.25), "QmPeerB": (10.0, 0.3)}
+
+
+def test_a_withholder_costs_one_reveal_wait_then_a_short_one_until_it_serves() -> None:
+    """A member that committed and then answered "unknown blob" through the reveal wait is
+    withheld; from the next round it gets SUSPECT_WAIT_S instead of the full wait, until a
+    round in which it serves. A member lost to the network is not suspected (a relayed honest
+    member can miss the wait)."""
+    from swarmtune.protocols.routing import SUSPECT_WAIT_S
+    from swarmtune.protocols.transfer import NotServed
+
+    tensors = {k: torch.randn(s) for k, s in SHAPES.items()}
+    metas = {p: MemberMeta(p, 0, "ab" * 32, 10.0) for p in ("QmPeerA", "QmHides", "QmLost")}
+    routes = _Routes({})
+    averager = _bare_averager(routes)
+
+    def play(round_: int, hides: bool) -> set[str]:
+        blobs = {p: encode_contribution(tensors, dataclasses.replace(m, round=round_))
+                 for p, m in metas.items()}  # fmt: skip
+        routes.blobs = {
+            "QmHides": NotServed("peer refused: unknown blob") if hides else blobs["QmHides"],
+            "QmLost": TransferError("timed out after 5 s"),
+        }
+        gathered = {
+            p: dataclasses.replace(m, round=round_, sha256=hashlib.sha256(blobs[p]).hexdigest(),
+                                   size=len(blobs[p])).gather()
+            for p, m in metas.items()
+        }  # fmt: skip
+        averager._form_group = lambda *_: (gathered, 0.0, 1)  # type: ignore[method-assign]
+        out = averager.exchange(tensors, dataclasses.replace(metas["QmPeerA"], round=round_), 5.0)
+        assert set(out.contributions) == {"QmPeerA"} | ({"QmHides"} if not hides else set())
+        return out.withheld
+
+    assert play(0, hides=True) == {"QmHides"} and routes.waits == {}
+    assert play(1, hides=True) == {"QmHides"}
+    assert routes.waits == {"QmHides": SUSPECT_WAIT_S}  # the second time: the short wait
+    assert play(2, hides=False) == set() and routes.waits == {"QmHides": SUSPECT_WAIT_S}
+    assert play(3, hides=False) == set() and routes.waits == {}  # it served: forgiven
+    assert "QmLost" not in averager.suspects
 
 
 @pytest.mark.parametrize(

@@ -326,3 +326,40 @@ def test_a_fetch_falls_back_to_the_next_route_and_keeps_the_retryable_error(
             node._fetch_by_routes(["", f"/p2p/{attacker}"], victim, "x", None, 10.0, 1 << 20, None)
         )  # noqa: SLF001
     assert asked == [(victim, "x"), (attacker, f"via/{victim}/x")]
+
+
+def test_a_suspected_withholder_gets_its_short_wait_and_a_not_served_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fetch_many asks again for a blob its peer does not serve yet, for the reveal wait, or for
+    the shorter wait the caller gives a peer that withheld before; one still unserved at the end
+    is NotServed (withholding), a network failure is not."""
+    import swarmtune.protocols.routing as routing_module
+    from swarmtune.protocols.transfer import NotServed
+
+    asked: dict[str, int] = {}
+
+    async def fake_fetch(peer: str, name: str, *_: object, **__: object) -> bytes:
+        asked[peer] = asked.get(peer, 0) + 1
+        if peer == "QmServes":
+            return b"blob"
+        if peer == "QmUnreachable":
+            raise TransferError("peer unreachable or not serving /swarmtune/blob")
+        raise TransferError("peer refused: unknown blob 'contribution:run:4'")
+
+    monkeypatch.setattr(routing_module, "UNKNOWN_RETRY_S", 0.01)
+    monkeypatch.setattr(routing_module, "REVEAL_WAIT_S", 0.3)
+    loop = LoopThread("test-fetch-many")
+    try:
+        router = BlobRouter(None, loop, PEER, lambda age: {}, [])  # type: ignore[arg-type]
+        monkeypatch.setattr(router, "_fetch", fake_fetch)
+        wanted = {p: ("contribution:run:4", "ab" * 32, 4) for p in
+                  ("QmServes", "QmUnreachable", "QmWithholds", "QmSuspect")}  # fmt: skip
+        got = router.fetch_many(wanted, timeout=10.0, waits={"QmSuspect": 0.0})
+    finally:
+        loop.shutdown()
+    assert got["QmServes"] == b"blob"
+    assert type(got["QmUnreachable"]) is TransferError  # not retried, not withholding
+    assert isinstance(got["QmWithholds"], NotServed) and isinstance(got["QmSuspect"], NotServed)
+    # asked until its wait ended, against once: a suspect costs no reveal wait
+    assert asked["QmSuspect"] == 1 and asked["QmWithholds"] > 1 and asked["QmUnreachable"] == 1
