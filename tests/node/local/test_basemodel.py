@@ -321,12 +321,23 @@ def test_a_hub_id_resolves_from_the_local_cache_with_the_same_fingerprint(
         load_base(str(tmp_path / "nowhere"))
 
 
-def test_bf16_autocast_trains_while_weights_and_moments_stay_fp32() -> None:
+def test_bf16_autocast_trains_while_weights_and_moments_stay_fp32(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from swarmtune.node.config import parse_config
+    from swarmtune.node.local import trainer as trainer_module
     from swarmtune.node.local.build import build_local_model
 
     config = parse_config({"inner": {"steps": 12, "batch_size": 8, "seq_len": 48, "lr": 3e-3}})
-    local = build_local_model(config, "builtin:arithmetic", precision="bf16")
+    # a CPU without native bf16 (AVX2 only) emulates it ~8x slower than fp32: the user is told
+    monkeypatch.setattr(trainer_module, "native_half_cpu", lambda: False)
+    with caplog.at_level("WARNING", logger="swarmtune.trainer"):
+        local = build_local_model(config, "builtin:arithmetic", precision="bf16")
+        warned = caplog.text
+        caplog.clear()
+        trainer_module.InnerTrainer(local.model, config.inner, local.trainer.batches)
+    assert "bf16 autocast on this CPU" in warned and "--precision fp32" in warned
+    assert "autocast" not in caplog.text  # fp32 has nothing to say
     before = local.eval_loss()
     seen: list[torch.dtype] = []
     hook = local.model.register_forward_hook(lambda _m, _i, out: seen.append(out.logits.dtype))
