@@ -52,6 +52,7 @@ from swarmtune.node.local.data import BUILTIN_TASKS  # noqa: E402
 from swarmtune.node.roles.admit import admit, peer_id  # noqa: E402
 from swarmtune.node.roles.demo import Processes, start_coordinator  # noqa: E402
 from swarmtune.node.roles.simulate import Simulation  # noqa: E402
+from swarmtune.protocols.routing import REVEAL_WAIT_S  # noqa: E402
 from tests.attackers.adversaries import ADVERSARIES, ALIE, Adversary  # noqa: E402
 
 ATTACKS = sorted(ADVERSARIES)
@@ -258,6 +259,10 @@ def run_real(attack: str | None, aggregator: str, rounds: int, workdir: Path) ->
         "resyncs": max(f["resyncs"] for f in finals) if finals else 0,
         "refused": sum(f.get("refused", 0) for f in finals),
         "round_s": sum(r["wall_s"] for m in metrics for r in m) / max(sum(map(len, metrics)), 1),
+        # fetching the others' contributions: where a withholder's reveal wait shows
+        "transfer_s": sum(r["transfer_s"] for m in metrics for r in m)
+        / max(sum(map(len, metrics)), 1),
+        "full_waits": sum(1 for m in metrics for r in m if r["transfer_s"] >= REVEAL_WAIT_S),
     }
 
 
@@ -727,13 +732,14 @@ def withholding(rounds: int) -> None:
         "The hostile volunteer commits to its contribution in matchmaking and never serves it."
         + f" {reproduce()}",
         "",
-        "| run | honest mean eval | rounds averaged (of 3 x rounds) | exclusions | mean round s |",
-        "|---|---|---|---|---|",
+        "| run | honest mean eval | rounds averaged (of 3 x rounds) | exclusions | mean round s"
+        f" | mean exchange s | exchanges that waited {REVEAL_WAIT_S:g} s or more |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         lines.append(
             f"| {name} | {row['eval_loss']:.4f} | {row['averaged']} | {row['excluded']} |"
-            f" {row['round_s']:.2f} |"
+            f" {row['round_s']:.2f} | {row['transfer_s']:.2f} | {row['full_waits']} |"
         )
     replace_section("attacks-withholding", "\n".join(lines))
     print("\n".join(lines))

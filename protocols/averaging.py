@@ -189,7 +189,7 @@ def check_header(header: Mapping[str, Any], member: MemberMeta) -> str | None:
     return None
 
 
-SUSPECT_ROUNDS = 100  # how long a withholder stays suspected without withholding again
+SUSPECT_ROUNDS = 10  # how long a withholder stays suspected without withholding again
 
 
 class GroupAverager:

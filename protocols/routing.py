@@ -43,7 +43,7 @@ MAX_PASSING_ON = 8  # blobs a relay passes on at once
 REVEAL_WAIT_S = 5.0  # how long a member may take to serve its blob once its group formed
 # ...and one that answered "unknown blob" through a whole earlier wait (a withholder): a blob
 # is published the moment its group formed, so this covers the members' skew in learning that
-SUSPECT_WAIT_S = 1.0
+SUSPECT_WAIT_S = 0.5
 TRUNCATED_RETRIES = 2  # fresh streams after one ended early (the sha256 checks every attempt)
 
 

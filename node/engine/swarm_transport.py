@@ -124,9 +124,13 @@ class HivemindTransport:
                 window=window,
                 # peers that start together reach their first exchange seconds apart: the
                 # first round after (re)joining waits its window instead of closing early
+                # nor a suspected withholder (it stays out of sync, and waiting for it would
+                # cost a window every round instead of its reveal wait)
                 expected=0
                 if self.first_window
-                else self.expected_members(set(refused), meta.start_digest, meta.round),
+                else self.expected_members(
+                    set(refused) | set(self.averager.suspects), meta.start_digest, meta.round
+                ),
             )
             self.first_window = None
         except AveragingError as exc:

@@ -128,6 +128,7 @@ def test_a_withholder_costs_one_reveal_wait_then_a_short_one_until_it_serves() -
     withheld; from the next round it gets SUSPECT_WAIT_S instead of the full wait, until a
     round in which it serves. A member lost to the network is not suspected (a relayed honest
     member can miss the wait)."""
+    from swarmtune.protocols.averaging import SUSPECT_ROUNDS
     from swarmtune.protocols.routing import SUSPECT_WAIT_S
     from swarmtune.protocols.transfer import NotServed
 
@@ -156,6 +157,12 @@ def test_a_withholder_costs_one_reveal_wait_then_a_short_one_until_it_serves() -
     assert play(0, hides=True) == {"QmHides"} and routes.waits == {}
     assert play(1, hides=True) == {"QmHides"}
     assert routes.waits == {"QmHides": SUSPECT_WAIT_S}  # the second time: the short wait
+    averager._suspect(set(), 1 + SUSPECT_ROUNDS - 1)
+    assert averager.suspects == {"QmHides": 1}  # kept while it withheld recently...
+    saved = dict(averager.suspects)
+    averager._suspect(set(), 1 + SUSPECT_ROUNDS)
+    assert averager.suspects == {}  # ...and forgotten after SUSPECT_ROUNDS quiet rounds
+    averager.suspects = saved
     assert play(2, hides=False) == set() and routes.waits == {"QmHides": SUSPECT_WAIT_S}
     assert play(3, hides=False) == set() and routes.waits == {}  # it served: forgiven
     assert "QmLost" not in averager.suspects

@@ -25,6 +25,7 @@ class _Averager:
     def __init__(self, prefix: str) -> None:
         self.prefix, self.closed, self.matchmaking_time = prefix, False, 1.0
         self.refused_joins = 2
+        self.suspects: dict[str, int] = {}
 
     def shutdown(self) -> None:
         self.closed = True
@@ -142,6 +143,13 @@ def test_a_first_round_started_together_closes_its_group_from_membership() -> No
         windows[together] = [(a["window"], a["expected"]) for a in transport.averager.asked]
     # matchmaking_time 1.0: apart, round one waits two windows and closes on no count
     assert windows == {False: [(2.0, 0)], True: [(None, 3)]}
+    # a peer that withheld its contribution from us is not waited for: the group closes once
+    # the others are in (it may still come, and then gets the short reveal wait)
+    transport.averager.asked.clear()
+    transport.averager.suspects = {"QmB": 0}
+    with pytest.raises(AveragingFailed):
+        transport.exchange({}, MemberMeta(PEER, 1, "ab" * 32, 1.0))
+    assert [a["expected"] for a in transport.averager.asked] == [2]
 
 
 def test_only_a_vouched_state_ahead_cancels_our_matchmaking() -> None:
