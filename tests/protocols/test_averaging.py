@@ -352,3 +352,44 @@ def test_the_dht_process_ends_quietly_when_its_pipe_from_the_main_process_breaks
     else:
         with pytest.raises(ValueError):
             dht.run()
+
+
+def test_a_connection_reset_while_matchmaking_is_one_failed_attempt() -> None:
+    """Found in a fresh-clone suite: a relayed volunteer's matchmaking step raised
+    ConnectionResetError from hivemind and the volunteer died; it is now retried like any other
+    failed attempt (and, every attempt failing, one AveragingError)."""
+    from swarmtune.protocols.averaging import AveragingError
+
+    class Control:
+        stage = None
+
+        def __init__(self, outcome: object) -> None:
+            self.outcome = outcome
+
+        def result(self, timeout: float) -> object:
+            if isinstance(self.outcome, BaseException):
+                raise self.outcome
+            return self.outcome
+
+        def done(self) -> bool:
+            return True
+
+    class Stepper(_Gate):
+        def __init__(self, outcomes: list[object]) -> None:
+            self.outcomes = outcomes
+
+        def set_group_bits(self, bits: str) -> None:
+            pass
+
+        def step(self, **_: object) -> Control:
+            return Control(self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0])
+
+    averager = _bare_averager(_Routes({}))
+    averager.matchmaking_time = 0.01
+    gathered = {"QmPeerA": META.gather()}
+    averager.averager = Stepper([ConnectionResetError(104, "Connection reset by peer"), gathered])
+    got, _, attempts = averager._form_group(META, 5.0, lambda: False, None)
+    assert got == gathered and attempts == 2
+    averager.averager = Stepper([ConnectionResetError(104, "reset")])  # every attempt
+    with pytest.raises(AveragingError, match="ConnectionResetError"):
+        averager._form_group(META, 0.2, lambda: False, None)
