@@ -1,6 +1,6 @@
 """A start-up server for the integration tests: it imports the CLI and its heavy dependencies
-(torch, transformers, peft, hivemind, bitsandbytes: about 18 s of CPU per process on 2 cores)
-once, then forks one child per `swarmtune ...` command the harness asks for. Each child is a fresh
+(torch, transformers, peft, hivemind: about 9 s of CPU per process on 2 cores) once, then
+forks one child per `swarmtune ...` command the harness asks for. Each child is a fresh
 command from there on: its own session and process group, its own log, its environment and
 arguments, `cli.main(argv)` and a normal interpreter exit (atexit handlers run).
 
@@ -29,10 +29,6 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "CRITICAL")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# what every volunteer's first get_peft_model imports: PEFT's LoRA layers for bitsandbytes,
-# whose kernels register through torch.compile (about 4.5 s of CPU, once here instead of in
-# every child)
-import peft.tuners.lora.bnb  # noqa: E402, F401
 from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 
 import swarmtune.node.roles.admit  # noqa: E402, F401
