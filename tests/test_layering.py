@@ -137,30 +137,34 @@ WITHOUT_HIVEMIND = [
 ]
 
 
-def _loaded(modules: list[str], prefixes: tuple[str, ...]) -> list[str]:
-    """Which of the libraries named by `prefixes` importing `modules` loads, in a fresh
-    interpreter (direct imports, above, cannot see what an imported module imports)."""
+def _loaded(steps: list[tuple[list[str], tuple[str, ...]]]) -> list[list[str]]:
+    """In one fresh interpreter, step by step: import the step's modules, then list which of
+    the libraries named by its prefixes are loaded by then (direct imports, above, cannot see
+    what an imported module imports)."""
     import subprocess
     import sys
 
-    probe = (
-        "import importlib, sys\n"
-        f"for name in {modules!r}:\n"
-        "    importlib.import_module(name)\n"
-        f"print(sorted({{m.split('.')[0] for m in sys.modules if m.startswith({prefixes!r})}}))\n"
-    )
+    probe = "import importlib, sys\n"
+    for modules, prefixes in steps:
+        probe += (
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules"
+            f" if m.startswith({prefixes!r})}}))\n"
+        )
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    return [ast.literal_eval(line) for line in done.stdout.strip().splitlines()[-len(steps) :]]
 
 
-def test_the_engine_and_the_simulator_load_no_hivemind() -> None:
-    assert _loaded(WITHOUT_HIVEMIND, ("hivemind",)) == []
-
-
-def test_the_round_engine_loads_no_model_library() -> None:
-    # the engine only moves tensors: the trainer (transformers, peft) loads where it runs
+def test_the_engine_loads_no_model_library_and_with_the_simulator_no_hivemind() -> None:
+    # the engine only moves tensors: the trainer (transformers, peft) loads where it runs;
+    # one interpreter for both checks (each costs the imports), the engine imported first
     engine = [m for m in WITHOUT_HIVEMIND if m.startswith("swarmtune.node.engine.")]
-    assert _loaded(engine, ("transformers", "peft", "bitsandbytes")) == []
+    rest = [m for m in WITHOUT_HIVEMIND if m not in engine]
+    model_libraries, network = _loaded(
+        [(engine, ("transformers", "peft", "bitsandbytes")), (rest, ("hivemind",))]
+    )
+    assert model_libraries == [] and network == []

@@ -50,8 +50,7 @@ def tokenize_all(
 ) -> tuple[list[Tokenized], DataSummary]:
     """Every example tokenized; those with no loss token left are dropped and counted."""
     kept, truncated, dropped = [], 0, 0
-    for example in examples:
-        tokens = renderer.tokenize(example)
+    for tokens in renderer.tokenize_many(examples):
         truncated += tokens.truncated
         if not tokens.loss_count:
             dropped += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import threading
 import time
@@ -309,7 +310,7 @@ def test_a_deadline_stops_a_slow_member_short_of_h_and_the_group_still_agrees() 
 def test_an_automatic_deadline_comes_from_the_groups_step_times() -> None:
     """`inner.deadline_s: auto`: the first round has no deadline (every member trains H and
     says how long its steps took); the group then agrees on H x the median step time, a fast
-    member's, so in the next round the member that sleeps 1 s per step stops after one step
+    member's, so in the next round the member that sleeps 1 s per step stops short of H
     while the group still averages to one digest."""
     config = CONFIG.model_copy(
         update={"inner": CONFIG.inner.model_copy(update={"deadline_s": "auto", "steps": 4})}
@@ -330,8 +331,11 @@ def test_an_automatic_deadline_comes_from_the_groups_step_times() -> None:
     assert len(deadlines) == 1  # every member derived the same one from the same metadata
     (deadline,) = deadlines
     assert deadline is not None and deadline < 4 * 1.0  # a fast member's H steps, not the slow's
-    assert rounds[1][2].steps == 1  # its first step alone outlasts the deadline
-    assert rounds[0][2].inner_s > 4 * 1.0 > 2 * rounds[1][2].inner_s
+    # each of its steps takes over 1 s: it stops once the deadline passed, short of H (on an
+    # idle machine after one step; a loaded one slows the fast members' steps and so the
+    # deadline, never the rule)
+    assert 1 <= rounds[1][2].steps <= math.ceil(deadline / 1.0) < 4
+    assert rounds[1][2].inner_s < rounds[0][2].inner_s
 
 
 def test_the_agreed_deadline_is_h_times_the_median_of_the_aggregated_members_step_times() -> None:

@@ -139,3 +139,34 @@ def test_embedded_template_trains_the_answer_and_its_end(embedded):
     trained = embedded.decode([t for t, k in zip(out.ids, out.trained, strict=True) if k])
     assert trained == " 4<|endoftext|>\n"
     assert renderer.prompt_and_answer(example) == ("user: 2+2?\nassistant:", "4")
+
+
+@pytest.mark.parametrize("loss", ["completion", "full"])
+def test_tokenizing_many_at_once_gives_what_one_at_a_time_gives(plain, chat, loss):
+    """tokenize_many (chunked calls of a fast tokenizer, what data loading uses) is tokenize()
+    example by example: ids, mask and truncation, with and without a chat template, across
+    chunk boundaries and with mixed templated and plain examples."""
+    examples = [
+        Example("t", text="one two three four five six seven eight nine ten eleven"),
+        Example("t", prompt="12+30=", completion="42"),
+        Example("t", text="date: 1 May 2001 => 2001-05-01", cue=17),
+        chat_example(("user", "hi there"), ("assistant", "hello!")),
+        Example("t", prompt="Q: sky? A:", completion=" blue"),
+        chat_example(
+            ("system", "be brief"),
+            ("user", "2+2?"),
+            ("assistant", "4"),
+            ("user", "and 3+3?"),
+            ("assistant", "6"),
+        ),  # fmt: skip
+        Example("t", text="x"),
+    ]
+    padded = copy.deepcopy(plain)  # a tokenizer.json that turns padding on (some hub ones do)
+    padded.backend_tokenizer.enable_padding()
+    for tokenizer in (plain, chat, padded):
+        renderer = Renderer(tokenizer, max_length=12, loss=loss)
+        usable = [e for e in examples if e.messages is None or tokenizer is chat]
+        one_by_one = [renderer.tokenize(e) for e in usable]
+        assert any(t.truncated for t in one_by_one)  # the long one is cut at 12 tokens
+        for chunk in (1, 2, 1024):
+            assert renderer.tokenize_many(usable, chunk=chunk) == one_by_one
