@@ -217,7 +217,7 @@ class BlobRouter:
         serve yet is asked for again for REVEAL_WAIT_S, or for `waits[peer]` seconds where
         given (the averager shortens it for a peer that withheld before); a stream that ended
         early, up to TRUNCATED_RETRIES more times within that window. A peer that still
-        answers "unknown blob" at the end gets a NotServed error."""
+        answers "unknown blob" for that very name at the end gets a NotServed error."""
 
         started = time.monotonic()
         waits = waits or {}
@@ -234,10 +234,15 @@ class BlobRouter:
                     # reset (seen on loopback under load) is worth another try or two
                     truncated = isinstance(exc, StreamEndedEarly)
                     cut_short += truncated
-                    unknown = "unknown blob" in str(exc)
-                    retry = unknown or (truncated and cut_short <= TRUNCATED_RETRIES)
+                    retry = "unknown blob" in str(exc) or (
+                        truncated and cut_short <= TRUNCATED_RETRIES
+                    )
                     if not retry or time.monotonic() >= reveal_by:
-                        return NotServed(str(exc)) if unknown else exc
+                        # the member itself (or a relay passing its answer on verbatim) said
+                        # it has no blob of this name; a peer asked for `via/...` that relays
+                        # nothing says so of the via name, which is no withholding
+                        withheld = f"unknown blob {name!r}" in str(exc)
+                        return NotServed(str(exc)) if withheld else exc
                 await asyncio.sleep(UNKNOWN_RETRY_S)
 
         async def every() -> list[bytes | TransferError]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from swarmtune.aggregation.params import Params
@@ -16,7 +16,7 @@ from swarmtune.node.engine.transport import (
     MemberMeta,
     StateUnavailable,
 )
-from swarmtune.protocols.averaging import AveragingError, GroupAverager
+from swarmtune.protocols.averaging import SUSPECT_ROUNDS, AveragingError, GroupAverager
 from swarmtune.protocols.certificates import (
     MAX_CHAIN_BYTES,
     Certificate,
@@ -85,6 +85,7 @@ class HivemindTransport:
         we announced belongs to the group we left: it is withdrawn (empty digest) until we
         announce one of the new group, so that our old round cannot outvote its members."""
         previous, self.averager = self.averager, self.make_averager(prefix)
+        self.averager.suspects = dict(previous.suspects)  # a withholder is one still
         self.refused_before += previous.refused_joins
         previous.shutdown()
         self.cluster = cluster
@@ -124,12 +125,10 @@ class HivemindTransport:
                 window=window,
                 # peers that start together reach their first exchange seconds apart: the
                 # first round after (re)joining waits its window instead of closing early
-                # nor a suspected withholder (it stays out of sync, and waiting for it would
-                # cost a window every round instead of its reveal wait)
                 expected=0
                 if self.first_window
                 else self.expected_members(
-                    set(refused) | set(self.averager.suspects), meta.start_digest, meta.round
+                    set(refused), meta.start_digest, meta.round, set(self.averager.suspects)
                 ),
             )
             self.first_window = None
@@ -139,15 +138,18 @@ class HivemindTransport:
             # do not agree on split groups): its next reveals get a short wait instead
             log.warning(
                 "round %d: %s committed a contribution and did not serve it"
-                " (it gets %g s to serve, not %g s, until it does)",
+                " (it gets %g s to serve, not %g s, until it serves or %d rounds pass)",
                 meta.round + 1,
                 peer[-8:],
                 SUSPECT_WAIT_S,
                 REVEAL_WAIT_S,
+                SUSPECT_ROUNDS,
             )
         return out
 
-    def expected_members(self, refused: set[str], start: str, round_: int) -> int:
+    def expected_members(
+        self, refused: set[str], start: str, round_: int, suspects: Collection[str] = ()
+    ) -> int:
         """How many volunteers (ourselves included) may join this round's group (which starts
         from `start`, at `round_`): every live volunteer of our group that announced a state of
         this round or an earlier one (it is behind, or missed a group, and may catch up within
@@ -155,12 +157,18 @@ class HivemindTransport:
         late joiner's announcement arrives, and it would never catch up), or a later state we
         held. A state ahead of ours that we never held is not waited for: a stranger announcing
         one would otherwise hold every group for its full window. A member that died still
-        counts until its record expires; the window then closes without it."""
+        counts until its record expires; the window then closes without it. Nor is a
+        `suspects` peer (it withheld its contribution) that announced another state: it fell
+        out of sync, and waiting for it would cost part of a window every round; one at our
+        state still counts, since it will join, and the group must not close before an honest
+        member is in."""
+        announced = self.announcements()
         return len(
             {
                 p
-                for p, (r, digest) in self.announcements().items()
-                if r <= round_ or digest in self._held | {start}
+                for p, (r, digest) in announced.items()
+                if (r <= round_ or digest in self._held | {start})
+                and (p not in suspects or (r, digest) == (round_, start))
             }
             - refused
             | {self.peer}

@@ -97,9 +97,9 @@ class Renderer:
         """`tokenize` of every example, the same result, with a fast tokenizer `chunk` texts
         per call (one call per example cost most of a volunteer's start-up in Python
         overhead: 6,600 examples took 1.4 s one by one)."""
-        backend = self.tokenizer.backend_tokenizer if self.tokenizer.is_fast else None
-        if backend is None or backend.truncation is not None or backend.padding is not None:
-            return [self.tokenize(e) for e in examples]  # (transformers resets those per call)
+        backend = _plain_backend(self.tokenizer)
+        if backend is None:
+            return [self.tokenize(e) for e in examples]
         prepared = [(self.segments(e), self._turns(e) is not None) for e in examples]
         out: list[Tokenized | None] = [None] * len(examples)
         for templated in (False, True):  # template text carries its own special tokens
@@ -180,6 +180,21 @@ class Renderer:
         text = "".join(piece for piece, _ in segments)
         encoded = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
         return list(encoded["input_ids"]), _in_loss(segments, encoded["offset_mapping"])
+
+
+def _plain_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The Rust tokenizer behind `tokenizer` where calling it directly gives what the
+    tokenizer's own call gives; None (tokenize one by one) for a slow tokenizer, a class that
+    changes how text is encoded (CodeLlama's infilling, say), or a backend left with padding or
+    truncation on (some tokenizer.json files do; transformers turns them off per call)."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    own_encoding = type(tokenizer)._encode_plus is not PreTrainedTokenizerFast._encode_plus
+    if backend is None or own_encoding or backend.truncation or backend.padding:
+        return None
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return backend
 
 
 def _in_loss(segments: list[tuple[str, bool]], offsets: Sequence[tuple[int, int]]) -> list[bool]:

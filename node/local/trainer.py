@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import platform
 import threading
 import time
 from collections.abc import Mapping
@@ -100,13 +101,17 @@ def check_finite(value: float, what: str) -> float:
     return value
 
 
-def native_half_cpu() -> bool:
-    """Whether this CPU computes bf16/fp16 natively (AVX512-BF16 or AMX tiles); torch says so
-    only through private helpers, so an unknown answer counts as native (no warning)."""
-    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported",
-                                                     "_is_amx_tile_supported")]  # fmt: skip
-    known = [p for p in probes if callable(p)]
-    return not known or any(bool(p()) for p in known)
+def native_half_cpu(precision: str) -> bool:
+    """Whether this x86 CPU computes `precision` (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16)
+    natively. torch says so only through private helpers and only for x86, so another
+    architecture (ARM has native bf16 on recent cores) or an unknown answer counts as native:
+    no warning."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return True
+    names = {"bf16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+             "fp16": ("_is_amx_fp16_supported",)}.get(precision, ())  # fmt: skip
+    probes = [p for p in (getattr(torch.cpu, n, None) for n in names) if callable(p)]
+    return not probes or any(bool(p()) for p in probes)
 
 
 class InnerTrainer:
@@ -138,9 +143,10 @@ class InnerTrainer:
         self.optimizer: torch.optim.Optimizer = kind(
             self._trainable.values(), lr=inner.lr, weight_decay=inner.weight_decay
         )
-        if precision != "fp32" and self.device.type == "cpu" and not native_half_cpu():
+        if precision != "fp32" and self.device.type == "cpu" and not native_half_cpu(precision):
             log.warning(
-                "%s autocast on this CPU (no AVX512-BF16 or AMX) is emulated and trains several"
+                "%s autocast on this CPU (no native support: AVX512-BF16 or AMX) is emulated and"
+                " trains several"
                 " times slower than fp32 (about 8x for bf16 on an AVX2 machine): --precision"
                 " fp32 is faster here",
                 precision,

@@ -95,11 +95,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     # bf16 autocast on a CPU without native bf16 (AVX2 only, as here) trains ~8x slower than
     # fp32: v1 reaches each round seconds after the others, so the window waits for it (rounds
     # after the first still close the moment all three are in)
+    config = FAST_CONFIG.format(run_id="itest-run")
+    assert "matchmaking_time: 2.0" in config
     swarm = Swarm(
         tmp_path_factory.mktemp("swarm"),
-        config_text=FAST_CONFIG.format(run_id="itest-run").replace(
-            "matchmaking_time: 2.0", "matchmaking_time: 10.0"
-        ),
+        config_text=config.replace("matchmaking_time: 2.0", "matchmaking_time: 10.0"),
     )
     try:
         swarm.start_coordinator("--http-port", "0", "--report-to", "tensorboard")

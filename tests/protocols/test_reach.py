@@ -345,6 +345,8 @@ def test_a_suspected_withholder_gets_its_short_wait_and_a_not_served_error(
             return b"blob"
         if peer == "QmUnreachable":
             raise TransferError("peer unreachable or not serving /swarmtune/blob")
+        if peer == "QmNoRelay":  # a route peer that relays nothing, asked for the via name
+            raise TransferError(f"peer refused: unknown blob 'via/{peer}/contribution:run:4'")
         raise TransferError("peer refused: unknown blob 'contribution:run:4'")
 
     monkeypatch.setattr(routing_module, "UNKNOWN_RETRY_S", 0.01)
@@ -354,12 +356,13 @@ def test_a_suspected_withholder_gets_its_short_wait_and_a_not_served_error(
         router = BlobRouter(None, loop, PEER, lambda age: {}, [])  # type: ignore[arg-type]
         monkeypatch.setattr(router, "_fetch", fake_fetch)
         wanted = {p: ("contribution:run:4", "ab" * 32, 4) for p in
-                  ("QmServes", "QmUnreachable", "QmWithholds", "QmSuspect")}  # fmt: skip
+                  ("QmServes", "QmUnreachable", "QmWithholds", "QmSuspect", "QmNoRelay")}  # fmt: skip
         got = router.fetch_many(wanted, timeout=10.0, waits={"QmSuspect": 0.0})
     finally:
         loop.shutdown()
     assert got["QmServes"] == b"blob"
     assert type(got["QmUnreachable"]) is TransferError  # not retried, not withholding
+    assert type(got["QmNoRelay"]) is TransferError  # retried, but not the member's own answer
     assert isinstance(got["QmWithholds"], NotServed) and isinstance(got["QmSuspect"], NotServed)
     # asked until its wait ended, against once: a suspect costs no reveal wait
     assert asked["QmSuspect"] == 1 and asked["QmWithholds"] > 1 and asked["QmUnreachable"] == 1

@@ -98,6 +98,10 @@ def test_expected_members_are_the_live_volunteers_not_ahead_of_us_at_a_strange_s
     # not hold the group for its full window)
     assert transport.expected_members(set(), digest, 4) == 5
     assert transport.expected_members({"QmE"}, digest, 4) == 4  # E is banned
+    # a suspected withholder at another state (C, behind) is not waited for; one at our state
+    # (A) still is: it will join, and the group must not close before an honest member is in
+    assert transport.expected_members(set(), digest, 4, {"QmC"}) == 4
+    assert transport.expected_members(set(), digest, 4, {"QmA"}) == 5
     transport._held.add(other)  # G is ahead at a state we held (we are the one behind)
     assert transport.expected_members(set(), digest, 4) == 6
 
@@ -146,7 +150,7 @@ def test_a_first_round_started_together_closes_its_group_from_membership() -> No
     # a peer that withheld its contribution from us is not waited for: the group closes once
     # the others are in (it may still come, and then gets the short reveal wait)
     transport.averager.asked.clear()
-    transport.averager.suspects = {"QmB": 0}
+    transport.averager.suspects = {"QmB": 0}  # B announced round 0 and we form round 1
     with pytest.raises(AveragingFailed):
         transport.exchange({}, MemberMeta(PEER, 1, "ab" * 32, 1.0))
     assert [a["expected"] for a in transport.averager.asked] == [2]

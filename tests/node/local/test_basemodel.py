@@ -330,7 +330,7 @@ def test_bf16_autocast_trains_while_weights_and_moments_stay_fp32(
 
     config = parse_config({"inner": {"steps": 12, "batch_size": 8, "seq_len": 48, "lr": 3e-3}})
     # a CPU without native bf16 (AVX2 only) emulates it ~8x slower than fp32: the user is told
-    monkeypatch.setattr(trainer_module, "native_half_cpu", lambda: False)
+    monkeypatch.setattr(trainer_module, "native_half_cpu", lambda precision: False)
     with caplog.at_level("WARNING", logger="swarmtune.trainer"):
         local = build_local_model(config, "builtin:arithmetic", precision="bf16")
         warned = caplog.text

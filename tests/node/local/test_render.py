@@ -161,12 +161,19 @@ def test_tokenizing_many_at_once_gives_what_one_at_a_time_gives(plain, chat, los
         ),  # fmt: skip
         Example("t", text="x"),
     ]
-    padded = copy.deepcopy(plain)  # a tokenizer.json that turns padding on (some hub ones do)
-    padded.backend_tokenizer.enable_padding()
-    for tokenizer in (plain, chat, padded):
-        renderer = Renderer(tokenizer, max_length=12, loss=loss)
+    for tokenizer, turned_on in ((plain, None), (chat, None), (plain, "padding"),
+                                 (plain, "truncation")):  # fmt: skip
         usable = [e for e in examples if e.messages is None or tokenizer is chat]
-        one_by_one = [renderer.tokenize(e) for e in usable]
+        one_by_one = [Renderer(tokenizer, max_length=12, loss=loss).tokenize(e) for e in usable]
         assert any(t.truncated for t in one_by_one)  # the long one is cut at 12 tokens
         for chunk in (1, 2, 1024):
-            assert renderer.tokenize_many(usable, chunk=chunk) == one_by_one
+            # a fresh copy each time: transformers' own call turns the backend's padding and
+            # truncation off, and a tokenizer.json may turn them on (some hub ones do)
+            fresh = copy.deepcopy(tokenizer)
+            if turned_on == "padding":
+                fresh.backend_tokenizer.enable_padding()
+            elif turned_on == "truncation":
+                fresh.backend_tokenizer.enable_truncation(4)
+            assert turned_on is None or getattr(fresh.backend_tokenizer, turned_on) is not None
+            many = Renderer(fresh, max_length=12, loss=loss).tokenize_many(usable, chunk=chunk)
+            assert many == one_by_one, (turned_on, chunk)
