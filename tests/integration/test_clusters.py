@@ -68,6 +68,15 @@ def _exclusions(log: str) -> list[tuple[int, str]]:
     return [(int(n) - 1, why) for n, why in found]
 
 
+def _cold_start(report: dict) -> bool:
+    """A round that found no group because hivemind's matchmaking itself failed (not because
+    the group had moved on or members held different states)."""
+    problem = report.get("problem") or ""
+    return report["outcome"] == "no-group" and (
+        "MatchmakingException" in problem or "AllreduceException" in problem
+    )
+
+
 def _network(why: str) -> bool:
     """A contribution lost in transfer (its blob did not arrive in time, or a stream broke),
     not one refused for what it was (protocols/transfer.py's TransferError messages)."""
@@ -81,22 +90,34 @@ def test_clusters_found_merged_served_joined_late_and_outliving_the_coordinator(
     swarm = Swarm(tmp_path, config_text=CLUSTERED)
     try:
         swarm.start_coordinator()
+        # --wait-for: the four start round 1 together (one that loaded a second later formed
+        # no part of round 1's group on a slow machine, which the switch check below, about
+        # the rounds before a volunteer's first cluster round, would take for a switch cost)
         for i, task in enumerate(TASKS):
-            swarm.join(f"v{i}", task, 9)
+            swarm.join(f"v{i}", task, 9, "--wait-for", str(len(TASKS)))
         codes = [swarm.wait(f"v{i}", 300) for i in range(len(TASKS))]
         assert codes == [0] * len(TASKS), "\n".join(swarm.log(f"v{i}") for i in range(4))
         labels = [_cluster_of(tmp_path / f"v{i}") for i in range(4)]
         assert adjusted_rand_index(TASKS, labels) == 1.0, labels
         assert "into `merged`" in swarm.log("coord")
-        for i in range(4):  # the switch from the run-wide group to the clusters cost no round
+        for i in range(4):  # the switch to the clusters: no round lost to waiting or to states
             reports = _reports(tmp_path / f"v{i}")
             reasons = _exclusions(swarm.log(f"v{i}"))
-            pair = {r["round"] for r in reports if _gathered(r) == 2}
-            first = min(pair)  # its first round in its cluster, and the one after it
-            switch = reports[: first + 2]
-            brief = (i, _brief(switch), reasons)
-            # every round up to then formed its group: four before the switch, the pair after
-            assert [_gathered(r) for r in switch] == [4] * first + [2, 2], brief
+            # its first round in its cluster (by position: a resync repeats round numbers)
+            at = next(k for k, r in enumerate(reports) if _gathered(r) == 2)
+            before, pair = reports[:at], reports[at : at + 2]
+            first = reports[at]["round"]
+            brief = (i, _brief(reports[: at + 2]), reasons)
+            # every round up to then formed its group: four before the switch, the pair after.
+            # Hivemind's first matchmaking under the new cluster's prefix can fail ("could not
+            # find a group": counted no-group rounds, README "Clusters"); only right after the
+            # switch, and a few at most
+            costs = sum(1 for r in before if _cold_start(r))
+            assert costs <= 3 and all(_cold_start(r) for r in before[len(before) - costs :]), brief
+            assert [_gathered(r) for r in before[: len(before) - costs]] == [4] * (at - costs), (
+                brief
+            )
+            assert [_gathered(r) for r in pair] == [2, 2], brief
             # nobody was left out for holding another state (the switch is synchronised); a
             # fetch that a loaded machine lost is counted like in any other round, not a cost
             # of the switch

@@ -180,6 +180,12 @@ def test_sigkilled_peers_leave_no_process_and_resume_at_once_with_their_identity
         second = swarm.start_coordinator()
         peer_id = first.rsplit("/p2p/", 1)[1]
         assert "/p2p/" in first and second.rsplit("/p2p/", 1)[1] == peer_id
+        # the join lines are printed just after the address file is written: give them time
+        deadline = time.monotonic() + 30
+        while "--initial-peers" not in swarm.log("coord")[log_before:]:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         log = swarm.log("coord")[log_before:]
         assert "--initial-peers" in log and peer_id in log and "already taken" not in log, log
     finally:
