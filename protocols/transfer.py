@@ -497,10 +497,7 @@ def write_dir_atomically(files: Mapping[str, bytes], out_dir: Path) -> None:
     try:
         os.chmod(tmp_dir, 0o755)  # mkdtemp makes it 0o700; the result is an ordinary dir
         for name, data in files.items():
-            with open(tmp_dir / name, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(tmp_dir / name, data)
         fsync_dir(tmp_dir)
         _rename_into_place(tmp_dir, out_dir)
         renamed = True
@@ -519,6 +516,14 @@ def _rename_into_place(tmp_dir: Path, out_dir: Path) -> None:
                 f"refusing to write into {out_dir}: it appeared meanwhile"
             ) from None
         raise
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Create `path` (it must not exist) with `data`, flushed to disk before returning."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: Path) -> None:

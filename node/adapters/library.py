@@ -18,7 +18,6 @@ the prompt per expert; the README shows it in plain PEFT too.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from swarmtune.protocols.transfer import fsync_dir, write_dir_atomically
+from swarmtune.protocols.transfer import fsync_dir, write_dir_atomically, write_synced
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -145,8 +144,8 @@ def write_library(
             entries.append({"dir": name, **info})
         listing = {"run_id": run_id, "router": "arrow", "top_k": top_k(len(entries))}
         listing["adapters"] = entries
-        _write_synced(tmp / LIBRARY_FILE, (json.dumps(listing, indent=1) + "\n").encode())
-        _write_synced(tmp / "README.md", readme(run_id, entries).encode())
+        write_synced(tmp / LIBRARY_FILE, (json.dumps(listing, indent=1) + "\n").encode())
+        write_synced(tmp / "README.md", readme(run_id, entries).encode())
         tmp.chmod(0o755)
         fsync_dir(tmp)
         if out.exists():
@@ -156,10 +155,3 @@ def write_library(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
