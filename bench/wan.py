@@ -96,7 +96,7 @@ def run_setting(setting: Setting, rounds: int, tmp: Path) -> dict:
     if why is not None:
         raise SystemExit(f"bench/wan.py: {why}")
     config = CONFIG.format(overlap=str(setting.overlap).lower(), codec=setting.codec)
-    swarm = Swarm(tmp, config_text=config)
+    swarm = Swarm(tmp, config_text=config, evaluate=True)
     proxies: list[subprocess.Popen[str]] = []
     try:
         loopback = not setting.rate

@@ -33,6 +33,8 @@ averaging: {{matchmaking_time: 2.0}}
 """
 
 
+NEVER = 10**9  # --eval-every for volunteers whose test reads no eval numbers (Swarm.evaluate)
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -148,8 +150,14 @@ class Swarm:
         run_id: str = "itest-run",
         config_text: str | None = None,
         forked: bool = True,
+        evaluate: bool = False,
     ) -> None:
+        """`evaluate`: volunteers run their held-out eval every round (`join`'s default). Off,
+        they skip it, unless a test passes its own --eval-every: few tests read the numbers, and
+        each eval sits on the round's critical path (about 0.4 s of CPU per volunteer per round
+        on the tiny model, which on 2 cores shared by 3-4 volunteers lengthens every round)."""
         self.tmp = tmp
+        self.evaluate = evaluate
         self.config = tmp / "run.yaml"
         self.config.write_text(config_text or FAST_CONFIG.format(run_id=run_id))
         self.procs: dict[str, Proc] = {}
@@ -211,6 +219,8 @@ class Swarm:
         netns: str = "",
     ) -> Proc:
         """Start a volunteer on a built-in task (or on the data spec `task`, when it is one)."""
+        if not self.evaluate and "--eval-every" not in extra:
+            extra = (*extra, "--eval-every", str(NEVER))
         return self.spawn(
             name,
             "join",

@@ -100,6 +100,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     swarm = Swarm(
         tmp_path_factory.mktemp("swarm"),
         config_text=config.replace("matchmaking_time: 2.0", "matchmaking_time: 10.0"),
+        evaluate=True,  # the tests below read the eval loss, exact match and their plots
     )
     try:
         swarm.start_coordinator("--http-port", "0", "--report-to", "tensorboard")

@@ -29,6 +29,10 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "CRITICAL")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# what every volunteer's first get_peft_model imports: PEFT's LoRA layers for bitsandbytes,
+# whose CPU kernels register through torch.compile (about 4 s of CPU, here once instead of in
+# every child)
+import peft.tuners.lora.bnb  # noqa: E402, F401
 from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 
 import swarmtune.node.roles.admit  # noqa: E402, F401
