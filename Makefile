@@ -8,14 +8,22 @@ MAKEFLAGS += --jobs=2
 
 .PHONY: install demo test system-packages test-fast lint bench bench-ghbm bench-clusters bench-attacks bench-overlap bench-outer bench-outer-real bench-finetune clean
 
+# where pip finds local wheels (this machine keeps its CPU torch wheel there); uv reads no pip
+# configuration, so it is passed on
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-links 2>/dev/null))
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# Prefer the CPU-only wheel (served locally here); fall back to the normal torch elsewhere.
-	# --no-compile: Python compiles what it imports on first use; byte-compiling every file of
-	# torch and transformers up front cost 23 s more for torch alone on 2 cores.
-	$(BIN)/pip install -q --no-compile "torch==$(TORCH_VERSION)+cpu" || \
-		$(BIN)/pip install -q --no-compile "torch>=2.2"
-	$(BIN)/pip install -q --no-compile -e ".[dev]"
+	# uv installs the same packages as pip in half the time (23 s against 54 s here), with the
+	# CPU-only torch wheel where one is served locally; where either is missing, pip installs
+	# them, preferring that wheel and falling back to the normal torch elsewhere. Neither
+	# byte-compiles up front: Python compiles what it imports on first use (compiling every
+	# file of torch and transformers cost 23 s more for torch alone on 2 cores)
+	( $(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python \
+		$(addprefix --find-links ,$(FIND_LINKS)) "torch==$(TORCH_VERSION)+cpu" -e ".[dev]" ) || \
+	( ( $(BIN)/pip install -q --no-compile "torch==$(TORCH_VERSION)+cpu" || \
+		$(BIN)/pip install -q --no-compile "torch>=2.2" ) && \
+		$(BIN)/pip install -q --no-compile -e ".[dev]" )
 	touch $(STAMP)
 
 install: $(STAMP)
