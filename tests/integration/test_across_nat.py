@@ -101,18 +101,18 @@ def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
         addrs = (tmp_path / "addr.txt").read_text().split()
         towards = {i: next(a for a in addrs if f"/{PUBLIC[i]}/" in a) for i in (1, 2)}
         joined = ("--host", "0.0.0.0")  # listening everywhere does not make a home dialable
-        # v3: a volunteer on the public segment that also relays; v2 joins through it
-        relay_id = swarm.cli("id", "--workdir", str(tmp_path / "v3")).stdout.strip()
-        v3 = f"/ip4/{PUBLIC[2]}/tcp/{RELAY_PORT}/p2p/{relay_id}"
+        names = ("v1", "v2", "v3")
+        made = swarm.cli_many(*(("id", "--workdir", str(tmp_path / v)) for v in names))
+        ids = {v: done.stdout.strip() for v, done in zip(names, made, strict=True)}
+        # v3: a volunteer on the public segment that also relays; v2 joins through it, v1
+        # through the coordinator (it starts up beside v3)
+        v3 = f"/ip4/{PUBLIC[2]}/tcp/{RELAY_PORT}/p2p/{ids['v3']}"
         swarm.maddr = towards[2]
         swarm.join("v3", "code", 1000, *joined, "--port", str(RELAY_PORT), "--serve-relay",
                    netns=homes.pub)  # fmt: skip
-        _wait_line(swarm, "v3", "joined run", timeout=60)
-        ids = {
-            v: swarm.cli("id", "--workdir", str(tmp_path / v)).stdout.strip() for v in ("v1", "v2")
-        }
         swarm.maddr = towards[1]
         swarm.join("v1", "dates", 1000, *joined, netns=homes.home(1))
+        _wait_line(swarm, "v3", "joined run", timeout=60)
         swarm.maddr = v3
         swarm.join("v2", "arithmetic", 1000, *joined, netns=homes.home(2))
         _wait(swarm, "v1", 2, timeout=120)
@@ -159,14 +159,14 @@ def test_two_nated_volunteers_train_restart_and_a_nated_consumer_pulls(
         swarm.kill("v3", signal.SIGINT)
         assert swarm.wait("v3", timeout=60) == 0, swarm.log("v3")
 
+        # a consumer at home asks for the status and pulls (both at once)
+        out = tmp_path / "pulled"
         swarm.spawn("status", "status", "--initial-peers", towards[2], netns=homes.home(2))
+        swarm.spawn("pull", "pull", "--initial-peers", towards[2], "--out", str(out),
+                    netns=homes.home(2))  # fmt: skip
         assert swarm.wait("status", timeout=60) == 0, swarm.log("status")
         shown = [line.split() for line in swarm.log("status").splitlines() if "volunteer" in line]
         assert sorted(row[2] for row in shown) == ["direct", "relay", "relay"], swarm.log("status")
-
-        out = tmp_path / "pulled"
-        swarm.spawn("pull", "pull", "--initial-peers", towards[2], "--out", str(out),
-                    netns=homes.home(2))  # fmt: skip
         assert swarm.wait("pull", timeout=120) == 0, swarm.log("pull")
         assert (out / "adapter_model.safetensors").stat().st_size > 0
         served = re.search(r"round (\d+)", (out / "README.md").read_text())

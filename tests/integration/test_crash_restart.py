@@ -125,9 +125,11 @@ def test_sigkilled_peers_leave_no_process_and_resume_at_once_with_their_identity
         # helper processes must die with that process
         swarm.join("v0", "arithmetic", 1000, forked=False)
         # v1 and v2 go on while v0 is dead, so v0 must catch up (a group of two can vouch for
-        # its states; a lone survivor's rounds could not be proven to v0)
-        swarm.join("v1", "dates", 1000)
-        swarm.join("v2", "code", 1000)
+        # its states; a lone survivor's rounds could not be proven to v0). --wait-for 3: they
+        # wait for v0's start-up (its own imports, 15-30 s on 2 cores) instead of training
+        # beside it and slowing it down
+        swarm.join("v1", "dates", 1000, "--wait-for", "3")
+        swarm.join("v2", "code", 1000, "--wait-for", "3")
         _wait_rounds(swarm, "v0", 1, 120)
         survivors = _sigkill_main_only(swarm, "v0")
         assert not survivors, [(p.pid, p.name()) for p in survivors]
