@@ -231,16 +231,19 @@ class Peer:
                 self.abandon(exc, state)
                 break
             members = report.members + report.excluded
+            agreed = report.members if report.concluded else ()
             if not report.concluded:  # alone, or left with our own update: probably diverged
                 members = tuple(
                     p for p in self.transport.announcements() if p != self.transport.peer
                 )
             # let the group announce this round before the next sync picks a consensus, so a
-            # member that diverged is resynced before the next round, not after it (members
-            # conclude the same exchange together: usually milliseconds)
-            self.await_members(state.round, members, self.config.averaging.matchmaking_time)
+            # member that diverged is resynced before the next round, not after it, and their
+            # votes complete our certificate (members conclude the same exchange together:
+            # usually milliseconds)
+            wait = self.config.averaging.matchmaking_time
+            self.await_members(state, members, wait, agreed)
         if members:
-            self.await_members(state.round, members, settle_s)
+            self.await_members(state, members, settle_s, agreed)
         return self.finish(state)
 
     def start(self) -> GroupState:
@@ -413,12 +416,31 @@ class Peer:
         self.banned = kept_out
         self.transport.keep_out(kept_out)
 
-    def await_members(self, round_: int, members: tuple[str, ...], timeout: float) -> None:
-        """Wait (bounded) until every listed member has announced a state of at least round_."""
+    def await_members(
+        self,
+        state: GroupState,
+        members: tuple[str, ...],
+        timeout: float,
+        agreed: tuple[str, ...] = (),
+    ) -> None:
+        """Wait (bounded) until every listed member has announced a state of at least our
+        round, and each member in `agreed` (who concluded `state` with us) `state` itself or a
+        later round. A record of our round number with another digest is not their vote for
+        this state: it is left from an earlier try at the round (a member that trained it alone
+        and went back), and collecting votes from it left our certificate one vote short for
+        good, so that nobody could adopt a state whose chain reached back through it."""
+        round_, digest = state.round, state.digest()
+
+        def announced(peer: str, seen: dict[str, tuple[int, str]]) -> bool:
+            their_round, their_digest = seen.get(peer, (-1, ""))
+            if their_round != round_:
+                return their_round > round_
+            return peer not in agreed or their_digest == digest
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stop.is_set():
             seen = self.transport.announcements()
-            if all(seen.get(peer, (-1, ""))[0] >= round_ for peer in members):
+            if all(announced(peer, seen) for peer in members):
                 return
             time.sleep(0.1)
 

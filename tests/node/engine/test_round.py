@@ -708,3 +708,44 @@ def test_a_nan_loss_stops_the_peer_with_one_line_and_keeps_its_checkpoint(tmp_pa
     assert loaded is not None and loaded[0].digest() == saved.digest() and saved.round == 1
     with pytest.raises(TrainingDiverged, match="held-out loss"):
         local.eval_loss()
+
+
+class _ColdStartThenSlowVotes(InMemoryTransport):
+    """Its first exchange finds no group (as hivemind's first matchmaking can); its announcements
+    that carry a vote arrive `delay` seconds late."""
+
+    def __init__(self, hub: InMemoryHub, name: str, delay: float) -> None:
+        super().__init__(hub, name)
+        self.tries, self.delay = 0, delay
+
+    def exchange(self, delta, meta, ahead=0.0):  # noqa: ANN001, ANN201
+        self.tries += 1
+        if self.tries == 1:
+            raise AveragingFailed("could not find a group (injected)")
+        return super().exchange(delta, meta, ahead)
+
+    def announce_state(self, state, claim=None, chain=None) -> None:  # noqa: ANN001
+        if claim is not None:
+            time.sleep(self.delay)
+        super().announce_state(state, claim, chain)
+
+
+def test_a_round_retried_after_training_alone_is_certified_with_every_members_vote() -> None:
+    # both members train round 1 alone, go back to round 0 and average round 1 together; p1's
+    # vote for it arrives while its record still shows its lone round 1. Taking that record
+    # for its announcement left p0's round-1 link one vote short for good, and a late joiner
+    # refused every state whose chain went through it (seen on real peers: the GHBM test's late
+    # joiner stuck at round 0)
+    hub = InMemoryHub(expected=2, timeout=5.0)
+    peers = [
+        Peer(_local(task, i).trainer, _ColdStartThenSlowVotes(hub, f"p{i}", 0.6 * i), CONFIG)
+        for i, task in enumerate(TASKS[:2])
+    ]
+    states = _run_all(peers, [3, 3])
+    assert [p.resynced_to for p in peers] == [[0], [0]]  # each went back once
+    assert {s.round for s in states} == {2} and len({s.digest() for s in states}) == 1
+    for peer, (_, chain) in hub.served().items():  # the newest link's votes are the live ones
+        assert [len(c.valid_votes()) for c in chain[:-1]] == [2], peer
+    late = Peer(_local(TASKS[2], 2).trainer, InMemoryTransport(hub, "p2"), CONFIG)
+    assert late.sync(late.initial_state()).digest() == states[0].digest()
+    assert late.counts.unproven == 0
