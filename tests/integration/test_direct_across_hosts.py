@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HOST1, HOST2 = "192.168.11.2", "192.168.12.2"
 
 SERVER = """
-import hashlib, json, sys, time
+import hashlib, json, os, sys, time
 sys.path.insert(0, {root!r})
 from swarmtune.protocols.swarm import SwarmNode
 node = SwarmNode(initial_peers=[], host={host!r})
@@ -31,26 +30,34 @@ data = bytes(range(256)) * (8 << 10)  # 2 MiB
 node.blobs.publish("big", data)
 info = {{"maddr": node.maddrs()[0], "sha": hashlib.sha256(data).hexdigest(),
         "port": node.blobs.direct.port}}
-open({out!r}, "w").write(json.dumps(info))
+open({out!r} + ".tmp", "w").write(json.dumps(info))
+os.replace({out!r} + ".tmp", {out!r})  # the client reads it whole or not at all
 time.sleep(120)
 """
 
 CLIENT = """
-import json, sys
+import json, os, sys, time
 sys.path.insert(0, {root!r})
 from swarmtune.protocols.swarm import SwarmNode
+deadline = time.monotonic() + 90
+while not os.path.exists({info!r}):  # the server starts beside us
+    assert time.monotonic() < deadline, "the server did not start"
+    time.sleep(0.1)
 info = json.load(open({info!r}))
-node = SwarmNode(initial_peers=[info["maddr"]], host={host!r})
-node.enable_direct()
 server = info["maddr"].rsplit("/p2p/", 1)[1]
-outcomes = []
-for _ in range(2):
-    stats = {{}}
-    got = node.routes.fetch(server, "big", expected_sha256=info["sha"], stats=stats, timeout=60)
-    assert len(got) == 2 << 20
-    outcomes.append(stats["direct"])
-print("OUTCOMES", json.dumps(outcomes), flush=True)
-node.shutdown()
+for attempt in range(2):  # the test firewalls the server's direct port between the two
+    if attempt:
+        sys.stdin.readline()
+    node = SwarmNode(initial_peers=[info["maddr"]], host={host!r})  # fresh: no memory of failures
+    node.enable_direct()
+    outcomes = []
+    for _ in range(2):
+        stats = {{}}
+        got = node.routes.fetch(server, "big", expected_sha256=info["sha"], stats=stats, timeout=60)
+        assert len(got) == 2 << 20
+        outcomes.append(stats["direct"])
+    print("OUTCOMES", json.dumps(outcomes), flush=True)
+    node.shutdown()
 """
 
 
@@ -73,6 +80,7 @@ def hosts() -> Iterator[Homes]:
 def _python(namespace: str, code: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["ip", "netns", "exec", namespace, sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -80,12 +88,15 @@ def _python(namespace: str, code: str) -> subprocess.Popen[str]:
     )
 
 
-def _outcomes(hosts: Homes, info: Path) -> list[int]:
-    client = _python(hosts.home(2), CLIENT.format(root=str(ROOT), info=str(info), host=HOST2))
-    out, _ = client.communicate(timeout=120)
-    assert client.returncode == 0, out
-    line = next(x for x in out.splitlines() if x.startswith("OUTCOMES"))
-    return json.loads(line.split(" ", 1)[1])
+def _outcomes(client: subprocess.Popen[str], seen: list[str]) -> list[int]:
+    """The client's next OUTCOMES line (what it printed is kept in `seen` for the failure)."""
+    assert client.stdout is not None
+    for line in client.stdout:
+        seen.append(line)
+        if line.startswith("OUTCOMES"):
+            return json.loads(line.split(" ", 1)[1])
+    client.wait(timeout=30)
+    raise AssertionError(f"the client exited {client.returncode}:\n{''.join(seen)}")
 
 
 @pytest.mark.timeout(300)
@@ -93,22 +104,25 @@ def test_direct_transfers_reach_the_peers_address_and_a_firewall_sends_them_to_t
     hosts: Homes, tmp_path: Path
 ) -> None:
     info = tmp_path / "server.json"
+    # both start at once (their imports overlap); the client waits for the server's info file
     server = _python(hosts.home(1), SERVER.format(root=str(ROOT), host=HOST1, out=str(info)))
+    client = _python(hosts.home(2), CLIENT.format(root=str(ROOT), info=str(info), host=HOST2))
+    seen: list[str] = []
     try:
-        deadline = time.monotonic() + 60
-        while not info.exists() or not info.read_text():
-            assert server.poll() is None, server.stdout.read() if server.stdout else ""
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
-        assert _outcomes(hosts, info) == [1, 1]  # both fetches went direct, across hosts
+        assert _outcomes(client, seen) == [1, 1]  # both fetches went direct, across hosts
         port = json.loads(info.read_text())["port"]
         subprocess.run(
             ["ip", "netns", "exec", hosts.home(1), "iptables", "-A", "INPUT", "-p", "tcp",
              "--dport", str(port), "-j", "DROP"],
             check=True, capture_output=True, timeout=30,
         )  # fmt: skip
-        # a fresh client: the direct port no longer answers; it falls back, then streams
-        assert _outcomes(hosts, info) == [-1, 0]
+        # a fresh client node: the direct port no longer answers; it falls back, then streams
+        assert client.stdin is not None
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert _outcomes(client, seen) == [-1, 0]
+        assert client.wait(timeout=60) == 0, "".join(seen)
     finally:
-        server.kill()
-        server.wait()
+        for proc in (client, server):
+            proc.kill()
+            proc.wait()
