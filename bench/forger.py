@@ -11,7 +11,8 @@ adapter, and announces, under its own (valid) identity:
 - the matching adapter bundle offered as `global` at round R (--offer-round), naming that
   state;
 and serves both (or nothing, with --no-serve: an announcement with nothing behind it).
-It prints one JSON line per forgery it announced (also to --out), and exits after --seconds.
+It prints one JSON line once it is in the swarm ({"ready": its peer id}) and one per forgery it
+announced (also to --out), and exits after --seconds.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also append each JSON line to this file")
     args = parser.parse_args()
     node = SwarmNode(initial_peers=args.initial_peers, workdir=args.workdir, run_id=args.run)
+    say(args, {"ready": node.peer_id})  # in the swarm: a harness may start the honest peers now
     done: set[int] = set()
     deadline = time.monotonic() + args.seconds
     try:

@@ -35,6 +35,7 @@ def _reports(workdir: Path) -> list[dict]:
 
 def _forger(swarm: Swarm, name: str, *extra: str) -> subprocess.Popen[str]:
     args = ["--initial-peers", swarm.maddr, "--run", "itest-run", "--seconds", "300"]
+    args += ["--out", str(swarm.tmp / f"{name}.jsonl")]
     return subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "forger.py"), *args, *extra]
         + ["--workdir", str(swarm.tmp / name)],
@@ -55,6 +56,14 @@ def test_forged_states_and_offers_take_nothing(tmp_path: Path) -> None:
     try:
         swarm.start_coordinator()
         forgers = [_forger(swarm, "served"), _forger(swarm, "unserved", "--no-serve")]
+        # the volunteers start once both strangers are in the swarm (a forger is a plain
+        # interpreter: its imports take longer than the volunteers' whole 5 rounds here)
+        deadline = time.monotonic() + 120
+        for name, forger in zip(("served", "unserved"), forgers, strict=True):
+            out = tmp_path / f"{name}.jsonl"
+            while not (out.exists() and '"ready"' in out.read_text()):
+                assert forger.poll() is None and time.monotonic() < deadline, name
+                time.sleep(0.2)
         for name, task in (("v0", "arithmetic"), ("v1", "dates")):
             swarm.join(name, task, ROUNDS, "--wait-for", "2")
         for name in ("v0", "v1"):
