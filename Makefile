@@ -34,11 +34,10 @@ demo: $(STAMP)
 # the Debian packages some tests drive (Chromium for the status page, iptables for the firewall
 # test) install while pip installs the Python side: prerequisites run side by side (--jobs=2)
 test: $(STAMP) system-packages
-	# in-process tests on both cores (with them the tests of real p2pd peers inside the test
-	# process, one worker per module: --dist loadgroup); then the swarms of processes (marked
-	# slow, all in tests/integration) one at a time: each needs the cores, and one beside it
-	# starves its rounds
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup -m "not slow"
+	# in-process tests on both cores; then the real-peer tests (marked slow, all in
+	# tests/integration) one at a time: each starts a swarm of processes that needs the cores,
+	# and one beside it starves its rounds
+	$(BIN)/python -m pytest -q -rs -n 2 -m "not slow"
 	$(BIN)/python -m pytest -q -rs -m slow tests/integration
 
 system-packages:

@@ -20,6 +20,7 @@ from swarmtune.protocols.records import PeerRecord, RevocationRecord, revoked_ke
 from swarmtune.protocols.swarm import SwarmNode, load_or_create_key
 from tests.integration.parallel import run_members
 
+pytestmark = pytest.mark.slow
 RUN = "admit-test"
 SHAPES = {"layer.lora_A": (4, 32), "layer.lora_B": (32, 4)}
 
@@ -55,8 +56,6 @@ def _exchange_all(transports: list[HivemindTransport], round_: int) -> list:
     return run_members(work, len(transports))
 
 
-# real p2pd peers inside the test process (no swarm of processes): beside the in-process tests
-@pytest.mark.p2pd
 def test_unadmitted_and_revoked_peers_never_average(tmp_path: Path) -> None:
     coordinator = SwarmNode(initial_peers=[], workdir=tmp_path / "coord", run_id=RUN)
     key = load_or_create_key(tmp_path / "coord" / "records.key")
@@ -118,7 +117,6 @@ def test_unadmitted_and_revoked_peers_never_average(tmp_path: Path) -> None:
             n.shutdown()
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_address_admission_hands_out_tickets_and_refuses_an_address_past_its_limit(
     tmp_path: Path,

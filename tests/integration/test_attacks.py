@@ -27,9 +27,7 @@ from tests.attackers.adversaries import ADVERSARIES
 from tests.attackers.averager import HostileAverager
 from tests.integration.parallel import run_members
 
-# real p2pd peers inside the test process, mostly waiting on matchmaking windows: they run
-# beside the in-process tests (make test's first part), one worker for the module
-pytestmark = [pytest.mark.p2pd, pytest.mark.xdist_group("attacks")]
+pytestmark = pytest.mark.slow
 RUN = "attack-test"
 SHAPES = {"q.lora_A": (4, 48), "q.lora_B": (48, 4), "v.lora_A": (4, 48)}
 WEIGHT = 4.0  # every honest member trained its H = 4 steps (the most a round can claim)

@@ -16,9 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from netns import Homes  # noqa: E402
 
-# real p2pd peers inside the test process, mostly waiting on matchmaking windows: they run
-# beside the in-process tests (make test's first part), one worker for the module
-pytestmark = [pytest.mark.p2pd, pytest.mark.xdist_group("direct_across_hosts")]
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 HOST1, HOST2 = "192.168.11.2", "192.168.12.2"
 

@@ -23,9 +23,7 @@ from swarmtune.protocols.records import PeerRecord
 from swarmtune.protocols.swarm import SwarmNode
 from tests.integration.parallel import run_members
 
-# real p2pd peers inside the test process, mostly waiting on matchmaking windows: they run
-# beside the in-process tests (make test's first part), one worker for the module
-pytestmark = [pytest.mark.p2pd, pytest.mark.xdist_group("group_exchange")]
+pytestmark = pytest.mark.slow
 SHAPES = {"layer.lora_A": (8, 64), "layer.lora_B": (64, 8), "other.lora_A": (4, 300)}
 
 
