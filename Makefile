@@ -9,8 +9,8 @@ MAKEFLAGS += --jobs=2
 .PHONY: install demo test system-packages test-fast lint bench bench-ghbm bench-clusters bench-attacks bench-overlap bench-outer bench-outer-real bench-finetune clean
 
 # where pip finds local wheels (this machine keeps its CPU torch wheel there); uv reads no pip
-# configuration, so it is passed on
-FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-links 2>/dev/null))
+# configuration, so it is passed on (`=`: asked for only when the install runs)
+FIND_LINKS = $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-links 2>/dev/null))
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

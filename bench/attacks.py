@@ -249,20 +249,20 @@ def run_real(attack: str | None, aggregator: str, rounds: int, workdir: Path) ->
         [json.loads(x) for x in (v / "metrics.jsonl").read_text().splitlines()] for v in vols[:3]
     ]
     finals = [m[-1] for m in metrics if m]
+    reports = [r for m in metrics for r in m]  # every honest volunteer's rounds
     return {
         "exit_codes": codes,
         "eval_loss": sum(f["eval_loss"] for f in finals) / max(len(finals), 1),
         "rounds": min(len(m) for m in metrics),
-        "averaged": sum(1 for m in metrics for r in m if r["outcome"] == "averaged"),
-        "not_averaged": sum(1 for m in metrics for r in m if r["outcome"] != "averaged"),
-        "excluded": sum(len(r["excluded"]) for m in metrics for r in m),
+        "averaged": sum(1 for r in reports if r["outcome"] == "averaged"),
+        "not_averaged": sum(1 for r in reports if r["outcome"] != "averaged"),
+        "excluded": sum(len(r["excluded"]) for r in reports),
         "resyncs": max(f["resyncs"] for f in finals) if finals else 0,
         "refused": sum(f.get("refused", 0) for f in finals),
-        "round_s": sum(r["wall_s"] for m in metrics for r in m) / max(sum(map(len, metrics)), 1),
+        "round_s": sum(r["wall_s"] for r in reports) / max(len(reports), 1),
         # fetching the others' contributions: where a withholder's reveal wait shows
-        "transfer_s": sum(r["transfer_s"] for m in metrics for r in m)
-        / max(sum(map(len, metrics)), 1),
-        "full_waits": sum(1 for m in metrics for r in m if r["transfer_s"] >= REVEAL_WAIT_S),
+        "transfer_s": sum(r["transfer_s"] for r in reports) / max(len(reports), 1),
+        "full_waits": sum(1 for r in reports if r["transfer_s"] >= REVEAL_WAIT_S),
     }
 
 

@@ -22,6 +22,7 @@ from swarmtune.protocols.records import PeerRecord
 from swarmtune.protocols.runner import LoopThread
 from swarmtune.protocols.transfer import (
     MAX_PASSED_ON,
+    UNKNOWN_BLOB,
     VIA,
     BlobServer,
     NotServed,
@@ -30,6 +31,7 @@ from swarmtune.protocols.transfer import (
     fetch_blob,
     pass_on_blob,
     refuse,
+    unknown_blob,
 )
 
 log = logging.getLogger("swarmtune.swarm")
@@ -195,7 +197,7 @@ class BlobRouter:
                     and ask not in self._relayed,
                 )
             except TransferError as exc:
-                failure = exc if failure is None or "unknown blob" in str(exc) else failure
+                failure = exc if failure is None or UNKNOWN_BLOB in str(exc) else failure
                 if time.monotonic() >= deadline:
                     break
             finally:
@@ -234,14 +236,14 @@ class BlobRouter:
                     # reset (seen on loopback under load) is worth another try or two
                     truncated = isinstance(exc, StreamEndedEarly)
                     cut_short += truncated
-                    retry = "unknown blob" in str(exc) or (
+                    retry = UNKNOWN_BLOB in str(exc) or (
                         truncated and cut_short <= TRUNCATED_RETRIES
                     )
                     if not retry or time.monotonic() >= reveal_by:
                         # the member itself (or a relay passing its answer on verbatim) said
                         # it has no blob of this name; a peer asked for `via/...` that relays
                         # nothing says so of the via name, which is no withholding
-                        withheld = f"unknown blob {name!r}" in str(exc)
+                        withheld = unknown_blob(name) in str(exc)
                         return NotServed(str(exc)) if withheld else exc
                 await asyncio.sleep(UNKNOWN_RETRY_S)
 

@@ -68,6 +68,15 @@ class StreamEndedEarly(TransferError):
     """The stream closed before the whole blob arrived (a reset: worth a fresh stream)."""
 
 
+UNKNOWN_BLOB = "unknown blob"  # a server's refusal of a name it does not serve, then the name
+
+
+def unknown_blob(name: str) -> str:
+    """The refusal a server sends for a blob `name` it does not serve (fetch_many tells a
+    member's own refusal of its contribution's name by it)."""
+    return f"{UNKNOWN_BLOB} {name!r}"
+
+
 class NotServed(TransferError):
     """The peer answered, but does not serve the blob (still "unknown blob" when the wait for
     it ended): for a group member that committed to it, withholding."""
@@ -209,7 +218,7 @@ class BlobServer:
             self.bytes_sent += await self._proxy(peer, rest, writer)
             return
         if entry is None:
-            self.bytes_sent += await refuse(writer, f"unknown blob {name!r}")
+            self.bytes_sent += await refuse(writer, unknown_blob(name))
             return
         data, sha256 = entry
         header: dict[str, Any] = {"ok": True, "size": len(data), "sha256": sha256}

@@ -221,6 +221,8 @@ class Peer:
         state = self.start()
         following: LocalUpdate | None = None  # overlapped: the next round's update, computed
         members: tuple[str, ...] = ()
+        agreed: tuple[str, ...] = ()  # members who concluded the round's state with us
+        digest = ""  # that state's
         for done in range(rounds):
             if self.stop.is_set():
                 break
@@ -231,7 +233,7 @@ class Peer:
                 self.abandon(exc, state)
                 break
             members = report.members + report.excluded
-            agreed = report.members if report.concluded else ()
+            agreed, digest = (report.members, report.digest) if report.concluded else ((), "")
             if not report.concluded:  # alone, or left with our own update: probably diverged
                 members = tuple(
                     p for p in self.transport.announcements() if p != self.transport.peer
@@ -241,9 +243,9 @@ class Peer:
             # votes complete our certificate (members conclude the same exchange together:
             # usually milliseconds)
             wait = self.config.averaging.matchmaking_time
-            self.await_members(state, members, wait, agreed)
+            self.await_members(state.round, members, wait, agreed, digest)
         if members:
-            self.await_members(state, members, settle_s, agreed)
+            self.await_members(state.round, members, settle_s, agreed, digest)
         return self.finish(state)
 
     def start(self) -> GroupState:
@@ -418,18 +420,19 @@ class Peer:
 
     def await_members(
         self,
-        state: GroupState,
+        round_: int,
         members: tuple[str, ...],
         timeout: float,
         agreed: tuple[str, ...] = (),
+        digest: str = "",
     ) -> None:
-        """Wait (bounded) until every listed member has announced a state of at least our
-        round, and each member in `agreed` (who concluded `state` with us) `state` itself or a
-        later round. A record of our round number with another digest is not their vote for
-        this state: it is left from an earlier try at the round (a member that trained it alone
-        and went back), and collecting votes from it left our certificate one vote short for
-        good, so that nobody could adopt a state whose chain reached back through it."""
-        round_, digest = state.round, state.digest()
+        """Wait (bounded) until every listed member has announced a state of at least round_,
+        and each member in `agreed` (who concluded the state `digest` with us) that state
+        itself or a later round. A record of our round number with another digest is not their
+        vote for this state: it is left from an earlier try at the round (a member that trained
+        it alone and went back), and collecting votes from it left our certificate one vote
+        short for good, so that nobody could adopt a state whose chain reached back through
+        it. (`digest` is the round report's: no second hash of the state per round.)"""
 
         def announced(peer: str, seen: dict[str, tuple[int, str]]) -> bool:
             their_round, their_digest = seen.get(peer, (-1, ""))

@@ -77,18 +77,19 @@ def hosts() -> Iterator[Homes]:
         built.down()
 
 
-def _python(namespace: str, code: str) -> subprocess.Popen[str]:
+def _python(namespace: str, code: str, log: Path | None = None) -> subprocess.Popen[str]:
+    """`code` in a fresh interpreter inside `namespace`; its output to `log`, else a pipe."""
     return subprocess.Popen(
         ["ip", "netns", "exec", namespace, sys.executable, "-c", code],
         stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if log is None else open(log, "w"),  # noqa: SIM115 - the child's
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
 
 
-def _outcomes(client: subprocess.Popen[str], seen: list[str]) -> list[int]:
+def _outcomes(client: subprocess.Popen[str], seen: list[str], server_log: Path) -> list[int]:
     """The client's next OUTCOMES line (what it printed is kept in `seen` for the failure)."""
     assert client.stdout is not None
     for line in client.stdout:
@@ -96,7 +97,8 @@ def _outcomes(client: subprocess.Popen[str], seen: list[str]) -> list[int]:
         if line.startswith("OUTCOMES"):
             return json.loads(line.split(" ", 1)[1])
     client.wait(timeout=30)
-    raise AssertionError(f"the client exited {client.returncode}:\n{''.join(seen)}")
+    server = server_log.read_text(errors="replace") if server_log.exists() else ""
+    raise AssertionError(f"the client exited {client.returncode}:\n{''.join(seen)}\n{server}")
 
 
 @pytest.mark.timeout(300)
@@ -105,11 +107,14 @@ def test_direct_transfers_reach_the_peers_address_and_a_firewall_sends_them_to_t
 ) -> None:
     info = tmp_path / "server.json"
     # both start at once (their imports overlap); the client waits for the server's info file
-    server = _python(hosts.home(1), SERVER.format(root=str(ROOT), host=HOST1, out=str(info)))
+    server_log = tmp_path / "server.log"
+    server_code = SERVER.format(root=str(ROOT), host=HOST1, out=str(info))
+    server = _python(hosts.home(1), server_code, server_log)
     client = _python(hosts.home(2), CLIENT.format(root=str(ROOT), info=str(info), host=HOST2))
     seen: list[str] = []
     try:
-        assert _outcomes(client, seen) == [1, 1]  # both fetches went direct, across hosts
+        # both fetches went direct, across hosts
+        assert _outcomes(client, seen, server_log) == [1, 1]
         port = json.loads(info.read_text())["port"]
         subprocess.run(
             ["ip", "netns", "exec", hosts.home(1), "iptables", "-A", "INPUT", "-p", "tcp",
@@ -120,7 +125,7 @@ def test_direct_transfers_reach_the_peers_address_and_a_firewall_sends_them_to_t
         assert client.stdin is not None
         client.stdin.write("go\n")
         client.stdin.flush()
-        assert _outcomes(client, seen) == [-1, 0]
+        assert _outcomes(client, seen, server_log) == [-1, 0]
         assert client.wait(timeout=60) == 0, "".join(seen)
     finally:
         for proc in (client, server):
