@@ -303,6 +303,11 @@ class GroupAverager:
             withheld,
         )
 
+    def expect(self, members: int) -> None:
+        """Change how many members (ourselves included) close the group being formed: a join
+        after this counts against the new number."""
+        self.averager.expect(members)
+
     def _commit(
         self, tensors: Mapping[str, torch.Tensor], meta: MemberMeta
     ) -> tuple[bytes, MemberMeta]:

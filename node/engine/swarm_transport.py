@@ -79,6 +79,11 @@ class HivemindTransport:
         self._held: set[str] = set()  # digests of the states we announced
         self.banned: dict[str, str] = {}
         self.refused_before = 0  # join requests refused by averagers we closed
+        # peers we waited a whole window for and that did not come, with the record they had
+        # then: not waited for again until they store another (a dead member's
+        # record outlives it by up to PEER_TTL; waiting for it every round cost a full window
+        # per round until it expired, bench/churn.py)
+        self.no_shows: dict[str, tuple[int, str, float]] = {}
 
     def switch_group(self, prefix: str, cluster: int) -> None:
         """Average under `prefix` from the next round on, and say so in our record. The state
@@ -116,24 +121,42 @@ class HivemindTransport:
         window = self.first_window
         if ahead > 0:
             window = max(window or 0.0, self.averager.matchmaking_time + ahead)
+        seen = self._members()  # the records as last read before the group formed
+        suspects = set(self.averager.suspects)
+        expected = self._expected_in(seen, set(refused), meta.start_digest, meta.round, suspects)
+        counted = self.first_window is None
+
+        def poll() -> bool:
+            """Polled while matchmaking: did the group finish without us? And a peer that
+            (re)announced since we counted (a restart the records had not shown yet) is
+            waited for from now on."""
+            members = self._members()  # one read of the records per poll
+            seen.clear()
+            seen.update(members)
+            if counted:
+                fresh = self._expected_in(
+                    members, set(refused), meta.start_digest, meta.round, suspects
+                )
+                if fresh - expected - {self.peer}:
+                    expected.update(fresh)
+                    self.averager.expect(len(expected))
+            return self._moved_on(meta.round, members)
+
         try:
             out = self.averager.exchange(
                 delta,
                 dataclasses.replace(meta, ticket=self.ticket),
                 timeout=self.timeout + ahead,
-                moved_on=lambda: self._moved_on(meta.round),
+                moved_on=poll,
                 window=window,
                 # peers that start together reach their first exchange seconds apart: the
                 # first round after (re)joining waits its window instead of closing early
-                expected=0
-                if self.first_window
-                else self.expected_members(
-                    set(refused), meta.start_digest, meta.round, set(self.averager.suspects)
-                ),
+                expected=len(expected) if counted else 0,
             )
             self.first_window = None
         except AveragingError as exc:
             raise AveragingFailed(str(exc)) from None
+        self._note_no_shows(expected, {m.peer for m in out.members} | set(out.missing), seen)
         for peer in sorted(out.withheld):  # not refused in matchmaking (refusals that members
             # do not agree on split groups): its next reveals get a short wait instead
             log.warning(
@@ -147,37 +170,59 @@ class HivemindTransport:
             )
         return out
 
-    def expected_members(
+    def _note_no_shows(
+        self, expected: set[str], came: set[str], seen: dict[str, PeerRecord]
+    ) -> None:
+        """After a group formed without some of the peers we expected (so it waited out its
+        window for them): remember the record we had last seen of each before the group formed
+        (`seen`), and stop expecting it until it stores another (a restart, a resync, the next
+        round: every store has a new time; one stored since then already is another)."""
+        came = came | {self.peer}
+        if len(came) < 2:  # no group at all says nothing about any one peer
+            return
+        for peer in expected - came:
+            if peer in seen:
+                self.no_shows[peer] = _announced(seen[peer])
+
+    def expected_peers(
         self, refused: set[str], start: str, round_: int, suspects: Collection[str] = ()
-    ) -> int:
-        """How many volunteers (ourselves included) may join this round's group (which starts
+    ) -> set[str]:
+        """`_expected_in` the records as they are now."""
+        return self._expected_in(self._members(), refused, start, round_, suspects)
+
+    def _expected_in(
+        self,
+        members: dict[str, PeerRecord],
+        refused: set[str],
+        start: str,
+        round_: int,
+        suspects: Collection[str] = (),
+    ) -> set[str]:
+        """The volunteers (ourselves included) that may join this round's group (which starts
         from `start`, at `round_`): every live volunteer of our group that announced a state of
         this round or an earlier one (it is behind, or missed a group, and may catch up within
         the window; counting only those already at our state would close every group before a
         late joiner's announcement arrives, and it would never catch up), or a later state we
         held. A state ahead of ours that we never held is not waited for: a stranger announcing
         one would otherwise hold every group for its full window. A member that died still
-        counts until its record expires; the window then closes without it. Nor is a
+        counts until a group formed without it once; from then on it is a no-show
+        (`no_shows`) until it stores another record, or its record expires. Nor is a
         `suspects` peer (it withheld its contribution) that announced another state: it fell
         out of sync, and waiting for it would cost part of a window every round; one at our
         state still counts, since it will join, and the group must not close before an honest
         member is in."""
-        announced = self.announcements()
-        return len(
-            {
-                p
-                for p, (r, digest) in announced.items()
-                if (r <= round_ or digest in self._held | {start})
-                and (p not in suspects or (r, digest) == (round_, start))
-            }
-            - refused
-            | {self.peer}
-        )
+        return {
+            p
+            for p, r in members.items()
+            if (r.round <= round_ or r.digest in self._held | {start})
+            and (p not in suspects or (r.round, r.digest) == (round_, start))
+            and self.no_shows.get(p) != _announced(r)
+        } - refused | {self.peer}
 
-    def _moved_on(self, round_: int) -> bool:
+    def _moved_on(self, round_: int, members: dict[str, PeerRecord]) -> bool:
         """True once a quorum of our group vouches for a state past `round_` (that round's group
-        has formed and finished without us); an announcement alone never cancels a round."""
-        members = self._members()  # one read of the records: this is polled in matchmaking
+        has formed and finished without us); an announcement alone never cancels a round.
+        `members`: the records as just read (`_members`)."""
         population = len(set(members) | {self.peer})
         found = candidates(claims_of(members), population, self.may_vote)
         return bool(found) and found[0].round > round_
@@ -249,3 +294,9 @@ class HivemindTransport:
             except (TransferError, StateError, CertificateError, TimeoutError) as exc:
                 errors.append(f"{provider[-8:]}: {str(exc)[:240]}")  # try the next provider
         raise StateUnavailable("no provider served the state: " + "; ".join(errors or ["none"]))
+
+
+def _announced(record: PeerRecord) -> tuple[int, str, float]:
+    """What identifies one stored record of a peer: its state and when it stored it (a dead
+    peer's record never changes; a live or restarted peer stores a new one each round)."""
+    return record.round, record.digest, record.stored_at

@@ -41,7 +41,7 @@ def _transport(node: SwarmNode, gate: Gate, ticket: str, revoked) -> HivemindTra
     # part, less any it refuses: the revoked one), so a group closes once they are in instead
     # of waiting out a doubled first window
     transport.first_window = None
-    transport.expected_members = lambda refused, *_: 3 - len(refused)  # type: ignore[method-assign]
+    transport.expected_peers = lambda refused, *_: {f"peer{i}" for i in range(3 - len(refused))}  # type: ignore[method-assign]
     return transport
 
 

@@ -62,7 +62,8 @@ def _transport(
     # the records would say in a run): the group then closes as soon as they are all in,
     # instead of waiting out a window that is doubled for a first round
     transport.first_window = None
-    transport.expected_members = lambda *_: expected  # type: ignore[method-assign]
+    expect = {f"peer{i}" for i in range(expected)}
+    transport.expected_peers = lambda *_: expect  # type: ignore[method-assign]
     return transport
 
 

@@ -96,14 +96,96 @@ def test_expected_members_are_the_live_volunteers_not_ahead_of_us_at_a_strange_s
     # (behind: it may catch up), ourselves; not the coordinator, not F (no state: it is moving
     # between groups), not G (ahead, at a state we never held: a stranger's announcement must
     # not hold the group for its full window)
-    assert transport.expected_members(set(), digest, 4) == 5
-    assert transport.expected_members({"QmE"}, digest, 4) == 4  # E is banned
+    assert transport.expected_peers(set(), digest, 4) == {"QmA", "QmB", "QmC", "QmE", PEER}
+    assert transport.expected_peers({"QmE"}, digest, 4) == {"QmA", "QmB", "QmC", PEER}  # banned
     # a suspected withholder at another state (C, behind) is not waited for; one at our state
     # (A) still is: it will join, and the group must not close before an honest member is in
-    assert transport.expected_members(set(), digest, 4, {"QmC"}) == 4
-    assert transport.expected_members(set(), digest, 4, {"QmA"}) == 5
+    assert transport.expected_peers(set(), digest, 4, {"QmC"}) == {"QmA", "QmB", "QmE", PEER}
+    assert len(transport.expected_peers(set(), digest, 4, {"QmA"})) == 5
     transport._held.add(other)  # G is ahead at a state we held (we are the one behind)
-    assert transport.expected_members(set(), digest, 4) == 6
+    assert len(transport.expected_peers(set(), digest, 4)) == 6
+
+
+class _Forming(_Averager):
+    """Forms a group of whoever `came` names (its members' metadata), after `expected`; before
+    that it runs `during()` and polls once, as matchmaking does."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix)
+        self.came: list[str] = []
+        self.expected: list[int] = []
+        self.during: Callable[[], None] = lambda: None
+        self.after: Callable[[], None] = lambda: None  # once the group formed
+
+    def set_refused(self, refused: dict) -> None:
+        pass
+
+    def expect(self, members: int) -> None:
+        self.expected.append(members)
+
+    def exchange(self, delta, meta, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        from swarmtune.protocols.group import GroupResult, MemberMeta
+
+        self.expected.append(kwargs["expected"])
+        self.during()
+        kwargs["moved_on"]()
+        self.after()
+        members = [MemberMeta(p, meta.round, meta.start_digest, 1.0) for p in [PEER, *self.came]]
+        return GroupResult(members, {})
+
+
+def test_a_member_that_did_not_come_is_not_waited_for_again_until_it_announces_anew() -> None:
+    """Found by bench/churn.py: a killed volunteer's record outlives it by up to PEER_TTL, and
+    every round waited its full matchmaking window for it. Now a peer expected in a round whose
+    group formed without it is not expected again while its record stays the same; once it
+    stores another (a restart, even at the same state) it is, also mid-matchmaking."""
+    from swarmtune.protocols.group import MemberMeta
+
+    digest = "ab" * 32
+    records = {
+        p: PeerRecord(peer_id=p + "0000000000", role="volunteer", round=4, digest=digest)
+        for p in ("QmA", "QmB", "QmDead")
+    }
+    node = _Node()
+    node.records.peers = lambda: records  # type: ignore[method-assign]
+    transport = HivemindTransport(node, _Forming, "run_global", started_together=True)  # type: ignore[arg-type]
+    averager = transport.averager
+    meta = MemberMeta(PEER, 4, digest, 1.0)
+    averager.came = ["QmA", "QmB"]  # QmDead does not come: the group waited its window
+    transport.exchange({}, meta)
+    assert averager.expected[-1] == 4  # the first time it is still waited for
+    transport.exchange({}, meta)
+    assert averager.expected[-1] == 3  # then no longer
+    back = PeerRecord(peer_id="QmDead0000000000", role="volunteer", round=4, digest=digest)
+
+    def restart() -> None:  # it restarts while the others match: its new record shows up
+        records["QmDead"] = back.model_copy(update={"stored_at": 1.0})
+
+    averager.during = restart
+    transport.exchange({}, meta)
+    assert averager.expected[-2:] == [3, 4]  # counted without it, then waited for once seen
+    records["QmDead"] = PeerRecord(
+        peer_id="QmDead0000000000", role="volunteer", round=6, digest="cd" * 32
+    )  # or it announces the state it synced to
+    assert "QmDead" in transport.expected_peers(set(), digest, 6)
+    # a peer that stores a new record only after the group formed (a live one, a moment late)
+    # is a no-show by the record we had seen, so its new one is expected next round
+    late = PeerRecord(peer_id="QmLate0000000000", role="volunteer", round=4, digest=digest)
+    records["QmLate"] = late
+    averager.during = lambda: None
+    averager.came = ["QmA", "QmB", "QmDead"]
+
+    def stores_again() -> None:
+        records["QmLate"] = late.model_copy(update={"stored_at": 2.0})
+
+    averager.after = stores_again
+    transport.exchange({}, meta)
+    assert "QmLate" in transport.expected_peers(set(), digest, 4)
+    # a round in which no group formed says nothing about any one peer
+    fresh = HivemindTransport(node, _Forming, "run_global", started_together=True)  # type: ignore[arg-type]
+    fresh.averager.came = []
+    fresh.exchange({}, meta)
+    assert fresh.no_shows == {}
 
 
 class _Recording(_Averager):
@@ -189,8 +271,8 @@ def test_only_a_vouched_state_ahead_cancels_our_matchmaking() -> None:
         ([record(0, vote=True), record(1, vote=True)], True),  # two of four: a quorum
     ]:
         node.records.peers = lambda records=records: {r.peer_id: r for r in records}  # type: ignore[misc]
-        assert transport._moved_on(3) is moved
-    assert not transport._moved_on(9)  # not past our own round
+        assert transport._moved_on(3, transport._members()) is moved
+    assert not transport._moved_on(9, transport._members())  # not past our own round
 
 
 def test_an_announcement_adds_to_the_roles_record_what_it_announces() -> None:
