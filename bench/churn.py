@@ -11,7 +11,7 @@ seconds per round, the longest matchmaking wait of any round, utilization = inne
 wall seconds), each restarted volunteer's seconds from its restart to its first averaged round
 and how many rounds it took, and the mean held-out eval loss of all volunteers at the end.
 
-Run:  .venv/bin/python bench/churn.py [--volunteers 6] [--rounds 12] [--every 3]
+Run:  .venv/bin/python bench/churn.py [--volunteers 6] [--rounds 30] [--every 8]
 Writes bench/out/churn.json and the `churn` section of bench/RESULTS.md.
 """
 
@@ -203,9 +203,9 @@ def render(data: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volunteers", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--every", type=int, default=3, help="kill one volunteer every K rounds")
+    parser.add_argument("--every", type=int, default=8, help="kill one volunteer every K rounds")
     parser.add_argument("--down", type=float, default=2.0, help="seconds before its restart")
     args = parser.parse_args()
     runs: dict[str, dict[str, Any]] = {}

@@ -296,6 +296,28 @@ class HeterogeneitySettings(_Strict):
     balance: Literal["texts", "tokens"] = "texts"
 
 
+class ClockSettings(_Strict):
+    """The simulator's clock (node/roles/clock.py): what each volunteer's hardware and link are
+    drawn from. Defaults and where they come from: docs/design.md, "The simulator's clock"."""
+
+    step_s: float = Field(0.1, gt=0, le=3600)  # the fastest volunteer's seconds per inner step
+    speed_spread: float = Field(10.0, ge=1, le=1000)  # step times log-uniform in [1, spread] x
+    up_mbps: float = Field(44.0, gt=0, le=1e6)  # median upload, megabits per second
+    down_mbps: float = Field(84.0, gt=0, le=1e6)  # median download
+    link_sigma: float = Field(0.8, ge=0, le=5)  # log-normal spread of both, around the medians
+    rtt_ms: tuple[float, float] = (20.0, 200.0)  # round-trip times log-uniform in this range
+    churn: float = Field(0.0, ge=0, lt=1)  # chance a live volunteer is gone in a round
+    back: float = Field(0.5, gt=0, le=1)  # chance a gone volunteer is back the next round
+    blob_bytes: int | None = Field(None, ge=1)  # default: the encoded size of a real contribution
+
+    @model_validator(mode="after")
+    def _rtt_range(self) -> ClockSettings:
+        low, high = self.rtt_ms
+        if not 0 <= low <= high:
+            raise ValueError(f"rtt_ms must be [low, high] with 0 <= low <= high, got {self.rtt_ms}")
+        return self
+
+
 class SimConfig(_Strict):
     """`swarmtune simulate`: K virtual clients on the daemon's round code, one after another."""
 
@@ -316,6 +338,8 @@ class SimConfig(_Strict):
     keep_inner_state: bool = False
     # outer optimizers to run side by side on the same clients and seeds (default: run.outer)
     compare: list[OuterSettings] = Field(default_factory=list, max_length=16)
+    # a simulated wall clock and byte count per round (None: rounds only)
+    clock: ClockSettings | None = None
 
     @model_validator(mode="after")
     def _no_deadline(self) -> SimConfig:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -29,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from swarmtune.aggregation.ghbm import PeerMomentum
 from swarmtune.aggregation.methods import make_peer_momentum
@@ -55,6 +58,8 @@ from swarmtune.node.local.data import (
     eval_batches,
 )
 from swarmtune.node.local.trainer import InnerTrainer, attach_lora
+from swarmtune.node.roles.clock import Clock
+from swarmtune.protocols.group import MemberMeta
 
 log = logging.getLogger("swarmtune.simulate")
 
@@ -192,6 +197,20 @@ class Simulation:
         self.previous: GroupState | None = None  # the state the last round started from
         self.previous_start: RoundStart | None = None
         self.hub = InMemoryHub(expected=len(self.clients))  # the in-memory transport's exchange
+        self.clock: Clock | None = None  # seconds and bytes per round (node/roles/clock.py)
+        self.blob_bytes = 0
+        if config.clock is not None:
+            window = run.averaging.matchmaking_time
+            self.clock = Clock(len(self.clients), config.clock, window, seed)
+            self.blob_bytes = config.clock.blob_bytes or self.contribution_size()
+
+    def contribution_size(self) -> int:
+        """Bytes of one encoded contribution of this model in the run's codec."""
+        from swarmtune.protocols.averaging import encode_contribution  # (loads hivemind)
+
+        zeros = {k: torch.zeros_like(v) for k, v in self.state.params.items()}
+        meta = MemberMeta("c0", 0, self.state.digest(), 1.0)
+        return len(encode_contribution(zeros, meta, self.config.run.averaging.codec))
 
     def evaluate(self) -> dict[str, float]:
         """Eval loss of the current global adapter on every task, and their mean."""
@@ -236,12 +255,34 @@ class Simulation:
         return restamp(update, self.state)
 
     def step(self) -> dict[str, float]:
-        """One round: sample round(C*K) clients, then a group round with them."""
+        """One round: sample round(C*K) clients, then a group round with those present (all of
+        them without a clock; with one, those its churn left in)."""
         count = max(1, round(self.config.participation * len(self.clients)))
         if self.config.sampling == "uniform":
-            return self.group_round(sorted(self.sampler.sample(range(len(self.clients)), count)))
-        members, self.deck = deal(self.deck, count, len(self.clients), self.sampler)
-        return self.group_round(sorted(members))
+            members = sorted(self.sampler.sample(range(len(self.clients)), count))
+        else:
+            dealt, self.deck = deal(self.deck, count, len(self.clients), self.sampler)
+            members = sorted(dealt)
+        if self.clock is None:
+            return self.group_round(members)
+        self.clock.churn()
+        members = self.clock.present(members)
+        if members:
+            row = self.group_round(members)
+        else:  # everyone sampled is gone: a window passes, nothing is trained
+            self.outcomes["nobody"] += 1
+            row = {"round": self.state.round, "train_loss": math.nan}
+        spent = self.clock.advance(members, self.config.run.inner.steps, self.blob_bytes)
+        row.update(
+            members=spent.members,
+            compute_s=spent.compute_s,
+            waited_s=spent.waited_s,
+            exchange_s=spent.exchange_s,
+            round_s=spent.wall_s,
+            wall_s=self.clock.elapsed,
+            bytes_per_member=spent.bytes_per_member,
+        )
+        return row
 
     def group_round(self, members: list[int]) -> dict[str, float]:
         """Inner phases of `members` from self.state, all-gathered in process, then the daemon's
@@ -290,10 +331,11 @@ class Simulation:
                 if progress is not None:
                     elapsed = time.perf_counter() - started
                     eta = elapsed / r * (self.config.rounds - r)
+                    clock = f", simulated {row['wall_s']:.0f}s" if "wall_s" in row else ""
                     progress(
                         f"seed {self.seed} round {r}/{self.config.rounds}: eval"
                         f" {row['eval_loss']:.4f} train {row['train_loss']:.4f}"
-                        f" ({elapsed:.0f}s, ~{eta:.0f}s left)"
+                        f" ({elapsed:.0f}s{clock}, ~{eta:.0f}s left)"
                     )
         result.seconds = time.perf_counter() - started
         result.outcomes = dict(self.outcomes)
