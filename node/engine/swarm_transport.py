@@ -131,8 +131,7 @@ class HivemindTransport:
             (re)announced since we counted (a restart the records had not shown yet) is
             waited for from now on."""
             members = self._members()  # one read of the records per poll
-            seen.clear()
-            seen.update(members)
+            seen.update(members)  # (a read that timed out returns nothing: keep what we had)
             if counted:
                 fresh = self._expected_in(
                     members, set(refused), meta.start_digest, meta.round, suspects
@@ -173,16 +172,23 @@ class HivemindTransport:
     def _note_no_shows(
         self, expected: set[str], came: set[str], seen: dict[str, PeerRecord]
     ) -> None:
-        """After a group formed without some of the peers we expected (so it waited out its
-        window for them): remember the record we had last seen of each before the group formed
+        """After a group formed with fewer members than we expected (so it waited out its
+        window for the missing ones): remember the record we had last seen of each before the group formed
         (`seen`), and stop expecting it until it stores another (a restart, a resync, the next
         round: every store has a new time; one stored since then already is another)."""
         came = came | {self.peer}
-        if len(came) < 2:  # no group at all says nothing about any one peer
-            return
-        for peer in expected - came:
-            if peer in seen:
-                self.no_shows[peer] = _announced(seen[peer])
+        # no group at all says nothing about any one peer; nor does a full group (it closed on
+        # its head count: someone we did not expect took the place, nobody was waited out)
+        if len(came) >= 2 and len(came) < len(expected):
+            for peer in expected - came:
+                if peer in seen:
+                    self.no_shows[peer] = _announced(seen[peer])
+        # forget the ones that stored another record since, or whose record expired (throwaway
+        # identities must not pile up here)
+        if seen:
+            self.no_shows = {
+                p: r for p, r in self.no_shows.items() if p in seen and _announced(seen[p]) == r
+            }
 
     def expected_peers(
         self, refused: set[str], start: str, round_: int, suspects: Collection[str] = ()

@@ -293,3 +293,30 @@ def test_an_announcement_adds_to_the_roles_record_what_it_announces() -> None:
     assert stored.adapters["global"].round == 3 and offered == [(3, -1)]
     # the role's own fields stay as the role set them
     assert (stored.task, stored.ticket, stored.role) == ("builtin:capitals", "st1.x", "volunteer")
+
+
+def test_a_full_group_marks_nobody_and_no_shows_are_forgotten_once_their_record_changes() -> None:
+    """Review of the no-show rule: a group that closed on its head count (a peer we did not
+    expect took the place of one we did) waited out no window, so the one left out is not a
+    no-show; and the rule forgets peers whose record changed or expired, so throwaway
+    identities do not pile up in it."""
+    from swarmtune.protocols.group import MemberMeta
+
+    digest = "ab" * 32
+    records = {
+        p: PeerRecord(peer_id=p + "0000000000", role="volunteer", round=4, digest=digest)
+        for p in ("QmA", "QmB", "QmC")
+    }
+    node = _Node()
+    node.records.peers = lambda: records  # type: ignore[method-assign]
+    transport = HivemindTransport(node, _Forming, "run_global", started_together=True)  # type: ignore[arg-type]
+    meta = MemberMeta(PEER, 4, digest, 1.0)
+    transport.averager.came = ["QmA", "QmB", "QmNew"]  # 4 of the 4 we expected, C left out
+    transport.exchange({}, meta)
+    assert transport.no_shows == {}
+    transport.averager.came = ["QmA", "QmB"]  # C does not come: the group waited its window
+    transport.exchange({}, meta)
+    assert set(transport.no_shows) == {"QmC"}
+    del records["QmC"]  # its record expired
+    transport.exchange({}, meta)
+    assert transport.no_shows == {}
