@@ -406,7 +406,7 @@ class GroupAverager:
         received = 0
         for peer, blob in blobs.items():
             if isinstance(blob, TransferError):  # the network, or a leader that altered the sha
-                missing[peer] = str(blob)[:160]
+                missing[peer] = _brief(str(blob))
                 if isinstance(blob, NotServed):  # it answered, and did not serve what it committed
                     withheld.add(peer)
                 continue
@@ -476,3 +476,11 @@ def _signal_handlers_kept() -> Iterator[None]:
         for signum, handler in saved.items():
             if handler is not None:
                 signal.signal(signum, handler)
+
+
+def _brief(error: str, limit: int = 200) -> str:
+    """An error for the log, cut in the middle: its start says what was fetched, its end why
+    it failed (a relayed fetch's blob name alone fills most of a line)."""
+    if len(error) <= limit:
+        return error
+    return error[: limit // 3] + " ... " + error[-(2 * limit) // 3 :]

@@ -47,6 +47,19 @@ REVEAL_WAIT_S = 5.0  # how long a member may take to serve its blob once its gro
 # is published the moment its group formed, so this covers the members' skew in learning that
 SUSPECT_WAIT_S = 0.5
 TRUNCATED_RETRIES = 2  # fresh streams after one ended early (the sha256 checks every attempt)
+# a relay's refusals that a moment can change: all its pass-on slots taken, or the relayed
+# peer's connection to it not (yet, or again) up; asked again within the reveal wait
+RELAY_BUSY = "relay busy: try again"
+NOT_RELAYED_HERE = "is not a peer relayed here"
+
+
+def worth_retrying(error: str, cut_short: int) -> bool:
+    """Whether a failed fetch is asked again (within its reveal wait): the member has not
+    published the blob yet ("unknown blob"), a relay refused for a moment, or the stream ended
+    early at most TRUNCATED_RETRIES times (`cut_short` counts those, this one included)."""
+    if UNKNOWN_BLOB in error or RELAY_BUSY in error or NOT_RELAYED_HERE in error:
+        return True
+    return 0 < cut_short <= TRUNCATED_RETRIES
 
 
 def peer_id_of(maddr: str) -> PeerID:
@@ -232,13 +245,12 @@ class BlobRouter:
                     return await self._fetch(peer, name, sha, timeout, max_size=size)
                 except TransferError as exc:
                     # a member publishes its blob the moment its group formed: asked a moment
-                    # earlier, it does not know the name yet; and a stream that a busy p2pd
-                    # reset (seen on loopback under load) is worth another try or two
+                    # earlier, it does not know the name yet; a relay may refuse for a moment;
+                    # and a stream that a busy p2pd reset (seen on loopback under load) is
+                    # worth another try or two
                     truncated = isinstance(exc, StreamEndedEarly)
                     cut_short += truncated
-                    retry = UNKNOWN_BLOB in str(exc) or (
-                        truncated and cut_short <= TRUNCATED_RETRIES
-                    )
+                    retry = worth_retrying(str(exc), cut_short if truncated else 0)
                     if not retry or time.monotonic() >= reveal_by:
                         # the member itself (or a relay passing its answer on verbatim) said
                         # it has no blob of this name; a peer asked for `via/...` that relays
@@ -270,9 +282,9 @@ class BlobRouter:
         except Exception:  # noqa: BLE001 - a malformed id, or the daemon is going away
             peer_id, connected = None, set()
         if peer_id is None or peer_id not in connected:
-            return await refuse(writer, f"{peer} is not a peer relayed here")
+            return await refuse(writer, f"{peer} {NOT_RELAYED_HERE}")
         if self._passing_on.locked():
-            return await refuse(writer, "relay busy: try again")
+            return await refuse(writer, RELAY_BUSY)
         async with self._passing_on:
             try:
                 return await asyncio.wait_for(

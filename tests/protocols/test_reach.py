@@ -26,7 +26,13 @@ from swarmtune.protocols.reach import (
     observed_ip,
 )
 from swarmtune.protocols.records import PeerRecord
-from swarmtune.protocols.routing import BlobRouter
+from swarmtune.protocols.routing import (
+    NOT_RELAYED_HERE,
+    RELAY_BUSY,
+    TRUNCATED_RETRIES,
+    BlobRouter,
+    worth_retrying,
+)
 from swarmtune.protocols.runner import LoopThread
 from swarmtune.protocols.swarm import SwarmError, SwarmNode
 from swarmtune.protocols.transfer import (
@@ -143,7 +149,7 @@ def test_a_relay_passes_on_a_blob_and_its_refusals(pair: Pair) -> None:
 
         async def proxy(peer: str, name: str, writer: asyncio.StreamWriter) -> int:
             if peer != pair.volunteer.peer_id.to_base58():
-                return await refuse(writer, f"{peer} is not a peer relayed here")
+                return await refuse(writer, f"{peer} {NOT_RELAYED_HERE}")
             return await pass_on_blob(
                 pair.coordinator, pair.volunteer.peer_id, name, writer, 1 << 30
             )
@@ -366,3 +372,18 @@ def test_a_suspected_withholder_gets_its_short_wait_and_a_not_served_error(
     assert isinstance(got["QmWithholds"], NotServed) and isinstance(got["QmSuspect"], NotServed)
     # asked until its wait ended, against once: a suspect costs no reveal wait
     assert asked["QmSuspect"] == 1 and asked["QmWithholds"] > 1 and asked["QmUnreachable"] == 1
+
+
+def test_a_relay_that_refuses_for_a_moment_is_asked_again_and_a_lasting_error_is_not() -> None:
+    """Seen in the across-NAT test: a relay refused to pass on a relayed member's contribution
+    once (its message was cut in the log) and the member was left out of a round, which split
+    it from the others. The refusals a moment can change are asked again within the reveal
+    wait, like an unknown blob; a truncated stream a few times; anything else not at all."""
+    relayed = f"fetch of blob 'via/QmV/contribution:r_global:3' from QmR: peer refused: QmV {NOT_RELAYED_HERE}"
+    assert worth_retrying(relayed, 0)
+    assert worth_retrying(f"fetch of blob 'x' from QmR: peer refused: {RELAY_BUSY}", 0)
+    assert worth_retrying("fetch of blob 'x' from QmV: peer refused: unknown blob 'x'", 0)
+    assert worth_retrying("stream ended early", TRUNCATED_RETRIES)
+    assert not worth_retrying("stream ended early", TRUNCATED_RETRIES + 1)
+    assert not worth_retrying("fetch of blob 'x' from QmV: sha256 mismatch", 0)
+    assert not worth_retrying("fetch of blob 'x' from QmV: timed out after 5 s", 0)
