@@ -2,20 +2,26 @@
 
 Every volunteer gets a profile, drawn once per seed (docs/design.md, "The simulator's clock",
 says where the distributions come from): seconds per inner step, upload and download bandwidth,
-round-trip time. A round of a group of g members, as the daemon runs it (one group of every
-live volunteer, an all-gather of contributions of S bytes):
+round-trip time. A round of the members present, as the daemon runs it (one group of every
+live volunteer, an all-gather of contributions of S bytes; hivemind's leader, the first member
+to look for a group, closes it once every expected member is in or its matchmaking window W
+runs out, whichever comes first):
 
-    arrive   = max_i (H * step_i + rtt_i)        the group closes once its last member is in
-    window   = the matchmaking window, once, when an expected member is gone (a no-show costs
-               its group one window and is not waited for again: node/engine/swarm_transport.py)
-    fetch_i  = rtt_i + max((g-1) S / down_i, max_{j != i} (g-1) S / up_j)
+    arrive_i = H * step_i + rtt_i
+    close    = min(max_i arrive_i, min_i arrive_i + W), or min_i arrive_i + W when an expected
+               member left since the last round (a no-show: waited for once, then not again,
+               node/engine/swarm_transport.py)
+    in       = the members with arrive_i <= close (the later ones miss the group: their round
+               is lost, as a real member's is when its group finished without it)
+    fetch_i  = rtt_i + max((g-1) S / down_i, max_{j != i} (g-1) S / up_j)   over the g in
                every member fetches g-1 blobs through its own downlink, and each provider's
                uplink is shared by the g-1 members fetching from it
-    round    = arrive + window + max_i fetch_i   the slowest member sets when the next closes
+    round    = close + max_i fetch_i             the slowest member sets when the next closes
     bytes    = 2 (g-1) S per member              g-1 blobs served, g-1 fetched
 
 Churn: each round a live volunteer is gone with chance `churn`, and a gone one is back with
-chance `back`; gone volunteers take no part.
+chance `back`; gone volunteers take no part, and a round after any volunteer left closes on
+the window (every live volunteer of the run is expected, sampled or not).
 """
 
 from __future__ import annotations
@@ -42,11 +48,12 @@ class Profile:
 class RoundTime:
     """What the clock says one round took."""
 
-    members: int
-    compute_s: float  # until the last member is in
-    waited_s: float  # a matchmaking window spent on a member that did not come
+    members: int  # in the group
+    compute_s: float  # until the last member that got in arrived
+    waited_s: float  # after that, until the group closed (a no-show, or a member too late)
     exchange_s: float  # the slowest member's fetches
     bytes_per_member: int  # sent plus received
+    missed: int = 0  # members that arrived after the group closed
 
     @property
     def wall_s(self) -> float:
@@ -68,26 +75,41 @@ def draw_profiles(n: int, settings: ClockSettings, seed: int) -> list[Profile]:
     return profiles
 
 
+def admitted(
+    members: Sequence[Profile], steps: int, window_s: float, no_show: bool
+) -> tuple[list[int], float]:
+    """Indices of the members that get into the group, and when it closes (seconds from the
+    round's start)."""
+    arrive = [steps * m.step_s + m.rtt_s for m in members]
+    first = min(arrive)
+    close = first + window_s if no_show else min(max(arrive), first + window_s)
+    return [i for i, a in enumerate(arrive) if a <= close], close
+
+
 def round_time(
     members: Sequence[Profile], steps: int, blob_bytes: int, window_s: float, no_show: bool
 ) -> RoundTime:
-    """The formula of the module docstring for one group (a lone member waits its window)."""
+    """The formula of the module docstring for the members present (a lone member waits out
+    its window and exchanges nothing)."""
     if not members:
         return RoundTime(0, 0.0, window_s, 0.0, 0)
-    arrive = max(steps * m.step_s + m.rtt_s for m in members)
-    g = len(members)
+    inside, close = admitted(members, steps, window_s, no_show)
+    got_in = [members[i] for i in inside]
+    last = max(steps * m.step_s + m.rtt_s for m in got_in)
+    missed = len(members) - len(got_in)
+    g = len(got_in)
     if g < 2:
-        return RoundTime(1, arrive, window_s, 0.0, 0)
+        return RoundTime(1, last, window_s, 0.0, 0, missed)
     load = (g - 1) * blob_bytes
-    serve = [load / m.up for m in members]  # each provider's uplink, shared by g-1 fetchers
+    serve = [load / m.up for m in got_in]  # each provider's uplink, shared by g-1 fetchers
     order = sorted(range(g), key=lambda i: serve[i])
     slowest, second = order[-1], order[-2]
     fetches = [
         # the slowest provider other than this member (its own uplink is not on its path)
         m.rtt_s + max(load / m.down, serve[second if i == slowest else slowest])
-        for i, m in enumerate(members)
+        for i, m in enumerate(got_in)
     ]
-    return RoundTime(g, arrive, window_s if no_show else 0.0, max(fetches), 2 * load)
+    return RoundTime(g, last, close - last, max(fetches), 2 * load, missed)
 
 
 class Clock:
@@ -118,8 +140,17 @@ class Clock:
         """The sampled clients that are live this round."""
         return [c for c in sampled if c not in self.gone]
 
+    def admitted(self, members: Sequence[int], steps: int) -> list[int]:
+        """Those of `members` (live) that get into this round's group."""
+        if not members:
+            return []
+        profiles = [self.profiles[c] for c in members]
+        inside, _ = admitted(profiles, steps, self.window_s, self.no_show)
+        return [members[i] for i in inside]
+
     def advance(self, members: Sequence[int], steps: int, blob_bytes: int) -> RoundTime:
-        """The round of `members`; adds it to the running total."""
+        """The round of the live `members` (those that get in, and those too late); adds it to
+        the running total."""
         spent = round_time(
             [self.profiles[c] for c in members], steps, blob_bytes, self.window_s, self.no_show
         )

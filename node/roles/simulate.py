@@ -256,7 +256,9 @@ class Simulation:
 
     def step(self) -> dict[str, float]:
         """One round: sample round(C*K) clients, then a group round with those present (all of
-        them without a clock; with one, those its churn left in)."""
+        them without a clock; with one, those its churn left in and that reach the group before
+        it closes: a real member that comes too late computes for nothing and resyncs, here it
+        does not compute)."""
         count = max(1, round(self.config.participation * len(self.clients)))
         if self.config.sampling == "uniform":
             members = sorted(self.sampler.sample(range(len(self.clients)), count))
@@ -266,15 +268,18 @@ class Simulation:
         if self.clock is None:
             return self.group_round(members)
         self.clock.churn()
-        members = self.clock.present(members)
-        if members:
-            row = self.group_round(members)
+        live = self.clock.present(members)
+        steps = self.config.run.inner.steps
+        inside = self.clock.admitted(live, steps)  # the others arrive after the group closed
+        if inside:
+            row = self.group_round(inside)
         else:  # everyone sampled is gone: a window passes, nothing is trained
             self.outcomes["nobody"] += 1
             row = {"round": self.state.round, "train_loss": math.nan}
-        spent = self.clock.advance(members, self.config.run.inner.steps, self.blob_bytes)
+        spent = self.clock.advance(live, steps, self.blob_bytes)
         row.update(
             members=spent.members,
+            missed=spent.missed,
             compute_s=spent.compute_s,
             waited_s=spent.waited_s,
             exchange_s=spent.exchange_s,

@@ -17,7 +17,8 @@ MB = 1_000_000
 
 
 def test_a_round_of_three_matches_the_hand_computed_seconds_and_bytes() -> None:
-    # H = 10 steps at 0.1, 0.2 and 0.4 s: in after 1.0 + 0.05, 2.0 + 0.05 and 4.0 + 0.05 s.
+    # H = 10 steps at 0.1, 0.2 and 0.4 s: in after 1.0 + 0.05, 2.0 + 0.05 and 4.0 + 0.05 s;
+    # with a 5 s window from the first (1.05 s) the group closes when the last is in, 4.05 s.
     # Blobs of 1 MB, 2 fetchers each: the providers' uplinks (1, 2, 4 MB/s) serve 2 MB in
     # 2.0, 1.0 and 0.5 s; the downlinks (4, 4, 1 MB/s) take 2 MB in 0.5, 0.5 and 2.0 s.
     #   member 0: max(0.5, slowest other provider 1.0) + 0.05 = 1.05
@@ -30,15 +31,26 @@ def test_a_round_of_three_matches_the_hand_computed_seconds_and_bytes() -> None:
         Profile(0.4, 4 * MB, 1 * MB, 0.05),
     ]
     spent = round_time(members, 10, MB, window_s=5.0, no_show=False)
-    assert spent.members == 3 and spent.bytes_per_member == 4 * MB
+    assert (spent.members, spent.missed, spent.bytes_per_member) == (3, 0, 4 * MB)
     assert spent.compute_s == pytest.approx(4.05) and spent.waited_s == 0
     assert spent.exchange_s == pytest.approx(2.05)
     assert spent.wall_s == pytest.approx(6.10)
-    # a member that died this round costs the group one matchmaking window on top
-    assert round_time(members, 10, MB, 5.0, no_show=True).wall_s == pytest.approx(11.10)
-    # the slowest provider's own fetch waits on the second slowest: with member 0 alone slow
-    fast = [Profile(0.1, 1 * MB, 100 * MB, 0.0), Profile(0.1, 100 * MB, 100 * MB, 0.0)]
-    assert round_time(fast, 1, MB, 5.0, False).exchange_s == pytest.approx(1 / 1)  # 1 MB at 1 MB/s
+    # a member that left since the last round is waited for until the window runs out:
+    # the group closes at 1.05 + 5 = 6.05 s, 2.0 s after the last member came; 6.05 + 2.05
+    gone = round_time(members, 10, MB, 5.0, no_show=True)
+    assert gone.waited_s == pytest.approx(2.0) and gone.wall_s == pytest.approx(8.10)
+    # a 2 s window closes the group at 3.05 s: member 2 (4.05 s) misses it. The other two
+    # exchange 1 MB each: member 0 max(1/4, 1/2) + 0.05 = 0.55, member 1 max(1/4, 1/1) + 0.05
+    # = 1.05; round = 3.05 + 1.05 = 4.10 s, 2 MB per member
+    short = round_time(members, 10, MB, 2.0, no_show=False)
+    assert (short.members, short.missed, short.bytes_per_member) == (2, 1, 2 * MB)
+    assert short.compute_s == pytest.approx(2.05) and short.waited_s == pytest.approx(1.0)
+    assert short.exchange_s == pytest.approx(1.05) and short.wall_s == pytest.approx(4.10)
+    # the slowest provider does not wait on its own uplink: member 0 serves in 1 s but its own
+    # fetch takes 0.5 + 0.01; member 1 waits 0 + 1.0. Counting its own uplink would make
+    # member 0's 0.5 + 1.0 the round's exchange
+    apart = [Profile(0.1, 1 * MB, 100 * MB, 0.5), Profile(0.1, 100 * MB, 100 * MB, 0.0)]
+    assert round_time(apart, 1, MB, 5.0, False).exchange_s == pytest.approx(1.0)
     # a lone member waits out its window and exchanges nothing
     alone = round_time(members[:1], 10, MB, 5.0, False)
     assert (alone.members, alone.waited_s, alone.bytes_per_member) == (1, 5.0, 0)
@@ -111,7 +123,8 @@ def test_a_simulation_with_a_clock_reports_seconds_and_bytes_per_round() -> None
     rows = [sim.step(), sim.step()]
     assert [r["members"] for r in rows] == [3, 3]
     assert all(r["bytes_per_member"] == 2 * 2 * size for r in rows)
-    # links 1 and 2 MB/s for everyone: fetches of 2 blobs take 2 x size / 1 MB/s
+    # links of 1 and 2 MB/s for everyone: 2 blobs through a 1 MB/s uplink, plus one round trip
     for r in rows:
-        assert r["round_s"] > 2 * size / 1e6
+        assert 2 * size / 1e6 <= r["exchange_s"] <= 2 * size / 1e6 + 0.2
+        assert r["round_s"] == pytest.approx(r["compute_s"] + r["waited_s"] + r["exchange_s"])
     assert rows[1]["wall_s"] == pytest.approx(rows[0]["round_s"] + rows[1]["round_s"])
