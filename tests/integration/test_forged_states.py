@@ -10,7 +10,8 @@ honest volunteers no round."""
 from __future__ import annotations
 
 import json
-import subprocess
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from swarm_harness import ENV, ROOT, Swarm  # noqa: E402
+from swarm_harness import ROOT, Swarm  # noqa: E402
 
 from swarmtune.node.adapters.adapter import adapter_digest  # noqa: E402
 from swarmtune.node.engine.state import decode_state  # noqa: E402
@@ -33,36 +34,29 @@ def _reports(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _forger(swarm: Swarm, name: str, *extra: str) -> subprocess.Popen[str]:
+def _forger(swarm: Swarm, name: str, *extra: str) -> None:
     args = ["--initial-peers", swarm.maddr, "--run", "itest-run", "--seconds", "300"]
-    args += ["--out", str(swarm.tmp / f"{name}.jsonl")]
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "forger.py"), *args, *extra]
-        + ["--workdir", str(swarm.tmp / name)],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    args += ["--out", str(swarm.tmp / f"{name}.jsonl"), *extra]
+    swarm.run_script(name, ROOT / "bench" / "forger.py", *args, "--workdir", str(swarm.tmp / name))
 
 
 def test_forged_states_and_offers_take_nothing(tmp_path: Path) -> None:
     # two strangers at once: one serves its forgeries, the other only announces them
     swarm = Swarm(tmp_path)
-    forgers: list[subprocess.Popen[str]] = []
+    forgers = ("served", "unserved")
     outputs: list[str] = []
     try:
         swarm.start_coordinator()
-        forgers = [_forger(swarm, "served"), _forger(swarm, "unserved", "--no-serve")]
-        # the volunteers start once both strangers are in the swarm (a forger is a plain
-        # interpreter: its imports take longer than the volunteers' whole 5 rounds here)
+        _forger(swarm, "served")
+        _forger(swarm, "unserved", "--no-serve")
+        # the volunteers start once both strangers are in the swarm (they would otherwise
+        # finish their 5 rounds before a stranger's DHT start-up is done)
         deadline = time.monotonic() + 120
-        for name, forger in zip(("served", "unserved"), forgers, strict=True):
+        for name in forgers:
             out = tmp_path / f"{name}.jsonl"
             while not (out.exists() and '"ready"' in out.read_text()):
-                assert forger.poll() is None and time.monotonic() < deadline, name
+                assert swarm.procs[name].poll() is None, swarm.log(name)
+                assert time.monotonic() < deadline, swarm.log(name)
                 time.sleep(0.2)
         for name, task in (("v0", "arithmetic"), ("v1", "dates")):
             swarm.join(name, task, ROUNDS, "--wait-for", "2")
@@ -73,9 +67,13 @@ def test_forged_states_and_offers_take_nothing(tmp_path: Path) -> None:
             "pull", "--initial-peers", swarm.maddr, "--out", str(tmp_path / "adapter")
         )
     finally:
-        for forger in forgers:
-            forger.terminate()
-            outputs.append(forger.communicate(timeout=30)[0])
+        for name in forgers:
+            if name in swarm.procs and swarm.procs[name].poll() is None:
+                os.killpg(swarm.procs[name].pid, signal.SIGTERM)
+        for name in forgers:
+            if name in swarm.procs:
+                swarm.procs[name].wait(timeout=30)
+                outputs.append(swarm.log(name))
         swarm.close()
     for output in outputs:  # each announced forgeries ahead of the honest rounds
         forged = [json.loads(x) for x in output.splitlines() if x.startswith("{")]

@@ -6,7 +6,8 @@ arguments, `cli.main(argv)` and a normal interpreter exit (atexit handlers run).
 
 Protocol, one JSON line each way on stdin/stdout:
   -> {"argv": [...], "env": {...}, "stdout": PATH, "stderr": PATH, "exit": PATH,
-      "netns": NAME or absent (run the command inside that network namespace)}
+      "netns": NAME or absent (run the command inside that network namespace),
+      "script": PATH or absent (run `python PATH ARGV` instead of `swarmtune ARGV`)}
   <- {"pid": PID}
 When a child ends, its exit code (negative: the signal, as in subprocess) is written to the
 "exit" path. End of stdin ends the server; children it started keep running.
@@ -77,9 +78,16 @@ def _run_child(request: dict) -> int:
     sys.stdin = open(os.devnull)  # noqa: SIM115 - the server's request pipe is not ours
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.argv = ["cli", *request["argv"]]
+    script = request.get("script")
+    sys.argv = [script, *request["argv"]] if script else ["cli", *request["argv"]]
     try:
-        code = cli.main(request["argv"])
+        if script:  # a bench script run as `python SCRIPT ARGS` (its imports are ours already)
+            import runpy
+
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        else:
+            code = cli.main(request["argv"])
     except SystemExit as exc:  # argparse errors and SystemExit("message"), as the interpreter does
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0
