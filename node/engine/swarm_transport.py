@@ -122,8 +122,8 @@ class HivemindTransport:
         if ahead > 0:
             window = max(window or 0.0, self.averager.matchmaking_time + ahead)
         seen = self._members()  # the records as last read before the group formed
-        suspects = set(self.averager.suspects)
-        expected = self._expected_in(seen, set(refused), meta.start_digest, meta.round, suspects)
+        kept_out, suspects = set(refused), set(self.averager.suspects)
+        expected = self._expected_in(seen, kept_out, meta.start_digest, meta.round, suspects)
         counted = self.first_window is None
 
         def poll() -> bool:
@@ -134,7 +134,7 @@ class HivemindTransport:
             seen.update(members)  # (a read that timed out returns nothing: keep what we had)
             if counted:
                 fresh = self._expected_in(
-                    members, set(refused), meta.start_digest, meta.round, suspects
+                    members, kept_out, meta.start_digest, meta.round, suspects
                 )
                 if fresh - expected - {self.peer}:
                     expected.update(fresh)
@@ -173,9 +173,10 @@ class HivemindTransport:
         self, expected: set[str], came: set[str], seen: dict[str, PeerRecord]
     ) -> None:
         """After a group formed with fewer members than we expected (so it waited out its
-        window for the missing ones): remember the record we had last seen of each before the group formed
-        (`seen`), and stop expecting it until it stores another (a restart, a resync, the next
-        round: every store has a new time; one stored since then already is another)."""
+        window for the missing ones): remember the record we had last seen of each before the
+        group formed (`seen`), and stop expecting it until it stores another (a restart, a
+        resync, the next round: every store has a new time; one stored since then already is
+        another)."""
         came = came | {self.peer}
         # no group at all says nothing about any one peer; nor does a full group (it closed on
         # its head count: someone we did not expect took the place, nobody was waited out)

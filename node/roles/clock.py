@@ -54,6 +54,7 @@ class RoundTime:
     exchange_s: float  # the slowest member's fetches
     bytes_per_member: int  # sent plus received
     missed: int = 0  # members that arrived after the group closed
+    admitted: tuple[int, ...] = ()  # positions (in the members given) of those that got in
 
     @property
     def wall_s(self) -> float:
@@ -99,7 +100,7 @@ def round_time(
     missed = len(members) - len(got_in)
     g = len(got_in)
     if g < 2:
-        return RoundTime(1, last, window_s, 0.0, 0, missed)
+        return RoundTime(1, last, window_s, 0.0, 0, missed, tuple(inside))
     load = (g - 1) * blob_bytes
     serve = [load / m.up for m in got_in]  # each provider's uplink, shared by g-1 fetchers
     order = sorted(range(g), key=lambda i: serve[i])
@@ -109,7 +110,7 @@ def round_time(
         m.rtt_s + max(load / m.down, serve[second if i == slowest else slowest])
         for i, m in enumerate(got_in)
     ]
-    return RoundTime(g, last, close - last, max(fetches), 2 * load, missed)
+    return RoundTime(g, last, close - last, max(fetches), 2 * load, missed, tuple(inside))
 
 
 class Clock:
@@ -140,17 +141,9 @@ class Clock:
         """The sampled clients that are live this round."""
         return [c for c in sampled if c not in self.gone]
 
-    def admitted(self, members: Sequence[int], steps: int) -> list[int]:
-        """Those of `members` (live) that get into this round's group."""
-        if not members:
-            return []
-        profiles = [self.profiles[c] for c in members]
-        inside, _ = admitted(profiles, steps, self.window_s, self.no_show)
-        return [members[i] for i in inside]
-
     def advance(self, members: Sequence[int], steps: int, blob_bytes: int) -> RoundTime:
-        """The round of the live `members` (those that get in, and those too late); adds it to
-        the running total."""
+        """The round of the live `members` (those that get in, `admitted`, and those too
+        late); adds it to the running total."""
         spent = round_time(
             [self.profiles[c] for c in members], steps, blob_bytes, self.window_s, self.no_show
         )

@@ -269,14 +269,13 @@ class Simulation:
             return self.group_round(members)
         self.clock.churn()
         live = self.clock.present(members)
-        steps = self.config.run.inner.steps
-        inside = self.clock.admitted(live, steps)  # the others arrive after the group closed
+        spent = self.clock.advance(live, self.config.run.inner.steps, self.blob_bytes)
+        inside = [live[i] for i in spent.admitted]  # the others arrive after the group closed
         if inside:
             row = self.group_round(inside)
         else:  # everyone sampled is gone: a window passes, nothing is trained
             self.outcomes["nobody"] += 1
             row = {"round": self.state.round, "train_loss": math.nan}
-        spent = self.clock.advance(live, steps, self.blob_bytes)
         row.update(
             members=spent.members,
             missed=spent.missed,

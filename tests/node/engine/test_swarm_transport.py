@@ -134,6 +134,18 @@ class _Forming(_Averager):
         return GroupResult(members, {})
 
 
+def _forming(digest: str, *peers: str) -> tuple[dict[str, PeerRecord], HivemindTransport]:
+    """A transport over a _Forming averager, and the records it reads (volunteers at round 4
+    of `digest`; a test changes them in place)."""
+    records = {
+        p: PeerRecord(peer_id=p + "0000000000", role="volunteer", round=4, digest=digest)
+        for p in peers
+    }
+    node = _Node()
+    node.records.peers = lambda: records  # type: ignore[method-assign]
+    return records, HivemindTransport(node, _Forming, "run_global", started_together=True)  # type: ignore[arg-type]
+
+
 def test_a_member_that_did_not_come_is_not_waited_for_again_until_it_announces_anew() -> None:
     """Found by bench/churn.py: a killed volunteer's record outlives it by up to PEER_TTL, and
     every round waited its full matchmaking window for it. Now a peer expected in a round whose
@@ -142,13 +154,8 @@ def test_a_member_that_did_not_come_is_not_waited_for_again_until_it_announces_a
     from swarmtune.protocols.group import MemberMeta
 
     digest = "ab" * 32
-    records = {
-        p: PeerRecord(peer_id=p + "0000000000", role="volunteer", round=4, digest=digest)
-        for p in ("QmA", "QmB", "QmDead")
-    }
-    node = _Node()
-    node.records.peers = lambda: records  # type: ignore[method-assign]
-    transport = HivemindTransport(node, _Forming, "run_global", started_together=True)  # type: ignore[arg-type]
+    records, transport = _forming(digest, "QmA", "QmB", "QmDead")
+    node = transport.node
     averager = transport.averager
     meta = MemberMeta(PEER, 4, digest, 1.0)
     averager.came = ["QmA", "QmB"]  # QmDead does not come: the group waited its window
@@ -303,13 +310,7 @@ def test_a_full_group_marks_nobody_and_no_shows_are_forgotten_once_their_record_
     from swarmtune.protocols.group import MemberMeta
 
     digest = "ab" * 32
-    records = {
-        p: PeerRecord(peer_id=p + "0000000000", role="volunteer", round=4, digest=digest)
-        for p in ("QmA", "QmB", "QmC")
-    }
-    node = _Node()
-    node.records.peers = lambda: records  # type: ignore[method-assign]
-    transport = HivemindTransport(node, _Forming, "run_global", started_together=True)  # type: ignore[arg-type]
+    records, transport = _forming(digest, "QmA", "QmB", "QmC")
     meta = MemberMeta(PEER, 4, digest, 1.0)
     transport.averager.came = ["QmA", "QmB", "QmNew"]  # 4 of the 4 we expected, C left out
     transport.exchange({}, meta)

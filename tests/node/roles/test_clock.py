@@ -44,6 +44,7 @@ def test_a_round_of_three_matches_the_hand_computed_seconds_and_bytes() -> None:
     # = 1.05; round = 3.05 + 1.05 = 4.10 s, 2 MB per member
     short = round_time(members, 10, MB, 2.0, no_show=False)
     assert (short.members, short.missed, short.bytes_per_member) == (2, 1, 2 * MB)
+    assert short.admitted == (0, 1) and spent.admitted == (0, 1, 2)
     assert short.compute_s == pytest.approx(2.05) and short.waited_s == pytest.approx(1.0)
     assert short.exchange_s == pytest.approx(1.05) and short.wall_s == pytest.approx(4.10)
     # the slowest provider does not wait on its own uplink: member 0 serves in 1 s but its own
